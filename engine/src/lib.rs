@@ -1,0 +1,23 @@
+//! ferry's userspace storage engine: volumes and the io_uring data path under them.
+//!
+//! The engine knows nothing of virtio or vhost-user. A front end (the `ferry-vhost`
+//! crate, or a benchmark) opens [`Volume`]s, creates one [`VolumeQueue`] per
+//! worker thread, and submits byte-range block operations ([`BlockOp`]) tagged
+//! with its own `u64`; completions come back carrying that tag.
+//!
+//! See `engine/ARCHITECTURE.md` for the parts and what each must not know.
+
+pub mod error;
+pub mod observer;
+pub mod reactor;
+pub mod volume;
+
+pub use error::{EngineError, IoFailure};
+pub use observer::{ObserverTicket, WriteEvent, WriteKind, WriteObserver};
+pub use volume::queue::{BlockOp, Completion, VolumeQueue};
+pub use volume::stats::VolumeStats;
+pub use volume::{CacheMode, Volume, VolumeConfig};
+
+/// The sector size that offsets and lengths of block devices are counted in (virtio-blk,
+/// the Linux block layer and NBD all use 512 bytes).
+pub const SECTOR_SIZE: u64 = 512;

@@ -1,0 +1,120 @@
+//! The hook through which a migration mirror or the journal sees every guest write.
+//!
+//! A volume with no observers pays one branch per write for this hook. An observer
+//! that must hold the guest's completion back (an `active` mirror, a `sync` journal)
+//! keeps the [`ObserverTicket`] it is handed and completes it later, from any
+//! thread; one that needs no wait hands the ticket straight back.
+
+use std::sync::{Arc, Mutex};
+
+use crate::volume::completion_sink::CompletionSink;
+
+/// What a guest did to a byte range of a volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteKind {
+    /// Data written; [`WriteEvent::data`] holds it.
+    Write,
+    /// The range was discarded (reads back as zeros on ferry's volumes).
+    Discard,
+    /// The range was zeroed; `unmap` says the guest allowed deallocation.
+    WriteZeroes { unmap: bool },
+    /// The guest asked for everything completed so far to be made durable.
+    Flush,
+}
+
+/// One guest write as an observer sees it.
+pub struct WriteEvent<'a> {
+    /// The volume's name.
+    pub volume: &'a str,
+    /// Which queue of the volume the write came from.
+    pub queue_index: u16,
+    pub kind: WriteKind,
+    /// Volume-relative byte offset (0 for a flush).
+    pub offset_bytes: u64,
+    /// Length in bytes (0 for a flush).
+    pub len_bytes: u64,
+    /// The data of a [`WriteKind::Write`]: memory the guest owns, readable only until
+    /// `observe` returns. An observer that needs the bytes later copies them.
+    pub data: &'a [libc::iovec],
+}
+
+impl WriteEvent<'_> {
+    /// Copies the write's data into `out` (appending). For non-writes it appends nothing.
+    pub fn copy_data_into(&self, out: &mut Vec<u8>) {
+        for iov in self.data {
+            // SAFETY: the engine guarantees (see `VolumeQueue::submit`) that every iovec of a
+            // write points to `iov_len` readable bytes that stay mapped until `observe` returns.
+            let bytes = unsafe { std::slice::from_raw_parts(iov.iov_base as *const u8, iov.iov_len) };
+            out.extend_from_slice(bytes);
+        }
+    }
+}
+
+/// Something that must see every write of a volume: a migration mirror, the journal.
+pub trait WriteObserver: Send + Sync {
+    /// Sees a write as it is submitted, before the volume's own I/O is queued. Return
+    /// `Some(ticket)` (the ticket handed in) if the guest need not wait for this observer;
+    /// keep it and return `None` to hold the guest's completion until
+    /// [`ObserverTicket::complete`] is called. A dropped ticket completes as a failure.
+    fn observe(&self, event: &WriteEvent<'_>, ticket: ObserverTicket) -> Option<ObserverTicket>;
+}
+
+/// The right to complete one held-back guest write, exactly once, from any thread.
+pub struct ObserverTicket {
+    sink: Option<Arc<CompletionSink>>,
+    request_slot: u32,
+}
+
+impl ObserverTicket {
+    pub(crate) fn new(sink: Arc<CompletionSink>, request_slot: u32) -> Self {
+        Self {
+            sink: Some(sink),
+            request_slot,
+        }
+    }
+
+    /// Releases the guest's completion. `ok = false` fails the guest's request with an I/O error;
+    /// observers use it only where losing the write is the alternative.
+    pub fn complete(mut self, ok: bool) {
+        if let Some(sink) = self.sink.take() {
+            sink.push(self.request_slot, ok);
+        }
+    }
+
+    /// Forgets the ticket without signalling: used by the engine for tickets handed back.
+    pub(crate) fn disarm(mut self) {
+        self.sink = None;
+    }
+}
+
+impl Drop for ObserverTicket {
+    fn drop(&mut self) {
+        if let Some(sink) = self.sink.take() {
+            log::error!("an observer dropped a held write without completing it; failing the write");
+            sink.push(self.request_slot, false);
+        }
+    }
+}
+
+/// The observers of a volume, swapped as a whole when one is added or removed.
+pub type ObserverList = Arc<Vec<Arc<dyn WriteObserver>>>;
+
+/// Holds the current observer list of a volume.
+#[derive(Default)]
+pub struct ObserverSet {
+    list: Mutex<ObserverList>,
+}
+
+impl ObserverSet {
+    pub fn snapshot(&self) -> ObserverList {
+        self.list.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    pub(crate) fn replace(&self, f: impl FnOnce(&mut Vec<Arc<dyn WriteObserver>>)) {
+        if let Ok(mut guard) = self.list.lock() {
+            let mut next: Vec<_> = guard.as_ref().clone();
+            f(&mut next);
+            *guard = Arc::new(next);
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! A volume: a named byte range of an image file or block device that the guest sees as a disk.
+//!
+//! The volume owns the open backing file(s) and the settings that every queue shares
+//! (read-only, cache mode, the guest's write-cache setting), the observer list
+//! (mirror, journal) and the counters. Per-thread I/O goes through [`queue::VolumeQueue`].
+
+pub(crate) mod completion_sink;
+pub mod open;
+pub mod queue;
+pub mod stats;
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::observer::{ObserverList, ObserverSet, WriteObserver};
+pub use stats::VolumeStats;
+
+/// How the image is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheMode {
+    /// Through the host page cache; a guest flush is an `fdatasync`.
+    #[default]
+    Writeback,
+    /// `O_DIRECT`, bypassing the host page cache; a guest flush is still an `fdatasync`
+    /// (for metadata such as a sparse file's allocation).
+    None,
+}
+
+/// What the operator asked for one volume.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct VolumeConfig {
+    pub name: String,
+    pub path: PathBuf,
+    /// Create a sparse image of this size if `path` is missing; if it exists it must
+    /// have this size (of the whole file, or of the slice when `length_bytes` is given).
+    pub size_bytes: Option<u64>,
+    pub read_only: bool,
+    pub cache: CacheMode,
+    /// Where the volume starts inside the image (for merged migration targets).
+    pub offset_bytes: u64,
+    /// The volume's length inside the image; default: from `offset_bytes` to the end.
+    pub length_bytes: Option<u64>,
+}
+
+/// The open image under a volume: a file or block device and the slice of it in use.
+#[derive(Debug)]
+pub struct Backing {
+    pub path: PathBuf,
+    /// The descriptor requests go to (`O_DIRECT` with `cache=none`).
+    pub file: File,
+    /// A buffered descriptor of the same image, for requests whose guest buffers are not
+    /// aligned for `O_DIRECT`; `None` when `file` is already buffered.
+    pub buffered: Option<File>,
+    pub base_offset_bytes: u64,
+    pub len_bytes: u64,
+    pub is_block_device: bool,
+}
+
+impl Backing {
+    /// Fsyncs the image (used on shutdown and at cutover; the queues flush through the ring).
+    pub fn sync(&self) -> std::io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
+/// A volume shared by all its queues, the control socket and any migration or journal.
+pub struct Volume {
+    config: VolumeConfig,
+    backing: Mutex<Arc<Backing>>,
+    /// Bumped whenever the backing or the observer list changes; queues compare it
+    /// once per submission and reload only when it moved.
+    generation: AtomicU64,
+    observers: ObserverSet,
+    write_cache_enabled: AtomicBool,
+    paused: AtomicBool,
+    inflight: AtomicU64,
+    wakers: Mutex<Vec<std::os::fd::OwnedFd>>,
+    pub stats: VolumeStats,
+}
+
+impl Volume {
+    /// Opens (or creates, with `size_bytes`) the image of `config`.
+    pub fn open(config: VolumeConfig) -> Result<Arc<Self>, crate::EngineError> {
+        let backing = open::open_backing(&config)?;
+        Ok(Arc::new(Self {
+            config,
+            backing: Mutex::new(Arc::new(backing)),
+            generation: AtomicU64::new(1),
+            observers: ObserverSet::default(),
+            write_cache_enabled: AtomicBool::new(true),
+            paused: AtomicBool::new(false),
+            inflight: AtomicU64::new(0),
+            wakers: Mutex::new(Vec::new()),
+            stats: VolumeStats::default(),
+        }))
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    pub fn config(&self) -> &VolumeConfig {
+        &self.config
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.config.read_only
+    }
+
+    /// The guest-visible size in bytes.
+    pub fn size_bytes(&self) -> u64 {
+        self.backing().len_bytes
+    }
+
+    /// The current backing image.
+    pub fn backing(&self) -> Arc<Backing> {
+        match self.backing.lock() {
+            Ok(b) => b.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn observers(&self) -> ObserverList {
+        self.observers.snapshot()
+    }
+
+    /// Adds an observer that sees every write submitted from now on.
+    pub fn add_observer(&self, observer: Arc<dyn WriteObserver>) {
+        self.observers.replace(|list| list.push(observer));
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Removes an observer (compared by pointer).
+    pub fn remove_observer(&self, observer: &Arc<dyn WriteObserver>) {
+        self.observers
+            .replace(|list| list.retain(|o| !Arc::ptr_eq(o, observer)));
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Replaces the backing image (cutover). Call only while the volume is paused and idle.
+    pub fn replace_backing(&self, backing: Backing) -> Arc<Backing> {
+        let new = Arc::new(backing);
+        let old = match self.backing.lock() {
+            Ok(mut b) => std::mem::replace(&mut *b, new),
+            Err(poisoned) => std::mem::replace(&mut *poisoned.into_inner(), new),
+        };
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        old
+    }
+
+    /// The guest's write-cache setting (virtio-blk `writeback` config field). When off,
+    /// every write is issued with `RWF_DSYNC`.
+    pub fn write_cache_enabled(&self) -> bool {
+        self.write_cache_enabled.load(Ordering::Relaxed)
+    }
+
+    pub fn set_write_cache_enabled(&self, enabled: bool) {
+        self.write_cache_enabled.store(enabled, Ordering::Relaxed);
+    }
+
+    /// True while a cutover holds guest I/O: front ends stop taking new requests.
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Acquire)
+    }
+
+    /// Requests in flight on all queues of this volume.
+    pub fn inflight(&self) -> u64 {
+        self.inflight.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn inflight_add(&self, n: u64) {
+        self.inflight.fetch_add(n, Ordering::AcqRel);
+    }
+
+    pub(crate) fn inflight_sub(&self, n: u64) {
+        self.inflight.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    /// Registers an eventfd that is signalled when a pause ends, so that a front end that
+    /// stopped taking requests looks at its queues again.
+    pub fn register_resume_waker(&self, eventfd: std::os::fd::OwnedFd) {
+        if let Ok(mut wakers) = self.wakers.lock() {
+            wakers.push(eventfd);
+        }
+    }
+
+    /// Stops new requests and waits until none is in flight, for at most `timeout`.
+    /// Returns a guard that resumes I/O when dropped, or `None` (and resumes) on timeout.
+    pub fn pause(self: &Arc<Self>, timeout: std::time::Duration) -> Option<PauseGuard> {
+        self.paused.store(true, Ordering::SeqCst);
+        let guard = PauseGuard {
+            volume: self.clone(),
+        };
+        let deadline = std::time::Instant::now() + timeout;
+        while self.inflight() > 0 {
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            std::thread::yield_now();
+        }
+        Some(guard)
+    }
+
+    fn resume(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+        if let Ok(wakers) = self.wakers.lock() {
+            for fd in wakers.iter() {
+                crate::reactor::ring::wake_eventfd(std::os::fd::AsRawFd::as_raw_fd(fd));
+            }
+        }
+    }
+}
+
+/// Held while guest I/O on a volume is paused; dropping it resumes I/O.
+pub struct PauseGuard {
+    volume: Arc<Volume>,
+}
+
+impl Drop for PauseGuard {
+    fn drop(&mut self) {
+        self.volume.resume();
+    }
+}

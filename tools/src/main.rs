@@ -1,0 +1,52 @@
+//! The `ferry` command-line program: dispatches to one module per subcommand.
+
+mod bench;
+mod control_client;
+mod journal_cli;
+mod migrate_cli;
+mod serve;
+
+use clap::{Parser, Subcommand};
+
+/// ferry: a vhost-user-blk storage daemon with live migration and write journaling.
+#[derive(Parser)]
+#[command(name = "ferry", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Export volumes to QEMU as vhost-user-blk devices (with no arguments: the demo disk).
+    Serve(serve::ServeArgs),
+    /// Send one request to a running daemon's control socket and print the reply.
+    Query(control_client::QueryArgs),
+    /// Live volume migration jobs of a running daemon.
+    #[command(subcommand)]
+    Migrate(migrate_cli::MigrateCommand),
+    /// The write journal: control of a running daemon, and offline tools on media.
+    #[command(subcommand)]
+    Journal(journal_cli::JournalCommand),
+    /// Load generator: a real vhost-user-blk client measuring any backend.
+    Bench(bench::BenchArgs),
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        None => serve::run(serve::ServeArgs::default()),
+        Some(Command::Serve(args)) => serve::run(args),
+        Some(Command::Query(args)) => control_client::run_query(args),
+        Some(Command::Migrate(cmd)) => migrate_cli::run(cmd),
+        Some(Command::Journal(cmd)) => journal_cli::run(cmd),
+        Some(Command::Bench(args)) => bench::run(args),
+    };
+    if let Err(e) = result {
+        eprintln!("ferry: {e:#}");
+        std::process::exit(1);
+    }
+}
