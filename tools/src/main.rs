@@ -1,10 +1,13 @@
 //! The `ferry` command-line program: dispatches to one module per subcommand.
 
 mod bench;
+mod control;
 mod control_client;
+mod daemon;
 mod journal_cli;
 mod migrate_cli;
 mod serve;
+mod volume_spec;
 
 use clap::{Parser, Subcommand};
 

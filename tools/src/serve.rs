@@ -1,9 +1,280 @@
-//! `ferry serve`: parse volume specs and configuration, open volumes, serve them.
+//! `ferry serve`: gather volume settings (flags over the TOML file), open the volumes,
+//! bind their sockets and the control socket, serve, and shut down cleanly on a signal.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use ferry_engine::Volume;
+use ferry_vhost::ConnectionState;
+use nix::sys::signal::{SigSet, Signal};
+
+use crate::daemon::{Daemon, ServedVolume};
+use crate::volume_spec::{self, VolumeSpec};
 
 /// Options of `ferry serve`.
 #[derive(clap::Args, Debug, Default)]
-pub struct ServeArgs {}
+pub struct ServeArgs {
+    /// A volume: name=NAME,path=IMG,socket=SOCK[,size=8G][,read-only][,queues=N]
+    /// [,queues-per-thread=N][,cache=none|writeback][,serial=STR][,offset=B][,length=B][,poll-us=N]
+    #[arg(long = "volume", value_name = "SPEC")]
+    pub volumes: Vec<String>,
+    /// Open a control socket (line-delimited JSON, see docs/control.md).
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// Read settings from a TOML file; flags override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
 
-pub fn run(_args: ServeArgs) -> anyhow::Result<()> {
-    anyhow::bail!("not implemented yet")
+/// The settings after merging the file and the flags.
+struct ServePlan {
+    volumes: Vec<VolumeSpec>,
+    control: Option<PathBuf>,
+}
+
+/// The built-in demo: a 1 GiB sparse image served in the current directory.
+fn demo_plan() -> anyhow::Result<ServePlan> {
+    let spec = volume_spec::parse_volume("name=demo,path=ferry-demo.img,socket=ferry-demo.sock")
+        .map_err(anyhow::Error::msg)?;
+    let mut spec = spec;
+    if !spec.engine.path.exists() {
+        spec.engine.size_bytes = Some(1 << 30);
+    }
+    Ok(ServePlan {
+        volumes: vec![spec],
+        control: Some(PathBuf::from("ferry-demo.ctl")),
+    })
+}
+
+fn plan(args: &ServeArgs) -> anyhow::Result<ServePlan> {
+    if args.volumes.is_empty() && args.config.is_none() {
+        return demo_plan();
+    }
+    let mut volumes = Vec::new();
+    let mut control = None;
+    if let Some(path) = &args.config {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read configuration {}", path.display()))?;
+        let table: toml::Table = text
+            .parse()
+            .with_context(|| format!("{}: invalid TOML", path.display()))?;
+        (volumes, control) =
+            from_toml(&table).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    }
+    for text in &args.volumes {
+        let spec =
+            volume_spec::parse_volume(text).map_err(|e| anyhow::anyhow!("--volume {text}: {e}"))?;
+        volumes.retain(|v: &VolumeSpec| v.engine.name != spec.engine.name);
+        volumes.push(spec);
+    }
+    if args.control.is_some() {
+        control = args.control.clone();
+    }
+    if volumes.is_empty() {
+        bail!("no volumes to serve (give --volume or [[volume]] in --config)");
+    }
+    Ok(ServePlan { volumes, control })
+}
+
+type TomlSettings = (Vec<VolumeSpec>, Option<PathBuf>);
+
+fn from_toml(table: &toml::Table) -> Result<TomlSettings, String> {
+    let mut volumes = Vec::new();
+    let mut control = None;
+    for (key, value) in table {
+        match (key.as_str(), value) {
+            ("control", toml::Value::String(s)) => control = Some(PathBuf::from(s)),
+            ("volume", toml::Value::Array(list)) => {
+                for item in list {
+                    let toml::Value::Table(t) = item else {
+                        return Err("[[volume]] entries must be tables".into());
+                    };
+                    volumes.push(volume_spec::volume_from_toml(t)?);
+                }
+            }
+            (other, _) => return Err(format!("unknown setting {other:?}")),
+        }
+    }
+    Ok((volumes, control))
+}
+
+/// Refuses two volumes on one name, socket or image range before anything is created.
+fn check_distinct(volumes: &[VolumeSpec]) -> anyhow::Result<()> {
+    for (i, a) in volumes.iter().enumerate() {
+        for b in &volumes[i + 1..] {
+            if a.engine.name == b.engine.name {
+                bail!("two volumes are named {}", a.engine.name);
+            }
+            if same_path(&a.socket, &b.socket) {
+                bail!(
+                    "volumes {} and {} use the same socket {}",
+                    a.engine.name,
+                    b.engine.name,
+                    a.socket.display()
+                );
+            }
+            if same_path(&a.engine.path, &b.engine.path)
+                && (a.engine.length_bytes.is_none() || b.engine.length_bytes.is_none())
+            {
+                bail!(
+                    "volumes {} and {} use the same image {}",
+                    a.engine.name,
+                    b.engine.name,
+                    a.engine.path.display()
+                );
+            }
+        }
+        if let Some(dir) = a.socket.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if !dir.is_dir() {
+                bail!(
+                    "volume {}: socket directory {} does not exist",
+                    a.engine.name,
+                    dir.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn same_path(a: &Path, b: &Path) -> bool {
+    let canon = |p: &Path| {
+        p.canonicalize().unwrap_or_else(|_| {
+            std::env::current_dir()
+                .map(|d| d.join(p))
+                .unwrap_or_else(|_| p.to_path_buf())
+        })
+    };
+    canon(a) == canon(b)
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let plan = plan(&args)?;
+    check_distinct(&plan.volumes)?;
+    // Signals are taken by the main thread only: block them before any thread starts.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals.thread_block().context("cannot block signals")?;
+
+    // Check every socket before creating any image, then bind after opening.
+    for spec in &plan.volumes {
+        precheck_socket(&spec.socket)?;
+    }
+    if let Some(control) = &plan.control {
+        precheck_socket(control)?;
+    }
+    let mut opened = Vec::new();
+    for spec in &plan.volumes {
+        let volume = Volume::open(spec.engine.clone())?;
+        opened.push((spec.clone(), volume));
+    }
+    let mut served = Vec::new();
+    let mut listeners = Vec::new();
+    for (spec, volume) in opened {
+        let listener = ferry_vhost::bind_socket(&spec.socket)?;
+        listeners.push(listener);
+        served.push(ServedVolume {
+            volume,
+            socket: spec.socket.clone(),
+            connection: Arc::new(ConnectionState::default()),
+            queues: spec.queues,
+        });
+    }
+    let control_listener = match &plan.control {
+        Some(path) => Some(ferry_vhost::bind_socket(path)?),
+        None => None,
+    };
+    let daemon = Arc::new(Daemon { volumes: served });
+    for ((served, listener), spec) in daemon.volumes.iter().zip(listeners).zip(&plan.volumes) {
+        start_volume_thread(served, listener, spec)?;
+        print_attach_hint(spec, &served.volume);
+    }
+    if let Some(listener) = control_listener {
+        let daemon = daemon.clone();
+        std::thread::Builder::new()
+            .name("ferry-control".into())
+            .spawn(move || crate::control::serve(listener, daemon))
+            .context("cannot start the control thread")?;
+    }
+    let signal = signals.wait().context("waiting for signals failed")?;
+    log::info!("{signal}: finishing requests in flight and shutting down");
+    shut_down(&daemon, plan.control.as_deref());
+    Ok(())
+}
+
+fn precheck_socket(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            bail!("{} exists and is not a socket", path.display());
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!("socket {} is in use by another process", path.display());
+        }
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            bail!("socket directory {} does not exist", dir.display());
+        }
+    }
+    Ok(())
+}
+
+fn start_volume_thread(
+    served: &ServedVolume,
+    listener: std::os::unix::net::UnixListener,
+    spec: &VolumeSpec,
+) -> anyhow::Result<()> {
+    let volume = served.volume.clone();
+    let state = served.connection.clone();
+    let settings = spec.device_settings();
+    std::thread::Builder::new()
+        .name(format!("ferry-{}", volume.name()))
+        .spawn(move || ferry_vhost::serve_volume(volume, settings, listener, state))
+        .context("cannot start a volume thread")?;
+    Ok(())
+}
+
+/// Holds every volume's I/O, waits for requests in flight, syncs, removes the sockets.
+fn shut_down(daemon: &Daemon, control: Option<&Path>) {
+    let mut guards = Vec::new();
+    for served in &daemon.volumes {
+        match served.volume.pause(std::time::Duration::from_secs(30)) {
+            Some(guard) => guards.push(guard),
+            None => log::error!(
+                "volume {}: requests still in flight after 30 s",
+                served.volume.name()
+            ),
+        }
+        if let Err(e) = served.volume.backing().sync() {
+            log::error!("volume {}: final flush failed: {e}", served.volume.name());
+        }
+        let _ = std::fs::remove_file(&served.socket);
+    }
+    if let Some(path) = control {
+        let _ = std::fs::remove_file(path);
+    }
+    // The guards stay held: the process exits with guest I/O stopped.
+    std::mem::forget(guards);
+}
+
+fn print_attach_hint(spec: &VolumeSpec, volume: &Volume) {
+    let socket = std::fs::canonicalize(&spec.socket).unwrap_or_else(|_| spec.socket.clone());
+    let name = volume.name();
+    println!(
+        "ferry: serving volume {name} ({} bytes, {}) on {}",
+        volume.size_bytes(),
+        volume.backing().path.display(),
+        socket.display()
+    );
+    println!("Attach a QEMU VM with:");
+    println!(
+        "  -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \\\n  \
+         -chardev socket,id=ferry-{name},path={},reconnect-ms=1000 \\\n  \
+         -device vhost-user-blk-pci,chardev=ferry-{name},num-queues=1",
+        socket.display()
+    );
+    println!("(the memory-backend size must equal the VM's -m size)");
 }

@@ -1,1 +1,19 @@
-//! placeholder
+//! ferry's vhost-user-blk device: parses virtio-blk requests from guest memory and hands
+//! them to the engine as byte-range block operations.
+//!
+//! - [`request`]: descriptor chain -> request (all guest input validated here).
+//! - [`config`]: feature bits and the virtio-blk configuration space.
+//! - [`queue_worker`]: the per-thread loop between virtqueues and the engine.
+//! - [`backend`]: the `VhostUserBackend` implementation routing events to workers.
+//! - [`server`]: the socket, one frontend connection after another.
+//!
+//! Nothing here touches io_uring: that is the engine's job.
+
+pub mod backend;
+pub mod config;
+pub mod queue_worker;
+pub mod request;
+pub mod server;
+
+pub use backend::{BlockDevice, DeviceSettings};
+pub use server::{bind_socket, serve_volume, BindError, ConnectionState};

@@ -1,0 +1,70 @@
+//! The control commands, looked up by name. Each takes the JSON arguments and returns a
+//! JSON value or a [`ControlError`]. New features add a line to [`COMMANDS`].
+
+use serde_json::{json, Value};
+
+use super::ControlError;
+use crate::daemon::Daemon;
+
+type Handler = fn(&Daemon, &Value) -> Result<Value, ControlError>;
+
+/// Every command: name, handler, one-line help.
+const COMMANDS: &[(&str, Handler, &str)] = &[
+    ("query-version", query_version, "ferry's version"),
+    (
+        "query-commands",
+        query_commands,
+        "the commands this daemon accepts",
+    ),
+    (
+        "query-volumes",
+        query_volumes,
+        "volumes: path, size, socket, connection, I/O counters",
+    ),
+];
+
+pub fn dispatch(daemon: &Daemon, command: &str, arguments: &Value) -> Result<Value, ControlError> {
+    match COMMANDS.iter().find(|(name, _, _)| *name == command) {
+        Some((_, handler, _)) => handler(daemon, arguments),
+        None => Err(ControlError::new(
+            "CommandNotFound",
+            format!("unknown command {command:?} (see query-commands)"),
+        )),
+    }
+}
+
+fn query_version(_: &Daemon, _: &Value) -> Result<Value, ControlError> {
+    Ok(json!({ "version": env!("CARGO_PKG_VERSION") }))
+}
+
+fn query_commands(_: &Daemon, _: &Value) -> Result<Value, ControlError> {
+    Ok(COMMANDS
+        .iter()
+        .map(|(name, _, help)| json!({ "name": name, "help": help }))
+        .collect())
+}
+
+fn query_volumes(daemon: &Daemon, _: &Value) -> Result<Value, ControlError> {
+    use std::sync::atomic::Ordering::SeqCst;
+    Ok(daemon
+        .volumes
+        .iter()
+        .map(|v| {
+            let backing = v.volume.backing();
+            json!({
+                "name": v.volume.name(),
+                "path": backing.path,
+                "offset": backing.base_offset_bytes,
+                "size": backing.len_bytes,
+                "socket": v.socket,
+                "read-only": v.volume.read_only(),
+                "cache": v.volume.config().cache,
+                "queues": v.queues,
+                "connected": v.connection.connected.load(SeqCst),
+                "connections": v.connection.connections.load(SeqCst),
+                "write-cache": v.volume.write_cache_enabled(),
+                "stats": v.volume.stats.snapshot(),
+            })
+        })
+        .collect())
+}

@@ -1,0 +1,27 @@
+//! The running daemon's shared state: the served volumes and what the control socket
+//! reaches through them.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use ferry_engine::Volume;
+use ferry_vhost::ConnectionState;
+
+/// One volume being served.
+pub struct ServedVolume {
+    pub volume: Arc<Volume>,
+    pub socket: PathBuf,
+    pub connection: Arc<ConnectionState>,
+    pub queues: u16,
+}
+
+/// Everything the control socket's commands act on.
+pub struct Daemon {
+    pub volumes: Vec<ServedVolume>,
+}
+
+impl Daemon {
+    pub fn volume(&self, name: &str) -> Option<&ServedVolume> {
+        self.volumes.iter().find(|v| v.volume.name() == name)
+    }
+}

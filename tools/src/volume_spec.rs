@@ -1,0 +1,202 @@
+//! Volume settings as the operator writes them: `--volume name=..,path=..,socket=..` or a
+//! `[[volume]]` table in the TOML configuration file, validated into one form.
+
+use std::path::PathBuf;
+
+use ferry_engine::{CacheMode, VolumeConfig};
+use ferry_vhost::DeviceSettings;
+
+/// Everything `ferry serve` needs to serve one volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeSpec {
+    pub engine: VolumeConfig,
+    pub socket: PathBuf,
+    pub queues: u16,
+    pub queues_per_thread: u16,
+    pub serial: Option<String>,
+    pub poll_us: u64,
+}
+
+/// Default virtqueues per volume: enough for a guest with several vCPUs (QEMU refuses a
+/// `num-queues` above what the backend offers); an idle queue's thread just sleeps.
+pub const DEFAULT_QUEUES: u16 = 4;
+
+impl VolumeSpec {
+    pub fn device_settings(&self) -> DeviceSettings {
+        DeviceSettings {
+            queues: self.queues,
+            queues_per_thread: self.queues_per_thread,
+            serial: self
+                .serial
+                .clone()
+                .unwrap_or_else(|| self.engine.name.clone()),
+            poll_us: self.poll_us,
+        }
+    }
+
+    fn empty() -> Self {
+        Self {
+            engine: VolumeConfig::default(),
+            socket: PathBuf::new(),
+            queues: DEFAULT_QUEUES,
+            queues_per_thread: 1,
+            serial: None,
+            poll_us: 0,
+        }
+    }
+
+    /// Sets one `key=value` (or a bare flag such as `read-only`).
+    pub fn set(&mut self, key: &str, value: Option<&str>) -> Result<(), String> {
+        let need = || value.ok_or_else(|| format!("{key}= needs a value"));
+        match key {
+            "name" => self.engine.name = need()?.to_string(),
+            "path" => self.engine.path = PathBuf::from(need()?),
+            "socket" => self.socket = PathBuf::from(need()?),
+            "size" => self.engine.size_bytes = Some(parse_size(need()?)?),
+            "offset" => self.engine.offset_bytes = parse_size(need()?)?,
+            "length" => self.engine.length_bytes = Some(parse_size(need()?)?),
+            "read-only" | "readonly" => self.engine.read_only = parse_bool(value)?,
+            "cache" => {
+                self.engine.cache = match need()? {
+                    "none" => CacheMode::None,
+                    "writeback" => CacheMode::Writeback,
+                    other => return Err(format!("cache={other}: expected none or writeback")),
+                }
+            }
+            "queues" => self.queues = parse_count(key, need()?, 64)?,
+            "queues-per-thread" => self.queues_per_thread = parse_count(key, need()?, 64)?,
+            "serial" => {
+                let serial = need()?;
+                if serial.len() > 20 {
+                    return Err(format!("serial={serial}: at most 20 bytes"));
+                }
+                self.serial = Some(serial.to_string());
+            }
+            "poll-us" => {
+                self.poll_us = need()?.parse().map_err(|_| {
+                    format!(
+                        "poll-us={}: expected microseconds",
+                        need().unwrap_or_default()
+                    )
+                })?
+            }
+            other => return Err(format!("unknown volume setting {other:?}")),
+        }
+        Ok(())
+    }
+
+    /// Checks that the required settings are present.
+    pub fn finish(self) -> Result<Self, String> {
+        if self.engine.name.is_empty() {
+            return Err("a volume needs name=".into());
+        }
+        let name = &self.engine.name;
+        if self.engine.path.as_os_str().is_empty() {
+            return Err(format!("volume {name} needs path="));
+        }
+        if self.socket.as_os_str().is_empty() {
+            return Err(format!("volume {name} needs socket="));
+        }
+        if self.queues_per_thread > self.queues {
+            return Err(format!("volume {name}: queues-per-thread exceeds queues"));
+        }
+        Ok(self)
+    }
+}
+
+/// Parses `name=vm1,path=vm1.img,socket=vm1.sock,size=8G,read-only`.
+pub fn parse_volume(text: &str) -> Result<VolumeSpec, String> {
+    let mut spec = VolumeSpec::empty();
+    for part in text.split(',').filter(|p| !p.is_empty()) {
+        let (key, value) = match part.split_once('=') {
+            Some((k, v)) => (k.trim(), Some(v.trim())),
+            None => (part.trim(), None),
+        };
+        spec.set(key, value)?;
+    }
+    spec.finish()
+}
+
+/// A volume table of the TOML configuration file: the same keys as `--volume`.
+pub fn volume_from_toml(table: &toml::Table) -> Result<VolumeSpec, String> {
+    let mut spec = VolumeSpec::empty();
+    for (key, value) in table {
+        let text = match value {
+            toml::Value::String(s) => Some(s.clone()),
+            toml::Value::Integer(i) => Some(i.to_string()),
+            toml::Value::Boolean(b) => Some(b.to_string()),
+            other => return Err(format!("volume setting {key}: unsupported value {other}")),
+        };
+        spec.set(key, text.as_deref())?;
+    }
+    spec.finish()
+}
+
+/// Parses a byte size: `4096`, `512K`, `8G`, `1T` (binary units; `KiB`/`MB`... also accepted).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(digits_end);
+    let number: u64 = number.parse().map_err(|_| format!("bad size {text:?}"))?;
+    let shift = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => return Err(format!("bad size {text:?}: unknown unit {unit:?}")),
+    };
+    number
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("size {text:?} is too large"))
+}
+
+fn parse_bool(value: Option<&str>) -> Result<bool, String> {
+    match value {
+        None | Some("on" | "true" | "yes" | "1") => Ok(true),
+        Some("off" | "false" | "no" | "0") => Ok(false),
+        Some(other) => Err(format!("expected on or off, got {other:?}")),
+    }
+}
+
+fn parse_count(key: &str, value: &str, max: u16) -> Result<u16, String> {
+    match value.parse::<u16>() {
+        Ok(n) if n >= 1 && n <= max => Ok(n),
+        _ => Err(format!("{key}={value}: expected a number from 1 to {max}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_full_spec() -> Result<(), String> {
+        let spec = parse_volume(
+            "name=vm1,path=vm1.img,socket=/run/vm1.sock,size=8G,read-only,queues=2,cache=none,serial=abc",
+        )?;
+        assert_eq!(spec.engine.name, "vm1");
+        assert_eq!(spec.engine.size_bytes, Some(8 << 30));
+        assert!(spec.engine.read_only);
+        assert_eq!(spec.queues, 2);
+        assert_eq!(spec.engine.cache, CacheMode::None);
+        assert_eq!(spec.serial.as_deref(), Some("abc"));
+        Ok(())
+    }
+
+    #[test]
+    fn refuses_bad_input() {
+        assert!(parse_volume("name=a,path=b").is_err());
+        assert!(parse_volume("name=a,path=b,socket=c,size=12Q").is_err());
+        assert!(parse_volume("name=a,path=b,socket=c,queues=0").is_err());
+        assert!(parse_volume("name=a,path=b,socket=c,bogus=1").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512"), Ok(512));
+        assert_eq!(parse_size("4K"), Ok(4096));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+    }
+}

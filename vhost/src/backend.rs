@@ -1,0 +1,218 @@
+//! The vhost-user-blk device of one volume: features, configuration space and the
+//! `VhostUserBackend` callbacks that route events to the queue workers.
+
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use ferry_engine::{EngineError, Volume, VolumeQueue};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock};
+use vm_memory::GuestMemoryAtomic;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::config;
+use crate::queue_worker::{GuestMemory, QueueWorker, WorkerSettings};
+use crate::request::{ID_BYTES, IOVECS_MAX};
+
+/// The largest virtqueue ferry accepts. libblkio uses three descriptors per request, so a
+/// 1024-entry ring carries 341 requests in flight.
+pub const QUEUE_SIZE_MAX: u16 = 1024;
+/// The number of virtqueues (and so of queue threads by default) a volume offers.
+pub const QUEUES_MAX: u16 = 64;
+
+/// How a volume's device is laid out over threads.
+#[derive(Debug, Clone)]
+pub struct DeviceSettings {
+    /// Virtqueues offered to the guest.
+    pub queues: u16,
+    /// Virtqueues served by one worker thread.
+    pub queues_per_thread: u16,
+    /// The `GET_ID` serial (at most 20 bytes; default: the volume name).
+    pub serial: String,
+    /// Busy-poll window of the workers, in microseconds.
+    pub poll_us: u64,
+}
+
+/// The device backend. Cheap to clone: the vhost-user-backend crate hands a clone to
+/// every worker thread; all clones share the workers.
+#[derive(Clone)]
+pub struct BlockDevice {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    volume: Arc<Volume>,
+    settings: DeviceSettings,
+    workers: Vec<Mutex<QueueWorker>>,
+}
+
+impl BlockDevice {
+    /// Creates the device and one engine queue (one io_uring) per worker thread.
+    pub fn new(volume: Arc<Volume>, settings: DeviceSettings) -> Result<Self, EngineError> {
+        let queues = settings.queues.clamp(1, QUEUES_MAX);
+        let per_thread = settings.queues_per_thread.clamp(1, queues);
+        let threads = queues.div_ceil(per_thread);
+        let mut serial = [0u8; ID_BYTES];
+        let bytes = settings.serial.as_bytes();
+        let n = bytes.len().min(ID_BYTES);
+        serial[..n].copy_from_slice(&bytes[..n]);
+        let worker_settings = WorkerSettings {
+            serial,
+            poll_window: std::time::Duration::from_micros(settings.poll_us),
+        };
+        let capacity = u32::from(QUEUE_SIZE_MAX) * u32::from(per_thread);
+        let mut workers = Vec::with_capacity(threads as usize);
+        for thread in 0..threads {
+            let engine =
+                VolumeQueue::new(volume.clone(), thread * per_thread, capacity, IOVECS_MAX)?;
+            workers.push(Mutex::new(QueueWorker::new(
+                engine,
+                worker_settings.clone(),
+                capacity,
+            )));
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                volume,
+                settings: DeviceSettings {
+                    queues,
+                    queues_per_thread: per_thread,
+                    ..settings
+                },
+                workers,
+            }),
+        })
+    }
+
+    /// The epoll event number used for engine completions on every worker thread.
+    pub fn completion_event(&self) -> u64 {
+        u64::from(self.inner.settings.queues) + 1
+    }
+
+    /// The eventfd each worker's engine signals, by thread.
+    pub fn completion_fds(&self) -> Vec<std::os::fd::RawFd> {
+        (0..self.inner.workers.len())
+            .map(|i| self.worker(i).engine().notify_fd())
+            .collect()
+    }
+
+    pub fn volume(&self) -> &Arc<Volume> {
+        &self.inner.volume
+    }
+
+    fn worker(&self, thread: usize) -> MutexGuard<'_, QueueWorker> {
+        match self.inner.workers[thread].lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Waits for every request in flight on every worker and completes it to the guest.
+    pub fn drain_all(&self) {
+        for thread in 0..self.inner.workers.len() {
+            self.worker(thread).drain();
+        }
+    }
+}
+
+impl VhostUserBackend for BlockDevice {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.inner.settings.queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(QUEUE_SIZE_MAX)
+    }
+
+    fn features(&self) -> u64 {
+        config::device_features(self.inner.volume.read_only())
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        for thread in 0..self.inner.workers.len() {
+            self.worker(thread).set_event_idx(enabled);
+        }
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let volume = &self.inner.volume;
+        let space = config::config_space(
+            volume.size_bytes() / u64::from(config::BLOCK_SIZE_BYTES),
+            self.inner.settings.queues,
+            volume.write_cache_enabled(),
+        );
+        config::read_config(&space, offset, size)
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        // Only the `writeback` byte is writable (VIRTIO_BLK_F_CONFIG_WCE).
+        if offset as usize == config::offset::WRITEBACK && buf.len() == 1 {
+            self.inner.volume.set_write_cache_enabled(buf[0] != 0);
+            return Ok(());
+        }
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "read-only configuration field",
+        ))
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<()> {
+        for thread in 0..self.inner.workers.len() {
+            self.worker(thread).set_memory(mem.clone());
+        }
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        let queues = u64::from(self.inner.settings.queues);
+        let per = u64::from(self.inner.settings.queues_per_thread);
+        (0..self.inner.workers.len() as u64)
+            .map(|t| {
+                let first = t * per;
+                let count = per.min(queues - first);
+                ((1u64 << count) - 1) << first
+            })
+            .collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // GET_VRING_BASE: every request of this ring must be on the used ring before the
+        // frontend reads the ring's state (vhost-user spec, "Ring states").
+        let thread = queue_index as usize / usize::from(self.inner.settings.queues_per_thread);
+        if thread < self.inner.workers.len() {
+            self.worker(thread).drain();
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        _device_event: u16,
+        _evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if thread_id < self.inner.workers.len() {
+            self.worker(thread_id).run(vrings);
+        }
+        Ok(())
+    }
+}

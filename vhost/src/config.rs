@@ -1,0 +1,136 @@
+//! The virtio-blk configuration space and feature bits ferry offers (virtio 1.2, 5.2.3-5.2.4).
+
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
+    VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_TOPOLOGY,
+    VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+
+use crate::request::SEG_MAX;
+
+/// Logical block size reported to the guest.
+pub const BLOCK_SIZE_BYTES: u32 = 512;
+/// Physical block exponent: 2^3 logical blocks = 4 KiB physical blocks.
+const PHYSICAL_BLOCK_EXP: u8 = 3;
+/// The largest discard / write-zeroes the guest may send, in sectors (1 GiB).
+pub const DISCARD_SECTORS_MAX: u32 = 1 << 21;
+/// Discard granularity hint, in sectors (4 KiB).
+const DISCARD_ALIGNMENT_SECTORS: u32 = 8;
+
+/// Offsets into `struct virtio_blk_config`.
+pub mod offset {
+    pub const CAPACITY: usize = 0;
+    pub const SEG_MAX: usize = 12;
+    pub const BLK_SIZE: usize = 20;
+    pub const PHYSICAL_BLOCK_EXP: usize = 24;
+    pub const MIN_IO_SIZE: usize = 26;
+    pub const WRITEBACK: usize = 32;
+    pub const NUM_QUEUES: usize = 34;
+    pub const MAX_DISCARD_SECTORS: usize = 36;
+    pub const MAX_DISCARD_SEG: usize = 40;
+    pub const DISCARD_SECTOR_ALIGNMENT: usize = 44;
+    pub const MAX_WRITE_ZEROES_SECTORS: usize = 48;
+    pub const MAX_WRITE_ZEROES_SEG: usize = 52;
+    pub const WRITE_ZEROES_MAY_UNMAP: usize = 56;
+    /// Bytes up to and including `unused1`.
+    pub const END: usize = 60;
+}
+
+/// The virtio feature bits offered for a volume.
+pub fn device_features(read_only: bool) -> u64 {
+    let mut bits = [
+        VIRTIO_F_VERSION_1,
+        VIRTIO_RING_F_EVENT_IDX,
+        VIRTIO_RING_F_INDIRECT_DESC,
+        VIRTIO_BLK_F_SEG_MAX,
+        VIRTIO_BLK_F_BLK_SIZE,
+        VIRTIO_BLK_F_TOPOLOGY,
+        VIRTIO_BLK_F_FLUSH,
+        VIRTIO_BLK_F_CONFIG_WCE,
+        VIRTIO_BLK_F_MQ,
+    ]
+    .iter()
+    .fold(0u64, |acc, bit| acc | 1 << bit);
+    if read_only {
+        bits |= 1 << VIRTIO_BLK_F_RO;
+    } else {
+        bits |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+    }
+    bits
+}
+
+/// Encodes the configuration space.
+pub fn config_space(capacity_sectors: u64, num_queues: u16, writeback: bool) -> [u8; offset::END] {
+    let mut c = [0u8; offset::END];
+    let mut put = |at: usize, bytes: &[u8]| c[at..at + bytes.len()].copy_from_slice(bytes);
+    put(offset::CAPACITY, &capacity_sectors.to_le_bytes());
+    put(offset::SEG_MAX, &SEG_MAX.to_le_bytes());
+    put(offset::BLK_SIZE, &BLOCK_SIZE_BYTES.to_le_bytes());
+    put(offset::PHYSICAL_BLOCK_EXP, &[PHYSICAL_BLOCK_EXP]);
+    put(
+        offset::MIN_IO_SIZE,
+        &(1u16 << PHYSICAL_BLOCK_EXP).to_le_bytes(),
+    );
+    put(offset::WRITEBACK, &[u8::from(writeback)]);
+    put(offset::NUM_QUEUES, &num_queues.to_le_bytes());
+    put(
+        offset::MAX_DISCARD_SECTORS,
+        &DISCARD_SECTORS_MAX.to_le_bytes(),
+    );
+    put(offset::MAX_DISCARD_SEG, &1u32.to_le_bytes());
+    put(
+        offset::DISCARD_SECTOR_ALIGNMENT,
+        &DISCARD_ALIGNMENT_SECTORS.to_le_bytes(),
+    );
+    put(
+        offset::MAX_WRITE_ZEROES_SECTORS,
+        &DISCARD_SECTORS_MAX.to_le_bytes(),
+    );
+    put(offset::MAX_WRITE_ZEROES_SEG, &1u32.to_le_bytes());
+    put(offset::WRITE_ZEROES_MAY_UNMAP, &[1]);
+    c
+}
+
+/// Returns `size` bytes of `space` from `offset`, zero-padded past its end (frontends may
+/// ask for a newer, larger `virtio_blk_config` than ferry fills in).
+pub fn read_config(space: &[u8], offset: u32, size: u32) -> Vec<u8> {
+    let mut out = vec![0u8; size as usize];
+    let start = (offset as usize).min(space.len());
+    let end = (offset as usize)
+        .saturating_add(size as usize)
+        .min(space.len());
+    out[..end - start].copy_from_slice(&space[start..end]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_golden_bytes() {
+        let c = config_space(2048, 2, true);
+        assert_eq!(&c[0..8], &2048u64.to_le_bytes());
+        assert_eq!(&c[12..16], &126u32.to_le_bytes());
+        assert_eq!(&c[20..24], &512u32.to_le_bytes());
+        assert_eq!(c[32], 1);
+        assert_eq!(&c[34..36], &2u16.to_le_bytes());
+        assert_eq!(c[56], 1);
+    }
+
+    #[test]
+    fn reads_past_the_end_as_zeros() {
+        let c = config_space(8, 1, false);
+        assert_eq!(read_config(&c, 56, 8), vec![1, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(read_config(&c, 1000, 4), vec![0; 4]);
+    }
+
+    #[test]
+    fn read_only_offers_no_discard() {
+        let f = device_features(true);
+        assert_ne!(f & 1 << VIRTIO_BLK_F_RO, 0);
+        assert_eq!(f & 1 << VIRTIO_BLK_F_DISCARD, 0);
+    }
+}

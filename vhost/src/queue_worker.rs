@@ -1,0 +1,473 @@
+//! One worker thread's share of a device: pops requests from its virtqueues, hands them
+//! to the engine, and returns completions to the guest.
+//!
+//! The loop, written once for every queue of the thread: take completions from the
+//! engine and put them on the used rings; pop every available chain the engine has room
+//! for (with event-index notification suppression: disable, pop, re-enable, re-check);
+//! submit the batch with one `io_uring_enter`; signal each used ring at most once per
+//! pass. With a polling window set, the worker spins for that long after the last work
+//! before sleeping, because waking a sleeping thread costs tens of microseconds.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_engine::volume::queue::Rejected;
+use ferry_engine::{BlockOp, Completion, IoFailure, VolumeQueue};
+use vhost_user_backend::{VringRwLock, VringState, VringT};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::config::DISCARD_SECTORS_MAX;
+use crate::request::{self, Parsed, Request, RequestType, ID_BYTES, WRITE_ZEROES_FLAG_UNMAP};
+
+pub type GuestMemory = GuestMemoryMmap<()>;
+
+/// A request handed to the engine, keyed by its tag.
+struct InFlight {
+    vring: u16,
+    head_index: u16,
+    status_addr: GuestAddress,
+    /// Bytes the device writes into the guest's buffers on success (data read + status).
+    used_len_ok: u32,
+    /// Keeps the guest memory the request's iovecs point into mapped.
+    mem: Option<Arc<GuestMemory>>,
+}
+
+// SAFETY: the raw pointers a worker holds (iovecs in its reusable request buffer) are
+// only meaningful while it parses one request on the thread that holds the worker's lock.
+unsafe impl Send for QueueWorker {}
+
+/// Settings shared by every worker of a device.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    pub serial: [u8; ID_BYTES],
+    /// Busy-poll window after the last piece of work; zero sleeps at once.
+    pub poll_window: Duration,
+}
+
+/// The state of one worker thread.
+pub struct QueueWorker {
+    engine: VolumeQueue,
+    settings: WorkerSettings,
+    guest_memory: Option<GuestMemoryAtomic<GuestMemory>>,
+    event_idx: bool,
+    inflight: Vec<InFlight>,
+    free_tags: Vec<u32>,
+    request: Request,
+    completions: Vec<Completion>,
+    /// The thread's vrings, remembered for draining when a ring stops.
+    vrings: Vec<VringRwLock>,
+    /// Bit i set: vring i got used entries this pass and may need a notification.
+    to_signal: u64,
+}
+
+impl QueueWorker {
+    pub fn new(engine: VolumeQueue, settings: WorkerSettings, capacity: u32) -> Self {
+        Self {
+            engine,
+            settings,
+            guest_memory: None,
+            event_idx: false,
+            inflight: (0..capacity)
+                .map(|_| InFlight {
+                    vring: 0,
+                    head_index: 0,
+                    status_addr: GuestAddress(0),
+                    used_len_ok: 0,
+                    mem: None,
+                })
+                .collect(),
+            free_tags: (0..capacity).rev().collect(),
+            request: Request::with_capacity(),
+            completions: Vec::with_capacity(capacity as usize),
+            vrings: Vec::new(),
+            to_signal: 0,
+        }
+    }
+
+    pub fn engine(&self) -> &VolumeQueue {
+        &self.engine
+    }
+
+    pub fn set_memory(&mut self, mem: GuestMemoryAtomic<GuestMemory>) {
+        self.guest_memory = Some(mem);
+    }
+
+    pub fn set_event_idx(&mut self, enabled: bool) {
+        self.event_idx = enabled;
+    }
+
+    /// Runs the worker loop until there is nothing left to do (and the polling window,
+    /// if any, has passed without work).
+    pub fn run(&mut self, vrings: &[VringRwLock]) {
+        if self.vrings.len() != vrings.len() {
+            self.vrings = vrings.to_vec();
+        }
+        let Some(mem) = self.guest_memory.as_ref().map(|m| m.memory().into_inner()) else {
+            return;
+        };
+        self.engine.clear_notification();
+        let mut idle_since = Instant::now();
+        loop {
+            let mut progressed = self.complete(&mem, vrings);
+            for (index, vring) in vrings.iter().enumerate() {
+                progressed |= self.pop_vring(index as u16, vring, &mem);
+            }
+            if let Err(e) = self.engine.commit() {
+                log::error!(
+                    "volume {}: io_uring submit failed: {e}",
+                    self.engine.volume().name()
+                );
+            }
+            self.signal(vrings);
+            if progressed {
+                idle_since = Instant::now();
+                continue;
+            }
+            if idle_since.elapsed() >= self.settings.poll_window {
+                break;
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    /// Pops and submits every available chain of one vring that the engine has room for.
+    /// Returns true if anything was popped.
+    fn pop_vring(&mut self, index: u16, vring: &VringRwLock, mem: &Arc<GuestMemory>) -> bool {
+        let mut popped_any = false;
+        let mut state = vring.get_mut();
+        if !state.get_queue().ready() || !state.is_enabled() {
+            return false;
+        }
+        loop {
+            if self.event_idx {
+                let _ = state.disable_notification();
+            }
+            let mut starved = false;
+            while self.engine.has_room() && !self.free_tags.is_empty() {
+                if self.engine.volume().is_paused() {
+                    starved = true;
+                    break;
+                }
+                let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.as_ref()) else {
+                    break;
+                };
+                popped_any = true;
+                let parsed = request::parse(chain, mem.as_ref(), &mut self.request);
+                if !self.dispatch(parsed, index, mem, &mut state) {
+                    state.get_queue_mut().go_to_previous_position();
+                    starved = true;
+                    break;
+                }
+            }
+            if !self.engine.has_room() || self.free_tags.is_empty() {
+                starved = true;
+            }
+            // Re-enable notifications; if the guest added chains meanwhile, go again.
+            // When starved, completions (or the resume wake-up) bring us back instead.
+            if !self.event_idx || starved {
+                break;
+            }
+            match state.enable_notification() {
+                Ok(true) => continue,
+                _ => break,
+            }
+        }
+        popped_any
+    }
+
+    /// Answers or submits one parsed chain. Returns false if the engine refused it for now
+    /// (the chain must be offered again later).
+    fn dispatch(
+        &mut self,
+        parsed: Parsed,
+        vring: u16,
+        mem: &Arc<GuestMemory>,
+        state: &mut VringState<GuestMemoryAtomic<GuestMemory>>,
+    ) -> bool {
+        let head = self.request.head_index;
+        match parsed {
+            Parsed::Ok => {}
+            Parsed::Failed { error, status_addr } => {
+                log::warn!(
+                    "volume {}: bad request: {error}",
+                    self.engine.volume().name()
+                );
+                self.answer_now(
+                    state,
+                    vring,
+                    head,
+                    status_addr,
+                    VIRTIO_BLK_S_IOERR as u8,
+                    1,
+                    mem,
+                );
+                return true;
+            }
+            Parsed::Dropped(error) => {
+                log::warn!(
+                    "volume {}: dropped request: {error}",
+                    self.engine.volume().name()
+                );
+                let _ = state.add_used(head, 0);
+                self.to_signal |= 1 << vring;
+                return true;
+            }
+        }
+        let status_addr = self.request.status_addr;
+        let op = match self.block_op(mem) {
+            Ok(op) => op,
+            Err(status) => {
+                let used = if self.request.request_type == RequestType::GetId
+                    && status == VIRTIO_BLK_S_OK as u8
+                {
+                    self.request.data_bytes.min(ID_BYTES as u64) as u32 + 1
+                } else {
+                    1
+                };
+                self.answer_now(state, vring, head, status_addr, status, used, mem);
+                return true;
+            }
+        };
+        let Some(tag) = self.free_tags.pop() else {
+            return false;
+        };
+        let used_len_ok = if self.request.request_type == RequestType::Read {
+            self.request.data_bytes as u32 + 1
+        } else {
+            1
+        };
+        let slot = &mut self.inflight[tag as usize];
+        slot.vring = vring;
+        slot.head_index = head;
+        slot.status_addr = status_addr;
+        slot.used_len_ok = used_len_ok;
+        slot.mem = Some(mem.clone());
+        // SAFETY: the iovecs point into guest memory mapped by `mem`, which the in-flight
+        // slot keeps alive until the engine returns the completion for `tag`; the guest
+        // gave these buffers to the device until it sees the used entry.
+        match unsafe {
+            self.engine
+                .submit(op_with(&op, &self.request), u64::from(tag))
+        } {
+            Ok(()) => true,
+            Err(Rejected::Full | Rejected::Paused) => {
+                self.inflight[tag as usize].mem = None;
+                self.free_tags.push(tag);
+                false
+            }
+        }
+    }
+
+    /// Turns the parsed request into an engine operation, or answers it at once with a status.
+    fn block_op(&self, mem: &GuestMemory) -> Result<OpKind, u8> {
+        let r = &self.request;
+        let offset_bytes = || r.sector.checked_mul(512).ok_or(VIRTIO_BLK_S_IOERR as u8);
+        match r.request_type {
+            RequestType::Read | RequestType::Write => {
+                if r.data_bytes % 512 != 0 {
+                    return Err(VIRTIO_BLK_S_IOERR as u8);
+                }
+                let offset = offset_bytes()?;
+                Ok(if r.request_type == RequestType::Read {
+                    OpKind::Read(offset)
+                } else {
+                    OpKind::Write(offset)
+                })
+            }
+            RequestType::Flush => Ok(OpKind::Flush),
+            RequestType::GetId => {
+                let mut written = 0usize;
+                for &(addr, len) in &r.data_segments {
+                    let n = (len as usize).min(ID_BYTES - written);
+                    if n == 0 {
+                        break;
+                    }
+                    if mem
+                        .write_slice(&self.settings.serial[written..written + n], addr)
+                        .is_err()
+                    {
+                        return Err(VIRTIO_BLK_S_IOERR as u8);
+                    }
+                    written += n;
+                }
+                Err(VIRTIO_BLK_S_OK as u8)
+            }
+            RequestType::Discard | RequestType::WriteZeroes => {
+                let Some(seg) = request::read_discard_segment(r, mem) else {
+                    return Err(VIRTIO_BLK_S_IOERR as u8);
+                };
+                let discard = r.request_type == RequestType::Discard;
+                let allowed_flags = if discard { 0 } else { WRITE_ZEROES_FLAG_UNMAP };
+                if seg.flags & !allowed_flags != 0 {
+                    return Err(VIRTIO_BLK_S_UNSUPP as u8);
+                }
+                if seg.num_sectors > DISCARD_SECTORS_MAX {
+                    return Err(VIRTIO_BLK_S_IOERR as u8);
+                }
+                let offset = seg
+                    .sector
+                    .checked_mul(512)
+                    .ok_or(VIRTIO_BLK_S_IOERR as u8)?;
+                let len = u64::from(seg.num_sectors) * 512;
+                Ok(if discard {
+                    OpKind::Discard(offset, len)
+                } else {
+                    OpKind::WriteZeroes(offset, len, seg.flags & WRITE_ZEROES_FLAG_UNMAP != 0)
+                })
+            }
+            RequestType::Unsupported(_) => Err(VIRTIO_BLK_S_UNSUPP as u8),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn answer_now(
+        &mut self,
+        state: &mut VringState<GuestMemoryAtomic<GuestMemory>>,
+        vring: u16,
+        head: u16,
+        status_addr: GuestAddress,
+        status: u8,
+        used_len: u32,
+        mem: &GuestMemory,
+    ) {
+        if mem.write_obj(status, status_addr).is_err() {
+            log::warn!(
+                "volume {}: status byte outside guest memory",
+                self.engine.volume().name()
+            );
+        }
+        if let Err(e) = state.add_used(head, used_len) {
+            log::error!(
+                "volume {}: cannot add used entry: {e}",
+                self.engine.volume().name()
+            );
+        }
+        self.to_signal |= 1 << vring;
+    }
+
+    /// Moves engine completions onto the used rings. Returns true if there were any.
+    fn complete(&mut self, mem: &GuestMemory, vrings: &[VringRwLock]) -> bool {
+        self.engine.reap(&mut self.completions);
+        if self.completions.is_empty() {
+            return false;
+        }
+        let mut completions = std::mem::take(&mut self.completions);
+        for completion in completions.drain(..) {
+            self.complete_one(completion, mem, vrings);
+        }
+        self.completions = completions;
+        true
+    }
+
+    fn complete_one(&mut self, completion: Completion, mem: &GuestMemory, vrings: &[VringRwLock]) {
+        let tag = completion.tag as usize;
+        let Some(slot) = self.inflight.get_mut(tag) else {
+            log::error!("engine returned unknown tag {tag}");
+            return;
+        };
+        let (status, used_len) = match completion.result {
+            Ok(_) => (VIRTIO_BLK_S_OK as u8, slot.used_len_ok),
+            Err(failure) => {
+                log_failure(self.engine.volume().name(), failure);
+                (VIRTIO_BLK_S_IOERR as u8, 1)
+            }
+        };
+        // Write the status through the memory the request was parsed against.
+        let request_mem = slot.mem.take();
+        let target_mem: &GuestMemory = request_mem.as_deref().unwrap_or(mem);
+        if target_mem.write_obj(status, slot.status_addr).is_err() {
+            log::warn!("status byte outside guest memory");
+        }
+        let vring_index = slot.vring;
+        let head = slot.head_index;
+        self.free_tags.push(tag as u32);
+        if let Some(vring) = vrings.get(vring_index as usize) {
+            if let Err(e) = vring.add_used(head, used_len) {
+                log::error!("cannot add used entry: {e}");
+            }
+            self.to_signal |= 1 << vring_index;
+        }
+    }
+
+    /// Notifies the guest on every vring that got used entries, if it wants to be notified.
+    fn signal(&mut self, vrings: &[VringRwLock]) {
+        if self.to_signal == 0 {
+            return;
+        }
+        for (index, vring) in vrings.iter().enumerate() {
+            if self.to_signal & (1 << index) == 0 {
+                continue;
+            }
+            if vring.needs_notification().unwrap_or(true) {
+                if let Err(e) = vring.signal_used_queue() {
+                    log::debug!("cannot signal used queue: {e}");
+                }
+            }
+        }
+        self.to_signal = 0;
+    }
+
+    /// Waits for every request in flight and puts its completion on the used ring (a ring
+    /// is being stopped, or the connection is going away).
+    pub fn drain(&mut self) {
+        let Some(mem) = self.guest_memory.as_ref().map(|m| m.memory().into_inner()) else {
+            return;
+        };
+        let mut completions = Vec::new();
+        if !self.engine.drain(&mut completions, Duration::from_secs(30)) {
+            log::error!(
+                "volume {}: requests still in flight after 30 s",
+                self.engine.volume().name()
+            );
+        }
+        let vrings = std::mem::take(&mut self.vrings);
+        for completion in completions {
+            self.complete_one(completion, &mem, &vrings);
+        }
+        self.signal(&vrings);
+        self.vrings = vrings;
+    }
+}
+
+/// The engine operation of a request, without its borrowed iovecs.
+enum OpKind {
+    Read(u64),
+    Write(u64),
+    Flush,
+    Discard(u64, u64),
+    WriteZeroes(u64, u64, bool),
+}
+
+fn op_with<'a>(op: &OpKind, request: &'a Request) -> BlockOp<'a> {
+    match *op {
+        OpKind::Read(offset_bytes) => BlockOp::Read {
+            offset_bytes,
+            iovecs: &request.iovecs,
+        },
+        OpKind::Write(offset_bytes) => BlockOp::Write {
+            offset_bytes,
+            iovecs: &request.iovecs,
+        },
+        OpKind::Flush => BlockOp::Flush,
+        OpKind::Discard(offset_bytes, len_bytes) => BlockOp::Discard {
+            offset_bytes,
+            len_bytes,
+        },
+        OpKind::WriteZeroes(offset_bytes, len_bytes, unmap) => BlockOp::WriteZeroes {
+            offset_bytes,
+            len_bytes,
+            unmap,
+        },
+    }
+}
+
+fn log_failure(volume: &str, failure: IoFailure) {
+    match failure {
+        IoFailure::OutOfRange | IoFailure::ReadOnly => {
+            log::debug!("volume {volume}: request refused: {failure}")
+        }
+        _ => log::warn!("volume {volume}: request failed: {failure}"),
+    }
+}

@@ -1,0 +1,1 @@
+//! Unit tests of request parsing: hand-built descriptor chains, well-formed and hostile.

@@ -1,0 +1,122 @@
+//! Serving one volume on its vhost-user socket: bind the socket (refusing one in use),
+//! then accept frontends one after another, each with a fresh device and fresh workers.
+//!
+//! A frontend that disconnects (a VM shut down, or QEMU reconnecting after a daemon
+//! restart) is followed by the next one on the same socket; the volume stays open.
+
+use std::io;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use ferry_engine::Volume;
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::backend::{BlockDevice, DeviceSettings};
+
+/// Errors of binding a volume's socket (operator errors, reported before serving).
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("socket {0} is in use by another process")]
+    InUse(PathBuf),
+    #[error("{0} exists and is not a socket")]
+    NotASocket(PathBuf),
+    #[error("cannot bind socket {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Binds a listening unix socket at `path`. A stale socket file (nobody accepting) is
+/// replaced; a live one or any other file is an error.
+pub fn bind_socket(path: &Path) -> Result<UnixListener, BindError> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(BindError::NotASocket(path.to_path_buf()));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(BindError::InUse(path.to_path_buf()));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    UnixListener::bind(path).map_err(|source| BindError::Bind {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// What the control socket sees of a served volume.
+#[derive(Default)]
+pub struct ConnectionState {
+    pub connected: AtomicBool,
+    pub connections: AtomicU64,
+}
+
+/// Serves `volume` on `listener` until the process exits: one frontend at a time.
+pub fn serve_volume(
+    volume: Arc<Volume>,
+    settings: DeviceSettings,
+    listener: UnixListener,
+    state: Arc<ConnectionState>,
+) {
+    let mut listener = Listener::from(listener);
+    loop {
+        if let Err(e) = serve_one_connection(&volume, &settings, &mut listener, &state) {
+            log::error!("volume {}: {e}", volume.name());
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
+fn serve_one_connection(
+    volume: &Arc<Volume>,
+    settings: &DeviceSettings,
+    listener: &mut Listener,
+    state: &ConnectionState,
+) -> Result<(), String> {
+    let device = BlockDevice::new(volume.clone(), settings.clone()).map_err(|e| e.to_string())?;
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let mut daemon = VhostUserDaemon::new(format!("ferry-{}", volume.name()), device.clone(), mem)
+        .map_err(|e| format!("cannot create vhost-user daemon: {e}"))?;
+    for (handler, fd) in daemon
+        .get_epoll_handlers()
+        .iter()
+        .zip(device.completion_fds())
+    {
+        handler
+            .register_listener(fd, EventSet::IN, device.completion_event())
+            .map_err(|e| format!("cannot watch io_uring completions: {e}"))?;
+    }
+    for fd in device.completion_fds() {
+        // SAFETY: F_DUPFD_CLOEXEC on a descriptor the device owns; the duplicate is owned below.
+        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if dup >= 0 {
+            // SAFETY: `dup` is a fresh descriptor nobody else owns.
+            let owned =
+                unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(dup) };
+            volume.register_resume_waker(owned);
+        }
+    }
+    daemon
+        .start(listener)
+        .map_err(|e| format!("accepting a frontend failed: {e}"))?;
+    state.connected.store(true, Ordering::SeqCst);
+    state.connections.fetch_add(1, Ordering::SeqCst);
+    log::info!("volume {}: frontend connected", volume.name());
+    let result = daemon.wait();
+    state.connected.store(false, Ordering::SeqCst);
+    // Requests still in flight complete before the workers and their rings go away.
+    device.drain_all();
+    match result {
+        Ok(()) => log::info!("volume {}: frontend disconnected", volume.name()),
+        Err(e) => log::info!("volume {}: frontend disconnected: {e}", volume.name()),
+    }
+    Ok(())
+}
