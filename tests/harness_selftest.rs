@@ -229,3 +229,48 @@ fn md5_of(bytes: &[u8]) -> Result<String> {
         .unwrap_or_default()
         .to_string())
 }
+
+/// A guest with `reconnect_ms` survives a backend crash: qsd is killed between two writes and
+/// restarted on the same socket; the guest's second write and both read-backs succeed.
+#[test]
+fn guest_survives_backend_restart() -> Result<()> {
+    let dir = support::scratch_dir()?;
+    let image = support::create_image(&dir.path().join("disk.img"), IMAGE_BYTES)?;
+    let socket = dir.path().join("vhost.sock");
+    let qsd_opts = QsdOpts::new(&image, &socket);
+    let mut qsd = Qsd::start(&qsd_opts)?;
+    let script = r#"
+seq 1 200000 | head -c 1048576 > /tmp/a
+seq 7 200000 | head -c 1048576 > /tmp/b
+dd if=/tmp/a of=/dev/vda bs=64k conv=fsync 2>/dev/null || echo "RESULT first_write=failed"
+echo "RESULT phase=first-written"
+read -r go < /dev/console
+dd if=/tmp/b of=/dev/vda bs=64k seek=16 conv=fsync 2>/dev/null || echo "RESULT second_write=failed"
+echo 3 > /proc/sys/vm/drop_caches
+echo "RESULT a_ok=$(dd if=/dev/vda bs=64k count=16 iflag=direct 2>/dev/null | cmp -s - /tmp/a && echo 1 || echo 0)"
+echo "RESULT b_ok=$(dd if=/dev/vda bs=64k skip=16 count=16 iflag=direct 2>/dev/null | cmp -s - /tmp/b && echo 1 || echo 0)"
+"#;
+    let opts = GuestOpts {
+        reconnect_ms: Some(200),
+        ..GuestOpts::default()
+    };
+    let mut guest = Guest::spawn(&socket, script, &opts)?;
+    guest.wait_for("RESULT phase=first-written", opts.timeout)?;
+    qsd.daemon.kill();
+    drop(qsd);
+    let _qsd = Qsd::start(&qsd_opts)?;
+    guest.send_line("go")?;
+    let out = guest.wait(opts.timeout)?;
+    out.ensure_success()?;
+    ensure!(
+        out.result("a_ok")? == "1" && out.result("b_ok")? == "1",
+        "data lost\n{}",
+        out.tail()
+    );
+    ensure!(
+        !out.results().contains_key("second_write"),
+        "write after restart failed\n{}",
+        out.tail()
+    );
+    Ok(())
+}

@@ -69,7 +69,12 @@ impl Daemon {
     }
 
     /// Spawns `cmd` and waits until `socket` exists (failing early if the process exits).
+    /// A stale socket file left by a killed predecessor is removed first.
     pub fn spawn_with_socket(name: &str, cmd: Command, socket: &Path) -> Result<Self> {
+        if is_socket(socket) {
+            std::fs::remove_file(socket)
+                .with_context(|| format!("remove stale socket {}", socket.display()))?;
+        }
         let mut daemon = Self::spawn(name, cmd)?;
         daemon.wait_for_socket(socket, START_TIMEOUT)?;
         Ok(daemon)

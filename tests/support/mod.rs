@@ -12,6 +12,11 @@ pub mod nbd;
 
 use std::path::PathBuf;
 
+/// The `ferry` binary built for this test run.
+pub fn ferry_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_ferry")
+}
+
 /// A fresh temporary directory for sockets and images; short path (unix socket limit: 108 bytes).
 pub fn scratch_dir() -> anyhow::Result<tempfile::TempDir> {
     use anyhow::Context as _;
