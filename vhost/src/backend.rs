@@ -22,6 +22,9 @@ use crate::request::{ID_BYTES, IOVECS_MAX};
 pub const QUEUE_SIZE_MAX: u16 = 1024;
 /// The number of virtqueues (and so of queue threads by default) a volume offers.
 pub const QUEUES_MAX: u16 = 64;
+/// iovecs preallocated per request slot: a 4 KiB-page guest sends at most a few per
+/// request; a slot that sees a longer request grows once (up to `request::IOVECS_MAX`).
+const SEGMENTS_PREALLOCATED: usize = 16;
 
 /// How a volume's device is laid out over threads.
 #[derive(Debug, Clone)]
@@ -66,8 +69,12 @@ impl BlockDevice {
         let capacity = u32::from(QUEUE_SIZE_MAX) * u32::from(per_thread);
         let mut workers = Vec::with_capacity(threads as usize);
         for thread in 0..threads {
-            let engine =
-                VolumeQueue::new(volume.clone(), thread * per_thread, capacity, IOVECS_MAX)?;
+            let engine = VolumeQueue::new(
+                volume.clone(),
+                thread * per_thread,
+                capacity,
+                SEGMENTS_PREALLOCATED,
+            )?;
             workers.push(Mutex::new(QueueWorker::new(
                 engine,
                 worker_settings.clone(),

@@ -167,8 +167,8 @@ pub struct VolumeQueue {
 }
 
 impl VolumeQueue {
-    /// Creates a queue with `inflight_max` request slots, each taking up to `segments_max`
-    /// iovecs without allocating.
+    /// Creates a queue with `inflight_max` request slots, each with room for `segments_max`
+    /// iovecs; a larger request grows its slot's array once, and the slot keeps it.
     pub fn new(
         volume: Arc<Volume>,
         queue_index: u16,
