@@ -15,7 +15,7 @@ use vmm_sys_util::event::{
 
 use crate::config;
 use crate::queue_worker::{GuestMemory, QueueWorker, WorkerSettings};
-use crate::request::{ID_BYTES, IOVECS_MAX};
+use crate::request::ID_BYTES;
 
 /// The largest virtqueue ferry accepts. libblkio uses three descriptors per request, so a
 /// 1024-entry ring carries 341 requests in flight.
