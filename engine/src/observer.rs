@@ -44,7 +44,8 @@ impl WriteEvent<'_> {
         for iov in self.data {
             // SAFETY: the engine guarantees (see `VolumeQueue::submit`) that every iovec of a
             // write points to `iov_len` readable bytes that stay mapped until `observe` returns.
-            let bytes = unsafe { std::slice::from_raw_parts(iov.iov_base as *const u8, iov.iov_len) };
+            let bytes =
+                unsafe { std::slice::from_raw_parts(iov.iov_base as *const u8, iov.iov_len) };
             out.extend_from_slice(bytes);
         }
     }
@@ -57,6 +58,13 @@ pub trait WriteObserver: Send + Sync {
     /// keep it and return `None` to hold the guest's completion until
     /// [`ObserverTicket::complete`] is called. A dropped ticket completes as a failure.
     fn observe(&self, event: &WriteEvent<'_>, ticket: ObserverTicket) -> Option<ObserverTicket>;
+
+    /// Called once the volume's own I/O of a write, discard or write-zeroes that this
+    /// observer saw in [`observe`](Self::observe) has finished (successfully or not), with
+    /// the same range and an empty `data`. Not called for flushes. A mirror uses it to know
+    /// when the source holds a write, so that it never copies a range whose write is still
+    /// in flight. The default does nothing.
+    fn source_done(&self, _event: &WriteEvent<'_>) {}
 }
 
 /// The right to complete one held-back guest write, exactly once, from any thread.
@@ -90,7 +98,9 @@ impl ObserverTicket {
 impl Drop for ObserverTicket {
     fn drop(&mut self) {
         if let Some(sink) = self.sink.take() {
-            log::error!("an observer dropped a held write without completing it; failing the write");
+            log::error!(
+                "an observer dropped a held write without completing it; failing the write"
+            );
             sink.push(self.request_slot, false);
         }
     }

@@ -64,7 +64,9 @@ enum Kind {
     Write,
     Flush,
     /// Discard and write-zeroes: fallocate, falling back as the file system requires.
-    Zero { stage: ZeroStage },
+    Zero {
+        stage: ZeroStage,
+    },
 }
 
 /// How a range is being zeroed; each stage falls back to the next on `EOPNOTSUPP`.
@@ -98,6 +100,16 @@ struct Slot {
     fd: RawFd,
     /// Writes carry `RWF_DSYNC` (the guest turned its write cache off).
     dsync: bool,
+    /// The observers that saw this write, told by `source_done` when the ring part ends.
+    observed: Option<ObservedWrite>,
+}
+
+/// What the observers of a request saw, kept to tell them when the volume's own I/O ends.
+struct ObservedWrite {
+    observers: ObserverList,
+    kind: WriteKind,
+    offset_bytes: u64,
+    len_bytes: u64,
 }
 
 impl Slot {
@@ -115,6 +127,7 @@ impl Slot {
             total_bytes: 0,
             fd: -1,
             dsync: false,
+            observed: None,
         }
     }
 
@@ -261,6 +274,7 @@ impl VolumeQueue {
         slot.iov_start = 0;
         slot.fd = self.path.fd;
         slot.dsync = false;
+        slot.observed = None;
         if let Err(failure) = self.prepare(slot_index, &op) {
             self.finish_now(slot_index, Err(failure));
             return Ok(());
@@ -349,7 +363,12 @@ impl VolumeQueue {
                 offset_bytes,
                 len_bytes,
                 unmap,
-            } => (WriteKind::WriteZeroes { unmap }, offset_bytes, len_bytes, &[]),
+            } => (
+                WriteKind::WriteZeroes { unmap },
+                offset_bytes,
+                len_bytes,
+                &[],
+            ),
         };
         let event = WriteEvent {
             volume: self.volume.name(),
@@ -365,6 +384,32 @@ impl VolumeQueue {
                 Some(handed_back) => handed_back.disarm(),
                 None => self.slots[slot_index as usize].pending += 1,
             }
+        }
+        if kind != WriteKind::Flush {
+            self.slots[slot_index as usize].observed = Some(ObservedWrite {
+                observers: self.path.observers.clone(),
+                kind,
+                offset_bytes,
+                len_bytes,
+            });
+        }
+    }
+
+    /// Tells the observers that saw the slot's write that the volume's own I/O has ended.
+    fn settle_observers(&mut self, slot_index: u32) {
+        let Some(observed) = self.slots[slot_index as usize].observed.take() else {
+            return;
+        };
+        let event = WriteEvent {
+            volume: self.volume.name(),
+            queue_index: self.queue_index,
+            kind: observed.kind,
+            offset_bytes: observed.offset_bytes,
+            len_bytes: observed.len_bytes,
+            data: &[],
+        };
+        for observer in observed.observers.iter() {
+            observer.source_done(&event);
         }
     }
 
@@ -382,7 +427,11 @@ impl VolumeQueue {
                 self.ring_ops_inflight += 1;
             }
             Err(e) => {
-                log::error!("volume {}: io_uring submission failed: {e}", self.volume.name());
+                log::error!(
+                    "volume {}: io_uring submission failed: {e}",
+                    self.volume.name()
+                );
+                self.settle_observers(slot_index);
                 let slot = &mut self.slots[slot_index as usize];
                 slot.failure = Some(IoFailure::Os(e.raw_os_error().unwrap_or(libc::EIO)));
                 if slot.pending == 0 {
@@ -471,7 +520,10 @@ impl VolumeQueue {
         let mut released = std::mem::take(&mut self.released_scratch);
         self.sink.drain_into(&mut released);
         for &(slot_index, ok) in &released {
-            self.on_part_done(slot_index, if ok { None } else { Some(IoFailure::Observer) });
+            self.on_part_done(
+                slot_index,
+                if ok { None } else { Some(IoFailure::Observer) },
+            );
         }
         released.clear();
         self.released_scratch = released;
@@ -500,7 +552,10 @@ impl VolumeQueue {
                 self.slots[slot_index as usize].pending -= 1;
                 self.start_ring_op(slot_index);
             }
-            Step::Done(failure) => self.on_part_done(slot_index, failure),
+            Step::Done(failure) => {
+                self.settle_observers(slot_index);
+                self.on_part_done(slot_index, failure);
+            }
         }
     }
 
@@ -544,7 +599,11 @@ impl VolumeQueue {
         }
         let done = result as u64;
         match slot.kind {
-            Kind::Read | Kind::Write | Kind::Zero { stage: ZeroStage::WriteZeros } => {
+            Kind::Read
+            | Kind::Write
+            | Kind::Zero {
+                stage: ZeroStage::WriteZeros,
+            } => {
                 if done == 0 && slot.remaining_bytes > 0 {
                     return Step::Done(Some(IoFailure::NoProgress));
                 }
