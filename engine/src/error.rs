@@ -22,9 +22,7 @@ pub enum EngineError {
         #[source]
         source: io::Error,
     },
-    #[error(
-        "volume {volume}: {path} is {actual_bytes} bytes, but size={requested_bytes} was given"
-    )]
+    #[error("volume {volume}: {path} is {actual_bytes} bytes, but size={requested_bytes} was given")]
     SizeMismatch {
         volume: String,
         path: PathBuf,
