@@ -211,23 +211,19 @@ impl MigrationJob {
                 layout.write(&path)?;
             }
         }
-        let mut mirrors = Vec::with_capacity(volumes.len());
-        let mut total_bytes = 0;
-        for (volume, placement) in volumes.into_iter().zip(layout.volumes.iter()) {
-            let source = volume.backing();
-            let mut table = ChunkTable::new(placement.length_bytes, options.granularity_bytes);
-            total_bytes += super::copier::plan(&mut table, &source, target_obj.known_zero())
-                .map_err(|source| MigrationError::Source {
-                    volume: volume.name().to_string(),
-                    source,
-                })?;
-            mirrors.push(VolumeMirror {
+        let mirrors: Vec<VolumeMirror> = volumes
+            .into_iter()
+            .zip(layout.volumes.iter())
+            .map(|(volume, placement)| VolumeMirror {
+                source: Mutex::new(Some(volume.backing())),
+                table: Mutex::new(ChunkTable::new(
+                    placement.length_bytes,
+                    options.granularity_bytes,
+                )),
                 volume,
                 placement: placement.clone(),
-                source: Mutex::new(Some(source)),
-                table: Mutex::new(table),
-            });
-        }
+            })
+            .collect();
         let shared = Arc::new(JobShared {
             id: NEXT_JOB_ID.fetch_add(1, Ordering::Relaxed),
             throttle: Throttle::new(options.speed_bytes_per_s),
@@ -254,10 +250,6 @@ impl MigrationJob {
             }),
             started: Instant::now(),
         });
-        shared
-            .counters
-            .total_bytes
-            .store(total_bytes, Ordering::Relaxed);
         let job = Arc::new(Self {
             shared,
             threads: Mutex::new(Vec::new()),
@@ -268,12 +260,14 @@ impl MigrationJob {
             job.id(),
             job.shared.volumes.len(),
             job.shared.target_name,
-            total_bytes
+            job.shared.counters.total_bytes.load(Ordering::Relaxed)
         );
         Ok(job)
     }
 
-    /// Starts the mirror workers, attaches the observers, then starts the copier and supervisor.
+    /// Starts the mirror workers, attaches the observers, plans the copy, then starts the
+    /// copier and the supervisor. The plan comes after the attach: a write that lands in a
+    /// hole before the plan is seen by the plan, one after it by the mirror.
     fn launch(&self) -> Result<(), MigrationError> {
         let s = &self.shared;
         for i in 0..s.options.mirror_threads {
@@ -303,10 +297,37 @@ impl MigrationJob {
             }
             drop(guard);
         }
+        self.plan()?;
         for i in 0..s.options.copy_threads {
             self.spawn(&format!("ferry-copy-{i}"), super::copier::run)?;
         }
         self.spawn("ferry-migrate", super::supervisor::run)?;
+        Ok(())
+    }
+
+    /// Marks the chunks to copy (see [`super::copier::plan`]).
+    fn plan(&self) -> Result<(), MigrationError> {
+        let s = &self.shared;
+        for vm in &s.volumes {
+            let planned = match (vm.source.lock(), vm.table.lock()) {
+                (Ok(source), Ok(mut table)) => match source.as_ref() {
+                    Some(source) => super::copier::plan(&mut table, source, s.target.known_zero()),
+                    None => Ok(0),
+                },
+                _ => Ok(0),
+            };
+            match planned {
+                Ok(bytes) => s.counters.total_bytes.fetch_add(bytes, Ordering::Relaxed),
+                Err(source) => {
+                    let err = MigrationError::Source {
+                        volume: vm.volume.name().to_string(),
+                        source,
+                    };
+                    s.end(MigrationState::Cancelled, Some(err.to_string()), None);
+                    return Err(err);
+                }
+            };
+        }
         Ok(())
     }
 
