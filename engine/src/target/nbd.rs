@@ -528,3 +528,84 @@ fn be_u64(b: &[u8]) -> u64 {
 fn be_u32(b: &[u8]) -> u32 {
     u32::from_be_bytes([b[0], b[1], b[2], b[3]])
 }
+
+#[cfg(test)]
+mod tests {
+    //! Against a real `qemu-nbd` on a unix socket.
+    use super::*;
+    use std::process::{Child, Command, Stdio};
+
+    struct QemuNbd(Child);
+
+    impl Drop for QemuNbd {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn serve(image: &std::path::Path, socket: &std::path::Path) -> std::io::Result<QemuNbd> {
+        let child = Command::new("qemu-nbd")
+            .args(["-f", "raw", "-x", "e", "-t", "-e", "4", "-k"])
+            .arg(socket)
+            .arg(image)
+            .stdout(Stdio::null())
+            .spawn()?;
+        let server = QemuNbd(child);
+        for _ in 0..500 {
+            if UnixStream::connect(socket).is_ok() {
+                return Ok(server);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Err(std::io::Error::other("qemu-nbd did not start"))
+    }
+
+    #[test]
+    fn talks_to_qemu_nbd() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let (image, socket) = (dir.path().join("e.img"), dir.path().join("s"));
+        std::fs::write(&image, vec![0x55u8; 4 << 20])?;
+        let server = serve(&image, &socket)?;
+        let address = NbdAddress::Unix {
+            socket: socket.clone(),
+        };
+        let refused = NbdTarget::connect(&address, "no-such-export", REQUEST_TIMEOUT_DEFAULT);
+        assert!(matches!(refused, Err(TargetError::Handshake { .. })));
+        let t = Arc::new(NbdTarget::connect(&address, "e", REQUEST_TIMEOUT_DEFAULT)?);
+        assert_eq!(t.size_bytes(), 4 << 20);
+        let writers: Vec<_> = (0..4u8)
+            .map(|i| {
+                let t = t.clone();
+                std::thread::spawn(move || t.write_at(u64::from(i) << 20, &vec![i + 1; 1 << 20]))
+            })
+            .collect();
+        for w in writers {
+            w.join().map_err(|_| "writer panicked")??;
+        }
+        t.write_zeroes(4096, 8192, false)?;
+        t.write_zeroes(3 << 20, 4096, true)?;
+        t.flush()?;
+        let mut buf = vec![0u8; 4 << 20];
+        t.read_at(0, &mut buf)?;
+        assert_eq!(buf[0], 1);
+        assert!(buf[4096..12288].iter().all(|&b| b == 0));
+        assert_eq!(buf[12288], 1);
+        assert_eq!(buf[(2 << 20) + 7], 3);
+        assert!(buf[3 << 20..(3 << 20) + 4096].iter().all(|&b| b == 0));
+        assert_eq!(buf[(4 << 20) - 1], 4);
+        let beyond = t.write_at(4 << 20, &[1u8; 512]);
+        assert!(
+            matches!(beyond, Err(TargetError::Refused { .. })),
+            "{beyond:?}"
+        );
+        drop(server);
+        let lost = t.write_at(0, &[9u8; 512]);
+        assert!(
+            matches!(lost, Err(TargetError::Disconnected { .. })),
+            "{lost:?}"
+        );
+        assert_eq!(std::fs::read(&image)?[(1 << 20) + 1], 2);
+        Ok(())
+    }
+}
