@@ -8,8 +8,10 @@
 //! See `engine/ARCHITECTURE.md` for the parts and what each must not know.
 
 pub mod error;
+pub mod mirror;
 pub mod observer;
 pub mod reactor;
+pub mod target;
 pub mod volume;
 
 pub use error::{EngineError, IoFailure};

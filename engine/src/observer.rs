@@ -58,6 +58,13 @@ pub trait WriteObserver: Send + Sync {
     /// keep it and return `None` to hold the guest's completion until
     /// [`ObserverTicket::complete`] is called. A dropped ticket completes as a failure.
     fn observe(&self, event: &WriteEvent<'_>, ticket: ObserverTicket) -> Option<ObserverTicket>;
+
+    /// Called once the volume's own I/O of a write, discard or write-zeroes that this
+    /// observer saw in [`observe`](Self::observe) has finished (successfully or not), with
+    /// the same range and an empty `data`. Not called for flushes. A mirror uses it to know
+    /// when the source holds a write, so that it never copies a range whose write is still
+    /// in flight. The default does nothing.
+    fn source_done(&self, _event: &WriteEvent<'_>) {}
 }
 
 /// The right to complete one held-back guest write, exactly once, from any thread.

@@ -100,6 +100,16 @@ struct Slot {
     fd: RawFd,
     /// Writes carry `RWF_DSYNC` (the guest turned its write cache off).
     dsync: bool,
+    /// The observers that saw this write, told by `source_done` when the ring part ends.
+    observed: Option<ObservedWrite>,
+}
+
+/// What the observers of a request saw, kept to tell them when the volume's own I/O ends.
+struct ObservedWrite {
+    observers: ObserverList,
+    kind: WriteKind,
+    offset_bytes: u64,
+    len_bytes: u64,
 }
 
 impl Slot {
@@ -117,6 +127,7 @@ impl Slot {
             total_bytes: 0,
             fd: -1,
             dsync: false,
+            observed: None,
         }
     }
 
@@ -267,6 +278,7 @@ impl VolumeQueue {
         slot.iov_start = 0;
         slot.fd = self.path.fd;
         slot.dsync = false;
+        slot.observed = None;
         if let Err(failure) = self.prepare(slot_index, &op) {
             self.finish_now(slot_index, Err(failure));
             return Ok(());
@@ -377,6 +389,32 @@ impl VolumeQueue {
                 None => self.slots[slot_index as usize].pending += 1,
             }
         }
+        if kind != WriteKind::Flush {
+            self.slots[slot_index as usize].observed = Some(ObservedWrite {
+                observers: self.path.observers.clone(),
+                kind,
+                offset_bytes,
+                len_bytes,
+            });
+        }
+    }
+
+    /// Tells the observers that saw the slot's write that the volume's own I/O has ended.
+    fn settle_observers(&mut self, slot_index: u32) {
+        let Some(observed) = self.slots[slot_index as usize].observed.take() else {
+            return;
+        };
+        let event = WriteEvent {
+            volume: self.volume.name(),
+            queue_index: self.queue_index,
+            kind: observed.kind,
+            offset_bytes: observed.offset_bytes,
+            len_bytes: observed.len_bytes,
+            data: &[],
+        };
+        for observer in observed.observers.iter() {
+            observer.source_done(&event);
+        }
     }
 
     /// Starts the slot's next operation: at once, when a page-cache hit can finish it
@@ -395,6 +433,7 @@ impl VolumeQueue {
             match self.next_step(slot_index, result) {
                 Step::Again => continue,
                 Step::Done(failure) => {
+                    self.settle_observers(slot_index);
                     let slot = &mut self.slots[slot_index as usize];
                     if failure.is_some() && slot.failure.is_none() {
                         slot.failure = failure;
@@ -471,6 +510,7 @@ impl VolumeQueue {
                     "volume {}: io_uring submission failed: {e}",
                     self.volume.name()
                 );
+                self.settle_observers(slot_index);
                 let slot = &mut self.slots[slot_index as usize];
                 slot.failure = Some(IoFailure::Os(e.raw_os_error().unwrap_or(libc::EIO)));
                 if slot.pending == 0 {
@@ -591,7 +631,10 @@ impl VolumeQueue {
                 self.slots[slot_index as usize].pending -= 1;
                 self.start_op(slot_index);
             }
-            Step::Done(failure) => self.on_part_done(slot_index, failure),
+            Step::Done(failure) => {
+                self.settle_observers(slot_index);
+                self.on_part_done(slot_index, failure);
+            }
         }
     }
 

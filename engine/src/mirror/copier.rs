@@ -1,0 +1,161 @@
+//! The background copier: plans which chunks hold data, then copies dirty chunks to the target.
+//!
+//! `copy_threads` worker threads each copy one run of up to `copy_chunk_bytes` at a time
+//! (so at most `copy_threads` copies are in flight): take a run from a volume's
+//! [`ChunkTable`], read it from the source with `pread`, wait for the speed limit, write
+//! it to the target. Plain threads rather than io_uring: the target may be an NBD socket,
+//! the work is a few large sequential transfers, and a blocking worker keeps the
+//! per-chunk rules easy to follow. Waiting for the speed limit between the read and the
+//! write widens, on purpose, the window in which a guest write can race a copy; the
+//! chunk rules make that safe (see `dirty_bitmap`).
+
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::dirty_bitmap::ChunkTable;
+use super::job::JobShared;
+use crate::volume::Backing;
+
+/// How long an idle worker sleeps before it looks for dirty chunks again.
+const IDLE_POLL: Duration = Duration::from_millis(2);
+
+/// Marks the chunks that must be copied: the source's allocated ranges when the target
+/// reads as zeros elsewhere, else everything. Returns the bytes marked.
+pub fn plan(
+    table: &mut ChunkTable,
+    source: &Backing,
+    target_known_zero: bool,
+) -> std::io::Result<u64> {
+    let len = source.len_bytes;
+    if !target_known_zero || source.is_block_device {
+        return Ok(table.mark_dirty(0, len));
+    }
+    let fd = source.file.as_raw_fd();
+    let base = source.base_offset_bytes;
+    let end = base + len;
+    let mut marked = 0;
+    let mut pos = base;
+    while pos < end {
+        let Some(data) = seek(fd, pos, libc::SEEK_DATA)? else {
+            break;
+        };
+        if data >= end {
+            break;
+        }
+        let hole = seek(fd, data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+        marked += table.mark_dirty(data - base, hole - data);
+        pos = hole;
+    }
+    Ok(marked)
+}
+
+/// `lseek(fd, offset, whence)`; `None` for `ENXIO` (no data past `offset`). A file system
+/// without `SEEK_DATA` reports the whole file as data.
+fn seek(fd: i32, offset: u64, whence: i32) -> std::io::Result<Option<u64>> {
+    // SAFETY: lseek(2) on a descriptor the caller keeps open; no memory is passed.
+    let r = unsafe { libc::lseek(fd, offset as libc::off_t, whence) };
+    if r >= 0 {
+        return Ok(Some(r as u64));
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::ENXIO) => Ok(None),
+        Some(libc::EINVAL) if whence == libc::SEEK_DATA => Ok(Some(offset)),
+        Some(libc::EINVAL) => Ok(None),
+        _ => Err(e),
+    }
+}
+
+/// True when `len` bytes at `offset` of the source are one hole (read as zeros).
+fn is_hole(source: &Backing, offset: u64, len: u64) -> bool {
+    if source.is_block_device {
+        return false;
+    }
+    match seek(source.file.as_raw_fd(), offset, libc::SEEK_DATA) {
+        Ok(None) => true,
+        Ok(Some(data)) => data >= offset + len,
+        Err(_) => false,
+    }
+}
+
+/// A copier worker thread.
+pub(crate) fn run(job: Arc<JobShared>) {
+    let chunks_max = job.options.copy_chunk_bytes / job.options.granularity_bytes;
+    let mut buf = vec![0u8; job.options.copy_chunk_bytes as usize];
+    let mut next_volume = 0;
+    while !job.stopped() {
+        let Some((index, run)) = take_work(&job, &mut next_volume, chunks_max) else {
+            std::thread::sleep(IDLE_POLL);
+            continue;
+        };
+        let result = copy_run(&job, index, &run, &mut buf);
+        if let Ok(mut table) = job.volumes[index].table.lock() {
+            table.finish_run(run, result.is_ok());
+        }
+        if let Err(reason) = result {
+            job.fail(reason);
+        }
+    }
+}
+
+/// Takes a run from the next volume that has one (round robin).
+fn take_work(
+    job: &JobShared,
+    next_volume: &mut usize,
+    chunks_max: u64,
+) -> Option<(usize, std::ops::Range<u64>)> {
+    let n = job.volumes.len();
+    for step in 0..n {
+        let index = (*next_volume + step) % n;
+        let run = job.volumes[index].table.lock().ok()?.take_run(chunks_max);
+        if let Some(run) = run {
+            *next_volume = (index + 1) % n;
+            return Some((index, run));
+        }
+    }
+    None
+}
+
+/// Copies one run of chunks of volume `index` from the source to the target.
+fn copy_run(
+    job: &JobShared,
+    index: usize,
+    run: &std::ops::Range<u64>,
+    buf: &mut [u8],
+) -> Result<(), String> {
+    let vm = &job.volumes[index];
+    let g = job.options.granularity_bytes;
+    let start = run.start * g;
+    let len = (run.end * g).min(vm.placement.length_bytes) - start;
+    let Some(source) = vm.source.lock().ok().and_then(|s| s.clone()) else {
+        return Ok(()); // the job has ended
+    };
+    let file_offset = source.base_offset_bytes + start;
+    let target_offset = vm.placement.offset_bytes + start;
+    let skip = || job.stopped() || job.unthrottled.load(Ordering::Acquire);
+    let name = vm.volume.name();
+    if is_hole(&source, file_offset, len) {
+        job.throttle.wait(len, skip);
+        job.target
+            .write_zeroes(target_offset, len, true)
+            .map_err(|e| format!("volume {name}: copying a hole: {e}"))?;
+    } else {
+        let data = &mut buf[..len as usize];
+        let reader = source.buffered.as_ref().unwrap_or(&source.file);
+        reader
+            .read_exact_at(data, file_offset)
+            .map_err(|e| format!("volume {name}: reading the source at {file_offset}: {e}"))?;
+        job.throttle.wait(len, skip);
+        let written = if data.iter().all(|&b| b == 0) {
+            job.target.write_zeroes(target_offset, len, true)
+        } else {
+            job.target.write_at(target_offset, data)
+        };
+        written.map_err(|e| format!("volume {name}: copying to the target: {e}"))?;
+    }
+    job.counters.add_copied(len);
+    Ok(())
+}

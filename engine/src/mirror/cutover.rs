@@ -1,0 +1,146 @@
+//! Cutover: hold guest I/O, copy what is left, flush the target, switch the volumes over.
+//!
+//! For a file or block-device target each volume gets a new [`Backing`] on its slice of
+//! the target and the source is released. For an NBD target the volumes cannot be served
+//! from the export, so cutover stops mirroring once the target holds everything and the
+//! volumes stay on their source (`switched: false`).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::job::JobShared;
+use super::status::{CutoverReport, MigrationState};
+use super::MigrationError;
+use crate::volume::{Backing, PauseGuard, VolumeConfig};
+
+/// How often the cutover looks whether the copier has drained the last chunks.
+const DRAIN_POLL: Duration = Duration::from_micros(200);
+
+/// Cuts over a `ready` job. On an error before the switch the guest resumes on its source;
+/// the job goes back to `ready` (pause or drain timeout) or to `failed` (target error).
+pub(crate) fn run(job: &Arc<JobShared>) -> Result<CutoverReport, MigrationError> {
+    let state = job.state();
+    if state.is_terminal() {
+        return Err(MigrationError::Ended {
+            state: state.to_string(),
+        });
+    }
+    if !job.transition(MigrationState::Ready, MigrationState::CuttingOver) {
+        return Err(MigrationError::NotReady {
+            state: state.to_string(),
+        });
+    }
+    let result = switch(job);
+    job.unthrottled.store(false, Ordering::Release);
+    if result.is_err() {
+        job.transition(MigrationState::CuttingOver, MigrationState::Ready);
+    }
+    result
+}
+
+fn switch(job: &Arc<JobShared>) -> Result<CutoverReport, MigrationError> {
+    let new_backings = open_new_backings(job)?;
+    job.unthrottled.store(true, Ordering::Release);
+    let held_since = Instant::now();
+    let mut guards: Vec<PauseGuard> = Vec::with_capacity(job.volumes.len());
+    for vm in &job.volumes {
+        match vm.volume.pause(job.options.pause_timeout) {
+            Some(guard) => guards.push(guard),
+            None => {
+                return Err(MigrationError::PauseTimeout {
+                    volume: vm.volume.name().to_string(),
+                    timeout_ms: job.options.pause_timeout.as_millis() as u64,
+                })
+            }
+        }
+    }
+    let copied_before = job.counters.copied_bytes.load(Ordering::Relaxed);
+    drain(job)?;
+    if let Err(e) = job.target.flush() {
+        job.fail(format!("flushing the target at cutover: {e}"));
+        return Err(failed(job));
+    }
+    let switched = new_backings.is_some();
+    if let Some(backings) = new_backings {
+        for (vm, backing) in job.volumes.iter().zip(backings) {
+            vm.volume.replace_backing(backing);
+        }
+    }
+    let mut report = CutoverReport {
+        pause_us: 0,
+        drained_bytes: job.counters.copied_bytes.load(Ordering::Relaxed) - copied_before,
+        switched,
+    };
+    // Detach while the guest is still held, so no write escapes the mirror before the switch.
+    job.end(MigrationState::Completed, None, Some(report.clone()));
+    drop(guards);
+    report.pause_us = held_since.elapsed().as_micros() as u64;
+    if let Ok(mut c) = job.control.lock() {
+        c.report = Some(report.clone());
+    }
+    log::info!(
+        "migration job {} completed: guest I/O held {} us, {} bytes copied during the pause",
+        job.id,
+        report.pause_us,
+        report.drained_bytes
+    );
+    Ok(report)
+}
+
+/// Waits (guest held) until the copier has copied every dirty chunk.
+fn drain(job: &JobShared) -> Result<(), MigrationError> {
+    let deadline = Instant::now() + job.options.drain_timeout;
+    loop {
+        if job.state() == MigrationState::Failed {
+            return Err(failed(job));
+        }
+        if job.all_clean() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(MigrationError::DrainTimeout {
+                timeout_ms: job.options.drain_timeout.as_millis() as u64,
+            });
+        }
+        std::thread::sleep(DRAIN_POLL);
+    }
+}
+
+fn failed(job: &JobShared) -> MigrationError {
+    let reason = job
+        .control
+        .lock()
+        .ok()
+        .and_then(|c| c.error.clone())
+        .unwrap_or_else(|| "unknown".into());
+    MigrationError::Failed { reason }
+}
+
+/// Opens each volume's slice of a file target as its next backing (before the pause).
+fn open_new_backings(job: &JobShared) -> Result<Option<Vec<Backing>>, MigrationError> {
+    let Some(path) = &job.target_path else {
+        return Ok(None);
+    };
+    let mut backings = Vec::with_capacity(job.volumes.len());
+    for vm in &job.volumes {
+        let old = vm.volume.config();
+        let config = VolumeConfig {
+            name: old.name.clone(),
+            path: path.clone(),
+            size_bytes: None,
+            read_only: old.read_only,
+            cache: old.cache,
+            offset_bytes: vm.placement.offset_bytes,
+            length_bytes: Some(vm.placement.length_bytes),
+        };
+        let backing = crate::volume::open::open_backing(&config).map_err(|source| {
+            MigrationError::OpenNewBacking {
+                volume: old.name.clone(),
+                source,
+            }
+        })?;
+        backings.push(backing);
+    }
+    Ok(Some(backings))
+}

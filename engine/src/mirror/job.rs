@@ -1,0 +1,545 @@
+//! A migration job: its shared state, how it starts, and its operator controls.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::dirty_bitmap::ChunkTable;
+use super::layout::{Layout, Placement};
+use super::observer::{MirrorObserver, MirrorQueue};
+use super::options::MigrationOptions;
+use super::status::{CutoverReport, MigrationState, MigrationStatus, VolumeMigrationStatus};
+use super::throttle::Throttle;
+use super::MigrationError;
+use crate::observer::WriteObserver;
+use crate::target::file::FileTarget;
+use crate::target::nbd::NbdTarget;
+use crate::target::{Target, TargetSpec};
+use crate::volume::{Backing, Volume};
+
+static NEXT_JOB_ID: AtomicU64 = AtomicU64::new(1);
+
+/// One volume of a job.
+pub(crate) struct VolumeMirror {
+    pub volume: Arc<Volume>,
+    pub placement: Placement,
+    /// The source image the copier reads; released when the job ends.
+    pub source: Mutex<Option<Arc<Backing>>>,
+    pub table: Mutex<ChunkTable>,
+}
+
+/// Byte counters, updated with relaxed atomics (statistics).
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub total_bytes: AtomicU64,
+    pub copied_bytes: AtomicU64,
+    pub mirrored_bytes: AtomicU64,
+    pub dirtied_bytes: AtomicU64,
+}
+
+impl Counters {
+    pub fn add_dirtied(&self, bytes: u64) {
+        if bytes > 0 {
+            self.dirtied_bytes.fetch_add(bytes, Ordering::Relaxed);
+            self.total_bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+    pub fn add_copied(&self, bytes: u64) {
+        self.copied_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+    pub fn add_mirrored(&self, bytes: u64) {
+        self.mirrored_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+}
+
+/// The state an operator sees, changed under one lock.
+pub(crate) struct Control {
+    pub state: MigrationState,
+    pub error: Option<String>,
+    pub report: Option<CutoverReport>,
+}
+
+/// Rates measured by the supervisor.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct Rates {
+    pub copy_bytes_per_s: u64,
+    pub dirty_bytes_per_s: u64,
+    pub converging: bool,
+}
+
+/// Everything the job's threads, its observers and its controls share.
+pub struct JobShared {
+    pub(crate) id: u64,
+    pub(crate) options: MigrationOptions,
+    pub(crate) target: Arc<dyn Target>,
+    pub(crate) target_name: String,
+    /// The path of a file target, which the volumes switch to at cutover.
+    pub(crate) target_path: Option<PathBuf>,
+    pub(crate) layout: Layout,
+    pub(crate) volumes: Vec<VolumeMirror>,
+    pub(crate) control: Mutex<Control>,
+    pub(crate) mirroring: AtomicBool,
+    pub(crate) stop: AtomicBool,
+    /// Set during cutover: the copier ignores the speed limit while the guest is held.
+    pub(crate) unthrottled: AtomicBool,
+    pub(crate) throttle: Throttle,
+    pub(crate) queue: MirrorQueue,
+    pub(crate) observers: Mutex<Vec<(usize, Arc<dyn WriteObserver>)>>,
+    pub(crate) counters: Counters,
+    pub(crate) rates: Mutex<Rates>,
+    pub(crate) started: Instant,
+}
+
+impl JobShared {
+    pub(crate) fn mirroring(&self) -> bool {
+        self.mirroring.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn state(&self) -> MigrationState {
+        self.control
+            .lock()
+            .map(|c| c.state)
+            .unwrap_or(MigrationState::Failed)
+    }
+
+    /// Moves from `from` to `to`; false if the job was not in `from`.
+    pub(crate) fn transition(&self, from: MigrationState, to: MigrationState) -> bool {
+        match self.control.lock() {
+            Ok(mut c) if c.state == from => {
+                c.state = to;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Fails the job (unless it already ended): the guest stays on its source, every held
+    /// write is released with success, and the mirror is detached.
+    pub(crate) fn fail(&self, reason: String) {
+        if self.end(MigrationState::Failed, Some(reason.clone()), None) {
+            log::error!("migration job {} failed: {reason}", self.id);
+        }
+    }
+
+    /// Ends the job in `state`; false if it had already ended.
+    pub(crate) fn end(
+        &self,
+        state: MigrationState,
+        error: Option<String>,
+        report: Option<CutoverReport>,
+    ) -> bool {
+        match self.control.lock() {
+            Ok(mut c) if !c.state.is_terminal() => {
+                c.state = state;
+                c.error = error;
+                c.report = report;
+            }
+            _ => return false,
+        }
+        self.mirroring.store(false, Ordering::Release);
+        self.stop.store(true, Ordering::Release);
+        self.queue.close();
+        self.detach();
+        for vm in &self.volumes {
+            if let Ok(mut source) = vm.source.lock() {
+                source.take();
+            }
+        }
+        true
+    }
+
+    fn detach(&self) {
+        let observers = match self.observers.lock() {
+            Ok(mut o) => std::mem::take(&mut *o),
+            Err(_) => return,
+        };
+        for (index, observer) in observers {
+            self.volumes[index].volume.remove_observer(&observer);
+        }
+    }
+
+    /// Bytes left to copy over all volumes.
+    pub(crate) fn pending_bytes(&self) -> u64 {
+        self.volumes
+            .iter()
+            .map(|vm| vm.table.lock().map(|t| t.pending_bytes()).unwrap_or(0))
+            .sum()
+    }
+
+    /// True when every volume's table is clean.
+    pub(crate) fn all_clean(&self) -> bool {
+        self.volumes
+            .iter()
+            .all(|vm| vm.table.lock().map(|t| t.is_clean()).unwrap_or(true))
+    }
+}
+
+/// A running (or ended) migration of one or more volumes to one target.
+pub struct MigrationJob {
+    shared: Arc<JobShared>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl MigrationJob {
+    /// Opens the target, plans the copy, attaches the mirror to every volume (each is paused
+    /// for the moment it takes its in-flight requests to drain) and starts copying.
+    pub fn start(
+        volumes: Vec<Arc<Volume>>,
+        target: TargetSpec,
+        options: MigrationOptions,
+    ) -> Result<Arc<Self>, MigrationError> {
+        options.validate().map_err(MigrationError::BadOptions)?;
+        check_volume_list(&volumes)?;
+        let sizes: Vec<(String, u64)> = volumes
+            .iter()
+            .map(|v| (v.name().to_string(), v.size_bytes()))
+            .collect();
+        let layout = Layout::place(&sizes);
+        let (target_obj, target_path) = open_target(&target, &layout, &volumes, &options)?;
+        if volumes.len() > 1 {
+            let layout_path = options
+                .layout_path
+                .clone()
+                .or_else(|| target_path.as_deref().map(Layout::path_for));
+            if let Some(path) = layout_path {
+                layout.write(&path)?;
+            }
+        }
+        let mirrors: Vec<VolumeMirror> = volumes
+            .into_iter()
+            .zip(layout.volumes.iter())
+            .map(|(volume, placement)| VolumeMirror {
+                source: Mutex::new(Some(volume.backing())),
+                table: Mutex::new(ChunkTable::new(
+                    placement.length_bytes,
+                    options.granularity_bytes,
+                )),
+                volume,
+                placement: placement.clone(),
+            })
+            .collect();
+        let shared = Arc::new(JobShared {
+            id: NEXT_JOB_ID.fetch_add(1, Ordering::Relaxed),
+            throttle: Throttle::new(options.speed_bytes_per_s),
+            options,
+            target_name: target_obj.describe(),
+            target: target_obj,
+            target_path,
+            layout,
+            volumes: mirrors,
+            control: Mutex::new(Control {
+                state: MigrationState::Copying,
+                error: None,
+                report: None,
+            }),
+            mirroring: AtomicBool::new(true),
+            stop: AtomicBool::new(false),
+            unthrottled: AtomicBool::new(false),
+            queue: MirrorQueue::default(),
+            observers: Mutex::new(Vec::new()),
+            counters: Counters::default(),
+            rates: Mutex::new(Rates {
+                converging: true,
+                ..Rates::default()
+            }),
+            started: Instant::now(),
+        });
+        let job = Arc::new(Self {
+            shared,
+            threads: Mutex::new(Vec::new()),
+        });
+        job.launch()?;
+        log::info!(
+            "migration job {} started: {} volume(s) to {}, {} bytes to copy",
+            job.id(),
+            job.shared.volumes.len(),
+            job.shared.target_name,
+            job.shared.counters.total_bytes.load(Ordering::Relaxed)
+        );
+        Ok(job)
+    }
+
+    /// Starts the mirror workers, attaches the observers, plans the copy, then starts the
+    /// copier and the supervisor. The plan comes after the attach: a write that lands in a
+    /// hole before the plan is seen by the plan, one after it by the mirror.
+    fn launch(&self) -> Result<(), MigrationError> {
+        let s = &self.shared;
+        for i in 0..s.options.mirror_threads {
+            self.spawn(
+                &format!("ferry-mirror-{i}"),
+                super::observer::run_mirror_worker,
+            )?;
+        }
+        for (index, vm) in s.volumes.iter().enumerate() {
+            let observer: Arc<dyn WriteObserver> = Arc::new(MirrorObserver {
+                job: s.clone(),
+                volume_index: index,
+            });
+            // Attach under a pause, so that no write submitted before the observer was
+            // there can still be in flight when the copier reads the source.
+            let Some(guard) = vm.volume.pause(s.options.pause_timeout) else {
+                let err = MigrationError::PauseTimeout {
+                    volume: vm.volume.name().to_string(),
+                    timeout_ms: s.options.pause_timeout.as_millis() as u64,
+                };
+                s.end(MigrationState::Cancelled, Some(err.to_string()), None);
+                return Err(err);
+            };
+            vm.volume.add_observer(observer.clone());
+            if let Ok(mut observers) = s.observers.lock() {
+                observers.push((index, observer));
+            }
+            drop(guard);
+        }
+        self.plan()?;
+        for i in 0..s.options.copy_threads {
+            self.spawn(&format!("ferry-copy-{i}"), super::copier::run)?;
+        }
+        self.spawn("ferry-migrate", super::supervisor::run)?;
+        Ok(())
+    }
+
+    /// Marks the chunks to copy (see [`super::copier::plan`]).
+    fn plan(&self) -> Result<(), MigrationError> {
+        let s = &self.shared;
+        for vm in &s.volumes {
+            let planned = match (vm.source.lock(), vm.table.lock()) {
+                (Ok(source), Ok(mut table)) => match source.as_ref() {
+                    Some(source) => super::copier::plan(&mut table, source, s.target.known_zero()),
+                    None => Ok(0),
+                },
+                _ => Ok(0),
+            };
+            match planned {
+                Ok(bytes) => s.counters.total_bytes.fetch_add(bytes, Ordering::Relaxed),
+                Err(source) => {
+                    let err = MigrationError::Source {
+                        volume: vm.volume.name().to_string(),
+                        source,
+                    };
+                    s.end(MigrationState::Cancelled, Some(err.to_string()), None);
+                    return Err(err);
+                }
+            };
+        }
+        Ok(())
+    }
+
+    fn spawn(&self, name: &str, f: fn(Arc<JobShared>)) -> Result<(), MigrationError> {
+        let shared = self.shared.clone();
+        let handle = std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || f(shared));
+        match handle {
+            Ok(h) => {
+                if let Ok(mut threads) = self.threads.lock() {
+                    threads.push(h);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.shared.fail(format!("cannot start thread {name}: {e}"));
+                Err(MigrationError::Spawn(e))
+            }
+        }
+    }
+
+    pub fn id(&self) -> u64 {
+        self.shared.id
+    }
+
+    pub fn state(&self) -> MigrationState {
+        self.shared.state()
+    }
+
+    /// The names of the job's volumes.
+    pub fn volume_names(&self) -> Vec<String> {
+        self.shared
+            .volumes
+            .iter()
+            .map(|vm| vm.volume.name().to_string())
+            .collect()
+    }
+
+    /// Where each volume lies in the target.
+    pub fn layout(&self) -> &Layout {
+        &self.shared.layout
+    }
+
+    /// Changes the copy speed limit (bytes per second, 0 = unlimited) of a running job.
+    pub fn set_speed(&self, bytes_per_s: u64) {
+        self.shared.throttle.set(bytes_per_s);
+    }
+
+    /// Switches the volumes to the target; only when the job is `ready`.
+    pub fn cutover(&self) -> Result<CutoverReport, MigrationError> {
+        super::cutover::run(&self.shared)
+    }
+
+    /// Stops the job before cutover: the guest stays on its source, which the job never wrote.
+    pub fn cancel(&self) -> Result<(), MigrationError> {
+        let state = self.state();
+        if state == MigrationState::CuttingOver {
+            return Err(MigrationError::NotReady {
+                state: "cutting-over (cancel refused)".into(),
+            });
+        }
+        if self.shared.end(MigrationState::Cancelled, None, None) {
+            log::info!("migration job {} cancelled", self.id());
+            Ok(())
+        } else {
+            Err(MigrationError::Ended {
+                state: self.state().to_string(),
+            })
+        }
+    }
+
+    /// Waits until `done(state)` holds or `timeout` passes; returns the last state seen.
+    pub fn wait_for(
+        &self,
+        done: impl Fn(MigrationState) -> bool,
+        timeout: Duration,
+    ) -> MigrationState {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let state = self.state();
+            if done(state) || Instant::now() >= deadline {
+                return state;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The job's status.
+    pub fn status(&self) -> MigrationStatus {
+        let s = &self.shared;
+        let (state, error, report) = match s.control.lock() {
+            Ok(c) => (c.state, c.error.clone(), c.report.clone()),
+            Err(_) => (
+                MigrationState::Failed,
+                Some("state lock poisoned".into()),
+                None,
+            ),
+        };
+        let rates = s.rates.lock().map(|r| *r).unwrap_or_default();
+        let volumes: Vec<VolumeMigrationStatus> = s
+            .volumes
+            .iter()
+            .map(|vm| VolumeMigrationStatus {
+                placement: vm.placement.clone(),
+                pending_bytes: vm.table.lock().map(|t| t.pending_bytes()).unwrap_or(0),
+            })
+            .collect();
+        let dirty_bytes: u64 = volumes.iter().map(|v| v.pending_bytes).sum();
+        let eta_s = (rates.copy_bytes_per_s > 0 && !state.is_terminal())
+            .then(|| dirty_bytes as f64 / rates.copy_bytes_per_s as f64);
+        MigrationStatus {
+            id: s.id,
+            state,
+            mode: s.options.mode,
+            target: s.target_name.clone(),
+            volumes,
+            total_bytes: s.counters.total_bytes.load(Ordering::Relaxed),
+            copied_bytes: s.counters.copied_bytes.load(Ordering::Relaxed),
+            dirty_bytes,
+            mirrored_bytes: s.counters.mirrored_bytes.load(Ordering::Relaxed),
+            rate_bytes_per_s: rates.copy_bytes_per_s,
+            eta_s,
+            speed_limit_bytes_per_s: s.throttle.bytes_per_s(),
+            converging: rates.converging,
+            cutover_pause_us: report.as_ref().map(|r| r.pause_us),
+            switched: report.as_ref().is_some_and(|r| r.switched),
+            error,
+            elapsed_ms: s.started.elapsed().as_millis() as u64,
+        }
+    }
+}
+
+impl Drop for MigrationJob {
+    fn drop(&mut self) {
+        self.shared.end(MigrationState::Cancelled, None, None);
+        let threads = match self.threads.lock() {
+            Ok(mut t) => std::mem::take(&mut *t),
+            Err(_) => return,
+        };
+        for handle in threads {
+            let _ = handle.join();
+        }
+    }
+}
+
+fn check_volume_list(volumes: &[Arc<Volume>]) -> Result<(), MigrationError> {
+    if volumes.is_empty() {
+        return Err(MigrationError::NoVolumes);
+    }
+    for (i, v) in volumes.iter().enumerate() {
+        if volumes[..i].iter().any(|w| w.name() == v.name()) {
+            return Err(MigrationError::DuplicateVolume(v.name().to_string()));
+        }
+    }
+    Ok(())
+}
+
+/// Opens the target and checks it against the sources: big enough, and none of them.
+fn open_target(
+    spec: &TargetSpec,
+    layout: &Layout,
+    volumes: &[Arc<Volume>],
+    options: &MigrationOptions,
+) -> Result<(Arc<dyn Target>, Option<PathBuf>), MigrationError> {
+    let needed_bytes = layout.total_bytes;
+    let (target, path): (Arc<dyn Target>, Option<PathBuf>) = match spec {
+        TargetSpec::File(path) => {
+            let file = FileTarget::open(path, needed_bytes)?;
+            check_not_source(&file, volumes)?;
+            (Arc::new(file), Some(path.clone()))
+        }
+        TargetSpec::Nbd { address, export } => (
+            Arc::new(NbdTarget::connect(
+                address,
+                export,
+                options.nbd_request_timeout,
+            )?),
+            None,
+        ),
+    };
+    if target.size_bytes() < needed_bytes {
+        return Err(MigrationError::TargetTooSmall {
+            target: target.describe(),
+            size_bytes: target.size_bytes(),
+            needed_bytes,
+        });
+    }
+    Ok((target, path))
+}
+
+fn check_not_source(target: &FileTarget, volumes: &[Arc<Volume>]) -> Result<(), MigrationError> {
+    use std::os::unix::fs::MetadataExt;
+    let (dev, ino, rdev) = target.identity();
+    for v in volumes {
+        let backing = v.backing();
+        let meta = backing
+            .file
+            .metadata()
+            .map_err(|source| MigrationError::Source {
+                volume: v.name().to_string(),
+                source,
+            })?;
+        let same_file = meta.dev() == dev && meta.ino() == ino;
+        let same_device =
+            backing.is_block_device && target.is_block_device() && meta.rdev() == rdev;
+        if same_file || same_device {
+            return Err(MigrationError::TargetIsSource {
+                target: target.describe(),
+                volume: v.name().to_string(),
+            });
+        }
+    }
+    Ok(())
+}

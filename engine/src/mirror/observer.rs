@@ -1,0 +1,164 @@
+//! The mirror's write observer and the workers that write mirrored guest writes to the target.
+//!
+//! In `background` mode a guest write only marks its chunks dirty. In `active` mode the
+//! observer copies the write's data, keeps the guest's [`ObserverTicket`] and queues the
+//! write for a mirror worker, which writes it to the target and then releases the guest.
+//! Tickets are always completed with `ok = true`: the source write is what the guest
+//! depends on, and a target that fails only fails the job. The queue is bounded by the
+//! guest itself: it holds at most one entry per guest request in flight.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex};
+
+use super::job::JobShared;
+use super::options::MirrorMode;
+use crate::observer::{ObserverTicket, WriteEvent, WriteKind, WriteObserver};
+
+/// What a mirror worker does to the target for one guest request.
+pub(crate) enum MirrorOp {
+    Write {
+        offset_bytes: u64,
+        data: Vec<u8>,
+    },
+    Zero {
+        offset_bytes: u64,
+        len_bytes: u64,
+        unmap: bool,
+    },
+    Flush,
+}
+
+#[derive(Default)]
+struct QueueInner {
+    ops: VecDeque<(MirrorOp, ObserverTicket)>,
+    closed: bool,
+}
+
+/// Guest writes waiting for a mirror worker. Once closed it takes nothing more, so that no
+/// ticket can be left behind by workers that have stopped.
+#[derive(Default)]
+pub(crate) struct MirrorQueue {
+    inner: Mutex<QueueInner>,
+    ready: Condvar,
+}
+
+impl MirrorQueue {
+    /// Queues an op; hands the ticket back when the queue is closed.
+    fn push(&self, op: MirrorOp, ticket: ObserverTicket) -> Option<ObserverTicket> {
+        let Ok(mut inner) = self.inner.lock() else {
+            return Some(ticket);
+        };
+        if inner.closed {
+            return Some(ticket);
+        }
+        inner.ops.push_back((op, ticket));
+        self.ready.notify_one();
+        None
+    }
+
+    /// The next op; `None` once the queue is closed and empty.
+    fn pop(&self) -> Option<(MirrorOp, ObserverTicket)> {
+        let mut inner = self.inner.lock().ok()?;
+        loop {
+            if let Some(op) = inner.ops.pop_front() {
+                return Some(op);
+            }
+            if inner.closed {
+                return None;
+            }
+            inner = self.ready.wait(inner).ok()?;
+        }
+    }
+
+    pub(crate) fn close(&self) {
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.closed = true;
+        }
+        self.ready.notify_all();
+    }
+}
+
+/// The observer attached to one volume of a job.
+pub(crate) struct MirrorObserver {
+    pub job: Arc<JobShared>,
+    pub volume_index: usize,
+}
+
+impl WriteObserver for MirrorObserver {
+    fn observe(&self, event: &WriteEvent<'_>, ticket: ObserverTicket) -> Option<ObserverTicket> {
+        let job = &self.job;
+        if !job.mirroring() {
+            return Some(ticket);
+        }
+        let vm = &job.volumes[self.volume_index];
+        let active = job.options.mode == MirrorMode::Active;
+        if event.kind != WriteKind::Flush {
+            let newly = match vm.table.lock() {
+                Ok(mut table) => table.begin_write(event.offset_bytes, event.len_bytes, !active),
+                Err(_) => 0,
+            };
+            job.counters.add_dirtied(newly);
+        }
+        if !active {
+            return Some(ticket);
+        }
+        let target_offset = vm.placement.offset_bytes + event.offset_bytes;
+        let op = match event.kind {
+            WriteKind::Write => {
+                let mut data = Vec::with_capacity(event.len_bytes as usize);
+                event.copy_data_into(&mut data);
+                MirrorOp::Write {
+                    offset_bytes: target_offset,
+                    data,
+                }
+            }
+            // ferry's volumes read discarded ranges as zeros, so the target must too.
+            WriteKind::Discard => MirrorOp::Zero {
+                offset_bytes: target_offset,
+                len_bytes: event.len_bytes,
+                unmap: true,
+            },
+            WriteKind::WriteZeroes { unmap } => MirrorOp::Zero {
+                offset_bytes: target_offset,
+                len_bytes: event.len_bytes,
+                unmap,
+            },
+            WriteKind::Flush => MirrorOp::Flush,
+        };
+        job.queue.push(op, ticket)
+    }
+
+    fn source_done(&self, event: &WriteEvent<'_>) {
+        let vm = &self.job.volumes[self.volume_index];
+        if let Ok(mut table) = vm.table.lock() {
+            table.end_write(event.offset_bytes, event.len_bytes);
+        }
+    }
+}
+
+/// A mirror worker: writes queued guest writes to the target and releases the guest.
+pub(crate) fn run_mirror_worker(job: Arc<JobShared>) {
+    while let Some((op, ticket)) = job.queue.pop() {
+        if job.mirroring() {
+            let (bytes, result) = match &op {
+                MirrorOp::Write { offset_bytes, data } => {
+                    (data.len() as u64, job.target.write_at(*offset_bytes, data))
+                }
+                MirrorOp::Zero {
+                    offset_bytes,
+                    len_bytes,
+                    unmap,
+                } => (
+                    *len_bytes,
+                    job.target.write_zeroes(*offset_bytes, *len_bytes, *unmap),
+                ),
+                MirrorOp::Flush => (0, job.target.flush()),
+            };
+            match result {
+                Ok(()) => job.counters.add_mirrored(bytes),
+                Err(e) => job.fail(format!("mirroring a guest write: {e}")),
+            }
+        }
+        ticket.complete(true);
+    }
+}

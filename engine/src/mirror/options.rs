@@ -1,0 +1,101 @@
+//! What the operator can choose for a migration job, with the defaults.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// How guest writes reach the target while the copy runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MirrorMode {
+    /// A guest write completes only when the source and the target have it.
+    #[default]
+    Active,
+    /// Guest writes only mark a dirty bitmap that the copier drains.
+    Background,
+}
+
+/// Settings of one migration job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationOptions {
+    pub mode: MirrorMode,
+    /// Copy speed limit in bytes per second (0 = unlimited); see [`MigrationJob::set_speed`](super::MigrationJob::set_speed).
+    pub speed_bytes_per_s: u64,
+    /// Size of the chunks whose state is tracked (a power of two, at least 4 KiB).
+    pub granularity_bytes: u64,
+    /// The largest single copy (a multiple of the granularity).
+    pub copy_chunk_bytes: u64,
+    /// Copier threads, each with one chunk in flight: the bound on copies in flight.
+    pub copy_threads: usize,
+    /// Threads that write mirrored guest writes to the target (`active` mode).
+    pub mirror_threads: usize,
+    /// Cut over by itself as soon as the job is ready.
+    pub auto_cutover: bool,
+    /// The job is ready when at most this many bytes are left to copy; `None`: 0 in
+    /// `active` mode, 4 MiB in `background` mode (drained during the cutover pause).
+    pub ready_pending_bytes_max: Option<u64>,
+    /// How long attaching the mirror or a cutover may wait for the guest's in-flight requests.
+    pub pause_timeout: Duration,
+    /// How long a cutover may take to copy the last dirty chunks while the guest is held.
+    pub drain_timeout: Duration,
+    /// How long an NBD request may wait for its reply before the connection counts as lost.
+    pub nbd_request_timeout: Duration,
+    /// Where to write the layout of a merge; default `TARGET.layout.json` for file targets
+    /// and none for NBD targets (the layout is then only in the status).
+    pub layout_path: Option<PathBuf>,
+}
+
+/// The default tracking granularity.
+pub const GRANULARITY_BYTES_DEFAULT: u64 = 64 << 10;
+/// The default copy size.
+pub const COPY_CHUNK_BYTES_DEFAULT: u64 = 1 << 20;
+/// The default bound of bytes left to copy at which a `background` job is ready.
+pub const BACKGROUND_READY_PENDING_BYTES_DEFAULT: u64 = 4 << 20;
+
+impl Default for MigrationOptions {
+    fn default() -> Self {
+        Self {
+            mode: MirrorMode::Active,
+            speed_bytes_per_s: 0,
+            granularity_bytes: GRANULARITY_BYTES_DEFAULT,
+            copy_chunk_bytes: COPY_CHUNK_BYTES_DEFAULT,
+            copy_threads: 4,
+            mirror_threads: 2,
+            auto_cutover: false,
+            ready_pending_bytes_max: None,
+            pause_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(60),
+            nbd_request_timeout: crate::target::nbd::REQUEST_TIMEOUT_DEFAULT,
+            layout_path: None,
+        }
+    }
+}
+
+impl MigrationOptions {
+    /// The bytes left to copy at which the job counts as ready.
+    pub fn ready_pending_bytes(&self) -> u64 {
+        self.ready_pending_bytes_max.unwrap_or(match self.mode {
+            MirrorMode::Active => 0,
+            MirrorMode::Background => BACKGROUND_READY_PENDING_BYTES_DEFAULT,
+        })
+    }
+
+    /// Checks the numbers; returns why they are unusable.
+    pub fn validate(&self) -> Result<(), String> {
+        let g = self.granularity_bytes;
+        if !g.is_power_of_two() || g < 4096 {
+            return Err(format!(
+                "granularity {g} must be a power of two of at least 4096"
+            ));
+        }
+        if self.copy_chunk_bytes < g || self.copy_chunk_bytes / g * g != self.copy_chunk_bytes {
+            return Err(format!(
+                "copy chunk {} must be a multiple of the granularity {g}",
+                self.copy_chunk_bytes
+            ));
+        }
+        if self.copy_threads == 0 || self.mirror_threads == 0 {
+            return Err("copy_threads and mirror_threads must be at least 1".into());
+        }
+        Ok(())
+    }
+}

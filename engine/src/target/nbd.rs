@@ -1,0 +1,611 @@
+//! An NBD client as a migration target: fixed-newstyle handshake with `NBD_OPT_GO`, then
+//! READ/WRITE/FLUSH/TRIM/WRITE_ZEROES with simple replies over one connection.
+//!
+//! Many threads issue requests at once: each registers a handle, sends its request under
+//! the send lock, and waits for its reply, which one reader thread matches by handle.
+//! When the connection breaks (or a reply does not come within `request_timeout`), every
+//! waiting and later request fails with [`TargetError::Disconnected`].
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::{NbdAddress, Target, TargetError};
+
+const NBD_INIT_MAGIC: u64 = 0x4e42_444d_4147_4943; // "NBDMAGIC"
+const NBD_OPTS_MAGIC: u64 = 0x4948_4156_454f_5054; // "IHAVEOPT"
+const NBD_REP_MAGIC: u64 = 0x0003_e889_0455_65a9;
+const NBD_REQUEST_MAGIC: u32 = 0x2560_9513;
+const NBD_SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+
+const NBD_FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
+const NBD_FLAG_NO_ZEROES: u16 = 1 << 1;
+const NBD_FLAG_C_FIXED_NEWSTYLE: u32 = 1 << 0;
+const NBD_FLAG_C_NO_ZEROES: u32 = 1 << 1;
+
+const NBD_OPT_GO: u32 = 7;
+const NBD_REP_ACK: u32 = 1;
+const NBD_REP_INFO: u32 = 3;
+const NBD_REP_FLAG_ERROR: u32 = 1 << 31;
+const NBD_INFO_EXPORT: u16 = 0;
+/// The longest option reply we accept (a server's error message, an info block).
+const OPTION_REPLY_BYTES_MAX: u32 = 64 * 1024;
+
+const NBD_FLAG_READ_ONLY: u16 = 1 << 1;
+const NBD_FLAG_SEND_FLUSH: u16 = 1 << 2;
+const NBD_FLAG_SEND_TRIM: u16 = 1 << 5;
+const NBD_FLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
+
+const NBD_CMD_READ: u16 = 0;
+const NBD_CMD_WRITE: u16 = 1;
+const NBD_CMD_DISC: u16 = 2;
+const NBD_CMD_FLUSH: u16 = 3;
+const NBD_CMD_TRIM: u16 = 4;
+const NBD_CMD_WRITE_ZEROES: u16 = 6;
+const NBD_CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+
+/// The largest payload (or zeroed range) of one request; servers may refuse more (qemu: 32 MiB).
+const REQUEST_BYTES_MAX: u64 = 32 << 20;
+/// How long a request waits for its reply before the connection is declared lost.
+pub const REQUEST_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
+
+/// The connection, over TCP or a unix socket.
+enum Conn {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Conn {
+    fn try_clone(&self) -> std::io::Result<Self> {
+        Ok(match self {
+            Self::Tcp(s) => Self::Tcp(s.try_clone()?),
+            Self::Unix(s) => Self::Unix(s.try_clone()?),
+        })
+    }
+
+    fn shutdown(&self) {
+        let _ = match self {
+            Self::Tcp(s) => s.shutdown(Shutdown::Both),
+            Self::Unix(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Self::Tcp(s) => s.read(buf),
+            Self::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Self::Tcp(s) => s.write(buf),
+            Self::Unix(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What a reply carries back to its waiting request: read data, or the server's errno.
+type Reply = Result<Vec<u8>, ReplyFailure>;
+
+enum ReplyFailure {
+    Errno(u32),
+    Lost(String),
+}
+
+struct Waiter {
+    read_len: usize,
+    tx: SyncSender<Reply>,
+}
+
+#[derive(Default)]
+struct Pending {
+    waiters: HashMap<u64, Waiter>,
+    /// Why the connection is unusable, once it is.
+    dead: Option<String>,
+}
+
+/// An NBD export opened for a mirror.
+pub struct NbdTarget {
+    name: String,
+    size_bytes: u64,
+    transmission_flags: u16,
+    send: Mutex<Conn>,
+    pending: Arc<Mutex<Pending>>,
+    next_handle: AtomicU64,
+    reader: Mutex<Option<JoinHandle<()>>>,
+    request_timeout: Duration,
+}
+
+impl NbdTarget {
+    /// Connects to `address`, negotiates `export` with `NBD_OPT_GO`, and starts the reply reader.
+    pub fn connect(
+        address: &NbdAddress,
+        export: &str,
+        request_timeout: Duration,
+    ) -> Result<Self, TargetError> {
+        let name = super::TargetSpec::Nbd {
+            address: address.clone(),
+            export: export.to_string(),
+        }
+        .to_string();
+        let connect_err = |source| TargetError::Connect {
+            target: name.clone(),
+            source,
+        };
+        let mut conn = match address {
+            NbdAddress::Tcp { host, port } => {
+                let stream = TcpStream::connect((host.as_str(), *port)).map_err(connect_err)?;
+                stream.set_nodelay(true).map_err(connect_err)?;
+                Conn::Tcp(stream)
+            }
+            NbdAddress::Unix { socket } => {
+                Conn::Unix(UnixStream::connect(socket).map_err(connect_err)?)
+            }
+        };
+        let (size_bytes, transmission_flags) =
+            handshake(&mut conn, export).map_err(|reason| TargetError::Handshake {
+                target: name.clone(),
+                reason,
+            })?;
+        if transmission_flags & NBD_FLAG_READ_ONLY != 0 {
+            return Err(TargetError::Unusable {
+                target: name,
+                reason: "the export is read-only".into(),
+            });
+        }
+        let reader_conn = conn.try_clone().map_err(connect_err)?;
+        let pending = Arc::new(Mutex::new(Pending::default()));
+        let reader_pending = pending.clone();
+        let reader = std::thread::Builder::new()
+            .name("ferry-nbd-reader".into())
+            .spawn(move || read_replies(reader_conn, &reader_pending))
+            .map_err(connect_err)?;
+        Ok(Self {
+            name,
+            size_bytes,
+            transmission_flags,
+            send: Mutex::new(conn),
+            pending,
+            next_handle: AtomicU64::new(1),
+            reader: Mutex::new(Some(reader)),
+            request_timeout,
+        })
+    }
+
+    /// Sends one request and waits for its reply; returns the data of a read.
+    fn request(
+        &self,
+        cmd: u16,
+        flags: u16,
+        offset_bytes: u64,
+        len_bytes: u32,
+        payload: &[u8],
+    ) -> Result<Vec<u8>, TargetError> {
+        let op = command_name(cmd);
+        let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        let rx = self.register(
+            handle,
+            if cmd == NBD_CMD_READ {
+                len_bytes as usize
+            } else {
+                0
+            },
+        )?;
+        let mut header = [0u8; 28];
+        header[0..4].copy_from_slice(&NBD_REQUEST_MAGIC.to_be_bytes());
+        header[4..6].copy_from_slice(&flags.to_be_bytes());
+        header[6..8].copy_from_slice(&cmd.to_be_bytes());
+        header[8..16].copy_from_slice(&handle.to_be_bytes());
+        header[16..24].copy_from_slice(&offset_bytes.to_be_bytes());
+        header[24..28].copy_from_slice(&len_bytes.to_be_bytes());
+        let sent = match self.send.lock() {
+            Ok(mut conn) => conn
+                .write_all(&header)
+                .and_then(|()| conn.write_all(payload)),
+            Err(_) => Err(std::io::Error::other("send lock poisoned")),
+        };
+        if let Err(e) = sent {
+            self.kill(format!("sending {op}: {e}"));
+        }
+        let reply = match rx.recv_timeout(self.request_timeout) {
+            Ok(reply) => reply,
+            Err(RecvTimeoutError::Timeout) => {
+                self.kill(format!(
+                    "no reply to {op} within {:?}",
+                    self.request_timeout
+                ));
+                Err(ReplyFailure::Lost(format!("no reply to {op}")))
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                Err(ReplyFailure::Lost("reply reader stopped".into()))
+            }
+        };
+        reply.map_err(|failure| match failure {
+            ReplyFailure::Errno(errno) => TargetError::Refused {
+                target: self.name.clone(),
+                op,
+                offset_bytes,
+                errno,
+            },
+            ReplyFailure::Lost(reason) => TargetError::Disconnected {
+                target: self.name.clone(),
+                reason,
+            },
+        })
+    }
+
+    fn register(&self, handle: u64, read_len: usize) -> Result<Receiver<Reply>, TargetError> {
+        let (tx, rx) = sync_channel(1);
+        let mut pending = self
+            .pending
+            .lock()
+            .map_err(|_| self.lost("state lock poisoned"))?;
+        if let Some(reason) = &pending.dead {
+            return Err(self.lost(reason));
+        }
+        pending.waiters.insert(handle, Waiter { read_len, tx });
+        Ok(rx)
+    }
+
+    fn lost(&self, reason: &str) -> TargetError {
+        TargetError::Disconnected {
+            target: self.name.clone(),
+            reason: reason.to_string(),
+        }
+    }
+
+    /// Declares the connection dead: fails every waiter and wakes the reader.
+    fn kill(&self, reason: String) {
+        fail_all(&self.pending, reason);
+        if let Ok(conn) = self.send.lock() {
+            conn.shutdown();
+        }
+    }
+
+    /// Runs `f` over `len_bytes` from `offset_bytes` in pieces of at most [`REQUEST_BYTES_MAX`].
+    fn split(
+        offset_bytes: u64,
+        len_bytes: u64,
+        mut f: impl FnMut(u64, u64) -> Result<(), TargetError>,
+    ) -> Result<(), TargetError> {
+        let mut done = 0;
+        while done < len_bytes {
+            let n = (len_bytes - done).min(REQUEST_BYTES_MAX);
+            f(offset_bytes + done, n)?;
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+impl Target for NbdTarget {
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+
+    fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    fn write_at(&self, offset_bytes: u64, data: &[u8]) -> Result<(), TargetError> {
+        Self::split(offset_bytes, data.len() as u64, |off, n| {
+            let start = (off - offset_bytes) as usize;
+            let piece = &data[start..start + n as usize];
+            self.request(NBD_CMD_WRITE, 0, off, n as u32, piece)
+                .map(drop)
+        })
+    }
+
+    fn write_zeroes(
+        &self,
+        offset_bytes: u64,
+        len_bytes: u64,
+        unmap: bool,
+    ) -> Result<(), TargetError> {
+        let flags = self.transmission_flags;
+        if flags & NBD_FLAG_SEND_WRITE_ZEROES == 0 {
+            let zeros = vec![0u8; REQUEST_BYTES_MAX.min(len_bytes) as usize];
+            return Self::split(offset_bytes, len_bytes, |off, n| {
+                self.request(NBD_CMD_WRITE, 0, off, n as u32, &zeros[..n as usize])
+                    .map(drop)
+            });
+        }
+        let cmd_flags = if unmap { 0 } else { NBD_CMD_FLAG_NO_HOLE };
+        Self::split(offset_bytes, len_bytes, |off, n| {
+            self.request(NBD_CMD_WRITE_ZEROES, cmd_flags, off, n as u32, &[])
+                .map(drop)
+        })
+    }
+
+    fn read_at(&self, offset_bytes: u64, buf: &mut [u8]) -> Result<(), TargetError> {
+        let len = buf.len() as u64;
+        Self::split(offset_bytes, len, |off, n| {
+            let data = self.request(NBD_CMD_READ, 0, off, n as u32, &[])?;
+            let start = (off - offset_bytes) as usize;
+            buf[start..start + n as usize].copy_from_slice(&data);
+            Ok(())
+        })
+    }
+
+    fn flush(&self) -> Result<(), TargetError> {
+        if self.transmission_flags & NBD_FLAG_SEND_FLUSH == 0 {
+            return Ok(());
+        }
+        self.request(NBD_CMD_FLUSH, 0, 0, 0, &[]).map(drop)
+    }
+}
+
+impl NbdTarget {
+    /// Tells the server that a range is no longer needed (NBD_CMD_TRIM); a no-op when the
+    /// server does not take trims. The range's contents are undefined afterwards.
+    pub fn trim(&self, offset_bytes: u64, len_bytes: u64) -> Result<(), TargetError> {
+        if self.transmission_flags & NBD_FLAG_SEND_TRIM == 0 {
+            return Ok(());
+        }
+        Self::split(offset_bytes, len_bytes, |off, n| {
+            self.request(NBD_CMD_TRIM, 0, off, n as u32, &[]).map(drop)
+        })
+    }
+}
+
+impl Drop for NbdTarget {
+    fn drop(&mut self) {
+        let mut header = [0u8; 28];
+        header[0..4].copy_from_slice(&NBD_REQUEST_MAGIC.to_be_bytes());
+        header[6..8].copy_from_slice(&NBD_CMD_DISC.to_be_bytes());
+        if let Ok(mut conn) = self.send.lock() {
+            let _ = conn.write_all(&header);
+            conn.shutdown();
+        }
+        if let Ok(mut reader) = self.reader.lock() {
+            if let Some(handle) = reader.take() {
+                let _ = handle.join();
+            }
+        }
+    }
+}
+
+fn command_name(cmd: u16) -> &'static str {
+    match cmd {
+        NBD_CMD_READ => "read",
+        NBD_CMD_WRITE => "write",
+        NBD_CMD_FLUSH => "flush",
+        NBD_CMD_TRIM => "trim",
+        NBD_CMD_WRITE_ZEROES => "write-zeroes",
+        _ => "request",
+    }
+}
+
+fn fail_all(pending: &Mutex<Pending>, reason: String) {
+    let waiters = match pending.lock() {
+        Ok(mut p) => {
+            if p.dead.is_none() {
+                log::warn!("NBD connection lost: {reason}");
+                p.dead = Some(reason.clone());
+            }
+            std::mem::take(&mut p.waiters)
+        }
+        Err(_) => return,
+    };
+    for (_, waiter) in waiters {
+        let _ = waiter.tx.try_send(Err(ReplyFailure::Lost(reason.clone())));
+    }
+}
+
+/// The reader thread: matches simple replies to waiting requests until the connection ends.
+fn read_replies(mut conn: Conn, pending: &Mutex<Pending>) {
+    let reason = loop {
+        let mut header = [0u8; 16];
+        if let Err(e) = conn.read_exact(&mut header) {
+            break format!("reading a reply: {e}");
+        }
+        let magic = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
+        if magic != NBD_SIMPLE_REPLY_MAGIC {
+            break format!("bad reply magic {magic:#x}");
+        }
+        let errno = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+        let mut handle_bytes = [0u8; 8];
+        handle_bytes.copy_from_slice(&header[8..16]);
+        let handle = u64::from_be_bytes(handle_bytes);
+        let waiter = match pending.lock() {
+            Ok(mut p) => p.waiters.remove(&handle),
+            Err(_) => break "state lock poisoned".to_string(),
+        };
+        let Some(waiter) = waiter else {
+            break format!("reply for unknown handle {handle}");
+        };
+        if errno != 0 {
+            let _ = waiter.tx.try_send(Err(ReplyFailure::Errno(errno)));
+            continue;
+        }
+        let mut data = vec![0u8; waiter.read_len];
+        if let Err(e) = conn.read_exact(&mut data) {
+            let _ = waiter
+                .tx
+                .try_send(Err(ReplyFailure::Lost(format!("reading data: {e}"))));
+            break format!("reading read data: {e}");
+        }
+        let _ = waiter.tx.try_send(Ok(data));
+    };
+    fail_all(pending, reason);
+    conn.shutdown();
+}
+
+/// The fixed-newstyle handshake up to the transmission phase; returns (size, transmission flags).
+fn handshake(conn: &mut Conn, export: &str) -> Result<(u64, u16), String> {
+    let io = |what: &str, e: std::io::Error| format!("{what}: {e}");
+    let mut greeting = [0u8; 18];
+    conn.read_exact(&mut greeting)
+        .map_err(|e| io("reading the greeting", e))?;
+    if be_u64(&greeting[0..8]) != NBD_INIT_MAGIC || be_u64(&greeting[8..16]) != NBD_OPTS_MAGIC {
+        return Err("not a newstyle NBD server (bad magic)".into());
+    }
+    let server_flags = u16::from_be_bytes([greeting[16], greeting[17]]);
+    if server_flags & NBD_FLAG_FIXED_NEWSTYLE == 0 {
+        return Err("the server does not speak fixed newstyle".into());
+    }
+    let mut client_flags = NBD_FLAG_C_FIXED_NEWSTYLE;
+    if server_flags & NBD_FLAG_NO_ZEROES != 0 {
+        client_flags |= NBD_FLAG_C_NO_ZEROES;
+    }
+    let name = export.as_bytes();
+    let mut msg = Vec::with_capacity(32 + name.len());
+    msg.extend_from_slice(&client_flags.to_be_bytes());
+    msg.extend_from_slice(&NBD_OPTS_MAGIC.to_be_bytes());
+    msg.extend_from_slice(&NBD_OPT_GO.to_be_bytes());
+    msg.extend_from_slice(&(4 + name.len() as u32 + 2).to_be_bytes());
+    msg.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    msg.extend_from_slice(name);
+    msg.extend_from_slice(&0u16.to_be_bytes()); // no extra information requests
+    conn.write_all(&msg)
+        .map_err(|e| io("sending NBD_OPT_GO", e))?;
+    read_go_replies(conn)
+}
+
+/// Reads option replies to `NBD_OPT_GO` until the final ACK or an error.
+fn read_go_replies(conn: &mut Conn) -> Result<(u64, u16), String> {
+    let mut export: Option<(u64, u16)> = None;
+    loop {
+        let mut head = [0u8; 20];
+        conn.read_exact(&mut head)
+            .map_err(|e| format!("reading an option reply: {e}"))?;
+        if be_u64(&head[0..8]) != NBD_REP_MAGIC {
+            return Err("bad option reply magic".into());
+        }
+        let reply_type = be_u32(&head[12..16]);
+        let len = be_u32(&head[16..20]);
+        if len > OPTION_REPLY_BYTES_MAX {
+            return Err(format!("option reply of {len} bytes is too long"));
+        }
+        let mut data = vec![0u8; len as usize];
+        conn.read_exact(&mut data)
+            .map_err(|e| format!("reading an option reply: {e}"))?;
+        if reply_type & NBD_REP_FLAG_ERROR != 0 {
+            let message = String::from_utf8_lossy(&data);
+            return Err(format!(
+                "the server refused the export (reply {reply_type:#x}): {message}"
+            ));
+        }
+        match reply_type {
+            NBD_REP_INFO
+                if data.len() >= 12
+                    && u16::from_be_bytes([data[0], data[1]]) == NBD_INFO_EXPORT =>
+            {
+                export = Some((
+                    be_u64(&data[2..10]),
+                    u16::from_be_bytes([data[10], data[11]]),
+                ));
+            }
+            NBD_REP_INFO => {}
+            NBD_REP_ACK => {
+                return export.ok_or_else(|| "the server sent no export information".to_string())
+            }
+            other => return Err(format!("unexpected option reply {other}")),
+        }
+    }
+}
+
+fn be_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_be_bytes(a)
+}
+
+fn be_u32(b: &[u8]) -> u32 {
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+}
+
+#[cfg(test)]
+mod tests {
+    //! Against a real `qemu-nbd` on a unix socket.
+    use super::*;
+    use std::process::{Child, Command, Stdio};
+
+    struct QemuNbd(Child);
+
+    impl Drop for QemuNbd {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn serve(image: &std::path::Path, socket: &std::path::Path) -> std::io::Result<QemuNbd> {
+        let child = Command::new("qemu-nbd")
+            .args(["-f", "raw", "-x", "e", "-t", "-e", "4", "-k"])
+            .arg(socket)
+            .arg(image)
+            .stdout(Stdio::null())
+            .spawn()?;
+        let server = QemuNbd(child);
+        for _ in 0..500 {
+            if UnixStream::connect(socket).is_ok() {
+                return Ok(server);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Err(std::io::Error::other("qemu-nbd did not start"))
+    }
+
+    #[test]
+    fn talks_to_qemu_nbd() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let (image, socket) = (dir.path().join("e.img"), dir.path().join("s"));
+        std::fs::write(&image, vec![0x55u8; 4 << 20])?;
+        let server = serve(&image, &socket)?;
+        let address = NbdAddress::Unix {
+            socket: socket.clone(),
+        };
+        let refused = NbdTarget::connect(&address, "no-such-export", REQUEST_TIMEOUT_DEFAULT);
+        assert!(matches!(refused, Err(TargetError::Handshake { .. })));
+        let t = Arc::new(NbdTarget::connect(&address, "e", REQUEST_TIMEOUT_DEFAULT)?);
+        assert_eq!(t.size_bytes(), 4 << 20);
+        let writers: Vec<_> = (0..4u8)
+            .map(|i| {
+                let t = t.clone();
+                std::thread::spawn(move || t.write_at(u64::from(i) << 20, &vec![i + 1; 1 << 20]))
+            })
+            .collect();
+        for w in writers {
+            w.join().map_err(|_| "writer panicked")??;
+        }
+        t.write_zeroes(4096, 8192, false)?;
+        t.write_zeroes(3 << 20, 4096, true)?;
+        t.flush()?;
+        let mut buf = vec![0u8; 4 << 20];
+        t.read_at(0, &mut buf)?;
+        assert_eq!(buf[0], 1);
+        assert!(buf[4096..12288].iter().all(|&b| b == 0));
+        assert_eq!(buf[12288], 1);
+        assert_eq!(buf[(2 << 20) + 7], 3);
+        assert!(buf[3 << 20..(3 << 20) + 4096].iter().all(|&b| b == 0));
+        assert_eq!(buf[(4 << 20) - 1], 4);
+        let beyond = t.write_at(4 << 20, &[1u8; 512]);
+        assert!(
+            matches!(beyond, Err(TargetError::Refused { .. })),
+            "{beyond:?}"
+        );
+        drop(server);
+        let lost = t.write_at(0, &[9u8; 512]);
+        assert!(
+            matches!(lost, Err(TargetError::Disconnected { .. })),
+            "{lost:?}"
+        );
+        assert_eq!(std::fs::read(&image)?[(1 << 20) + 1], 2);
+        Ok(())
+    }
+}
