@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use ferry_engine::mirror::MigrationRegistry;
 use ferry_engine::Volume;
 use ferry_vhost::ConnectionState;
 
@@ -18,6 +19,7 @@ pub struct ServedVolume {
 /// Everything the control socket's commands act on.
 pub struct Daemon {
     pub volumes: Vec<ServedVolume>,
+    pub migrations: MigrationRegistry,
 }
 
 impl Daemon {

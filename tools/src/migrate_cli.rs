@@ -1,15 +1,269 @@
-//! `ferry migrate ...`: start, watch, cut over and cancel live migrations of a running daemon.
+//! `ferry migrate ...`: start, watch, cut over, cancel and throttle live migrations of a
+//! running daemon, through its control socket.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde_json::{json, Value};
+
+use crate::control_client::request;
 
 /// The `ferry migrate` subcommands.
 #[derive(clap::Subcommand, Debug)]
 pub enum MigrateCommand {
+    /// Start copying and mirroring volumes to a target.
+    Start {
+        #[arg(long)]
+        control: PathBuf,
+        /// A volume to migrate; several volumes are merged into one target.
+        #[arg(long = "volume", required = true)]
+        volumes: Vec<String>,
+        /// PATH (file or block device), nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH.
+        #[arg(long)]
+        target: String,
+        /// active: guest writes complete on both sides (always converges);
+        /// background: writes mark a dirty bitmap the copier drains.
+        #[arg(long, default_value = "active")]
+        mode: String,
+        /// Copy speed limit in bytes/s (K, M, G suffixes); default unlimited.
+        #[arg(long)]
+        max_speed: Option<String>,
+        /// Cut over by itself as soon as the target is in sync.
+        #[arg(long)]
+        auto_cutover: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Show migration jobs.
     Status {
         #[arg(long)]
-        control: std::path::PathBuf,
+        control: PathBuf,
+        #[arg(long)]
+        job: Option<u64>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// Follow the job with a live progress bar until it ends.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Switch a ready job's volumes over to the target.
+    Cutover {
+        #[arg(long)]
+        control: PathBuf,
+        #[arg(long)]
+        job: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a job before cutover; the guest stays on its source.
+    Cancel {
+        #[arg(long)]
+        control: PathBuf,
+        #[arg(long)]
+        job: Option<u64>,
+    },
+    /// Change a job's speed limit (bytes/s; 0 removes the limit).
+    SetSpeed {
+        #[arg(long)]
+        control: PathBuf,
+        #[arg(long)]
+        job: Option<u64>,
+        speed: String,
     },
 }
 
-pub fn run(_cmd: MigrateCommand) -> anyhow::Result<()> {
-    anyhow::bail!("ferry migrate is not implemented yet")
+fn with_job(mut args: Value, job: Option<u64>) -> Value {
+    if let Some(id) = job {
+        args["job"] = json!(id);
+    }
+    args
+}
+
+pub fn run(cmd: MigrateCommand) -> anyhow::Result<()> {
+    match cmd {
+        MigrateCommand::Start {
+            control,
+            volumes,
+            target,
+            mode,
+            max_speed,
+            auto_cutover,
+            json,
+        } => {
+            let mut args = json!({ "volumes": volumes, "target": target, "mode": mode, "auto-cutover": auto_cutover });
+            if let Some(speed) = max_speed {
+                args["max-speed"] =
+                    json!(crate::volume_spec::parse_size(&speed).map_err(anyhow::Error::msg)?);
+            }
+            let reply = request(&control, "migrate-start", args)?;
+            if json {
+                println!("{reply}");
+            } else {
+                println!("migration job {} started", reply["job"]);
+            }
+            Ok(())
+        }
+        MigrateCommand::Status {
+            control,
+            job,
+            json,
+            watch,
+        } => {
+            if watch {
+                return watch_job(&control, job, json);
+            }
+            let statuses = select(request(&control, "query-migrations", json!({}))?, job)?;
+            if json {
+                println!("{}", Value::Array(statuses));
+            } else if statuses.is_empty() {
+                println!("no migration jobs");
+            } else {
+                for status in &statuses {
+                    println!("{}", describe(status));
+                }
+            }
+            Ok(())
+        }
+        MigrateCommand::Cutover { control, job, json } => {
+            let report = request(&control, "migrate-cutover", with_job(json!({}), job))?;
+            if json {
+                println!("{report}");
+            } else {
+                println!(
+                    "cut over: guest I/O held for {} µs{}",
+                    report["pause_us"],
+                    if report["switched"] == json!(false) {
+                        " (NBD target in sync; the volume stays on its source)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            Ok(())
+        }
+        MigrateCommand::Cancel { control, job } => {
+            let reply = request(&control, "migrate-cancel", with_job(json!({}), job))?;
+            println!("migration job {} cancelled", reply["job"]);
+            Ok(())
+        }
+        MigrateCommand::SetSpeed {
+            control,
+            job,
+            speed,
+        } => {
+            let bytes = crate::volume_spec::parse_size(&speed).map_err(anyhow::Error::msg)?;
+            request(
+                &control,
+                "migrate-set-speed",
+                with_job(json!({ "speed": bytes }), job),
+            )?;
+            println!("speed limit set to {bytes} bytes/s");
+            Ok(())
+        }
+    }
+}
+
+fn select(all: Value, job: Option<u64>) -> anyhow::Result<Vec<Value>> {
+    let Value::Array(list) = all else {
+        anyhow::bail!("daemon sent an unexpected reply")
+    };
+    Ok(match job {
+        Some(id) => list.into_iter().filter(|s| s["id"] == json!(id)).collect(),
+        None => list,
+    })
+}
+
+fn is_terminal(state: &str) -> bool {
+    matches!(state, "completed" | "failed" | "cancelled")
+}
+
+/// One line about a job, for a person.
+fn describe(s: &Value) -> String {
+    let total = s["total_bytes"].as_u64().unwrap_or(0);
+    let copied = s["copied_bytes"].as_u64().unwrap_or(0);
+    let percent = if total > 0 {
+        copied as f64 * 100.0 / total as f64
+    } else {
+        100.0
+    };
+    let mut line = format!(
+        "job {} {} {:?} -> {}: {} / {} ({percent:.1}%), dirty {}, {}/s, ETA {}",
+        s["id"],
+        s["state"].as_str().unwrap_or("?"),
+        s["volumes"]
+            .as_array()
+            .map(|v| v
+                .iter()
+                .filter_map(|x| x["name"].as_str())
+                .collect::<Vec<_>>())
+            .unwrap_or_default(),
+        s["target"].as_str().unwrap_or("?"),
+        human(copied),
+        human(total),
+        human(s["dirty_bytes"].as_u64().unwrap_or(0)),
+        human(s["rate_bytes_per_s"].as_u64().unwrap_or(0)),
+        s["eta_s"]
+            .as_u64()
+            .map(|e| format!("{e} s"))
+            .unwrap_or_else(|| "-".into()),
+    );
+    if let Some(pause) = s["cutover_pause_us"].as_u64() {
+        line.push_str(&format!(", cutover pause {pause} µs"));
+    }
+    if let Some(e) = s["error"].as_str() {
+        line.push_str(&format!(", error: {e}"));
+    }
+    line
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+/// Follows one job until it ends: a progress bar for a person, JSON lines with `--json`.
+fn watch_job(control: &std::path::Path, job: Option<u64>, json_out: bool) -> anyhow::Result<()> {
+    let bar = indicatif::ProgressBar::new(0);
+    if json_out {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {bytes}/{total_bytes} {msg}")
+            .context("progress bar template")?
+            .progress_chars("=> "),
+    );
+    loop {
+        let statuses = select(request(control, "query-migrations", json!({}))?, job)?;
+        let Some(status) = statuses.into_iter().last() else {
+            anyhow::bail!("no such migration job");
+        };
+        let state = status["state"].as_str().unwrap_or("?").to_string();
+        if json_out {
+            println!("{status}");
+        }
+        bar.set_length(status["total_bytes"].as_u64().unwrap_or(0));
+        bar.set_position(status["copied_bytes"].as_u64().unwrap_or(0));
+        bar.set_prefix(format!("job {} {state}", status["id"]));
+        bar.set_message(format!(
+            "dirty {} {}/s",
+            human(status["dirty_bytes"].as_u64().unwrap_or(0)),
+            human(status["rate_bytes_per_s"].as_u64().unwrap_or(0))
+        ));
+        if is_terminal(&state) {
+            bar.finish();
+            if !json_out {
+                println!("{}", describe(&status));
+            }
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }

@@ -186,7 +186,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         Some(path) => Some(ferry_vhost::bind_socket(path)?),
         None => None,
     };
-    let daemon = Arc::new(Daemon { volumes: served });
+    let daemon = Arc::new(Daemon {
+        volumes: served,
+        migrations: ferry_engine::mirror::MigrationRegistry::new(),
+    });
     for ((served, listener), spec) in daemon.volumes.iter().zip(listeners).zip(&plan.volumes) {
         start_volume_thread(served, listener, spec)?;
         print_attach_hint(spec, &served.volume);

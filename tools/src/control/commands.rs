@@ -3,6 +3,7 @@
 
 use serde_json::{json, Value};
 
+use super::migrate_commands as mig;
 use super::ControlError;
 use crate::daemon::Daemon;
 
@@ -20,6 +21,31 @@ const COMMANDS: &[(&str, Handler, &str)] = &[
         "query-volumes",
         query_volumes,
         "volumes: path, size, socket, connection, I/O counters",
+    ),
+    (
+        "migrate-start",
+        mig::migrate_start,
+        "start migrating volumes to a target",
+    ),
+    (
+        "query-migrations",
+        mig::query_migrations,
+        "migration jobs: state, progress, rate, pause",
+    ),
+    (
+        "migrate-cutover",
+        mig::migrate_cutover,
+        "switch a ready job's volumes to the target",
+    ),
+    (
+        "migrate-cancel",
+        mig::migrate_cancel,
+        "stop a job before cutover; the guest stays on its source",
+    ),
+    (
+        "migrate-set-speed",
+        mig::migrate_set_speed,
+        "change a job's copy speed limit (bytes/s, 0: none)",
     ),
 ];
 

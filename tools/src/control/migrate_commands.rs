@@ -1,0 +1,127 @@
+//! The `migrate-*` control commands: start, query, cut over, cancel and throttle live
+//! volume migrations (see `docs/migration.md`).
+
+use std::sync::Arc;
+
+use ferry_engine::mirror::{MigrationError, MigrationJob, MigrationOptions, MirrorMode};
+use ferry_engine::target::TargetSpec;
+use serde_json::{json, Value};
+
+use super::ControlError;
+use crate::daemon::Daemon;
+
+fn error(e: MigrationError) -> ControlError {
+    let class = match e {
+        MigrationError::UnknownVolume(_) | MigrationError::UnknownJob(_) => "NotFound",
+        MigrationError::AlreadyMigrating { .. } => "AlreadyMigrating",
+        MigrationError::NotReady { .. } => "NotReady",
+        MigrationError::NoVolumes
+        | MigrationError::DuplicateVolume(_)
+        | MigrationError::BadOptions(_)
+        | MigrationError::TargetTooSmall { .. }
+        | MigrationError::TargetIsSource { .. } => "InvalidParameter",
+        _ => "MigrationError",
+    };
+    ControlError::new(class, e.to_string())
+}
+
+/// The job named by `job`, or the only job when there is just one.
+fn job(daemon: &Daemon, args: &Value) -> Result<Arc<MigrationJob>, ControlError> {
+    if let Some(id) = args.get("job") {
+        let id = id
+            .as_u64()
+            .ok_or_else(|| ControlError::bad_argument("job must be a number"))?;
+        return daemon.migrations.get(id).map_err(error);
+    }
+    let mut live: Vec<_> = daemon
+        .migrations
+        .jobs()
+        .into_iter()
+        .filter(|j| !j.state().is_terminal())
+        .collect();
+    match live.len() {
+        1 => Ok(live.remove(0)),
+        0 => Err(ControlError::new("NotFound", "no migration job is running")),
+        _ => Err(ControlError::bad_argument(
+            "several jobs are running: give job",
+        )),
+    }
+}
+
+fn options(args: &Value) -> Result<MigrationOptions, ControlError> {
+    let mut options = MigrationOptions::default();
+    if let Some(mode) = args.get("mode").and_then(Value::as_str) {
+        options.mode = match mode {
+            "active" => MirrorMode::Active,
+            "background" => MirrorMode::Background,
+            other => {
+                return Err(ControlError::bad_argument(format!(
+                    "mode {other:?}: expected active or background"
+                )))
+            }
+        };
+    }
+    if let Some(speed) = args.get("max-speed") {
+        options.speed_bytes_per_s = speed
+            .as_u64()
+            .ok_or_else(|| ControlError::bad_argument("max-speed must be bytes per second"))?;
+    }
+    options.auto_cutover = args
+        .get("auto-cutover")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    Ok(options)
+}
+
+pub fn migrate_start(daemon: &Daemon, args: &Value) -> Result<Value, ControlError> {
+    let names: Vec<String> = match args.get("volumes") {
+        Some(Value::Array(list)) => list
+            .iter()
+            .filter_map(|v| v.as_str().map(String::from))
+            .collect(),
+        _ => {
+            return Err(ControlError::bad_argument(
+                "volumes must be a list of volume names",
+            ))
+        }
+    };
+    let target = args
+        .get("target")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ControlError::bad_argument("target is missing"))?;
+    let target =
+        TargetSpec::parse(target).map_err(|e| ControlError::bad_argument(e.to_string()))?;
+    let options = options(args)?;
+    let lookup = |name: &str| daemon.volume(name).map(|v| v.volume.clone());
+    let job = daemon
+        .migrations
+        .start_named(&names, lookup, target, options)
+        .map_err(error)?;
+    Ok(json!({ "job": job.id() }))
+}
+
+pub fn query_migrations(daemon: &Daemon, _: &Value) -> Result<Value, ControlError> {
+    serde_json::to_value(daemon.migrations.statuses())
+        .map_err(|e| ControlError::new("GenericError", e.to_string()))
+}
+
+pub fn migrate_cutover(daemon: &Daemon, args: &Value) -> Result<Value, ControlError> {
+    let job = job(daemon, args)?;
+    let report = job.cutover().map_err(error)?;
+    serde_json::to_value(report).map_err(|e| ControlError::new("GenericError", e.to_string()))
+}
+
+pub fn migrate_cancel(daemon: &Daemon, args: &Value) -> Result<Value, ControlError> {
+    let job = job(daemon, args)?;
+    job.cancel().map_err(error)?;
+    Ok(json!({ "job": job.id() }))
+}
+
+pub fn migrate_set_speed(daemon: &Daemon, args: &Value) -> Result<Value, ControlError> {
+    let job = job(daemon, args)?;
+    let speed = args.get("speed").and_then(Value::as_u64).ok_or_else(|| {
+        ControlError::bad_argument("speed must be bytes per second (0: unlimited)")
+    })?;
+    job.set_speed(speed);
+    Ok(json!({ "job": job.id(), "speed": speed }))
+}
