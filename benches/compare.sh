@@ -12,6 +12,7 @@
 #   QUICK=1                        smoke run: SECS=1 RAMP=0 ROUNDS=1 SIZE=256M, fewer workloads
 #   FERRY [target/release/ferry]   the ferry binary (built with cargo unless FERRY is set)
 #   WORKDIR [/dev/shm/ferry-bench.PID]  image and sockets; OUT [target/bench]  results
+#   FIO_ENGINE [io_uring]          fio's ioengine for the ceiling runs (e.g. psync)
 #   NO_REPORT=1                    skip benches/report.py
 set -euo pipefail
 
@@ -25,6 +26,7 @@ ROUNDS=${ROUNDS:-3}
 SIZE=${SIZE:-1G}
 BACKENDS=${BACKENDS:-"qsd ferry fio"}
 MODES=${MODES:-"poll wait"}
+FIO_ENGINE=${FIO_ENGINE:-io_uring}
 OUT=${OUT:-$ROOT/target/bench}
 WORKDIR=${WORKDIR:-/dev/shm/ferry-bench.$$}
 SOCKET_WAIT_SECS=10
@@ -127,7 +129,7 @@ run_fio() {
     local round=$1 name rw bs qd
     read -r name rw bs qd <<<"$2"
     local out=$OUT/raw/fio-none-$name-r$round.json
-    fio --name="$name" --filename="$IMG" --ioengine=io_uring --direct=0 --rw="$rw" --bs="$bs" \
+    fio --name="$name" --filename="$IMG" --ioengine="$FIO_ENGINE" --direct=0 --rw="$rw" --bs="$bs" \
         --iodepth="$qd" --runtime="$SECS" --ramp_time="$RAMP" --time_based --size="$SIZE" \
         --norandommap --randrepeat=0 --percentile_list=50:90:99:99.9 --output-format=json \
         --output="$out" >/dev/null || die "fio failed ($name)"
@@ -157,7 +159,7 @@ json.dump({
         "qsd": "${QSD_CMD[*]}".replace("$IMG", "IMG").replace("$SOCK", "SOCK"),
         "ferry": "ferry serve --volume name=bench,path=IMG,socket=SOCK",
         "bench": "ferry bench --socket SOCK --rw RW --bs BS --qd QD --secs $SECS --ramp $RAMP --poll|--wait --json",
-        "fio": "fio --name=W --filename=IMG --ioengine=io_uring --direct=0 --rw=RW --bs=BS --iodepth=QD --runtime=$SECS --ramp_time=$RAMP --time_based --size=$SIZE --norandommap --randrepeat=0 --output-format=json",
+        "fio": "fio --name=W --filename=IMG --ioengine=$FIO_ENGINE --direct=0 --rw=RW --bs=BS --iodepth=QD --runtime=$SECS --ramp_time=$RAMP --time_based --size=$SIZE --norandommap --randrepeat=0 --output-format=json",
     },
 }, open(sys.argv[1], "w"), indent=1)
 PY

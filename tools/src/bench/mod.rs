@@ -13,7 +13,9 @@ use report::{BenchReport, CpuUse, LatencyUs};
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
-use workload::{LiveCounters, Pattern, QueueJob, QueueResult, PHASE_MEASURE, PHASE_STOP};
+use workload::{
+    LiveCounters, Pattern, QueueJob, QueueResult, PHASE_MEASURE, PHASE_RAMP, PHASE_STOP,
+};
 
 /// How often the progress line is refreshed.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
@@ -142,12 +144,14 @@ fn progress_bar(json: bool) -> ProgressBar {
 }
 
 /// Sleeps for `length`, refreshing the progress line with the current rate.
+/// Returns early when a queue thread has failed (the phase became [`PHASE_STOP`]).
 fn show_progress(
     bar: &ProgressBar,
     label: &str,
     length: Duration,
     counters: &[LiveCounters],
     bs: u64,
+    phase: &AtomicU8,
 ) {
     let start = Instant::now();
     let total = || {
@@ -157,7 +161,7 @@ fn show_progress(
             .sum::<u64>()
     };
     let (mut last_ops, mut last_t) = (total(), start);
-    while start.elapsed() < length {
+    while start.elapsed() < length && phase.load(Ordering::Acquire) != PHASE_STOP {
         std::thread::sleep(PROGRESS_INTERVAL.min(length.saturating_sub(start.elapsed())));
         let (ops, now) = (total(), Instant::now());
         let dt = now.duration_since(last_t).as_secs_f64().max(1e-9);
@@ -193,7 +197,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     let dev = device::open(&cfg)?;
     let size_bytes = region_bytes(&args, dev.capacity_bytes)?;
-    let report = measure(&args, dev, queue_size, size_bytes)?;
+    let measured = measure(&args, dev, size_bytes)?;
+    let report = build_report(&args, &measured, queue_size, size_bytes);
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -207,63 +212,81 @@ fn ring_slots_needed(qd: usize) -> u32 {
     u32::try_from(qd * device::DESCRIPTORS_PER_REQUEST).unwrap_or(u32::MAX)
 }
 
-/// Spawns one thread per queue, ramps, measures, stops and gathers the results.
-fn measure(
+/// The job of queue `index`.
+fn queue_job(
     args: &BenchArgs,
-    dev: device::Device,
-    queue_size: u32,
+    region: &blkio::MemoryRegion,
+    index: usize,
     size_bytes: u64,
-) -> anyhow::Result<BenchReport> {
+) -> QueueJob {
+    let region_blocks = size_bytes / args.bs;
+    let per_queue_bytes = args.bs as usize * args.qd;
+    QueueJob {
+        pattern: args.rw,
+        rwmix_read_percent: args.rwmix_read,
+        block_bytes: args.bs,
+        queue_depth: args.qd,
+        first_block: region_blocks / args.queues as u64 * index as u64,
+        region_blocks,
+        poll: args.poll,
+        buffer_addr: region.addr + index * per_queue_bytes,
+        seed: 0x9e37_79b9_7f4a_7c15 ^ (index as u64 + 1).wrapping_mul(0x1234_5678_9abc_def1),
+    }
+}
+
+/// What the measurement phase produced.
+struct Measured {
+    elapsed: Duration,
+    cpu_user: Duration,
+    cpu_sys: Duration,
+    merged: QueueResult,
+}
+
+/// Spawns one thread per queue, ramps, measures, stops and gathers the results.
+fn measure(args: &BenchArgs, dev: device::Device, size_bytes: u64) -> anyhow::Result<Measured> {
+    // `_blkio` keeps the device connected until the queue threads are done.
     let device::Device {
         blkio: _blkio,
         queues,
         region,
         ..
     } = dev;
-    let phase = AtomicU8::new(workload::PHASE_RAMP);
+    let phase = AtomicU8::new(PHASE_RAMP);
     let counters: Vec<LiveCounters> = (0..args.queues).map(|_| LiveCounters::default()).collect();
-    let region_blocks = size_bytes / args.bs;
     let bar = progress_bar(args.json);
-    let per_queue_bytes = args.bs as usize * args.qd;
     let (elapsed, cpu, results) = std::thread::scope(|scope| {
         let mut handles = Vec::new();
         for (index, queue) in queues.into_iter().enumerate() {
-            let job = QueueJob {
-                pattern: args.rw,
-                rwmix_read_percent: args.rwmix_read,
-                block_bytes: args.bs,
-                queue_depth: args.qd,
-                first_block: region_blocks / args.queues as u64 * index as u64,
-                region_blocks,
-                poll: args.poll,
-                buffer_addr: region.addr + index * per_queue_bytes,
-                seed: 0x9e37_79b9_7f4a_7c15
-                    ^ (index as u64 + 1).wrapping_mul(0x1234_5678_9abc_def1),
-            };
+            let job = queue_job(args, &region, index, size_bytes);
             let (phase, counters) = (&phase, &counters[index]);
-            handles
-                .push(scope.spawn(move || workload::run_queue(queue, job, index, phase, counters)));
+            handles.push(scope.spawn(move || {
+                let result = workload::run_queue(queue, job, index, phase, counters);
+                if result.is_err() {
+                    phase.store(PHASE_STOP, Ordering::Release);
+                }
+                result
+            }));
         }
-        show_progress(
-            &bar,
-            "ramp   ",
-            Duration::from_secs_f64(args.ramp),
-            &counters,
-            args.bs,
-        );
+        let secs = |s: f64| Duration::from_secs_f64(s);
+        show_progress(&bar, "ramp   ", secs(args.ramp), &counters, args.bs, &phase);
         let (t0, cpu0) = (Instant::now(), cpu_times());
-        phase.store(PHASE_MEASURE, Ordering::Release);
-        show_progress(
-            &bar,
-            "measure",
-            Duration::from_secs_f64(args.secs),
-            &counters,
-            args.bs,
+        let started = phase.compare_exchange(
+            PHASE_RAMP,
+            PHASE_MEASURE,
+            Ordering::AcqRel,
+            Ordering::Acquire,
         );
+        if started.is_ok() {
+            show_progress(&bar, "measure", secs(args.secs), &counters, args.bs, &phase);
+        }
         phase.store(PHASE_STOP, Ordering::Release);
         let (elapsed, cpu1) = (t0.elapsed(), cpu_times());
         let results: Vec<_> = handles.into_iter().map(|h| h.join()).collect();
-        (elapsed, (cpu1.0 - cpu0.0, cpu1.1 - cpu0.1), results)
+        (
+            elapsed,
+            (cpu1.0.saturating_sub(cpu0.0), cpu1.1.saturating_sub(cpu0.1)),
+            results,
+        )
     });
     bar.finish_and_clear();
     let mut merged = QueueResult {
@@ -280,10 +303,20 @@ fn measure(
         merged.read_ops += r.read_ops;
         merged.write_ops += r.write_ops;
     }
-    let ops = merged.latency_ns.count();
-    let (iops, mib_per_sec) = BenchReport::throughput(ops, args.bs, elapsed);
-    let wall = elapsed.as_secs_f64().max(1e-9);
-    Ok(BenchReport {
+    Ok(Measured {
+        elapsed,
+        cpu_user: cpu.0,
+        cpu_sys: cpu.1,
+        merged,
+    })
+}
+
+/// The report of a finished run.
+fn build_report(args: &BenchArgs, m: &Measured, queue_size: u32, size_bytes: u64) -> BenchReport {
+    let ops = m.merged.latency_ns.count();
+    let (iops, mib_per_sec) = BenchReport::throughput(ops, args.bs, m.elapsed);
+    let wall = m.elapsed.as_secs_f64().max(1e-9);
+    BenchReport {
         socket: args.socket.display().to_string(),
         rw: args.rw,
         bs_bytes: args.bs,
@@ -295,17 +328,17 @@ fn measure(
         ramp_secs: args.ramp,
         secs: wall,
         ops,
-        read_ops: merged.read_ops,
-        write_ops: merged.write_ops,
+        read_ops: m.merged.read_ops,
+        write_ops: m.merged.write_ops,
         iops,
         mib_per_sec,
-        latency_us: LatencyUs::from_histogram(&merged.latency_ns),
+        latency_us: LatencyUs::from_histogram(&m.merged.latency_ns),
         cpu: CpuUse {
-            user_secs: cpu.0.as_secs_f64(),
-            sys_secs: cpu.1.as_secs_f64(),
-            percent_of_one_core: (cpu.0 + cpu.1).as_secs_f64() / wall * 100.0,
+            user_secs: m.cpu_user.as_secs_f64(),
+            sys_secs: m.cpu_sys.as_secs_f64(),
+            percent_of_one_core: (m.cpu_user + m.cpu_sys).as_secs_f64() / wall * 100.0,
         },
-    })
+    }
 }
 
 #[cfg(test)]

@@ -61,7 +61,7 @@ pub struct QueueJob {
     pub seed: u64,
 }
 
-/// Live counters of one queue thread, read by the progress display.
+/// Live counters of one queue thread (every completion, ramp included), read by the progress display.
 #[derive(Default)]
 #[repr(align(64))]
 pub struct LiveCounters {
@@ -78,6 +78,8 @@ pub struct QueueResult {
 /// A failure of a queue thread.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkloadError {
+    #[error("queue {queue}: no completion within {} s: backend stalled or gone", COMPLETION_TIMEOUT.as_secs())]
+    Stalled { queue: usize },
     #[error("queue {queue}: waiting for completions failed: {source}")]
     DoIo { queue: usize, source: blkio::Error },
     #[error("queue {queue}: {op} of {len_bytes} bytes at offset {offset_bytes} failed: {message} (errno {errno})")]
@@ -166,12 +168,18 @@ impl Runner<'_> {
         min: usize,
     ) -> Result<usize, WorkloadError> {
         let mut timeout = COMPLETION_TIMEOUT;
-        self.queue
-            .do_io(out, min, Some(&mut timeout), None)
-            .map_err(|source| WorkloadError::DoIo {
-                queue: self.index,
-                source,
-            })
+        // With min 0 do_io never waits: skip the timeout bookkeeping on the polling fast path.
+        let timeout = if min == 0 { None } else { Some(&mut timeout) };
+        self.queue.do_io(out, min, timeout, None).map_err(|source| {
+            if source.errno() == blkio::Errno::TIME {
+                WorkloadError::Stalled { queue: self.index }
+            } else {
+                WorkloadError::DoIo {
+                    queue: self.index,
+                    source,
+                }
+            }
+        })
     }
 
     /// Checks one completion; returns its slot.
@@ -266,7 +274,7 @@ pub fn run_queue(
             }
             r.submit(s, now);
         }
-        if current == PHASE_MEASURE && n > 0 {
+        if n > 0 {
             r.counters.ops.fetch_add(n as u64, Ordering::Relaxed);
         }
     }
