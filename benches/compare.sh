@@ -151,6 +151,7 @@ json.dump({
     "nproc": sh("nproc"), "kernel": sh("uname -r"), "cpu_model": model,
     "mem_total": sh("free -h | awk '/Mem:/{print \$2}'"),
     "qemu": sh("qemu-storage-daemon --version | head -1"), "fio": sh("fio --version"),
+    "loadavg_start": open("/proc/loadavg").read().split()[:3],
     "ferry_commit": sh("git -C '$ROOT' rev-parse --short HEAD"),
     "secs": $SECS, "ramp": $RAMP, "rounds": $ROUNDS, "size": "$SIZE",
     "backends": "$BACKENDS".split(), "modes": "$MODES".split(), "quick": "${QUICK:-0}" == "1",
@@ -194,6 +195,12 @@ main() {
             stop_backend
         done
     done
+    python3 - "$OUT/machine.json" <<'PY'
+import json, sys
+m = json.load(open(sys.argv[1]))
+m["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
+json.dump(m, open(sys.argv[1], "w"), indent=1)
+PY
     if [[ "${NO_REPORT:-0}" != 1 ]]; then
         python3 "$ROOT/benches/report.py" --raw "$OUT/raw" --machine "$OUT/machine.json" \
             --json "$OUT/results.json" --markdown "$ROOT/docs/BENCHMARKS.md" \

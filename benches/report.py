@@ -164,6 +164,8 @@ def markdown(machine, summary, ratio_rows, plot_name):
         f"| QEMU | {machine.get('qemu', '')} |",
         f"| fio | {machine.get('fio', '')} |",
         f"| ferry commit | {machine.get('ferry_commit', '')} |",
+        f"| backends | {' '.join(machine.get('backends', []))} (client modes: {' '.join(machine.get('modes', []))}) |",
+        f"| load average (1/5/15 min) | start {' '.join(machine.get('loadavg_start', []))}, end {' '.join(machine.get('loadavg_end', []))} |",
         f"| runs | {machine.get('rounds')} rounds × {machine.get('secs')} s (+{machine.get('ramp')} s ramp), image {machine.get('size')} on /dev/shm |",
         "",
         "## Reproduce",
@@ -186,6 +188,12 @@ def markdown(machine, summary, ratio_rows, plot_name):
         lines.append(f"| {r['workload']} | {r['mode']} | {ratio_cell(r['ferry_over_qsd'])} | "
                      f"{ratio_cell(r['ferry_over_fio'])} | {ratio_cell(r['qsd_over_fio'])} |")
     lines += [
+        "",
+        "Caveats: with `nproc` 2, a polling client and the backend share both cores with everything",
+        "else on the machine (a load average near or above 2 means the numbers are skewed; a polling",
+        "client below ~100 % client CPU was descheduled). fio's io_uring on a /dev/shm file with",
+        "`--direct=0` punts each read/write to an io-wq kernel worker (`iou-wrk`), so its QD 1 figure",
+        "is a loose ceiling; `FIO_ENGINE=psync` gives the synchronous-copy bound instead.",
         "",
         "## Results",
         "",
