@@ -1,0 +1,146 @@
+//! Smoke test of `ferry bench`: measures a real qemu-storage-daemon vhost-user-blk export and
+//! checks the JSON report is sane (no timed assertions).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long qemu-storage-daemon may take to create its socket.
+const SOCKET_WAIT: Duration = Duration::from_secs(10);
+/// Size of the test image.
+const IMAGE_BYTES: u64 = 64 << 20;
+
+/// A qemu-storage-daemon process, killed when dropped.
+struct Qsd(Child);
+
+impl Drop for Qsd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn scratch_dir() -> std::io::Result<tempfile::TempDir> {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        tempfile::Builder::new()
+            .prefix("ferry-bench-smoke")
+            .tempdir_in(shm)
+    } else {
+        tempfile::Builder::new()
+            .prefix("ferry-bench-smoke")
+            .tempdir()
+    }
+}
+
+fn start_qsd(image: &Path, socket: &Path) -> Result<Qsd, Box<dyn std::error::Error>> {
+    let blockdev = format!(
+        "driver=file,node-name=f0,filename={},aio=io_uring,cache.direct=off",
+        image.display()
+    );
+    let export = format!(
+        "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={},writable=on,num-queues=1",
+        socket.display()
+    );
+    let child = Command::new("qemu-storage-daemon")
+        .args(["--blockdev", &blockdev, "--export", &export])
+        .stdin(Stdio::null())
+        .spawn()?;
+    let qsd = Qsd(child);
+    let start = Instant::now();
+    while !socket.exists() {
+        if start.elapsed() > SOCKET_WAIT {
+            return Err("qemu-storage-daemon did not create its socket".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(qsd)
+}
+
+fn bench_json(
+    socket: &Path,
+    extra: &[&str],
+) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .arg("bench")
+        .arg("--socket")
+        .arg(socket)
+        .args(["--json", "--secs", "1", "--ramp", "0"])
+        .args(extra)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "ferry bench {extra:?} failed: {stderr}"
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+fn number(v: &serde_json::Value, pointer: &str) -> f64 {
+    v.pointer(pointer)
+        .and_then(serde_json::Value::as_f64)
+        .unwrap_or_else(|| panic!("{pointer} missing or not a number in {v}"))
+}
+
+fn check_report(v: &serde_json::Value, rw: &str, mode: &str) {
+    assert_eq!(v["rw"], rw);
+    assert_eq!(v["mode"], mode);
+    assert_eq!(number(v, "/size_bytes") as u64, IMAGE_BYTES);
+    assert!(number(v, "/ops") > 0.0, "{v}");
+    assert!(number(v, "/iops") > 0.0, "{v}");
+    assert!(number(v, "/mib_per_sec") > 0.0, "{v}");
+    let (min, p50, p99, p999, max) = (
+        number(v, "/latency_us/min"),
+        number(v, "/latency_us/p50"),
+        number(v, "/latency_us/p99"),
+        number(v, "/latency_us/p99_9"),
+        number(v, "/latency_us/max"),
+    );
+    assert!(
+        min > 0.0 && min <= p50 && p50 <= p99 && p99 <= p999 && p999 <= max,
+        "{v}"
+    );
+    assert!(number(v, "/cpu/percent_of_one_core") >= 0.0, "{v}");
+}
+
+fn have_qsd() -> bool {
+    Command::new("qemu-storage-daemon")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[test]
+fn bench_measures_qemu_storage_daemon() -> Result<(), Box<dyn std::error::Error>> {
+    if !have_qsd() {
+        eprintln!("skipping: qemu-storage-daemon is not installed");
+        return Ok(());
+    }
+    let dir = scratch_dir()?;
+    let image: PathBuf = dir.path().join("disk.img");
+    let pattern: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
+    let mut data = Vec::with_capacity(IMAGE_BYTES as usize);
+    while (data.len() as u64) < IMAGE_BYTES {
+        data.extend_from_slice(&pattern);
+    }
+    std::fs::write(&image, &data)?;
+    let socket = dir.path().join("vhost.sock");
+    let _qsd = start_qsd(&image, &socket)?;
+
+    let v = bench_json(&socket, &["--rw", "randread", "--qd", "8", "--wait"])?;
+    check_report(&v, "randread", "wait");
+    assert_eq!(number(&v, "/write_ops"), 0.0);
+
+    let v = bench_json(&socket, &["--rw", "randwrite", "--qd", "128", "--poll"])?;
+    check_report(&v, "randwrite", "poll");
+    assert_eq!(
+        number(&v, "/queue_size"),
+        512.0,
+        "3 descriptors per request at qd 128"
+    );
+
+    let v = bench_json(&socket, &["--rw", "read", "--bs", "128K", "--qd", "2"])?;
+    check_report(&v, "read", "wait");
+    Ok(())
+}
