@@ -57,6 +57,10 @@ pub struct Backing {
     pub base_offset_bytes: u64,
     pub len_bytes: u64,
     pub is_block_device: bool,
+    /// The image lives in memory (tmpfs, ramfs): its reads and writes never wait for a
+    /// device, so the queues do them inline instead of through io_uring (which hands such
+    /// files' buffered I/O to io-wq worker threads, since they lack `RWF_NOWAIT`).
+    pub memory_backed: bool,
 }
 
 impl Backing {

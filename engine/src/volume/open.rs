@@ -32,6 +32,7 @@ pub fn open_backing(config: &VolumeConfig) -> Result<Backing, EngineError> {
     }
     let direct = config.cache == CacheMode::None;
     let file = open_image(config, path, direct)?;
+    let memory_backed = !is_block_device && is_memory_backed(&file);
     let image_len_bytes = image_len(&file).map_err(|source| EngineError::Open {
         volume: name.clone(),
         path: path.clone(),
@@ -50,6 +51,7 @@ pub fn open_backing(config: &VolumeConfig) -> Result<Backing, EngineError> {
         base_offset_bytes: config.offset_bytes,
         len_bytes,
         is_block_device,
+        memory_backed,
     })
 }
 
@@ -164,6 +166,22 @@ fn open_image(config: &VolumeConfig, path: &Path, direct: bool) -> Result<File, 
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// True for files on tmpfs or ramfs.
+pub fn is_memory_backed(file: &File) -> bool {
+    use std::os::fd::AsRawFd;
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    let mut stats: libc::statfs = unsafe_zeroed_statfs();
+    // SAFETY: fstatfs(2) fills the struct we pass; the descriptor is open.
+    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut stats) };
+    rc == 0 && matches!(stats.f_type as i64, TMPFS_MAGIC | RAMFS_MAGIC)
+}
+
+fn unsafe_zeroed_statfs() -> libc::statfs {
+    // SAFETY: statfs is a plain C struct of integers, valid when zeroed.
+    unsafe { std::mem::zeroed() }
 }
 
 /// The size of a regular file or block device.

@@ -155,6 +155,7 @@ struct PathSnapshot {
     buffered_fd: Option<RawFd>,
     base_offset_bytes: u64,
     len_bytes: u64,
+    memory_backed: bool,
     observers: ObserverList,
     /// Keeps the descriptors above open.
     _backing: Arc<super::Backing>,
@@ -223,6 +224,7 @@ impl VolumeQueue {
             buffered_fd: backing.buffered.as_ref().map(|f| f.as_raw_fd()),
             base_offset_bytes: backing.base_offset_bytes,
             len_bytes: backing.len_bytes,
+            memory_backed: backing.memory_backed,
             observers: volume.observers(),
             _backing: backing,
         }
@@ -454,7 +456,8 @@ impl VolumeQueue {
             Kind::Write if !slot.dsync => false,
             _ => return Inline::NotTried,
         };
-        if self.path.buffered_fd.is_some() && slot.fd == self.path.fd {
+        // O_DIRECT to a device would block the thread for the device's latency.
+        if !self.path.memory_backed && self.path.buffered_fd.is_some() && slot.fd == self.path.fd {
             return Inline::NotTried;
         }
         if self.inline_backoff > 0 {
@@ -464,13 +467,19 @@ impl VolumeQueue {
         let iovecs = &slot.iovecs[slot.iov_start..];
         let count = iovecs.len() as libc::c_int;
         let offset = slot.file_offset as libc::off_t;
+        // Memory-backed files never wait for a device (and refuse RWF_NOWAIT).
+        let flags = if self.path.memory_backed {
+            0
+        } else {
+            libc::RWF_NOWAIT
+        };
         // SAFETY: the iovecs point to memory valid for this request (`submit`'s contract),
         // writable for a read; the call is synchronous, so nothing outlives it.
         let done = unsafe {
             if is_read {
-                libc::preadv2(slot.fd, iovecs.as_ptr(), count, offset, libc::RWF_NOWAIT)
+                libc::preadv2(slot.fd, iovecs.as_ptr(), count, offset, flags)
             } else {
-                libc::pwritev2(slot.fd, iovecs.as_ptr(), count, offset, libc::RWF_NOWAIT)
+                libc::pwritev2(slot.fd, iovecs.as_ptr(), count, offset, flags)
             }
         };
         if done >= 0 {
