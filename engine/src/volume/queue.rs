@@ -100,6 +100,8 @@ struct Slot {
     fd: RawFd,
     /// Writes carry `RWF_DSYNC` (the guest turned its write cache off).
     dsync: bool,
+    /// A discard (counted apart from write-zeroes, which share `Kind::Zero`).
+    discard: bool,
 }
 
 impl Slot {
@@ -117,6 +119,7 @@ impl Slot {
             total_bytes: 0,
             fd: -1,
             dsync: false,
+            discard: false,
         }
     }
 
@@ -326,6 +329,7 @@ impl VolumeQueue {
             }
         };
         slot.kind = kind;
+        slot.discard = matches!(op, BlockOp::Discard { .. });
         slot.total_bytes = len_bytes;
         slot.remaining_bytes = len_bytes;
         if kind != Kind::Read && kind != Kind::Flush && read_only {
@@ -689,7 +693,7 @@ impl VolumeQueue {
             Some(f) => Err(f),
             None => Ok(slot.total_bytes),
         };
-        self.count(slot.kind, slot.total_bytes, result.is_ok());
+        self.count(slot.kind, slot.discard, slot.total_bytes, result.is_ok());
         self.ready.push(Completion {
             tag: slot.tag,
             result,
@@ -698,7 +702,7 @@ impl VolumeQueue {
         self.volume.inflight_sub(1);
     }
 
-    fn count(&self, kind: Kind, bytes: u64, ok: bool) {
+    fn count(&self, kind: Kind, discard: bool, bytes: u64, ok: bool) {
         use std::sync::atomic::Ordering::Relaxed;
         let s = &self.volume.stats;
         if !ok {
@@ -716,6 +720,10 @@ impl VolumeQueue {
             }
             Kind::Flush => {
                 s.flush_ops.fetch_add(1, Relaxed);
+            }
+            Kind::Zero { .. } if discard => {
+                s.discard_ops.fetch_add(1, Relaxed);
+                s.discard_bytes.fetch_add(bytes, Relaxed);
             }
             Kind::Zero { .. } => {
                 s.write_zeroes_ops.fetch_add(1, Relaxed);
