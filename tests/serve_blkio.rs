@@ -623,28 +623,40 @@ fn cache_none_round_trip() -> Result<()> {
 fn sigterm_with_writes_in_flight() -> Result<()> {
     const IMAGE_BYTES: u64 = 64 << 20;
     const BLOCK: usize = 16 << 10;
-    const PER_BATCH: usize = 128;
+    /// Distinct blocks of data per batch (the buffer region); larger batches reuse them.
+    const BUF_BLOCKS: usize = 128;
+    /// Writes of the batch during which SIGTERM is sent: long enough to be cut in the middle.
+    const SIGNALLED_BATCH: usize = 8 * BUF_BLOCKS;
     let mut served = Served::start(IMAGE_BYTES, "")?;
     let mut client = served.connect(&BlkioOpts {
-        buf_bytes: PER_BATCH * BLOCK,
+        buf_bytes: BUF_BLOCKS * BLOCK,
         ..BlkioOpts::default()
     })?;
     let pid = nix::unistd::Pid::from_raw(i32::try_from(served.daemon.pid())?);
-    let slots = IMAGE_BYTES as usize / BLOCK;
-    let mut completed: Vec<(usize, u64)> = Vec::new();
-    let mut partial_batches = 0;
-    let mut terminated_at = None;
-    // Each batch writes PER_BATCH fresh slots; SIGTERM goes out from another thread while
-    // the third batch is in flight.
-    for (batch, first_slot) in (0..slots).step_by(PER_BATCH).enumerate() {
+    // (slot, seed, block of the seed's data) of every write that completed successfully.
+    let mut completed: Vec<(usize, u64, usize)> = Vec::new();
+    let mut first_slot = 0;
+    let mut terminated = false;
+    // Two full batches, then SIGTERM from another thread 2 ms into the third (large) one,
+    // then batches until one gets nothing done.
+    for batch in 0.. {
+        let len = if batch == 2 {
+            SIGNALLED_BATCH
+        } else {
+            BUF_BLOCKS
+        };
+        if (first_slot + len) * BLOCK > IMAGE_BYTES as usize {
+            anyhow::bail!("the daemon kept serving after SIGTERM");
+        }
         let seed = 1000 + batch as u64;
-        let data = support::pattern(seed, PER_BATCH * BLOCK);
-        client.buf_mut().copy_from_slice(&data);
-        let ops: Vec<Op> = (0..PER_BATCH)
+        client
+            .buf_mut()
+            .copy_from_slice(&support::pattern(seed, BUF_BLOCKS * BLOCK));
+        let ops: Vec<Op> = (0..len)
             .map(|i| Op::Write {
                 offset_bytes: ((first_slot + i) * BLOCK) as u64,
                 len_bytes: BLOCK,
-                buf_offset: i * BLOCK,
+                buf_offset: (i % BUF_BLOCKS) * BLOCK,
                 fua: false,
             })
             .collect();
@@ -654,31 +666,28 @@ fn sigterm_with_writes_in_flight() -> Result<()> {
                 nix::sys::signal::kill(pid, Signal::SIGTERM)
             })
         });
-        let timeout = if terminated_at.is_some() {
-            Duration::from_secs(2)
-        } else {
-            Duration::from_secs(10)
-        };
+        let timeout = Duration::from_secs(match batch {
+            0 | 1 => 30,
+            2 => 3,
+            _ => 1,
+        });
         let results = client.run_batches_within(&[ops], timeout)?.swap_remove(0);
         if let Some(handle) = signaller {
             handle
                 .join()
                 .map_err(|_| anyhow::anyhow!("signal thread panicked"))?
                 .context("send SIGTERM")?;
-            terminated_at = Some(Instant::now());
+            terminated = true;
         }
-        let done = results.iter().filter(|r| **r == Some(0)).count();
-        if done < PER_BATCH {
-            partial_batches += 1;
-        }
-        completed.extend(
-            results
-                .iter()
-                .enumerate()
-                .filter(|(_, r)| **r == Some(0))
-                .map(|(i, _)| (first_slot + i, seed)),
+        let done: Vec<usize> = (0..len).filter(|&i| results[i] == Some(0)).collect();
+        eprintln!("batch {batch}: {} of {len} writes completed", done.len());
+        ensure!(
+            batch >= 2 || done.len() == len,
+            "batch {batch} failed before SIGTERM: {results:?}"
         );
-        if terminated_at.is_some() && done == 0 {
+        completed.extend(done.iter().map(|&i| (first_slot + i, seed, i % BUF_BLOCKS)));
+        first_slot += len;
+        if terminated && done.is_empty() {
             break;
         }
     }
@@ -690,21 +699,14 @@ fn sigterm_with_writes_in_flight() -> Result<()> {
     );
     ensure!(!served.socket.exists(), "socket left behind after SIGTERM");
     drop(client);
-    eprintln!(
-        "{} writes completed before shutdown; {partial_batches} batches cut short",
-        completed.len()
-    );
-    ensure!(completed.len() >= 2 * PER_BATCH, "the first batches failed");
     let host = std::fs::read(&served.image).context("read image")?;
-    let mut batches = std::collections::HashMap::new();
-    for (slot, seed) in completed {
-        let i = slot % PER_BATCH;
-        let data = batches
+    let mut data = std::collections::HashMap::new();
+    for (slot, seed, block) in completed {
+        let data = data
             .entry(seed)
-            .or_insert_with(|| support::pattern(seed, PER_BATCH * BLOCK));
-        let want = &data[i * BLOCK..(i + 1) * BLOCK];
+            .or_insert_with(|| support::pattern(seed, BUF_BLOCKS * BLOCK));
         ensure!(
-            host[slot * BLOCK..(slot + 1) * BLOCK] == *want,
+            host[slot * BLOCK..(slot + 1) * BLOCK] == data[block * BLOCK..(block + 1) * BLOCK],
             "a write the client saw complete (slot {slot}) is not in the image"
         );
     }
