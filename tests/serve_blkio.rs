@@ -9,7 +9,7 @@ mod support;
 use anyhow::{ensure, Context as _, Result};
 use nix::sys::signal::Signal;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use support::blkio_client::{BlkioClient, BlkioOpts, Op};
 use support::daemon::Daemon;
 use support::ferry;
