@@ -111,6 +111,7 @@ fn blkio_round_trip_on_qsd() -> Result<()> {
         num_queues: 2,
         queue_size: Some(64),
         buf_bytes: 8 << 20,
+        ..BlkioOpts::default()
     };
     let mut client = BlkioClient::connect(&socket, &opts)?;
     ensure!(

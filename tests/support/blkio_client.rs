@@ -52,6 +52,8 @@ pub struct BlkioOpts {
     pub queue_size: Option<u16>,
     /// Size of the shared buffer region.
     pub buf_bytes: usize,
+    /// Open the device read-only (libblkio refuses to start a read-only device otherwise).
+    pub read_only: bool,
 }
 
 impl Default for BlkioOpts {
@@ -60,6 +62,7 @@ impl Default for BlkioOpts {
             num_queues: 1,
             queue_size: None,
             buf_bytes: 4 << 20,
+            read_only: false,
         }
     }
 }
@@ -83,6 +86,9 @@ impl BlkioClient {
         let path = socket.to_str().context("socket path is not UTF-8")?;
         let mut blkio = blk("new", Blkio::new("virtio-blk-vhost-user"))?;
         blk("set path", blkio.set_str("path", path))?;
+        if opts.read_only {
+            blk("set read-only", blkio.set_bool("read-only", true))?;
+        }
         blk("connect", blkio.connect())?;
         blk(
             "set num-queues",
@@ -149,6 +155,28 @@ impl BlkioClient {
 
     /// Runs one batch per queue concurrently (batch i on queue i); per-op results as `run_batch`.
     pub fn run_batches(&mut self, per_queue: &[Vec<Op>]) -> Result<Vec<Vec<i32>>> {
+        let results = self.run_batches_within(per_queue, BATCH_TIMEOUT)?;
+        let pending: Vec<usize> = results
+            .iter()
+            .map(|r| r.iter().filter(|x| x.is_none()).count())
+            .collect();
+        ensure!(
+            pending.iter().all(|&n| n == 0),
+            "batch timed out after {BATCH_TIMEOUT:?}; still pending per queue: {pending:?}"
+        );
+        Ok(results
+            .into_iter()
+            .map(|r| r.into_iter().map(|x| x.unwrap_or(i32::MIN)).collect())
+            .collect())
+    }
+
+    /// Like `run_batches`, but gives up after `timeout` instead of failing: requests that did
+    /// not complete by then are `None` (e.g. the backend went away mid-batch).
+    pub fn run_batches_within(
+        &mut self,
+        per_queue: &[Vec<Op>],
+        timeout: Duration,
+    ) -> Result<Vec<Vec<Option<i32>>>> {
         ensure!(
             per_queue.len() <= self.queues.len(),
             "more batches than queues"
@@ -161,19 +189,11 @@ impl BlkioClient {
         let mut results: Vec<Vec<Option<i32>>> =
             per_queue.iter().map(|ops| vec![None; ops.len()]).collect();
         let mut pending: Vec<usize> = per_queue.iter().map(Vec::len).collect();
-        let deadline = Instant::now() + BATCH_TIMEOUT;
-        while pending.iter().any(|&n| n > 0) {
-            if Instant::now() >= deadline {
-                bail!(
-                    "batch timed out after {BATCH_TIMEOUT:?}; still pending per queue: {pending:?}"
-                );
-            }
+        let deadline = Instant::now() + timeout;
+        while pending.iter().any(|&n| n > 0) && Instant::now() < deadline {
             self.reap(&mut results, &mut pending)?;
         }
-        Ok(results
-            .into_iter()
-            .map(|r| r.into_iter().map(|x| x.unwrap_or(i32::MIN)).collect())
-            .collect())
+        Ok(results)
     }
 
     /// Like `run_batch`, failing on the first request with a non-zero result.

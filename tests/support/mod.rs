@@ -6,6 +6,7 @@
 
 pub mod blkio_client;
 pub mod daemon;
+pub mod ferry;
 pub mod guest;
 pub mod initramfs;
 pub mod nbd;

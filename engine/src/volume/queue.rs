@@ -102,6 +102,8 @@ struct Slot {
     dsync: bool,
     /// The observers that saw this write, told by `source_done` when the ring part ends.
     observed: Option<ObservedWrite>,
+    /// A discard (counted apart from write-zeroes, which share `Kind::Zero`).
+    discard: bool,
 }
 
 /// What the observers of a request saw, kept to tell them when the volume's own I/O ends.
@@ -128,6 +130,7 @@ impl Slot {
             fd: -1,
             dsync: false,
             observed: None,
+            discard: false,
         }
     }
 
@@ -340,6 +343,7 @@ impl VolumeQueue {
             }
         };
         slot.kind = kind;
+        slot.discard = matches!(op, BlockOp::Discard { .. });
         slot.total_bytes = len_bytes;
         slot.remaining_bytes = len_bytes;
         if kind != Kind::Read && kind != Kind::Flush && read_only {
@@ -741,7 +745,7 @@ impl VolumeQueue {
             Some(f) => Err(f),
             None => Ok(slot.total_bytes),
         };
-        self.count(slot.kind, slot.total_bytes, result.is_ok());
+        self.count(slot.kind, slot.discard, slot.total_bytes, result.is_ok());
         self.ready.push(Completion {
             tag: slot.tag,
             result,
@@ -750,7 +754,7 @@ impl VolumeQueue {
         self.volume.inflight_sub(1);
     }
 
-    fn count(&self, kind: Kind, bytes: u64, ok: bool) {
+    fn count(&self, kind: Kind, discard: bool, bytes: u64, ok: bool) {
         use std::sync::atomic::Ordering::Relaxed;
         let s = &self.volume.stats;
         if !ok {
@@ -768,6 +772,10 @@ impl VolumeQueue {
             }
             Kind::Flush => {
                 s.flush_ops.fetch_add(1, Relaxed);
+            }
+            Kind::Zero { .. } if discard => {
+                s.discard_ops.fetch_add(1, Relaxed);
+                s.discard_bytes.fetch_add(bytes, Relaxed);
             }
             Kind::Zero { .. } => {
                 s.write_zeroes_ops.fetch_add(1, Relaxed);

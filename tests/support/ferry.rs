@@ -1,0 +1,125 @@
+//! Runs the real `ferry` binary for tests: `ferry serve` as a daemon (waiting for all its
+//! sockets), one-shot commands with a time bound, and `ferry query` against a control socket.
+
+use super::daemon::{Daemon, START_TIMEOUT};
+use anyhow::{bail, Context as _, Result};
+use std::path::Path;
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// Bound on a `ferry` command that is expected to finish by itself (an error, a query).
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `ferry serve` with `args`, as a running daemon once every path of `sockets` exists.
+pub fn serve(args: &[String], sockets: &[&Path]) -> Result<Daemon> {
+    let mut cmd = Command::new(super::ferry_bin());
+    cmd.arg("serve").args(args);
+    let (first, rest) = sockets
+        .split_first()
+        .context("serve needs a socket to wait for")?;
+    let mut daemon = Daemon::spawn_with_socket("ferry-serve", cmd, first)?;
+    for socket in rest {
+        daemon.wait_for_socket(socket, START_TIMEOUT)?;
+    }
+    Ok(daemon)
+}
+
+/// `--volume` argument pair for a spec such as `name=a,path=..,socket=..`.
+pub fn volume_args(spec: &str) -> [String; 2] {
+    ["--volume".to_string(), spec.to_string()]
+}
+
+/// The outcome of a finished `ferry` command.
+#[derive(Debug)]
+pub struct Finished {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `ferry ARGS` in `cwd` (None: the test's cwd) to its end; kills it and fails after
+/// `timeout` (e.g. a `serve` that should have refused to start but is serving).
+pub fn run(args: &[String], cwd: Option<&Path>, timeout: Duration) -> Result<Finished> {
+    let out_dir = tempfile::Builder::new()
+        .prefix("ferry-cmd-")
+        .tempdir()
+        .context("create output dir")?;
+    let out_path = out_dir.path().join("stdout");
+    let err_path = out_dir.path().join("stderr");
+    let mut cmd = Command::new(super::ferry_bin());
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_path).context("create stdout file")?)
+        .stderr(std::fs::File::create(&err_path).context("create stderr file")?);
+    if let Some(dir) = cwd {
+        cmd.current_dir(dir);
+    }
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("spawn ferry {args:?}"))?;
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().context("poll ferry")? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "ferry {args:?} still running after {timeout:?}; stderr:\n{}",
+                std::fs::read_to_string(&err_path).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Ok(Finished {
+        status,
+        stdout: std::fs::read_to_string(&out_path).context("read stdout")?,
+        stderr: std::fs::read_to_string(&err_path).context("read stderr")?,
+    })
+}
+
+/// `ferry query --control CONTROL COMMAND`, parsed from its JSON output.
+pub fn query(control: &Path, command: &str) -> Result<serde_json::Value> {
+    let args = [
+        "query".to_string(),
+        "--control".to_string(),
+        control.display().to_string(),
+        command.to_string(),
+    ];
+    let out = run(&args, None, COMMAND_TIMEOUT)?;
+    if !out.status.success() {
+        bail!(
+            "ferry query {command} failed ({}): {}",
+            out.status,
+            out.stderr
+        );
+    }
+    serde_json::from_str(&out.stdout)
+        .with_context(|| format!("ferry query printed no JSON: {}", out.stdout))
+}
+
+/// The entry of volume `name` in `query-volumes`.
+pub fn query_volume(control: &Path, name: &str) -> Result<serde_json::Value> {
+    let volumes = query(control, "query-volumes")?;
+    volumes
+        .as_array()
+        .and_then(|list| list.iter().find(|v| v["name"] == name))
+        .cloned()
+        .with_context(|| format!("volume {name} not in query-volumes: {volumes}"))
+}
+
+/// A path inside `dir`, as a `String` for `--volume` specs.
+pub fn path_str(dir: &Path, name: &str) -> String {
+    dir.join(name).display().to_string()
+}
+
+/// Reads `len` bytes at `offset` of a file on the host.
+pub fn read_file_range(path: &Path, offset: u64, len: usize) -> Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt as _;
+    let file = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    let mut buf = vec![0u8; len];
+    file.read_exact_at(&mut buf, offset)
+        .with_context(|| format!("read {len} bytes at {offset} of {}", path.display()))?;
+    Ok(buf)
+}
