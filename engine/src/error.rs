@@ -22,7 +22,9 @@ pub enum EngineError {
         #[source]
         source: io::Error,
     },
-    #[error("volume {volume}: {path} is {actual_bytes} bytes, but size={requested_bytes} was given")]
+    #[error(
+        "volume {volume}: {path} is {actual_bytes} bytes, but size={requested_bytes} was given"
+    )]
     SizeMismatch {
         volume: String,
         path: PathBuf,

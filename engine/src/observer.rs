@@ -44,7 +44,8 @@ impl WriteEvent<'_> {
         for iov in self.data {
             // SAFETY: the engine guarantees (see `VolumeQueue::submit`) that every iovec of a
             // write points to `iov_len` readable bytes that stay mapped until `observe` returns.
-            let bytes = unsafe { std::slice::from_raw_parts(iov.iov_base as *const u8, iov.iov_len) };
+            let bytes =
+                unsafe { std::slice::from_raw_parts(iov.iov_base as *const u8, iov.iov_len) };
             out.extend_from_slice(bytes);
         }
     }
@@ -90,7 +91,9 @@ impl ObserverTicket {
 impl Drop for ObserverTicket {
     fn drop(&mut self) {
         if let Some(sink) = self.sink.take() {
-            log::error!("an observer dropped a held write without completing it; failing the write");
+            log::error!(
+                "an observer dropped a held write without completing it; failing the write"
+            );
             sink.push(self.request_slot, false);
         }
     }

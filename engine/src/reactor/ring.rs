@@ -95,7 +95,11 @@ impl Ring {
 
     /// Moves every ready completion into `out` as `(user_data, result)`.
     pub fn reap(&mut self, out: &mut Vec<(u64, i32)>) {
-        out.extend(self.ring.completion().map(|cqe| (cqe.user_data(), cqe.result())));
+        out.extend(
+            self.ring
+                .completion()
+                .map(|cqe| (cqe.user_data(), cqe.result())),
+        );
     }
 
     /// Clears the eventfd's counter so that the next completion wakes the thread again.

@@ -226,7 +226,10 @@ mod tests {
         let backing = open_backing(&c)?;
         assert_eq!(backing.len_bytes, 4096);
         c.length_bytes = Some(8192);
-        assert!(matches!(open_backing(&c), Err(EngineError::BadGeometry { .. })));
+        assert!(matches!(
+            open_backing(&c),
+            Err(EngineError::BadGeometry { .. })
+        ));
         Ok(())
     }
 }

@@ -64,7 +64,9 @@ enum Kind {
     Write,
     Flush,
     /// Discard and write-zeroes: fallocate, falling back as the file system requires.
-    Zero { stage: ZeroStage },
+    Zero {
+        stage: ZeroStage,
+    },
 }
 
 /// How a range is being zeroed; each stage falls back to the next on `EOPNOTSUPP`.
@@ -349,7 +351,12 @@ impl VolumeQueue {
                 offset_bytes,
                 len_bytes,
                 unmap,
-            } => (WriteKind::WriteZeroes { unmap }, offset_bytes, len_bytes, &[]),
+            } => (
+                WriteKind::WriteZeroes { unmap },
+                offset_bytes,
+                len_bytes,
+                &[],
+            ),
         };
         let event = WriteEvent {
             volume: self.volume.name(),
@@ -382,7 +389,10 @@ impl VolumeQueue {
                 self.ring_ops_inflight += 1;
             }
             Err(e) => {
-                log::error!("volume {}: io_uring submission failed: {e}", self.volume.name());
+                log::error!(
+                    "volume {}: io_uring submission failed: {e}",
+                    self.volume.name()
+                );
                 let slot = &mut self.slots[slot_index as usize];
                 slot.failure = Some(IoFailure::Os(e.raw_os_error().unwrap_or(libc::EIO)));
                 if slot.pending == 0 {
@@ -471,7 +481,10 @@ impl VolumeQueue {
         let mut released = std::mem::take(&mut self.released_scratch);
         self.sink.drain_into(&mut released);
         for &(slot_index, ok) in &released {
-            self.on_part_done(slot_index, if ok { None } else { Some(IoFailure::Observer) });
+            self.on_part_done(
+                slot_index,
+                if ok { None } else { Some(IoFailure::Observer) },
+            );
         }
         released.clear();
         self.released_scratch = released;
@@ -544,7 +557,11 @@ impl VolumeQueue {
         }
         let done = result as u64;
         match slot.kind {
-            Kind::Read | Kind::Write | Kind::Zero { stage: ZeroStage::WriteZeros } => {
+            Kind::Read
+            | Kind::Write
+            | Kind::Zero {
+                stage: ZeroStage::WriteZeros,
+            } => {
                 if done == 0 && slot.remaining_bytes > 0 {
                     return Step::Done(Some(IoFailure::NoProgress));
                 }
