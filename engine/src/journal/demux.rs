@@ -8,8 +8,8 @@ use super::error::JournalError;
 use super::format::{
     encode_record, padding_needed, padding_record, MediumHeader, MEDIUM_FLAG_DEMUXED,
 };
-use super::running::JOURNAL_STREAM_ID;
 use super::media::{medium_file_name, MediaSet};
+use super::running::JOURNAL_STREAM_ID;
 use super::writer::{unsequenced, write_all_vectored_at};
 
 /// One journal written by demux.

@@ -198,6 +198,8 @@ impl MediaSet {
             })
             .collect();
         out.sort_by_key(|r| r.record.header.seq);
+        // The same record read from two inputs (journal-wide records in demuxed streams).
+        out.dedup_by(|a, b| a.record.header == b.record.header);
         out
     }
 
