@@ -8,6 +8,7 @@
 //! See `engine/ARCHITECTURE.md` for the parts and what each must not know.
 
 pub mod error;
+pub mod journal;
 pub mod mirror;
 pub mod observer;
 pub mod reactor;

@@ -1,12 +1,416 @@
-//! `ferry journal ...`: control of a running daemon's journal and offline tools on media.
+//! `ferry journal ...`: control of a running daemon's journal (through the control socket)
+//! and offline tools on media (list, verify, restore, demux, export).
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use ferry_engine::journal::demux::demux;
+use ferry_engine::journal::export::export_dm_log_writes;
+use ferry_engine::journal::media::MediaSet;
+use ferry_engine::journal::restore::{restore, RestoreOptions, Until};
+use ferry_engine::journal::verify::verify;
+use serde_json::json;
+
+use crate::control_client::request;
+
+/// Formats `export` can write.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportFormat {
+    /// The Linux dm-log-writes log format (replayable with `replay-log`).
+    DmLogWrites,
+}
+
+/// Renderings of `retrieve`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryFormat {
+    Jsonl,
+    Csv,
+}
 
 /// The `ferry journal` subcommands.
 #[derive(clap::Subcommand, Debug)]
 pub enum JournalCommand {
-    /// Check media: checksums, sequence gaps, torn tail.
-    Verify { media: Vec<std::path::PathBuf> },
+    /// List the records of media (files or journal directories).
+    List {
+        #[arg(required = true)]
+        media: Vec<PathBuf>,
+        /// Only records of this volume (and journal-wide marks).
+        #[arg(long)]
+        stream: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check media: checksums, sequence gaps, torn tail. Exits non-zero on problems.
+    Verify {
+        #[arg(required = true)]
+        media: Vec<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rebuild a volume's image from a base image and the journal.
+    Restore {
+        #[arg(required = true)]
+        media: Vec<PathBuf>,
+        #[arg(long)]
+        volume: String,
+        #[arg(long)]
+        base: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// SEQ, seq:N, time:NANOS, time:YYYY-MM-DDTHH:MM:SSZ, mark:LABEL (default: the end).
+        #[arg(long)]
+        until: Option<String>,
+        /// Restore even if the range has sequence gaps or damaged records.
+        #[arg(long)]
+        allow_gaps: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Split a journal into one journal per stream (volume + queue).
+    Demux {
+        #[arg(required = true)]
+        media: Vec<PathBuf>,
+        #[arg(long)]
+        out_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Export one volume's writes in another log format.
+    Export {
+        #[arg(required = true)]
+        media: Vec<PathBuf>,
+        #[arg(long)]
+        volume: String,
+        #[arg(long, value_enum)]
+        format: ExportFormat,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a new log on a running daemon's journal.
+    Init {
+        #[arg(long)]
+        control: PathBuf,
+        #[arg(long)]
+        label: String,
+    },
+    /// Show a running daemon's journal status.
+    Status {
+        #[arg(long)]
+        control: PathBuf,
+    },
+    /// Fetch log entries from a running daemon's journal.
+    Retrieve {
+        #[arg(long)]
+        control: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        #[arg(long, value_enum, default_value = "jsonl")]
+        format: EntryFormat,
+    },
+    /// Seal the current medium (write its trailer) and continue on the next.
+    Seal {
+        #[arg(long)]
+        control: PathBuf,
+    },
+    /// Drop the daemon's in-memory log.
+    Clear {
+        #[arg(long)]
+        control: PathBuf,
+    },
+    /// Record a named point in the journal.
+    Mark {
+        #[arg(long)]
+        control: PathBuf,
+        #[arg(long)]
+        label: String,
+    },
 }
 
-pub fn run(_cmd: JournalCommand) -> anyhow::Result<()> {
-    anyhow::bail!("ferry journal is not implemented yet")
+pub fn run(cmd: JournalCommand) -> anyhow::Result<()> {
+    match cmd {
+        JournalCommand::List {
+            media,
+            stream,
+            json,
+        } => list(&media, stream.as_deref(), json),
+        JournalCommand::Verify { media, json } => run_verify(&media, json),
+        JournalCommand::Restore {
+            media,
+            volume,
+            base,
+            out,
+            until,
+            allow_gaps,
+            json,
+        } => {
+            let until = match until {
+                Some(u) => Until::parse(&u)?,
+                None => Until::End,
+            };
+            let opts = RestoreOptions {
+                volume,
+                base,
+                out,
+                until,
+                allow_gaps,
+            };
+            run_restore(&media, &opts, json)
+        }
+        JournalCommand::Demux {
+            media,
+            out_dir,
+            json,
+        } => {
+            let set = MediaSet::open(&media)?;
+            let outputs = demux(&set, &out_dir)?;
+            if json {
+                println!("{}", serde_json::to_string(&outputs)?);
+            } else {
+                for o in outputs {
+                    println!(
+                        "stream {} ({} queue {}): {} records -> {}",
+                        o.stream_id,
+                        o.volume,
+                        o.queue_index,
+                        o.records,
+                        o.path.display()
+                    );
+                }
+            }
+            Ok(())
+        }
+        JournalCommand::Export {
+            media,
+            volume,
+            format: ExportFormat::DmLogWrites,
+            out,
+            json,
+        } => {
+            let set = MediaSet::open(&media)?;
+            let report = export_dm_log_writes(&set, &volume, &out)?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!(
+                    "{}: {} entries, {} bytes -> {}",
+                    volume,
+                    report.entries,
+                    report.bytes,
+                    out.display()
+                );
+            }
+            Ok(())
+        }
+        other => run_control(other),
+    }
+}
+
+fn run_control(cmd: JournalCommand) -> anyhow::Result<()> {
+    let (control, command, arguments) = match cmd {
+        JournalCommand::Init { control, label } => {
+            (control, "journal-init", json!({ "label": label }))
+        }
+        JournalCommand::Status { control } => (control, "journal-status", json!({})),
+        JournalCommand::Retrieve {
+            control,
+            since,
+            format,
+        } => {
+            let reply = request(&control, "journal-retrieve", json!({ "since_seq": since }))?;
+            return print_entries(&reply, format);
+        }
+        JournalCommand::Seal { control } => (control, "journal-seal", json!({})),
+        JournalCommand::Clear { control } => (control, "journal-clear", json!({})),
+        JournalCommand::Mark { control, label } => {
+            (control, "journal-mark", json!({ "label": label }))
+        }
+        _ => anyhow::bail!("not a control command"),
+    };
+    let reply = request(&control, command, arguments)?;
+    println!("{}", serde_json::to_string_pretty(&reply)?);
+    Ok(())
+}
+
+/// Prints `journal-retrieve`'s reply (an array of entries, or `{"entries": [...]}`).
+fn print_entries(reply: &serde_json::Value, format: EntryFormat) -> anyhow::Result<()> {
+    let entries = reply
+        .get("entries")
+        .unwrap_or(reply)
+        .as_array()
+        .context("journal-retrieve returned no entry list")?;
+    if format == EntryFormat::Csv {
+        println!("{}", ferry_engine::journal::entry::CSV_HEADER);
+    }
+    for e in entries {
+        match format {
+            EntryFormat::Jsonl => println!("{}", serde_json::to_string(e)?),
+            EntryFormat::Csv => {
+                let field = |k: &str| {
+                    e.get(k)
+                        .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
+                        .unwrap_or_default()
+                };
+                let cols = [
+                    "seq",
+                    "stream_id",
+                    "log_id",
+                    "timestamp_ns",
+                    "op",
+                    "offset_bytes",
+                    "len_bytes",
+                    "medium",
+                    "position_bytes",
+                ];
+                println!("{}", cols.map(field).join(","));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn list(media: &[PathBuf], stream: Option<&str>, json: bool) -> anyhow::Result<()> {
+    let set = MediaSet::open(media)?;
+    let only = stream.map(|v| set.streams_of(v));
+    if let (Some(v), Some(ids)) = (stream, &only) {
+        anyhow::ensure!(!ids.is_empty(), "volume {v:?} is not in the journal");
+    }
+    for (mi, m) in set.media.iter().enumerate() {
+        for r in m.live_records() {
+            let h = r.header;
+            if let Some(ids) = &only {
+                if h.stream_id != 0 && !ids.contains(&h.stream_id) {
+                    continue;
+                }
+            }
+            let def = set.streams.get(&h.stream_id);
+            let label = if matches!(h.op.name(), "mark" | "log-init") {
+                Some(String::from_utf8_lossy(&m.payload(r)?).into_owned())
+            } else {
+                None
+            };
+            if json {
+                let line = json!({
+                    "seq": h.seq, "sequenced": h.is_sequenced(), "op": h.op, "stream_id": h.stream_id,
+                    "volume": def.map(|d| d.volume.clone()), "queue": def.map(|d| d.queue_index),
+                    "log_id": h.log_id, "timestamp_ns": h.timestamp_ns, "offset_bytes": h.offset_bytes,
+                    "len_bytes": h.len_bytes, "medium": m.index(), "file": mi, "path": m.path,
+                    "position_bytes": r.position_bytes, "label": label,
+                });
+                println!("{line}");
+            } else {
+                let who =
+                    def.map_or_else(String::new, |d| format!("{}/q{}", d.volume, d.queue_index));
+                let seq = if h.is_sequenced() {
+                    h.seq.to_string()
+                } else {
+                    "-".into()
+                };
+                println!(
+                    "{seq:>8} {:<13} {who:<12} off={:<10} len={:<8} log={} @{}:{}{}",
+                    h.op.name(),
+                    h.offset_bytes,
+                    h.len_bytes,
+                    h.log_id,
+                    m.path.display(),
+                    r.position_bytes,
+                    label.map(|l| format!(" {l:?}")).unwrap_or_default()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn run_verify(media: &[PathBuf], json: bool) -> anyhow::Result<()> {
+    let set = MediaSet::open(media)?;
+    let report = verify(&set);
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        for m in &report.media {
+            println!(
+                "{}: medium {:?}, {} records, {} bytes, valid to {}{}",
+                m.path.display(),
+                m.medium_index,
+                m.records,
+                m.len_bytes,
+                m.valid_end_bytes,
+                if m.sealed { ", sealed" } else { "" }
+            );
+            if let Some(end) = m.recovered_end_bytes {
+                println!("  torn tail after offset {end} was cut on recovery (ok)");
+            }
+            for b in &m.bad_records {
+                println!(
+                    "  BAD RECORD at offset {}: {} ({} bytes skipped)",
+                    b.offset_bytes, b.error, b.skipped_bytes
+                );
+            }
+            if let Some(t) = &m.torn_tail {
+                println!(
+                    "  TORN TAIL at offset {}: {} ({} bytes)",
+                    t.offset_bytes, t.error, t.skipped_bytes
+                );
+            }
+        }
+        for b in &report.sequence_breaks {
+            let why = if b.duplicate {
+                "duplicate sequence number"
+            } else if b.recorded_gap {
+                "gap recorded by the journal (journaling was stopped)"
+            } else {
+                "records missing"
+            };
+            println!(
+                "  SEQUENCE BREAK after {} comes {}: {why}",
+                b.after_seq, b.next_seq
+            );
+        }
+        println!(
+            "seq {:?}..{:?}, {} problem(s)",
+            report.first_seq, report.last_seq, report.problems
+        );
+    }
+    anyhow::ensure!(report.ok(), "{} problem(s) found", report.problems);
+    Ok(())
+}
+
+fn run_restore(media: &[PathBuf], opts: &RestoreOptions, json: bool) -> anyhow::Result<()> {
+    let set = MediaSet::open(media)?;
+    let bar = if json || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(0)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} records ({eta})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(format!("restoring {}", opts.volume));
+    let report = restore(&set, opts, &mut |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    })?;
+    bar.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "{} restored to seq {}: {} records, {} bytes applied -> {}",
+            report.volume,
+            report.until_seq,
+            report.records_applied,
+            report.bytes_applied,
+            report.out.display()
+        );
+        if !report.gaps.is_empty() {
+            println!(
+                "warning: {} sequence break(s) in the range (--allow-gaps)",
+                report.gaps.len()
+            );
+        }
+    }
+    Ok(())
 }

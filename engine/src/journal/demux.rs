@@ -1,0 +1,86 @@
+//! `demux`: splits a journal into one journal per stream (volume + queue). Each output is a
+//! single medium holding that stream's records plus the journal-wide ones (log-init, marks,
+//! gaps), with their original sequence numbers; its header carries the "demuxed" flag.
+
+use std::path::{Path, PathBuf};
+
+use super::error::JournalError;
+use super::format::{
+    encode_record, padding_needed, padding_record, MediumHeader, MEDIUM_FLAG_DEMUXED,
+};
+use super::media::{medium_file_name, MediaSet};
+use super::running::JOURNAL_STREAM_ID;
+use super::writer::{unsequenced, write_all_vectored_at};
+
+/// One journal written by demux.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DemuxOutput {
+    pub stream_id: u32,
+    pub volume: String,
+    pub queue_index: u16,
+    pub path: PathBuf,
+    pub records: u64,
+}
+
+/// Writes `DIR/<volume>.q<queue>/medium-000000.fj` for every stream of `set`.
+pub fn demux(set: &MediaSet, out_dir: &Path) -> Result<Vec<DemuxOutput>, JournalError> {
+    let records = set.sequenced();
+    let journal_id = set
+        .media
+        .iter()
+        .find_map(|m| m.scan.medium_header)
+        .map_or(0, |h| h.journal_id);
+    let mut outputs = Vec::new();
+    for (&stream_id, def) in &set.streams {
+        let dir = out_dir.join(format!("{}.q{}", def.volume, def.queue_index));
+        std::fs::create_dir_all(&dir).map_err(|source| JournalError::Dir {
+            path: dir.clone(),
+            source,
+        })?;
+        let header = MediumHeader {
+            journal_id,
+            medium_index: 0,
+            flags: MEDIUM_FLAG_DEMUXED,
+            capacity_bytes: 0,
+            prev_valid_end_bytes: u64::MAX,
+        };
+        let mut bytes = Vec::new();
+        encode_record(
+            &mut bytes,
+            unsequenced(super::format::Op::MediumHeader, 0, 0, 0),
+            &header.encode(),
+        );
+        let mut count = 0;
+        for r in records.iter().filter(|r| {
+            r.record.header.stream_id == stream_id || r.record.header.stream_id == JOURNAL_STREAM_ID
+        }) {
+            encode_record(&mut bytes, r.record.header, &set.payload(r)?);
+            count += 1;
+        }
+        let pad = padding_needed(bytes.len());
+        if pad > 0 {
+            let last = records.last().map_or(0, |r| r.record.header.seq);
+            bytes.extend_from_slice(&padding_record(pad, last, 0));
+        }
+        let path = dir.join(medium_file_name(0));
+        let err = |step: &'static str| {
+            let path = path.clone();
+            move |source| JournalError::Medium { path, step, source }
+        };
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(err("create"))?;
+        write_all_vectored_at(&file, &[&bytes], 0).map_err(err("write"))?;
+        file.sync_all().map_err(err("sync"))?;
+        outputs.push(DemuxOutput {
+            stream_id,
+            volume: def.volume.clone(),
+            queue_index: def.queue_index,
+            path,
+            records: count,
+        });
+    }
+    Ok(outputs)
+}

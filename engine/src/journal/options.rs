@@ -1,0 +1,166 @@
+//! The journal's settings and their `key=value,...` syntax.
+
+use std::path::PathBuf;
+
+use super::error::JournalError;
+
+/// When the guest waits for the journal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JournalMode {
+    /// A guest write completes only when its record is durable on the medium.
+    Sync,
+    /// A guest write completes at once; the journal trails by at most `lag_max_bytes`.
+    Async,
+}
+
+/// What happens when the last allowed medium is full or the medium cannot be written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFull {
+    /// Stop journaling, count the lost writes as a gap, keep the guest running (default).
+    Stop,
+    /// Hold guest writes (sync and async alike) until room appears: the writer retries
+    /// once a second, counting the media files present in the directory against
+    /// `media_max`, so moving archived media away lets the journal go on.
+    Pause,
+}
+
+/// The journal's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalOptions {
+    pub dir: PathBuf,
+    /// Bytes per medium file; a medium is sealed before it would grow past this.
+    pub capacity_bytes: u64,
+    /// How many media may exist in the directory at once.
+    pub media_max: u32,
+    pub mode: JournalMode,
+    /// In async mode: bytes observed but not yet durable before guest writes are held.
+    pub lag_max_bytes: u64,
+    pub on_full: OnFull,
+    /// The label of the log started when a new journal is created.
+    pub label: String,
+}
+
+/// The smallest medium capacity accepted.
+pub const CAPACITY_MIN_BYTES: u64 = 256 * 1024;
+
+impl JournalOptions {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            capacity_bytes: 1 << 30,
+            media_max: 1024,
+            mode: JournalMode::Sync,
+            lag_max_bytes: 64 << 20,
+            on_full: OnFull::Stop,
+            label: String::from("initial"),
+        }
+    }
+
+    /// Parses `dir=DIR,capacity=1G,media-max=N,mode=sync|async,lag-max=64M,on-full=stop|pause,label=L`.
+    /// Sizes take the suffixes K, M, G, T (powers of 1024).
+    pub fn parse(spec: &str) -> Result<Self, JournalError> {
+        let mut dir = None;
+        let mut o = Self::new("");
+        for part in spec.split(',').filter(|p| !p.is_empty()) {
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| bad(part, "expected key=value"))?;
+            match key {
+                "dir" => dir = Some(PathBuf::from(value)),
+                "capacity" => o.capacity_bytes = parse_size(part, value)?,
+                "media-max" => {
+                    o.media_max = value.parse().map_err(|_| bad(part, "expected a number"))?
+                }
+                "mode" => {
+                    o.mode = match value {
+                        "sync" => JournalMode::Sync,
+                        "async" => JournalMode::Async,
+                        _ => return Err(bad(part, "expected sync or async")),
+                    }
+                }
+                "lag-max" => o.lag_max_bytes = parse_size(part, value)?,
+                "on-full" => {
+                    o.on_full = match value {
+                        "stop" => OnFull::Stop,
+                        "pause" => OnFull::Pause,
+                        _ => return Err(bad(part, "expected stop or pause")),
+                    }
+                }
+                "label" => o.label = value.to_string(),
+                _ => return Err(bad(part, "unknown key")),
+            }
+        }
+        o.dir = dir.ok_or_else(|| bad(spec, "dir= is required"))?;
+        o.validate()?;
+        Ok(o)
+    }
+
+    pub fn validate(&self) -> Result<(), JournalError> {
+        if self.capacity_bytes < CAPACITY_MIN_BYTES {
+            return Err(bad("capacity", "must be at least 256K"));
+        }
+        if self.media_max == 0 {
+            return Err(bad("media-max", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+fn bad(option: &str, reason: &str) -> JournalError {
+    JournalError::BadOption {
+        option: option.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Parses a size with an optional K/M/G/T suffix (powers of 1024).
+pub fn parse_size(option: &str, value: &str) -> Result<u64, JournalError> {
+    let v = value.trim();
+    let (digits, shift) = match v.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(bad(option, "unknown size suffix")),
+            };
+            (&v[..i], shift)
+        }
+        _ => (v, 0),
+    };
+    let n: u64 = digits.parse().map_err(|_| bad(option, "expected a size"))?;
+    n.checked_shl(shift)
+        .filter(|r| r >> shift == n)
+        .ok_or_else(|| bad(option, "size overflows"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_full_spec() -> Result<(), JournalError> {
+        let o = JournalOptions::parse(
+            "dir=/j,capacity=1M,media-max=3,mode=async,lag-max=4K,on-full=pause",
+        )?;
+        assert_eq!(o.dir, PathBuf::from("/j"));
+        assert_eq!(o.capacity_bytes, 1 << 20);
+        assert_eq!(o.media_max, 3);
+        assert_eq!(o.mode, JournalMode::Async);
+        assert_eq!(o.lag_max_bytes, 4096);
+        assert_eq!(o.on_full, OnFull::Pause);
+        Ok(())
+    }
+
+    #[test]
+    fn refuses_bad_specs() {
+        assert!(JournalOptions::parse("capacity=1M").is_err());
+        assert!(JournalOptions::parse("dir=/j,capacity=1").is_err());
+        assert!(JournalOptions::parse("dir=/j,mode=maybe").is_err());
+        assert!(JournalOptions::parse("dir=/j,colour=red").is_err());
+        assert!(JournalOptions::parse("dir=/j,capacity=99999999999T").is_err());
+    }
+}

@@ -1,0 +1,154 @@
+//! Reopening an existing journal directory: scan the last medium, find where its valid
+//! records end (cutting a torn tail logically: the medium is never rewritten), and recover
+//! what the journal must continue with: sequence numbers, stream table, current log.
+//!
+//! The journal then continues on a NEW medium whose header records the previous medium's
+//! valid end, so readers ignore whatever lies beyond it.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::catalog::{Catalog, CatalogEntry, MediumState};
+use super::entry::now_ns;
+use super::error::JournalError;
+use super::format::{Op, StreamDef};
+use super::media::list_media;
+use super::scan::{read_payload, scan_medium, FileSource};
+
+/// What a journal continues from.
+#[derive(Debug, Clone, Default)]
+pub struct Recovered {
+    pub journal_id: u64,
+    pub next_medium_index: u32,
+    pub last_seq: u64,
+    pub streams: BTreeMap<u32, StreamDef>,
+    pub log_id: u32,
+    pub label: String,
+    /// `u64::MAX` when the last medium was sealed; else where its valid data ends.
+    pub prev_valid_end_bytes: u64,
+    pub catalog: Catalog,
+    /// Set when the last medium ended in a torn tail: (medium, valid end, torn bytes).
+    pub torn_tail: Option<RecoveredTail>,
+    pub fresh: bool,
+}
+
+/// A torn tail cut on recovery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct RecoveredTail {
+    pub medium: u32,
+    pub valid_end_bytes: u64,
+    pub torn_bytes: u64,
+}
+
+/// Recovers the state of the journal in `dir` (creating the directory when missing).
+pub fn recover(dir: &Path) -> Result<Recovered, JournalError> {
+    std::fs::create_dir_all(dir).map_err(|source| JournalError::Dir {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let media = list_media(dir)?;
+    let catalog = Catalog::load(dir).unwrap_or_else(|e| {
+        log::warn!("{e}; rebuilding it");
+        None
+    });
+    let Some(&(last_index, _)) = media.last() else {
+        return Ok(Recovered {
+            journal_id: new_journal_id(),
+            prev_valid_end_bytes: u64::MAX,
+            catalog: Catalog::default(),
+            fresh: true,
+            ..Default::default()
+        });
+    };
+    let mut rec = Recovered {
+        next_medium_index: last_index + 1,
+        prev_valid_end_bytes: u64::MAX,
+        catalog: catalog.unwrap_or_default(),
+        ..Default::default()
+    };
+    // The newest medium with a readable header tells the journal id, streams and log.
+    for (n, (index, path)) in media.iter().rev().enumerate() {
+        let src = FileSource::open(path).map_err(|source| medium_err(path, "open", source))?;
+        let scan = scan_medium(&src).map_err(|source| medium_err(path, "read", source))?;
+        if n == 0 {
+            note_last_medium(&mut rec, *index, &scan);
+        }
+        let Some(header) = scan.medium_header else {
+            continue;
+        };
+        rec.journal_id = header.journal_id;
+        for r in &scan.records {
+            rec.last_seq = rec.last_seq.max(r.header.seq);
+            let payload = || {
+                read_payload(&src, r.position_bytes, &r.header)
+                    .map_err(|source| medium_err(path, "read", source))
+            };
+            match r.header.op {
+                Op::StreamDef => {
+                    if let Ok(def) = StreamDef::decode(&payload()?) {
+                        rec.streams.insert(r.header.stream_id, def);
+                    }
+                }
+                Op::LogInit => {
+                    rec.log_id = r.header.log_id;
+                    rec.label = String::from_utf8_lossy(&payload()?).into_owned();
+                }
+                _ => {}
+            }
+        }
+        break;
+    }
+    if rec.journal_id == 0 {
+        rec.journal_id = rec.catalog.journal_id;
+    }
+    rec.catalog.journal_id = rec.journal_id;
+    Ok(rec)
+}
+
+fn note_last_medium(rec: &mut Recovered, index: u32, scan: &super::scan::MediumScan) {
+    let state = if scan.sealed {
+        MediumState::Sealed
+    } else {
+        MediumState::Cut
+    };
+    if !scan.sealed {
+        rec.prev_valid_end_bytes = scan.valid_end_bytes;
+    }
+    let torn_bytes = scan.len_bytes - scan.valid_end_bytes;
+    if torn_bytes > 0 {
+        log::warn!(
+            "journal medium {index}: torn tail of {torn_bytes} bytes after offset {}; continuing on medium {}",
+            scan.valid_end_bytes,
+            index + 1
+        );
+        rec.torn_tail = Some(RecoveredTail {
+            medium: index,
+            valid_end_bytes: scan.valid_end_bytes,
+            torn_bytes,
+        });
+    }
+    rec.catalog.upsert(CatalogEntry {
+        medium_index: index,
+        state,
+        valid_end_bytes: scan.valid_end_bytes,
+        records: scan.records.len() as u64,
+    });
+}
+
+fn medium_err(path: &Path, step: &'static str, source: std::io::Error) -> JournalError {
+    JournalError::Medium {
+        path: path.to_path_buf(),
+        step,
+        source,
+    }
+}
+
+/// A journal id unlikely to repeat: time, process id and a stack address mixed.
+fn new_journal_id() -> u64 {
+    let local = 0u8;
+    let mut x = now_ns() ^ (u64::from(std::process::id()) << 32) ^ (&local as *const u8 as u64);
+    // splitmix64 finaliser
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (x ^ (x >> 31)) | 1
+}

@@ -1,0 +1,237 @@
+//! `restore`: rebuilds one volume's image at a chosen point (sequence number, time or mark)
+//! by applying its journaled writes, in sequence order, to a copy of a base image.
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+
+use super::error::JournalError;
+use super::format::Op;
+use super::media::{MediaSet, RecordRef, SequenceBreak};
+
+/// Up to where a restore goes (inclusive).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Until {
+    End,
+    Seq(u64),
+    /// Nanoseconds since the Unix epoch: every record stamped at or before it.
+    TimeNs(u64),
+    /// Everything before the first mark with this label.
+    Mark(String),
+}
+
+impl Until {
+    /// Parses `SEQ` (digits), `seq:N`, `time:NANOS`, `time:YYYY-MM-DDTHH:MM:SS[.frac]Z`,
+    /// `mark:LABEL`, or any other text as a mark label.
+    pub fn parse(s: &str) -> Result<Until, JournalError> {
+        if let Some(n) = s.strip_prefix("seq:") {
+            return n.parse().map(Until::Seq).map_err(|_| bad_until(s));
+        }
+        if let Some(t) = s.strip_prefix("time:") {
+            return parse_time_ns(t)
+                .map(Until::TimeNs)
+                .ok_or_else(|| bad_until(s));
+        }
+        if let Some(m) = s.strip_prefix("mark:") {
+            return Ok(Until::Mark(m.to_string()));
+        }
+        if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+            return s.parse().map(Until::Seq).map_err(|_| bad_until(s));
+        }
+        Ok(Until::Mark(s.to_string()))
+    }
+}
+
+fn bad_until(s: &str) -> JournalError {
+    JournalError::Invalid(format!(
+        "--until {s:?}: expected SEQ, seq:N, time:NANOS, time:RFC3339 (UTC, Z) or mark:LABEL"
+    ))
+}
+
+/// Parses nanoseconds or `YYYY-MM-DDTHH:MM:SS[.fraction]Z`.
+pub fn parse_time_ns(t: &str) -> Option<u64> {
+    if t.bytes().all(|b| b.is_ascii_digit()) {
+        return t.parse().ok();
+    }
+    let t = t.strip_suffix('Z')?;
+    let (date, time) = t.split_once('T')?;
+    let mut d = date.splitn(3, '-').map(|x| x.parse::<i64>().ok());
+    let (y, mo, da) = (d.next()??, d.next()??, d.next()??);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
+    let mut h = hms.splitn(3, ':').map(|x| x.parse::<i64>().ok());
+    let (hh, mm, ss) = (h.next()??, h.next()??, h.next()??);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&da) || hh > 23 || mm > 59 || ss > 60 {
+        return None;
+    }
+    let days = days_from_civil(y, mo, da);
+    let secs = days * 86400 + hh * 3600 + mm * 60 + ss;
+    let mut nanos: u64 = 0;
+    if !frac.is_empty() {
+        let digits: String = frac.chars().take(9).collect();
+        nanos = format!("{digits:0<9}").parse().ok()?;
+    }
+    u64::try_from(secs)
+        .ok()?
+        .checked_mul(1_000_000_000)?
+        .checked_add(nanos)
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date.
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = if y >= 0 { y } else { y - 399 } / 400;
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// What to restore.
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    pub volume: String,
+    pub base: PathBuf,
+    pub out: PathBuf,
+    pub until: Until,
+    pub allow_gaps: bool,
+}
+
+/// What a restore did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RestoreReport {
+    pub volume: String,
+    pub out: PathBuf,
+    /// The last sequence number included.
+    pub until_seq: u64,
+    pub records_applied: u64,
+    pub bytes_applied: u64,
+    pub gaps: Vec<SequenceBreak>,
+}
+
+/// The inclusive sequence number `until` stands for among `records` (sorted).
+pub fn resolve_until(
+    set: &MediaSet,
+    records: &[RecordRef],
+    until: &Until,
+) -> Result<u64, JournalError> {
+    let last = records.last().map_or(0, |r| r.record.header.seq);
+    match until {
+        Until::End => Ok(last),
+        Until::Seq(n) => Ok(*n),
+        Until::TimeNs(t) => Ok(records
+            .iter()
+            .take_while(|r| r.record.header.timestamp_ns <= *t)
+            .last()
+            .map_or(0, |r| r.record.header.seq)),
+        Until::Mark(label) => {
+            for r in records.iter().filter(|r| r.record.header.op == Op::Mark) {
+                if set.label(r)? == *label {
+                    return Ok(r.record.header.seq);
+                }
+            }
+            Err(JournalError::Invalid(format!(
+                "no mark labelled {label:?} in the journal"
+            )))
+        }
+    }
+}
+
+/// Restores `opts.volume`; `progress(done, total)` is called as records are applied.
+pub fn restore(
+    set: &MediaSet,
+    opts: &RestoreOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<RestoreReport, JournalError> {
+    let streams = set.streams_of(&opts.volume);
+    if streams.is_empty() {
+        let known: Vec<_> = set.streams.values().map(|d| d.volume.clone()).collect();
+        return Err(JournalError::Invalid(format!(
+            "volume {:?} is not in the journal (it has: {known:?})",
+            opts.volume
+        )));
+    }
+    let records = set.sequenced();
+    let until_seq = resolve_until(set, &records, &opts.until)?;
+    let in_range: Vec<RecordRef> = records
+        .into_iter()
+        .filter(|r| r.record.header.seq <= until_seq)
+        .collect();
+    let mut gaps = set.sequence_breaks(&in_range);
+    if set.demuxed() {
+        gaps.retain(|b| b.duplicate);
+    }
+    if !gaps.is_empty() && !opts.allow_gaps {
+        let g = gaps[0];
+        return Err(JournalError::Invalid(format!(
+            "the journal is broken in the range to restore: after seq {} comes {} ({} break(s){}); use --allow-gaps to restore anyway",
+            g.after_seq,
+            g.next_seq,
+            gaps.len(),
+            if g.recorded_gap { ", journaling was stopped" } else { ", records missing or damaged" }
+        )));
+    }
+    let data: Vec<&RecordRef> = in_range
+        .iter()
+        .filter(|r| r.record.header.op.is_data() && streams.contains(&r.record.header.stream_id))
+        .collect();
+    let out_err = |step: &'static str| {
+        let path = opts.out.clone();
+        move |source| JournalError::Medium { path, step, source }
+    };
+    std::fs::copy(&opts.base, &opts.out).map_err(out_err("copy the base image"))?;
+    let out = OpenOptions::new()
+        .write(true)
+        .open(&opts.out)
+        .map_err(out_err("open"))?;
+    let size = out.metadata().map_err(out_err("stat"))?.len();
+    let total = data.len() as u64;
+    let mut bytes_applied = 0;
+    for (i, r) in data.iter().enumerate() {
+        let h = &r.record.header;
+        let end = h
+            .offset_bytes
+            .checked_add(h.len_bytes)
+            .filter(|e| *e <= size);
+        if end.is_none() {
+            return Err(JournalError::Invalid(format!(
+                "seq {}: {} at offset {} length {} reaches past the base image ({} bytes)",
+                h.seq,
+                h.op.name(),
+                h.offset_bytes,
+                h.len_bytes,
+                size
+            )));
+        }
+        if h.op == Op::Write {
+            let payload = set.payload(r)?;
+            out.write_all_at(&payload, h.offset_bytes)
+                .map_err(out_err("write"))?;
+        } else {
+            write_zeros(&out, h.offset_bytes, h.len_bytes).map_err(out_err("write zeros"))?;
+        }
+        bytes_applied += h.len_bytes;
+        progress(i as u64 + 1, total);
+    }
+    out.sync_all().map_err(out_err("sync"))?;
+    Ok(RestoreReport {
+        volume: opts.volume.clone(),
+        out: opts.out.clone(),
+        until_seq,
+        records_applied: total,
+        bytes_applied,
+        gaps,
+    })
+}
+
+fn write_zeros(file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let zeros = vec![0u8; CHUNK.min(len) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = CHUNK.min(len - done);
+        file.write_all_at(&zeros[..n as usize], offset + done)?;
+        done += n;
+    }
+    Ok(())
+}

@@ -1,0 +1,690 @@
+//! The running journal: the write observer on the guest's hot path, the group-commit writer
+//! thread behind it, and the control operations (init, status, retrieve, seal, clear, mark).
+//!
+//! `observe` assigns the sequence number and copies the write's data into the pending batch
+//! under one mutex; the writer thread takes the whole batch, appends it to the medium with
+//! one `pwritev` + one `fdatasync`, and then releases the guest writes it held.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::entry::{now_ns, LogEntry};
+use super::error::JournalError;
+use super::format::{encode_record_with, GapInfo, Op, RecordHeader, StreamDef, FLAG_UNMAP};
+use super::options::{JournalMode, JournalOptions, OnFull};
+use super::recovery::{recover, RecoveredTail};
+use super::writer::{MediumWriter, PendingRecord, Prologue, WriteFailure};
+use crate::observer::{ObserverTicket, WriteEvent, WriteKind, WriteObserver};
+
+/// How often a paused journal (on-full=pause) retries to open a medium.
+const PAUSE_RETRY: Duration = Duration::from_secs(1);
+/// The stream id of records that belong to no volume (marks, log-init, gaps).
+pub const JOURNAL_STREAM_ID: u32 = 0;
+
+/// Whether the journal is taking writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JournalState {
+    Running,
+    /// Journaling stopped (write error or last medium full); guest writes go on unjournaled.
+    Stopped,
+    /// on-full=pause: the media are full; guest writes are held until room appears.
+    Paused,
+}
+
+/// The answer of `status()`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct JournalStatus {
+    pub state: JournalState,
+    /// Why the journal is stopped or paused, loudly.
+    pub reason: Option<String>,
+    pub mode: JournalMode,
+    pub dir: String,
+    /// The medium being written and the append position on it.
+    pub medium: Option<u32>,
+    pub position_bytes: u64,
+    /// Records made durable since the journal was opened.
+    pub records: u64,
+    pub next_seq: u64,
+    pub durable_seq: u64,
+    /// Bytes observed but not yet durable.
+    pub lag_bytes: u64,
+    /// Gaps recorded in the journal, and the one still open while stopped.
+    pub gaps: Vec<GapInfo>,
+    pub open_gap: Option<GapInfo>,
+    pub log_id: u32,
+    pub label: String,
+    pub log_entries: usize,
+    pub recovered_torn_tail: Option<RecoveredTail>,
+}
+
+/// The answer of `mark()` and `init()`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MarkResult {
+    pub seq: u64,
+    pub log_id: u32,
+    pub label: String,
+    pub timestamp_ns: u64,
+}
+
+/// The answer of `seal()`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SealResult {
+    /// The medium that was sealed (none if no medium was open).
+    pub sealed_medium: Option<u32>,
+}
+
+struct State {
+    next_seq: u64,
+    log_id: u32,
+    label: String,
+    streams: HashMap<(String, u16), u32>,
+    stream_list: Vec<(u32, StreamDef)>,
+    batch: Vec<u8>,
+    records: Vec<PendingRecord>,
+    tickets: Vec<ObserverTicket>,
+    observed_bytes: u64,
+    durable_bytes: u64,
+    durable_seq: u64,
+    processed_seq: u64,
+    seal_requests: u64,
+    seals_done: u64,
+    last_sealed: Option<u32>,
+    phase: JournalState,
+    reason: Option<String>,
+    gap_open: Option<u64>,
+    gaps: Vec<GapInfo>,
+    log: Vec<LogEntry>,
+    medium: Option<(u32, u64)>,
+    records_written: u64,
+    shutdown: bool,
+    crashed: bool,
+    writer_exited: bool,
+}
+
+impl State {
+    fn take_seq(&mut self) -> u64 {
+        let s = self.next_seq;
+        self.next_seq += 1;
+        s
+    }
+
+    /// Encodes a sequenced record into the pending batch.
+    fn push(&mut self, header: RecordHeader, fill: impl FnOnce(&mut Vec<u8>)) {
+        let offset = self.batch.len();
+        encode_record_with(&mut self.batch, header, fill);
+        self.observed_bytes += (self.batch.len() - offset) as u64;
+        self.records.push(PendingRecord {
+            batch_offset: offset,
+            entry: LogEntry {
+                seq: header.seq,
+                stream_id: header.stream_id,
+                log_id: header.log_id,
+                timestamp_ns: header.timestamp_ns,
+                op: header.op,
+                offset_bytes: header.offset_bytes,
+                len_bytes: header.len_bytes,
+                medium: 0,
+                position_bytes: 0,
+            },
+        });
+    }
+
+    fn header(&mut self, op: Op, stream_id: u32) -> RecordHeader {
+        RecordHeader {
+            op,
+            flags: 0,
+            seq: self.take_seq(),
+            stream_id,
+            log_id: self.log_id,
+            timestamp_ns: now_ns(),
+            offset_bytes: 0,
+            len_bytes: 0,
+            payload_len_bytes: 0,
+            payload_crc: 0,
+        }
+    }
+
+    /// The stream id of (volume, queue), defining it (a stream-def record) on first use.
+    fn stream_for(&mut self, volume: &str, queue_index: u16) -> u32 {
+        if let Some(&id) = self.streams.get(&(volume.to_string(), queue_index)) {
+            return id;
+        }
+        let id = self
+            .stream_list
+            .iter()
+            .map(|(id, _)| *id)
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let def = StreamDef {
+            volume: volume.to_string(),
+            queue_index,
+        };
+        let header = self.header(Op::StreamDef, id);
+        let payload = def.encode();
+        self.push(header, |out| out.extend_from_slice(&payload));
+        self.streams.insert((def.volume.clone(), queue_index), id);
+        self.stream_list.push((id, def));
+        id
+    }
+
+    fn push_labelled(&mut self, op: Op, label: &str) -> MarkResult {
+        let header = self.header(op, JOURNAL_STREAM_ID);
+        self.push(header, |out| out.extend_from_slice(label.as_bytes()));
+        MarkResult {
+            seq: header.seq,
+            log_id: header.log_id,
+            label: label.to_string(),
+            timestamp_ns: header.timestamp_ns,
+        }
+    }
+
+    fn lag_bytes(&self) -> u64 {
+        self.observed_bytes.saturating_sub(self.durable_bytes)
+    }
+
+    fn open_gap(&self) -> Option<GapInfo> {
+        self.gap_open.map(|first| GapInfo {
+            first_missing_seq: first,
+            missing_count: self.next_seq - first,
+        })
+    }
+}
+
+struct Shared {
+    options: JournalOptions,
+    state: Mutex<State>,
+    /// Signalled when there is work for the writer.
+    work: Condvar,
+    /// Signalled when the writer finished a batch or a seal.
+    progress: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A write journal on a directory of media. Register it on volumes with
+/// [`Journal::observer`]; call [`Journal::close`] on shutdown.
+pub struct Journal {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    recovered_torn_tail: Option<RecoveredTail>,
+}
+
+impl Journal {
+    /// Opens (creating or recovering) the journal in `options.dir` and starts its writer.
+    pub fn open(options: JournalOptions) -> Result<Arc<Journal>, JournalError> {
+        options.validate()?;
+        let rec = recover(&options.dir)?;
+        let mut streams = HashMap::new();
+        let mut stream_list = Vec::new();
+        for (id, def) in &rec.streams {
+            streams.insert((def.volume.clone(), def.queue_index), *id);
+            stream_list.push((*id, def.clone()));
+        }
+        let mut state = State {
+            next_seq: rec.last_seq + 1,
+            log_id: rec.log_id,
+            label: rec.label.clone(),
+            streams,
+            stream_list,
+            batch: Vec::new(),
+            records: Vec::new(),
+            tickets: Vec::new(),
+            observed_bytes: 0,
+            durable_bytes: 0,
+            durable_seq: rec.last_seq,
+            processed_seq: rec.last_seq,
+            seal_requests: 0,
+            seals_done: 0,
+            last_sealed: None,
+            phase: JournalState::Running,
+            reason: None,
+            gap_open: None,
+            gaps: Vec::new(),
+            log: Vec::new(),
+            medium: None,
+            records_written: 0,
+            shutdown: false,
+            crashed: false,
+            writer_exited: false,
+        };
+        if rec.fresh || rec.log_id == 0 {
+            state.log_id += 1;
+            state.label = options.label.clone();
+            let label = state.label.clone();
+            state.push_labelled(Op::LogInit, &label);
+        }
+        let writer = MediumWriter::new(
+            options.clone(),
+            rec.journal_id,
+            rec.next_medium_index,
+            rec.prev_valid_end_bytes,
+            rec.catalog.clone(),
+        );
+        let shared = Arc::new(Shared {
+            options,
+            state: Mutex::new(state),
+            work: Condvar::new(),
+            progress: Condvar::new(),
+        });
+        let thread_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("ferry-journal".into())
+            .spawn(move || writer_main(&thread_shared, writer))
+            .map_err(JournalError::Thread)?;
+        Ok(Arc::new(Journal {
+            shared,
+            thread: Mutex::new(Some(thread)),
+            recovered_torn_tail: rec.torn_tail,
+        }))
+    }
+
+    /// The journal as a volume's write observer (the same object serves every volume: the
+    /// event names its volume and queue).
+    pub fn observer(self: &Arc<Self>) -> Arc<dyn WriteObserver> {
+        self.clone()
+    }
+
+    /// Same as [`Journal::observer`]; `volume` is only checked for being non-empty.
+    pub fn observer_for(self: &Arc<Self>, volume: &str) -> Arc<dyn WriteObserver> {
+        debug_assert!(!volume.is_empty());
+        self.clone()
+    }
+
+    pub fn options(&self) -> &JournalOptions {
+        &self.shared.options
+    }
+
+    /// Starts a new log labelled `label`, ending the current one. A stopped journal is
+    /// restarted on a new medium, recording the gap first.
+    pub fn init(&self, label: &str) -> Result<MarkResult, JournalError> {
+        let mut st = self.shared.lock();
+        if st.phase == JournalState::Stopped {
+            st.phase = JournalState::Running;
+            st.reason = None;
+            if let Some(gap) = st.open_gap() {
+                let header = st.header(Op::Gap, JOURNAL_STREAM_ID);
+                let gap = GapInfo {
+                    missing_count: header.seq - gap.first_missing_seq,
+                    ..gap
+                };
+                st.push(header, |out| out.extend_from_slice(&gap.encode()));
+                st.gaps.push(gap);
+                st.gap_open = None;
+            }
+        }
+        st.log_id += 1;
+        st.label = label.to_string();
+        let result = st.push_labelled(Op::LogInit, label);
+        self.wait_durable(st, result.seq)?;
+        Ok(result)
+    }
+
+    /// Records a named point; returns once it is durable.
+    pub fn mark(&self, label: &str) -> Result<MarkResult, JournalError> {
+        let mut st = self.shared.lock();
+        if st.phase == JournalState::Stopped {
+            return Err(JournalError::Stopped(st.reason.clone().unwrap_or_default()));
+        }
+        let result = st.push_labelled(Op::Mark, label);
+        self.wait_durable(st, result.seq)?;
+        Ok(result)
+    }
+
+    fn wait_durable(&self, mut st: MutexGuard<'_, State>, seq: u64) -> Result<(), JournalError> {
+        self.shared.work.notify_one();
+        while st.processed_seq < seq && !st.writer_exited {
+            st = self
+                .shared
+                .progress
+                .wait(st)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        if st.durable_seq >= seq {
+            Ok(())
+        } else {
+            Err(JournalError::Stopped(
+                st.reason.clone().unwrap_or_else(|| "journal closed".into()),
+            ))
+        }
+    }
+
+    /// Writes the current medium's log as a trailer, closes it; the journal continues on
+    /// the next medium.
+    pub fn seal(&self) -> Result<SealResult, JournalError> {
+        let mut st = self.shared.lock();
+        st.seal_requests += 1;
+        let target = st.seal_requests;
+        self.shared.work.notify_one();
+        while st.seals_done < target && !st.writer_exited {
+            st = self
+                .shared
+                .progress
+                .wait(st)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        if st.phase == JournalState::Stopped {
+            return Err(JournalError::Stopped(st.reason.clone().unwrap_or_default()));
+        }
+        Ok(SealResult {
+            sealed_medium: st.last_sealed,
+        })
+    }
+
+    /// Drops the in-memory log; returns how many entries were dropped.
+    pub fn clear(&self) -> usize {
+        let mut st = self.shared.lock();
+        let n = st.log.len();
+        st.log = Vec::new();
+        n
+    }
+
+    /// The log entries with `seq >= since_seq` (durable records only).
+    pub fn retrieve(&self, since_seq: u64) -> Vec<LogEntry> {
+        let st = self.shared.lock();
+        let start = st.log.partition_point(|e| e.seq < since_seq);
+        st.log[start..].to_vec()
+    }
+
+    pub fn status(&self) -> JournalStatus {
+        let st = self.shared.lock();
+        JournalStatus {
+            state: st.phase,
+            reason: st.reason.clone(),
+            mode: self.shared.options.mode,
+            dir: self.shared.options.dir.display().to_string(),
+            medium: st.medium.map(|m| m.0),
+            position_bytes: st.medium.map_or(0, |m| m.1),
+            records: st.records_written,
+            next_seq: st.next_seq,
+            durable_seq: st.durable_seq,
+            lag_bytes: st.lag_bytes(),
+            gaps: st.gaps.clone(),
+            open_gap: st.open_gap(),
+            log_id: st.log_id,
+            label: st.label.clone(),
+            log_entries: st.log.len(),
+            recovered_torn_tail: self.recovered_torn_tail,
+        }
+    }
+
+    /// Writes what is pending, seals the current medium and stops the writer. Idempotent.
+    pub fn close(&self) {
+        {
+            let mut st = self.shared.lock();
+            st.shutdown = true;
+        }
+        self.shared.work.notify_all();
+        let handle = self.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(h) = handle {
+            if h.join().is_err() {
+                log::error!("the journal writer thread panicked");
+            }
+        }
+    }
+
+    /// Test hook: stops the writer thread without writing what is pending or sealing,
+    /// as a crash would (held guest writes are released as failed).
+    #[doc(hidden)]
+    pub fn crash_for_test(&self) {
+        let mut st = self.shared.lock();
+        st.batch.clear();
+        st.records.clear();
+        st.tickets.clear();
+        st.shutdown = true;
+        st.crashed = true;
+        st.phase = JournalState::Stopped;
+        st.reason = Some("crashed (test)".into());
+        drop(st);
+        self.shared.work.notify_all();
+        let handle = self.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl WriteObserver for Journal {
+    fn observe(&self, event: &WriteEvent<'_>, ticket: ObserverTicket) -> Option<ObserverTicket> {
+        let mut st = self.shared.lock();
+        if st.phase == JournalState::Stopped || st.shutdown {
+            if st.gap_open.is_none() {
+                st.gap_open = Some(st.next_seq);
+            }
+            st.next_seq += 1;
+            return Some(ticket);
+        }
+        let (op, flags) = match event.kind {
+            WriteKind::Write => (Op::Write, 0),
+            WriteKind::Discard => (Op::Discard, 0),
+            WriteKind::WriteZeroes { unmap } => {
+                (Op::WriteZeroes, if unmap { FLAG_UNMAP } else { 0 })
+            }
+            WriteKind::Flush => (Op::Flush, 0),
+        };
+        let stream_id = st.stream_for(event.volume, event.queue_index);
+        let mut header = st.header(op, stream_id);
+        header.flags = flags;
+        header.offset_bytes = event.offset_bytes;
+        header.len_bytes = event.len_bytes;
+        if op == Op::Write {
+            st.push(header, |out| event.copy_data_into(out));
+        } else {
+            st.push(header, |_| {});
+        }
+        let options = &self.shared.options;
+        let hold = match options.mode {
+            JournalMode::Sync => true,
+            JournalMode::Async => st.lag_bytes() > options.lag_max_bytes,
+        } || st.phase == JournalState::Paused;
+        self.shared.work.notify_one();
+        if hold {
+            st.tickets.push(ticket);
+            None
+        } else {
+            Some(ticket)
+        }
+    }
+}
+
+/// A batch taken from the state for writing.
+#[derive(Default)]
+struct Batch {
+    bytes: Vec<u8>,
+    records: Vec<PendingRecord>,
+    tickets: Vec<ObserverTicket>,
+    last_seq: u64,
+}
+
+impl Batch {
+    /// Appends what is pending in `st` (the carried, unwritten part of an earlier batch
+    /// comes first).
+    fn take_from(&mut self, st: &mut State) {
+        let base = self.bytes.len();
+        if base == 0 {
+            std::mem::swap(&mut self.bytes, &mut st.batch);
+            std::mem::swap(&mut self.records, &mut st.records);
+        } else {
+            self.bytes.extend_from_slice(&st.batch);
+            st.batch.clear();
+            self.records.extend(st.records.drain(..).map(|mut r| {
+                r.batch_offset += base;
+                r
+            }));
+        }
+        self.tickets.append(&mut st.tickets);
+        self.last_seq = st.next_seq - 1;
+    }
+
+    /// Drops the first `n` records (written), keeping the rest.
+    fn keep_after(&mut self, n: usize) {
+        let Some(first) = self.records.get(n).map(|r| r.batch_offset) else {
+            self.bytes.clear();
+            self.records.clear();
+            return;
+        };
+        self.bytes.drain(..first);
+        self.records.drain(..n);
+        for r in &mut self.records {
+            r.batch_offset -= first;
+        }
+    }
+}
+
+fn writer_main(shared: &Shared, mut writer: MediumWriter) {
+    let mut carry = Batch::default();
+    let mut retry_at: Option<Instant> = None;
+    loop {
+        let (prologue, seal, shutdown) = {
+            let mut st = shared.lock();
+            loop {
+                let ready = retry_at.is_none_or(|t| Instant::now() >= t);
+                let has_work = !st.batch.is_empty()
+                    || !carry.records.is_empty()
+                    || st.seal_requests > st.seals_done;
+                if st.shutdown || (ready && has_work) {
+                    break;
+                }
+                let wait =
+                    retry_at.map_or(PAUSE_RETRY, |t| t.saturating_duration_since(Instant::now()));
+                st = shared
+                    .work
+                    .wait_timeout(st, wait)
+                    .map(|r| r.0)
+                    .unwrap_or_else(|p| p.into_inner().0);
+            }
+            if st.crashed {
+                st.writer_exited = true;
+                shared.progress.notify_all();
+                return;
+            }
+            carry.take_from(&mut st);
+            let prologue = Prologue {
+                streams: st.stream_list.clone(),
+                log_id: st.log_id,
+                label: st.label.clone(),
+                last_seq: carry.last_seq,
+            };
+            (prologue, st.seal_requests, st.shutdown)
+        };
+        retry_at = write_carry(shared, &mut writer, &mut carry, &prologue);
+        if retry_at.is_some() && !shutdown {
+            continue;
+        }
+        let mut st = shared.lock();
+        if seal > st.seals_done || shutdown {
+            let sealing = writer.position().map(|p| p.0);
+            drop(st);
+            let result = writer.seal(prologue.last_seq);
+            st = shared.lock();
+            match result {
+                Ok(()) => st.last_sealed = sealing,
+                Err(e) => stop(&mut st, &mut writer, e.to_string(), None),
+            }
+            st.seals_done = seal;
+            st.medium = writer.position();
+        }
+        if shutdown {
+            st.writer_exited = true;
+            for t in std::mem::take(&mut carry.tickets)
+                .into_iter()
+                .chain(st.tickets.drain(..))
+            {
+                t.complete(true);
+            }
+            shared.progress.notify_all();
+            return;
+        }
+        shared.progress.notify_all();
+    }
+}
+
+/// Writes the carried batch. Returns when to retry if the media are full and the journal
+/// pauses; otherwise the batch is consumed (written, or lost to a recorded gap).
+fn write_carry(
+    shared: &Shared,
+    writer: &mut MediumWriter,
+    carry: &mut Batch,
+    prologue: &Prologue,
+) -> Option<Instant> {
+    if carry.records.is_empty() {
+        for t in carry.tickets.drain(..) {
+            t.complete(true);
+        }
+        return None;
+    }
+    let mut written = Vec::with_capacity(carry.records.len());
+    let result = writer.write_batch(&carry.bytes, &carry.records, prologue, &mut written);
+    let written_bytes = match carry.records.get(written.len()) {
+        Some(r) => r.batch_offset,
+        None => carry.bytes.len(),
+    } as u64;
+    let mut st = shared.lock();
+    st.records_written += written.len() as u64;
+    if let Some(last) = written.last() {
+        st.durable_seq = st.durable_seq.max(last.seq);
+    }
+    st.log.extend_from_slice(&written);
+    st.durable_bytes += written_bytes;
+    st.medium = writer.position();
+    let pause = matches!(result, Err(WriteFailure::Full))
+        && shared.options.on_full == OnFull::Pause
+        && !st.shutdown;
+    if pause {
+        carry.keep_after(written.len());
+        st.phase = JournalState::Paused;
+        st.reason =
+            Some("every allowed medium is full: guest writes are held (on-full=pause)".into());
+        st.processed_seq = st.durable_seq;
+        shared.progress.notify_all();
+        return Some(Instant::now() + PAUSE_RETRY);
+    }
+    if let Err(e) = result {
+        let first_lost = carry.records.get(written.len()).map(|r| r.entry.seq);
+        let lost_bytes = carry.bytes.len() as u64 - written_bytes;
+        st.durable_bytes += lost_bytes;
+        stop(&mut st, writer, e.to_string(), first_lost);
+    } else if st.phase == JournalState::Paused {
+        st.phase = JournalState::Running;
+        st.reason = None;
+    }
+    st.processed_seq = carry.last_seq;
+    carry.bytes.clear();
+    carry.records.clear();
+    for t in carry.tickets.drain(..) {
+        t.complete(true);
+    }
+    shared.progress.notify_all();
+    None
+}
+
+/// Stops journaling after a failure: the guest goes on, the lost range becomes a gap.
+fn stop(st: &mut State, writer: &mut MediumWriter, reason: String, first_lost: Option<u64>) {
+    log::error!("journal stopped: {reason}; guest writes continue UNJOURNALED until journal-init");
+    writer.abandon();
+    st.phase = JournalState::Stopped;
+    st.reason = Some(reason);
+    if st.gap_open.is_none() {
+        st.gap_open = Some(first_lost.unwrap_or(st.next_seq));
+    }
+    // Records observed after the failed batch are lost too.
+    st.durable_bytes += st.batch.len() as u64;
+    st.batch.clear();
+    st.records.clear();
+    for t in st.tickets.drain(..) {
+        t.complete(true);
+    }
+}

@@ -1,0 +1,213 @@
+//! Reading a medium back: walks its records, checks every checksum, skips damaged records
+//! by resynchronising on the next valid header, and finds where valid data ends (torn tail).
+//!
+//! Used by recovery when a journal is reopened and by every offline tool. Never panics on
+//! foreign, truncated or corrupted input: every problem becomes a [`Problem`] with its offset.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+use super::error::FormatError;
+use super::format::{
+    MediumHeader, Op, RecordHeader, HEADER_BYTES, RECORD_ALIGN_BYTES, RECORD_MAGIC,
+};
+
+/// Random access to the bytes of a medium.
+pub trait RecordSource {
+    fn len_bytes(&self) -> u64;
+    /// Reads exactly `buf.len()` bytes at `offset`.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+}
+
+impl RecordSource for [u8] {
+    fn len_bytes(&self) -> u64 {
+        self.len() as u64
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let start = usize::try_from(offset).map_err(|_| io::ErrorKind::UnexpectedEof)?;
+        let end = start
+            .checked_add(buf.len())
+            .ok_or(io::ErrorKind::UnexpectedEof)?;
+        let src = self.get(start..end).ok_or(io::ErrorKind::UnexpectedEof)?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+}
+
+/// A medium file with its length taken once.
+pub struct FileSource {
+    pub file: File,
+    pub len_bytes: u64,
+}
+
+impl FileSource {
+    pub fn open(path: &std::path::Path) -> io::Result<Self> {
+        let file = File::open(path)?;
+        let len_bytes = file.metadata()?.len();
+        Ok(Self { file, len_bytes })
+    }
+}
+
+impl RecordSource for FileSource {
+    fn len_bytes(&self) -> u64 {
+        self.len_bytes
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+}
+
+/// One valid record found on a medium.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScannedRecord {
+    pub header: RecordHeader,
+    pub position_bytes: u64,
+}
+
+/// Something wrong found while scanning.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub offset_bytes: u64,
+    /// True when nothing valid follows: the tail of an interrupted append.
+    pub torn_tail: bool,
+    pub error: FormatError,
+    /// Bytes skipped from `offset_bytes` to the next valid record (or the end).
+    pub skipped_bytes: u64,
+}
+
+/// The result of scanning one medium.
+#[derive(Debug, Clone, Default)]
+pub struct MediumScan {
+    pub len_bytes: u64,
+    pub records: Vec<ScannedRecord>,
+    pub problems: Vec<Problem>,
+    /// End of the last valid record: where an append would have continued.
+    pub valid_end_bytes: u64,
+    /// The medium-header payload, when the first record is a valid medium header.
+    pub medium_header: Option<MediumHeader>,
+    /// True when the last valid record is a trailer: the medium was sealed.
+    pub sealed: bool,
+}
+
+impl MediumScan {
+    pub fn torn_tail(&self) -> Option<&Problem> {
+        self.problems.iter().find(|p| p.torn_tail)
+    }
+}
+
+/// Bytes looked at per read while searching for the next valid header.
+const RESYNC_WINDOW_BYTES: usize = 1 << 20;
+
+/// Scans a whole medium.
+pub fn scan_medium<S: RecordSource + ?Sized>(src: &S) -> io::Result<MediumScan> {
+    let len = src.len_bytes();
+    let mut scan = MediumScan {
+        len_bytes: len,
+        ..Default::default()
+    };
+    let mut pos = 0u64;
+    while pos < len {
+        match read_record(src, pos)? {
+            Ok(header) => {
+                if pos == 0 && header.op == Op::MediumHeader {
+                    let payload = read_payload(src, pos, &header)?;
+                    scan.medium_header = MediumHeader::decode(&payload).ok();
+                }
+                scan.records.push(ScannedRecord {
+                    header,
+                    position_bytes: pos,
+                });
+                pos += header.record_bytes();
+                scan.valid_end_bytes = pos;
+            }
+            Err(error) => {
+                let next = find_next_record(src, pos + RECORD_ALIGN_BYTES as u64)?;
+                let torn_tail = next.is_none();
+                let resume = next.unwrap_or(len);
+                scan.problems.push(Problem {
+                    offset_bytes: pos,
+                    torn_tail,
+                    error,
+                    skipped_bytes: resume - pos,
+                });
+                pos = resume;
+            }
+        }
+    }
+    scan.sealed = scan
+        .records
+        .last()
+        .is_some_and(|r| r.header.op == Op::Trailer)
+        || (scan.records.len() >= 2
+            && scan.records[scan.records.len() - 1].header.op == Op::Padding
+            && scan.records[scan.records.len() - 2].header.op == Op::Trailer);
+    Ok(scan)
+}
+
+/// Reads and fully checks (header and payload CRC) the record at `pos`. The outer error is
+/// an I/O failure of the source; the inner one says why the bytes are not a valid record.
+pub fn read_record<S: RecordSource + ?Sized>(
+    src: &S,
+    pos: u64,
+) -> io::Result<Result<RecordHeader, FormatError>> {
+    let len = src.len_bytes();
+    let available = len.saturating_sub(pos);
+    if available < HEADER_BYTES as u64 {
+        return Ok(Err(FormatError::Truncated {
+            needed_bytes: HEADER_BYTES as u64,
+            available_bytes: available,
+        }));
+    }
+    let mut hb = [0u8; HEADER_BYTES];
+    src.read_at(pos, &mut hb)?;
+    let header = match RecordHeader::decode(&hb) {
+        Ok(h) => h,
+        Err(e) => return Ok(Err(e)),
+    };
+    if header.record_bytes() > available {
+        return Ok(Err(FormatError::Truncated {
+            needed_bytes: header.record_bytes(),
+            available_bytes: available,
+        }));
+    }
+    let payload = read_payload(src, pos, &header)?;
+    Ok(header.check_payload(&payload).map(|()| header))
+}
+
+/// Reads the payload of the record whose header is at `pos` (not checked here).
+pub fn read_payload<S: RecordSource + ?Sized>(
+    src: &S,
+    pos: u64,
+    header: &RecordHeader,
+) -> io::Result<Vec<u8>> {
+    let mut payload = vec![0u8; header.payload_len_bytes as usize];
+    src.read_at(pos + HEADER_BYTES as u64, &mut payload)?;
+    Ok(payload)
+}
+
+/// Finds the first offset at or after `from` (record-aligned) holding a fully valid record.
+fn find_next_record<S: RecordSource + ?Sized>(src: &S, from: u64) -> io::Result<Option<u64>> {
+    let len = src.len_bytes();
+    let mut window_start = from.next_multiple_of(RECORD_ALIGN_BYTES as u64);
+    let magic = RECORD_MAGIC.to_le_bytes();
+    let mut buf = vec![0u8; RESYNC_WINDOW_BYTES];
+    while window_start + HEADER_BYTES as u64 <= len {
+        let n = (len - window_start).min(RESYNC_WINDOW_BYTES as u64) as usize;
+        src.read_at(window_start, &mut buf[..n])?;
+        let mut at = 0usize;
+        while at + 4 <= n {
+            if buf[at..at + 4] == magic {
+                let candidate = window_start + at as u64;
+                if read_record(src, candidate)?.is_ok() {
+                    return Ok(Some(candidate));
+                }
+            }
+            at += RECORD_ALIGN_BYTES;
+        }
+        window_start += n as u64;
+    }
+    Ok(None)
+}

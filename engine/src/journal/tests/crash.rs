@@ -1,0 +1,136 @@
+//! Crash recovery: a child process journals writes in sync mode and is killed mid-stream;
+//! a torn record is appended to its last medium. Reopening must detect and cut the torn
+//! tail, continue the sequence, and every write the child saw completed must be there.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use super::super::media::{list_media, MediaSet};
+use super::super::restore::{restore, RestoreOptions, Until};
+use super::super::verify::verify;
+use super::super::{Journal, JournalOptions};
+use super::support::{open_volume, pattern, write, TestResult};
+use crate::VolumeQueue;
+
+const CHILD_ENV: &str = "FERRY_JOURNAL_CRASH_CHILD_DIR";
+const WRITE_BYTES: usize = 4096;
+const SLOTS: u64 = 64;
+
+/// The child: journals writes forever, printing `DONE <i>` after each completes.
+#[test]
+#[ignore = "run as a child process by crash_mid_stream_is_recovered"]
+fn crash_child() -> TestResult {
+    let Ok(dir) = std::env::var(CHILD_ENV) else {
+        return Ok(());
+    };
+    let dir = std::path::PathBuf::from(dir);
+    let mut o = JournalOptions::new(dir.join("j"));
+    o.capacity_bytes = 256 * 1024;
+    let journal = Journal::open(o)?;
+    let v = open_volume(&dir, "vc", SLOTS * WRITE_BYTES as u64)?;
+    v.add_observer(journal.observer());
+    let mut q = VolumeQueue::new(v, 0, 4, 4)?;
+    for i in 0.. {
+        write(
+            &mut q,
+            (i % SLOTS) * WRITE_BYTES as u64,
+            &pattern(i, WRITE_BYTES),
+        )?;
+        println!("DONE {i}");
+    }
+    Ok(())
+}
+
+#[test]
+fn crash_mid_stream_is_recovered() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    std::fs::write(dir.join("vc.base"), vec![0u8; SLOTS as usize * WRITE_BYTES])?;
+    let mut child = Command::new(std::env::current_exe()?)
+        .args([
+            "--exact",
+            "journal::tests::crash::crash_child",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or("no child stdout")?;
+    let mut last_done = None;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        if let Some(n) = line.strip_prefix("DONE ") {
+            last_done = Some(n.parse::<u64>()?);
+            if last_done >= Some(150) {
+                break;
+            }
+        }
+    }
+    child.kill()?;
+    child.wait()?;
+    let last_done = last_done.ok_or("the child completed no write")?;
+
+    // A torn append: half a record after the last valid one.
+    let media = list_media(&dir.join("j"))?;
+    let (_, last_path) = media.last().ok_or("no media")?;
+    let mut bytes = std::fs::read(last_path)?;
+    let good_len = bytes.len() as u64;
+    let mut torn = Vec::new();
+    let h = super::super::format::RecordHeader {
+        op: super::super::format::Op::Write,
+        flags: 0,
+        seq: 1 << 40,
+        stream_id: 1,
+        log_id: 1,
+        timestamp_ns: 0,
+        offset_bytes: 0,
+        len_bytes: 4096,
+        payload_len_bytes: 0,
+        payload_crc: 0,
+    };
+    super::super::format::encode_record(&mut torn, h, &[0xAB; 4096]);
+    bytes.extend_from_slice(&torn[..1000]);
+    std::fs::write(last_path, &bytes)?;
+
+    let journal = Journal::open(JournalOptions::new(dir.join("j")))?;
+    let status = journal.status();
+    let tail = status.recovered_torn_tail.ok_or("torn tail not detected")?;
+    assert_eq!(tail.valid_end_bytes, good_len);
+    assert_eq!(tail.torn_bytes, 1000);
+    let mark = journal.mark("after-crash")?;
+    journal.close();
+
+    let set = MediaSet::open(&[dir.join("j")])?;
+    let report = verify(&set);
+    assert!(report.ok(), "{report:#?}");
+    assert_eq!(report.last_seq, Some(mark.seq));
+    // Every completed write is in the journal: replaying gives each slot's last completed pattern.
+    let out = dir.join("vc.restored");
+    let opts = RestoreOptions {
+        volume: "vc".into(),
+        base: dir.join("vc.base"),
+        out: out.clone(),
+        until: Until::End,
+        allow_gaps: false,
+    };
+    restore(&set, &opts, &mut |_, _| {})?;
+    let image = std::fs::read(out)?;
+    for slot in 0..SLOTS {
+        let at = (slot as usize) * WRITE_BYTES;
+        let got = &image[at..at + WRITE_BYTES];
+        // The newest completed write to this slot, or one in flight after it (also fine).
+        let newest_done = (0..=last_done).rev().find(|i| i % SLOTS == slot);
+        if let Some(i) = newest_done {
+            let ok = got == pattern(i, WRITE_BYTES).as_slice()
+                || got == pattern(i + SLOTS, WRITE_BYTES).as_slice();
+            assert!(
+                ok,
+                "slot {slot}: completed write {i} missing from the journal"
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,9 @@
+//! Tests of the journal: format golden bytes, decoder robustness, the writer driven through
+//! real volumes and queues, restore/verify/demux/export, and crash recovery.
+
+mod crash;
+mod failures;
+mod format_golden;
+mod robustness;
+mod support;
+mod writer_restore;

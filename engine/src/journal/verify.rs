@@ -1,0 +1,94 @@
+//! `verify`: checks media for bad records (checksums), torn tails and sequence gaps, and
+//! reports every problem with the medium and offset where it is.
+
+use std::path::PathBuf;
+
+use super::media::{MediaSet, SequenceBreak};
+
+/// One damaged stretch of a medium.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BadRecord {
+    pub offset_bytes: u64,
+    pub error: String,
+    pub skipped_bytes: u64,
+}
+
+/// What verify found on one medium.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MediumReport {
+    pub path: PathBuf,
+    pub medium_index: Option<u32>,
+    pub len_bytes: u64,
+    pub records: usize,
+    pub valid_end_bytes: u64,
+    pub sealed: bool,
+    pub bad_records: Vec<BadRecord>,
+    /// A torn tail nobody recovered from (the journal crashed and was not reopened).
+    pub torn_tail: Option<BadRecord>,
+    /// Set when a later medium records where this one's valid data ends (torn tail cut
+    /// on recovery): not a problem.
+    pub recovered_end_bytes: Option<u64>,
+}
+
+/// The whole verification.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VerifyReport {
+    pub media: Vec<MediumReport>,
+    pub sequence_breaks: Vec<SequenceBreak>,
+    pub first_seq: Option<u64>,
+    pub last_seq: Option<u64>,
+    pub problems: usize,
+}
+
+impl VerifyReport {
+    pub fn ok(&self) -> bool {
+        self.problems == 0
+    }
+}
+
+/// Verifies an opened set.
+pub fn verify(set: &MediaSet) -> VerifyReport {
+    let mut problems = 0;
+    let mut media = Vec::new();
+    for m in &set.media {
+        let mut bad_records = Vec::new();
+        let mut torn_tail = None;
+        for p in m.open_problems() {
+            let bad = BadRecord {
+                offset_bytes: p.offset_bytes,
+                error: p.error.to_string(),
+                skipped_bytes: p.skipped_bytes,
+            };
+            problems += 1;
+            if p.torn_tail {
+                torn_tail = Some(bad);
+            } else {
+                bad_records.push(bad);
+            }
+        }
+        media.push(MediumReport {
+            path: m.path.clone(),
+            medium_index: m.index(),
+            len_bytes: m.scan.len_bytes,
+            records: m.live_records().count(),
+            valid_end_bytes: m.scan.valid_end_bytes,
+            sealed: m.scan.sealed,
+            bad_records,
+            torn_tail,
+            recovered_end_bytes: m.recovered_end_bytes,
+        });
+    }
+    let records = set.sequenced();
+    let mut sequence_breaks = set.sequence_breaks(&records);
+    if set.demuxed() {
+        sequence_breaks.retain(|b| b.duplicate);
+    }
+    problems += sequence_breaks.len();
+    VerifyReport {
+        media,
+        sequence_breaks,
+        first_seq: records.first().map(|r| r.record.header.seq),
+        last_seq: records.last().map(|r| r.record.header.seq),
+        problems,
+    }
+}

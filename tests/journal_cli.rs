@@ -1,0 +1,241 @@
+//! `ferry journal ...` end to end: a journal made by the engine through a real volume, then
+//! the CLI's list, verify (clean, corrupted, foreign), restore, demux and export, and the
+//! control subcommands against a small line-delimited JSON socket server.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::Command;
+
+use ferry_engine::journal::{Journal, JournalOptions};
+use ferry_engine::{BlockOp, Volume, VolumeConfig, VolumeQueue};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+fn ferry(args: &[&str]) -> Result<std::process::Output, std::io::Error> {
+    Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(args)
+        .output()
+}
+
+fn write(q: &mut VolumeQueue, offset: u64, data: &[u8]) -> TestResult {
+    let iov = [libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    }];
+    // SAFETY: `data` outlives the request: we wait for its completion below.
+    unsafe {
+        q.submit(
+            BlockOp::Write {
+                offset_bytes: offset,
+                iovecs: &iov,
+            },
+            1,
+        )
+    }
+    .map_err(|e| format!("{e:?}"))?;
+    q.commit()?;
+    let mut out = Vec::new();
+    while out.is_empty() {
+        q.reap(&mut out);
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    out[0].result.map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Makes a journal in `dir/j` of volume `vx`: three writes, a mark, one more write.
+fn make_journal(dir: &Path) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
+    let v = Volume::open(VolumeConfig {
+        name: "vx".into(),
+        path: dir.join("vx.img"),
+        size_bytes: Some(64 * 1024),
+        ..Default::default()
+    })?;
+    std::fs::copy(dir.join("vx.img"), dir.join("vx.base"))?;
+    let journal = Journal::open(JournalOptions::parse(&format!(
+        "dir={},capacity=256K",
+        dir.join("j").display()
+    ))?)?;
+    v.add_observer(journal.observer());
+    let mut q = VolumeQueue::new(v, 0, 4, 4)?;
+    for i in 0..3u8 {
+        write(&mut q, u64::from(i) * 4096, &[i + 1; 4096])?;
+    }
+    journal.mark("three")?;
+    let at_mark = std::fs::read(dir.join("vx.img"))?;
+    write(&mut q, 0, &[9; 4096])?;
+    journal.close();
+    Ok(at_mark)
+}
+
+#[test]
+fn offline_tools_work_on_a_real_journal() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let at_mark = make_journal(dir)?;
+    let j = dir.join("j");
+    let js = j.to_str().ok_or("path")?;
+
+    let out = ferry(&["journal", "verify", js])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    let out = ferry(&["journal", "list", js, "--stream", "vx", "--json"])?;
+    assert!(out.status.success());
+    let writes = String::from_utf8(out.stdout)?
+        .lines()
+        .filter(|l| l.contains("\"op\":\"write\""))
+        .count();
+    assert_eq!(writes, 4);
+
+    let restored = dir.join("vx.restored");
+    let out = ferry(&[
+        "journal",
+        "restore",
+        js,
+        "--volume",
+        "vx",
+        "--base",
+        dir.join("vx.base").to_str().ok_or("path")?,
+        "--out",
+        restored.to_str().ok_or("path")?,
+        "--until",
+        "mark:three",
+        "--json",
+    ])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(std::fs::read(&restored)? == at_mark);
+
+    let out = ferry(&[
+        "journal",
+        "demux",
+        js,
+        "--out-dir",
+        dir.join("dm").to_str().ok_or("path")?,
+    ])?;
+    assert!(out.status.success());
+    let log = dir.join("vx.log");
+    let out = ferry(&[
+        "journal",
+        "export",
+        js,
+        "--volume",
+        "vx",
+        "--format",
+        "dm-log-writes",
+        "--out",
+        log.to_str().ok_or("path")?,
+    ])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        &std::fs::read(&log)?[..8],
+        &0x6a736677736872u64.to_le_bytes()
+    );
+    Ok(())
+}
+
+#[test]
+fn verify_names_the_offset_of_damage_and_foreign_files_are_refused() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    make_journal(dir)?;
+    let medium = dir.join("j").join("medium-000000.fj");
+    let mut bytes = std::fs::read(&medium)?;
+    // Flip a byte inside the first write's data (record at 4096-aligned batch after prologue).
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x55;
+    std::fs::write(&medium, &bytes)?;
+    let out = ferry(&["journal", "verify", medium.to_str().ok_or("path")?])?;
+    assert!(!out.status.success());
+    let text = String::from_utf8(out.stdout)?;
+    assert!(text.contains("at offset"), "{text}");
+
+    let foreign = dir.join("foreign.fj");
+    std::fs::write(&foreign, b"this is not a journal at all, just some text")?;
+    let out = ferry(&["journal", "verify", foreign.to_str().ok_or("path")?])?;
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr)?;
+    assert!(
+        err.contains("not a ferry journal medium") && err.contains("offset 0"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"));
+    Ok(())
+}
+
+#[test]
+fn control_subcommands_speak_line_delimited_json() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let sock = tmp.path().join("control.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock)?;
+    let server = std::thread::spawn(move || -> Vec<serde_json::Value> {
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            let Ok((stream, _)) = listener.accept() else {
+                break;
+            };
+            let mut line = String::new();
+            let _ = BufReader::new(&stream).read_line(&mut line);
+            let req: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            let reply = match req["command"].as_str() {
+                Some("journal-mark") => {
+                    serde_json::json!({"return": {"seq": 5, "label": req["arguments"]["label"]}})
+                }
+                Some("journal-retrieve") => {
+                    serde_json::json!({"return": [{"seq": 1, "stream_id": 0, "log_id": 1,
+                    "timestamp_ns": 2, "op": "log-init", "offset_bytes": 0, "len_bytes": 0, "medium": 0, "position_bytes": 64}]})
+                }
+                _ => {
+                    serde_json::json!({"error": {"class": "GenericError", "desc": "journal is stopped"}})
+                }
+            };
+            let mut w = &stream;
+            let _ = writeln!(w, "{reply}");
+            seen.push(req);
+        }
+        seen
+    });
+    let s = sock.to_str().ok_or("path")?;
+    let out = ferry(&[
+        "journal",
+        "mark",
+        "--control",
+        s,
+        "--label",
+        "before-upgrade",
+    ])?;
+    assert!(out.status.success());
+    assert!(String::from_utf8(out.stdout)?.contains("\"seq\": 5"));
+    let out = ferry(&[
+        "journal",
+        "retrieve",
+        "--control",
+        s,
+        "--since",
+        "1",
+        "--format",
+        "csv",
+    ])?;
+    assert!(out.status.success());
+    assert!(String::from_utf8(out.stdout)?.contains("1,0,1,2,log-init,0,0,0,64"));
+    let out = ferry(&["journal", "seal", "--control", s])?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8(out.stderr)?.contains("GenericError: journal is stopped"));
+    let seen = server.join().map_err(|_| "server panicked")?;
+    assert_eq!(seen[0]["command"], "journal-mark");
+    assert_eq!(seen[0]["arguments"]["label"], "before-upgrade");
+    assert_eq!(seen[1]["arguments"]["since_seq"], 1);
+    assert_eq!(seen[2]["command"], "journal-seal");
+    Ok(())
+}
