@@ -33,7 +33,10 @@ pub fn request(control: &Path, command: &str, arguments: Value) -> anyhow::Resul
     BufReader::new(&stream)
         .read_line(&mut reply)
         .context("cannot read reply")?;
-    anyhow::ensure!(!reply.is_empty(), "the daemon closed the control socket without replying");
+    anyhow::ensure!(
+        !reply.is_empty(),
+        "the daemon closed the control socket without replying"
+    );
     let reply: Value = serde_json::from_str(&reply).context("daemon sent invalid JSON")?;
     if let Some(value) = reply.get("return") {
         return Ok(value.clone());

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use ferry_engine::journal::Journal;
 use ferry_engine::mirror::MigrationRegistry;
 use ferry_engine::Volume;
 use ferry_vhost::ConnectionState;
@@ -20,6 +21,8 @@ pub struct ServedVolume {
 pub struct Daemon {
     pub volumes: Vec<ServedVolume>,
     pub migrations: MigrationRegistry,
+    /// The write journal, when `--journal` was given.
+    pub journal: Option<Arc<Journal>>,
 }
 
 impl Daemon {

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
+use ferry_engine::journal::{Journal, JournalOptions};
 use ferry_engine::Volume;
 use ferry_vhost::ConnectionState;
 use nix::sys::signal::{SigSet, Signal};
@@ -22,6 +23,10 @@ pub struct ServeArgs {
     /// Open a control socket (line-delimited JSON, see docs/control.md).
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
+    /// Journal every guest write of every volume onto one medium set:
+    /// dir=DIR[,capacity=BYTES][,media-max=N][,mode=sync|async][,lag-max=BYTES][,on-full=stop|pause][,label=L]
+    #[arg(long, value_name = "SPEC")]
+    pub journal: Option<String>,
     /// Read settings from a TOML file; flags override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -31,6 +36,7 @@ pub struct ServeArgs {
 struct ServePlan {
     volumes: Vec<VolumeSpec>,
     control: Option<PathBuf>,
+    journal: Option<String>,
 }
 
 /// The built-in demo: a 1 GiB sparse image served in the current directory.
@@ -44,22 +50,24 @@ fn demo_plan() -> anyhow::Result<ServePlan> {
     Ok(ServePlan {
         volumes: vec![spec],
         control: Some(PathBuf::from("ferry-demo.ctl")),
+        journal: None,
     })
 }
 
 fn plan(args: &ServeArgs) -> anyhow::Result<ServePlan> {
-    if args.volumes.is_empty() && args.config.is_none() {
+    if args.volumes.is_empty() && args.config.is_none() && args.journal.is_none() {
         return demo_plan();
     }
     let mut volumes = Vec::new();
     let mut control = None;
+    let mut journal = None;
     if let Some(path) = &args.config {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read configuration {}", path.display()))?;
         let table: toml::Table = text
             .parse()
             .with_context(|| format!("{}: invalid TOML", path.display()))?;
-        (volumes, control) =
+        (volumes, control, journal) =
             from_toml(&table).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     }
     for text in &args.volumes {
@@ -71,20 +79,29 @@ fn plan(args: &ServeArgs) -> anyhow::Result<ServePlan> {
     if args.control.is_some() {
         control = args.control.clone();
     }
+    if args.journal.is_some() {
+        journal = args.journal.clone();
+    }
     if volumes.is_empty() {
         bail!("no volumes to serve (give --volume or [[volume]] in --config)");
     }
-    Ok(ServePlan { volumes, control })
+    Ok(ServePlan {
+        volumes,
+        control,
+        journal,
+    })
 }
 
-type TomlSettings = (Vec<VolumeSpec>, Option<PathBuf>);
+type TomlSettings = (Vec<VolumeSpec>, Option<PathBuf>, Option<String>);
 
 fn from_toml(table: &toml::Table) -> Result<TomlSettings, String> {
     let mut volumes = Vec::new();
     let mut control = None;
+    let mut journal = None;
     for (key, value) in table {
         match (key.as_str(), value) {
             ("control", toml::Value::String(s)) => control = Some(PathBuf::from(s)),
+            ("journal", toml::Value::String(s)) => journal = Some(s.clone()),
             ("volume", toml::Value::Array(list)) => {
                 for item in list {
                     let toml::Value::Table(t) = item else {
@@ -96,7 +113,7 @@ fn from_toml(table: &toml::Table) -> Result<TomlSettings, String> {
             (other, _) => return Err(format!("unknown setting {other:?}")),
         }
     }
-    Ok((volumes, control))
+    Ok((volumes, control, journal))
 }
 
 /// Refuses two volumes on one name, socket or image range before anything is created.
@@ -165,11 +182,27 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(control) = &plan.control {
         precheck_socket(control)?;
     }
+    let journal_options = match &plan.journal {
+        Some(spec) => Some(
+            JournalOptions::parse(spec).map_err(|e| anyhow::anyhow!("--journal {spec}: {e}"))?,
+        ),
+        None => None,
+    };
     let mut opened = Vec::new();
     for spec in &plan.volumes {
         let volume = Volume::open(spec.engine.clone())?;
         opened.push((spec.clone(), volume));
     }
+    let journal = match journal_options {
+        Some(options) => {
+            let journal = Journal::open(options).context("cannot open the journal")?;
+            for (_, volume) in &opened {
+                volume.add_observer(journal.observer_for(volume.name()));
+            }
+            Some(journal)
+        }
+        None => None,
+    };
     let mut served = Vec::new();
     let mut listeners = Vec::new();
     for (spec, volume) in opened {
@@ -189,6 +222,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let daemon = Arc::new(Daemon {
         volumes: served,
         migrations: ferry_engine::mirror::MigrationRegistry::new(),
+        journal,
     });
     for ((served, listener), spec) in daemon.volumes.iter().zip(listeners).zip(&plan.volumes) {
         start_volume_thread(served, listener, spec)?;
@@ -258,6 +292,11 @@ fn shut_down(daemon: &Daemon, control: Option<&Path>) {
     }
     if let Some(path) = control {
         let _ = std::fs::remove_file(path);
+    }
+    if let Some(journal) = &daemon.journal {
+        // Every acknowledged write is already on the medium in sync mode; this writes what
+        // async mode still holds and seals the medium.
+        journal.close();
     }
     // The guards stay held: the process exits with guest I/O stopped.
     std::mem::forget(guards);

@@ -3,6 +3,7 @@
 
 use serde_json::{json, Value};
 
+use super::journal_commands as jr;
 use super::migrate_commands as mig;
 use super::ControlError;
 use crate::daemon::Daemon;
@@ -21,6 +22,32 @@ const COMMANDS: &[(&str, Handler, &str)] = &[
         "query-volumes",
         query_volumes,
         "volumes: path, size, socket, connection, I/O counters",
+    ),
+    (
+        "journal-init",
+        jr::journal_init,
+        "start a new log (label), ending the current one",
+    ),
+    (
+        "journal-status",
+        jr::journal_status,
+        "journal state: medium, position, records, lag, gaps",
+    ),
+    (
+        "journal-retrieve",
+        jr::journal_retrieve,
+        "the log's entries from since_seq on",
+    ),
+    (
+        "journal-seal",
+        jr::journal_seal,
+        "write the log onto the medium, close it, go on with the next",
+    ),
+    ("journal-clear", jr::journal_clear, "drop the in-memory log"),
+    (
+        "journal-mark",
+        jr::journal_mark,
+        "a named point in the stream (label)",
     ),
     (
         "migrate-start",

@@ -5,6 +5,7 @@
 //! served on their own threads; commands are looked up by name in [`commands`].
 
 pub mod commands;
+pub mod journal_commands;
 pub mod migrate_commands;
 
 use std::io::{BufRead, BufReader, Read, Write};
