@@ -41,11 +41,15 @@ pub fn request(control: &Path, command: &str, arguments: Value) -> anyhow::Resul
     if let Some(value) = reply.get("return") {
         return Ok(value.clone());
     }
+    let class = reply
+        .pointer("/error/class")
+        .and_then(Value::as_str)
+        .unwrap_or("Error");
     let desc = reply
         .pointer("/error/desc")
         .and_then(Value::as_str)
         .unwrap_or("unknown error");
-    Err(anyhow!("{command}: {desc}"))
+    Err(anyhow!("{command}: {class}: {desc}"))
 }
 
 pub fn run_query(args: QueryArgs) -> anyhow::Result<()> {
