@@ -17,6 +17,10 @@ pub struct VolumeSpec {
     pub poll_us: u64,
 }
 
+/// Default longest adaptive busy-poll window, in microseconds (QEMU's `poll-max-ns`
+/// default is 32768 ns); the window only grows when requests keep arriving that soon.
+pub const DEFAULT_POLL_US: u64 = 32;
+
 /// Default virtqueues per volume: enough for a guest with several vCPUs (QEMU refuses a
 /// `num-queues` above what the backend offers); an idle queue's thread just sleeps.
 pub const DEFAULT_QUEUES: u16 = 4;
@@ -41,7 +45,7 @@ impl VolumeSpec {
             queues: DEFAULT_QUEUES,
             queues_per_thread: 1,
             serial: None,
-            poll_us: 0,
+            poll_us: DEFAULT_POLL_US,
         }
     }
 

@@ -35,7 +35,7 @@ pub struct DeviceSettings {
     pub queues_per_thread: u16,
     /// The `GET_ID` serial (at most 20 bytes; default: the volume name).
     pub serial: String,
-    /// Busy-poll window of the workers, in microseconds.
+    /// The longest adaptive busy-poll window of the workers, in microseconds (0: never poll).
     pub poll_us: u64,
 }
 
@@ -64,7 +64,7 @@ impl BlockDevice {
         serial[..n].copy_from_slice(&bytes[..n]);
         let worker_settings = WorkerSettings {
             serial,
-            poll_window: std::time::Duration::from_micros(settings.poll_us),
+            poll_max: std::time::Duration::from_micros(settings.poll_us),
         };
         let capacity = u32::from(QUEUE_SIZE_MAX) * u32::from(per_thread);
         let mut workers = Vec::with_capacity(threads as usize);

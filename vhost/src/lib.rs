@@ -11,6 +11,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod poll_window;
 pub mod queue_worker;
 pub mod request;
 pub mod server;

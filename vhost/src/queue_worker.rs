@@ -19,6 +19,7 @@ use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::config::DISCARD_SECTORS_MAX;
+use crate::poll_window::PollWindow;
 use crate::request::{self, Parsed, Request, RequestType, ID_BYTES, WRITE_ZEROES_FLAG_UNMAP};
 
 pub type GuestMemory = GuestMemoryMmap<()>;
@@ -42,8 +43,8 @@ unsafe impl Send for QueueWorker {}
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
     pub serial: [u8; ID_BYTES],
-    /// Busy-poll window after the last piece of work; zero sleeps at once.
-    pub poll_window: Duration,
+    /// The longest busy-poll window after the last piece of work; zero never polls.
+    pub poll_max: Duration,
 }
 
 /// The state of one worker thread.
@@ -60,13 +61,13 @@ pub struct QueueWorker {
     vrings: Vec<VringRwLock>,
     /// Bit i set: vring i got used entries this pass and may need a notification.
     to_signal: u64,
+    poll: PollWindow,
 }
 
 impl QueueWorker {
     pub fn new(engine: VolumeQueue, settings: WorkerSettings, capacity: u32) -> Self {
         Self {
             engine,
-            settings,
             guest_memory: None,
             event_idx: false,
             inflight: (0..capacity)
@@ -83,6 +84,8 @@ impl QueueWorker {
             completions: Vec::with_capacity(capacity as usize),
             vrings: Vec::new(),
             to_signal: 0,
+            poll: PollWindow::new(settings.poll_max),
+            settings,
         }
     }
 
@@ -108,6 +111,7 @@ impl QueueWorker {
             return;
         };
         self.engine.clear_notification();
+        self.poll.on_wake(Instant::now());
         let mut idle_since = Instant::now();
         loop {
             let mut progressed = self.complete(&mem, vrings);
@@ -125,11 +129,15 @@ impl QueueWorker {
                 idle_since = Instant::now();
                 continue;
             }
-            if idle_since.elapsed() >= self.settings.poll_window {
+            if idle_since.elapsed() >= self.poll.current() {
+                if !self.poll.current().is_zero() {
+                    self.poll.on_window_expired();
+                }
                 break;
             }
             std::hint::spin_loop();
         }
+        self.poll.on_sleep(Instant::now());
     }
 
     /// Pops and submits every available chain of one vring that the engine has room for.
