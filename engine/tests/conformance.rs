@@ -385,10 +385,8 @@ fn a_full_queue_rejects_and_a_pause_holds() {
         .pause(Duration::from_secs(1))
         .expect("idle volume pauses");
     // SAFETY: a flush carries no buffers.
-    assert_eq!(
-        unsafe { queue.submit(BlockOp::Flush, 4) },
-        Err(Rejected::Paused)
-    );
+    let held = unsafe { queue.submit(BlockOp::Flush, 4) };
+    assert_eq!(held, Err(Rejected::Paused));
     drop(guard);
     // SAFETY: a flush carries no buffers.
     assert_eq!(unsafe { queue.submit(BlockOp::Flush, 5) }, Ok(()));

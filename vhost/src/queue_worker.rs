@@ -274,7 +274,7 @@ impl QueueWorker {
         let offset_bytes = || r.sector.checked_mul(512).ok_or(VIRTIO_BLK_S_IOERR as u8);
         match r.request_type {
             RequestType::Read | RequestType::Write => {
-                if r.data_bytes % 512 != 0 {
+                if !r.data_bytes.is_multiple_of(512) {
                     return Err(VIRTIO_BLK_S_IOERR as u8);
                 }
                 let offset = offset_bytes()?;

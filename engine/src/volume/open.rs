@@ -62,7 +62,7 @@ fn slice_len(config: &VolumeConfig, image_len_bytes: u64) -> Result<u64, EngineE
         volume: config.name.clone(),
         reason,
     };
-    if config.offset_bytes % crate::SECTOR_SIZE != 0 {
+    if !config.offset_bytes.is_multiple_of(crate::SECTOR_SIZE) {
         return Err(bad(format!(
             "offset={} is not a multiple of {} bytes",
             config.offset_bytes,
@@ -106,7 +106,7 @@ fn slice_len(config: &VolumeConfig, image_len_bytes: u64) -> Result<u64, EngineE
     if len_bytes == 0 {
         return Err(bad(format!("{} is empty", config.path.display())));
     }
-    if len_bytes % crate::SECTOR_SIZE != 0 {
+    if !len_bytes.is_multiple_of(crate::SECTOR_SIZE) {
         return Err(bad(format!(
             "size {} bytes is not a multiple of {} bytes",
             len_bytes,
@@ -176,7 +176,7 @@ pub fn is_memory_backed(file: &File) -> bool {
     let mut stats: libc::statfs = unsafe_zeroed_statfs();
     // SAFETY: fstatfs(2) fills the struct we pass; the descriptor is open.
     let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut stats) };
-    rc == 0 && matches!(stats.f_type as i64, TMPFS_MAGIC | RAMFS_MAGIC)
+    rc == 0 && matches!(stats.f_type, TMPFS_MAGIC | RAMFS_MAGIC)
 }
 
 fn unsafe_zeroed_statfs() -> libc::statfs {
