@@ -361,20 +361,46 @@ impl QueueWorker {
         if self.completions.is_empty() {
             return false;
         }
-        let mut completions = std::mem::take(&mut self.completions);
-        for completion in completions.drain(..) {
-            self.complete_one(completion, mem, vrings);
-        }
+        let completions = std::mem::take(&mut self.completions);
+        self.complete_all(&completions, mem, vrings);
         self.completions = completions;
+        self.completions.clear();
         true
     }
 
-    fn complete_one(&mut self, completion: Completion, mem: &GuestMemory, vrings: &[VringRwLock]) {
+    /// Answers finished requests: status bytes, then one vring lock per ring for all of its
+    /// used entries.
+    fn complete_all(
+        &mut self,
+        completions: &[Completion],
+        mem: &GuestMemory,
+        vrings: &[VringRwLock],
+    ) {
+        for (index, vring) in vrings.iter().enumerate() {
+            let mut state = None;
+            for completion in completions {
+                let ours = self
+                    .inflight
+                    .get(completion.tag as usize)
+                    .is_some_and(|slot| slot.vring as usize == index && slot.mem.is_some());
+                if !ours {
+                    continue;
+                }
+                let (head, used_len) = self.answer(*completion, mem);
+                let state = state.get_or_insert_with(|| vring.get_mut());
+                if let Err(e) = state.add_used(head, used_len) {
+                    log::error!("cannot add used entry: {e}");
+                }
+                self.to_signal |= 1 << index;
+            }
+        }
+    }
+
+    /// Writes a finished request's status byte and frees its tag; returns what goes on the
+    /// used ring.
+    fn answer(&mut self, completion: Completion, mem: &GuestMemory) -> (u16, u32) {
         let tag = completion.tag as usize;
-        let Some(slot) = self.inflight.get_mut(tag) else {
-            log::error!("engine returned unknown tag {tag}");
-            return;
-        };
+        let slot = &mut self.inflight[tag];
         let (status, used_len) = match completion.result {
             Ok(_) => (VIRTIO_BLK_S_OK as u8, slot.used_len_ok),
             Err(failure) => {
@@ -388,15 +414,9 @@ impl QueueWorker {
         if target_mem.write_obj(status, slot.status_addr).is_err() {
             log::warn!("status byte outside guest memory");
         }
-        let vring_index = slot.vring;
         let head = slot.head_index;
         self.free_tags.push(tag as u32);
-        if let Some(vring) = vrings.get(vring_index as usize) {
-            if let Err(e) = vring.add_used(head, used_len) {
-                log::error!("cannot add used entry: {e}");
-            }
-            self.to_signal |= 1 << vring_index;
-        }
+        (head, used_len)
     }
 
     /// Notifies the guest on every vring that got used entries, if it wants to be notified.
@@ -431,9 +451,7 @@ impl QueueWorker {
             );
         }
         let vrings = std::mem::take(&mut self.vrings);
-        for completion in completions {
-            self.complete_one(completion, &mem, &vrings);
-        }
+        self.complete_all(&completions, &mem, &vrings);
         self.signal(&vrings);
         self.vrings = vrings;
     }
