@@ -136,24 +136,7 @@ pub fn volume_from_toml(table: &toml::Table) -> Result<VolumeSpec, String> {
     spec.finish()
 }
 
-/// Parses a byte size: `4096`, `512K`, `8G`, `1T` (binary units; `KiB`/`MB`... also accepted).
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (number, unit) = t.split_at(digits_end);
-    let number: u64 = number.parse().map_err(|_| format!("bad size {text:?}"))?;
-    let shift = match unit.trim().to_ascii_uppercase().as_str() {
-        "" | "B" => 0,
-        "K" | "KB" | "KIB" => 10,
-        "M" | "MB" | "MIB" => 20,
-        "G" | "GB" | "GIB" => 30,
-        "T" | "TB" | "TIB" => 40,
-        _ => return Err(format!("bad size {text:?}: unknown unit {unit:?}")),
-    };
-    number
-        .checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("size {text:?} is too large"))
-}
+pub use ferry_engine::units::parse_size;
 
 fn parse_bool(value: Option<&str>) -> Result<bool, String> {
     match value {
@@ -195,12 +178,5 @@ mod tests {
         assert!(parse_volume("name=a,path=b,socket=c,queues=0").is_err());
         assert!(parse_volume("name=a,path=b,socket=c,bogus=1").is_err());
         assert!(parse_size("99999999999T").is_err());
-    }
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("512"), Ok(512));
-        assert_eq!(parse_size("4K"), Ok(4096));
-        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
     }
 }

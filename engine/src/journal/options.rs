@@ -115,26 +115,9 @@ fn bad(option: &str, reason: &str) -> JournalError {
     }
 }
 
-/// Parses a size with an optional K/M/G/T suffix (powers of 1024).
+/// Parses a size option's value (see [`crate::units::parse_size`]).
 pub fn parse_size(option: &str, value: &str) -> Result<u64, JournalError> {
-    let v = value.trim();
-    let (digits, shift) = match v.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                _ => return Err(bad(option, "unknown size suffix")),
-            };
-            (&v[..i], shift)
-        }
-        _ => (v, 0),
-    };
-    let n: u64 = digits.parse().map_err(|_| bad(option, "expected a size"))?;
-    n.checked_shl(shift)
-        .filter(|r| r >> shift == n)
-        .ok_or_else(|| bad(option, "size overflows"))
+    crate::units::parse_size(value).map_err(|reason| bad(option, &reason))
 }
 
 #[cfg(test)]

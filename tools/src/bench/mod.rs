@@ -64,26 +64,7 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
-/// Parses "4096", "4K", "128k", "1M", "1G" (powers of 1024).
-fn parse_size(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let (digits, shift) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                _ => return Err(format!("unknown size suffix in {t:?}")),
-            };
-            (&t[..i], shift)
-        }
-        _ => (t, 0),
-    };
-    let n: u64 = digits.parse().map_err(|e| format!("{t:?}: {e}"))?;
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("{t:?} is too large"))
-}
+use ferry_engine::units::parse_size;
 
 /// Process-wide CPU time so far (user, system), from getrusage.
 fn cpu_times() -> (Duration, Duration) {
