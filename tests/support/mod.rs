@@ -6,9 +6,11 @@
 
 pub mod blkio_client;
 pub mod daemon;
+pub mod ferry_cli;
 pub mod guest;
 pub mod initramfs;
 pub mod nbd;
+pub mod pattern_writer;
 
 use std::path::PathBuf;
 
