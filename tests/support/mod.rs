@@ -7,9 +7,11 @@
 pub mod blkio_client;
 pub mod daemon;
 pub mod ferry;
+pub mod ferry_cli;
 pub mod guest;
 pub mod initramfs;
 pub mod nbd;
+pub mod pattern_writer;
 
 use std::path::PathBuf;
 

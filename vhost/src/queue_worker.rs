@@ -107,10 +107,12 @@ impl QueueWorker {
         if self.vrings.len() != vrings.len() {
             self.vrings = vrings.to_vec();
         }
+        // First, even without a frontend: the eventfd is level-triggered in epoll, and a
+        // wake-up left unread (a volume pause ending) would make this thread spin.
+        self.engine.clear_notification();
         let Some(mem) = self.guest_memory.as_ref().map(|m| m.memory().into_inner()) else {
             return;
         };
-        self.engine.clear_notification();
         self.poll.on_wake(Instant::now());
         let mut idle_since = Instant::now();
         loop {

@@ -139,9 +139,11 @@ fn copy_run(
     let name = vm.volume.name();
     if is_hole(&source, file_offset, len) {
         job.throttle.wait(len, skip);
-        job.target
-            .write_zeroes(target_offset, len, true)
-            .map_err(|e| format!("volume {name}: copying a hole: {e}"))?;
+        let Some(written) = job.write_target(|| job.target.write_zeroes(target_offset, len, true))
+        else {
+            return Ok(()); // the job ended while this copy waited
+        };
+        written.map_err(|e| format!("volume {name}: copying a hole: {e}"))?;
     } else {
         let data = &mut buf[..len as usize];
         let reader = source.buffered.as_ref().unwrap_or(&source.file);
@@ -149,10 +151,15 @@ fn copy_run(
             .read_exact_at(data, file_offset)
             .map_err(|e| format!("volume {name}: reading the source at {file_offset}: {e}"))?;
         job.throttle.wait(len, skip);
-        let written = if data.iter().all(|&b| b == 0) {
-            job.target.write_zeroes(target_offset, len, true)
-        } else {
-            job.target.write_at(target_offset, data)
+        let write = || {
+            if data.iter().all(|&b| b == 0) {
+                job.target.write_zeroes(target_offset, len, true)
+            } else {
+                job.target.write_at(target_offset, data)
+            }
+        };
+        let Some(written) = job.write_target(write) else {
+            return Ok(()); // the job ended while this copy waited
         };
         written.map_err(|e| format!("volume {name}: copying to the target: {e}"))?;
     }

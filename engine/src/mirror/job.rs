@@ -1,7 +1,7 @@
 //! A migration job: its shared state, how it starts, and its operator controls.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -85,6 +85,8 @@ pub struct JobShared {
     /// Set during cutover: the copier ignores the speed limit while the guest is held.
     pub(crate) unthrottled: AtomicBool,
     pub(crate) throttle: Throttle,
+    /// Target writes under way (copier and mirror); `cancel` waits for them to end.
+    pub(crate) target_writes: AtomicUsize,
     pub(crate) queue: MirrorQueue,
     pub(crate) observers: Mutex<Vec<(usize, Arc<dyn WriteObserver>)>>,
     pub(crate) counters: Counters,
@@ -99,6 +101,33 @@ impl JobShared {
 
     pub(crate) fn stopped(&self) -> bool {
         self.stop.load(Ordering::Acquire)
+    }
+
+    /// Runs one target write unless the job has ended (`None` then). Counted, so that
+    /// [`quiesce`](Self::quiesce) can wait until nothing more lands on the target: either
+    /// this sees `stop`, or `quiesce` sees the count (both sequentially consistent).
+    pub(crate) fn write_target<T>(&self, write: impl FnOnce() -> T) -> Option<T> {
+        self.target_writes.fetch_add(1, Ordering::SeqCst);
+        let result = if self.stop.load(Ordering::SeqCst) {
+            None
+        } else {
+            Some(write())
+        };
+        self.target_writes.fetch_sub(1, Ordering::SeqCst);
+        result
+    }
+
+    /// After the job ended: waits until no target write is under way, `timeout` at most;
+    /// false on timeout.
+    pub(crate) fn quiesce(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.target_writes.load(Ordering::SeqCst) > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
     }
 
     pub(crate) fn state(&self) -> MigrationState {
@@ -143,7 +172,7 @@ impl JobShared {
             _ => return false,
         }
         self.mirroring.store(false, Ordering::Release);
-        self.stop.store(true, Ordering::Release);
+        self.stop.store(true, Ordering::SeqCst);
         self.queue.close();
         self.detach();
         for vm in &self.volumes {
@@ -241,6 +270,7 @@ impl MigrationJob {
             mirroring: AtomicBool::new(true),
             stop: AtomicBool::new(false),
             unthrottled: AtomicBool::new(false),
+            target_writes: AtomicUsize::new(0),
             queue: MirrorQueue::default(),
             observers: Mutex::new(Vec::new()),
             counters: Counters::default(),
@@ -383,6 +413,8 @@ impl MigrationJob {
     }
 
     /// Stops the job before cutover: the guest stays on its source, which the job never wrote.
+    /// Returns once no copy or mirror write can land on the target any more (so the target
+    /// can be reused at once), or after `nbd_request_timeout` with a warning.
     pub fn cancel(&self) -> Result<(), MigrationError> {
         let state = self.state();
         if state == MigrationState::CuttingOver {
@@ -391,6 +423,12 @@ impl MigrationJob {
             });
         }
         if self.shared.end(MigrationState::Cancelled, None, None) {
+            if !self.shared.quiesce(self.shared.options.nbd_request_timeout) {
+                log::warn!(
+                    "migration job {}: target writes still under way after cancel",
+                    self.id()
+                );
+            }
             log::info!("migration job {} cancelled", self.id());
             Ok(())
         } else {

@@ -139,25 +139,24 @@ impl WriteObserver for MirrorObserver {
 /// A mirror worker: writes queued guest writes to the target and releases the guest.
 pub(crate) fn run_mirror_worker(job: Arc<JobShared>) {
     while let Some((op, ticket)) = job.queue.pop() {
-        if job.mirroring() {
-            let (bytes, result) = match &op {
-                MirrorOp::Write { offset_bytes, data } => {
-                    (data.len() as u64, job.target.write_at(*offset_bytes, data))
-                }
-                MirrorOp::Zero {
-                    offset_bytes,
-                    len_bytes,
-                    unmap,
-                } => (
-                    *len_bytes,
-                    job.target.write_zeroes(*offset_bytes, *len_bytes, *unmap),
-                ),
-                MirrorOp::Flush => (0, job.target.flush()),
-            };
-            match result {
-                Ok(()) => job.counters.add_mirrored(bytes),
-                Err(e) => job.fail(format!("mirroring a guest write: {e}")),
+        let outcome = job.write_target(|| match &op {
+            MirrorOp::Write { offset_bytes, data } => {
+                (data.len() as u64, job.target.write_at(*offset_bytes, data))
             }
+            MirrorOp::Zero {
+                offset_bytes,
+                len_bytes,
+                unmap,
+            } => (
+                *len_bytes,
+                job.target.write_zeroes(*offset_bytes, *len_bytes, *unmap),
+            ),
+            MirrorOp::Flush => (0, job.target.flush()),
+        });
+        match outcome {
+            Some((bytes, Ok(()))) => job.counters.add_mirrored(bytes),
+            Some((_, Err(e))) => job.fail(format!("mirroring a guest write: {e}")),
+            None => {} // the job has ended: the source write is all the guest needs
         }
         ticket.complete(true);
     }

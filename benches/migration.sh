@@ -1,0 +1,215 @@
+#!/usr/bin/env bash
+# benches/migration.sh: measures live migration with a release build of `ferry serve`, images
+# on /dev/shm, and prints a markdown table; the numbers also go to target/bench/migration.json.
+#
+#  (a) bulk copy rate of an idle 1 GiB volume holding 512 MiB of random data (every other MiB
+#      a hole) to a new file target, against `cp --sparse=always` of the same image;
+#  (b) cutover pause (median, max) over 20 cutovers of an idle 64 MiB volume migrated back
+#      and forth between two files;
+#  (c) 4 KiB random-write IOPS and p99 latency (`ferry bench`, qd 32, 5 s) without migration,
+#      and during an active and a background migration (skipped when `ferry bench` fails).
+#
+# Usage: bash benches/migration.sh   (needs python3 for the JSON handling)
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+OUT_DIR=$ROOT/target/bench
+OUT_JSON=$OUT_DIR/migration.json
+mkdir -p "$OUT_DIR"
+
+echo "building ferry (release)..." >&2
+cargo build --release -p ferry --quiet
+FERRY=$ROOT/target/release/ferry
+
+WORK=$(mktemp -d /dev/shm/ferry-bench.XXXXXX)
+SERVE_PID=
+cleanup() {
+    if [ -n "$SERVE_PID" ]; then kill "$SERVE_PID" 2>/dev/null || true; wait "$SERVE_PID" 2>/dev/null || true; fi
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+CTL=$WORK/ctl.sock
+MIB=$((1 << 20))
+
+now() { date +%s.%N; }
+elapsed() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.4f}')" "$1" "$2"; }
+
+# make_image PATH SIZE_MIB DATA_STEP_MIB: random 1 MiB pieces every DATA_STEP_MIB, holes between.
+make_image() {
+    python3 - "$1" "$2" "$3" <<'EOF'
+import os, sys
+path, size_mib, step = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+with open(path, "wb") as f:
+    f.truncate(size_mib << 20)
+    for mib in range(0, size_mib, step):
+        f.seek(mib << 20)
+        f.write(os.urandom(1 << 20))
+EOF
+}
+
+migrate() { "$FERRY" migrate "$1" --control "$CTL" "${@:2}"; }
+
+# job_field ID FIELD: one field of a job's status.
+job_field() {
+    migrate status --job "$1" --json | python3 -c "import json,sys; v=json.load(sys.stdin)[0]['$2']; print('' if v is None else v)"
+}
+
+# wait_state ID STATE: polls until the job is in STATE (fails if it ends otherwise); no
+# python per poll, so the poll interval stays a few milliseconds.
+wait_state() {
+    local status
+    for _ in $(seq 1 30000); do
+        status=$(migrate status --job "$1" --json)
+        [[ $status == *"\"state\":\"$2\""* ]] && return 0
+        if [[ $status == *'"state":"completed"'* || $status == *'"state":"failed"'* || $status == *'"state":"cancelled"'* ]]; then
+            echo "job $1 ended: $status" >&2
+            return 1
+        fi
+        sleep 0.002
+    done
+    echo "job $1 never reached $2" >&2
+    return 1
+}
+
+start_job() { migrate start --json "$@" | python3 -c "import json,sys; print(json.load(sys.stdin)['job'])"; }
+
+# --- the daemon: a 1 GiB volume and a 64 MiB volume -----------------------------------------
+echo "creating images on $WORK..." >&2
+make_image "$WORK/big.img" 1024 2
+make_image "$WORK/small-a.img" 64 1
+RUST_LOG=warn "$FERRY" serve --control "$CTL" \
+    --volume "name=big,path=$WORK/big.img,socket=$WORK/big.sock" \
+    --volume "name=small,path=$WORK/small-a.img,socket=$WORK/small.sock" \
+    >"$WORK/serve.log" 2>&1 &
+SERVE_PID=$!
+for _ in $(seq 1 500); do [ -S "$CTL" ] && break; sleep 0.01; done
+[ -S "$CTL" ] || { cat "$WORK/serve.log" >&2; exit 1; }
+
+# --- (a) bulk copy rate vs cp --sparse=always -------------------------------------------------
+# The machine may be shared: cp gets the best of two runs, before and after ferry's copy.
+cp_once() {
+    local t0 t1
+    t0=$(now); cp --sparse=always "$WORK/big.img" "$WORK/cp.img"; t1=$(now)
+    rm -f "$WORK/cp.img"
+    elapsed "$t0" "$t1"
+}
+CP_S=$(cp_once)
+t0=$(now)
+JOB=$(start_job --volume big --target "$WORK/big-dst.img")
+wait_state "$JOB" ready
+t1=$(now)
+FERRY_S=$(elapsed "$t0" "$t1")
+COPIED=$(job_field "$JOB" copied_bytes)
+migrate cutover --job "$JOB" >/dev/null
+CP_S=$(python3 -c "import sys; print(min(map(float, sys.argv[1:])))" "$CP_S" "$(cp_once)")
+echo "(a) ferry: $COPIED bytes in $FERRY_S s; cp --sparse=always: $CP_S s" >&2
+
+# --- (b) cutover pauses -----------------------------------------------------------------------
+make_image "$WORK/small-b.img" 64 64 # exists, full size: a target that is copied over
+PAUSES=()
+for i in $(seq 1 20); do
+    if [ $((i % 2)) = 1 ]; then dst=$WORK/small-b.img; else dst=$WORK/small-a.img; fi
+    JOB=$(start_job --volume small --target "$dst")
+    wait_state "$JOB" ready
+    PAUSES+=("$(migrate cutover --job "$JOB" --json | python3 -c "import json,sys; print(json.load(sys.stdin)['pause_us'])")")
+done
+echo "(b) cutover pauses (us): ${PAUSES[*]}" >&2
+
+# --- (c) guest random-write IOPS during migration ---------------------------------------------
+# bench_json: runs ferry bench on the big volume; prints its JSON, or fails.
+bench_json() {
+    "$FERRY" bench --socket "$WORK/big.sock" --rw randwrite --bs 4K --qd 32 --secs 5 --json 2>"$WORK/bench.err"
+}
+BENCH_NONE= BENCH_ACTIVE= BENCH_BACKGROUND= BENCH_SKIPPED=
+if BENCH_NONE=$(bench_json); then
+    for mode in active background; do
+        rm -f "$WORK/big-dst2.img"
+        # Limited so that the copy (and the background drain) lasts the whole run.
+        JOB=$(start_job --volume big --target "$WORK/big-dst2.img" --mode "$mode" --max-speed 64M)
+        result=$(bench_json) || { cat "$WORK/bench.err" >&2; exit 1; }
+        state=$(job_field "$JOB" state)
+        migrate cancel --job "$JOB" >/dev/null || true
+        echo "(c) $mode: job was $state at the end of the run" >&2
+        if [ "$mode" = active ]; then BENCH_ACTIVE=$result; else BENCH_BACKGROUND=$result; fi
+    done
+else
+    BENCH_SKIPPED="ferry bench failed: $(tr '\n' ' ' <"$WORK/bench.err")"
+    echo "(c) skipped: $BENCH_SKIPPED" >&2
+fi
+
+# --- report -----------------------------------------------------------------------------------
+export COPIED FERRY_S CP_S BENCH_NONE BENCH_ACTIVE BENCH_BACKGROUND BENCH_SKIPPED OUT_JSON
+export PAUSES_TEXT="${PAUSES[*]}"
+python3 - <<'EOF'
+import json, os, statistics
+
+def find(obj, words):
+    """The first number under a key containing all `words` (ferry bench's JSON, any nesting)."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if all(w in k.lower() for w in words) and isinstance(v, (int, float)):
+                return v
+        for v in obj.values():
+            r = find(v, words)
+            if r is not None:
+                return r
+    if isinstance(obj, list):
+        for v in obj:
+            r = find(v, words)
+            if r is not None:
+                return r
+    return None
+
+env = os.environ
+mib = 1 << 20
+copied = int(env["COPIED"])
+ferry_s, cp_s = float(env["FERRY_S"]), float(env["CP_S"])
+data_bytes = 512 * mib
+pauses = [int(p) for p in env["PAUSES_TEXT"].split()]
+report = {
+    "bulk_copy": {
+        "volume_bytes": 1024 * mib,
+        "data_bytes": data_bytes,
+        "ferry_copied_bytes": copied,
+        "ferry_s": ferry_s,
+        "ferry_data_mib_per_s": data_bytes / mib / ferry_s,
+        "cp_sparse_s": cp_s,
+        "cp_data_mib_per_s": data_bytes / mib / cp_s,
+        "ratio_ferry_to_cp": cp_s / ferry_s,
+    },
+    "cutover_pause_us": {
+        "count": len(pauses),
+        "median": statistics.median(pauses),
+        "max": max(pauses),
+        "all": pauses,
+    },
+}
+rows = [
+    ("bulk copy, idle 1 GiB (512 MiB data): ferry", f"{data_bytes / mib / ferry_s:.0f} MiB/s ({ferry_s:.3f} s)"),
+    ("bulk copy: cp --sparse=always", f"{data_bytes / mib / cp_s:.0f} MiB/s ({cp_s:.3f} s)"),
+    ("bulk copy: ferry / cp (rate ratio)", f"{cp_s / ferry_s:.2f}"),
+    ("cutover pause, 20 cutovers: median", f"{statistics.median(pauses):.0f} µs"),
+    ("cutover pause: max", f"{max(pauses)} µs"),
+]
+if env.get("BENCH_SKIPPED"):
+    report["guest_randwrite"] = {"skipped": env["BENCH_SKIPPED"]}
+    rows.append(("4k randwrite during migration", "skipped: " + env["BENCH_SKIPPED"][:80]))
+else:
+    guest = {}
+    for name in ("none", "active", "background"):
+        raw = json.loads(env["BENCH_" + name.upper()])
+        iops, p99 = find(raw, ["iops"]), find(raw, ["p99"])
+        guest[name] = {"iops": iops, "p99": p99, "raw": raw}
+        label = {"none": "no migration", "active": "active migration", "background": "background migration"}[name]
+        rows.append((f"4k randwrite qd32, {label}", f"{iops} IOPS, p99 {p99}"))
+    report["guest_randwrite"] = guest
+with open(env["OUT_JSON"], "w") as f:
+    json.dump(report, f, indent=2)
+print("| measurement | result |")
+print("| --- | --- |")
+for k, v in rows:
+    print(f"| {k} | {v} |")
+print(f"\n(JSON: {env['OUT_JSON']})")
+EOF
