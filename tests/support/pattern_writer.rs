@@ -199,6 +199,7 @@ fn run(
         num_queues: 1,
         queue_size: Some(256),
         buf_bytes: config.inflight * config.write_bytes_max as usize,
+        ..BlkioOpts::default()
     };
     let mut client = BlkioClient::connect(socket, &opts)
         .with_context(|| format!("writer: connect to {}", socket.display()))?;
