@@ -318,8 +318,8 @@ fn merge_two_volumes_then_serve_slices() -> Result<()> {
 }
 
 /// A slow copier and client writes aimed at the chunks being copied (each copier thread
-/// holds a 1 MiB run between reading and writing it for up to seconds at 1 MiB/s): the
-/// target must still end up with the newest data.
+/// holds its 1 MiB run for 300 ms between reading and writing it): the target must still
+/// end up with the newest data.
 fn race(mode: &str) -> Result<()> {
     let fx = Fixture::new(&[("vda", 16 * MIB)], Fill::Dense)?;
     let writer = fx.writer(
@@ -342,6 +342,8 @@ fn race(mode: &str) -> Result<()> {
         mode,
         "--max-speed",
         "1M",
+        "--copy-hold-ms",
+        "300",
     ])?;
     let planned = fx.serve.job_status(id)?["total_bytes"]
         .as_u64()
@@ -359,7 +361,10 @@ fn race(mode: &str) -> Result<()> {
         "the copy ended too early: {last}"
     );
     fx.serve
-        .migrate("set-speed", &["--job", &id.to_string(), "0"])?
+        .migrate(
+            "set-speed",
+            &["--job", &id.to_string(), "--copy-hold-ms", "0", "0"],
+        )?
         .ok()?;
     fx.serve.wait_ready(id)?;
     let redirtied = fx.serve.job_status(id)?["total_bytes"]
@@ -650,14 +655,10 @@ fn status_watch_ends_with_auto_cutover() -> Result<()> {
 }
 
 /// An `active` job under a speed limit and a client writing at random all over the disk
-/// must still become ready: the CLI promises that active mode always converges.
-///
-/// Known engine bug: the copier waits for the speed limit *between* reading a 1 MiB run and
-/// writing it, so its `copy_threads` runs (4 MiB) stay "copying" for seconds; every client
-/// write into them marks them dirty again, and at 4 MiB/s on a 16 MiB disk the job re-copies
-/// as fast as it copies and never becomes ready.
+/// must still become ready: the CLI promises that active mode always converges. (It once
+/// did not: the copier paid the speed limit while holding a run, so runs stayed "copying"
+/// for seconds and every client write into them re-dirtied them.)
 #[test]
-#[ignore = "engine bug: active mode does not converge under a speed limit (see the doc comment)"]
 fn active_converges_under_speed_limit() -> Result<()> {
     let fx = Fixture::new(&[("vda", 16 * MIB)], Fill::HalfHoles)?;
     let writer = fx.writer(

@@ -235,16 +235,17 @@ mod mirror {
         Ok(())
     }
 
-    /// Guest writes aimed at the chunks being copied: with a slow copier every copy holds
-    /// its data for a while between reading the source and writing the target, and the
-    /// guest hammers exactly those chunks. The target must still end up with the newest data.
+    /// Guest writes aimed at the chunks being copied: every copy holds its data for a while
+    /// between reading the source and writing the target (`copy_hold`), and the guest
+    /// hammers exactly those chunks. The target must still end up with the newest data.
     fn race(mode: MirrorMode) -> TestResult {
         let dir = tempfile::tempdir()?;
         let (src, dst) = (dir.path().join("src.img"), dir.path().join("dst.img"));
         let model = make_image(&src, 4 * MIB, 9)?;
         let volume = open_volume("vda", &src)?;
         let mut opts = options(mode, 512 << 10);
-        opts.copy_chunk_bytes = 64 << 10; // one chunk per copy: ~125 ms between read and write
+        opts.copy_chunk_bytes = 64 << 10; // one chunk per copy
+        opts.copy_hold = Duration::from_millis(100); // between read and write
         opts.ready_pending_bytes_max = Some(0);
         let job = MigrationJob::start(vec![volume.clone()], TargetSpec::File(dst.clone()), opts)?;
         let planned = job.status().total_bytes;
@@ -257,6 +258,7 @@ mod mirror {
         std::thread::sleep(Duration::from_millis(1500));
         let redirtied = job.status().total_bytes - planned;
         job.set_speed(0);
+        job.set_copy_hold(Duration::ZERO);
         wait_ready(&job)?;
         job.cutover()?;
         let report = guest.stop()?;

@@ -32,6 +32,10 @@ pub enum MigrateCommand {
         /// Cut over by itself as soon as the target is in sync.
         #[arg(long)]
         auto_cutover: bool,
+        /// Testing: hold each copy this long between reading and writing it, so that guest
+        /// writes race copies.
+        #[arg(long, value_name = "MS")]
+        copy_hold_ms: Option<u64>,
         #[arg(long)]
         json: bool,
     },
@@ -70,6 +74,9 @@ pub enum MigrateCommand {
         control: PathBuf,
         #[arg(long)]
         job: Option<u64>,
+        /// Testing: also change the copy hold (see `start --copy-hold-ms`).
+        #[arg(long, value_name = "MS")]
+        copy_hold_ms: Option<u64>,
         speed: String,
     },
 }
@@ -90,9 +97,13 @@ pub fn run(cmd: MigrateCommand) -> anyhow::Result<()> {
             mode,
             max_speed,
             auto_cutover,
+            copy_hold_ms,
             json,
         } => {
             let mut args = json!({ "volumes": volumes, "target": target, "mode": mode, "auto-cutover": auto_cutover });
+            if let Some(ms) = copy_hold_ms {
+                args["copy-hold-ms"] = json!(ms);
+            }
             if let Some(speed) = max_speed {
                 args["max-speed"] =
                     json!(crate::volume_spec::parse_size(&speed).map_err(anyhow::Error::msg)?);
@@ -151,14 +162,15 @@ pub fn run(cmd: MigrateCommand) -> anyhow::Result<()> {
         MigrateCommand::SetSpeed {
             control,
             job,
+            copy_hold_ms,
             speed,
         } => {
             let bytes = crate::volume_spec::parse_size(&speed).map_err(anyhow::Error::msg)?;
-            request(
-                &control,
-                "migrate-set-speed",
-                with_job(json!({ "speed": bytes }), job),
-            )?;
+            let mut args = json!({ "speed": bytes });
+            if let Some(ms) = copy_hold_ms {
+                args["copy-hold-ms"] = json!(ms);
+            }
+            request(&control, "migrate-set-speed", with_job(args, job))?;
             println!("speed limit set to {bytes} bytes/s");
             Ok(())
         }

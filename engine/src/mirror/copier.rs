@@ -2,12 +2,15 @@
 //!
 //! `copy_threads` worker threads each copy one run of up to `copy_chunk_bytes` at a time
 //! (so at most `copy_threads` copies are in flight): take a run from a volume's
-//! [`ChunkTable`], read it from the source with `pread`, wait for the speed limit, write
-//! it to the target. Plain threads rather than io_uring: the target may be an NBD socket,
-//! the work is a few large sequential transfers, and a blocking worker keeps the
-//! per-chunk rules easy to follow. Waiting for the speed limit between the read and the
-//! write widens, on purpose, the window in which a guest write can race a copy; the
-//! chunk rules make that safe (see `dirty_bitmap`).
+//! [`ChunkTable`], read it from the source with `pread`, write it to the target, then
+//! wait for the speed limit before taking the next run. Plain threads rather than
+//! io_uring: the target may be an NBD socket, the work is a few large sequential
+//! transfers, and a blocking worker keeps the per-chunk rules easy to follow.
+//!
+//! A guest write into a chunk while it is being copied re-dirties the chunk (see
+//! `dirty_bitmap`), so the time a run is held must stay short or a busy guest keeps the
+//! job from converging: the speed limit is paid between runs, never while holding one.
+//! `MigrationOptions::copy_hold` widens the window on purpose, for tests of the race.
 
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
@@ -95,8 +98,12 @@ pub(crate) fn run(job: Arc<JobShared>) {
         if let Ok(mut table) = job.volumes[index].table.lock() {
             table.finish_run(run, result.is_ok());
         }
-        if let Err(reason) = result {
-            job.fail(reason);
+        match result {
+            Ok(copied_bytes) => {
+                let skip = || job.stopped() || job.unthrottled.load(Ordering::Acquire);
+                job.throttle.wait(copied_bytes, skip);
+            }
+            Err(reason) => job.fail(reason),
         }
     }
 }
@@ -119,29 +126,38 @@ fn take_work(
     None
 }
 
-/// Copies one run of chunks of volume `index` from the source to the target.
+/// Holds a copy between its read and its write for `copy_hold` (zero unless a test asks).
+fn hold(job: &JobShared) {
+    let hold = Duration::from_micros(job.copy_hold_us.load(Ordering::Acquire));
+    let deadline = std::time::Instant::now() + hold;
+    while !hold.is_zero() && std::time::Instant::now() < deadline && !job.stopped() {
+        std::thread::sleep(Duration::from_millis(1).min(hold));
+    }
+}
+
+/// Copies one run of chunks of volume `index` from the source to the target; returns the
+/// bytes copied.
 fn copy_run(
     job: &JobShared,
     index: usize,
     run: &std::ops::Range<u64>,
     buf: &mut [u8],
-) -> Result<(), String> {
+) -> Result<u64, String> {
     let vm = &job.volumes[index];
     let g = job.options.granularity_bytes;
     let start = run.start * g;
     let len = (run.end * g).min(vm.placement.length_bytes) - start;
     let Some(source) = vm.source.lock().ok().and_then(|s| s.clone()) else {
-        return Ok(()); // the job has ended
+        return Ok(0); // the job has ended
     };
     let file_offset = source.base_offset_bytes + start;
     let target_offset = vm.placement.offset_bytes + start;
-    let skip = || job.stopped() || job.unthrottled.load(Ordering::Acquire);
     let name = vm.volume.name();
     if is_hole(&source, file_offset, len) {
-        job.throttle.wait(len, skip);
+        hold(job);
         let Some(written) = job.write_target(|| job.target.write_zeroes(target_offset, len, true))
         else {
-            return Ok(()); // the job ended while this copy waited
+            return Ok(0); // the job ended while this copy waited
         };
         written.map_err(|e| format!("volume {name}: copying a hole: {e}"))?;
     } else {
@@ -150,7 +166,7 @@ fn copy_run(
         reader
             .read_exact_at(data, file_offset)
             .map_err(|e| format!("volume {name}: reading the source at {file_offset}: {e}"))?;
-        job.throttle.wait(len, skip);
+        hold(job);
         let write = || {
             if data.iter().all(|&b| b == 0) {
                 job.target.write_zeroes(target_offset, len, true)
@@ -159,10 +175,10 @@ fn copy_run(
             }
         };
         let Some(written) = job.write_target(write) else {
-            return Ok(()); // the job ended while this copy waited
+            return Ok(0); // the job ended while this copy waited
         };
         written.map_err(|e| format!("volume {name}: copying to the target: {e}"))?;
     }
     job.counters.add_copied(len);
-    Ok(())
+    Ok(len)
 }

@@ -84,6 +84,8 @@ pub struct JobShared {
     pub(crate) stop: AtomicBool,
     /// Set during cutover: the copier ignores the speed limit while the guest is held.
     pub(crate) unthrottled: AtomicBool,
+    /// `MigrationOptions::copy_hold` in microseconds, changeable while the job runs.
+    pub(crate) copy_hold_us: AtomicU64,
     pub(crate) throttle: Throttle,
     /// Target writes under way (copier and mirror); `cancel` waits for them to end.
     pub(crate) target_writes: AtomicUsize,
@@ -253,6 +255,7 @@ impl MigrationJob {
                 placement: placement.clone(),
             })
             .collect();
+        let copy_hold_us = options.copy_hold.as_micros() as u64;
         let shared = Arc::new(JobShared {
             id: NEXT_JOB_ID.fetch_add(1, Ordering::Relaxed),
             throttle: Throttle::new(options.speed_bytes_per_s),
@@ -270,6 +273,7 @@ impl MigrationJob {
             mirroring: AtomicBool::new(true),
             stop: AtomicBool::new(false),
             unthrottled: AtomicBool::new(false),
+            copy_hold_us: AtomicU64::new(copy_hold_us),
             target_writes: AtomicUsize::new(0),
             queue: MirrorQueue::default(),
             observers: Mutex::new(Vec::new()),
@@ -405,6 +409,13 @@ impl MigrationJob {
     /// Changes the copy speed limit (bytes per second, 0 = unlimited) of a running job.
     pub fn set_speed(&self, bytes_per_s: u64) {
         self.shared.throttle.set(bytes_per_s);
+    }
+
+    /// Changes how long each copy is held between its read and its write (tests of races).
+    pub fn set_copy_hold(&self, hold: Duration) {
+        self.shared
+            .copy_hold_us
+            .store(hold.as_micros() as u64, Ordering::Release);
     }
 
     /// Switches the volumes to the target; only when the job is `ready`.

@@ -42,6 +42,9 @@ pub struct MigrationOptions {
     /// Where to write the layout of a merge; default `TARGET.layout.json` for file targets
     /// and none for NBD targets (the layout is then only in the status).
     pub layout_path: Option<PathBuf>,
+    /// Holds every copy between reading the source and writing the target. Zero in
+    /// normal use; tests set it to make guest writes race copies on purpose.
+    pub copy_hold: Duration,
 }
 
 /// The default tracking granularity.
@@ -66,6 +69,7 @@ impl Default for MigrationOptions {
             drain_timeout: Duration::from_secs(60),
             nbd_request_timeout: crate::target::nbd::REQUEST_TIMEOUT_DEFAULT,
             layout_path: None,
+            copy_hold: Duration::ZERO,
         }
     }
 }

@@ -70,7 +70,21 @@ fn options(args: &Value) -> Result<MigrationOptions, ControlError> {
         .get("auto-cutover")
         .and_then(Value::as_bool)
         .unwrap_or(false);
+    if let Some(hold) = copy_hold(args)? {
+        options.copy_hold = hold;
+    }
     Ok(options)
+}
+
+/// `copy-hold-ms`: hold each copy between its read and its write (to test races).
+fn copy_hold(args: &Value) -> Result<Option<std::time::Duration>, ControlError> {
+    match args.get("copy-hold-ms") {
+        None => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .map(|ms| Some(std::time::Duration::from_millis(ms)))
+            .ok_or_else(|| ControlError::bad_argument("copy-hold-ms must be milliseconds")),
+    }
 }
 
 pub fn migrate_start(daemon: &Daemon, args: &Value) -> Result<Value, ControlError> {
@@ -123,5 +137,8 @@ pub fn migrate_set_speed(daemon: &Daemon, args: &Value) -> Result<Value, Control
         ControlError::bad_argument("speed must be bytes per second (0: unlimited)")
     })?;
     job.set_speed(speed);
+    if let Some(hold) = copy_hold(args)? {
+        job.set_copy_hold(hold);
+    }
     Ok(json!({ "job": job.id(), "speed": speed }))
 }
