@@ -289,6 +289,12 @@ def main():
     rel = os.path.relpath(a.plot, os.path.dirname(os.path.abspath(a.markdown))) if plotted else None
     with open(a.markdown, "w") as f:
         f.write(markdown(machine, summary, ratio_rows, rel))
+        # Sections written by benches/migration.sh and benches/journal.sh, when they ran.
+        for extra in ("migration.md", "journal.md"):
+            path = os.path.join(os.path.dirname(os.path.abspath(a.json)), extra)
+            if os.path.exists(path):
+                with open(path) as section:
+                    f.write("\n" + section.read())
     print(f"report.py: {len(runs)} runs -> {a.json}, {a.markdown}" + (f", {a.plot}" if plotted else ""))
     for r in ratio_rows:
         print(f"  {r['workload']:<20} {r['mode']:<5} ferry/qsd {ratio_cell(r['ferry_over_qsd']):>5}  "
