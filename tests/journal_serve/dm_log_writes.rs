@@ -5,7 +5,7 @@
 
 use anyhow::{bail, ensure, Context as _, Result};
 
-pub const MAGIC: u64 = 0x6a73_6677_7368_72;
+pub const MAGIC: u64 = 0x006a_7366_7773_6872;
 pub const VERSION: u64 = 1;
 pub const FLUSH: u64 = 1 << 0;
 pub const DISCARD: u64 = 1 << 2;
