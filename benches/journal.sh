@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# journal.sh: what the write journal costs. 4 KiB random writes at QD 32 through `ferry bench`
+# (a libblkio vhost-user-blk client) with the journal off, in sync mode and in async mode, in
+# the same run, alternating round by round (medians of ROUNDS); then 128 KiB sequential writes
+# at QD 8 with the journal on (sync, async) and off, against `dd` of 128 KiB blocks to the same
+# filesystem (the ceiling of the journal's appends). Image and journal live on /dev/shm.
+# Caveat: on a memory-limited machine, GiBs of journal on tmpfs slow every tmpfs writer down
+# (dd too), so each run's journal is deleted right after it.
+# Prints a markdown table and writes target/bench/journal.json.
+#
+# Environment (defaults in brackets):
+#   SECS [5] RAMP [1] ROUNDS [3]   measurement / warm-up seconds per run, rounds
+#   SIZE [512M]                    image size;  DD_COUNT [8192] 128 KiB blocks per dd run
+#   WARM_MIB [6144]                tmpfs touched once before measuring (VM first-touch cost)
+#   FERRY [target/release/ferry]   the ferry binary (built with cargo unless FERRY is set)
+#   WORKDIR [/dev/shm/ferry-jbench.PID]  OUT [target/bench]
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+SECS=${SECS:-5}
+RAMP=${RAMP:-1}
+ROUNDS=${ROUNDS:-3}
+SIZE=${SIZE:-512M}
+DD_COUNT=${DD_COUNT:-8192}
+OUT=${OUT:-$ROOT/target/bench}
+WORKDIR=${WORKDIR:-/dev/shm/ferry-jbench.$$}
+SOCKET_WAIT_SECS=10
+CONFIGS=(off sync async)
+
+log() { printf '[journal-bench %s] %s\n' "$(date +%T)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+if [[ -z "${FERRY:-}" ]]; then
+    log "building ferry (release)"
+    (cd "$ROOT" && cargo build --release -q -p ferry --bin ferry) || die "cargo build failed"
+    FERRY=$ROOT/target/release/ferry
+fi
+[[ -x "$FERRY" ]] || die "no ferry binary at $FERRY"
+command -v jq >/dev/null || die "jq is needed"
+
+IMG=$WORKDIR/bench.img
+SOCK=$WORKDIR/vhost.sock
+JDIR=$WORKDIR/journal
+SERVE_PID=
+cleanup() {
+    if [[ -n "$SERVE_PID" ]]; then kill "$SERVE_PID" 2>/dev/null || true; wait "$SERVE_PID" 2>/dev/null || true; fi
+    rm -rf "$WORKDIR"
+}
+trap cleanup EXIT
+mkdir -p "$WORKDIR" "$OUT"
+truncate -s "$SIZE" "$IMG"
+
+# start_serve CONFIG: ferry serve on the image, with the journal per CONFIG (fresh directory).
+start_serve() {
+    local config=$1 args=(--volume "name=bench,path=$IMG,socket=$SOCK")
+    rm -rf "$JDIR"
+    [[ "$config" != off ]] && args+=(--journal "dir=$JDIR,mode=$config,capacity=4G")
+    "$FERRY" serve "${args[@]}" >"$WORKDIR/serve.log" 2>&1 &
+    SERVE_PID=$!
+    local i
+    for ((i = 0; i < SOCKET_WAIT_SECS * 20; i++)); do
+        [[ -S "$SOCK" ]] && return 0
+        kill -0 "$SERVE_PID" 2>/dev/null || die "ferry serve exited; $(cat "$WORKDIR/serve.log")"
+        sleep 0.05
+    done
+    die "no socket after ${SOCKET_WAIT_SECS}s"
+}
+
+stop_serve() {
+    kill -TERM "$SERVE_PID"
+    wait "$SERVE_PID" || die "ferry serve exited non-zero; $(cat "$WORKDIR/serve.log")"
+    SERVE_PID=
+}
+
+# bench CONFIG RW BS QD -> one JSON object on stdout, with the journal's bytes added.
+bench() {
+    local config=$1 rw=$2 bs=$3 qd=$4 json jbytes=0
+    start_serve "$config"
+    json=$("$FERRY" bench --socket "$SOCK" --rw "$rw" --bs "$bs" --qd "$qd" \
+        --secs "$SECS" --ramp "$RAMP" --wait --json) || die "ferry bench failed"
+    stop_serve
+    [[ -d "$JDIR" ]] && jbytes=$(du -sb "$JDIR" | cut -f1)
+    # Free the journal's memory now: a few GiB left on tmpfs slow down later runs (and dd).
+    rm -rf "$JDIR"
+    jq -c --arg config "$config" --argjson jbytes "$jbytes" \
+        '{config: $config, iops, mib_per_sec, p50_us: .latency_us.p50, p99_us: .latency_us.p99,
+          cpu_percent: .cpu.percent_of_one_core, journal_bytes: $jbytes}' <<<"$json"
+}
+
+# dd_run -> MiB/s of DD_COUNT 128 KiB blocks written to WORKDIR (O_DIRECT if the filesystem
+# takes it, else buffered with a final fdatasync).
+DD_FLAG=oflag=direct
+dd if=/dev/zero of="$WORKDIR/dd.probe" bs=128k count=1 oflag=direct 2>/dev/null || DD_FLAG=conv=fdatasync
+rm -f "$WORKDIR/dd.probe"
+dd_run() {
+    local start end
+    start=$(date +%s.%N)
+    dd if=/dev/zero of="$WORKDIR/dd.out" bs=128k count="$DD_COUNT" "$DD_FLAG" 2>/dev/null
+    end=$(date +%s.%N)
+    rm -f "$WORKDIR/dd.out"
+    jq -n -c --argjson s "$start" --argjson e "$end" --argjson n "$DD_COUNT" \
+        '{config: "dd", mib_per_sec: ($n * 128 / 1024 / ($e - $s))}'
+}
+
+# First touch of memory is slow on a VM: touch WARM_MIB of tmpfs once, so that neither the
+# journal nor dd pays for it during a measurement.
+log "warming ${WARM_MIB:=6144} MiB of /dev/shm"
+dd if=/dev/zero of="$WORKDIR/warm" bs=1M count="$WARM_MIB" 2>/dev/null || true
+rm -f "$WORKDIR/warm"
+
+RESULTS=$WORKDIR/results.jsonl
+: >"$RESULTS"
+log "load before: $(cut -d' ' -f1-3 /proc/loadavg); ${ROUNDS} rounds of ${SECS}s (+${RAMP}s ramp); dd: $DD_FLAG"
+for ((round = 1; round <= ROUNDS; round++)); do
+    # Rotate the order so no configuration always runs first.
+    for ((k = 0; k < ${#CONFIGS[@]}; k++)); do
+        config=${CONFIGS[(k + round - 1) % ${#CONFIGS[@]}]}
+        log "round $round: randwrite 4K qd32, journal $config"
+        bench "$config" randwrite 4K 32 | jq -c --argjson r "$round" '. + {workload: "randwrite-4k-qd32", round: $r}' >>"$RESULTS"
+    done
+    for ((k = 0; k < ${#CONFIGS[@]}; k++)); do
+        config=${CONFIGS[(k + round - 1) % ${#CONFIGS[@]}]}
+        log "round $round: write 128K qd8, journal $config"
+        bench "$config" write 128K 8 | jq -c --argjson r "$round" '. + {workload: "write-128k-qd8", round: $r}' >>"$RESULTS"
+    done
+    log "round $round: dd 128K x $DD_COUNT"
+    dd_run | jq -c --argjson r "$round" '. + {workload: "write-128k-qd8", round: $r}' >>"$RESULTS"
+done
+LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# Medians per (workload, config); journal MiB/s = journal bytes / (ramp + secs).
+jq -s --argjson secs "$SECS" --argjson ramp "$RAMP" --arg load "$LOAD_AFTER" --arg dd "$DD_FLAG" '
+  def median: sort | if length == 0 then null else .[(length - 1) / 2 | floor] end;
+  {secs: $secs, ramp_secs: $ramp, rounds: (map(.round) | max), load_after: $load, dd_flag: $dd,
+   runs: .,
+   medians: (group_by([.workload, .config]) | map({
+      workload: .[0].workload, config: .[0].config,
+      iops: (map(.iops // empty) | median),
+      mib_per_sec: (map(.mib_per_sec) | median),
+      p50_us: (map(.p50_us // empty) | median),
+      p99_us: (map(.p99_us // empty) | median),
+      cpu_percent: (map(.cpu_percent // empty) | median),
+      journal_mib_per_sec: (map(select(.journal_bytes != null and .journal_bytes > 0)
+          | .journal_bytes / 1048576 / ($secs + $ramp)) | median)}))}' \
+    "$RESULTS" >"$OUT/journal.json"
+
+echo
+echo "| workload | journal | IOPS | MiB/s | p50 us | p99 us | bench client CPU % | journal MiB/s |"
+echo "|---|---|--:|--:|--:|--:|--:|--:|"
+jq -r '.medians[] | "| \(.workload) | \(.config) | \(.iops // "-" | if type == "number" then floor else . end) | \(.mib_per_sec | floor) | \(.p50_us // "-") | \(.p99_us // "-") | \(.cpu_percent // "-" | if type == "number" then floor else . end) | \(.journal_mib_per_sec // "-" | if type == "number" then floor else . end) |"' "$OUT/journal.json"
+echo
+echo "medians of $ROUNDS rounds, ${SECS}s each after ${RAMP}s ramp; load after: $LOAD_AFTER; dd $DD_FLAG; JSON: $OUT/journal.json"
