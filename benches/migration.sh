@@ -203,7 +203,7 @@ else:
         iops, p99 = find(raw, ["iops"]), find(raw, ["p99"])
         guest[name] = {"iops": iops, "p99": p99, "raw": raw}
         label = {"none": "no migration", "active": "active migration", "background": "background migration"}[name]
-        rows.append((f"4k randwrite qd32, {label}", f"{iops} IOPS, p99 {p99}"))
+        rows.append((f"4k randwrite qd32, {label}", f"{iops:,.0f} IOPS, p99 {p99:,.0f} µs"))
     report["guest_randwrite"] = guest
 with open(env["OUT_JSON"], "w") as f:
     json.dump(report, f, indent=2)
