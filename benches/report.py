@@ -290,8 +290,9 @@ def main():
     with open(a.markdown, "w") as f:
         f.write(markdown(machine, summary, ratio_rows, rel))
         # Sections written by benches/migration.sh and benches/journal.sh, when they ran.
-        for extra in ("migration.md", "journal.md"):
-            path = os.path.join(os.path.dirname(os.path.abspath(a.json)), extra)
+        out_dir = os.path.dirname(os.path.abspath(a.json))
+        notes = os.path.join(os.path.dirname(os.path.abspath(__file__)), "perf-notes.md")
+        for path in [os.path.join(out_dir, "migration.md"), os.path.join(out_dir, "journal.md"), notes]:
             if os.path.exists(path):
                 with open(path) as section:
                     f.write("\n" + section.read())
