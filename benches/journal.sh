@@ -144,9 +144,21 @@ jq -s --argjson secs "$SECS" --argjson ramp "$RAMP" --arg load "$LOAD_AFTER" --a
           | .journal_bytes / 1048576 / ($secs + $ramp)) | median)}))}' \
     "$RESULTS" >"$OUT/journal.json"
 
+# The table, also as a section for docs/BENCHMARKS.md (benches/report.py appends it).
+{
 echo
 echo "| workload | journal | IOPS | MiB/s | p50 us | p99 us | bench client CPU % | journal MiB/s |"
 echo "|---|---|--:|--:|--:|--:|--:|--:|"
 jq -r '.medians[] | "| \(.workload) | \(.config) | \(.iops // "-" | if type == "number" then floor else . end) | \(.mib_per_sec | floor) | \(.p50_us // "-") | \(.p99_us // "-") | \(.cpu_percent // "-" | if type == "number" then floor else . end) | \(.journal_mib_per_sec // "-" | if type == "number" then floor else . end) |"' "$OUT/journal.json"
 echo
-echo "medians of $ROUNDS rounds, ${SECS}s each after ${RAMP}s ramp; load after: $LOAD_AFTER; dd $DD_FLAG; JSON: $OUT/journal.json"
+echo "medians of $ROUNDS rounds, ${SECS}s each after ${RAMP}s ramp; load after: $LOAD_AFTER; dd $DD_FLAG; JSON: target/bench/journal.json"
+} | tee "$OUT/journal-table.md"
+{
+    echo "## Write journal"
+    echo
+    echo "Reproduce: \`bash benches/journal.sh\` (release build, image and journal on /dev/shm)."
+    echo "4K random writes at QD 32 and 128K sequential writes at QD 8 with the journal off, sync"
+    echo "and async, alternating rounds; the journal's own throughput against \`dd\` to the same"
+    echo "file system."
+    cat "$OUT/journal-table.md"
+} >"$OUT/journal.md"
