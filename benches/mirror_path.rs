@@ -37,8 +37,16 @@ fn write_batch(queue: &mut VolumeQueue, buffer: &[u8], round: &mut u64) {
             iov_len: 4096,
         }];
         // SAFETY: `buffer` outlives the drain below, which waits for every request.
-        unsafe { queue.submit(BlockOp::Write { offset_bytes, iovecs: &iov }, i as u64) }
-            .expect("submit");
+        unsafe {
+            queue.submit(
+                BlockOp::Write {
+                    offset_bytes,
+                    iovecs: &iov,
+                },
+                i as u64,
+            )
+        }
+        .expect("submit");
     }
     queue.commit().expect("commit");
     let mut done = Vec::with_capacity(BATCH);
@@ -63,8 +71,12 @@ fn mirrored_writes(c: &mut Criterion) {
                 mode,
                 ..Default::default()
             };
-            let job = MigrationJob::start(vec![volume.clone()], TargetSpec::File(dir.path().join("dst.img")), options)
-                .expect("migration");
+            let job = MigrationJob::start(
+                vec![volume.clone()],
+                TargetSpec::File(dir.path().join("dst.img")),
+                options,
+            )
+            .expect("migration");
             job.wait_for(|s| s == MigrationState::Ready, Duration::from_secs(30));
             job
         });
