@@ -76,7 +76,11 @@ mod mirror {
         assert_image(&dst, 0, &report_guest.model)?;
         let status = job.status();
         assert_eq!(status.cutover_pause_us, Some(report.pause_us));
-        assert!(status.copied_bytes >= 8 * MIB, "{status:?}");
+        // Everything planned was copied. (The plan is taken after the mirror attaches, so a
+        // guest discard that punched a hole in the 8 MiB of data just before it is not part
+        // of the plan: its zeros reached the target through the mirror instead.)
+        assert!(status.total_bytes > 4 * MIB, "{status:?}");
+        assert!(status.copied_bytes >= status.total_bytes, "{status:?}");
         eprintln!("{mode:?}: {} guest writes, {:?}", report_guest.ok, status);
         Ok(())
     }
