@@ -35,6 +35,8 @@ pub enum EngineError {
     BadGeometry { volume: String, reason: String },
     #[error("volume {volume}: {path} is not a regular file or a block device")]
     NotAnImage { volume: String, path: PathBuf },
+    #[error("volume {volume}: {reason}")]
+    Nbd { volume: String, reason: String },
     #[error("cannot set up io_uring: {0}")]
     Ring(#[source] io::Error),
     #[error("{0}")]

@@ -2,7 +2,7 @@
 //!
 //! `copy_threads` worker threads each copy one run of up to `copy_chunk_bytes` at a time
 //! (so at most `copy_threads` copies are in flight): take a run from a volume's
-//! [`ChunkTable`], read it from the source with `pread`, write it to the target, then
+//! [`ChunkTable`], read it from the source with `pread` (or its NBD export), write it to the target, then
 //! wait for the speed limit before taking the next run. Plain threads rather than
 //! io_uring: the target may be an NBD socket, the work is a few large sequential
 //! transfers, and a blocking worker keeps the per-chunk rules easy to follow.
@@ -13,7 +13,6 @@
 //! `MigrationOptions::copy_hold` widens the window on purpose, for tests of the race.
 
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,10 +32,13 @@ pub fn plan(
     target_known_zero: bool,
 ) -> std::io::Result<u64> {
     let len = source.len_bytes;
-    if !target_known_zero || source.is_block_device {
+    let Some(image) = source
+        .file()
+        .filter(|f| target_known_zero && !f.is_block_device)
+    else {
         return Ok(table.mark_dirty(0, len));
-    }
-    let fd = source.file.as_raw_fd();
+    };
+    let fd = image.file.as_raw_fd();
     let base = source.base_offset_bytes;
     let end = base + len;
     let mut marked = 0;
@@ -74,10 +76,10 @@ fn seek(fd: i32, offset: u64, whence: i32) -> std::io::Result<Option<u64>> {
 
 /// True when `len` bytes at `offset` of the source are one hole (read as zeros).
 fn is_hole(source: &Backing, offset: u64, len: u64) -> bool {
-    if source.is_block_device {
+    let Some(image) = source.file().filter(|f| !f.is_block_device) else {
         return false;
-    }
-    match seek(source.file.as_raw_fd(), offset, libc::SEEK_DATA) {
+    };
+    match seek(image.file.as_raw_fd(), offset, libc::SEEK_DATA) {
         Ok(None) => true,
         Ok(Some(data)) => data >= offset + len,
         Err(_) => false,
@@ -162,8 +164,7 @@ fn copy_run(
         written.map_err(|e| format!("volume {name}: copying a hole: {e}"))?;
     } else {
         let data = &mut buf[..len as usize];
-        let reader = source.buffered.as_ref().unwrap_or(&source.file);
-        reader
+        source
             .read_exact_at(data, file_offset)
             .map_err(|e| format!("volume {name}: reading the source at {file_offset}: {e}"))?;
         hold(job);

@@ -1,9 +1,9 @@
 //! Cutover: hold guest I/O, copy what is left, flush the target, switch the volumes over.
 //!
-//! For a file or block-device target each volume gets a new [`Backing`] on its slice of
-//! the target and the source is released. For an NBD target the volumes cannot be served
-//! from the export, so cutover stops mirroring once the target holds everything and the
-//! volumes stay on their source (`switched: false`).
+//! Each volume gets a new [`Backing`] on its slice of the target (a file, a block device or
+//! an NBD export, whose slice each queue then reaches over a connection of its own) and the
+//! source is released. The new backings are opened before the pause: for NBD that is one
+//! probe connection that checks the export is still there.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -124,7 +124,7 @@ fn failed(job: &JobShared) -> MigrationError {
     MigrationError::Failed { reason }
 }
 
-/// Opens each volume's slice of a file target as its next backing (before the pause).
+/// Opens each volume's slice of the target as its next backing (before the pause).
 fn open_new_backings(job: &JobShared) -> Result<Option<Vec<Backing>>, MigrationError> {
     let Some(path) = &job.target_path else {
         return Ok(None);

@@ -75,7 +75,8 @@ pub struct JobShared {
     pub(crate) options: MigrationOptions,
     pub(crate) target: Arc<dyn Target>,
     pub(crate) target_name: String,
-    /// The path of a file target, which the volumes switch to at cutover.
+    /// The path of a file target or the URI of an NBD target: what the volumes switch to
+    /// at cutover.
     pub(crate) target_path: Option<PathBuf>,
     pub(crate) layout: Layout,
     pub(crate) volumes: Vec<VolumeMirror>,
@@ -262,7 +263,7 @@ impl MigrationJob {
             options,
             target_name: target_obj.describe(),
             target: target_obj,
-            target_path,
+            target_path: Some(target_path.unwrap_or_else(|| PathBuf::from(target.to_string()))),
             layout,
             volumes: mirrors,
             control: Mutex::new(Control {
@@ -573,7 +574,10 @@ fn check_not_source(target: &FileTarget, volumes: &[Arc<Volume>]) -> Result<(), 
     let (dev, ino, rdev) = target.identity();
     for v in volumes {
         let backing = v.backing();
-        let meta = backing
+        let Some(image) = backing.file() else {
+            continue; // a volume on NBD is not a local file
+        };
+        let meta = image
             .file
             .metadata()
             .map_err(|source| MigrationError::Source {
@@ -581,8 +585,7 @@ fn check_not_source(target: &FileTarget, volumes: &[Arc<Volume>]) -> Result<(), 
                 source,
             })?;
         let same_file = meta.dev() == dev && meta.ino() == ino;
-        let same_device =
-            backing.is_block_device && target.is_block_device() && meta.rdev() == rdev;
+        let same_device = image.is_block_device && target.is_block_device() && meta.rdev() == rdev;
         if same_file || same_device {
             return Err(MigrationError::TargetIsSource {
                 target: target.describe(),

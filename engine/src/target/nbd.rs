@@ -18,50 +18,105 @@ use std::time::Duration;
 
 use super::{NbdAddress, Target, TargetError};
 
-const NBD_INIT_MAGIC: u64 = 0x4e42_444d_4147_4943; // "NBDMAGIC"
-const NBD_OPTS_MAGIC: u64 = 0x4948_4156_454f_5054; // "IHAVEOPT"
-const NBD_REP_MAGIC: u64 = 0x0003_e889_0455_65a9;
-const NBD_REQUEST_MAGIC: u32 = 0x2560_9513;
-const NBD_SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+pub(crate) const NBD_INIT_MAGIC: u64 = 0x4e42_444d_4147_4943; // "NBDMAGIC"
+pub(crate) const NBD_OPTS_MAGIC: u64 = 0x4948_4156_454f_5054; // "IHAVEOPT"
+pub(crate) const NBD_REP_MAGIC: u64 = 0x0003_e889_0455_65a9;
+pub(crate) const NBD_REQUEST_MAGIC: u32 = 0x2560_9513;
+pub(crate) const NBD_SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 
-const NBD_FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
-const NBD_FLAG_NO_ZEROES: u16 = 1 << 1;
-const NBD_FLAG_C_FIXED_NEWSTYLE: u32 = 1 << 0;
-const NBD_FLAG_C_NO_ZEROES: u32 = 1 << 1;
+pub(crate) const NBD_FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
+pub(crate) const NBD_FLAG_NO_ZEROES: u16 = 1 << 1;
+pub(crate) const NBD_FLAG_C_FIXED_NEWSTYLE: u32 = 1 << 0;
+pub(crate) const NBD_FLAG_C_NO_ZEROES: u32 = 1 << 1;
 
-const NBD_OPT_GO: u32 = 7;
-const NBD_REP_ACK: u32 = 1;
-const NBD_REP_INFO: u32 = 3;
-const NBD_REP_FLAG_ERROR: u32 = 1 << 31;
-const NBD_INFO_EXPORT: u16 = 0;
+pub(crate) const NBD_OPT_GO: u32 = 7;
+pub(crate) const NBD_REP_ACK: u32 = 1;
+pub(crate) const NBD_REP_INFO: u32 = 3;
+pub(crate) const NBD_REP_FLAG_ERROR: u32 = 1 << 31;
+pub(crate) const NBD_INFO_EXPORT: u16 = 0;
 /// The longest option reply we accept (a server's error message, an info block).
-const OPTION_REPLY_BYTES_MAX: u32 = 64 * 1024;
+pub(crate) const OPTION_REPLY_BYTES_MAX: u32 = 64 * 1024;
 
-const NBD_FLAG_READ_ONLY: u16 = 1 << 1;
-const NBD_FLAG_SEND_FLUSH: u16 = 1 << 2;
-const NBD_FLAG_SEND_TRIM: u16 = 1 << 5;
-const NBD_FLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
+pub(crate) const NBD_FLAG_READ_ONLY: u16 = 1 << 1;
+pub(crate) const NBD_FLAG_SEND_FLUSH: u16 = 1 << 2;
+pub(crate) const NBD_FLAG_SEND_TRIM: u16 = 1 << 5;
+pub(crate) const NBD_FLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
 
-const NBD_CMD_READ: u16 = 0;
-const NBD_CMD_WRITE: u16 = 1;
-const NBD_CMD_DISC: u16 = 2;
-const NBD_CMD_FLUSH: u16 = 3;
-const NBD_CMD_TRIM: u16 = 4;
-const NBD_CMD_WRITE_ZEROES: u16 = 6;
-const NBD_CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+pub(crate) const NBD_CMD_READ: u16 = 0;
+pub(crate) const NBD_CMD_WRITE: u16 = 1;
+pub(crate) const NBD_CMD_DISC: u16 = 2;
+pub(crate) const NBD_CMD_FLUSH: u16 = 3;
+pub(crate) const NBD_CMD_TRIM: u16 = 4;
+pub(crate) const NBD_CMD_WRITE_ZEROES: u16 = 6;
+pub(crate) const NBD_CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 
 /// The largest payload (or zeroed range) of one request; servers may refuse more (qemu: 32 MiB).
-const REQUEST_BYTES_MAX: u64 = 32 << 20;
+pub(crate) const REQUEST_BYTES_MAX: u64 = 32 << 20;
 /// How long a request waits for its reply before the connection is declared lost.
 pub const REQUEST_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
 
+pub(crate) const NBD_FLAG_SEND_FUA: u16 = 1 << 3;
+pub(crate) const NBD_FLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+pub(crate) const NBD_CMD_FLAG_FUA: u16 = 1 << 0;
+
 /// The connection, over TCP or a unix socket.
-enum Conn {
+pub(crate) enum Conn {
     Tcp(TcpStream),
     Unix(UnixStream),
 }
 
 impl Conn {
+    /// Connects to `address` (TCP with `TCP_NODELAY`); a TCP connect gives up after `timeout`.
+    pub(crate) fn connect(address: &NbdAddress, timeout: Duration) -> std::io::Result<Self> {
+        match address {
+            NbdAddress::Tcp { host, port } => {
+                let mut last = None;
+                for addr in std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), *port))? {
+                    match TcpStream::connect_timeout(&addr, timeout) {
+                        Ok(stream) => {
+                            stream.set_nodelay(true)?;
+                            return Ok(Self::Tcp(stream));
+                        }
+                        Err(e) => last = Some(e),
+                    }
+                }
+                Err(last.unwrap_or_else(|| {
+                    std::io::Error::new(std::io::ErrorKind::NotFound, "host has no address")
+                }))
+            }
+            NbdAddress::Unix { socket } => Ok(Self::Unix(UnixStream::connect(socket)?)),
+        }
+    }
+
+    /// Bounds every blocking read and write (the handshake), or lifts the bound (`None`).
+    pub(crate) fn set_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Self::Tcp(s) => {
+                s.set_read_timeout(timeout)?;
+                s.set_write_timeout(timeout)
+            }
+            Self::Unix(s) => {
+                s.set_read_timeout(timeout)?;
+                s.set_write_timeout(timeout)
+            }
+        }
+    }
+
+    pub(crate) fn set_nonblocking(&self, on: bool) -> std::io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.set_nonblocking(on),
+            Self::Unix(s) => s.set_nonblocking(on),
+        }
+    }
+
+    pub(crate) fn raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        match self {
+            Self::Tcp(s) => s.as_raw_fd(),
+            Self::Unix(s) => s.as_raw_fd(),
+        }
+    }
+
     fn try_clone(&self) -> std::io::Result<Self> {
         Ok(match self {
             Self::Tcp(s) => Self::Tcp(s.try_clone()?),
@@ -69,7 +124,7 @@ impl Conn {
         })
     }
 
-    fn shutdown(&self) {
+    pub(crate) fn shutdown(&self) {
         let _ = match self {
             Self::Tcp(s) => s.shutdown(Shutdown::Both),
             Self::Unix(s) => s.shutdown(Shutdown::Both),
@@ -132,10 +187,22 @@ pub struct NbdTarget {
 
 impl NbdTarget {
     /// Connects to `address`, negotiates `export` with `NBD_OPT_GO`, and starts the reply reader.
+    /// A read-only export is refused (a migration must write to it).
     pub fn connect(
         address: &NbdAddress,
         export: &str,
         request_timeout: Duration,
+    ) -> Result<Self, TargetError> {
+        Self::connect_with(address, export, request_timeout, false)
+    }
+
+    /// As [`connect`](Self::connect); `read_only_ok` accepts a read-only export (a volume's
+    /// source reader).
+    pub fn connect_with(
+        address: &NbdAddress,
+        export: &str,
+        request_timeout: Duration,
+        read_only_ok: bool,
     ) -> Result<Self, TargetError> {
         let name = super::TargetSpec::Nbd {
             address: address.clone(),
@@ -146,22 +213,16 @@ impl NbdTarget {
             target: name.clone(),
             source,
         };
-        let mut conn = match address {
-            NbdAddress::Tcp { host, port } => {
-                let stream = TcpStream::connect((host.as_str(), *port)).map_err(connect_err)?;
-                stream.set_nodelay(true).map_err(connect_err)?;
-                Conn::Tcp(stream)
-            }
-            NbdAddress::Unix { socket } => {
-                Conn::Unix(UnixStream::connect(socket).map_err(connect_err)?)
-            }
-        };
+        let mut conn = Conn::connect(address, request_timeout).map_err(connect_err)?;
+        conn.set_timeout(Some(request_timeout))
+            .map_err(connect_err)?;
         let (size_bytes, transmission_flags) =
             handshake(&mut conn, export).map_err(|reason| TargetError::Handshake {
                 target: name.clone(),
                 reason,
             })?;
-        if transmission_flags & NBD_FLAG_READ_ONLY != 0 {
+        conn.set_timeout(None).map_err(connect_err)?;
+        if transmission_flags & NBD_FLAG_READ_ONLY != 0 && !read_only_ok {
             return Err(TargetError::Unusable {
                 target: name,
                 reason: "the export is read-only".into(),
@@ -205,13 +266,7 @@ impl NbdTarget {
                 0
             },
         )?;
-        let mut header = [0u8; 28];
-        header[0..4].copy_from_slice(&NBD_REQUEST_MAGIC.to_be_bytes());
-        header[4..6].copy_from_slice(&flags.to_be_bytes());
-        header[6..8].copy_from_slice(&cmd.to_be_bytes());
-        header[8..16].copy_from_slice(&handle.to_be_bytes());
-        header[16..24].copy_from_slice(&offset_bytes.to_be_bytes());
-        header[24..28].copy_from_slice(&len_bytes.to_be_bytes());
+        let header = request_header(cmd, flags, handle, offset_bytes, len_bytes);
         let sent = match self.send.lock() {
             Ok(mut conn) => conn
                 .write_all(&header)
@@ -350,6 +405,14 @@ impl Target for NbdTarget {
 }
 
 impl NbdTarget {
+    /// True once the connection is lost (every request fails from then on).
+    pub fn is_dead(&self) -> bool {
+        self.pending
+            .lock()
+            .map(|p| p.dead.is_some())
+            .unwrap_or(true)
+    }
+
     /// Tells the server that a range is no longer needed (NBD_CMD_TRIM); a no-op when the
     /// server does not take trims. The range's contents are undefined afterwards.
     pub fn trim(&self, offset_bytes: u64, len_bytes: u64) -> Result<(), TargetError> {
@@ -364,9 +427,7 @@ impl NbdTarget {
 
 impl Drop for NbdTarget {
     fn drop(&mut self) {
-        let mut header = [0u8; 28];
-        header[0..4].copy_from_slice(&NBD_REQUEST_MAGIC.to_be_bytes());
-        header[6..8].copy_from_slice(&NBD_CMD_DISC.to_be_bytes());
+        let header = request_header(NBD_CMD_DISC, 0, 0, 0, 0);
         if let Ok(mut conn) = self.send.lock() {
             let _ = conn.write_all(&header);
             conn.shutdown();
@@ -377,6 +438,24 @@ impl Drop for NbdTarget {
             }
         }
     }
+}
+
+/// The 28 bytes of a request: magic, command flags, type, handle, offset, length (big-endian).
+pub(crate) fn request_header(
+    cmd: u16,
+    flags: u16,
+    handle: u64,
+    offset_bytes: u64,
+    len_bytes: u32,
+) -> [u8; 28] {
+    let mut header = [0u8; 28];
+    header[0..4].copy_from_slice(&NBD_REQUEST_MAGIC.to_be_bytes());
+    header[4..6].copy_from_slice(&flags.to_be_bytes());
+    header[6..8].copy_from_slice(&cmd.to_be_bytes());
+    header[8..16].copy_from_slice(&handle.to_be_bytes());
+    header[16..24].copy_from_slice(&offset_bytes.to_be_bytes());
+    header[24..28].copy_from_slice(&len_bytes.to_be_bytes());
+    header
 }
 
 fn command_name(cmd: u16) -> &'static str {
@@ -446,7 +525,7 @@ fn read_replies(mut conn: Conn, pending: &Mutex<Pending>) {
 }
 
 /// The fixed-newstyle handshake up to the transmission phase; returns (size, transmission flags).
-fn handshake(conn: &mut Conn, export: &str) -> Result<(u64, u16), String> {
+pub(crate) fn handshake(conn: &mut Conn, export: &str) -> Result<(u64, u16), String> {
     let io = |what: &str, e: std::io::Error| format!("{what}: {e}");
     let mut greeting = [0u8; 18];
     conn.read_exact(&mut greeting)
@@ -519,13 +598,13 @@ fn read_go_replies(conn: &mut Conn) -> Result<(u64, u16), String> {
     }
 }
 
-fn be_u64(b: &[u8]) -> u64 {
+pub(crate) fn be_u64(b: &[u8]) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[..8]);
     u64::from_be_bytes(a)
 }
 
-fn be_u32(b: &[u8]) -> u32 {
+pub(crate) fn be_u32(b: &[u8]) -> u32 {
     u32::from_be_bytes([b[0], b[1], b[2], b[3]])
 }
 

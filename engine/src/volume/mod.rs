@@ -1,10 +1,13 @@
-//! A volume: a named byte range of an image file or block device that the guest sees as a disk.
+//! A volume: a named byte range of an image file, block device or NBD export that the guest
+//! sees as a disk.
 //!
 //! The volume owns the open backing file(s) and the settings that every queue shares
 //! (read-only, cache mode, the guest's write-cache setting), the observer list
 //! (mirror, journal) and the counters. Per-thread I/O goes through [`queue::VolumeQueue`].
 
 pub(crate) mod completion_sink;
+pub mod nbd_export;
+pub mod nbd_queue;
 pub mod open;
 pub mod queue;
 pub mod stats;
@@ -15,6 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::observer::{ObserverList, ObserverSet, WriteObserver};
+pub use nbd_export::NbdExport;
 pub use stats::VolumeStats;
 
 /// How the image is opened.
@@ -45,17 +49,33 @@ pub struct VolumeConfig {
     pub length_bytes: Option<u64>,
 }
 
-/// The open image under a volume: a file or block device and the slice of it in use.
+/// The open image under a volume: a file, block device or NBD export, and the slice of
+/// it in use.
 #[derive(Debug)]
 pub struct Backing {
+    /// The path of a file, or the URI of an NBD export (`nbd://…`, `nbd+unix://…`).
     pub path: PathBuf,
+    pub kind: BackingKind,
+    pub base_offset_bytes: u64,
+    pub len_bytes: u64,
+}
+
+/// Where a volume's data lives.
+#[derive(Debug)]
+pub enum BackingKind {
+    File(FileImage),
+    /// An NBD export; each queue connects to it on its own (see [`nbd_queue`]).
+    Nbd(Arc<NbdExport>),
+}
+
+/// An open image file or block device.
+#[derive(Debug)]
+pub struct FileImage {
     /// The descriptor requests go to (`O_DIRECT` with `cache=none`).
     pub file: File,
     /// A buffered descriptor of the same image, for requests whose guest buffers are not
     /// aligned for `O_DIRECT`; `None` when `file` is already buffered.
     pub buffered: Option<File>,
-    pub base_offset_bytes: u64,
-    pub len_bytes: u64,
     pub is_block_device: bool,
     /// The image lives in memory (tmpfs, ramfs): its reads and writes never wait for a
     /// device, so the queues do them inline instead of through io_uring (which hands such
@@ -64,9 +84,47 @@ pub struct Backing {
 }
 
 impl Backing {
-    /// Fsyncs the image (used on shutdown and at cutover; the queues flush through the ring).
+    /// The image file, unless the volume lives on an NBD export.
+    pub fn file(&self) -> Option<&FileImage> {
+        match &self.kind {
+            BackingKind::File(image) => Some(image),
+            BackingKind::Nbd(_) => None,
+        }
+    }
+
+    /// The NBD export, if the volume lives on one.
+    pub fn nbd(&self) -> Option<&Arc<NbdExport>> {
+        match &self.kind {
+            BackingKind::File(_) => None,
+            BackingKind::Nbd(export) => Some(export),
+        }
+    }
+
+    pub fn is_block_device(&self) -> bool {
+        self.file().is_some_and(|f| f.is_block_device)
+    }
+
+    /// Makes completed writes durable: `fdatasync` of the image, or `NBD_CMD_FLUSH` on a
+    /// connection of its own (used on shutdown; the queues flush through their own paths).
     pub fn sync(&self) -> std::io::Result<()> {
-        self.file.sync_data()
+        match &self.kind {
+            BackingKind::File(image) => image.file.sync_data(),
+            BackingKind::Nbd(export) => export.flush(),
+        }
+    }
+
+    /// Reads `buf.len()` bytes at `offset_bytes` of the image (absolute, not volume
+    /// relative) outside the queues: the mirror's copier reads its source so.
+    pub fn read_exact_at(&self, buf: &mut [u8], offset_bytes: u64) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        match &self.kind {
+            BackingKind::File(image) => image
+                .buffered
+                .as_ref()
+                .unwrap_or(&image.file)
+                .read_exact_at(buf, offset_bytes),
+            BackingKind::Nbd(export) => export.read_exact_at(buf, offset_bytes),
+        }
     }
 }
 
@@ -87,8 +145,12 @@ pub struct Volume {
 
 impl Volume {
     /// Opens (or creates, with `size_bytes`) the image of `config`.
-    pub fn open(config: VolumeConfig) -> Result<Arc<Self>, crate::EngineError> {
+    /// A read-only NBD export makes the volume read-only.
+    pub fn open(mut config: VolumeConfig) -> Result<Arc<Self>, crate::EngineError> {
         let backing = open::open_backing(&config)?;
+        if backing.nbd().is_some_and(|e| e.read_only()) {
+            config.read_only = true;
+        }
         Ok(Arc::new(Self {
             config,
             backing: Mutex::new(Arc::new(backing)),

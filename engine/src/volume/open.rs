@@ -1,17 +1,23 @@
-//! Opening and creating volume images: regular files (sparse) and block devices.
+//! Opening and creating volume images: regular files (sparse), block devices, and
+//! (slices of) NBD exports.
 //!
 //! Operator errors are found here, before anything is created or truncated: a missing
 //! image without a size, a size that does not match, a slice outside the image.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use super::{Backing, CacheMode, VolumeConfig};
+use super::{Backing, BackingKind, CacheMode, FileImage, NbdExport, VolumeConfig};
+use crate::target::NbdAddress;
 use crate::EngineError;
 
 /// Opens the image of `config`, creating a sparse file when it is missing and a size was given.
 pub fn open_backing(config: &VolumeConfig) -> Result<Backing, EngineError> {
+    if let Some(parsed) = super::nbd_export::parse_uri(&config.path) {
+        return open_nbd(config, parsed);
+    }
     let name = &config.name;
     let path = &config.path;
     let exists = path.symlink_metadata().is_ok();
@@ -46,12 +52,36 @@ pub fn open_backing(config: &VolumeConfig) -> Result<Backing, EngineError> {
     };
     Ok(Backing {
         path: path.clone(),
-        file,
-        buffered,
+        kind: BackingKind::File(FileImage {
+            file,
+            buffered,
+            is_block_device,
+            memory_backed,
+        }),
         base_offset_bytes: config.offset_bytes,
         len_bytes,
-        is_block_device,
-        memory_backed,
+    })
+}
+
+/// Opens a volume on (a slice of) an NBD export: connects once to learn its size and flags.
+/// Nothing is created: `size=` must match the export (or the slice).
+fn open_nbd(
+    config: &VolumeConfig,
+    parsed: Result<(NbdAddress, String), String>,
+) -> Result<Backing, EngineError> {
+    let nbd_err = |reason: String| EngineError::Nbd {
+        volume: config.name.clone(),
+        reason,
+    };
+    let (address, export) = parsed
+        .map_err(|reason| nbd_err(format!("bad NBD URI {}: {reason}", config.path.display())))?;
+    let export = NbdExport::probe(&address, &export).map_err(nbd_err)?;
+    let len_bytes = slice_len(config, export.size_bytes())?;
+    Ok(Backing {
+        path: PathBuf::from(export.uri()),
+        kind: BackingKind::Nbd(Arc::new(export)),
+        base_offset_bytes: config.offset_bytes,
+        len_bytes,
     })
 }
 

@@ -14,7 +14,8 @@ use std::sync::Arc;
 use io_uring::{opcode, squeue, types};
 
 use super::completion_sink::CompletionSink;
-use super::Volume;
+use super::nbd_queue::{NbdPath, Started, NBD_USER_DATA};
+use super::{NbdExport, Volume};
 use crate::observer::{ObserverList, ObserverTicket, WriteEvent, WriteKind};
 use crate::reactor::Ring;
 use crate::{EngineError, IoFailure};
@@ -59,7 +60,7 @@ pub enum Rejected {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub(super) enum Kind {
     Read,
     Write,
     Flush,
@@ -71,39 +72,39 @@ enum Kind {
 
 /// How a range is being zeroed; each stage falls back to the next on `EOPNOTSUPP`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ZeroStage {
+pub(super) enum ZeroStage {
     ZeroRange,
     PunchHole,
     WriteZeros,
 }
 
 /// The largest single write of zeros in the write-zeros fallback.
-const ZERO_BUFFER_BYTES: usize = 64 * 1024;
-const ZERO_IOVECS_MAX: usize = 16;
-static ZEROS: [u8; ZERO_BUFFER_BYTES] = [0; ZERO_BUFFER_BYTES];
+pub(super) const ZERO_BUFFER_BYTES: usize = 64 * 1024;
+pub(super) const ZERO_IOVECS_MAX: usize = 16;
+pub(super) static ZEROS: [u8; ZERO_BUFFER_BYTES] = [0; ZERO_BUFFER_BYTES];
 
 /// A request's state while in flight.
-struct Slot {
-    tag: u64,
-    kind: Kind,
+pub(super) struct Slot {
+    pub(super) tag: u64,
+    pub(super) kind: Kind,
     /// Parts outstanding: the ring operation (0 or 1) plus held observer tickets.
-    pending: u32,
-    ring_busy: bool,
-    failure: Option<IoFailure>,
+    pub(super) pending: u32,
+    pub(super) ring_busy: bool,
+    pub(super) failure: Option<IoFailure>,
     /// The iovecs of a read or write, advanced past what has been transferred.
-    iovecs: Vec<libc::iovec>,
-    iov_start: usize,
+    pub(super) iovecs: Vec<libc::iovec>,
+    pub(super) iov_start: usize,
     /// Absolute offset in the backing image of the next byte to transfer.
-    file_offset: u64,
-    remaining_bytes: u64,
-    total_bytes: u64,
-    fd: RawFd,
+    pub(super) file_offset: u64,
+    pub(super) remaining_bytes: u64,
+    pub(super) total_bytes: u64,
+    pub(super) fd: RawFd,
     /// Writes carry `RWF_DSYNC` (the guest turned its write cache off).
-    dsync: bool,
+    pub(super) dsync: bool,
     /// The observers that saw this write, told by `source_done` when the ring part ends.
     observed: Option<ObservedWrite>,
     /// A discard (counted apart from write-zeroes, which share `Kind::Zero`).
-    discard: bool,
+    pub(super) discard: bool,
 }
 
 /// What the observers of a request saw, kept to tell them when the volume's own I/O ends.
@@ -135,7 +136,7 @@ impl Slot {
     }
 
     /// Drops `done` transferred bytes from the front of the iovecs.
-    fn advance(&mut self, mut done: usize) {
+    pub(super) fn advance(&mut self, mut done: usize) {
         while done > 0 && self.iov_start < self.iovecs.len() {
             let iov = &mut self.iovecs[self.iov_start];
             if done >= iov.iov_len {
@@ -160,6 +161,8 @@ struct PathSnapshot {
     len_bytes: u64,
     memory_backed: bool,
     observers: ObserverList,
+    /// The export of a volume that lives on NBD (`fd` is then -1).
+    nbd: Option<Arc<NbdExport>>,
     /// Keeps the descriptors above open.
     _backing: Arc<super::Backing>,
 }
@@ -179,6 +182,9 @@ pub struct VolumeQueue {
     ring_ops_inflight: u32,
     inline_misses: u32,
     inline_backoff: u32,
+    /// The queue's NBD connection, while the volume lives on an NBD export.
+    nbd: Option<NbdPath>,
+    nbd_done: Vec<(u32, Option<IoFailure>)>,
 }
 
 impl VolumeQueue {
@@ -201,7 +207,7 @@ impl VolumeQueue {
         let slots = (0..inflight_max).map(|_| Slot::new(segments_max)).collect();
         let free_slots = (0..inflight_max).rev().collect();
         let path = Self::snapshot(&volume);
-        Ok(Self {
+        let mut queue = Self {
             volume,
             queue_index,
             ring,
@@ -215,20 +221,37 @@ impl VolumeQueue {
             ring_ops_inflight: 0,
             inline_misses: 0,
             inline_backoff: 0,
-        })
+            nbd: None,
+            nbd_done: Vec::new(),
+        };
+        queue.sync_nbd_path();
+        Ok(queue)
+    }
+
+    /// Follows the snapshot's backing: keeps the NBD connection while the export stays the
+    /// same, makes a new path for a new export, drops it for a file (the volume is idle then).
+    fn sync_nbd_path(&mut self) {
+        match (&self.path.nbd, &self.nbd) {
+            (Some(export), Some(path)) if Arc::ptr_eq(export, path.export()) => {}
+            (Some(export), _) => self.nbd = Some(NbdPath::new(export.clone(), self.slots.len())),
+            (None, Some(_)) => self.nbd = None,
+            (None, None) => {}
+        }
     }
 
     fn snapshot(volume: &Volume) -> PathSnapshot {
         let generation = volume.generation();
         let backing = volume.backing();
+        let file = backing.file();
         PathSnapshot {
             generation,
-            fd: backing.file.as_raw_fd(),
-            buffered_fd: backing.buffered.as_ref().map(|f| f.as_raw_fd()),
+            fd: file.map_or(-1, |f| f.file.as_raw_fd()),
+            buffered_fd: file.and_then(|f| f.buffered.as_ref().map(|b| b.as_raw_fd())),
             base_offset_bytes: backing.base_offset_bytes,
             len_bytes: backing.len_bytes,
-            memory_backed: backing.memory_backed,
+            memory_backed: file.is_some_and(|f| f.memory_backed),
             observers: volume.observers(),
+            nbd: backing.nbd().cloned(),
             _backing: backing,
         }
     }
@@ -273,6 +296,7 @@ impl VolumeQueue {
         self.free_slots.pop();
         if self.volume.generation() != self.path.generation {
             self.path = Self::snapshot(&self.volume);
+            self.sync_nbd_path();
         }
         let slot = &mut self.slots[slot_index as usize];
         slot.tag = tag;
@@ -291,7 +315,11 @@ impl VolumeQueue {
         if !self.path.observers.is_empty() {
             self.notify_observers(slot_index, &op);
         }
-        self.start_op(slot_index);
+        if self.nbd.is_some() {
+            self.start_nbd(slot_index);
+        } else {
+            self.start_op(slot_index);
+        }
         Ok(())
     }
 
@@ -587,9 +615,55 @@ impl VolumeQueue {
         entry.user_data(user_data)
     }
 
-    /// Hands every queued operation to the kernel (one `io_uring_enter`).
+    /// Hands every queued operation to the kernel (one `io_uring_enter`); on NBD, also
+    /// sends the queued requests.
     pub fn commit(&mut self) -> io::Result<()> {
+        if let Some(nbd) = &mut self.nbd {
+            nbd.send(&mut self.ring, &mut self.slots);
+        }
         self.ring.submit()
+    }
+
+    /// Starts a request on the NBD path.
+    fn start_nbd(&mut self, slot_index: u32) {
+        let Some(nbd) = &mut self.nbd else {
+            return;
+        };
+        let slot = &mut self.slots[slot_index as usize];
+        slot.pending += 1;
+        if let Started::Done(failure) = nbd.begin(&mut self.ring, slot_index, slot) {
+            self.settle_observers(slot_index);
+            self.on_part_done(slot_index, failure);
+        }
+    }
+
+    /// Continues or completes the requests whose NBD commands ended, until none is left.
+    fn reap_nbd(&mut self) {
+        let mut done = std::mem::take(&mut self.nbd_done);
+        while let Some(nbd) = &mut self.nbd {
+            if !nbd.has_done() {
+                nbd.send(&mut self.ring, &mut self.slots);
+                if !nbd.has_done() {
+                    break;
+                }
+            }
+            nbd.take_done(&mut done);
+            for (slot_index, failure) in done.drain(..) {
+                let step = match (failure, &mut self.nbd) {
+                    (Some(f), _) => Started::Done(Some(f)),
+                    (None, Some(nbd)) => {
+                        let slot = &mut self.slots[slot_index as usize];
+                        nbd.next(&mut self.ring, slot_index, slot)
+                    }
+                    (None, None) => Started::Done(Some(IoFailure::Os(libc::ECONNRESET))),
+                };
+                if let Started::Done(failure) = step {
+                    self.settle_observers(slot_index);
+                    self.on_part_done(slot_index, failure);
+                }
+            }
+        }
+        self.nbd_done = done;
     }
 
     /// Clears the wake-up eventfd; call it before reaping after an epoll wake-up.
@@ -602,9 +676,18 @@ impl VolumeQueue {
     pub fn reap(&mut self, out: &mut Vec<Completion>) {
         let mut cqes = std::mem::take(&mut self.cqe_scratch);
         self.ring.reap(&mut cqes);
-        let resubmitted = !cqes.is_empty();
+        let resubmitted = !cqes.is_empty() || self.nbd.is_some();
         for &(user_data, result) in &cqes {
+            if user_data & NBD_USER_DATA != 0 {
+                if let Some(nbd) = &mut self.nbd {
+                    nbd.on_completion(&mut self.ring, user_data, &mut self.slots);
+                }
+                continue;
+            }
             self.on_ring_completion(user_data as u32, result);
+        }
+        if self.nbd.is_some() {
+            self.reap_nbd();
         }
         cqes.clear();
         self.cqe_scratch = cqes;

@@ -350,9 +350,20 @@ pub fn qemu_nbd_tcp(image: &Path, export: &str) -> std::io::Result<Server> {
 }
 
 pub fn qemu_nbd_unix(image: &Path, export: &str, socket: &Path) -> std::io::Result<Server> {
+    qemu_nbd_unix_opts(image, export, socket, false)
+}
+
+/// `qemu-nbd` on a unix socket, read-only (`-r`) if asked.
+pub fn qemu_nbd_unix_opts(
+    image: &Path,
+    export: &str,
+    socket: &Path,
+    read_only: bool,
+) -> std::io::Result<Server> {
     let mut child = Command::new("qemu-nbd")
         .args(["-f", "raw", "-x", export, "-t", "-e", "8", "-k"])
         .arg(socket)
+        .args(if read_only { &["-r"][..] } else { &[][..] })
         .arg(image)
         .stdout(Stdio::null())
         .spawn()?;

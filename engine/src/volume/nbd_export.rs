@@ -1,0 +1,198 @@
+//! An NBD export as a volume's backing: where it is, what the server offers, and the
+//! connections made outside the queues (the probe at open, the flush on shutdown, the
+//! mirror copier's reads). Each queue's own connection is made by [`NbdExport::connect`]
+//! and driven by [`super::nbd_queue`].
+
+use std::io;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::target::nbd::{
+    handshake, Conn, NbdTarget, NBD_FLAG_CAN_MULTI_CONN, NBD_FLAG_READ_ONLY, NBD_FLAG_SEND_FLUSH,
+    NBD_FLAG_SEND_FUA, NBD_FLAG_SEND_TRIM, NBD_FLAG_SEND_WRITE_ZEROES,
+};
+use crate::target::{NbdAddress, Target, TargetSpec};
+
+/// How long a connection attempt (TCP connect, then the handshake) may take. A queue makes
+/// its attempts on its worker thread, so this also bounds how long one request can stall.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a request outside the queues (flush on shutdown, a copier read) waits for its reply.
+pub const SIDE_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// An NBD export a volume lives on: address, name and what the server offered at open.
+pub struct NbdExport {
+    uri: String,
+    address: NbdAddress,
+    export: String,
+    size_bytes: u64,
+    transmission_flags: u16,
+    /// A blocking client for reads outside the queues (a migration away from this export),
+    /// connected on first use.
+    reader: Mutex<Option<Arc<NbdTarget>>>,
+}
+
+impl std::fmt::Debug for NbdExport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NbdExport")
+            .field("uri", &self.uri)
+            .field("size_bytes", &self.size_bytes)
+            .field("transmission_flags", &self.transmission_flags)
+            .finish()
+    }
+}
+
+/// Parses a volume path that names an NBD export (`nbd://HOST[:PORT]/EXPORT` or
+/// `nbd+unix:///EXPORT?socket=PATH`); `None` for anything else (a file path).
+pub fn parse_uri(path: &Path) -> Option<Result<(NbdAddress, String), String>> {
+    let text = path.to_str()?;
+    if !text.starts_with("nbd://") && !text.starts_with("nbd+unix://") {
+        return None;
+    }
+    Some(match TargetSpec::parse(text) {
+        Ok(TargetSpec::Nbd { address, export }) => Ok((address, export)),
+        Ok(TargetSpec::File(_)) => Err("not an NBD URI".into()),
+        Err(e) => Err(e.to_string()),
+    })
+}
+
+impl NbdExport {
+    /// Connects once to learn the export's size and flags, then disconnects.
+    pub fn probe(address: &NbdAddress, export: &str) -> Result<Self, String> {
+        let uri = TargetSpec::Nbd {
+            address: address.clone(),
+            export: export.to_string(),
+        }
+        .to_string();
+        let (conn, size_bytes, transmission_flags) = open_conn(address, export)?;
+        disconnect(&conn);
+        if transmission_flags & NBD_FLAG_CAN_MULTI_CONN == 0 {
+            log::warn!(
+                "{uri}: the server does not advertise multi-conn: a guest flush on one queue \
+                 may not cover writes completed on another queue's connection"
+            );
+        }
+        Ok(Self {
+            uri,
+            address: address.clone(),
+            export: export.to_string(),
+            size_bytes,
+            transmission_flags,
+            reader: Mutex::new(None),
+        })
+    }
+
+    /// The export as a URI (`nbd://…` or `nbd+unix://…`).
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.transmission_flags & NBD_FLAG_READ_ONLY != 0
+    }
+
+    pub(crate) fn has_flush(&self) -> bool {
+        self.transmission_flags & NBD_FLAG_SEND_FLUSH != 0
+    }
+
+    pub(crate) fn has_fua(&self) -> bool {
+        self.transmission_flags & NBD_FLAG_SEND_FUA != 0
+    }
+
+    pub(crate) fn has_trim(&self) -> bool {
+        self.transmission_flags & NBD_FLAG_SEND_TRIM != 0
+    }
+
+    pub(crate) fn has_write_zeroes(&self) -> bool {
+        self.transmission_flags & NBD_FLAG_SEND_WRITE_ZEROES != 0
+    }
+
+    /// A new connection in the transmission phase, non-blocking, for one queue. Refuses an
+    /// export whose size or flags changed since open (another export now answers).
+    pub(crate) fn connect(&self) -> Result<Conn, String> {
+        let (conn, size_bytes, flags) = open_conn(&self.address, &self.export)?;
+        if size_bytes != self.size_bytes || flags != self.transmission_flags {
+            disconnect(&conn);
+            return Err(format!(
+                "{}: the export changed (size {size_bytes}, flags {flags:#x}; was {}, {:#x})",
+                self.uri, self.size_bytes, self.transmission_flags
+            ));
+        }
+        conn.set_nonblocking(true)
+            .map_err(|e| format!("{}: {e}", self.uri))?;
+        Ok(conn)
+    }
+
+    /// `NBD_CMD_FLUSH` on a connection of its own (shutdown); a no-op without `SEND_FLUSH`.
+    pub fn flush(&self) -> io::Result<()> {
+        if !self.has_flush() {
+            return Ok(());
+        }
+        self.side_client()?.flush().map_err(io::Error::other)
+    }
+
+    /// Reads at an absolute offset of the export on the side connection.
+    pub fn read_exact_at(&self, buf: &mut [u8], offset_bytes: u64) -> io::Result<()> {
+        self.side_client()?
+            .read_at(offset_bytes, buf)
+            .map_err(io::Error::other)
+    }
+
+    /// The side connection (made on first use, made again after it broke).
+    fn side_client(&self) -> io::Result<Arc<NbdTarget>> {
+        let mut reader = self
+            .reader
+            .lock()
+            .map_err(|_| io::Error::other("NBD side client lock poisoned"))?;
+        if let Some(client) = reader.as_ref() {
+            if !client.is_dead() {
+                return Ok(client.clone());
+            }
+        }
+        let client = Arc::new(
+            NbdTarget::connect_with(&self.address, &self.export, SIDE_REQUEST_TIMEOUT, true)
+                .map_err(io::Error::other)?,
+        );
+        *reader = Some(client.clone());
+        Ok(client)
+    }
+}
+
+/// Connects and negotiates `export`; returns the connection, the size and the flags.
+fn open_conn(address: &NbdAddress, export: &str) -> Result<(Conn, u64, u16), String> {
+    let uri = || {
+        TargetSpec::Nbd {
+            address: address.clone(),
+            export: export.to_string(),
+        }
+        .to_string()
+    };
+    let mut conn = Conn::connect(address, CONNECT_TIMEOUT)
+        .map_err(|e| format!("cannot connect to {}: {e}", uri()))?;
+    conn.set_timeout(Some(CONNECT_TIMEOUT))
+        .map_err(|e| format!("{}: {e}", uri()))?;
+    let (size_bytes, flags) =
+        handshake(&mut conn, export).map_err(|e| format!("{}: NBD handshake: {e}", uri()))?;
+    conn.set_timeout(None)
+        .map_err(|e| format!("{}: {e}", uri()))?;
+    Ok((conn, size_bytes, flags))
+}
+
+/// Sends `NBD_CMD_DISC` (best effort) and shuts the connection down.
+pub(crate) fn disconnect(conn: &Conn) {
+    let header = crate::target::nbd::request_header(crate::target::nbd::NBD_CMD_DISC, 0, 0, 0, 0);
+    // SAFETY: send(2) of a local 28-byte array on a descriptor `conn` keeps open.
+    let _ = unsafe {
+        libc::send(
+            conn.raw_fd(),
+            header.as_ptr().cast(),
+            header.len(),
+            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+        )
+    };
+    conn.shutdown();
+}
