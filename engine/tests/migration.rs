@@ -128,8 +128,9 @@ mod mirror {
         Ok(())
     }
 
-    /// Migrates to an NBD export under guest writes, then (guest quiet) cuts over, which for
-    /// NBD stops mirroring with the volume still on its source; the export must equal the disk.
+    /// Migrates to an NBD export under guest writes and cuts over while the guest keeps
+    /// writing: the volume switches to the export, the guest writes on through it, the export
+    /// ends up equal to everything the guest wrote and the source stays as it was at cutover.
     fn nbd_migration(
         mode: MirrorMode,
         pace: u64,
@@ -160,24 +161,33 @@ mod mirror {
         )?;
         wait_ready(&job)?;
         std::thread::sleep(Duration::from_millis(400)); // keep writing while ready
-        let report_guest = guest.stop()?;
         let report = job.cutover()?;
-        assert!(
-            !report.switched,
-            "NBD cutover keeps the volume on its source"
-        );
+        assert!(report.switched, "NBD cutover switches the volume");
+        let source_at_cutover = std::fs::read(&src)?;
         assert_eq!(job.state(), MigrationState::Completed);
-        assert_eq!(volume.backing().path, src);
+        assert_eq!(volume.backing().path, std::path::PathBuf::from(&server.uri));
+        assert!(volume.backing().nbd().is_some());
+        let before = guest.completed.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            guest.wait_completed(before + 200, WAIT),
+            "the guest stalled after cutover"
+        );
+        let report_guest = guest.stop()?;
         assert_eq!(report_guest.failed, 0);
         assert!(
-            report_guest.ok > 100,
+            report_guest.ok > 300,
             "too few guest writes: {}",
             report_guest.ok
         );
+        volume.backing().sync()?;
         drop(job);
         server.kill();
         assert_image(&dst, 0, &report_guest.model)?;
-        assert_image(&src, 0, &report_guest.model)?;
+        assert!(
+            std::fs::read(&src)? == source_at_cutover,
+            "the source changed after cutover"
+        );
+        assert!(source_at_cutover != report_guest.model);
         Ok(())
     }
 
@@ -200,6 +210,51 @@ mod mirror {
         nbd_migration(MirrorMode::Active, 0, |img| {
             qemu_storage_daemon(img, "disk2")
         })
+    }
+
+    /// Two volumes merged onto one NBD export (qemu-storage-daemon): after cutover each
+    /// volume is served from its slice of the export while its guest keeps writing.
+    #[test]
+    fn merge_two_volumes_onto_one_nbd_export() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let (a, b, dst) = (
+            dir.path().join("a.img"),
+            dir.path().join("b.img"),
+            dir.path().join("merged.img"),
+        );
+        let model_a = make_image(&a, 5 * MIB + 4096, 23)?;
+        let model_b = make_image(&b, 8 * MIB, 24)?;
+        std::fs::write(&dst, vec![0xeeu8; 16 * MIB as usize])?;
+        let mut server = qemu_storage_daemon(&dst, "merged")?;
+        let (va, vb) = (open_volume("a", &a)?, open_volume("b", &b)?);
+        let ga = Guest::spawn(va.clone(), model_a, GuestConfig::whole(5 * MIB + 4096, 3));
+        let gb = Guest::spawn(vb.clone(), model_b, GuestConfig::whole(8 * MIB, 4));
+        let job = MigrationJob::start(
+            vec![va.clone(), vb.clone()],
+            TargetSpec::parse(&server.uri)?,
+            options(MirrorMode::Active, 8 * MIB),
+        )?;
+        wait_ready(&job)?;
+        let report = job.cutover()?;
+        assert!(report.switched);
+        let (src_a, src_b) = (std::fs::read(&a)?, std::fs::read(&b)?);
+        assert!(va.backing().nbd().is_some() && vb.backing().nbd().is_some());
+        assert_eq!(vb.backing().base_offset_bytes, 6 * MIB);
+        assert_eq!(vb.size_bytes(), 8 * MIB);
+        let (na, nb) = (
+            ga.completed.load(std::sync::atomic::Ordering::Relaxed),
+            gb.completed.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        assert!(ga.wait_completed(na + 200, WAIT) && gb.wait_completed(nb + 200, WAIT));
+        let (ra, rb) = (ga.stop()?, gb.stop()?);
+        assert_eq!(ra.failed + rb.failed, 0);
+        drop(job);
+        server.kill();
+        assert_image(&dst, 0, &ra.model)?;
+        assert_image(&dst, 6 * MIB, &rb.model)?;
+        assert_image(&dst, 5 * MIB + 4096, &vec![0xee; MIB as usize - 4096])?;
+        assert!(std::fs::read(&a)? == src_a && std::fs::read(&b)? == src_b);
+        Ok(())
     }
 
     /// Two volumes merged into one target file: each at its aligned offset, the layout file
