@@ -174,21 +174,33 @@ fn background_file_target() -> Result<()> {
     file_migration("background", writer, "32M")
 }
 
-/// Migrates to an NBD export under client writes; the client stops before the cutover,
-/// which for NBD leaves the volume on its source (`switched: false`); the export and the
-/// source must both equal what the client wrote.
+/// Migrates to an NBD export under client writes and cuts over while the client keeps
+/// writing: the volume switches to the export (`switched: true`, `query-volumes` shows the
+/// URI), the client writes on through it, the export's image ends up equal to everything the
+/// client wrote and the source stays as it was at cutover.
 fn nbd_migration(server: impl FnOnce(&Path) -> Result<NbdServer>, mode: &str) -> Result<()> {
     let fx = Fixture::new(&[("vda", 16 * MIB)], Fill::HalfHoles)?;
     let image = fx.path("nbd.img");
     garbage_image(&image, 16 * MIB)?;
     let server = server(&image)?;
-    let writer = fx.writer(
-        0,
-        WriterConfig {
+    // A background mirror converges only while the client dirties less than the copier
+    // copies: a paced client and a faster copier (as in `background_file_target`).
+    let (writer, max_speed) = if mode == "background" {
+        let config = WriterConfig {
+            seed: 22,
+            inflight: 4,
+            pace: Duration::from_millis(20),
+            ..WriterConfig::default()
+        };
+        (config, "32M")
+    } else {
+        let config = WriterConfig {
             seed: 21,
             ..WriterConfig::default()
-        },
-    )?;
+        };
+        (config, "8M")
+    };
+    let writer = fx.writer(0, writer)?;
     let uri = server.uri();
     let id = fx.serve.start_migration(&[
         "--volume",
@@ -198,22 +210,32 @@ fn nbd_migration(server: impl FnOnce(&Path) -> Result<NbdServer>, mode: &str) ->
         "--mode",
         mode,
         "--max-speed",
-        "8M",
+        max_speed,
     ])?;
     fx.serve.wait_ready(id)?;
     writer.wait_more(10, WRITER_WAIT)?;
-    let client = writer.stop()?;
     let report = fx.serve.cutover(id)?;
-    ensure!(report["switched"] == false, "NBD cutover report {report}");
+    ensure!(report["switched"] == true, "NBD cutover report {report}");
+    let source_at_cutover = std::fs::read(fx.image(0))?;
     ensure!(
         fx.serve.job_status(id)?["state"] == "completed",
         "job not completed"
     );
-    ensure!(fx.serve.volume_path("vda")? == fx.image(0), "volume moved");
-    drop(server); // the cutover flushed the export
+    let info = fx.serve.volume_info("vda")?;
+    ensure!(info["path"] == uri && info["backing"] == "nbd", "{info}");
+    writer.wait_more(20, WRITER_WAIT)?; // these writes go to the export only
+    let client = writer.stop()?;
     client.ensure_no_error()?;
     compare_image(&image, 0, &client.model)?;
-    compare_image(&fx.image(0), 0, &client.model)?;
+    ensure!(
+        std::fs::read(fx.image(0))? == source_at_cutover,
+        "the source changed after cutover"
+    );
+    ensure!(
+        source_at_cutover != client.model,
+        "the client wrote nothing after cutover"
+    );
+    drop(server);
     eprintln!("{uri}: {} client writes, {report}", client.ok_writes);
     Ok(())
 }
@@ -233,6 +255,16 @@ fn nbd_target_qsd_unix() -> Result<()> {
     nbd_migration(
         |img| NbdServer::qsd(img, "disk", &NbdAddr::Unix(socket.clone())),
         "active",
+    )
+}
+
+#[test]
+fn nbd_target_qemu_nbd_unix_background() -> Result<()> {
+    let dir = support::scratch_dir()?;
+    let socket = dir.path().join("nbd.sock");
+    nbd_migration(
+        |img| NbdServer::qemu_nbd(img, "disk", &NbdAddr::Unix(socket.clone())),
+        "background",
     )
 }
 
@@ -314,6 +346,83 @@ fn merge_two_volumes_then_serve_slices() -> Result<()> {
     client.flush()?;
     compare_image(&target, len_a - 4096, &[0x5a; 4096])?;
     compare_image(&target, 13 * MIB, &rb.model)?;
+    Ok(())
+}
+
+/// Two volumes merged onto one NBD export (qemu-storage-daemon, which takes any number of
+/// connections) under client writes: after cutover each volume lives on its slice of the
+/// export; then `ferry serve` restarted with `path=URI,offset=,length=` serves the slices.
+#[test]
+fn merge_two_volumes_onto_one_nbd_export() -> Result<()> {
+    let (len_a, len_b) = (12 * MIB + MIB / 2, 8 * MIB);
+    let fx = Fixture::new(&[("vda", len_a), ("vdb", len_b)], Fill::HalfHoles)?;
+    let image = fx.path("merged-nbd.img");
+    garbage_image(&image, 24 * MIB)?;
+    let server = NbdServer::qsd(&image, "merged", &NbdAddr::Unix(fx.path("nbd.sock")))?;
+    let config = |seed| WriterConfig {
+        seed,
+        inflight: 16,
+        ..WriterConfig::default()
+    };
+    let (wa, wb) = (fx.writer(0, config(51))?, fx.writer(1, config(52))?);
+    let uri = server.uri();
+    let id = fx.serve.start_migration(&[
+        "--volume",
+        "vda",
+        "--volume",
+        "vdb",
+        "--target",
+        &uri,
+        "--max-speed",
+        "16M",
+    ])?;
+    fx.serve.wait_ready(id)?;
+    let report = fx.serve.cutover(id)?;
+    ensure!(report["switched"] == true, "{report}");
+    let (src_a, src_b) = (std::fs::read(fx.image(0))?, std::fs::read(fx.image(1))?);
+    let (info_a, info_b) = (fx.serve.volume_info("vda")?, fx.serve.volume_info("vdb")?);
+    ensure!(
+        info_a["offset"] == 0 && info_b["offset"] == 13 * MIB && info_b["path"] == uri,
+        "{info_a} {info_b}"
+    );
+    wa.wait_more(10, WRITER_WAIT)?;
+    wb.wait_more(10, WRITER_WAIT)?;
+    let (ra, rb) = (wa.stop()?, wb.stop()?);
+    ra.ensure_no_error()?;
+    rb.ensure_no_error()?;
+    compare_image(&image, 0, &ra.model)?;
+    compare_image(&image, 13 * MIB, &rb.model)?;
+    compare_image(&image, len_a, &vec![0xee; (13 * MIB - len_a) as usize])?;
+    ensure!(std::fs::read(fx.image(0))? == src_a && std::fs::read(fx.image(1))? == src_b);
+
+    let mut fx = fx;
+    fx.serve.daemon.terminate(Duration::from_secs(30))?;
+    let specs = [
+        format!(
+            "name=vda,path={uri},offset=0,length={len_a},socket={}",
+            fx.socket(0).display()
+        ),
+        format!(
+            "name=vdb,path={uri},offset={},length={len_b},socket={}",
+            13 * MIB,
+            fx.socket(1).display()
+        ),
+    ];
+    let _serve = FerryServe::start(&specs, &fx.path("ctl2.sock"))?;
+    for (i, model) in [(0, &ra.model), (1, &rb.model)] {
+        let opts = BlkioOpts {
+            buf_bytes: 16 << 20,
+            ..BlkioOpts::default()
+        };
+        let mut client = BlkioClient::connect(&fx.socket(i), &opts)?;
+        ensure!(client.capacity_bytes() == model.len() as u64);
+        let back = client.read_all(0, model.len(), 256 << 10)?;
+        compare_bytes(
+            &format!("volume {i} served from its NBD slice"),
+            &back,
+            model,
+        )?;
+    }
     Ok(())
 }
 

@@ -17,6 +17,7 @@ use crate::volume_spec::{self, VolumeSpec};
 #[derive(clap::Args, Debug, Default)]
 pub struct ServeArgs {
     /// A volume: name=NAME,path=IMG,socket=SOCK[,size=8G][,read-only][,queues=N]
+    /// (path may be an NBD export: nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH)
     /// [,queues-per-thread=N][,cache=none|writeback][,serial=STR][,offset=B][,length=B][,poll-us=N]
     #[arg(long = "volume", value_name = "SPEC")]
     pub volumes: Vec<String>,

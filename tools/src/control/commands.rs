@@ -107,6 +107,7 @@ fn query_volumes(daemon: &Daemon, _: &Value) -> Result<Value, ControlError> {
             json!({
                 "name": v.volume.name(),
                 "path": backing.path,
+                "backing": if backing.nbd().is_some() { "nbd" } else { "file" },
                 "offset": backing.base_offset_bytes,
                 "size": backing.len_bytes,
                 "socket": v.socket,
