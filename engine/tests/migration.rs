@@ -212,6 +212,40 @@ mod mirror {
         })
     }
 
+    /// A volume that lives on an NBD export migrates to a file: the copier reads the export,
+    /// the guest writes through its NBD connection all along, and the file ends up equal.
+    #[test]
+    fn migrates_from_an_nbd_volume_to_a_file() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let (src, dst) = (dir.path().join("src.img"), dir.path().join("dst.img"));
+        let model = make_image(&src, 8 * MIB, 31)?;
+        let mut server = qemu_nbd_tcp(&src, "src")?;
+        let volume = ferry_engine::Volume::open(ferry_engine::VolumeConfig {
+            name: "vda".into(),
+            path: std::path::PathBuf::from(&server.uri),
+            ..Default::default()
+        })?;
+        let guest = Guest::spawn(volume.clone(), model, GuestConfig::whole(8 * MIB, 32));
+        assert!(guest.wait_completed(50, WAIT));
+        let job = MigrationJob::start(
+            vec![volume.clone()],
+            TargetSpec::File(dst.clone()),
+            options(MirrorMode::Active, 0),
+        )?;
+        wait_ready(&job)?;
+        let report = job.cutover()?;
+        assert!(report.switched);
+        assert_eq!(volume.backing().path, dst);
+        let before = guest.completed.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(guest.wait_completed(before + 200, WAIT));
+        let report_guest = guest.stop()?;
+        assert_eq!(report_guest.failed, 0);
+        drop(job);
+        server.kill();
+        assert_image(&dst, 0, &report_guest.model)?;
+        Ok(())
+    }
+
     /// Two volumes merged onto one NBD export (qemu-storage-daemon): after cutover each
     /// volume is served from its slice of the export while its guest keeps writing.
     #[test]

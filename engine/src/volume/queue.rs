@@ -231,6 +231,10 @@ impl VolumeQueue {
     /// Follows the snapshot's backing: keeps the NBD connection while the export stays the
     /// same, makes a new path for a new export, drops it for a file (the volume is idle then).
     fn sync_nbd_path(&mut self) {
+        // Entries the old path queued (a tick's timespec) must reach the kernel before it goes.
+        if let Err(e) = self.ring.submit() {
+            log::error!("volume {}: io_uring submit failed: {e}", self.volume.name());
+        }
         match (&self.path.nbd, &self.nbd) {
             (Some(export), Some(path)) if Arc::ptr_eq(export, path.export()) => {}
             (Some(export), _) => self.nbd = Some(NbdPath::new(export.clone(), self.slots.len())),
