@@ -17,9 +17,11 @@ use vhost::vhost_user::message::VhostUserVirtioFeatures;
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
+mod bitmap;
+
 /// The bitmap type of ferry's guest memory regions: empty until `SET_LOG_BASE`, then a view
 /// of the frontend's shared log.
-pub use vhost_user_backend::bitmap::BitmapMmapRegion as LogBitmap;
+pub use bitmap::LogBitmap;
 
 /// Guest segments the device writes into, kept per request in flight.
 pub type Segment = (GuestAddress, u32);
