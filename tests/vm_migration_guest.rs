@@ -4,8 +4,15 @@
 //!
 //! The reads are the point: the kernel DMAs read data into guest RAM behind vm-memory's
 //! back, so unless ferry marks those pages in the frontend's dirty log (`VHOST_F_LOG_ALL`,
-//! `LOG_SHMFD`), the destination runs on with stale buffers and the in-RAM copies differ
-//! from the disk. Without dirty-logging support QEMU refuses to migrate at all.
+//! `LOG_SHMFD`), the destination runs on with stale pages. Without dirty-logging support
+//! QEMU refuses to migrate at all. Two checks:
+//! - the O_DIRECT copies (`dd iflag=direct` into tmpfs, md5 of every copy): the guest CPU
+//!   copies each buffer into tmpfs, which QEMU logs itself, so only a buffer filled on the
+//!   source and copied out on the destination can go stale: a narrow window;
+//! - a buffered read into the guest's page cache after QEMU's first pass over RAM: with
+//!   `init_on_alloc=0` nothing but the device writes those pages (mostly free pages QEMU
+//!   has sent and not seen dirtied since), so without marking they are not sent again and
+//!   the destination's page cache holds their old contents (zeros); it is read there.
 
 #[path = "support/mod.rs"]
 mod support;
@@ -24,16 +31,21 @@ const IMAGE_BYTES: u64 = 64 << 20;
 /// The disk range the guest reads into RAM, pre-filled with `support::pattern(READ_SEED)`.
 const READ_BYTES: usize = 8 << 20;
 const READ_SEED: u64 = 0xf3_22;
+/// The disk range read into the page cache during the migration (pattern `CACHED_SEED`).
+const CACHED_AT_BYTES: u64 = 16 << 20;
+const CACHED_BYTES: usize = 16 << 20;
+const CACHED_SEED: u64 = 0x5e_c0;
 /// Where the guest writes during the migration: 8 chunks of 1 MiB from 32 MiB on.
 const WRITE_AT_BYTES: u64 = 32 << 20;
 const WRITE_CHUNKS: u64 = 8;
 /// The write the guest makes after the migration (through the destination's daemon).
 const LATE_WRITE_AT_BYTES: u64 = 40 << 20;
-/// Migration bandwidth at first: low enough that the guest loops several times while RAM
-/// is copied (it dirties about as much per second, so the migration cannot converge)...
+/// Migration bandwidth and allowed downtime at first: the guest loops several times while
+/// RAM is copied, and the migration cannot converge...
 const MIGRATE_SLOW_BYTES_PER_SEC: u64 = 24 << 20;
-/// ...until the guest has finished this many read loops during the migration; then the
-/// bandwidth and the allowed downtime go up so that it converges (with reads still running).
+const DOWNTIME_SLOW_MS: u64 = 1;
+/// ...until the guest has finished this many read loops after QEMU's first pass and filled
+/// its page cache; then both go up so that it converges (with the loop still running).
 const LOOPS_WHILE_SLOW: u64 = 3;
 const MIGRATE_FAST_BYTES_PER_SEC: u64 = 1 << 30;
 const DOWNTIME_LIMIT_MS: u64 = 2000;
@@ -81,17 +93,22 @@ fn md5_hex(dir: &Path, data: &[u8]) -> Result<String> {
 }
 
 /// The guest's script. A background loop reads the pattern range into RAM with O_DIRECT
-/// (1 MiB buffers, so the buffer DMA'd by ferry is in use across the switchover), checks
-/// each copy's md5 and writes a chunk; the foreground waits for the host's "go" (typed on
-/// the destination's console after the migration), stops the loop and checks once more.
-fn script(want_md5: &str) -> String {
+/// (1 MiB buffers), checks each copy's md5 and writes a chunk. The foreground waits for
+/// the host's "cache" (typed on the source's console during the migration) to read the
+/// cached range into the page cache, then for "go" (typed on the destination's console
+/// after the migration) to stop the loop, check the copies and the page cache again, and
+/// write and read once more through the destination's daemon.
+fn script(want_md5: &str, cached_md5: &str) -> String {
     let read_mib = READ_BYTES >> 20;
+    let (cached_skip, cached_mib) = (CACHED_AT_BYTES >> 20, CACHED_BYTES >> 20);
     let write_seek = WRITE_AT_BYTES >> 16;
     let late_seek = LATE_WRITE_AT_BYTES >> 16;
     format!(
         r#"
 md5() {{ md5sum | cut -d' ' -f1; }}
 want={want_md5}
+# Linux drops a block device's page cache at its last close: keep /dev/vda open.
+exec 3< /dev/vda
 seq 1 9999999 | head -c 1048576 > /tmp/w
 loop() {{
   n=0; bad=0
@@ -108,6 +125,9 @@ loop() {{
 loop &
 pid=$!
 echo "RESULT phase=looping"
+read -r cache < /dev/console
+dd if=/dev/vda of=/dev/null bs=1M skip={cached_skip} count={cached_mib} 2>/dev/null
+echo "RESULT phase=cached"
 read -r go < /dev/console
 touch /tmp/stop
 wait $pid
@@ -116,6 +136,8 @@ echo "RESULT iterations=$n bad=$bad"
 for k in 0 1; do
   [ "$(md5 < /tmp/copy$k)" = "$want" ] && echo "RESULT copy${{k}}_ok=1" || echo "RESULT copy${{k}}_ok=0"
 done
+r=$(dd if=/dev/vda bs=1M skip={cached_skip} count={cached_mib} 2>/dev/null | md5)
+echo "RESULT cached_ok=$([ "$r" = "{cached_md5}" ] && echo 1 || echo 0)"
 seq 777 9999999 | head -c 1048576 > /tmp/w2
 dd if=/tmp/w2 of=/dev/vda bs=64k seek={late_seek} oflag=direct 2>/dev/null || echo "RESULT late_write=failed"
 r=$(dd if=/dev/vda bs=64k skip={late_seek} count=16 iflag=direct 2>/dev/null | md5)
@@ -144,29 +166,63 @@ fn guest_opts(qmp: &Path, incoming: Option<&str>) -> GuestOpts {
     }
     GuestOpts {
         mem_mib: GUEST_MEM_MIB,
+        // Page-cache pages are then written by the device alone (not zeroed first by the CPU,
+        // which QEMU would log): the case that needs ferry's dirty marking.
+        extra_cmdline: "init_on_alloc=0".to_string(),
         extra_args,
         ..GuestOpts::default()
     }
 }
 
-/// Migrates the source to the destination, slowly until the guest has looped
-/// `LOOPS_WHILE_SLOW` times; returns the guest's loop iterations on the source while the
+/// The number of dirty-log syncs of the running migration (1 during the first pass).
+fn dirty_syncs(qmp: &mut Qmp) -> Result<u64> {
+    let info = qmp.execute("query-migrate", json!({}))?;
+    Ok(info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0))
+}
+
+/// Polls until `done` (given the dirty-sync count and the source's console) or fails after
+/// `MIGRATE_TIMEOUT` from `started`.
+fn wait_until(
+    qmp: &mut Qmp,
+    source: &RunningGuest,
+    started: Instant,
+    what: &str,
+    done: impl Fn(u64, &str) -> bool,
+) -> Result<()> {
+    while !done(dirty_syncs(qmp)?, &source.console()) {
+        ensure!(
+            started.elapsed() < MIGRATE_TIMEOUT,
+            "timeout waiting for {what}\n{}",
+            source.console()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// Migrates the source to the destination, slowly while the guest loops `LOOPS_WHILE_SLOW`
+/// times after QEMU's first pass over RAM, has the guest read into its page cache, then
+/// lets the migration converge. Returns the guest's loop iterations on the source while the
 /// migration ran.
-fn migrate(source: &RunningGuest, qmp: &mut Qmp, uri: &str) -> Result<u64> {
+fn migrate(source: &mut RunningGuest, qmp: &mut Qmp, uri: &str) -> Result<u64> {
     qmp.execute(
         "migrate-set-parameters",
-        json!({"max-bandwidth": MIGRATE_SLOW_BYTES_PER_SEC}),
+        json!({"max-bandwidth": MIGRATE_SLOW_BYTES_PER_SEC, "downtime-limit": DOWNTIME_SLOW_MS}),
     )?;
     let before = last_iteration(&source.console());
     let started = Instant::now();
     qmp.migrate(uri)?;
-    while last_iteration(&source.console()) < before + LOOPS_WHILE_SLOW {
-        ensure!(
-            started.elapsed() < MIGRATE_TIMEOUT,
-            "the guest stopped looping during the migration\n{}",
-            source.console()
-        );
-        std::thread::sleep(Duration::from_millis(100));
+    wait_until(
+        qmp,
+        source,
+        started,
+        "loops after the first pass",
+        |syncs, console| syncs >= 2 && last_iteration(console) >= before + LOOPS_WHILE_SLOW,
+    )?;
+    source.send_line("cache")?;
+    if let Err(e) = source.wait_for("RESULT phase=cached", MIGRATE_TIMEOUT) {
+        let info = qmp.execute("query-migrate", json!({}))?;
+        return Err(e.context(format!("migration state: {info}")));
     }
     qmp.execute(
         "migrate-set-parameters",
@@ -207,19 +263,23 @@ fn vm_live_migration_keeps_read_buffers() -> Result<()> {
     let dir = support::scratch_dir()?;
     let image = support::create_image(&dir.path().join("vol.img"), IMAGE_BYTES)?;
     let pattern = support::pattern(READ_SEED, READ_BYTES);
+    let cached = support::pattern(CACHED_SEED, CACHED_BYTES);
     {
         use std::os::unix::fs::FileExt as _;
         let f = std::fs::OpenOptions::new().write(true).open(&image)?;
         f.write_all_at(&pattern, 0).context("fill image")?;
+        f.write_all_at(&cached, CACHED_AT_BYTES)
+            .context("fill image")?;
     }
     let want_md5 = md5_hex(dir.path(), &pattern)?;
+    let cached_md5 = md5_hex(dir.path(), &cached)?;
     let (sock_a, sock_b): (PathBuf, PathBuf) =
         (dir.path().join("a.sock"), dir.path().join("b.sock"));
     let _daemon_a = serve(&image, &sock_a)?;
     let _daemon_b = serve(&image, &sock_b)?;
     let (qmp_a, qmp_b) = (dir.path().join("qmp-a.sock"), dir.path().join("qmp-b.sock"));
     let uri = format!("unix:{}", dir.path().join("mig.sock").display());
-    let script = script(&want_md5);
+    let script = script(&want_md5, &cached_md5);
 
     let source_opts = guest_opts(&qmp_a, None);
     let mut source = Guest::spawn(&sock_a, &script, &source_opts)?;
@@ -228,7 +288,7 @@ fn vm_live_migration_keeps_read_buffers() -> Result<()> {
     let mut dest = Guest::spawn(&sock_b, &script, &dest_opts)?;
     let _dest_qmp = Qmp::connect(&qmp_b, Duration::from_secs(30))?;
     let mut source_qmp = Qmp::connect(&qmp_a, Duration::from_secs(30))?;
-    let during = migrate(&source, &mut source_qmp, &uri)?;
+    let during = migrate(&mut source, &mut source_qmp, &uri)?;
     let source_console = source.console();
     drop(source_qmp);
     source.kill();
@@ -245,6 +305,11 @@ fn vm_live_migration_keeps_read_buffers() -> Result<()> {
         out.result("bad")? == "0",
         "stale in-RAM copies after the migration (source console: {} iterations)\n{}",
         last_iteration(&source_console),
+        out.tail()
+    );
+    ensure!(
+        out.result("cached_ok")? == "1",
+        "the page cache filled during the migration is stale on the destination\n{}",
         out.tail()
     );
     for key in ["copy0_ok", "copy1_ok", "late_read_ok"] {
