@@ -63,3 +63,16 @@ fn log_state_follows_log_all() {
     log.set_acked_features(1);
     assert!(!log.is_active());
 }
+
+#[test]
+fn log_bitmap_without_a_log_marks_nothing() {
+    use vm_memory::Bytes;
+    let mem: GuestMemoryMmap<LogBitmap> =
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 * PAGE_BYTES)]).expect("memory");
+    mem.write_obj(1u8, GuestAddress(5)).expect("write");
+    mark_written(&mem, &[(GuestAddress(0), 2 * PAGE_BYTES as u32)]);
+    for region in mem.iter() {
+        assert!(!region.bitmap().dirty_at(0));
+        assert!(!region.bitmap().dirty_at(PAGE_BYTES));
+    }
+}
