@@ -1,6 +1,11 @@
 //! Criterion benchmarks of the request path, piece by piece: parsing a virtio-blk chain,
 //! the engine's submit/complete loop against a tmpfs file, and the two together.
 //!
+//! Each path with guest memory as ferry maps it (`LogBitmap` regions, no log installed:
+//! what every request pays for dirty-logging support) and, for the full path, with a
+//! page bitmap that records (vm-memory's `AtomicBitmap`, standing in for an installed
+//! migration log) plus the read's pages marked at completion.
+//!
 //! Run: `cargo bench -p ferry --bench request_path`. Images go to /dev/shm so that the
 //! numbers measure ferry's code and the kernel's io_uring path, not a disk.
 
@@ -10,11 +15,15 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use ferry_engine::{BlockOp, Volume, VolumeConfig, VolumeQueue};
+use ferry_vhost::dirty_log::{mark_written, LogBitmap};
 use ferry_vhost::request::{parse, Parsed, Request};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
 use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::mmap::NewBitmap;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 const HEADER_AT: u64 = 0x10_0000;
@@ -22,7 +31,7 @@ const DATA_AT: u64 = 0x20_0000;
 const STATUS_AT: u64 = 0x30_0000;
 const IMAGE_BYTES: u64 = 64 << 20;
 
-fn guest_memory() -> GuestMemoryMmap<()> {
+fn guest_memory<B: NewBitmap>() -> GuestMemoryMmap<B> {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).expect("guest memory");
     let mut header = [0u8; 16];
     header[0..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
@@ -60,11 +69,18 @@ fn shm_volume() -> (tempfile::TempDir, Arc<Volume>) {
 }
 
 fn bench_parse(c: &mut Criterion) {
-    let mem = guest_memory();
+    bench_parse_with::<()>(c, "parse_4k_read_chain");
+    bench_parse_with::<LogBitmap>(c, "parse_4k_read_chain_logbitmap");
+    // What ferry's LogBitmap wraps, used directly: shows what the wrapper saves.
+    bench_parse_with::<BitmapMmapRegion>(c, "parse_4k_read_chain_bitmapmmapregion");
+}
+
+fn bench_parse_with<B: NewBitmap>(c: &mut Criterion, name: &str) {
+    let mem = guest_memory::<B>();
     let descs = read_chain_descriptors();
     let mut request = Request::with_capacity();
     let vq = MockSplitQueue::new(&mem, 256);
-    c.bench_function("parse_4k_read_chain", |b| {
+    c.bench_function(name, |b| {
         b.iter_batched(
             || {
                 // Rewind the avail index so that every batch builds chain 0 again.
@@ -144,12 +160,38 @@ fn bench_engine(c: &mut Criterion) {
 fn bench_request_path(c: &mut Criterion) {
     let (_dir, volume) = shm_volume();
     let mut queue = VolumeQueue::new(volume, 0, 256, 16).expect("queue");
-    let mem = guest_memory();
+    bench_request_path_with::<()>(
+        c,
+        &mut queue,
+        "request_path_4k_read_parse_submit_complete",
+        false,
+    );
+    bench_request_path_with::<LogBitmap>(
+        c,
+        &mut queue,
+        "request_path_4k_read_parse_submit_complete_logbitmap",
+        false,
+    );
+    bench_request_path_with::<AtomicBitmap>(
+        c,
+        &mut queue,
+        "request_path_4k_read_parse_submit_complete_logging",
+        true,
+    );
+}
+
+fn bench_request_path_with<B: NewBitmap>(
+    c: &mut Criterion,
+    queue: &mut VolumeQueue,
+    name: &str,
+    logging: bool,
+) {
+    let mem = guest_memory::<B>();
     let descs = read_chain_descriptors();
     let mut request = Request::with_capacity();
     let mut completions = Vec::with_capacity(4);
     let vq = MockSplitQueue::new(&mem, 256);
-    c.bench_function("request_path_4k_read_parse_submit_complete", |b| {
+    c.bench_function(name, |b| {
         b.iter_batched(
             || {
                 // Rewind the avail index so that every batch builds chain 0 again.
@@ -168,6 +210,9 @@ fn bench_request_path(c: &mut Criterion) {
                 queue.commit().expect("commit");
                 completions.clear();
                 assert!(queue.drain(&mut completions, Duration::from_secs(5)));
+                if logging {
+                    mark_written(&mem, &request.data_segments);
+                }
                 mem.write_obj(0u8, request.status_addr).expect("status");
                 black_box(completions.len())
             },

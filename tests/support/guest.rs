@@ -35,6 +35,8 @@ pub struct GuestOpts {
     pub extra_sockets: Vec<PathBuf>,
     /// Appended to the kernel command line.
     pub extra_cmdline: String,
+    /// Further QEMU arguments (e.g. `-qmp unix:PATH,server=on,wait=off`, `-incoming URI`).
+    pub extra_args: Vec<String>,
 }
 
 impl Default for GuestOpts {
@@ -47,6 +49,7 @@ impl Default for GuestOpts {
             timeout: timeout_from_env(),
             extra_sockets: Vec::new(),
             extra_cmdline: String::new(),
+            extra_args: Vec::new(),
         }
     }
 }
@@ -224,6 +227,7 @@ fn qemu_command(socket: &Path, kernel: &Path, initrd: &Path, opts: &GuestOpts) -
         opts.extra_cmdline
     );
     cmd.args(["-append", cmdline.trim()]);
+    cmd.args(&opts.extra_args);
     cmd
 }
 

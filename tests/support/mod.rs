@@ -12,6 +12,7 @@ pub mod guest;
 pub mod initramfs;
 pub mod nbd;
 pub mod pattern_writer;
+pub mod qmp;
 
 use std::path::PathBuf;
 

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use ferry_engine::{EngineError, Volume, VolumeQueue};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock};
+use vhost_user_backend::VhostUserBackend;
 use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -14,7 +14,8 @@ use vmm_sys_util::event::{
 };
 
 use crate::config;
-use crate::queue_worker::{GuestMemory, QueueWorker, WorkerSettings};
+use crate::dirty_log::{LogBitmap, LogState};
+use crate::queue_worker::{GuestMemory, QueueWorker, Vring, WorkerSettings};
 use crate::request::ID_BYTES;
 
 /// The largest virtqueue ferry accepts. libblkio uses three descriptors per request, so a
@@ -50,6 +51,7 @@ struct Inner {
     volume: Arc<Volume>,
     settings: DeviceSettings,
     workers: Vec<Mutex<QueueWorker>>,
+    log: LogState,
 }
 
 impl BlockDevice {
@@ -62,9 +64,11 @@ impl BlockDevice {
         let bytes = settings.serial.as_bytes();
         let n = bytes.len().min(ID_BYTES);
         serial[..n].copy_from_slice(&bytes[..n]);
+        let log = LogState::default();
         let worker_settings = WorkerSettings {
             serial,
             poll_max: std::time::Duration::from_micros(settings.poll_us),
+            log: log.clone(),
         };
         let capacity = u32::from(QUEUE_SIZE_MAX) * u32::from(per_thread);
         let mut workers = Vec::with_capacity(threads as usize);
@@ -90,6 +94,7 @@ impl BlockDevice {
                     ..settings
                 },
                 workers,
+                log,
             }),
         })
     }
@@ -126,8 +131,8 @@ impl BlockDevice {
 }
 
 impl VhostUserBackend for BlockDevice {
-    type Bitmap = ();
-    type Vring = VringRwLock;
+    type Bitmap = LogBitmap;
+    type Vring = Vring;
 
     fn num_queues(&self) -> usize {
         usize::from(self.inner.settings.queues)
@@ -140,6 +145,13 @@ impl VhostUserBackend for BlockDevice {
     fn features(&self) -> u64 {
         config::device_features(self.inner.volume.read_only())
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | VhostUserVirtioFeatures::LOG_ALL.bits()
+    }
+
+    fn acked_features(&self, features: u64) {
+        // LOG_ALL on: the frontend is migrating the VM and has sent its log (SET_LOG_BASE,
+        // installed into the regions' bitmaps by vhost-user-backend); LOG_ALL off: done.
+        self.inner.log.set_acked_features(features);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -147,6 +159,7 @@ impl VhostUserBackend for BlockDevice {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -214,7 +227,7 @@ impl VhostUserBackend for BlockDevice {
         &self,
         _device_event: u16,
         _evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
         if thread_id < self.inner.workers.len() {

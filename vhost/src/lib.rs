@@ -3,6 +3,7 @@
 //!
 //! - [`request`]: descriptor chain -> request (all guest input validated here).
 //! - [`config`]: feature bits and the virtio-blk configuration space.
+//! - [`dirty_log`]: dirty-page logging for the frontend's live migration of the VM.
 //! - [`queue_worker`]: the per-thread loop between virtqueues and the engine.
 //! - [`backend`]: the `VhostUserBackend` implementation routing events to workers.
 //! - [`server`]: the socket, one frontend connection after another.
@@ -11,6 +12,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod dirty_log;
 pub mod poll_window;
 pub mod queue_worker;
 pub mod request;

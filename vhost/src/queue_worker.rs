@@ -19,10 +19,17 @@ use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::config::DISCARD_SECTORS_MAX;
+use crate::dirty_log::{self, LogBitmap, LogState, Segment};
 use crate::poll_window::PollWindow;
 use crate::request::{self, Parsed, Request, RequestType, ID_BYTES, WRITE_ZEROES_FLAG_UNMAP};
 
-pub type GuestMemory = GuestMemoryMmap<()>;
+pub type GuestMemory = GuestMemoryMmap<LogBitmap>;
+/// The vrings of a device over [`GuestMemory`].
+pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemory>>;
+
+/// Guest segments preallocated per request slot for dirty logging; a slot that sees a read
+/// with more segments grows once (up to `request::DESCRIPTORS_MAX`).
+const WRITTEN_SEGMENTS_PREALLOCATED: usize = 16;
 
 /// A request handed to the engine, keyed by its tag.
 struct InFlight {
@@ -33,6 +40,9 @@ struct InFlight {
     used_len_ok: u32,
     /// Keeps the guest memory the request's iovecs point into mapped.
     mem: Option<Arc<GuestMemory>>,
+    /// The guest segments the engine writes into (a read's data buffers): marked dirty at
+    /// completion while the frontend logs, because the kernel bypasses vm-memory's bitmap.
+    written: Vec<Segment>,
 }
 
 // SAFETY: the raw pointers a worker holds (iovecs in its reusable request buffer) are
@@ -45,6 +55,8 @@ pub struct WorkerSettings {
     pub serial: [u8; ID_BYTES],
     /// The longest busy-poll window after the last piece of work; zero never polls.
     pub poll_max: Duration,
+    /// Whether the frontend has dirty logging on (`VHOST_F_LOG_ALL`).
+    pub log: LogState,
 }
 
 /// The state of one worker thread.
@@ -58,7 +70,7 @@ pub struct QueueWorker {
     request: Request,
     completions: Vec<Completion>,
     /// The thread's vrings, remembered for draining when a ring stops.
-    vrings: Vec<VringRwLock>,
+    vrings: Vec<Vring>,
     /// Bit i set: vring i got used entries this pass and may need a notification.
     to_signal: u64,
     poll: PollWindow,
@@ -77,6 +89,7 @@ impl QueueWorker {
                     status_addr: GuestAddress(0),
                     used_len_ok: 0,
                     mem: None,
+                    written: Vec::with_capacity(WRITTEN_SEGMENTS_PREALLOCATED),
                 })
                 .collect(),
             free_tags: (0..capacity).rev().collect(),
@@ -103,7 +116,7 @@ impl QueueWorker {
 
     /// Runs the worker loop until there is nothing left to do (and the polling window,
     /// if any, has passed without work).
-    pub fn run(&mut self, vrings: &[VringRwLock]) {
+    pub fn run(&mut self, vrings: &[Vring]) {
         if self.vrings.len() != vrings.len() {
             self.vrings = vrings.to_vec();
         }
@@ -144,7 +157,7 @@ impl QueueWorker {
 
     /// Pops and submits every available chain of one vring that the engine has room for.
     /// Returns true if anything was popped.
-    fn pop_vring(&mut self, index: u16, vring: &VringRwLock, mem: &Arc<GuestMemory>) -> bool {
+    fn pop_vring(&mut self, index: u16, vring: &Vring, mem: &Arc<GuestMemory>) -> bool {
         let mut popped_any = false;
         let mut state = vring.get_mut();
         if !state.get_queue().ready() || !state.is_enabled() {
@@ -254,6 +267,10 @@ impl QueueWorker {
         slot.status_addr = status_addr;
         slot.used_len_ok = used_len_ok;
         slot.mem = Some(mem.clone());
+        slot.written.clear();
+        if self.request.request_type == RequestType::Read {
+            slot.written.extend_from_slice(&self.request.data_segments);
+        }
         // SAFETY: the iovecs point into guest memory mapped by `mem`, which the in-flight
         // slot keeps alive until the engine returns the completion for `tag`; the guest
         // gave these buffers to the device until it sees the used entry.
@@ -358,7 +375,7 @@ impl QueueWorker {
     }
 
     /// Moves engine completions onto the used rings. Returns true if there were any.
-    fn complete(&mut self, mem: &GuestMemory, vrings: &[VringRwLock]) -> bool {
+    fn complete(&mut self, mem: &GuestMemory, vrings: &[Vring]) -> bool {
         self.engine.reap(&mut self.completions);
         if self.completions.is_empty() {
             return false;
@@ -372,12 +389,7 @@ impl QueueWorker {
 
     /// Answers finished requests: status bytes, then one vring lock per ring for all of its
     /// used entries.
-    fn complete_all(
-        &mut self,
-        completions: &[Completion],
-        mem: &GuestMemory,
-        vrings: &[VringRwLock],
-    ) {
+    fn complete_all(&mut self, completions: &[Completion], mem: &GuestMemory, vrings: &[Vring]) {
         for (index, vring) in vrings.iter().enumerate() {
             let mut state = None;
             for completion in completions {
@@ -413,6 +425,11 @@ impl QueueWorker {
         // Write the status through the memory the request was parsed against.
         let request_mem = slot.mem.take();
         let target_mem: &GuestMemory = request_mem.as_deref().unwrap_or(mem);
+        // The read data is in guest memory now (whatever the outcome, the kernel may have
+        // written some): log it before the guest (and the frontend) can see the used entry.
+        if self.settings.log.is_active() {
+            dirty_log::mark_written(target_mem, &slot.written);
+        }
         if target_mem.write_obj(status, slot.status_addr).is_err() {
             log::warn!("status byte outside guest memory");
         }
@@ -422,7 +439,7 @@ impl QueueWorker {
     }
 
     /// Notifies the guest on every vring that got used entries, if it wants to be notified.
-    fn signal(&mut self, vrings: &[VringRwLock]) {
+    fn signal(&mut self, vrings: &[Vring]) {
         if self.to_signal == 0 {
             return;
         }
