@@ -10,9 +10,13 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::catalog::{RunRecord, RunState, COUNT_UNKNOWN};
 use super::entry::{now_ns, LogEntry};
 use super::error::JournalError;
-use super::format::{encode_record_with, GapInfo, Op, RecordHeader, StreamDef, FLAG_UNMAP};
+use super::format::{
+    encode_record_with, GapInfo, Op, RecordHeader, StopCause, StopInfo, StreamDef,
+    FLAG_GAP_ESTIMATED, FLAG_UNMAP,
+};
 use super::options::{JournalMode, JournalOptions, OnFull};
 use super::recovery::{recover, RecoveredTail};
 use super::writer::{MediumWriter, PendingRecord, Prologue, WriteFailure};
@@ -102,6 +106,8 @@ struct State {
     shutdown: bool,
     crashed: bool,
     writer_exited: bool,
+    /// The catalog's run record as the writer should store it next.
+    run: RunRecord,
 }
 
 impl State {
@@ -186,6 +192,34 @@ impl State {
         self.observed_bytes.saturating_sub(self.durable_bytes)
     }
 
+    /// The run record for a journal that is running.
+    fn running(async_mode: bool) -> RunRecord {
+        RunRecord {
+            state: RunState::Running,
+            async_mode,
+            first_unjournaled_seq: 0,
+            unjournaled_count: 0,
+        }
+    }
+
+    /// The run record at close: cleanly closed, or stopped with the final count.
+    fn closing_run(&self) -> RunRecord {
+        let (first, count) = match self.open_gap() {
+            Some(g) => (g.first_missing_seq, g.missing_count),
+            None => (self.next_seq, 0),
+        };
+        RunRecord {
+            state: if self.phase == JournalState::Stopped {
+                RunState::Stopped
+            } else {
+                RunState::Closed
+            },
+            first_unjournaled_seq: first,
+            unjournaled_count: count,
+            ..self.run
+        }
+    }
+
     fn open_gap(&self) -> Option<GapInfo> {
         self.gap_open.map(|first| GapInfo {
             first_missing_seq: first,
@@ -213,7 +247,7 @@ impl Shared {
 /// [`Journal::observer`]; call [`Journal::close`] on shutdown.
 pub struct Journal {
     shared: Arc<Shared>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    thread: Mutex<Option<JoinHandle<MediumWriter>>>,
     recovered_torn_tail: Option<RecoveredTail>,
 }
 
@@ -254,20 +288,35 @@ impl Journal {
             shutdown: false,
             crashed: false,
             writer_exited: false,
+            run: State::running(options.mode == JournalMode::Async),
         };
+        if let Some((gap, estimated)) = rec.resume_gap {
+            // The previous run's unjournaled writes: numbered, then recorded as a gap.
+            state.next_seq = state
+                .next_seq
+                .max(gap.first_missing_seq + gap.missing_count);
+            let mut header = state.header(Op::Gap, JOURNAL_STREAM_ID);
+            if estimated {
+                header.flags |= FLAG_GAP_ESTIMATED;
+            }
+            state.push(header, |out| out.extend_from_slice(&gap.encode()));
+            state.gaps.push(gap);
+        }
         if rec.fresh || rec.log_id == 0 {
             state.log_id += 1;
             state.label = options.label.clone();
             let label = state.label.clone();
             state.push_labelled(Op::LogInit, &label);
         }
-        let writer = MediumWriter::new(
+        let mut writer = MediumWriter::new(
             options.clone(),
             rec.journal_id,
             rec.next_medium_index,
             rec.prev_valid_end_bytes,
             rec.catalog.clone(),
         );
+        writer.set_run(state.run);
+        writer.store_catalog()?;
         let shared = Arc::new(Shared {
             options,
             state: Mutex::new(state),
@@ -309,6 +358,7 @@ impl Journal {
         if st.phase == JournalState::Stopped {
             st.phase = JournalState::Running;
             st.reason = None;
+            st.run = State::running(self.shared.options.mode == JournalMode::Async);
             if let Some(gap) = st.open_gap() {
                 let header = st.header(Op::Gap, JOURNAL_STREAM_ID);
                 let gap = GapInfo {
@@ -423,10 +473,17 @@ impl Journal {
         }
         self.shared.work.notify_all();
         let handle = self.thread.lock().ok().and_then(|mut t| t.take());
-        if let Some(h) = handle {
-            if h.join().is_err() {
-                log::error!("the journal writer thread panicked");
-            }
+        let Some(h) = handle else {
+            return;
+        };
+        let Ok(mut writer) = h.join() else {
+            log::error!("the journal writer thread panicked");
+            return;
+        };
+        // How the run ended, for the next start and for restore.
+        writer.set_run(self.shared.lock().closing_run());
+        if let Err(e) = writer.store_catalog() {
+            log::error!("journal: cannot record the close in the catalog: {e}");
         }
     }
 
@@ -544,11 +601,11 @@ impl Batch {
     }
 }
 
-fn writer_main(shared: &Shared, mut writer: MediumWriter) {
+fn writer_main(shared: &Shared, mut writer: MediumWriter) -> MediumWriter {
     let mut carry = Batch::default();
     let mut retry_at: Option<Instant> = None;
     loop {
-        let (prologue, seal, shutdown) = {
+        let (prologue, seal, shutdown, stop_info) = {
             let mut st = shared.lock();
             loop {
                 let ready = retry_at.is_none_or(|t| Instant::now() >= t);
@@ -569,16 +626,27 @@ fn writer_main(shared: &Shared, mut writer: MediumWriter) {
             if st.crashed {
                 st.writer_exited = true;
                 shared.progress.notify_all();
-                return;
+                return writer;
             }
             carry.take_from(&mut st);
+            writer.set_run(st.run);
             let prologue = Prologue {
                 streams: st.stream_list.clone(),
                 log_id: st.log_id,
                 label: st.label.clone(),
                 last_seq: carry.last_seq,
             };
-            (prologue, st.seal_requests, st.shutdown)
+            // A clean close says so on the medium, before the trailer.
+            let stop = (st.shutdown && st.phase != JournalState::Stopped).then(|| {
+                let run = st.closing_run();
+                StopInfo {
+                    cause: StopCause::Closed,
+                    first_unjournaled_seq: run.first_unjournaled_seq,
+                    unjournaled_count: run.unjournaled_count,
+                    reason: "closed".into(),
+                }
+            });
+            (prologue, st.seal_requests, st.shutdown, stop)
         };
         retry_at = write_carry(shared, &mut writer, &mut carry, &prologue);
         if retry_at.is_some() && !shutdown {
@@ -588,7 +656,8 @@ fn writer_main(shared: &Shared, mut writer: MediumWriter) {
         if seal > st.seals_done || shutdown {
             let sealing = writer.position().map(|p| p.0);
             drop(st);
-            let result = writer.seal(prologue.last_seq);
+            let stop_info = if shutdown { stop_info.as_ref() } else { None };
+            let result = writer.seal(prologue.last_seq, stop_info);
             st = shared.lock();
             match result {
                 Ok(()) => st.last_sealed = sealing,
@@ -606,7 +675,7 @@ fn writer_main(shared: &Shared, mut writer: MediumWriter) {
                 t.complete(true);
             }
             shared.progress.notify_all();
-            return;
+            return writer;
         }
         shared.progress.notify_all();
     }
@@ -679,6 +748,18 @@ fn stop(st: &mut State, writer: &mut MediumWriter, reason: String, first_lost: O
     st.reason = Some(reason);
     if st.gap_open.is_none() {
         st.gap_open = Some(first_lost.unwrap_or(st.next_seq));
+    }
+    // The catalog says so at once (the medium may be full or unwritable); the count is
+    // final only at close.
+    st.run = RunRecord {
+        state: RunState::Stopped,
+        first_unjournaled_seq: st.gap_open.unwrap_or(st.next_seq),
+        unjournaled_count: COUNT_UNKNOWN,
+        ..st.run
+    };
+    writer.set_run(st.run);
+    if let Err(e) = writer.store_catalog() {
+        log::error!("journal: cannot record the stop in the catalog: {e}");
     }
     // Records observed after the failed batch are lost too.
     st.durable_bytes += st.batch.len() as u64;
