@@ -5,7 +5,6 @@
 //! under one mutex; the writer thread takes the whole batch, appends it to the medium with
 //! one `pwritev` + one `fdatasync`, and then releases the guest writes it held.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -14,8 +13,8 @@ use super::catalog::{RunRecord, RunState, COUNT_UNKNOWN};
 use super::entry::{now_ns, LogEntry};
 use super::error::JournalError;
 use super::format::{
-    encode_record_with, GapInfo, Op, RecordHeader, StopCause, StopInfo, StreamDef,
-    FLAG_GAP_ESTIMATED, FLAG_UNMAP,
+    encode_record_with, encode_record_with_crc, GapInfo, Op, RecordHeader, StopCause, StopInfo,
+    StreamDef, FLAG_GAP_ESTIMATED, FLAG_UNMAP,
 };
 use super::options::{JournalMode, JournalOptions, OnFull};
 use super::recovery::{recover, RecoveredTail};
@@ -84,7 +83,6 @@ struct State {
     next_seq: u64,
     log_id: u32,
     label: String,
-    streams: HashMap<(String, u16), u32>,
     stream_list: Vec<(u32, StreamDef)>,
     batch: Vec<u8>,
     records: Vec<PendingRecord>,
@@ -108,6 +106,9 @@ struct State {
     writer_exited: bool,
     /// The catalog's run record as the writer should store it next.
     run: RunRecord,
+    /// The writer sleeps on `work`: only then does a new record need to wake it (a
+    /// condvar notification is a system call even without a waiter).
+    writer_idle: bool,
 }
 
 impl State {
@@ -119,8 +120,17 @@ impl State {
 
     /// Encodes a sequenced record into the pending batch.
     fn push(&mut self, header: RecordHeader, fill: impl FnOnce(&mut Vec<u8>)) {
+        self.push_encoded(header, |out| encode_record_with(out, header, fill));
+    }
+
+    /// Encodes a record whose payload CRC the caller computed (outside the lock).
+    fn push_with_crc(&mut self, header: RecordHeader, crc: u32, fill: impl FnOnce(&mut Vec<u8>)) {
+        self.push_encoded(header, |out| encode_record_with_crc(out, header, crc, fill));
+    }
+
+    fn push_encoded(&mut self, header: RecordHeader, encode: impl FnOnce(&mut Vec<u8>)) {
         let offset = self.batch.len();
-        encode_record_with(&mut self.batch, header, fill);
+        encode(&mut self.batch);
         self.observed_bytes += (self.batch.len() - offset) as u64;
         self.records.push(PendingRecord {
             batch_offset: offset,
@@ -155,8 +165,14 @@ impl State {
 
     /// The stream id of (volume, queue), defining it (a stream-def record) on first use.
     fn stream_for(&mut self, volume: &str, queue_index: u16) -> u32 {
-        if let Some(&id) = self.streams.get(&(volume.to_string(), queue_index)) {
-            return id;
+        // A scan of the few streams: no allocation per write (a map keyed by an owned
+        // name would need one per lookup).
+        if let Some((id, _)) = self
+            .stream_list
+            .iter()
+            .find(|(_, d)| d.queue_index == queue_index && d.volume == volume)
+        {
+            return *id;
         }
         let id = self
             .stream_list
@@ -172,7 +188,6 @@ impl State {
         let header = self.header(Op::StreamDef, id);
         let payload = def.encode();
         self.push(header, |out| out.extend_from_slice(&payload));
-        self.streams.insert((def.volume.clone(), queue_index), id);
         self.stream_list.push((id, def));
         id
     }
@@ -256,17 +271,14 @@ impl Journal {
     pub fn open(options: JournalOptions) -> Result<Arc<Journal>, JournalError> {
         options.validate()?;
         let rec = recover(&options.dir)?;
-        let mut streams = HashMap::new();
         let mut stream_list = Vec::new();
         for (id, def) in &rec.streams {
-            streams.insert((def.volume.clone(), def.queue_index), *id);
             stream_list.push((*id, def.clone()));
         }
         let mut state = State {
             next_seq: rec.last_seq + 1,
             log_id: rec.log_id,
             label: rec.label.clone(),
-            streams,
             stream_list,
             batch: Vec::new(),
             records: Vec::new(),
@@ -289,6 +301,7 @@ impl Journal {
             crashed: false,
             writer_exited: false,
             run: State::running(options.mode == JournalMode::Async),
+            writer_idle: false,
         };
         if let Some((gap, estimated)) = rec.resume_gap {
             // The previous run's unjournaled writes: numbered, then recorded as a gap.
@@ -516,6 +529,12 @@ impl Drop for Journal {
 
 impl WriteObserver for Journal {
     fn observe(&self, event: &WriteEvent<'_>, ticket: ObserverTicket) -> Option<ObserverTicket> {
+        // The CRC of the data before taking the lock: the lock is held for the copy only.
+        let payload_crc = if event.kind == WriteKind::Write {
+            event.data_slices().fold(0, crc32c::crc32c_append)
+        } else {
+            0
+        };
         let mut st = self.shared.lock();
         if st.phase == JournalState::Stopped || st.shutdown {
             if st.gap_open.is_none() {
@@ -538,7 +557,7 @@ impl WriteObserver for Journal {
         header.offset_bytes = event.offset_bytes;
         header.len_bytes = event.len_bytes;
         if op == Op::Write {
-            st.push(header, |out| event.copy_data_into(out));
+            st.push_with_crc(header, payload_crc, |out| event.copy_data_into(out));
         } else {
             st.push(header, |_| {});
         }
@@ -547,7 +566,10 @@ impl WriteObserver for Journal {
             JournalMode::Sync => true,
             JournalMode::Async => st.lag_bytes() > options.lag_max_bytes,
         } || st.phase == JournalState::Paused;
-        self.shared.work.notify_one();
+        if st.writer_idle {
+            st.writer_idle = false;
+            self.shared.work.notify_one();
+        }
         if hold {
             st.tickets.push(ticket);
             None
@@ -617,11 +639,13 @@ fn writer_main(shared: &Shared, mut writer: MediumWriter) -> MediumWriter {
                 }
                 let wait =
                     retry_at.map_or(PAUSE_RETRY, |t| t.saturating_duration_since(Instant::now()));
+                st.writer_idle = true;
                 st = shared
                     .work
                     .wait_timeout(st, wait)
                     .map(|r| r.0)
                     .unwrap_or_else(|p| p.into_inner().0);
+                st.writer_idle = false;
             }
             if st.crashed {
                 st.writer_exited = true;
@@ -690,9 +714,7 @@ fn write_carry(
     prologue: &Prologue,
 ) -> Option<Instant> {
     if carry.records.is_empty() {
-        for t in carry.tickets.drain(..) {
-            t.complete(true);
-        }
+        ObserverTicket::complete_all(&mut carry.tickets, true);
         return None;
     }
     let mut written = Vec::with_capacity(carry.records.len());
@@ -733,9 +755,8 @@ fn write_carry(
     st.processed_seq = carry.last_seq;
     carry.bytes.clear();
     carry.records.clear();
-    for t in carry.tickets.drain(..) {
-        t.complete(true);
-    }
+    drop(st);
+    ObserverTicket::complete_all(&mut carry.tickets, true);
     shared.progress.notify_all();
     None
 }

@@ -101,3 +101,16 @@ fn payload_codecs_round_trip() -> Result<(), FormatError> {
     assert_eq!(GapInfo::decode(&g.encode())?, g);
     Ok(())
 }
+
+#[test]
+fn a_precomputed_crc_gives_the_same_bytes() {
+    let data = b"0123456789abcdef-payload";
+    let mut a = Vec::new();
+    encode_record(&mut a, sample(), data);
+    let crc = [&data[..5], &data[5..]]
+        .iter()
+        .fold(0, |c, s| crc32c::crc32c_append(c, s));
+    let mut b = Vec::new();
+    encode_record_with_crc(&mut b, sample(), crc, |out| out.extend_from_slice(data));
+    assert_eq!(a, b);
+}
