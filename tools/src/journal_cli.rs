@@ -61,7 +61,8 @@ pub enum JournalCommand {
         /// SEQ, seq:N, time:NANOS, time:YYYY-MM-DDTHH:MM:SSZ, mark:LABEL (default: the end).
         #[arg(long)]
         until: Option<String>,
-        /// Restore even if the range has sequence gaps or damaged records.
+        /// Restore even if the range has sequence gaps, damaged records, or reaches past a
+        /// stop of the journal after which guest writes were not journaled.
         #[arg(long)]
         allow_gaps: bool,
         #[arg(long)]
