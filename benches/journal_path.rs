@@ -2,7 +2,8 @@
 //! of the payload), decoding them back (the scan every offline tool does), and the group
 //! commit as the guest sees it: N writes submitted on a volume queue with a sync journal
 //! observing the volume, then waiting until all N are complete (= durable on the medium),
-//! against the same loop without the journal.
+//! against the same loop without the journal, and with an async journal (the queue thread's
+//! own cost: the payload CRC computed before the journal's lock, the copy under it).
 //!
 //! Run: `cargo bench -p ferry --bench journal_path`. The image and the journal live on
 //! /dev/shm, so the numbers measure ferry's code (copy, CRC, batching, the writer thread
@@ -16,7 +17,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ferry_engine::journal::format::{encode_record, Op, RecordHeader};
 use ferry_engine::journal::scan::scan_medium;
-use ferry_engine::journal::{Journal, JournalOptions};
+use ferry_engine::journal::{Journal, JournalMode, JournalOptions};
 use ferry_engine::{BlockOp, Volume, VolumeConfig, VolumeQueue};
 
 const IMAGE_BYTES: u64 = 64 << 20;
@@ -82,7 +83,7 @@ struct Rig {
 }
 
 impl Rig {
-    fn new(with_journal: bool) -> Self {
+    fn new(journal_mode: Option<JournalMode>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("ferry-jbench-")
             .tempdir_in(Path::new("/dev/shm"))
@@ -94,9 +95,10 @@ impl Rig {
             ..Default::default()
         })
         .expect("open volume");
-        let journal = with_journal.then(|| {
+        let journal = journal_mode.map(|mode| {
             let mut o = JournalOptions::new(dir.path().join("j"));
             o.capacity_bytes = MEDIUM_BYTES;
+            o.mode = mode;
             let j = Journal::open(o).expect("open journal");
             volume.add_observer(j.observer());
             j
@@ -168,8 +170,15 @@ impl Drop for Rig {
 fn group_commit(c: &mut Criterion) {
     let mut g = c.benchmark_group("journal_group_commit");
     g.measurement_time(Duration::from_secs(3));
-    for (name, with_journal) in [("sync_journal", true), ("no_journal", false)] {
-        let mut rig = Rig::new(with_journal);
+    // async: the queue thread's cost alone (CRC before the lock, copy under it), the
+    // writer trailing behind.
+    let configs = [
+        ("sync_journal", Some(JournalMode::Sync)),
+        ("async_journal", Some(JournalMode::Async)),
+        ("no_journal", None),
+    ];
+    for (name, journal_mode) in configs {
+        let mut rig = Rig::new(journal_mode);
         for n in BATCH_SIZES {
             g.throughput(Throughput::Elements(n as u64));
             let mut round = 0;
@@ -185,7 +194,7 @@ fn group_commit(c: &mut Criterion) {
         }
     }
     // A mark: one record through the writer thread and back (the latency floor).
-    let rig = Rig::new(true);
+    let rig = Rig::new(Some(JournalMode::Sync));
     if let Some(j) = &rig.journal {
         g.throughput(Throughput::Elements(1));
         g.bench_function("mark", |b| b.iter(|| j.mark("m").expect("mark")));

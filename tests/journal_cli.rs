@@ -239,3 +239,55 @@ fn control_subcommands_speak_line_delimited_json() -> TestResult {
     assert_eq!(seen[2]["command"], "journal-seal");
     Ok(())
 }
+
+/// A journal that stopped (last medium full) and was closed without `journal-init`: `list`
+/// shows the stop, `verify` fails naming it, `restore` refuses the end without `--allow-gaps`
+/// and restores it with the flag, warning.
+#[test]
+fn a_stopped_journal_is_seen_by_list_verify_and_restore() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let v = Volume::open(VolumeConfig {
+        name: "vx".into(),
+        path: dir.join("vx.img"),
+        size_bytes: Some(256 * 1024),
+        ..Default::default()
+    })?;
+    std::fs::copy(dir.join("vx.img"), dir.join("vx.base"))?;
+    let journal = Journal::open(JournalOptions::parse(&format!(
+        "dir={},capacity=256K,media-max=1,on-full=stop",
+        dir.join("j").display()
+    ))?)?;
+    v.add_observer(journal.observer());
+    let mut q = VolumeQueue::new(v, 0, 4, 4)?;
+    for i in 0..40u64 {
+        write(&mut q, (i % 16) * 16384, &[i as u8; 16384])?;
+    }
+    journal.close();
+    let js = dir.join("j");
+    let js = js.to_str().ok_or("path")?;
+    let list = ferry(&["journal", "list", js])?;
+    let text = String::from_utf8_lossy(&list.stdout);
+    assert!(text.contains("stop") && text.contains("full"), "{text}");
+    let verify = ferry(&["journal", "verify", js])?;
+    let text = String::from_utf8_lossy(&verify.stdout);
+    assert!(!verify.status.success());
+    assert!(text.contains("STOPPED and never restarted"), "{text}");
+    let out = dir.join("vx.out");
+    let (base, out) = (dir.join("vx.base"), out.to_str().ok_or("path")?.to_string());
+    let base = base.to_str().ok_or("path")?;
+    let args = [
+        "journal", "restore", js, "--volume", "vx", "--base", base, "--out", &out,
+    ];
+    let refused = ferry(&args)?;
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("journaling stopped"), "{err}");
+    let mut forced = args.to_vec();
+    forced.push("--allow-gaps");
+    let restored = ferry(&forced)?;
+    assert!(restored.status.success(), "{restored:?}");
+    let err = String::from_utf8_lossy(&restored.stderr);
+    assert!(err.contains("warning: journaling stopped"), "{err}");
+    Ok(())
+}

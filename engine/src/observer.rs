@@ -39,6 +39,16 @@ pub struct WriteEvent<'a> {
 }
 
 impl WriteEvent<'_> {
+    /// The write's data, one slice per iovec (nothing for non-writes).
+    pub fn data_slices(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        self.data.iter().map(|iov| {
+            // SAFETY: the engine guarantees (see `VolumeQueue::submit`) that every iovec of a
+            // write points to `iov_len` readable bytes that stay mapped until `observe` returns,
+            // and the slices do not outlive `self`, which `observe` borrows.
+            unsafe { std::slice::from_raw_parts(iov.iov_base as *const u8, iov.iov_len) }
+        })
+    }
+
     /// Copies the write's data into `out` (appending). For non-writes it appends nothing.
     pub fn copy_data_into(&self, out: &mut Vec<u8>) {
         for iov in self.data {
@@ -86,6 +96,27 @@ impl ObserverTicket {
     pub fn complete(mut self, ok: bool) {
         if let Some(sink) = self.sink.take() {
             sink.push(self.request_slot, ok);
+        }
+    }
+
+    /// Releases many tickets at once: one lock and one wake-up per queue instead of one per
+    /// ticket (tickets of the same queue are usually adjacent). Drains `tickets`.
+    pub fn complete_all(tickets: &mut Vec<ObserverTicket>, ok: bool) {
+        let mut run: Vec<u32> = Vec::new();
+        let mut run_sink: Option<Arc<CompletionSink>> = None;
+        for mut t in tickets.drain(..) {
+            let Some(sink) = t.sink.take() else {
+                continue;
+            };
+            if let Some(current) = run_sink.as_ref().filter(|c| !Arc::ptr_eq(c, &sink)) {
+                current.push_many(&run, ok);
+                run.clear();
+            }
+            run.push(t.request_slot);
+            run_sink = Some(sink);
+        }
+        if let Some(current) = run_sink {
+            current.push_many(&run, ok);
         }
     }
 

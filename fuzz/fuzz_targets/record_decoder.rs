@@ -1,7 +1,10 @@
 //! Fuzz target: the journal record header and payload decoders must never panic.
 #![no_main]
 
-use ferry_engine::journal::format::{decode_trailer, GapInfo, MediumHeader, RecordHeader, StreamDef};
+use ferry_engine::journal::catalog::Catalog;
+use ferry_engine::journal::format::{
+    decode_trailer, GapInfo, MediumHeader, RecordHeader, StopInfo, StreamDef,
+};
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     if let Ok(h) = RecordHeader::decode(data) {
@@ -12,4 +15,6 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let _ = StreamDef::decode(data);
     let _ = MediumHeader::decode(data);
     let _ = GapInfo::decode(data);
+    let _ = StopInfo::decode(data);
+    let _ = Catalog::decode(data);
 });

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use ferry_engine::journal::demux::demux;
 use ferry_engine::journal::export::export_dm_log_writes;
+use ferry_engine::journal::format::StopInfo;
 use ferry_engine::journal::media::MediaSet;
 use ferry_engine::journal::restore::{restore, RestoreOptions, Until};
 use ferry_engine::journal::verify::verify;
@@ -60,7 +61,8 @@ pub enum JournalCommand {
         /// SEQ, seq:N, time:NANOS, time:YYYY-MM-DDTHH:MM:SSZ, mark:LABEL (default: the end).
         #[arg(long)]
         until: Option<String>,
-        /// Restore even if the range has sequence gaps or damaged records.
+        /// Restore even if the range has sequence gaps, damaged records, or reaches past a
+        /// stop of the journal after which guest writes were not journaled.
         #[arg(long)]
         allow_gaps: bool,
         #[arg(long)]
@@ -285,10 +287,17 @@ fn list(media: &[PathBuf], stream: Option<&str>, json: bool) -> anyhow::Result<(
                 }
             }
             let def = set.streams.get(&h.stream_id);
-            let label = if matches!(h.op.name(), "mark" | "log-init") {
-                Some(String::from_utf8_lossy(&m.payload(r)?).into_owned())
-            } else {
-                None
+            let label = match h.op.name() {
+                "mark" | "log-init" => Some(String::from_utf8_lossy(&m.payload(r)?).into_owned()),
+                "stop" => StopInfo::decode(&m.payload(r)?).ok().map(|s| {
+                    format!(
+                        "{}: {} (writes from seq {} not journaled)",
+                        s.cause.name(),
+                        s.reason,
+                        s.first_unjournaled_seq
+                    )
+                }),
+                _ => None,
             };
             if json {
                 let line = json!({
@@ -368,6 +377,22 @@ fn run_verify(media: &[PathBuf], json: bool) -> anyhow::Result<()> {
                 b.after_seq, b.next_seq
             );
         }
+        for st in &report.stops {
+            let what = if !st.cause.loses_writes() {
+                "closed (ok)"
+            } else if st.resolved {
+                "stopped; the gap is recorded"
+            } else {
+                "STOPPED and never restarted: later guest writes are NOT journaled"
+            };
+            println!(
+                "  STOP after seq {} ({}: {}): {what} [{}]",
+                st.after_seq,
+                st.cause.name(),
+                st.reason,
+                st.source.display()
+            );
+        }
         println!(
             "seq {:?}..{:?}, {} problem(s)",
             report.first_seq, report.last_seq, report.problems
@@ -405,6 +430,9 @@ fn run_restore(media: &[PathBuf], opts: &RestoreOptions, json: bool) -> anyhow::
             report.bytes_applied,
             report.out.display()
         );
+        for w in &report.warnings {
+            eprintln!("warning: {w}");
+        }
         if !report.gaps.is_empty() {
             println!(
                 "warning: {} sequence break(s) in the range (--allow-gaps)",

@@ -9,10 +9,41 @@ use super::error::JournalError;
 
 /// "FJCT" as a little-endian u32.
 pub const CATALOG_MAGIC: u32 = u32::from_le_bytes(*b"FJCT");
-pub const CATALOG_VERSION: u16 = 1;
+/// Version 2 added the run record (how the last run of the journal ended).
+pub const CATALOG_VERSION: u16 = 2;
 pub const CATALOG_FILE: &str = "catalog.fjc";
 const HEADER_BYTES: usize = 24;
+const RUN_BYTES: usize = 24;
 const ENTRY_BYTES: usize = 24;
+
+/// How the journal's current (or last) run stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunState {
+    /// Taking writes (or the process died while it was).
+    #[default]
+    Running,
+    /// Closed cleanly; `unjournaled_count` writes were not journaled before the close.
+    Closed,
+    /// Stopped on a write error or a full medium; the guest went on unjournaled.
+    Stopped,
+}
+
+/// The run record of the catalog (version 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct RunRecord {
+    pub state: RunState,
+    /// The journal ran in async mode (a crash may lose acknowledged writes).
+    pub async_mode: bool,
+    /// The first sequence number not journaled (when stopped or closed).
+    pub first_unjournaled_seq: u64,
+    /// How many numbers were assigned to unjournaled writes; [`COUNT_UNKNOWN`] while a
+    /// stopped journal is still counting.
+    pub unjournaled_count: u64,
+}
+
+/// `unjournaled_count` of a run that stopped and has not been closed yet.
+pub const COUNT_UNKNOWN: u64 = u64::MAX;
 
 /// The state of one medium.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -37,6 +68,8 @@ pub struct CatalogEntry {
 #[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
 pub struct Catalog {
     pub journal_id: u64,
+    /// `None` when read from a version 1 catalog.
+    pub run: Option<RunRecord>,
     pub media: Vec<CatalogEntry>,
 }
 
@@ -46,7 +79,17 @@ pub fn catalog_path(dir: &Path) -> PathBuf {
 
 impl Catalog {
     pub fn encode(&self) -> Vec<u8> {
-        let mut body = Vec::with_capacity(self.media.len() * ENTRY_BYTES);
+        let mut body = Vec::with_capacity(RUN_BYTES + self.media.len() * ENTRY_BYTES);
+        let run = self.run.unwrap_or_default();
+        body.push(match run.state {
+            RunState::Running => 0,
+            RunState::Closed => 1,
+            RunState::Stopped => 2,
+        });
+        body.push(u8::from(run.async_mode));
+        body.extend_from_slice(&[0u8; 6]);
+        body.extend_from_slice(&run.first_unjournaled_seq.to_le_bytes());
+        body.extend_from_slice(&run.unjournaled_count.to_le_bytes());
         for e in &self.media {
             body.extend_from_slice(&e.medium_index.to_le_bytes());
             body.push(match e.state {
@@ -85,9 +128,15 @@ impl Catalog {
         if u32_at(0) != CATALOG_MAGIC {
             return Err("bad magic at offset 0".into());
         }
+        let version = u16::from_le_bytes([b[4], b[5]]);
+        let run_bytes = match version {
+            1 => 0,
+            2 => RUN_BYTES,
+            v => return Err(format!("unsupported catalog version {v}")),
+        };
         let count = u32_at(16) as usize;
         let body = &b[HEADER_BYTES..];
-        if body.len() != count.saturating_mul(ENTRY_BYTES) {
+        if body.len() != count.saturating_mul(ENTRY_BYTES).saturating_add(run_bytes) {
             return Err(format!(
                 "{count} entries announced, {} body bytes present",
                 body.len()
@@ -96,9 +145,12 @@ impl Catalog {
         if crc32c::crc32c(body) != u32_at(20) {
             return Err("checksum mismatch".into());
         }
+        let run = (run_bytes > 0)
+            .then(|| decode_run(&b[HEADER_BYTES..], u64_at))
+            .transpose()?;
         let mut media = Vec::with_capacity(count);
         for i in 0..count {
-            let at = HEADER_BYTES + i * ENTRY_BYTES;
+            let at = HEADER_BYTES + run_bytes + i * ENTRY_BYTES;
             let state = match b[at + 4] {
                 0 => MediumState::Open,
                 1 => MediumState::Sealed,
@@ -114,6 +166,7 @@ impl Catalog {
         }
         Ok(Self {
             journal_id: u64_at(8),
+            run,
             media,
         })
     }
@@ -157,6 +210,22 @@ impl Catalog {
             None => self.media.push(entry),
         }
     }
+}
+
+/// Decodes the run record at the start of `body`; `u64_at` reads the whole file.
+fn decode_run(body: &[u8], u64_at: impl Fn(usize) -> u64) -> Result<RunRecord, String> {
+    let state = match body[0] {
+        0 => RunState::Running,
+        1 => RunState::Closed,
+        2 => RunState::Stopped,
+        s => return Err(format!("unknown run state {s} at offset {HEADER_BYTES}")),
+    };
+    Ok(RunRecord {
+        state,
+        async_mode: body[1] != 0,
+        first_unjournaled_seq: u64_at(HEADER_BYTES + 8),
+        unjournaled_count: u64_at(HEADER_BYTES + 16),
+    })
 }
 
 /// Makes a directory's entries (new or renamed files) durable.

@@ -8,8 +8,10 @@ use super::error::FormatError;
 
 /// "FJRN" read as a little-endian u32: the first four bytes of every record.
 pub const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"FJRN");
-/// The format version written into every record header.
-pub const FORMAT_VERSION: u16 = 1;
+/// The format version written into every record header (2 added the stop record).
+pub const FORMAT_VERSION: u16 = 2;
+/// The oldest format version the decoder reads (version 1 media have no stop records).
+pub const FORMAT_VERSION_MIN: u16 = 1;
 /// Size of a record header.
 pub const HEADER_BYTES: usize = 64;
 /// Records start at multiples of this many bytes.
@@ -24,6 +26,9 @@ pub const PAYLOAD_MAX_BYTES: u32 = 64 << 20;
 pub const FLAG_UNSEQUENCED: u8 = 0x80;
 /// Header flag on a write-zeroes record: the guest allowed deallocation.
 pub const FLAG_UNMAP: u8 = 0x01;
+/// Header flag on a gap record written by recovery: how many writes are missing is not
+/// known (`missing_count` is a lower bound of 1); some may be missing.
+pub const FLAG_GAP_ESTIMATED: u8 = 0x02;
 /// Medium-header flag: the medium was produced by `demux`; sequence numbers of other
 /// streams are missing from it on purpose.
 pub const MEDIUM_FLAG_DEMUXED: u32 = 0x1;
@@ -43,6 +48,7 @@ pub enum Op {
     MediumHeader,
     Trailer,
     Padding,
+    Stop,
 }
 
 impl Op {
@@ -59,6 +65,7 @@ impl Op {
             Op::MediumHeader => 9,
             Op::Trailer => 10,
             Op::Padding => 11,
+            Op::Stop => 12,
         }
     }
 
@@ -75,6 +82,7 @@ impl Op {
             9 => Op::MediumHeader,
             10 => Op::Trailer,
             11 => Op::Padding,
+            12 => Op::Stop,
             _ => return None,
         })
     }
@@ -92,6 +100,7 @@ impl Op {
             Op::MediumHeader => "medium-header",
             Op::Trailer => "trailer",
             Op::Padding => "padding",
+            Op::Stop => "stop",
         }
     }
 
@@ -168,7 +177,7 @@ impl RecordHeader {
             });
         }
         let version = u16::from_le_bytes([b[4], b[5]]);
-        if version != FORMAT_VERSION {
+        if !(FORMAT_VERSION_MIN..=FORMAT_VERSION).contains(&version) {
             return Err(FormatError::UnsupportedVersion { version });
         }
         let op = Op::from_code(b[6]).ok_or(FormatError::UnknownOp { code: b[6] })?;
@@ -232,6 +241,23 @@ pub fn encode_record_with(
     let payload = &out[start + HEADER_BYTES..];
     header.payload_len_bytes = payload.len() as u32;
     header.payload_crc = crc32c::crc32c(payload);
+    out[start..start + HEADER_BYTES].copy_from_slice(&header.encode());
+    pad_to_align(out);
+}
+
+/// As [`encode_record_with`], with the payload's CRC32C already computed by the caller
+/// (outside any lock); `fill` must append exactly the bytes `payload_crc` covers.
+pub fn encode_record_with_crc(
+    out: &mut Vec<u8>,
+    mut header: RecordHeader,
+    payload_crc: u32,
+    fill: impl FnOnce(&mut Vec<u8>),
+) {
+    let start = out.len();
+    out.resize(start + HEADER_BYTES, 0);
+    fill(out);
+    header.payload_len_bytes = (out.len() - start - HEADER_BYTES) as u32;
+    header.payload_crc = payload_crc;
     out[start..start + HEADER_BYTES].copy_from_slice(&header.encode());
     pad_to_align(out);
 }
@@ -366,6 +392,90 @@ impl GapInfo {
         Ok(Self {
             first_missing_seq: le64(b, 0),
             missing_count: le64(b, 8),
+        })
+    }
+}
+
+/// Why the journal stopped taking writes (the cause byte of a stop record).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StopCause {
+    /// A clean close (daemon shutdown): the volumes were stopped first.
+    Closed,
+    /// A write error on the medium: the guest went on unjournaled.
+    Error,
+    /// The last allowed medium is full (on-full=stop): the guest went on unjournaled.
+    Full,
+}
+
+impl StopCause {
+    pub fn code(self) -> u8 {
+        match self {
+            StopCause::Closed => 1,
+            StopCause::Error => 2,
+            StopCause::Full => 3,
+        }
+    }
+
+    pub fn from_code(code: u8) -> Option<Self> {
+        Some(match code {
+            1 => StopCause::Closed,
+            2 => StopCause::Error,
+            3 => StopCause::Full,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            StopCause::Closed => "closed",
+            StopCause::Error => "error",
+            StopCause::Full => "full",
+        }
+    }
+
+    /// True when the guest may have gone on writing after the stop.
+    pub fn loses_writes(self) -> bool {
+        self != StopCause::Closed
+    }
+}
+
+/// The payload of a stop record: the journal takes no more writes in this run.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StopInfo {
+    pub cause: StopCause,
+    /// The first sequence number that is not journaled.
+    pub first_unjournaled_seq: u64,
+    /// Numbers assigned to unjournaled writes when the record was made (more may follow
+    /// for `error`/`full`).
+    pub unjournaled_count: u64,
+    pub reason: String,
+}
+
+/// Fixed part of a stop payload (the reason follows).
+pub const STOP_PAYLOAD_FIXED_BYTES: usize = 24;
+
+impl StopInfo {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(STOP_PAYLOAD_FIXED_BYTES + self.reason.len());
+        b.push(self.cause.code());
+        b.extend_from_slice(&[0u8; 7]);
+        b.extend_from_slice(&self.first_unjournaled_seq.to_le_bytes());
+        b.extend_from_slice(&self.unjournaled_count.to_le_bytes());
+        b.extend_from_slice(self.reason.as_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self, FormatError> {
+        need(b, STOP_PAYLOAD_FIXED_BYTES, "stop")?;
+        let cause = StopCause::from_code(b[0]).ok_or(FormatError::BadPayload {
+            what: "stop record with an unknown cause",
+        })?;
+        Ok(Self {
+            cause,
+            first_unjournaled_seq: le64(b, 8),
+            unjournaled_count: le64(b, 16),
+            reason: String::from_utf8_lossy(&b[STOP_PAYLOAD_FIXED_BYTES..]).into_owned(),
         })
     }
 }

@@ -4,8 +4,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use super::catalog::{Catalog, RunRecord, RunState};
 use super::error::JournalError;
-use super::format::{GapInfo, Op, RecordHeader, StreamDef, MEDIUM_FLAG_DEMUXED};
+use super::format::{
+    GapInfo, Op, RecordHeader, StopCause, StopInfo, StreamDef, MEDIUM_FLAG_DEMUXED,
+};
 use super::scan::{read_payload, scan_medium, FileSource, MediumScan, Problem, ScannedRecord};
 
 /// The file name of medium `index`.
@@ -104,6 +107,27 @@ pub struct MediaSet {
     pub media: Vec<OpenedMedium>,
     /// Stream id -> volume and queue, from every stream-def record seen.
     pub streams: BTreeMap<u32, StreamDef>,
+    /// The run records of the catalogs of the journal directories given as inputs.
+    pub runs: Vec<(PathBuf, RunRecord)>,
+}
+
+/// A stop record of a set, or a catalog saying the journal is stopped: writes after
+/// `after_seq` may not be in the journal.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StopNote {
+    /// The last sequence number journaled before the stop.
+    pub after_seq: u64,
+    pub timestamp_ns: u64,
+    pub cause: StopCause,
+    pub first_unjournaled_seq: u64,
+    /// `None`: unknown (the journal is still stopped, or the daemon died while stopped).
+    pub unjournaled_count: Option<u64>,
+    pub reason: String,
+    /// Where it was found: a medium file, or a journal directory's catalog.
+    pub source: PathBuf,
+    /// Journaling went on after it without missing a number (nothing was lost), or a
+    /// gap record explains the missing numbers.
+    pub resolved: bool,
 }
 
 /// Where one record of a set is: medium (index into `MediaSet::media`) and record.
@@ -150,6 +174,7 @@ impl MediaSet {
         let mut set = Self {
             media,
             streams: BTreeMap::new(),
+            runs: load_runs(inputs),
         };
         set.collect_streams()?;
         Ok(set)
@@ -224,14 +249,7 @@ impl MediaSet {
     /// Breaks in the sequence among `records` (sorted): (after_seq, next_seq, explained
     /// by a gap record).
     pub fn sequence_breaks(&self, records: &[RecordRef]) -> Vec<SequenceBreak> {
-        let mut gaps: Vec<GapInfo> = Vec::new();
-        for r in records.iter().filter(|r| r.record.header.op == Op::Gap) {
-            if let Ok(p) = self.payload(r) {
-                if let Ok(g) = GapInfo::decode(&p) {
-                    gaps.push(g);
-                }
-            }
-        }
+        let gaps = self.gap_records(records);
         let mut out = Vec::new();
         for pair in records.windows(2) {
             let (a, b) = (pair[0].record.header.seq, pair[1].record.header.seq);
@@ -255,6 +273,96 @@ impl MediaSet {
             }
         }
         out
+    }
+}
+
+/// The run records of the catalogs of the directories among `inputs` (unreadable or
+/// version 1 catalogs are skipped: the media say the rest).
+fn load_runs(inputs: &[PathBuf]) -> Vec<(PathBuf, RunRecord)> {
+    inputs
+        .iter()
+        .filter(|p| p.is_dir())
+        .filter_map(|p| match Catalog::load(p) {
+            Ok(c) => c.and_then(|c| c.run).map(|r| (p.clone(), r)),
+            Err(e) => {
+                log::warn!("{e}");
+                None
+            }
+        })
+        .collect()
+}
+
+impl MediaSet {
+    /// Every stop the set knows of, in order: stop records on the media, then journal
+    /// directories whose catalog says the journal is (still) stopped.
+    pub fn stops(&self, records: &[RecordRef]) -> Result<Vec<StopNote>, JournalError> {
+        let has_seq = |seq: u64| {
+            records
+                .binary_search_by_key(&seq, |r| r.record.header.seq)
+                .is_ok()
+        };
+        let gaps = self.gap_records(records);
+        let explained = |first: u64| {
+            gaps.iter().any(|g| {
+                g.first_missing_seq <= first && first < g.first_missing_seq + g.missing_count
+            })
+        };
+        let mut out = Vec::new();
+        for m in &self.media {
+            for r in m.live_records().filter(|r| r.header.op == Op::Stop) {
+                let info =
+                    StopInfo::decode(&m.payload(r)?).map_err(|source| JournalError::Record {
+                        path: m.path.clone(),
+                        offset_bytes: r.position_bytes,
+                        source,
+                    })?;
+                let first = info.first_unjournaled_seq;
+                out.push(StopNote {
+                    after_seq: r.header.seq,
+                    timestamp_ns: r.header.timestamp_ns,
+                    cause: info.cause,
+                    first_unjournaled_seq: first,
+                    unjournaled_count: (!info.cause.loses_writes())
+                        .then_some(info.unjournaled_count),
+                    reason: info.reason,
+                    source: m.path.clone(),
+                    resolved: has_seq(first) || explained(first),
+                });
+            }
+        }
+        for (dir, run) in self
+            .runs
+            .iter()
+            .filter(|(_, r)| r.state == RunState::Stopped)
+        {
+            let count = run.unjournaled_count;
+            let first = run.first_unjournaled_seq;
+            out.push(StopNote {
+                after_seq: first.saturating_sub(1),
+                timestamp_ns: u64::MAX,
+                cause: StopCause::Error,
+                first_unjournaled_seq: first,
+                unjournaled_count: (count != super::catalog::COUNT_UNKNOWN).then_some(count),
+                reason: "the catalog says the journal stopped (write error or full medium) and was not restarted".into(),
+                source: dir.clone(),
+                resolved: has_seq(first) || explained(first),
+            });
+        }
+        out.sort_by_key(|s| s.after_seq);
+        out.dedup_by(|a, b| {
+            a.after_seq == b.after_seq && a.first_unjournaled_seq == b.first_unjournaled_seq
+        });
+        Ok(out)
+    }
+
+    /// The payloads of the gap records among `records`.
+    fn gap_records(&self, records: &[RecordRef]) -> Vec<GapInfo> {
+        records
+            .iter()
+            .filter(|r| r.record.header.op == Op::Gap)
+            .filter_map(|r| self.payload(r).ok())
+            .filter_map(|p| GapInfo::decode(&p).ok())
+            .collect()
     }
 }
 

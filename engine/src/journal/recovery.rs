@@ -8,10 +8,10 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::catalog::{Catalog, CatalogEntry, MediumState};
+use super::catalog::{Catalog, CatalogEntry, MediumState, RunRecord, RunState, COUNT_UNKNOWN};
 use super::entry::now_ns;
 use super::error::JournalError;
-use super::format::{Op, StreamDef};
+use super::format::{GapInfo, Op, StopInfo, StreamDef};
 use super::media::list_media;
 use super::scan::{read_payload, scan_medium, FileSource};
 
@@ -30,6 +30,9 @@ pub struct Recovered {
     /// Set when the last medium ended in a torn tail: (medium, valid end, torn bytes).
     pub torn_tail: Option<RecoveredTail>,
     pub fresh: bool,
+    /// Writes the previous run may have taken unjournaled: the journal records this gap
+    /// first (`true`: the count is a lower bound, the real number is unknown).
+    pub resume_gap: Option<(GapInfo, bool)>,
 }
 
 /// A torn tail cut on recovery.
@@ -52,13 +55,7 @@ pub fn recover(dir: &Path) -> Result<Recovered, JournalError> {
         None
     });
     let Some(&(last_index, _)) = media.last() else {
-        return Ok(Recovered {
-            journal_id: new_journal_id(),
-            prev_valid_end_bytes: u64::MAX,
-            catalog: Catalog::default(),
-            fresh: true,
-            ..Default::default()
-        });
+        return Ok(without_media(catalog));
     };
     let mut rec = Recovered {
         next_medium_index: last_index + 1,
@@ -66,6 +63,7 @@ pub fn recover(dir: &Path) -> Result<Recovered, JournalError> {
         catalog: catalog.unwrap_or_default(),
         ..Default::default()
     };
+    let mut last_stop = None;
     // The newest medium with a readable header tells the journal id, streams and log.
     for (n, (index, path)) in media.iter().rev().enumerate() {
         let src = FileSource::open(path).map_err(|source| medium_err(path, "open", source))?;
@@ -93,6 +91,10 @@ pub fn recover(dir: &Path) -> Result<Recovered, JournalError> {
                     rec.log_id = r.header.log_id;
                     rec.label = String::from_utf8_lossy(&payload()?).into_owned();
                 }
+                Op::Stop if n == 0 => last_stop = StopInfo::decode(&payload()?).ok(),
+                Op::Write | Op::Discard | Op::WriteZeroes | Op::Flush | Op::Mark if n == 0 => {
+                    last_stop = None;
+                }
                 _ => {}
             }
         }
@@ -102,7 +104,89 @@ pub fn recover(dir: &Path) -> Result<Recovered, JournalError> {
         rec.journal_id = rec.catalog.journal_id;
     }
     rec.catalog.journal_id = rec.journal_id;
+    rec.resume_gap = resume_gap(rec.catalog.run, last_stop.as_ref(), rec.last_seq);
+    if let Some((gap, estimated)) = rec.resume_gap {
+        log::warn!(
+            "journal: the previous run did not end cleanly; recording a gap of {}{} write(s) from seq {}",
+            if estimated { "at least " } else { "" },
+            gap.missing_count,
+            gap.first_missing_seq
+        );
+    }
     Ok(rec)
+}
+
+/// The gap the previous run left, from the catalog's run record and the last stop record
+/// of the newest medium (`None`: it ended cleanly, or nothing says otherwise).
+pub fn resume_gap(
+    run: Option<RunRecord>,
+    last_stop: Option<&StopInfo>,
+    last_seq: u64,
+) -> Option<(GapInfo, bool)> {
+    let (first, count, estimated) = match (run, last_stop) {
+        (Some(r), _) if r.state != RunState::Running => {
+            let unknown = r.unjournaled_count == COUNT_UNKNOWN;
+            let count = if unknown { 1 } else { r.unjournaled_count };
+            (r.first_unjournaled_seq, count, unknown)
+        }
+        (_, Some(stop)) if stop.cause.loses_writes() => (
+            stop.first_unjournaled_seq,
+            stop.unjournaled_count.max(1),
+            true,
+        ),
+        (_, Some(stop)) => (stop.first_unjournaled_seq, stop.unjournaled_count, false),
+        // Died while running: in async mode acknowledged writes may be lost.
+        (Some(r), None) if r.async_mode => (last_seq + 1, 1, true),
+        _ => return None,
+    };
+    if count == 0 {
+        return None;
+    }
+    let first_missing_seq = first.max(last_seq + 1);
+    let end = first.saturating_add(count).max(first_missing_seq + 1);
+    Some((
+        GapInfo {
+            first_missing_seq,
+            missing_count: end - first_missing_seq,
+        },
+        estimated,
+    ))
+}
+
+/// A directory without media: a new journal, or one whose media were all moved away
+/// (archived), which continues from what its catalog says.
+fn without_media(catalog: Option<Catalog>) -> Recovered {
+    let Some(catalog) = catalog.filter(|c| c.journal_id != 0 && c.run.is_some()) else {
+        let journal_id = new_journal_id();
+        return Recovered {
+            journal_id,
+            prev_valid_end_bytes: u64::MAX,
+            catalog: Catalog {
+                journal_id,
+                ..Catalog::default()
+            },
+            fresh: true,
+            ..Default::default()
+        };
+    };
+    let last_seq = catalog
+        .run
+        .filter(|r| r.state != RunState::Running)
+        .map_or(0, |r| r.first_unjournaled_seq.saturating_sub(1));
+    Recovered {
+        journal_id: catalog.journal_id,
+        next_medium_index: catalog
+            .media
+            .iter()
+            .map(|e| e.medium_index + 1)
+            .max()
+            .unwrap_or(0),
+        last_seq,
+        prev_valid_end_bytes: u64::MAX,
+        resume_gap: resume_gap(catalog.run, None, last_seq),
+        catalog,
+        ..Default::default()
+    }
 }
 
 fn note_last_medium(rec: &mut Recovered, index: u32, scan: &super::scan::MediumScan) {

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use super::error::JournalError;
 use super::format::Op;
-use super::media::{MediaSet, RecordRef, SequenceBreak};
+use super::media::{MediaSet, RecordRef, SequenceBreak, StopNote};
 
 /// Up to where a restore goes (inclusive).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,6 +107,59 @@ pub struct RestoreReport {
     pub records_applied: u64,
     pub bytes_applied: u64,
     pub gaps: Vec<SequenceBreak>,
+    /// Stops of the journal the restored range reaches past (see [`stops_in_range`]).
+    pub stops: Vec<StopNote>,
+    /// Why writes may be missing from the restored image, one line each.
+    pub warnings: Vec<String>,
+}
+
+/// The stops `until` reaches past: a stop after seq N is reached by any point after N,
+/// and by `End` (or a time after the stop) even when N is the last number.
+pub fn stops_in_range(stops: Vec<StopNote>, until_seq: u64, until: &Until) -> Vec<StopNote> {
+    stops
+        .into_iter()
+        .filter(|s| {
+            until_seq > s.after_seq
+                || (until_seq == s.after_seq
+                    && match until {
+                        Until::End => true,
+                        Until::TimeNs(t) => s.timestamp_ns <= *t,
+                        _ => false,
+                    })
+        })
+        .collect()
+}
+
+/// One line per stop: what may be missing. The bool says whether writes the guest made
+/// are known or likely to be missing (restore refuses without `--allow-gaps`).
+pub fn describe_stop(s: &StopNote, until_seq: u64) -> Option<(bool, String)> {
+    if s.cause.loses_writes() {
+        if s.resolved {
+            // A gap record (a sequence break) or an unbroken sequence accounts for it.
+            return None;
+        }
+        let count = s
+            .unjournaled_count
+            .map_or("an unknown number of".to_string(), |n| n.to_string());
+        return Some((
+            true,
+            format!(
+                "journaling stopped after seq {} ({}: {}): {count} later write(s) of the guest are not in the journal",
+                s.after_seq,
+                s.cause.name(),
+                s.reason
+            ),
+        ));
+    }
+    (until_seq > s.after_seq).then(|| {
+        (
+            false,
+            format!(
+                "the journal was closed after seq {} and started again: writes made to the volume while no journal ran are not in it",
+                s.after_seq
+            ),
+        )
+    })
 }
 
 /// The inclusive sequence number `until` stands for among `records` (sorted).
@@ -154,9 +207,21 @@ pub fn restore(
     let records = set.sequenced();
     let until_seq = resolve_until(set, &records, &opts.until)?;
     let in_range: Vec<RecordRef> = records
-        .into_iter()
+        .iter()
         .filter(|r| r.record.header.seq <= until_seq)
+        .copied()
         .collect();
+    let stops = stops_in_range(set.stops(&records)?, until_seq, &opts.until);
+    let notes: Vec<(bool, String)> = stops
+        .iter()
+        .filter_map(|s| describe_stop(s, until_seq))
+        .collect();
+    if let Some((_, why)) = notes.iter().find(|n| n.0).filter(|_| !opts.allow_gaps) {
+        return Err(JournalError::Invalid(format!(
+            "writes may be missing in the range to restore: {why}; use --allow-gaps to restore anyway"
+        )));
+    }
+    let warnings: Vec<String> = notes.into_iter().map(|n| n.1).collect();
     let mut gaps = set.sequence_breaks(&in_range);
     if set.demuxed() {
         gaps.retain(|b| b.duplicate);
@@ -221,6 +286,8 @@ pub fn restore(
         records_applied: total,
         bytes_applied,
         gaps,
+        stops,
+        warnings,
     })
 }
 

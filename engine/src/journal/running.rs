@@ -5,14 +5,17 @@
 //! under one mutex; the writer thread takes the whole batch, appends it to the medium with
 //! one `pwritev` + one `fdatasync`, and then releases the guest writes it held.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::catalog::{RunRecord, RunState, COUNT_UNKNOWN};
 use super::entry::{now_ns, LogEntry};
 use super::error::JournalError;
-use super::format::{encode_record_with, GapInfo, Op, RecordHeader, StreamDef, FLAG_UNMAP};
+use super::format::{
+    encode_record_with, encode_record_with_crc, GapInfo, Op, RecordHeader, StopCause, StopInfo,
+    StreamDef, FLAG_GAP_ESTIMATED, FLAG_UNMAP,
+};
 use super::options::{JournalMode, JournalOptions, OnFull};
 use super::recovery::{recover, RecoveredTail};
 use super::writer::{MediumWriter, PendingRecord, Prologue, WriteFailure};
@@ -80,7 +83,6 @@ struct State {
     next_seq: u64,
     log_id: u32,
     label: String,
-    streams: HashMap<(String, u16), u32>,
     stream_list: Vec<(u32, StreamDef)>,
     batch: Vec<u8>,
     records: Vec<PendingRecord>,
@@ -102,6 +104,11 @@ struct State {
     shutdown: bool,
     crashed: bool,
     writer_exited: bool,
+    /// The catalog's run record as the writer should store it next.
+    run: RunRecord,
+    /// The writer sleeps on `work`: only then does a new record need to wake it (a
+    /// condvar notification is a system call even without a waiter).
+    writer_idle: bool,
 }
 
 impl State {
@@ -113,8 +120,17 @@ impl State {
 
     /// Encodes a sequenced record into the pending batch.
     fn push(&mut self, header: RecordHeader, fill: impl FnOnce(&mut Vec<u8>)) {
+        self.push_encoded(header, |out| encode_record_with(out, header, fill));
+    }
+
+    /// Encodes a record whose payload CRC the caller computed (outside the lock).
+    fn push_with_crc(&mut self, header: RecordHeader, crc: u32, fill: impl FnOnce(&mut Vec<u8>)) {
+        self.push_encoded(header, |out| encode_record_with_crc(out, header, crc, fill));
+    }
+
+    fn push_encoded(&mut self, header: RecordHeader, encode: impl FnOnce(&mut Vec<u8>)) {
         let offset = self.batch.len();
-        encode_record_with(&mut self.batch, header, fill);
+        encode(&mut self.batch);
         self.observed_bytes += (self.batch.len() - offset) as u64;
         self.records.push(PendingRecord {
             batch_offset: offset,
@@ -149,8 +165,14 @@ impl State {
 
     /// The stream id of (volume, queue), defining it (a stream-def record) on first use.
     fn stream_for(&mut self, volume: &str, queue_index: u16) -> u32 {
-        if let Some(&id) = self.streams.get(&(volume.to_string(), queue_index)) {
-            return id;
+        // A scan of the few streams: no allocation per write (a map keyed by an owned
+        // name would need one per lookup).
+        if let Some((id, _)) = self
+            .stream_list
+            .iter()
+            .find(|(_, d)| d.queue_index == queue_index && d.volume == volume)
+        {
+            return *id;
         }
         let id = self
             .stream_list
@@ -166,7 +188,6 @@ impl State {
         let header = self.header(Op::StreamDef, id);
         let payload = def.encode();
         self.push(header, |out| out.extend_from_slice(&payload));
-        self.streams.insert((def.volume.clone(), queue_index), id);
         self.stream_list.push((id, def));
         id
     }
@@ -184,6 +205,34 @@ impl State {
 
     fn lag_bytes(&self) -> u64 {
         self.observed_bytes.saturating_sub(self.durable_bytes)
+    }
+
+    /// The run record for a journal that is running.
+    fn running(async_mode: bool) -> RunRecord {
+        RunRecord {
+            state: RunState::Running,
+            async_mode,
+            first_unjournaled_seq: 0,
+            unjournaled_count: 0,
+        }
+    }
+
+    /// The run record at close: cleanly closed, or stopped with the final count.
+    fn closing_run(&self) -> RunRecord {
+        let (first, count) = match self.open_gap() {
+            Some(g) => (g.first_missing_seq, g.missing_count),
+            None => (self.next_seq, 0),
+        };
+        RunRecord {
+            state: if self.phase == JournalState::Stopped {
+                RunState::Stopped
+            } else {
+                RunState::Closed
+            },
+            first_unjournaled_seq: first,
+            unjournaled_count: count,
+            ..self.run
+        }
     }
 
     fn open_gap(&self) -> Option<GapInfo> {
@@ -213,7 +262,7 @@ impl Shared {
 /// [`Journal::observer`]; call [`Journal::close`] on shutdown.
 pub struct Journal {
     shared: Arc<Shared>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    thread: Mutex<Option<JoinHandle<MediumWriter>>>,
     recovered_torn_tail: Option<RecoveredTail>,
 }
 
@@ -222,17 +271,14 @@ impl Journal {
     pub fn open(options: JournalOptions) -> Result<Arc<Journal>, JournalError> {
         options.validate()?;
         let rec = recover(&options.dir)?;
-        let mut streams = HashMap::new();
         let mut stream_list = Vec::new();
         for (id, def) in &rec.streams {
-            streams.insert((def.volume.clone(), def.queue_index), *id);
             stream_list.push((*id, def.clone()));
         }
         let mut state = State {
             next_seq: rec.last_seq + 1,
             log_id: rec.log_id,
             label: rec.label.clone(),
-            streams,
             stream_list,
             batch: Vec::new(),
             records: Vec::new(),
@@ -254,20 +300,36 @@ impl Journal {
             shutdown: false,
             crashed: false,
             writer_exited: false,
+            run: State::running(options.mode == JournalMode::Async),
+            writer_idle: false,
         };
+        if let Some((gap, estimated)) = rec.resume_gap {
+            // The previous run's unjournaled writes: numbered, then recorded as a gap.
+            state.next_seq = state
+                .next_seq
+                .max(gap.first_missing_seq + gap.missing_count);
+            let mut header = state.header(Op::Gap, JOURNAL_STREAM_ID);
+            if estimated {
+                header.flags |= FLAG_GAP_ESTIMATED;
+            }
+            state.push(header, |out| out.extend_from_slice(&gap.encode()));
+            state.gaps.push(gap);
+        }
         if rec.fresh || rec.log_id == 0 {
             state.log_id += 1;
             state.label = options.label.clone();
             let label = state.label.clone();
             state.push_labelled(Op::LogInit, &label);
         }
-        let writer = MediumWriter::new(
+        let mut writer = MediumWriter::new(
             options.clone(),
             rec.journal_id,
             rec.next_medium_index,
             rec.prev_valid_end_bytes,
             rec.catalog.clone(),
         );
+        writer.set_run(state.run);
+        writer.store_catalog()?;
         let shared = Arc::new(Shared {
             options,
             state: Mutex::new(state),
@@ -309,6 +371,7 @@ impl Journal {
         if st.phase == JournalState::Stopped {
             st.phase = JournalState::Running;
             st.reason = None;
+            st.run = State::running(self.shared.options.mode == JournalMode::Async);
             if let Some(gap) = st.open_gap() {
                 let header = st.header(Op::Gap, JOURNAL_STREAM_ID);
                 let gap = GapInfo {
@@ -423,10 +486,17 @@ impl Journal {
         }
         self.shared.work.notify_all();
         let handle = self.thread.lock().ok().and_then(|mut t| t.take());
-        if let Some(h) = handle {
-            if h.join().is_err() {
-                log::error!("the journal writer thread panicked");
-            }
+        let Some(h) = handle else {
+            return;
+        };
+        let Ok(mut writer) = h.join() else {
+            log::error!("the journal writer thread panicked");
+            return;
+        };
+        // How the run ended, for the next start and for restore.
+        writer.set_run(self.shared.lock().closing_run());
+        if let Err(e) = writer.store_catalog() {
+            log::error!("journal: cannot record the close in the catalog: {e}");
         }
     }
 
@@ -459,6 +529,12 @@ impl Drop for Journal {
 
 impl WriteObserver for Journal {
     fn observe(&self, event: &WriteEvent<'_>, ticket: ObserverTicket) -> Option<ObserverTicket> {
+        // The CRC of the data before taking the lock: the lock is held for the copy only.
+        let payload_crc = if event.kind == WriteKind::Write {
+            event.data_slices().fold(0, crc32c::crc32c_append)
+        } else {
+            0
+        };
         let mut st = self.shared.lock();
         if st.phase == JournalState::Stopped || st.shutdown {
             if st.gap_open.is_none() {
@@ -481,7 +557,7 @@ impl WriteObserver for Journal {
         header.offset_bytes = event.offset_bytes;
         header.len_bytes = event.len_bytes;
         if op == Op::Write {
-            st.push(header, |out| event.copy_data_into(out));
+            st.push_with_crc(header, payload_crc, |out| event.copy_data_into(out));
         } else {
             st.push(header, |_| {});
         }
@@ -490,7 +566,10 @@ impl WriteObserver for Journal {
             JournalMode::Sync => true,
             JournalMode::Async => st.lag_bytes() > options.lag_max_bytes,
         } || st.phase == JournalState::Paused;
-        self.shared.work.notify_one();
+        if st.writer_idle {
+            st.writer_idle = false;
+            self.shared.work.notify_one();
+        }
         if hold {
             st.tickets.push(ticket);
             None
@@ -544,11 +623,11 @@ impl Batch {
     }
 }
 
-fn writer_main(shared: &Shared, mut writer: MediumWriter) {
+fn writer_main(shared: &Shared, mut writer: MediumWriter) -> MediumWriter {
     let mut carry = Batch::default();
     let mut retry_at: Option<Instant> = None;
     loop {
-        let (prologue, seal, shutdown) = {
+        let (prologue, seal, shutdown, stop_info) = {
             let mut st = shared.lock();
             loop {
                 let ready = retry_at.is_none_or(|t| Instant::now() >= t);
@@ -560,25 +639,38 @@ fn writer_main(shared: &Shared, mut writer: MediumWriter) {
                 }
                 let wait =
                     retry_at.map_or(PAUSE_RETRY, |t| t.saturating_duration_since(Instant::now()));
+                st.writer_idle = true;
                 st = shared
                     .work
                     .wait_timeout(st, wait)
                     .map(|r| r.0)
                     .unwrap_or_else(|p| p.into_inner().0);
+                st.writer_idle = false;
             }
             if st.crashed {
                 st.writer_exited = true;
                 shared.progress.notify_all();
-                return;
+                return writer;
             }
             carry.take_from(&mut st);
+            writer.set_run(st.run);
             let prologue = Prologue {
                 streams: st.stream_list.clone(),
                 log_id: st.log_id,
                 label: st.label.clone(),
                 last_seq: carry.last_seq,
             };
-            (prologue, st.seal_requests, st.shutdown)
+            // A clean close says so on the medium, before the trailer.
+            let stop = (st.shutdown && st.phase != JournalState::Stopped).then(|| {
+                let run = st.closing_run();
+                StopInfo {
+                    cause: StopCause::Closed,
+                    first_unjournaled_seq: run.first_unjournaled_seq,
+                    unjournaled_count: run.unjournaled_count,
+                    reason: "closed".into(),
+                }
+            });
+            (prologue, st.seal_requests, st.shutdown, stop)
         };
         retry_at = write_carry(shared, &mut writer, &mut carry, &prologue);
         if retry_at.is_some() && !shutdown {
@@ -588,7 +680,8 @@ fn writer_main(shared: &Shared, mut writer: MediumWriter) {
         if seal > st.seals_done || shutdown {
             let sealing = writer.position().map(|p| p.0);
             drop(st);
-            let result = writer.seal(prologue.last_seq);
+            let stop_info = if shutdown { stop_info.as_ref() } else { None };
+            let result = writer.seal(prologue.last_seq, stop_info);
             st = shared.lock();
             match result {
                 Ok(()) => st.last_sealed = sealing,
@@ -606,7 +699,7 @@ fn writer_main(shared: &Shared, mut writer: MediumWriter) {
                 t.complete(true);
             }
             shared.progress.notify_all();
-            return;
+            return writer;
         }
         shared.progress.notify_all();
     }
@@ -621,9 +714,7 @@ fn write_carry(
     prologue: &Prologue,
 ) -> Option<Instant> {
     if carry.records.is_empty() {
-        for t in carry.tickets.drain(..) {
-            t.complete(true);
-        }
+        ObserverTicket::complete_all(&mut carry.tickets, true);
         return None;
     }
     let mut written = Vec::with_capacity(carry.records.len());
@@ -664,9 +755,8 @@ fn write_carry(
     st.processed_seq = carry.last_seq;
     carry.bytes.clear();
     carry.records.clear();
-    for t in carry.tickets.drain(..) {
-        t.complete(true);
-    }
+    drop(st);
+    ObserverTicket::complete_all(&mut carry.tickets, true);
     shared.progress.notify_all();
     None
 }
@@ -679,6 +769,18 @@ fn stop(st: &mut State, writer: &mut MediumWriter, reason: String, first_lost: O
     st.reason = Some(reason);
     if st.gap_open.is_none() {
         st.gap_open = Some(first_lost.unwrap_or(st.next_seq));
+    }
+    // The catalog says so at once (the medium may be full or unwritable); the count is
+    // final only at close.
+    st.run = RunRecord {
+        state: RunState::Stopped,
+        first_unjournaled_seq: st.gap_open.unwrap_or(st.next_seq),
+        unjournaled_count: COUNT_UNKNOWN,
+        ..st.run
+    };
+    writer.set_run(st.run);
+    if let Err(e) = writer.store_catalog() {
+        log::error!("journal: cannot record the stop in the catalog: {e}");
     }
     // Records observed after the failed batch are lost too.
     st.durable_bytes += st.batch.len() as u64;

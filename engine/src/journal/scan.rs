@@ -193,9 +193,13 @@ fn find_next_record<S: RecordSource + ?Sized>(src: &S, from: u64) -> io::Result<
     let len = src.len_bytes();
     let mut window_start = from.next_multiple_of(RECORD_ALIGN_BYTES as u64);
     let magic = RECORD_MAGIC.to_le_bytes();
-    let mut buf = vec![0u8; RESYNC_WINDOW_BYTES];
+    // No bigger than what is left to search (short inputs are common when fuzzing).
+    let left = len
+        .saturating_sub(window_start)
+        .min(RESYNC_WINDOW_BYTES as u64) as usize;
+    let mut buf = vec![0u8; left];
     while window_start + HEADER_BYTES as u64 <= len {
-        let n = (len - window_start).min(RESYNC_WINDOW_BYTES as u64) as usize;
+        let n = (len - window_start).min(buf.len() as u64) as usize;
         src.read_at(window_start, &mut buf[..n])?;
         let mut at = 0usize;
         while at + 4 <= n {

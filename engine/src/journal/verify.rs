@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use super::media::{MediaSet, SequenceBreak};
+use super::media::{MediaSet, SequenceBreak, StopNote};
 
 /// One damaged stretch of a medium.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -35,6 +35,11 @@ pub struct MediumReport {
 pub struct VerifyReport {
     pub media: Vec<MediumReport>,
     pub sequence_breaks: Vec<SequenceBreak>,
+    /// Every stop of the journal; an unresolved stop that lost guest writes (the journal
+    /// stopped and was never restarted) counts as a problem.
+    pub stops: Vec<StopNote>,
+    /// A stop record that could not be read (counted as a problem).
+    pub stops_error: Option<String>,
     pub first_seq: Option<u64>,
     pub last_seq: Option<u64>,
     pub problems: usize,
@@ -84,9 +89,20 @@ pub fn verify(set: &MediaSet) -> VerifyReport {
         sequence_breaks.retain(|b| b.duplicate);
     }
     problems += sequence_breaks.len();
+    let (stops, stops_error) = match set.stops(&records) {
+        Ok(stops) => (stops, None),
+        Err(e) => (Vec::new(), Some(e.to_string())),
+    };
+    problems += usize::from(stops_error.is_some());
+    problems += stops
+        .iter()
+        .filter(|s| s.cause.loses_writes() && !s.resolved)
+        .count();
     VerifyReport {
         media,
         sequence_breaks,
+        stops,
+        stops_error,
         first_seq: records.first().map(|r| r.record.header.seq),
         last_seq: records.last().map(|r| r.record.header.seq),
         problems,

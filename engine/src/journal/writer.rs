@@ -6,16 +6,16 @@
 use std::fs::{File, OpenOptions};
 use std::path::PathBuf;
 
-use super::catalog::{sync_dir, Catalog, CatalogEntry, MediumState};
+use super::catalog::{sync_dir, Catalog, CatalogEntry, MediumState, RunRecord};
 use super::entry::{now_ns, LogEntry};
 use super::error::JournalError;
 use super::format::{
     encode_record, encode_trailer_entry, padding_needed, padding_record, record_bytes,
-    MediumHeader, Op, RecordHeader, StreamDef, BLOCK_BYTES, FLAG_UNSEQUENCED, HEADER_BYTES,
-    TRAILER_ENTRY_BYTES,
+    MediumHeader, Op, RecordHeader, StopCause, StopInfo, StreamDef, BLOCK_BYTES, FLAG_UNSEQUENCED,
+    HEADER_BYTES, TRAILER_ENTRY_BYTES,
 };
 use super::media::{list_media, medium_file_name};
-use super::options::JournalOptions;
+use super::options::{JournalOptions, OnFull};
 
 /// A record of a batch as the journal encoded it: where it starts in the batch and its
 /// log entry (medium and position are filled in when it is written).
@@ -126,7 +126,17 @@ impl MediumWriter {
                         self.options.capacity_bytes
                     ))));
                 }
-                self.seal(prologue.last_seq)?;
+                // The last allowed medium overflows: with on-full=stop, say so on it.
+                let stop =
+                    (self.options.on_full == OnFull::Stop && self.last_allowed()?).then(|| {
+                        StopInfo {
+                            cause: StopCause::Full,
+                            first_unjournaled_seq: records[i].entry.seq,
+                            unjournaled_count: prologue.last_seq + 1 - records[i].entry.seq,
+                            reason: "the last allowed medium is full".into(),
+                        }
+                    });
+                self.seal(prologue.last_seq, stop.as_ref())?;
                 continue;
             }
             let start_off = records[i].batch_offset;
@@ -174,6 +184,24 @@ impl MediumWriter {
             end += 1;
         }
         end
+    }
+
+    /// True when no further medium may be created (`media-max` files present).
+    fn last_allowed(&self) -> Result<bool, WriteFailure> {
+        let present = list_media(&self.options.dir)
+            .map_err(WriteFailure::Error)?
+            .len();
+        Ok(present >= self.options.media_max as usize)
+    }
+
+    /// Sets the catalog's run record (stored with the next catalog update).
+    pub fn set_run(&mut self, run: RunRecord) {
+        self.catalog.run = Some(run);
+    }
+
+    /// Stores the catalog now.
+    pub fn store_catalog(&self) -> Result<(), JournalError> {
+        self.catalog.store(&self.options.dir)
     }
 
     /// Creates the next medium and returns its prologue records (written with the first chunk).
@@ -243,9 +271,9 @@ impl MediumWriter {
         Ok(at + prologue.len() as u64)
     }
 
-    /// Writes the trailer (the medium's log) and closes the medium; the next batch opens
-    /// a new one.
-    pub fn seal(&mut self, last_seq: u64) -> Result<(), WriteFailure> {
+    /// Writes the trailer (the medium's log), preceded by `stop` if given, and closes the
+    /// medium; the next batch opens a new one.
+    pub fn seal(&mut self, last_seq: u64, stop: Option<&StopInfo>) -> Result<(), WriteFailure> {
         let Some(m) = self.current.as_ref() else {
             return Ok(());
         };
@@ -254,6 +282,15 @@ impl MediumWriter {
             encode_trailer_entry(&mut payload, e);
         }
         let mut rec = Vec::new();
+        if let Some(stop) = stop {
+            // Its seq is the last number journaled before it.
+            let after_seq = stop.first_unjournaled_seq.saturating_sub(1);
+            encode_record(
+                &mut rec,
+                unsequenced(Op::Stop, after_seq, 0, 0),
+                &stop.encode(),
+            );
+        }
         encode_record(&mut rec, unsequenced(Op::Trailer, last_seq, 0, 0), &payload);
         self.append(&[], &rec, last_seq)?;
         self.update_catalog(MediumState::Sealed)?;

@@ -28,6 +28,17 @@ impl CompletionSink {
         wake_eventfd(self.notify_fd.as_raw_fd());
     }
 
+    /// Releases several slots with one lock and one wake-up.
+    pub(crate) fn push_many(&self, request_slots: &[u32], ok: bool) {
+        if request_slots.is_empty() {
+            return;
+        }
+        if let Ok(mut released) = self.released.lock() {
+            released.extend(request_slots.iter().map(|&slot| (slot, ok)));
+        }
+        wake_eventfd(self.notify_fd.as_raw_fd());
+    }
+
     /// Moves every released slot into `out`.
     pub(crate) fn drain_into(&self, out: &mut Vec<(u32, bool)>) {
         if let Ok(mut released) = self.released.lock() {

@@ -25,7 +25,7 @@ fn header_bytes_are_exactly_as_documented() {
     let payload_crc = crc32c::crc32c(b"ABCDEFGH");
     let mut expected = Vec::new();
     expected.extend_from_slice(b"FJRN"); // magic
-    expected.extend_from_slice(&[1, 0]); // version
+    expected.extend_from_slice(&[2, 0]); // version
     expected.push(1); // op = write
     expected.push(0); // flags
     expected.extend_from_slice(&[8, 7, 6, 5, 4, 3, 2, 1]); // seq
@@ -52,7 +52,7 @@ fn pinned_header_checksum() {
     assert_eq!(format!("{crc:08x}"), PINNED_HEADER_CRC);
 }
 
-const PINNED_HEADER_CRC: &str = "57e75d48";
+const PINNED_HEADER_CRC: &str = "f0d44db1";
 
 #[test]
 fn records_round_trip_and_align() -> Result<(), FormatError> {
@@ -100,4 +100,17 @@ fn payload_codecs_round_trip() -> Result<(), FormatError> {
     };
     assert_eq!(GapInfo::decode(&g.encode())?, g);
     Ok(())
+}
+
+#[test]
+fn a_precomputed_crc_gives_the_same_bytes() {
+    let data = b"0123456789abcdef-payload";
+    let mut a = Vec::new();
+    encode_record(&mut a, sample(), data);
+    let crc = [&data[..5], &data[5..]]
+        .iter()
+        .fold(0, |c, s| crc32c::crc32c_append(c, s));
+    let mut b = Vec::new();
+    encode_record_with_crc(&mut b, sample(), crc, |out| out.extend_from_slice(data));
+    assert_eq!(a, b);
 }

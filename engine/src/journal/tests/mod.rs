@@ -5,5 +5,6 @@ mod crash;
 mod failures;
 mod format_golden;
 mod robustness;
+mod stops;
 mod support;
 mod writer_restore;

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# journal_ab.sh: compares ferry binaries on what the journal costs. For every binary given as
+# NAME=PATH, 4 KiB random writes at QD 32 (`ferry bench --wait`) with the journal off, sync and
+# async; all runs of a round in rotated order, ROUNDS rounds; prints per binary the median of
+# the per-round ratios journal/off (each ratio from the same round, so the machine's load
+# cancels as far as it can) and the daemon's CPU time per write (utime+stime of the serve
+# process over the run / writes). Image and journal on /dev/shm.
+#
+# Usage: benches/journal_ab.sh ROUNDS SECS NAME=BIN [NAME=BIN ...]
+#   e.g. benches/journal_ab.sh 6 3 before=/tmp/ferry-before after=target/release/ferry
+set -euo pipefail
+ROUNDS=$1; SECS=$2; shift 2
+W=${WORKDIR:-/dev/shm/ferry-jab.$$}
+mkdir -p "$W"; truncate -s 512M "$W/img"
+trap 'rm -rf "$W"' EXIT
+RUNS=()
+for nb in "$@"; do for c in off sync async; do RUNS+=("${nb%%=*}:${nb#*=}:$c"); done; done
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+
+run() {
+    local round=$1 name=$2 bin=$3 config=$4 args=(--volume "name=bench,path=$W/img,socket=$W/s.sock")
+    rm -rf "$W/j"
+    [[ $config != off ]] && args+=(--journal "dir=$W/j,mode=$config,capacity=4G")
+    "$bin" serve "${args[@]}" >"$W/serve.log" 2>&1 &
+    local pid=$! i json t0 t1
+    for ((i = 0; i < 200; i++)); do [[ -S $W/s.sock ]] && break; sleep 0.05; done
+    t0=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+    json=$("$bin" bench --socket "$W/s.sock" --rw randwrite --bs 4K --qd 32 --secs "$SECS" --ramp 1 --wait --json)
+    t1=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+    kill -TERM "$pid"; wait "$pid"; rm -rf "$W/j"
+    jq -r --arg r "$round" --arg n "$name" --arg c "$config" --argjson t $(((t1 - t0) * TICK_US)) --argjson s "$SECS" \
+        '"\($r) \($n) \($c) \(.iops | floor) \($t / (.iops * ($s + 1)))"' <<<"$json"
+}
+
+dd if=/dev/zero of="$W/warm" bs=1M count=3072 2>/dev/null; rm -f "$W/warm"
+echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+N=${#RUNS[@]}
+for ((r = 1; r <= ROUNDS; r++)); do
+    for ((k = 0; k < N; k++)); do
+        IFS=: read -r n b c <<<"${RUNS[(k + r - 1) % N]}"
+        run "$r" "$n" "$b" "$c"
+    done
+done >"$W/results"
+echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+python3 - "$W/results" <<'PY'
+import statistics as st
+import sys
+iops, cpu = {}, {}
+for line in open(sys.argv[1]):
+    r, n, c, v, us = line.split()
+    iops.setdefault((n, c), {})[r] = int(v)
+    cpu.setdefault((n, c), []).append(float(us))
+for n in sorted({k[0] for k in iops}):
+    off = iops[(n, "off")]
+    for c in ("sync", "async"):
+        ratios = [iops[(n, c)][r] / off[r] for r in off]
+        print(f"{n} {c}: ratio {st.median(ratios):.2f}x (rounds {[round(x, 2) for x in ratios]}), "
+              f"IOPS {int(st.median(iops[(n, c)].values()))} vs off {int(st.median(off.values()))}, "
+              f"daemon CPU {st.median(cpu[(n, c)]):.2f} us/write vs off {st.median(cpu[(n, 'off')]):.2f}")
+PY
