@@ -289,10 +289,13 @@ def main():
     rel = os.path.relpath(a.plot, os.path.dirname(os.path.abspath(a.markdown))) if plotted else None
     with open(a.markdown, "w") as f:
         f.write(markdown(machine, summary, ratio_rows, rel))
-        # Sections written by benches/migration.sh and benches/journal.sh, when they ran.
+        # Sections written by benches/migration.sh and benches/journal.sh, when they ran, then the
+        # hand-written notes on the journal hot path and on the request path.
         out_dir = os.path.dirname(os.path.abspath(a.json))
         notes = os.path.join(os.path.dirname(os.path.abspath(__file__)), "perf-notes.md")
-        for path in [os.path.join(out_dir, "migration.md"), os.path.join(out_dir, "journal.md"), notes]:
+        journal_notes = os.path.join(os.path.dirname(os.path.abspath(__file__)), "journal-notes.md")
+        for path in [os.path.join(out_dir, "migration.md"), os.path.join(out_dir, "journal.md"),
+                     journal_notes, notes]:
             if os.path.exists(path):
                 with open(path) as section:
                     f.write("\n" + section.read())
