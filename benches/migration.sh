@@ -20,7 +20,7 @@ mkdir -p "$OUT_DIR"
 
 echo "building ferry (release)..." >&2
 cargo build --release -p ferry --quiet
-FERRY=$ROOT/target/release/ferry
+FERRY=${FERRY:-$ROOT/target/release/ferry}
 
 WORK=$(mktemp -d /dev/shm/ferry-bench.XXXXXX)
 SERVE_PID=
@@ -88,23 +88,35 @@ for _ in $(seq 1 500); do [ -S "$CTL" ] && break; sleep 0.01; done
 [ -S "$CTL" ] || { cat "$WORK/serve.log" >&2; exit 1; }
 
 # --- (a) bulk copy rate vs cp --sparse=always -------------------------------------------------
-# The machine may be shared: cp gets the best of two runs, before and after ferry's copy.
+# BULK_ROUNDS rounds, each one cp and one ferry copy of the same image (the copy job is
+# cancelled once ready, so the volume stays on its source); the ratio is the median of the
+# per-round ratios, so the machine's load moves both sides of each ratio alike.
+BULK_ROUNDS=${BULK_ROUNDS:-5}
 cp_once() {
     local t0 t1
     t0=$(now); cp --sparse=always "$WORK/big.img" "$WORK/cp.img"; t1=$(now)
     rm -f "$WORK/cp.img"
     elapsed "$t0" "$t1"
 }
-CP_S=$(cp_once)
-t0=$(now)
-JOB=$(start_job --volume big --target "$WORK/big-dst.img")
-wait_state "$JOB" ready
-t1=$(now)
-FERRY_S=$(elapsed "$t0" "$t1")
-COPIED=$(job_field "$JOB" copied_bytes)
-migrate cutover --job "$JOB" >/dev/null
-CP_S=$(python3 -c "import sys; print(min(map(float, sys.argv[1:])))" "$CP_S" "$(cp_once)")
-echo "(a) ferry: $COPIED bytes in $FERRY_S s; cp --sparse=always: $CP_S s" >&2
+ferry_once() {
+    local t0 t1 job
+    rm -f "$WORK/big-dst.img"
+    t0=$(now)
+    job=$(start_job --volume big --target "$WORK/big-dst.img")
+    wait_state "$job" ready
+    t1=$(now)
+    COPIED=$(job_field "$job" copied_bytes)
+    migrate cancel --job "$job" >/dev/null
+    rm -f "$WORK/big-dst.img"
+    FERRY_ONCE_S=$(elapsed "$t0" "$t1")
+}
+CP_ALL=() FERRY_ALL=()
+for round in $(seq 1 "$BULK_ROUNDS"); do
+    CP_ALL+=("$(cp_once)")
+    ferry_once
+    FERRY_ALL+=("$FERRY_ONCE_S")
+    echo "(a) round $round: ferry $COPIED bytes in $FERRY_ONCE_S s; cp --sparse=always ${CP_ALL[-1]} s" >&2
+done
 
 # --- (b) cutover pauses -----------------------------------------------------------------------
 make_image "$WORK/small-b.img" 64 64 # exists, full size: a target that is copied over
@@ -140,8 +152,8 @@ else
 fi
 
 # --- report -----------------------------------------------------------------------------------
-export COPIED FERRY_S CP_S BENCH_NONE BENCH_ACTIVE BENCH_BACKGROUND BENCH_SKIPPED OUT_JSON
-export PAUSES_TEXT="${PAUSES[*]}"
+export COPIED BENCH_NONE BENCH_ACTIVE BENCH_BACKGROUND BENCH_SKIPPED OUT_JSON
+export PAUSES_TEXT="${PAUSES[*]}" CP_ALL_TEXT="${CP_ALL[*]}" FERRY_ALL_TEXT="${FERRY_ALL[*]}"
 python3 - <<'EOF'
 import json, os, statistics
 
@@ -165,7 +177,11 @@ def find(obj, words):
 env = os.environ
 mib = 1 << 20
 copied = int(env["COPIED"])
-ferry_s, cp_s = float(env["FERRY_S"]), float(env["CP_S"])
+ferry_all = [float(x) for x in env["FERRY_ALL_TEXT"].split()]
+cp_all = [float(x) for x in env["CP_ALL_TEXT"].split()]
+ferry_s, cp_s = statistics.median(ferry_all), statistics.median(cp_all)
+ratios = [c / f for c, f in zip(cp_all, ferry_all)]
+ratio = statistics.median(ratios)
 data_bytes = 512 * mib
 pauses = [int(p) for p in env["PAUSES_TEXT"].split()]
 report = {
@@ -177,7 +193,10 @@ report = {
         "ferry_data_mib_per_s": data_bytes / mib / ferry_s,
         "cp_sparse_s": cp_s,
         "cp_data_mib_per_s": data_bytes / mib / cp_s,
-        "ratio_ferry_to_cp": cp_s / ferry_s,
+        "ferry_s_all": ferry_all,
+        "cp_sparse_s_all": cp_all,
+        "ratio_ferry_to_cp_per_round": ratios,
+        "ratio_ferry_to_cp": ratio,
     },
     "cutover_pause_us": {
         "count": len(pauses),
@@ -187,9 +206,9 @@ report = {
     },
 }
 rows = [
-    ("bulk copy, idle 1 GiB (512 MiB data): ferry", f"{data_bytes / mib / ferry_s:.0f} MiB/s ({ferry_s:.3f} s)"),
-    ("bulk copy: cp --sparse=always", f"{data_bytes / mib / cp_s:.0f} MiB/s ({cp_s:.3f} s)"),
-    ("bulk copy: ferry / cp (rate ratio)", f"{cp_s / ferry_s:.2f}"),
+    (f"bulk copy, idle 1 GiB (512 MiB data): ferry, median of {len(ferry_all)}", f"{data_bytes / mib / ferry_s:.0f} MiB/s ({ferry_s:.3f} s)"),
+    (f"bulk copy: cp --sparse=always, median of {len(cp_all)}", f"{data_bytes / mib / cp_s:.0f} MiB/s ({cp_s:.3f} s)"),
+    ("bulk copy: ferry / cp (median of per-round rate ratios, min..max)", f"{ratio:.2f} ({min(ratios):.2f}..{max(ratios):.2f})"),
     ("cutover pause, 20 cutovers: median", f"{statistics.median(pauses):.0f} µs"),
     ("cutover pause: max", f"{max(pauses)} µs"),
 ]
