@@ -1,7 +1,7 @@
 //! `ferry journal ...`: control of a running daemon's journal (through the control socket)
-//! and offline tools on media (list, verify, restore, demux, export).
+//! and offline tools on media (list, verify, restore, demux, export, format spares).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use ferry_engine::journal::demux::demux;
@@ -9,6 +9,7 @@ use ferry_engine::journal::export::export_dm_log_writes;
 use ferry_engine::journal::format::StopInfo;
 use ferry_engine::journal::media::MediaSet;
 use ferry_engine::journal::restore::{restore, RestoreOptions, Until};
+use ferry_engine::journal::spares::format_spares;
 use ferry_engine::journal::verify::verify;
 use serde_json::json;
 
@@ -87,6 +88,19 @@ pub enum JournalCommand {
         format: ExportFormat,
         #[arg(long)]
         out: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pre-format spare media in a journal directory (zero-filled files of exactly
+    /// CAPACITY bytes) for a journal run with `spares=N`, like labelling tapes.
+    Format {
+        dir: PathBuf,
+        /// How many spares should exist when done.
+        #[arg(long)]
+        spares: u32,
+        /// Bytes per medium (suffixes K, M, G, T): the journal's `capacity=`.
+        #[arg(long)]
+        capacity: String,
         #[arg(long)]
         json: bool,
     },
@@ -205,8 +219,50 @@ pub fn run(cmd: JournalCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        JournalCommand::Format {
+            dir,
+            spares,
+            capacity,
+            json,
+        } => run_format(&dir, spares, &capacity, json),
         other => run_control(other),
     }
+}
+
+fn run_format(dir: &Path, spares: u32, capacity: &str, json: bool) -> anyhow::Result<()> {
+    let capacity_bytes = ferry_engine::journal::options::parse_size("--capacity", capacity)?;
+    anyhow::ensure!(
+        capacity_bytes >= ferry_engine::journal::options::CAPACITY_MIN_BYTES,
+        "--capacity must be at least 256K"
+    );
+    let bar = if json || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(0)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} ({eta})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(format!("formatting spares in {}", dir.display()));
+    let report = format_spares(dir, spares, capacity_bytes, &mut |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    })?;
+    bar.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "{}: {} spare(s) of {} bytes ({} created, {} bytes written)",
+            report.dir.display(),
+            report.spares,
+            report.capacity_bytes,
+            report.created,
+            report.bytes_written
+        );
+    }
+    Ok(())
 }
 
 fn run_control(cmd: JournalCommand) -> anyhow::Result<()> {

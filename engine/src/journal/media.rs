@@ -154,7 +154,8 @@ impl MediaSet {
                 step: "read",
                 source,
             })?;
-            if scan.records.is_empty() && scan.len_bytes > 0 {
+            // An all-zero file is a formatted medium taken just before a crash: empty.
+            if scan.records.is_empty() && scan.len_bytes > scan.zero_tail_bytes {
                 let reason = match scan.problems.first() {
                     Some(p) => {
                         format!("no valid record; at offset {}: {}", p.offset_bytes, p.error)

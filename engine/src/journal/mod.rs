@@ -14,6 +14,7 @@ pub mod recovery;
 pub mod restore;
 pub mod running;
 pub mod scan;
+pub mod spares;
 pub mod verify;
 pub mod writer;
 

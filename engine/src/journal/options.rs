@@ -40,6 +40,9 @@ pub struct JournalOptions {
     pub on_full: OnFull,
     /// The label of the log started when a new journal is created.
     pub label: String,
+    /// Zero-filled spare media kept formatted in the directory for the writer to take
+    /// and overwrite in place (0: media are created empty and grow as written).
+    pub spares: u32,
 }
 
 /// The smallest medium capacity accepted.
@@ -55,10 +58,11 @@ impl JournalOptions {
             lag_max_bytes: 64 << 20,
             on_full: OnFull::Stop,
             label: String::from("initial"),
+            spares: 0,
         }
     }
 
-    /// Parses `dir=DIR,capacity=1G,media-max=N,mode=sync|async,lag-max=64M,on-full=stop|pause,label=L`.
+    /// Parses `dir=DIR,capacity=1G,media-max=N,mode=sync|async,lag-max=64M,on-full=stop|pause,label=L,spares=N`.
     /// Sizes take the suffixes K, M, G, T (powers of 1024).
     pub fn parse(spec: &str) -> Result<Self, JournalError> {
         let mut dir = None;
@@ -89,6 +93,7 @@ impl JournalOptions {
                     }
                 }
                 "label" => o.label = value.to_string(),
+                "spares" => o.spares = value.parse().map_err(|_| bad(part, "expected a number"))?,
                 _ => return Err(bad(part, "unknown key")),
             }
         }
@@ -127,7 +132,7 @@ mod tests {
     #[test]
     fn parses_a_full_spec() -> Result<(), JournalError> {
         let o = JournalOptions::parse(
-            "dir=/j,capacity=1M,media-max=3,mode=async,lag-max=4K,on-full=pause",
+            "dir=/j,capacity=1M,media-max=3,mode=async,lag-max=4K,on-full=pause,spares=2",
         )?;
         assert_eq!(o.dir, PathBuf::from("/j"));
         assert_eq!(o.capacity_bytes, 1 << 20);
@@ -135,6 +140,7 @@ mod tests {
         assert_eq!(o.mode, JournalMode::Async);
         assert_eq!(o.lag_max_bytes, 4096);
         assert_eq!(o.on_full, OnFull::Pause);
+        assert_eq!(o.spares, 2);
         Ok(())
     }
 

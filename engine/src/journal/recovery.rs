@@ -198,7 +198,7 @@ fn note_last_medium(rec: &mut Recovered, index: u32, scan: &super::scan::MediumS
     if !scan.sealed {
         rec.prev_valid_end_bytes = scan.valid_end_bytes;
     }
-    let torn_bytes = scan.len_bytes - scan.valid_end_bytes;
+    let torn_bytes = scan.len_bytes - scan.valid_end_bytes - scan.zero_tail_bytes;
     if torn_bytes > 0 {
         log::warn!(
             "journal medium {index}: torn tail of {torn_bytes} bytes after offset {}; continuing on medium {}",

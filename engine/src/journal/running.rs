@@ -61,6 +61,8 @@ pub struct JournalStatus {
     pub label: String,
     pub log_entries: usize,
     pub recovered_torn_tail: Option<RecoveredTail>,
+    /// Media opened by taking a formatted spare (`spares=N`).
+    pub spares_taken: u64,
 }
 
 /// The answer of `mark()` and `init()`.
@@ -109,6 +111,8 @@ struct State {
     /// The writer sleeps on `work`: only then does a new record need to wake it (a
     /// condvar notification is a system call even without a waiter).
     writer_idle: bool,
+    /// Media opened by taking a formatted spare.
+    spares_taken: u64,
 }
 
 impl State {
@@ -302,6 +306,7 @@ impl Journal {
             writer_exited: false,
             run: State::running(options.mode == JournalMode::Async),
             writer_idle: false,
+            spares_taken: 0,
         };
         if let Some((gap, estimated)) = rec.resume_gap {
             // The previous run's unjournaled writes: numbered, then recorded as a gap.
@@ -475,6 +480,7 @@ impl Journal {
             label: st.label.clone(),
             log_entries: st.log.len(),
             recovered_torn_tail: self.recovered_torn_tail,
+            spares_taken: st.spares_taken,
         }
     }
 
@@ -689,6 +695,8 @@ fn writer_main(shared: &Shared, mut writer: MediumWriter) -> MediumWriter {
             }
             st.seals_done = seal;
             st.medium = writer.position();
+            st.spares_taken = writer.spares_taken();
+            st.spares_taken = writer.spares_taken();
         }
         if shutdown {
             st.writer_exited = true;
@@ -731,6 +739,7 @@ fn write_carry(
     st.log.extend_from_slice(&written);
     st.durable_bytes += written_bytes;
     st.medium = writer.position();
+    st.spares_taken = writer.spares_taken();
     let pause = matches!(result, Err(WriteFailure::Full))
         && shared.options.on_full == OnFull::Pause
         && !st.shutdown;

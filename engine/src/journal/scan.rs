@@ -90,6 +90,9 @@ pub struct MediumScan {
     pub medium_header: Option<MediumHeader>,
     /// True when the last valid record is a trailer: the medium was sealed.
     pub sealed: bool,
+    /// Bytes of zeros after the last valid record up to the end: the unwritten rest of a
+    /// formatted (spare) medium. A clean end of data, not a problem.
+    pub zero_tail_bytes: u64,
 }
 
 impl MediumScan {
@@ -122,6 +125,10 @@ pub fn scan_medium<S: RecordSource + ?Sized>(src: &S) -> io::Result<MediumScan> 
                 });
                 pos += header.record_bytes();
                 scan.valid_end_bytes = pos;
+            }
+            Err(_) if rest_is_zero(src, pos)? => {
+                scan.zero_tail_bytes = len - pos;
+                break;
             }
             Err(error) => {
                 let next = find_next_record(src, pos + RECORD_ALIGN_BYTES as u64)?;
@@ -186,6 +193,23 @@ pub fn read_payload<S: RecordSource + ?Sized>(
     let mut payload = vec![0u8; header.payload_len_bytes as usize];
     src.read_at(pos + HEADER_BYTES as u64, &mut payload)?;
     Ok(payload)
+}
+
+/// True when every byte from `pos` to the end of `src` is zero (a record never is: its
+/// magic is not).
+fn rest_is_zero<S: RecordSource + ?Sized>(src: &S, pos: u64) -> io::Result<bool> {
+    let len = src.len_bytes();
+    let mut buf = vec![0u8; len.saturating_sub(pos).min(RESYNC_WINDOW_BYTES as u64) as usize];
+    let mut at = pos;
+    while at < len {
+        let n = (len - at).min(buf.len() as u64) as usize;
+        src.read_at(at, &mut buf[..n])?;
+        if buf[..n].iter().any(|b| *b != 0) {
+            return Ok(false);
+        }
+        at += n as u64;
+    }
+    Ok(true)
 }
 
 /// Finds the first offset at or after `from` (record-aligned) holding a fully valid record.

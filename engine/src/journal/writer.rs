@@ -16,6 +16,7 @@ use super::format::{
 };
 use super::media::{list_media, medium_file_name};
 use super::options::{JournalOptions, OnFull};
+use super::spares::{list_spares, SpareFormatter};
 
 /// A record of a batch as the journal encoded it: where it starts in the batch and its
 /// log entry (medium and position are filled in when it is written).
@@ -74,6 +75,10 @@ pub struct MediumWriter {
     prev_valid_end_bytes: u64,
     current: Option<OpenMedium>,
     catalog: Catalog,
+    /// Refills spare media (started with the first medium when `options.spares > 0`).
+    formatter: Option<SpareFormatter>,
+    /// Media opened by taking a formatted spare.
+    spares_taken: u64,
 }
 
 impl MediumWriter {
@@ -91,7 +96,14 @@ impl MediumWriter {
             prev_valid_end_bytes,
             current: None,
             catalog,
+            formatter: None,
+            spares_taken: 0,
         }
+    }
+
+    /// How many media were opened by taking a formatted spare.
+    pub fn spares_taken(&self) -> u64 {
+        self.spares_taken
     }
 
     /// (medium index, position) of the append point, if a medium is open.
@@ -206,19 +218,15 @@ impl MediumWriter {
 
     /// Creates the next medium and returns its prologue records (written with the first chunk).
     fn open_next(&mut self, prologue: &Prologue) -> Result<Vec<u8>, WriteFailure> {
-        let dir = &self.options.dir;
-        let present = list_media(dir).map_err(WriteFailure::Error)?.len();
+        let dir = self.options.dir.clone();
+        let present = list_media(&dir).map_err(WriteFailure::Error)?.len();
         if present >= self.options.media_max as usize {
             return Err(WriteFailure::Full);
         }
         let index = self.next_index;
         let path = dir.join(medium_file_name(index));
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(|source| medium_err(&path, "create", source))?;
-        sync_dir(dir).map_err(|source| medium_err(&path, "sync directory", source))?;
+        let file = self.take_spare(&path)?;
+        sync_dir(&dir).map_err(|source| medium_err(&path, "sync directory", source))?;
         let header = MediumHeader {
             journal_id: self.journal_id,
             medium_index: index,
@@ -238,6 +246,40 @@ impl MediumWriter {
         });
         self.update_catalog(MediumState::Open)?;
         Ok(bytes)
+    }
+
+    /// Opens `path` as the next medium: a formatted spare renamed to it when one is there
+    /// (written over from offset 0), else a new empty file.
+    fn take_spare(&mut self, path: &std::path::Path) -> Result<File, WriteFailure> {
+        let o = &self.options;
+        if o.spares > 0 && self.formatter.is_none() {
+            match SpareFormatter::start(o.dir.clone(), o.capacity_bytes, o.spares) {
+                Ok(f) => self.formatter = Some(f),
+                Err(e) => log::warn!("journal: no spare formatter: {e}"),
+            }
+        }
+        let spare = if o.spares > 0 && !path.exists() {
+            list_spares(&o.dir, o.capacity_bytes)?.into_iter().next()
+        } else {
+            None
+        };
+        let Some(spare) = spare else {
+            return OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .map_err(|source| WriteFailure::Error(medium_err(path, "create", source)));
+        };
+        std::fs::rename(&spare, path).map_err(|source| medium_err(&spare, "take spare", source))?;
+        let file = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|source| medium_err(path, "open spare", source))?;
+        self.spares_taken += 1;
+        if let Some(f) = &self.formatter {
+            f.wake();
+        }
+        Ok(file)
     }
 
     /// Appends prologue + chunk + padding at the append point and makes it durable.
@@ -293,9 +335,26 @@ impl MediumWriter {
         }
         encode_record(&mut rec, unsequenced(Op::Trailer, last_seq, 0, 0), &payload);
         self.append(&[], &rec, last_seq)?;
+        self.truncate_to_end()?;
         self.update_catalog(MediumState::Sealed)?;
         self.current = None;
         Ok(())
+    }
+
+    /// Cuts the medium at its append point (a formatted spare's zero tail), so sealed media
+    /// look the same with or without spares. A no-op for media that grew as written.
+    fn truncate_to_end(&mut self) -> Result<(), WriteFailure> {
+        let Some(m) = self.current.as_ref() else {
+            return Ok(());
+        };
+        let len = m.file.metadata().map(|md| md.len());
+        if len.is_ok_and(|l| l == m.position_bytes) {
+            return Ok(());
+        }
+        m.file
+            .set_len(m.position_bytes)
+            .and_then(|()| m.file.sync_data())
+            .map_err(|source| WriteFailure::Error(medium_err(&m.path, "truncate", source)))
     }
 
     /// Forgets the current medium after a failure (it stays as it is, unsealed).

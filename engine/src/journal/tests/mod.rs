@@ -5,6 +5,7 @@ mod crash;
 mod failures;
 mod format_golden;
 mod robustness;
+mod spares;
 mod stops;
 mod support;
 mod writer_restore;

@@ -1,0 +1,198 @@
+//! Pre-formatted spare media: a journal with `spares=N` takes every medium from a spare and
+//! restores the same image as one without; sealed media are cut to their end; a crash on a
+//! formatted medium recovers cleanly; the scanner tells a zero tail from a torn one.
+
+use std::path::Path;
+
+use super::super::format::{encode_record, Op, RecordHeader};
+use super::super::media::{list_media, MediaSet};
+use super::super::restore::{restore, RestoreOptions, Until};
+use super::super::scan::scan_medium;
+use super::super::spares::{format_spares, list_spares};
+use super::super::verify::verify;
+use super::super::{Journal, JournalOptions};
+use super::support::{open_volume, pattern, write, Rng, TestResult};
+use crate::VolumeQueue;
+
+const CAPACITY_BYTES: u64 = 256 * 1024;
+const VOLUME_BYTES: u64 = 1 << 20;
+const WRITE_BYTES: usize = 4096;
+
+fn options(dir: &Path, spares: u32) -> JournalOptions {
+    let mut o = JournalOptions::new(dir.join("j"));
+    o.capacity_bytes = CAPACITY_BYTES;
+    o.spares = spares;
+    o
+}
+
+/// Writes `count` deterministic 4 KiB blocks to volume `v` of `dir`; returns the image.
+fn run_writes(
+    dir: &Path,
+    journal: &std::sync::Arc<Journal>,
+    count: u64,
+) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
+    let base = pattern(7, VOLUME_BYTES as usize);
+    std::fs::write(dir.join("v.img"), &base)?;
+    std::fs::write(dir.join("v.base"), &base)?;
+    let v = open_volume(dir, "v", VOLUME_BYTES)?;
+    v.add_observer(journal.observer());
+    let mut q = VolumeQueue::new(v.clone(), 0, 4, 4)?;
+    let mut rng = Rng(99);
+    let mut image = base;
+    let slots = VOLUME_BYTES / WRITE_BYTES as u64;
+    for i in 0..count {
+        let at = rng.below(slots) as usize * WRITE_BYTES;
+        let data = pattern(1000 + i, WRITE_BYTES);
+        write(&mut q, at as u64, &data).map_err(|e| format!("{e:?}"))?;
+        image[at..at + WRITE_BYTES].copy_from_slice(&data);
+    }
+    Ok(image)
+}
+
+fn restored(dir: &Path) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
+    let set = MediaSet::open(&[dir.join("j")])?;
+    let report = verify(&set);
+    assert!(report.ok(), "{report:#?}");
+    let out = dir.join("v.restored");
+    let opts = RestoreOptions {
+        volume: "v".into(),
+        base: dir.join("v.base"),
+        out: out.clone(),
+        until: Until::End,
+        allow_gaps: false,
+    };
+    restore(&set, &opts, &mut |_, _| {})?;
+    Ok(std::fs::read(out)?)
+}
+
+#[test]
+fn every_medium_comes_from_a_spare_and_restores_the_same() -> TestResult {
+    let plain = tempfile::tempdir()?;
+    let journal = Journal::open(options(plain.path(), 0))?;
+    let expected = run_writes(plain.path(), &journal, 200)?;
+    journal.close();
+    assert_eq!(journal.status().spares_taken, 0);
+    assert!(list_spares(&plain.path().join("j"), CAPACITY_BYTES)?.is_empty());
+    assert_eq!(restored(plain.path())?, expected);
+
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    // Enough spares up front for every medium of the run (the formatter also refills).
+    let report = format_spares(&dir.join("j"), 8, CAPACITY_BYTES, &mut |_, _| {})?;
+    assert_eq!(report.created, 8);
+    let journal = Journal::open(options(dir, 2))?;
+    let image = run_writes(dir, &journal, 200)?;
+    journal.close();
+    assert_eq!(image, expected);
+    let media = list_media(&dir.join("j"))?;
+    assert!(media.len() > 2, "rotation expected, got {}", media.len());
+    assert_eq!(journal.status().spares_taken, media.len() as u64);
+    for (_, path) in &media {
+        let len = std::fs::metadata(path)?.len();
+        assert!(
+            len < CAPACITY_BYTES,
+            "{} not cut to its end",
+            path.display()
+        );
+        let scan = scan_medium(&super::super::scan::FileSource::open(path)?)?;
+        assert!(scan.sealed && scan.problems.is_empty() && scan.zero_tail_bytes == 0);
+    }
+    assert_eq!(restored(dir)?, expected);
+    Ok(())
+}
+
+#[test]
+fn crash_on_a_formatted_medium_recovers_cleanly() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    format_spares(&dir.join("j"), 2, CAPACITY_BYTES, &mut |_, _| {})?;
+    let journal = Journal::open(options(dir, 2))?;
+    let expected = run_writes(dir, &journal, 20)?;
+    journal.crash_for_test();
+    drop(journal);
+    let media = list_media(&dir.join("j"))?;
+    let (_, last) = media.last().ok_or("no media")?;
+    assert_eq!(std::fs::metadata(last)?.len(), CAPACITY_BYTES);
+    let scan = scan_medium(&super::super::scan::FileSource::open(last)?)?;
+    assert!(scan.problems.is_empty(), "{:?}", scan.problems);
+    assert!(!scan.sealed);
+    assert_eq!(scan.zero_tail_bytes, CAPACITY_BYTES - scan.valid_end_bytes);
+
+    // Unsealed, formatted: verify and restore read it as is.
+    assert_eq!(restored(dir)?, expected);
+    let journal = Journal::open(options(dir, 2))?;
+    assert!(journal.status().recovered_torn_tail.is_none());
+    let mark = journal.mark("after-crash")?;
+    journal.close();
+    let set = MediaSet::open(&[dir.join("j")])?;
+    let report = verify(&set);
+    assert!(report.ok(), "{report:#?}");
+    assert_eq!(report.last_seq, Some(mark.seq));
+    assert_eq!(restored(dir)?, expected);
+    Ok(())
+}
+
+fn write_record(out: &mut Vec<u8>, seq: u64, fill: u8) {
+    let h = RecordHeader {
+        op: Op::Write,
+        flags: 0,
+        seq,
+        stream_id: 1,
+        log_id: 1,
+        timestamp_ns: 0,
+        offset_bytes: 0,
+        len_bytes: 4096,
+        payload_len_bytes: 0,
+        payload_crc: 0,
+    };
+    encode_record(out, h, &[fill; 4096]);
+}
+
+#[test]
+fn scan_tells_a_zero_tail_from_a_torn_one() -> TestResult {
+    let mut good = Vec::new();
+    write_record(&mut good, 1, 0xA1);
+    write_record(&mut good, 2, 0xA2);
+    let good_len = good.len();
+    let medium_bytes = 64 * 1024;
+
+    // Records, then zeros: a clean end.
+    let mut formatted = good.clone();
+    formatted.resize(medium_bytes, 0);
+    let scan = scan_medium(formatted.as_slice())?;
+    assert_eq!(scan.records.len(), 2);
+    assert!(scan.problems.is_empty(), "{:?}", scan.problems);
+    assert_eq!(scan.valid_end_bytes, good_len as u64);
+    assert_eq!(scan.zero_tail_bytes, (medium_bytes - good_len) as u64);
+
+    // Records, a torn record, then zeros: torn.
+    let mut torn = Vec::new();
+    write_record(&mut torn, 3, 0xA3);
+    let mut bytes = good.clone();
+    bytes.extend_from_slice(&torn[..1000]);
+    bytes.resize(medium_bytes, 0);
+    let scan = scan_medium(bytes.as_slice())?;
+    assert_eq!(scan.records.len(), 2);
+    let tail = scan.torn_tail().ok_or("torn tail not reported")?;
+    assert_eq!(tail.offset_bytes, good_len as u64);
+    assert_eq!(scan.zero_tail_bytes, 0);
+
+    // A torn append whose header block is zero but a later block landed: not clean.
+    let mut bytes = good.clone();
+    bytes.resize(good_len + 8192, 0);
+    bytes.extend_from_slice(&torn[4096..]);
+    bytes.resize(medium_bytes, 0);
+    let scan = scan_medium(bytes.as_slice())?;
+    assert!(scan.torn_tail().is_some(), "{:?}", scan.problems);
+
+    // Zeros, then a valid record: damage, not the end.
+    let mut bytes = good;
+    bytes.resize(good_len + 4096, 0);
+    write_record(&mut bytes, 3, 0xA3);
+    bytes.resize(medium_bytes, 0);
+    let scan = scan_medium(bytes.as_slice())?;
+    assert_eq!(scan.records.len(), 3);
+    assert_eq!(scan.problems.len(), 1);
+    assert!(!scan.problems[0].torn_tail);
+    Ok(())
+}
