@@ -291,3 +291,95 @@ fn a_stopped_journal_is_seen_by_list_verify_and_restore() -> TestResult {
     assert!(err.contains("warning: journaling stopped"), "{err}");
     Ok(())
 }
+
+#[test]
+fn format_makes_spares_and_the_tools_read_an_unsealed_formatted_medium() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let j = dir.join("j");
+    let j_arg = j.to_str().ok_or("path")?;
+    let args = [
+        "journal",
+        "format",
+        j_arg,
+        "--spares",
+        "2",
+        "--capacity",
+        "256K",
+    ];
+    let out = ferry(&[&args[..], &["--json"]].concat())?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(report["spares"], 2);
+    assert_eq!(report["created"], 2);
+    for k in 0..2 {
+        let spare = std::fs::read(j.join(format!("spare-{k}.fjs")))?;
+        assert_eq!(spare.len(), 256 * 1024);
+        assert!(spare.iter().all(|b| *b == 0));
+    }
+    let again: serde_json::Value =
+        serde_json::from_slice(&ferry(&[&args[..], &["--json"]].concat())?.stdout)?;
+    assert_eq!(again["created"], 0);
+
+    // A journal on those spares that dies without sealing: its medium keeps a zero tail.
+    let v = Volume::open(VolumeConfig {
+        name: "vx".into(),
+        path: dir.join("vx.img"),
+        size_bytes: Some(64 * 1024),
+        ..Default::default()
+    })?;
+    std::fs::copy(dir.join("vx.img"), dir.join("vx.base"))?;
+    let journal = Journal::open(JournalOptions::parse(&format!(
+        "dir={j_arg},capacity=256K,spares=2"
+    ))?)?;
+    v.add_observer(journal.observer());
+    let mut q = VolumeQueue::new(v, 0, 4, 4)?;
+    for i in 0..3u8 {
+        write(&mut q, u64::from(i) * 4096, &[i + 1; 4096])?;
+    }
+    journal.crash_for_test();
+    assert_eq!(journal.status().spares_taken, 1);
+    assert_eq!(
+        std::fs::metadata(j.join("medium-000000.fj"))?.len(),
+        256 * 1024
+    );
+
+    let verify = ferry(&["journal", "verify", j_arg, "--json"])?;
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+    let list = ferry(&["journal", "list", j_arg])?;
+    assert!(list.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&list.stdout)
+            .matches("write")
+            .count(),
+        3
+    );
+    let out_img = dir.join("vx.restored");
+    let base = dir.join("vx.base");
+    let restore = ferry(&[
+        "journal",
+        "restore",
+        j_arg,
+        "--volume",
+        "vx",
+        "--base",
+        base.to_str().ok_or("path")?,
+        "--out",
+        out_img.to_str().ok_or("path")?,
+    ])?;
+    assert!(
+        restore.status.success(),
+        "{}",
+        String::from_utf8_lossy(&restore.stderr)
+    );
+    assert_eq!(std::fs::read(out_img)?, std::fs::read(dir.join("vx.img"))?);
+    Ok(())
+}

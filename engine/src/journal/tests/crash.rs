@@ -13,6 +13,8 @@ use super::support::{open_volume, pattern, write, TestResult};
 use crate::VolumeQueue;
 
 const CHILD_ENV: &str = "FERRY_JOURNAL_CRASH_CHILD_DIR";
+/// Set (to N) when the child journals with `spares=N` on pre-formatted spares.
+const SPARES_ENV: &str = "FERRY_JOURNAL_CRASH_CHILD_SPARES";
 const WRITE_BYTES: usize = 4096;
 const SLOTS: u64 = 64;
 
@@ -26,6 +28,7 @@ fn crash_child() -> TestResult {
     let dir = std::path::PathBuf::from(dir);
     let mut o = JournalOptions::new(dir.join("j"));
     o.capacity_bytes = 256 * 1024;
+    o.spares = std::env::var(SPARES_ENV).map_or(Ok(0), |s| s.parse())?;
     let journal = Journal::open(o)?;
     let v = open_volume(&dir, "vc", SLOTS * WRITE_BYTES as u64)?;
     v.add_observer(journal.observer());
@@ -43,8 +46,22 @@ fn crash_child() -> TestResult {
 
 #[test]
 fn crash_mid_stream_is_recovered() -> TestResult {
+    crash_case(0)
+}
+
+/// The same on formatted media: the killed child's last medium is a spare with a zero tail.
+#[test]
+fn crash_mid_stream_on_formatted_media_is_recovered() -> TestResult {
+    crash_case(2)
+}
+
+fn crash_case(spares: u32) -> TestResult {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
+    if spares > 0 {
+        let j = dir.join("j");
+        super::super::spares::format_spares(&j, spares, 256 * 1024, &mut |_, _| {})?;
+    }
     std::fs::write(dir.join("vc.base"), vec![0u8; SLOTS as usize * WRITE_BYTES])?;
     let mut child = Command::new(std::env::current_exe()?)
         .args([
@@ -55,6 +72,7 @@ fn crash_mid_stream_is_recovered() -> TestResult {
             "--test-threads=1",
         ])
         .env(CHILD_ENV, dir)
+        .env(SPARES_ENV, spares.to_string())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()?;
@@ -77,7 +95,17 @@ fn crash_mid_stream_is_recovered() -> TestResult {
     let media = list_media(&dir.join("j"))?;
     let (_, last_path) = media.last().ok_or("no media")?;
     let mut bytes = std::fs::read(last_path)?;
-    let good_len = bytes.len() as u64;
+    let scan = super::super::scan::scan_medium(bytes.as_slice())?;
+    assert!(scan.problems.is_empty(), "{:?}", scan.problems);
+    let good_len = scan.valid_end_bytes;
+    if spares > 0 {
+        assert!(
+            scan.zero_tail_bytes > 0,
+            "the last medium was not a formatted spare"
+        );
+        assert_eq!(bytes.len() as u64, good_len + scan.zero_tail_bytes);
+    }
+    bytes.truncate(good_len as usize);
     let mut torn = Vec::new();
     let h = super::super::format::RecordHeader {
         op: super::super::format::Op::Write,
@@ -93,13 +121,16 @@ fn crash_mid_stream_is_recovered() -> TestResult {
     };
     super::super::format::encode_record(&mut torn, h, &[0xAB; 4096]);
     bytes.extend_from_slice(&torn[..1000]);
+    // On a formatted medium the torn record is followed by the rest of the zeros.
+    let len_bytes = (good_len + scan.zero_tail_bytes).max(bytes.len() as u64);
+    bytes.resize(len_bytes as usize, 0);
     std::fs::write(last_path, &bytes)?;
 
     let journal = Journal::open(JournalOptions::new(dir.join("j")))?;
     let status = journal.status();
     let tail = status.recovered_torn_tail.ok_or("torn tail not detected")?;
     assert_eq!(tail.valid_end_bytes, good_len);
-    assert_eq!(tail.torn_bytes, 1000);
+    assert_eq!(tail.torn_bytes, len_bytes - good_len);
     let mark = journal.mark("after-crash")?;
     journal.close();
 
