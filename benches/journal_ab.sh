@@ -6,21 +6,33 @@
 # cancels as far as it can) and the daemon's CPU time per write (utime+stime of the serve
 # process over the run / writes). Image and journal on /dev/shm.
 #
-# Usage: benches/journal_ab.sh ROUNDS SECS NAME=BIN [NAME=BIN ...]
+# With SPARES=N (default 0) every binary also runs sync-sp and async-sp: the journal with
+# `spares=N`, its directory pre-formatted with N spares of CAPACITY (default 4G; `ferry journal
+# format`, not timed) before the run.
+#
+# Usage: [SPARES=N CAPACITY=1G] benches/journal_ab.sh ROUNDS SECS NAME=BIN [NAME=BIN ...]
 #   e.g. benches/journal_ab.sh 6 3 before=/tmp/ferry-before after=target/release/ferry
+#        SPARES=6 CAPACITY=1G benches/journal_ab.sh 5 3 ferry=target/release/ferry
 set -euo pipefail
 ROUNDS=$1; SECS=$2; shift 2
 W=${WORKDIR:-/dev/shm/ferry-jab.$$}
 mkdir -p "$W"; truncate -s 512M "$W/img"
 trap 'rm -rf "$W"' EXIT
+SPARES=${SPARES:-0}; CAPACITY=${CAPACITY:-4G}
+CONFIGS=(off sync async); ((SPARES > 0)) && CONFIGS+=(sync-sp async-sp)
 RUNS=()
-for nb in "$@"; do for c in off sync async; do RUNS+=("${nb%%=*}:${nb#*=}:$c"); done; done
+for nb in "$@"; do for c in "${CONFIGS[@]}"; do RUNS+=("${nb%%=*}:${nb#*=}:$c"); done; done
 TICK_US=$((1000000 / $(getconf CLK_TCK)))
 
 run() {
     local round=$1 name=$2 bin=$3 config=$4 args=(--volume "name=bench,path=$W/img,socket=$W/s.sock")
     rm -rf "$W/j"
-    [[ $config != off ]] && args+=(--journal "dir=$W/j,mode=$config,capacity=4G")
+    case $config in
+    sync | async) args+=(--journal "dir=$W/j,mode=$config,capacity=$CAPACITY") ;;
+    *-sp)
+        "$bin" journal format "$W/j" --spares "$SPARES" --capacity "$CAPACITY" --json >/dev/null
+        args+=(--journal "dir=$W/j,mode=${config%-sp},capacity=$CAPACITY,spares=$SPARES") ;;
+    esac
     "$bin" serve "${args[@]}" >"$W/serve.log" 2>&1 &
     local pid=$! i json t0 t1
     for ((i = 0; i < 200; i++)); do [[ -S $W/s.sock ]] && break; sleep 0.05; done
@@ -52,7 +64,7 @@ for line in open(sys.argv[1]):
     cpu.setdefault((n, c), []).append(float(us))
 for n in sorted({k[0] for k in iops}):
     off = iops[(n, "off")]
-    for c in ("sync", "async"):
+    for c in [c for c in ("sync", "async", "sync-sp", "async-sp") if (n, c) in iops]:
         ratios = [iops[(n, c)][r] / off[r] for r in off]
         print(f"{n} {c}: ratio {st.median(ratios):.2f}x (rounds {[round(x, 2) for x in ratios]}), "
               f"IOPS {int(st.median(iops[(n, c)].values()))} vs off {int(st.median(off.values()))}, "
