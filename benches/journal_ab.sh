@@ -8,7 +8,9 @@
 #
 # With SPARES=N (default 0) every binary also runs sync-sp and async-sp: the journal with
 # `spares=N`, its directory pre-formatted with N spares of CAPACITY (default 4G; `ferry journal
-# format`, not timed) before the run.
+# format`, not timed) before the run. FORMATTED=M (default N) pre-formats M spares instead: with
+# M above what a run takes and N=1 the background formatter stays idle, which separates the gain
+# of writing over formatted media from the cost of refilling spares during the run.
 #
 # Usage: [SPARES=N CAPACITY=1G] benches/journal_ab.sh ROUNDS SECS NAME=BIN [NAME=BIN ...]
 #   e.g. benches/journal_ab.sh 6 3 before=/tmp/ferry-before after=target/release/ferry
@@ -18,7 +20,7 @@ ROUNDS=$1; SECS=$2; shift 2
 W=${WORKDIR:-/dev/shm/ferry-jab.$$}
 mkdir -p "$W"; truncate -s 512M "$W/img"
 trap 'rm -rf "$W"' EXIT
-SPARES=${SPARES:-0}; CAPACITY=${CAPACITY:-4G}
+SPARES=${SPARES:-0}; CAPACITY=${CAPACITY:-4G}; FORMATTED=${FORMATTED:-$SPARES}
 CONFIGS=(off sync async); ((SPARES > 0)) && CONFIGS+=(sync-sp async-sp)
 RUNS=()
 for nb in "$@"; do for c in "${CONFIGS[@]}"; do RUNS+=("${nb%%=*}:${nb#*=}:$c"); done; done
@@ -30,7 +32,7 @@ run() {
     case $config in
     sync | async) args+=(--journal "dir=$W/j,mode=$config,capacity=$CAPACITY") ;;
     *-sp)
-        "$bin" journal format "$W/j" --spares "$SPARES" --capacity "$CAPACITY" --json >/dev/null
+        "$bin" journal format "$W/j" --spares "$FORMATTED" --capacity "$CAPACITY" --json >/dev/null
         args+=(--journal "dir=$W/j,mode=${config%-sp},capacity=$CAPACITY,spares=$SPARES") ;;
     esac
     "$bin" serve "${args[@]}" >"$W/serve.log" 2>&1 &
