@@ -90,8 +90,9 @@ pub struct MediumScan {
     pub medium_header: Option<MediumHeader>,
     /// True when the last valid record is a trailer: the medium was sealed.
     pub sealed: bool,
-    /// Bytes of zeros after the last valid record up to the end: the unwritten rest of a
-    /// formatted (spare) medium. A clean end of data, not a problem.
+    /// Bytes of zeros after the last valid record up to the end of a medium exactly
+    /// `capacity` long: the unwritten rest of a formatted (spare) medium. A clean end of
+    /// data, not a problem.
     pub zero_tail_bytes: u64,
 }
 
@@ -126,7 +127,7 @@ pub fn scan_medium<S: RecordSource + ?Sized>(src: &S) -> io::Result<MediumScan> 
                 pos += header.record_bytes();
                 scan.valid_end_bytes = pos;
             }
-            Err(_) if rest_is_zero(src, pos)? => {
+            Err(_) if formatted(&scan, pos) && rest_is_zero(src, pos)? => {
                 scan.zero_tail_bytes = len - pos;
                 break;
             }
@@ -193,6 +194,17 @@ pub fn read_payload<S: RecordSource + ?Sized>(
     let mut payload = vec![0u8; header.payload_len_bytes as usize];
     src.read_at(pos + HEADER_BYTES as u64, &mut payload)?;
     Ok(payload)
+}
+
+/// True when the medium may carry a zero tail: it is exactly as long as its header's
+/// capacity (a formatted spare; a growing medium never is, a sealed one has no tail), or
+/// nothing precedes `pos` (a spare taken just before a crash). Elsewhere zeros after the
+/// last record are a torn tail (a file extended whose data never landed).
+fn formatted(scan: &MediumScan, pos: u64) -> bool {
+    pos == 0
+        || scan
+            .medium_header
+            .is_some_and(|h| h.capacity_bytes == scan.len_bytes)
 }
 
 /// True when every byte from `pos` to the end of `src` is zero (a record never is: its

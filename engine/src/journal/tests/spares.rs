@@ -4,12 +4,13 @@
 
 use std::path::Path;
 
-use super::super::format::{encode_record, Op, RecordHeader};
+use super::super::format::{encode_record, MediumHeader, Op, RecordHeader};
 use super::super::media::{list_media, MediaSet};
 use super::super::restore::{restore, RestoreOptions, Until};
 use super::super::scan::scan_medium;
 use super::super::spares::{format_spares, list_spares};
 use super::super::verify::verify;
+use super::super::writer::{encode_prologue, Prologue};
 use super::super::{Journal, JournalOptions};
 use super::support::{open_volume, pattern, write, Rng, TestResult};
 use crate::VolumeQueue;
@@ -150,17 +151,24 @@ fn write_record(out: &mut Vec<u8>, seq: u64, fill: u8) {
 
 #[test]
 fn scan_tells_a_zero_tail_from_a_torn_one() -> TestResult {
-    let mut good = Vec::new();
+    let medium_bytes = 64 * 1024;
+    let header = MediumHeader {
+        journal_id: 1,
+        medium_index: 0,
+        flags: 0,
+        capacity_bytes: medium_bytes as u64,
+        prev_valid_end_bytes: u64::MAX,
+    };
+    let mut good = encode_prologue(&header, &Prologue::default());
     write_record(&mut good, 1, 0xA1);
     write_record(&mut good, 2, 0xA2);
     let good_len = good.len();
-    let medium_bytes = 64 * 1024;
 
     // Records, then zeros: a clean end.
     let mut formatted = good.clone();
     formatted.resize(medium_bytes, 0);
     let scan = scan_medium(formatted.as_slice())?;
-    assert_eq!(scan.records.len(), 2);
+    assert_eq!(scan.records.len(), 3);
     assert!(scan.problems.is_empty(), "{:?}", scan.problems);
     assert_eq!(scan.valid_end_bytes, good_len as u64);
     assert_eq!(scan.zero_tail_bytes, (medium_bytes - good_len) as u64);
@@ -172,7 +180,7 @@ fn scan_tells_a_zero_tail_from_a_torn_one() -> TestResult {
     bytes.extend_from_slice(&torn[..1000]);
     bytes.resize(medium_bytes, 0);
     let scan = scan_medium(bytes.as_slice())?;
-    assert_eq!(scan.records.len(), 2);
+    assert_eq!(scan.records.len(), 3);
     let tail = scan.torn_tail().ok_or("torn tail not reported")?;
     assert_eq!(tail.offset_bytes, good_len as u64);
     assert_eq!(scan.zero_tail_bytes, 0);
@@ -191,8 +199,16 @@ fn scan_tells_a_zero_tail_from_a_torn_one() -> TestResult {
     write_record(&mut bytes, 3, 0xA3);
     bytes.resize(medium_bytes, 0);
     let scan = scan_medium(bytes.as_slice())?;
-    assert_eq!(scan.records.len(), 3);
+    assert_eq!(scan.records.len(), 4);
     assert_eq!(scan.problems.len(), 1);
     assert!(!scan.problems[0].torn_tail);
+
+    // Zeros after the records of a medium shorter than its capacity (a growing medium
+    // extended by a crash before its data landed): a torn tail, as without spares.
+    let mut bytes = formatted;
+    bytes.truncate(good_len + 4096);
+    let scan = scan_medium(bytes.as_slice())?;
+    assert!(scan.torn_tail().is_some(), "{:?}", scan.problems);
+    assert_eq!(scan.zero_tail_bytes, 0);
     Ok(())
 }
