@@ -235,15 +235,7 @@ fn run_format(dir: &Path, spares: u32, capacity: &str, json: bool) -> anyhow::Re
         capacity_bytes >= ferry_engine::journal::options::CAPACITY_MIN_BYTES,
         "--capacity must be at least 256K"
     );
-    let bar = if json || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        indicatif::ProgressBar::hidden()
-    } else {
-        indicatif::ProgressBar::new(0)
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} ({eta})")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
+    let bar = progress_bar(json, "{msg} [{bar:40}] {bytes}/{total_bytes} ({eta})");
     bar.set_message(format!("formatting spares in {}", dir.display()));
     let report = format_spares(dir, spares, capacity_bytes, &mut |done, total| {
         bar.set_length(total);
@@ -460,15 +452,7 @@ fn run_verify(media: &[PathBuf], json: bool) -> anyhow::Result<()> {
 
 fn run_restore(media: &[PathBuf], opts: &RestoreOptions, json: bool) -> anyhow::Result<()> {
     let set = MediaSet::open(media)?;
-    let bar = if json || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        indicatif::ProgressBar::hidden()
-    } else {
-        indicatif::ProgressBar::new(0)
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} records ({eta})")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
+    let bar = progress_bar(json, "{msg} [{bar:40}] {pos}/{len} records ({eta})");
     bar.set_message(format!("restoring {}", opts.volume));
     let report = restore(&set, opts, &mut |done, total| {
         bar.set_length(total);
@@ -497,4 +481,19 @@ fn run_restore(media: &[PathBuf], opts: &RestoreOptions, json: bool) -> anyhow::
         }
     }
     Ok(())
+}
+
+/// A progress bar on stderr drawn with `template`, hidden for `--json` or when stderr is not a
+/// terminal.
+fn progress_bar(json: bool, template: &str) -> indicatif::ProgressBar {
+    let bar = if json || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(0)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
 }
