@@ -146,13 +146,17 @@ echo "RESULT late_read_ok=$([ "$r" = "$(md5 < /tmp/w2)" ] && echo 1 || echo 0)"
     )
 }
 
-/// The last `ITERATION n` the guest printed on this console (0 if none).
+/// The last `ITERATION n` the guest printed whole on this console (0 if none). A line still
+/// being printed, or one a kernel message broke into, is skipped rather than read as 0.
 fn last_iteration(console: &str) -> u64 {
-    console
+    let complete = match console.rfind('\n') {
+        Some(end) => &console[..end],
+        None => "",
+    };
+    complete
         .lines()
         .rev()
-        .find_map(|l| l.trim().strip_prefix("ITERATION "))
-        .and_then(|n| n.trim().parse().ok())
+        .find_map(|l| l.trim().strip_prefix("ITERATION ")?.trim().parse().ok())
         .unwrap_or(0)
 }
 
@@ -229,7 +233,7 @@ fn migrate(source: &mut RunningGuest, qmp: &mut Qmp, uri: &str) -> Result<u64> {
         json!({"max-bandwidth": MIGRATE_FAST_BYTES_PER_SEC, "downtime-limit": DOWNTIME_LIMIT_MS}),
     )?;
     let info = qmp.wait_migration(MIGRATE_TIMEOUT)?;
-    let during = last_iteration(&source.console()) - before;
+    let during = last_iteration(&source.console()).saturating_sub(before);
     eprintln!(
         "migration completed in {:?} ({during} guest iterations on the source meanwhile): {}",
         started.elapsed(),
@@ -326,4 +330,15 @@ fn vm_live_migration_keeps_read_buffers() -> Result<()> {
         out.elapsed
     );
     Ok(())
+}
+
+#[test]
+fn last_iteration_skips_partial_and_broken_lines() {
+    assert_eq!(last_iteration(""), 0);
+    assert_eq!(last_iteration("ITERATION 3\nITERATION 4\n"), 4);
+    assert_eq!(last_iteration("ITERATION 3\nITERATION 1"), 3);
+    assert_eq!(
+        last_iteration("ITERATION 7\nITERATION 8[   12.3] virtio_blk\n"),
+        7
+    );
 }
