@@ -12,28 +12,43 @@
 # M above what a run takes and N=1 the background formatter stays idle, which separates the gain
 # of writing over formatted media from the cost of refilling spares during the run.
 #
-# Usage: [SPARES=N CAPACITY=1G] benches/journal_ab.sh ROUNDS SECS NAME=BIN [NAME=BIN ...]
+# With DISK=DIR (a directory on a disk filesystem, e.g. /var/tmp) every binary also runs
+# sync-disk and async-disk: the journal in DIR, where media are appended with O_DIRECT
+# (the default `cache=auto`), the image still on /dev/shm; with SPARES=N as well, the disk
+# journal is pre-formatted and run with spares too (like sync-sp).
+#
+# Usage: [SPARES=N CAPACITY=1G] [DISK=/var/tmp] benches/journal_ab.sh ROUNDS SECS NAME=BIN [NAME=BIN ...]
 #   e.g. benches/journal_ab.sh 6 3 before=/tmp/ferry-before after=target/release/ferry
 #        SPARES=6 CAPACITY=1G benches/journal_ab.sh 5 3 ferry=target/release/ferry
 set -euo pipefail
 ROUNDS=$1; SECS=$2; shift 2
 W=${WORKDIR:-/dev/shm/ferry-jab.$$}
 mkdir -p "$W"; truncate -s 512M "$W/img"
-trap 'rm -rf "$W"' EXIT
+DISK=${DISK:-}
+DJ=${DISK:+$DISK/ferry-jab-journal.$$}
+trap 'rm -rf "$W" ${DJ:+"$DJ"}' EXIT
 SPARES=${SPARES:-0}; CAPACITY=${CAPACITY:-4G}; FORMATTED=${FORMATTED:-$SPARES}
 CONFIGS=(off sync async); ((SPARES > 0)) && CONFIGS+=(sync-sp async-sp)
+[[ -n $DISK ]] && CONFIGS+=(sync-disk async-disk)
 RUNS=()
 for nb in "$@"; do for c in "${CONFIGS[@]}"; do RUNS+=("${nb%%=*}:${nb#*=}:$c"); done; done
 TICK_US=$((1000000 / $(getconf CLK_TCK)))
 
 run() {
     local round=$1 name=$2 bin=$3 config=$4 args=(--volume "name=bench,path=$W/img,socket=$W/s.sock")
-    rm -rf "$W/j"
+    rm -rf "$W/j" ${DJ:+"$DJ"}
     case $config in
     sync | async) args+=(--journal "dir=$W/j,mode=$config,capacity=$CAPACITY") ;;
     *-sp)
         "$bin" journal format "$W/j" --spares "$FORMATTED" --capacity "$CAPACITY" --json >/dev/null
         args+=(--journal "dir=$W/j,mode=${config%-sp},capacity=$CAPACITY,spares=$SPARES") ;;
+    *-disk)
+        local spares=()
+        if ((SPARES > 0)); then
+            "$bin" journal format "$DJ" --spares "$FORMATTED" --capacity "$CAPACITY" --json >/dev/null
+            spares=(",spares=$SPARES")
+        fi
+        args+=(--journal "dir=$DJ,mode=${config%-disk},capacity=$CAPACITY${spares[*]}") ;;
     esac
     "$bin" serve "${args[@]}" >"$W/serve.log" 2>&1 &
     local pid=$! i json t0 t1
@@ -41,7 +56,7 @@ run() {
     t0=$(awk '{print $14 + $15}' "/proc/$pid/stat")
     json=$("$bin" bench --socket "$W/s.sock" --rw randwrite --bs 4K --qd 32 --secs "$SECS" --ramp 1 --wait --json)
     t1=$(awk '{print $14 + $15}' "/proc/$pid/stat")
-    kill -TERM "$pid"; wait "$pid"; rm -rf "$W/j"
+    kill -TERM "$pid"; wait "$pid"; rm -rf "$W/j" ${DJ:+"$DJ"}
     jq -r --arg r "$round" --arg n "$name" --arg c "$config" --argjson t $(((t1 - t0) * TICK_US)) --argjson s "$SECS" \
         '"\($r) \($n) \($c) \(.iops | floor) \($t / (.iops * ($s + 1)))"' <<<"$json"
 }
@@ -66,7 +81,7 @@ for line in open(sys.argv[1]):
     cpu.setdefault((n, c), []).append(float(us))
 for n in sorted({k[0] for k in iops}):
     off = iops[(n, "off")]
-    for c in [c for c in ("sync", "async", "sync-sp", "async-sp") if (n, c) in iops]:
+    for c in [c for c in ("sync", "async", "sync-sp", "async-sp", "sync-disk", "async-disk") if (n, c) in iops]:
         ratios = [iops[(n, c)][r] / off[r] for r in off]
         print(f"{n} {c}: ratio {st.median(ratios):.2f}x (rounds {[round(x, 2) for x in ratios]}), "
               f"IOPS {int(st.median(iops[(n, c)].values()))} vs off {int(st.median(off.values()))}, "

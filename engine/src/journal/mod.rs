@@ -4,6 +4,7 @@
 
 pub mod catalog;
 pub mod demux;
+pub mod direct;
 pub mod entry;
 pub mod error;
 pub mod export;
@@ -23,5 +24,5 @@ mod tests;
 
 pub use entry::{render_csv, render_jsonl, LogEntry};
 pub use error::{FormatError, JournalError};
-pub use options::{JournalMode, JournalOptions, OnFull};
+pub use options::{JournalMode, JournalOptions, MediumCache, OnFull};
 pub use running::{Journal, JournalState, JournalStatus, MarkResult, SealResult};

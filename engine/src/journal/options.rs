@@ -26,6 +26,19 @@ pub enum OnFull {
     Pause,
 }
 
+/// How media are written relative to the host page cache (`cache=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MediumCache {
+    /// Direct I/O (`O_DIRECT`) where the filesystem or device supports it, except on tmpfs,
+    /// where the page cache is the medium (default).
+    Auto,
+    /// Direct I/O, and an error when a medium cannot be opened that way.
+    None,
+    /// Through the page cache.
+    Writeback,
+}
+
 /// The journal's settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JournalOptions {
@@ -43,6 +56,8 @@ pub struct JournalOptions {
     /// Zero-filled spare media kept formatted in the directory for the writer to take
     /// and overwrite in place (0: media are created empty and grow as written).
     pub spares: u32,
+    /// Direct or buffered appends.
+    pub cache: MediumCache,
 }
 
 /// The smallest medium capacity accepted.
@@ -59,10 +74,11 @@ impl JournalOptions {
             on_full: OnFull::Stop,
             label: String::from("initial"),
             spares: 0,
+            cache: MediumCache::Auto,
         }
     }
 
-    /// Parses `dir=DIR,capacity=1G,media-max=N,mode=sync|async,lag-max=64M,on-full=stop|pause,label=L,spares=N`.
+    /// Parses `dir=DIR,capacity=1G,media-max=N,mode=sync|async,lag-max=64M,on-full=stop|pause,label=L,spares=N,cache=auto|none|writeback`.
     /// Sizes take the suffixes K, M, G, T (powers of 1024).
     pub fn parse(spec: &str) -> Result<Self, JournalError> {
         let mut dir = None;
@@ -93,6 +109,14 @@ impl JournalOptions {
                     }
                 }
                 "label" => o.label = value.to_string(),
+                "cache" => {
+                    o.cache = match value {
+                        "auto" => MediumCache::Auto,
+                        "none" => MediumCache::None,
+                        "writeback" => MediumCache::Writeback,
+                        _ => return Err(bad(part, "expected auto, none or writeback")),
+                    }
+                }
                 "spares" => o.spares = value.parse().map_err(|_| bad(part, "expected a number"))?,
                 _ => return Err(bad(part, "unknown key")),
             }
@@ -132,7 +156,7 @@ mod tests {
     #[test]
     fn parses_a_full_spec() -> Result<(), JournalError> {
         let o = JournalOptions::parse(
-            "dir=/j,capacity=1M,media-max=3,mode=async,lag-max=4K,on-full=pause,spares=2",
+            "dir=/j,capacity=1M,media-max=3,mode=async,lag-max=4K,on-full=pause,spares=2,cache=none",
         )?;
         assert_eq!(o.dir, PathBuf::from("/j"));
         assert_eq!(o.capacity_bytes, 1 << 20);
@@ -141,6 +165,7 @@ mod tests {
         assert_eq!(o.lag_max_bytes, 4096);
         assert_eq!(o.on_full, OnFull::Pause);
         assert_eq!(o.spares, 2);
+        assert_eq!(o.cache, MediumCache::None);
         Ok(())
     }
 

@@ -63,6 +63,9 @@ pub struct JournalStatus {
     pub recovered_torn_tail: Option<RecoveredTail>,
     /// Media opened by taking a formatted spare (`spares=N`).
     pub spares_taken: u64,
+    /// Whether media are appended with `O_DIRECT` (`cache=`); unknown before the first
+    /// medium is opened.
+    pub medium_direct: Option<bool>,
 }
 
 /// The answer of `mark()` and `init()`.
@@ -113,6 +116,8 @@ struct State {
     writer_idle: bool,
     /// Media opened by taking a formatted spare.
     spares_taken: u64,
+    /// The last medium opened was opened with `O_DIRECT`.
+    medium_direct: Option<bool>,
 }
 
 impl State {
@@ -307,6 +312,7 @@ impl Journal {
             run: State::running(options.mode == JournalMode::Async),
             writer_idle: false,
             spares_taken: 0,
+            medium_direct: None,
         };
         if let Some((gap, estimated)) = rec.resume_gap {
             // The previous run's unjournaled writes: numbered, then recorded as a gap.
@@ -481,6 +487,7 @@ impl Journal {
             log_entries: st.log.len(),
             recovered_torn_tail: self.recovered_torn_tail,
             spares_taken: st.spares_taken,
+            medium_direct: st.medium_direct,
         }
     }
 
@@ -696,7 +703,7 @@ fn writer_main(shared: &Shared, mut writer: MediumWriter) -> MediumWriter {
             st.seals_done = seal;
             st.medium = writer.position();
             st.spares_taken = writer.spares_taken();
-            st.spares_taken = writer.spares_taken();
+            st.medium_direct = writer.direct().or(st.medium_direct);
         }
         if shutdown {
             st.writer_exited = true;
@@ -740,6 +747,7 @@ fn write_carry(
     st.durable_bytes += written_bytes;
     st.medium = writer.position();
     st.spares_taken = writer.spares_taken();
+    st.medium_direct = writer.direct().or(st.medium_direct);
     let pause = matches!(result, Err(WriteFailure::Full))
         && shared.options.on_full == OnFull::Pause
         && !st.shutdown;

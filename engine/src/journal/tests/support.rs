@@ -5,7 +5,7 @@ use std::sync::Arc;
 use crate::volume::queue::wait_readable;
 use crate::{BlockOp, IoFailure, Volume, VolumeConfig, VolumeQueue};
 
-pub type TestResult = Result<(), Box<dyn std::error::Error>>;
+pub type TestResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
 
 /// xorshift64*: deterministic pseudo-random numbers for tests.
 pub struct Rng(pub u64);
