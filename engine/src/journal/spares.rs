@@ -1,8 +1,9 @@
 //! Pre-formatted spare media: zero-filled files of exactly a medium's capacity, kept in the
 //! journal directory (`spare-<k>.fjs`) so the writer can take one (rename it to the next
 //! medium's name) and overwrite it in place instead of growing a fresh file. A background
-//! formatter thread refills the spares while the journal runs; `ferry journal format`
-//! creates them up front.
+//! formatter thread refills the spares while the journal runs, at idle CPU and I/O priority
+//! so that it only uses time the guest's I/O leaves over; `ferry journal format` creates
+//! them up front.
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
@@ -12,7 +13,10 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::catalog::sync_dir;
+use super::direct::{apply_cache_mode, StagingBuffer};
 use super::error::JournalError;
+use super::format::BLOCK_BYTES;
+use super::options::MediumCache;
 use super::writer::write_all_vectored_at;
 
 /// Bytes of zeros per `pwrite` while formatting.
@@ -76,7 +80,18 @@ pub fn format_spare(
         .create_new(true)
         .open(&tmp)
         .map_err(|source| spare_err(&tmp, "create", source))?;
-    let zeros = vec![0u8; FORMAT_CHUNK_BYTES];
+    // Zeros bypass the page cache where media do (`cache=auto`): a disk's cache is not
+    // filled with a gigabyte of them.
+    let direct = capacity_bytes % BLOCK_BYTES as u64 == 0
+        && apply_cache_mode(&file, MediumCache::Auto).unwrap_or(false);
+    let mut staging = StagingBuffer::default();
+    let unaligned_zeros;
+    let zeros: &[u8] = if direct {
+        staging.fill(&[&[0u8; FORMAT_CHUNK_BYTES]])
+    } else {
+        unaligned_zeros = vec![0u8; FORMAT_CHUNK_BYTES];
+        &unaligned_zeros
+    };
     let mut done = 0u64;
     while done < capacity_bytes {
         if stop.load(Ordering::Relaxed) {
@@ -172,6 +187,7 @@ impl Drop for SpareFormatter {
 }
 
 fn formatter_main(shared: &FormatterShared, dir: &Path, capacity_bytes: u64, spares_max: u32) {
+    lower_priority_to_idle();
     remove_stale_tmps(dir);
     while !shared.stop.load(Ordering::Relaxed) {
         let present = list_spares(dir, capacity_bytes).map_or(usize::MAX, |s| s.len());
@@ -190,6 +206,38 @@ fn formatter_main(shared: &FormatterShared, dir: &Path, capacity_bytes: u64, spa
                 .map_or_else(|p| p.into_inner().0, |r| r.0);
         }
         *w = false;
+    }
+}
+
+/// Puts the calling thread in the idle scheduling class (`SCHED_IDLE`: it runs only when a
+/// CPU has nothing else to do) and the idle I/O priority class. Best effort: a refusal is
+/// logged and the thread formats at normal priority.
+fn lower_priority_to_idle() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler(2) on the calling thread (pid 0) with a valid parameter.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+        log::warn!(
+            "journal: spare formatter keeps normal CPU priority: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    const IOPRIO_WHO_PROCESS: libc::c_long = 1;
+    const IOPRIO_CLASS_IDLE: libc::c_long = 3;
+    const IOPRIO_CLASS_SHIFT: u32 = 13;
+    // SAFETY: ioprio_set(2) on the calling thread (who = 0); takes no pointers.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_ioprio_set,
+            IOPRIO_WHO_PROCESS,
+            0 as libc::c_long,
+            IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT,
+        )
+    };
+    if rc != 0 {
+        log::debug!(
+            "journal: spare formatter keeps its I/O priority: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 

@@ -212,3 +212,41 @@ fn scan_tells_a_zero_tail_from_a_torn_one() -> TestResult {
     assert_eq!(scan.zero_tail_bytes, 0);
     Ok(())
 }
+
+/// The scheduling policy (`SCHED_*`) of this process's thread named `name` (as the kernel
+/// keeps it: at most 15 bytes), if any.
+fn thread_policy(name: &str) -> Option<u32> {
+    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+        // Fields after the parenthesised command; `policy` is field 41 of stat(5).
+        let rest = &stat[stat.rfind(')')? + 2..];
+        return rest.split(' ').nth(41 - 3)?.parse().ok();
+    }
+    None
+}
+
+#[test]
+fn the_formatter_runs_at_idle_priority_and_refills() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("j");
+    std::fs::create_dir_all(&dir)?;
+    let formatter = super::super::spares::SpareFormatter::start(dir.clone(), CAPACITY_BYTES, 2)?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while list_spares(&dir, CAPACITY_BYTES)?.len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "spares not formatted");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(
+        thread_policy("ferry-journal-f"),
+        Some(libc::SCHED_IDLE as u32)
+    );
+    drop(formatter);
+    for spare in list_spares(&dir, CAPACITY_BYTES)? {
+        assert!(std::fs::read(&spare)?.iter().all(|&b| b == 0));
+    }
+    Ok(())
+}
