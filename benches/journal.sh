@@ -3,7 +3,9 @@
 # (a libblkio vhost-user-blk client) with the journal off, in sync mode and in async mode, in
 # the same run, alternating round by round (medians of ROUNDS); then 128 KiB sequential writes
 # at QD 8 with the journal on (sync, async) and off, against `dd` of 128 KiB blocks to the same
-# filesystem (the ceiling of the journal's appends). Image and journal live on /dev/shm.
+# filesystem (the ceiling of the journal's appends). Image and journal live on /dev/shm; the
+# sync-disk and async-disk runs put the journal on a disk filesystem (DISK_DIR), where media
+# are appended with O_DIRECT (`cache=auto`), with `dd oflag=direct` to that disk (dd-disk).
 # Caveat: on a memory-limited machine, GiBs of journal on tmpfs slow every tmpfs writer down
 # (dd too), so each run's journal is deleted right after it.
 # Prints a markdown table and writes target/bench/journal.json.
@@ -14,6 +16,7 @@
 #   WARM_MIB [6144]                tmpfs touched once before measuring (VM first-touch cost)
 #   FERRY [target/release/ferry]   the ferry binary (built with cargo unless FERRY is set)
 #   WORKDIR [/dev/shm/ferry-jbench.PID]  OUT [target/bench]
+#   DISK_DIR [/var/tmp]            where the -disk journals go ("" to skip them)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -26,6 +29,7 @@ OUT=${OUT:-$ROOT/target/bench}
 WORKDIR=${WORKDIR:-/dev/shm/ferry-jbench.$$}
 SOCKET_WAIT_SECS=10
 CONFIGS=(off sync async)
+DISK_DIR=${DISK_DIR-/var/tmp}
 
 log() { printf '[journal-bench %s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -41,20 +45,29 @@ command -v jq >/dev/null || die "jq is needed"
 IMG=$WORKDIR/bench.img
 SOCK=$WORKDIR/vhost.sock
 JDIR=$WORKDIR/journal
+DISK_WORK=
+if [[ -n "$DISK_DIR" ]]; then
+    DISK_WORK=$DISK_DIR/ferry-jbench.$$
+    CONFIGS+=(sync-disk async-disk)
+fi
 SERVE_PID=
 cleanup() {
     if [[ -n "$SERVE_PID" ]]; then kill "$SERVE_PID" 2>/dev/null || true; wait "$SERVE_PID" 2>/dev/null || true; fi
-    rm -rf "$WORKDIR"
+    rm -rf "$WORKDIR" ${DISK_WORK:+"$DISK_WORK"}
 }
 trap cleanup EXIT
-mkdir -p "$WORKDIR" "$OUT"
+mkdir -p "$WORKDIR" "$OUT" ${DISK_WORK:+"$DISK_WORK"}
 truncate -s "$SIZE" "$IMG"
+
+# journal_dir CONFIG: where CONFIG's journal lives.
+journal_dir() { if [[ $1 == *-disk ]]; then echo "$DISK_WORK/journal"; else echo "$JDIR"; fi; }
 
 # start_serve CONFIG: ferry serve on the image, with the journal per CONFIG (fresh directory).
 start_serve() {
-    local config=$1 args=(--volume "name=bench,path=$IMG,socket=$SOCK")
-    rm -rf "$JDIR"
-    [[ "$config" != off ]] && args+=(--journal "dir=$JDIR,mode=$config,capacity=4G")
+    local config=$1 args=(--volume "name=bench,path=$IMG,socket=$SOCK") dir
+    dir=$(journal_dir "$config")
+    rm -rf "$dir"
+    [[ "$config" != off ]] && args+=(--journal "dir=$dir,mode=${config%-disk},capacity=4G")
     "$FERRY" serve "${args[@]}" >"$WORKDIR/serve.log" 2>&1 &
     SERVE_PID=$!
     local i
@@ -79,9 +92,11 @@ bench() {
     json=$("$FERRY" bench --socket "$SOCK" --rw "$rw" --bs "$bs" --qd "$qd" \
         --secs "$SECS" --ramp "$RAMP" --wait --json) || die "ferry bench failed"
     stop_serve
-    [[ -d "$JDIR" ]] && jbytes=$(du -sb "$JDIR" | cut -f1)
+    local dir
+    dir=$(journal_dir "$config")
+    [[ -d "$dir" ]] && jbytes=$(du -sb "$dir" | cut -f1)
     # Free the journal's memory now: a few GiB left on tmpfs slow down later runs (and dd).
-    rm -rf "$JDIR"
+    rm -rf "$dir"
     jq -c --arg config "$config" --argjson jbytes "$jbytes" \
         '{config: $config, iops, mib_per_sec, p50_us: .latency_us.p50, p99_us: .latency_us.p99,
           cpu_percent: .cpu.percent_of_one_core, journal_bytes: $jbytes}' <<<"$json"
@@ -92,14 +107,15 @@ bench() {
 DD_FLAG=oflag=direct
 dd if=/dev/zero of="$WORKDIR/dd.probe" bs=128k count=1 oflag=direct 2>/dev/null || DD_FLAG=conv=fdatasync
 rm -f "$WORKDIR/dd.probe"
+# dd_run [DIR FLAG NAME]: the same into another directory (the disk, oflag=direct).
 dd_run() {
-    local start end
+    local dir=${1:-$WORKDIR} flag=${2:-$DD_FLAG} name=${3:-dd} start end
     start=$(date +%s.%N)
-    dd if=/dev/zero of="$WORKDIR/dd.out" bs=128k count="$DD_COUNT" "$DD_FLAG" 2>/dev/null
+    dd if=/dev/zero of="$dir/dd.out" bs=128k count="$DD_COUNT" "$flag" 2>/dev/null
     end=$(date +%s.%N)
-    rm -f "$WORKDIR/dd.out"
-    jq -n -c --argjson s "$start" --argjson e "$end" --argjson n "$DD_COUNT" \
-        '{config: "dd", mib_per_sec: ($n * 128 / 1024 / ($e - $s))}'
+    rm -f "$dir/dd.out"
+    jq -n -c --argjson s "$start" --argjson e "$end" --argjson n "$DD_COUNT" --arg name "$name" \
+        '{config: $name, mib_per_sec: ($n * 128 / 1024 / ($e - $s))}'
 }
 
 # First touch of memory is slow on a VM: touch WARM_MIB of tmpfs once, so that neither the
@@ -125,18 +141,26 @@ for ((round = 1; round <= ROUNDS; round++)); do
     done
     log "round $round: dd 128K x $DD_COUNT"
     dd_run | jq -c --argjson r "$round" '. + {workload: "write-128k-qd8", round: $r}' >>"$RESULTS"
+    if [[ -n "$DISK_WORK" ]]; then
+        log "round $round: dd 128K x $DD_COUNT to $DISK_DIR, oflag=direct"
+        dd_run "$DISK_WORK" oflag=direct dd-disk | jq -c --argjson r "$round" '. + {workload: "write-128k-qd8", round: $r}' >>"$RESULTS"
+    fi
 done
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # Medians per (workload, config); journal MiB/s = journal bytes / (ramp + secs).
 jq -s --argjson secs "$SECS" --argjson ramp "$RAMP" --arg load "$LOAD_AFTER" --arg dd "$DD_FLAG" '
   def median: sort | if length == 0 then null else .[(length - 1) / 2 | floor] end;
-  {secs: $secs, ramp_secs: $ramp, rounds: (map(.round) | max), load_after: $load, dd_flag: $dd,
+  (map(select(.config == "off")) | map({key: "\(.workload) \(.round)", value: .mib_per_sec})
+   | from_entries) as $off
+  | {secs: $secs, ramp_secs: $ramp, rounds: (map(.round) | max), load_after: $load, dd_flag: $dd,
    runs: .,
    medians: (group_by([.workload, .config]) | map({
       workload: .[0].workload, config: .[0].config,
       iops: (map(.iops // empty) | median),
       mib_per_sec: (map(.mib_per_sec) | median),
+      vs_off: (map(select((.config | startswith("dd") | not) and $off["\(.workload) \(.round)"] != null)
+          | .mib_per_sec / $off["\(.workload) \(.round)"]) | median),
       p50_us: (map(.p50_us // empty) | median),
       p99_us: (map(.p99_us // empty) | median),
       cpu_percent: (map(.cpu_percent // empty) | median),
@@ -147,18 +171,20 @@ jq -s --argjson secs "$SECS" --argjson ramp "$RAMP" --arg load "$LOAD_AFTER" --a
 # The table, also as a section for docs/BENCHMARKS.md (benches/report.py appends it).
 {
 echo
-echo "| workload | journal | IOPS | MiB/s | p50 us | p99 us | bench client CPU % | journal MiB/s |"
-echo "|---|---|--:|--:|--:|--:|--:|--:|"
-jq -r '.medians[] | "| \(.workload) | \(.config) | \(.iops // "-" | if type == "number" then floor else . end) | \(.mib_per_sec | floor) | \(.p50_us // "-") | \(.p99_us // "-") | \(.cpu_percent // "-" | if type == "number" then floor else . end) | \(.journal_mib_per_sec // "-" | if type == "number" then floor else . end) |"' "$OUT/journal.json"
+echo "| workload | journal | IOPS | MiB/s | x off (same round) | p50 us | p99 us | bench client CPU % | journal MiB/s |"
+echo "|---|---|--:|--:|--:|--:|--:|--:|--:|"
+jq -r '.medians[] | "| \(.workload) | \(.config) | \(.iops // "-" | if type == "number" then floor else . end) | \(.mib_per_sec | floor) | \(.vs_off // "-" | if type == "number" then (. * 100 | round / 100 | tostring) + "x" else . end) | \(.p50_us // "-") | \(.p99_us // "-") | \(.cpu_percent // "-" | if type == "number" then floor else . end) | \(.journal_mib_per_sec // "-" | if type == "number" then floor else . end) |"' "$OUT/journal.json"
 echo
 echo "medians of $ROUNDS rounds, ${SECS}s each after ${RAMP}s ramp; load after: $LOAD_AFTER; dd $DD_FLAG; JSON: target/bench/journal.json"
 } | tee "$OUT/journal-table.md"
 {
     echo "## Write journal"
     echo
-    echo "Reproduce: \`bash benches/journal.sh\` (release build, image and journal on /dev/shm)."
+    echo "Reproduce: \`bash benches/journal.sh\` (release build, image on /dev/shm; journal on /dev/shm,"
+    echo "or on the disk under ${DISK_DIR:-/var/tmp} for sync-disk/async-disk, appended there with O_DIRECT)."
     echo "4K random writes at QD 32 and 128K sequential writes at QD 8 with the journal off, sync"
-    echo "and async, alternating rounds; the journal's own throughput against \`dd\` to the same"
-    echo "file system."
+    echo "and async, alternating rounds; \`x off\` is the median of the same-round ratios to journal"
+    echo "off. The journal's own throughput against \`dd\` to the same file system (dd: /dev/shm,"
+    echo "dd-disk: the disk with oflag=direct)."
     cat "$OUT/journal-table.md"
 } >"$OUT/journal.md"
