@@ -1,14 +1,19 @@
 //! `demux`: splits a journal into one journal per stream (volume + queue). Each output is a
 //! single medium holding that stream's records plus the journal-wide ones (log-init, marks,
 //! gaps), with their original sequence numbers; its header carries the "demuxed" flag.
+//! Every unresolved stop of the journal (a stop record, or a catalog saying the journal
+//! stopped, with no gap record or later record accounting for the lost numbers) is written
+//! into every output as a stop record at its place in the sequence: a demuxed stream has no
+//! contiguous numbers to show the loss, so `verify` and `restore` see it only that way.
 
 use std::path::{Path, PathBuf};
 
+use super::entry::now_ns;
 use super::error::JournalError;
 use super::format::{
-    encode_record, padding_needed, padding_record, MediumHeader, MEDIUM_FLAG_DEMUXED,
+    encode_record, padding_needed, padding_record, MediumHeader, Op, StopInfo, MEDIUM_FLAG_DEMUXED,
 };
-use super::media::{medium_file_name, MediaSet};
+use super::media::{medium_file_name, MediaSet, StopNote};
 use super::running::JOURNAL_STREAM_ID;
 use super::writer::{unsequenced, write_all_vectored_at};
 
@@ -25,6 +30,11 @@ pub struct DemuxOutput {
 /// Writes `DIR/<volume>.q<queue>/medium-000000.fj` for every stream of `set`.
 pub fn demux(set: &MediaSet, out_dir: &Path) -> Result<Vec<DemuxOutput>, JournalError> {
     let records = set.sequenced();
+    let stops: Vec<StopNote> = set
+        .stops(&records)?
+        .into_iter()
+        .filter(|s| !s.resolved)
+        .collect();
     let journal_id = set
         .media
         .iter()
@@ -51,11 +61,18 @@ pub fn demux(set: &MediaSet, out_dir: &Path) -> Result<Vec<DemuxOutput>, Journal
             &header.encode(),
         );
         let mut count = 0;
+        let mut pending_stops = stops.iter().peekable();
         for r in records.iter().filter(|r| {
             r.record.header.stream_id == stream_id || r.record.header.stream_id == JOURNAL_STREAM_ID
         }) {
+            while let Some(stop) = pending_stops.next_if(|s| s.after_seq < r.record.header.seq) {
+                encode_stop(&mut bytes, stop);
+            }
             encode_record(&mut bytes, r.record.header, &set.payload(r)?);
             count += 1;
+        }
+        for stop in pending_stops {
+            encode_stop(&mut bytes, stop);
         }
         let pad = padding_needed(bytes.len());
         if pad > 0 {
@@ -83,4 +100,21 @@ pub fn demux(set: &MediaSet, out_dir: &Path) -> Result<Vec<DemuxOutput>, Journal
         });
     }
     Ok(outputs)
+}
+
+/// Appends `stop` as a stop record (`seq` = the last number journaled before it).
+fn encode_stop(out: &mut Vec<u8>, stop: &StopNote) {
+    let mut header = unsequenced(Op::Stop, stop.after_seq, 0, 0);
+    if stop.timestamp_ns != u64::MAX {
+        header.timestamp_ns = stop.timestamp_ns;
+    } else {
+        header.timestamp_ns = now_ns();
+    }
+    let info = StopInfo {
+        cause: stop.cause,
+        first_unjournaled_seq: stop.first_unjournaled_seq,
+        unjournaled_count: stop.unjournaled_count.unwrap_or(0),
+        reason: stop.reason.clone(),
+    };
+    encode_record(out, header, &info.encode());
 }

@@ -312,3 +312,36 @@ fn async_crash_is_recorded_as_an_estimated_gap() -> TestResult {
     assert_eq!(flags, vec![FLAG_GAP_ESTIMATED]);
     Ok(())
 }
+
+#[test]
+fn demuxed_streams_carry_the_stop() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let first_missing = fill_until_stopped(dir)?;
+    let set = MediaSet::open(&[dir.join("j")])?;
+    let outputs = super::super::demux::demux(&set, &dir.join("demuxed"))?;
+    assert_eq!(outputs.len(), 1, "{outputs:?}");
+    let demuxed = [outputs[0].path.clone()];
+    let stops = stops_on(&outputs[0].path)?;
+    assert_eq!(stops.len(), 1, "{stops:?}");
+    assert_eq!(stops[0].0, first_missing - 1);
+    assert_eq!(stops[0].1.cause, StopCause::Full);
+    assert_eq!(stops[0].1.first_unjournaled_seq, first_missing);
+
+    let report = verify(&MediaSet::open(&demuxed)?);
+    assert!(
+        !report.ok(),
+        "an unresolved stop is a problem on the demuxed stream too"
+    );
+    let refused = restore_end(dir, &demuxed, Until::End, false);
+    let err = refused.err().ok_or("restore to the end must be refused")?;
+    assert!(err.to_string().contains("journaling stopped"), "{err}");
+    let from_demuxed = restore_end(dir, &demuxed, Until::End, true)?;
+    let from_demuxed_image = std::fs::read(dir.join("vs.out"))?;
+    assert!(!from_demuxed.warnings.is_empty());
+    restore_end(dir, &[dir.join("j")], Until::End, true)?;
+    assert_eq!(std::fs::read(dir.join("vs.out"))?, from_demuxed_image);
+    let report = restore_end(dir, &demuxed, Until::Seq(first_missing - 1), false)?;
+    assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+    Ok(())
+}
