@@ -383,3 +383,59 @@ fn format_makes_spares_and_the_tools_read_an_unsealed_formatted_medium() -> Test
     assert_eq!(std::fs::read(out_img)?, std::fs::read(dir.join("vx.img"))?);
     Ok(())
 }
+
+#[test]
+fn format_registers_a_block_device_and_refuses_what_is_not_one() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let j = dir.join("j");
+    let j_arg = j.to_str().ok_or("path")?;
+    let file = dir.join("not-a-device");
+    std::fs::write(&file, vec![1u8; 2 << 20])?;
+    let out = ferry(&[
+        "journal",
+        "format",
+        j_arg,
+        "--device",
+        file.to_str().ok_or("path")?,
+    ])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.lines().count() == 1 && stderr.contains("not a block device"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read(&file)?,
+        vec![1u8; 2 << 20],
+        "a file was written"
+    );
+
+    let attach = Command::new("losetup")
+        .args(["--find", "--show"])
+        .arg(&file)
+        .output()?;
+    if !attach.status.success() {
+        eprintln!(
+            "skipped the device part: losetup: {}",
+            String::from_utf8_lossy(&attach.stderr).trim()
+        );
+        return Ok(());
+    }
+    let device = String::from_utf8_lossy(&attach.stdout).trim().to_string();
+    let out = ferry(&["journal", "format", j_arg, "--device", &device, "--json"]);
+    let _ = Command::new("losetup").args(["-d", &device]).status();
+    let out = out?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(report["capacity_bytes"], 2 << 20);
+    assert_eq!(report["device"], device.as_str());
+    let link = std::fs::read_link(j.join("spare-0.fjs"))?;
+    assert_eq!(link.to_str(), Some(device.as_str()));
+    assert!(std::fs::read(&file)?.iter().all(|b| *b == 0), "not zeroed");
+    Ok(())
+}

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use ferry_engine::journal::demux::demux;
+use ferry_engine::journal::device::register_device;
 use ferry_engine::journal::export::export_dm_log_writes;
 use ferry_engine::journal::format::StopInfo;
 use ferry_engine::journal::media::MediaSet;
@@ -92,15 +93,19 @@ pub enum JournalCommand {
         json: bool,
     },
     /// Pre-format spare media in a journal directory (zero-filled files of exactly
-    /// CAPACITY bytes) for a journal run with `spares=N`, like labelling tapes.
+    /// CAPACITY bytes) for a journal run with `spares=N`, like labelling tapes; or register
+    /// block devices as media (`--device`, zeroed; the journal takes them first).
     Format {
         dir: PathBuf,
-        /// How many spares should exist when done.
-        #[arg(long)]
-        spares: u32,
-        /// Bytes per medium (suffixes K, M, G, T): the journal's `capacity=`.
-        #[arg(long)]
-        capacity: String,
+        /// How many spare files should exist when done.
+        #[arg(long, requires = "capacity", required_unless_present = "device")]
+        spares: Option<u32>,
+        /// Bytes per spare file (suffixes K, M, G, T): the journal's `capacity=`.
+        #[arg(long, requires = "spares")]
+        capacity: Option<String>,
+        /// A block device to zero and register as a medium (repeatable). All its data is lost.
+        #[arg(long, value_name = "PATH")]
+        device: Vec<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -223,10 +228,40 @@ pub fn run(cmd: JournalCommand) -> anyhow::Result<()> {
             dir,
             spares,
             capacity,
+            device,
             json,
-        } => run_format(&dir, spares, &capacity, json),
+        } => {
+            for d in &device {
+                run_register_device(&dir, d, json)?;
+            }
+            match (spares, capacity) {
+                (Some(spares), Some(capacity)) => run_format(&dir, spares, &capacity, json),
+                _ => Ok(()),
+            }
+        }
         other => run_control(other),
     }
+}
+
+fn run_register_device(dir: &Path, device: &Path, json: bool) -> anyhow::Result<()> {
+    let bar = progress_bar(json, "{msg} [{bar:40}] {bytes}/{total_bytes} ({eta})");
+    bar.set_message(format!("zeroing {}", device.display()));
+    let report = register_device(dir, device, &mut |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    })?;
+    bar.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "{}: registered {} as a medium of {} bytes",
+            dir.display(),
+            report.device.display(),
+            report.capacity_bytes
+        );
+    }
+    Ok(())
 }
 
 fn run_format(dir: &Path, spares: u32, capacity: &str, json: bool) -> anyhow::Result<()> {

@@ -49,7 +49,23 @@ fn main() {
         Some(Command::Bench(args)) => bench::run(args),
     };
     if let Err(e) = result {
-        eprintln!("ferry: {e:#}");
+        eprintln!("ferry: {}", one_line(&e));
         std::process::exit(1);
     }
+}
+
+/// The error and its causes on one line, each cause once: errors whose message already
+/// ends with their source's (the engine's do) are not followed by it again.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if !line.ends_with(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
 }

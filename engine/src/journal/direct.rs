@@ -54,14 +54,20 @@ impl StagingBuffer {
 /// Switches `file` to direct I/O as `cache` asks. Returns whether it is now direct, or
 /// the error when `cache=none` was asked for and the filesystem refuses.
 /// `auto` keeps media on tmpfs buffered: there the page cache is the medium, and a staging
-/// copy would only add a copy.
+/// copy would only add a copy. (A device node lives on devtmpfs: block devices go direct.)
 pub fn apply_cache_mode(file: &File, cache: MediumCache) -> std::io::Result<bool> {
     match cache {
         MediumCache::Writeback => Ok(false),
-        MediumCache::Auto if is_memory_backed(file) => Ok(false),
+        MediumCache::Auto if !is_block_device(file) && is_memory_backed(file) => Ok(false),
         MediumCache::Auto => Ok(set_direct(file).is_ok()),
         MediumCache::None => set_direct(file).map(|()| true),
     }
+}
+
+fn is_block_device(file: &File) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    file.metadata()
+        .is_ok_and(|m| m.file_type().is_block_device())
 }
 
 fn set_direct(file: &File) -> std::io::Result<()> {

@@ -4,6 +4,7 @@
 
 pub mod catalog;
 pub mod demux;
+pub mod device;
 pub mod direct;
 pub mod entry;
 pub mod error;

@@ -18,6 +18,11 @@ pub trait RecordSource {
     fn len_bytes(&self) -> u64;
     /// Reads exactly `buf.len()` bytes at `offset`.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// The medium ends with its trailer's append whatever follows: a block device, which
+    /// sealing cannot truncate (the rest is the zeros it was registered with).
+    fn ends_at_trailer(&self) -> bool {
+        false
+    }
 }
 
 impl RecordSource for [u8] {
@@ -36,23 +41,36 @@ impl RecordSource for [u8] {
     }
 }
 
-/// A medium file with its length taken once.
+/// A medium file (or block device) with its length taken once.
 pub struct FileSource {
     pub file: File,
     pub len_bytes: u64,
+    pub is_device: bool,
 }
 
 impl FileSource {
     pub fn open(path: &std::path::Path) -> io::Result<Self> {
         let file = File::open(path)?;
-        let len_bytes = file.metadata()?.len();
-        Ok(Self { file, len_bytes })
+        let device_bytes = super::device::block_device_bytes(&file)?;
+        let len_bytes = match device_bytes {
+            Some(bytes) => bytes,
+            None => file.metadata()?.len(),
+        };
+        Ok(Self {
+            file,
+            len_bytes,
+            is_device: device_bytes.is_some(),
+        })
     }
 }
 
 impl RecordSource for FileSource {
     fn len_bytes(&self) -> u64 {
         self.len_bytes
+    }
+
+    fn ends_at_trailer(&self) -> bool {
+        self.is_device
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
@@ -126,6 +144,21 @@ pub fn scan_medium<S: RecordSource + ?Sized>(src: &S) -> io::Result<MediumScan> 
                 });
                 pos += header.record_bytes();
                 scan.valid_end_bytes = pos;
+                if header.op == Op::Trailer && src.ends_at_trailer() {
+                    // The padding of the trailer's append, then the end.
+                    if let Ok(Ok(padding)) = read_record(src, pos) {
+                        if padding.op == Op::Padding {
+                            scan.records.push(ScannedRecord {
+                                header: padding,
+                                position_bytes: pos,
+                            });
+                            scan.valid_end_bytes = pos + padding.record_bytes();
+                        }
+                    }
+                    // Counted as the zeroed rest without reading it.
+                    scan.zero_tail_bytes = len - scan.valid_end_bytes;
+                    break;
+                }
             }
             Err(_) if formatted(&scan, pos) && rest_is_zero(src, pos)? => {
                 scan.zero_tail_bytes = len - pos;

@@ -82,7 +82,7 @@ pub fn format_spare(
         .map_err(|source| spare_err(&tmp, "create", source))?;
     // Zeros bypass the page cache where media do (`cache=auto`): a disk's cache is not
     // filled with a gigabyte of them.
-    let direct = capacity_bytes % BLOCK_BYTES as u64 == 0
+    let direct = capacity_bytes.is_multiple_of(BLOCK_BYTES as u64)
         && apply_cache_mode(&file, MediumCache::Auto).unwrap_or(false);
     let mut staging = StagingBuffer::default();
     let unaligned_zeros;

@@ -8,6 +8,7 @@ use std::fs::{File, OpenOptions};
 use std::path::PathBuf;
 
 use super::catalog::{sync_dir, Catalog, CatalogEntry, MediumState, RunRecord};
+use super::device::device_spares;
 use super::direct::{apply_cache_mode, StagingBuffer};
 use super::entry::{now_ns, LogEntry};
 use super::error::JournalError;
@@ -66,6 +67,10 @@ struct OpenMedium {
     file: File,
     /// Opened with `O_DIRECT`: appends go through the aligned staging buffer.
     direct: bool,
+    /// Bytes this medium may hold (a registered block device's size, else `capacity`).
+    capacity_bytes: u64,
+    /// A registered block device: sealing leaves its zeroed rest instead of truncating.
+    is_device: bool,
     position_bytes: u64,
     entries: Vec<LogEntry>,
 }
@@ -193,7 +198,7 @@ impl MediumWriter {
         let Some(m) = self.current.as_ref() else {
             return start;
         };
-        let cap = self.options.capacity_bytes;
+        let cap = m.capacity_bytes;
         let mut used = m.position_bytes + prologue_len as u64;
         let mut end = start;
         while end < records.len() {
@@ -237,7 +242,8 @@ impl MediumWriter {
         }
         let index = self.next_index;
         let path = dir.join(medium_file_name(index));
-        let file = self.take_spare(&path)?;
+        let (file, device_bytes) = self.take_spare(&path)?;
+        let capacity_bytes = device_bytes.unwrap_or(self.options.capacity_bytes);
         let direct = apply_cache_mode(&file, self.options.cache)
             .map_err(|source| medium_err(&path, "open with O_DIRECT (cache=none)", source))?;
         sync_dir(&dir).map_err(|source| medium_err(&path, "sync directory", source))?;
@@ -245,7 +251,7 @@ impl MediumWriter {
             journal_id: self.journal_id,
             medium_index: index,
             flags: 0,
-            capacity_bytes: self.options.capacity_bytes,
+            capacity_bytes,
             prev_valid_end_bytes: self.prev_valid_end_bytes,
         };
         let bytes = encode_prologue(&header, prologue);
@@ -256,6 +262,8 @@ impl MediumWriter {
             path,
             file,
             direct,
+            capacity_bytes,
+            is_device: device_bytes.is_some(),
             position_bytes: 0,
             entries: Vec::new(),
         });
@@ -263,9 +271,24 @@ impl MediumWriter {
         Ok(bytes)
     }
 
-    /// Opens `path` as the next medium: a formatted spare renamed to it when one is there
-    /// (written over from offset 0), else a new empty file.
-    fn take_spare(&mut self, path: &std::path::Path) -> Result<File, WriteFailure> {
+    /// Opens `path` as the next medium: a registered block device (its link renamed to
+    /// `path`; returned with its size) first, else a formatted spare renamed to it (written
+    /// over from offset 0), else a new empty file.
+    fn take_spare(&mut self, path: &std::path::Path) -> Result<(File, Option<u64>), WriteFailure> {
+        if !path.exists() {
+            if let Some((link, device, bytes)) =
+                device_spares(&self.options.dir)?.into_iter().next()
+            {
+                std::fs::rename(&link, path)
+                    .map_err(|source| medium_err(&device, "take device", source))?;
+                let file = OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .map_err(|source| medium_err(&device, "open device", source))?;
+                self.spares_taken += 1;
+                return Ok((file, Some(bytes)));
+            }
+        }
         let o = &self.options;
         if o.spares > 0 && self.formatter.is_none() {
             match SpareFormatter::start(o.dir.clone(), o.capacity_bytes, o.spares) {
@@ -283,6 +306,7 @@ impl MediumWriter {
                 .write(true)
                 .create_new(true)
                 .open(path)
+                .map(|f| (f, None))
                 .map_err(|source| WriteFailure::Error(medium_err(path, "create", source)));
         };
         std::fs::rename(&spare, path).map_err(|source| medium_err(&spare, "take spare", source))?;
@@ -294,7 +318,7 @@ impl MediumWriter {
         if let Some(f) = &self.formatter {
             f.wake();
         }
-        Ok(file)
+        Ok((file, None))
     }
 
     /// Appends prologue + chunk + padding at the append point and makes it durable.
@@ -368,6 +392,9 @@ impl MediumWriter {
         let Some(m) = self.current.as_ref() else {
             return Ok(());
         };
+        if m.is_device {
+            return Ok(());
+        }
         let len = m.file.metadata().map(|md| md.len());
         if len.is_ok_and(|l| l == m.position_bytes) {
             return Ok(());

@@ -2,6 +2,7 @@
 //! real volumes and queues, restore/verify/demux/export, and crash recovery.
 
 mod crash;
+mod devices;
 mod direct;
 mod failures;
 mod format_golden;

@@ -1,0 +1,175 @@
+//! Block devices as media (loop devices; skipped where `losetup` is not allowed): registered
+//! devices are taken first, filled to their size, sealed without truncation, then the journal
+//! goes on with files; everything verifies and restores; a crash on a device medium recovers.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::super::device::{device_spares, register_device};
+use super::super::media::{list_media, MediaSet};
+use super::super::restore::{restore, RestoreOptions, Until};
+use super::super::scan::{scan_medium, FileSource};
+use super::super::verify::verify;
+use super::super::{Journal, JournalOptions};
+use super::support::{open_volume, pattern, write, Rng, TestResult};
+use crate::VolumeQueue;
+
+const DEVICE_BYTES: u64 = 1 << 20;
+const FILE_CAPACITY_BYTES: u64 = 256 * 1024;
+const VOLUME_BYTES: u64 = 1 << 20;
+
+/// A loop device over a file, detached on drop.
+struct LoopDevice {
+    path: PathBuf,
+}
+
+impl LoopDevice {
+    /// `None` (and a note) where loop devices cannot be set up (not root, no loop driver).
+    fn new(backing: &Path) -> Option<Self> {
+        std::fs::write(backing, vec![0xEEu8; DEVICE_BYTES as usize]).ok()?;
+        let out = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(backing)
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            eprintln!(
+                "skipped: losetup: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            return None;
+        }
+        let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        Some(Self { path })
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
+    }
+}
+
+fn options(dir: &Path) -> JournalOptions {
+    let mut o = JournalOptions::new(dir.join("j"));
+    o.capacity_bytes = FILE_CAPACITY_BYTES;
+    o
+}
+
+fn run_writes(dir: &Path, journal: &std::sync::Arc<Journal>, count: u64) -> TestResult<Vec<u8>> {
+    let base = pattern(11, VOLUME_BYTES as usize);
+    if !dir.join("v.img").exists() {
+        std::fs::write(dir.join("v.img"), &base)?;
+        std::fs::write(dir.join("v.base"), &base)?;
+    }
+    let v = open_volume(dir, "v", VOLUME_BYTES)?;
+    v.add_observer(journal.observer());
+    let mut q = VolumeQueue::new(v.clone(), 0, 4, 4)?;
+    let mut rng = Rng(17);
+    let mut image = std::fs::read(dir.join("v.img"))?;
+    for i in 0..count {
+        let at = rng.below(VOLUME_BYTES / 4096) as usize * 4096;
+        let data = pattern(500 + i, 4096);
+        write(&mut q, at as u64, &data).map_err(|e| format!("{e:?}"))?;
+        image[at..at + 4096].copy_from_slice(&data);
+    }
+    v.remove_observer(&journal.observer());
+    Ok(image)
+}
+
+fn restored(dir: &Path) -> TestResult<Vec<u8>> {
+    let set = MediaSet::open(&[dir.join("j")])?;
+    let report = verify(&set);
+    assert!(report.ok(), "{report:#?}");
+    let opts = RestoreOptions {
+        volume: "v".into(),
+        base: dir.join("v.base"),
+        out: dir.join("v.restored"),
+        until: Until::End,
+        allow_gaps: false,
+    };
+    restore(&set, &opts, &mut |_, _| {})?;
+    Ok(std::fs::read(dir.join("v.restored"))?)
+}
+
+#[test]
+fn registered_devices_are_filled_first_then_files() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let Some(first) = LoopDevice::new(&dir.join("dev0")) else {
+        return Ok(());
+    };
+    let Some(second) = LoopDevice::new(&dir.join("dev1")) else {
+        return Ok(());
+    };
+    for d in [&first, &second] {
+        let r = register_device(&dir.join("j"), &d.path, &mut |_, _| {})?;
+        assert_eq!(r.capacity_bytes, DEVICE_BYTES);
+    }
+    assert_eq!(device_spares(&dir.join("j"))?.len(), 2);
+    // Registering zeroed the devices.
+    assert!(std::fs::read(dir.join("dev0"))?.iter().all(|&b| b == 0));
+    let again = register_device(&dir.join("j"), &first.path, &mut |_, _| {});
+    assert!(again.is_err(), "a device registered twice");
+
+    let journal = Journal::open(options(dir))?;
+    let expected = run_writes(dir, &journal, 600)?;
+    assert_eq!(journal.status().spares_taken, 2);
+    journal.close();
+
+    let media = list_media(&dir.join("j"))?;
+    assert!(media.len() >= 3, "{media:?}");
+    for (i, (_, path)) in media.iter().enumerate() {
+        let is_link = std::fs::symlink_metadata(path)?.file_type().is_symlink();
+        assert_eq!(is_link, i < 2, "medium {i} {}", path.display());
+        let scan = scan_medium(&FileSource::open(path)?)?;
+        assert!(scan.sealed, "medium {i} not sealed");
+        assert!(scan.problems.is_empty(), "medium {i}: {:?}", scan.problems);
+        if i < 2 {
+            let header = scan.medium_header.ok_or("no medium header")?;
+            assert_eq!(header.capacity_bytes, DEVICE_BYTES);
+            assert!(
+                scan.valid_end_bytes > DEVICE_BYTES / 2,
+                "device {i} barely used"
+            );
+        }
+    }
+    assert_eq!(restored(dir)?, expected);
+    Ok(())
+}
+
+#[test]
+fn a_crash_on_a_device_medium_recovers() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let Some(device) = LoopDevice::new(&dir.join("dev0")) else {
+        return Ok(());
+    };
+    register_device(&dir.join("j"), &device.path, &mut |_, _| {})?;
+    let journal = Journal::open(options(dir))?;
+    let expected = run_writes(dir, &journal, 50)?;
+    journal.crash_for_test();
+    drop(journal);
+
+    let media = list_media(&dir.join("j"))?;
+    assert_eq!(media.len(), 1);
+    let scan = scan_medium(&FileSource::open(&media[0].1)?)?;
+    assert!(
+        !scan.sealed && scan.problems.is_empty(),
+        "{:?}",
+        scan.problems
+    );
+    assert_eq!(scan.zero_tail_bytes, DEVICE_BYTES - scan.valid_end_bytes);
+    assert_eq!(restored(dir)?, expected);
+
+    let journal = Journal::open(options(dir))?;
+    assert!(journal.status().recovered_torn_tail.is_none());
+    let more = run_writes(dir, &journal, 20)?;
+    let mark = journal.mark("after-crash")?;
+    journal.close();
+    let report = verify(&MediaSet::open(&[dir.join("j")])?);
+    assert!(report.ok(), "{report:#?}");
+    assert_eq!(report.last_seq, Some(mark.seq));
+    assert_eq!(restored(dir)?, more);
+    Ok(())
+}
