@@ -23,6 +23,12 @@ use crate::observer::{ObserverTicket, WriteEvent, WriteKind, WriteObserver};
 
 /// How often a paused journal (on-full=pause) retries to open a medium.
 const PAUSE_RETRY: Duration = Duration::from_secs(1);
+/// In async mode the writer gathers records for at most this long after the first one of a
+/// batch before appending them (unless `ASYNC_GATHER_BYTES` are pending first): one wake-up
+/// and one append per interval instead of one per handful of records.
+const ASYNC_GATHER: Duration = Duration::from_micros(500);
+/// In async mode, pending bytes that end the gathering at once.
+const ASYNC_GATHER_BYTES: usize = 1 << 20;
 /// The stream id of records that belong to no volume (marks, log-init, gaps).
 pub const JOURNAL_STREAM_ID: u32 = 0;
 
@@ -114,6 +120,11 @@ struct State {
     /// The writer sleeps on `work`: only then does a new record need to wake it (a
     /// condvar notification is a system call even without a waiter).
     writer_idle: bool,
+    /// Async mode: the writer sleeps until `ASYNC_GATHER` has passed since the first
+    /// pending record; only a batch of `ASYNC_GATHER_BYTES` or a held write wakes it early.
+    writer_gathering: bool,
+    /// Someone waits for the pending records to be durable (mark, init): no gathering.
+    commit_now: bool,
     /// Media opened by taking a formatted spare.
     spares_taken: u64,
     /// The last medium opened was opened with `O_DIRECT`.
@@ -311,6 +322,8 @@ impl Journal {
             writer_exited: false,
             run: State::running(options.mode == JournalMode::Async),
             writer_idle: false,
+            writer_gathering: false,
+            commit_now: false,
             spares_taken: 0,
             medium_direct: None,
         };
@@ -413,6 +426,7 @@ impl Journal {
     }
 
     fn wait_durable(&self, mut st: MutexGuard<'_, State>, seq: u64) -> Result<(), JournalError> {
+        st.commit_now = true;
         self.shared.work.notify_one();
         while st.processed_seq < seq && !st.writer_exited {
             st = self
@@ -579,8 +593,11 @@ impl WriteObserver for Journal {
             JournalMode::Sync => true,
             JournalMode::Async => st.lag_bytes() > options.lag_max_bytes,
         } || st.phase == JournalState::Paused;
-        if st.writer_idle {
+        let wake = st.writer_idle
+            || (st.writer_gathering && (hold || st.batch.len() >= ASYNC_GATHER_BYTES));
+        if wake {
             st.writer_idle = false;
+            st.writer_gathering = false;
             self.shared.work.notify_one();
         }
         if hold {
@@ -639,16 +656,42 @@ impl Batch {
 fn writer_main(shared: &Shared, mut writer: MediumWriter) -> MediumWriter {
     let mut carry = Batch::default();
     let mut retry_at: Option<Instant> = None;
+    let gathers = shared.options.mode == JournalMode::Async;
     loop {
         let (prologue, seal, shutdown, stop_info) = {
             let mut st = shared.lock();
+            let mut gather_until: Option<Instant> = None;
             loop {
                 let ready = retry_at.is_none_or(|t| Instant::now() >= t);
                 let has_work = !st.batch.is_empty()
                     || !carry.records.is_empty()
                     || st.seal_requests > st.seals_done;
-                if st.shutdown || (ready && has_work) {
+                if st.shutdown || (ready && has_work && !st.tickets.is_empty()) {
                     break;
+                }
+                if ready && has_work {
+                    // Async: let more records join the batch unless it is big already, or
+                    // something other than records waits (seal, a carried batch).
+                    let only_records = carry.records.is_empty()
+                        && st.seal_requests == st.seals_done
+                        && !st.commit_now;
+                    let until = *gather_until.get_or_insert_with(|| Instant::now() + ASYNC_GATHER);
+                    let now = Instant::now();
+                    if !gathers
+                        || !only_records
+                        || st.batch.len() >= ASYNC_GATHER_BYTES
+                        || now >= until
+                    {
+                        break;
+                    }
+                    st.writer_gathering = true;
+                    st = shared
+                        .work
+                        .wait_timeout(st, until - now)
+                        .map(|r| r.0)
+                        .unwrap_or_else(|p| p.into_inner().0);
+                    st.writer_gathering = false;
+                    continue;
                 }
                 let wait =
                     retry_at.map_or(PAUSE_RETRY, |t| t.saturating_duration_since(Instant::now()));
@@ -666,6 +709,7 @@ fn writer_main(shared: &Shared, mut writer: MediumWriter) -> MediumWriter {
                 return writer;
             }
             carry.take_from(&mut st);
+            st.commit_now = false;
             writer.set_run(st.run);
             let prologue = Prologue {
                 streams: st.stream_list.clone(),
