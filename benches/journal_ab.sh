@@ -17,7 +17,10 @@
 # (the default `cache=auto`), the image still on /dev/shm; with SPARES=N as well, the disk
 # journal is pre-formatted and run with spares too (like sync-sp).
 #
-# Usage: [SPARES=N CAPACITY=1G] [DISK=/var/tmp] benches/journal_ab.sh ROUNDS SECS NAME=BIN [NAME=BIN ...]
+# CLIENT=--poll runs the client busy-polling for completions instead of waiting (--wait, the
+# default, as a guest waiting for interrupts does).
+#
+# Usage: [SPARES=N CAPACITY=1G] [DISK=/var/tmp] [CLIENT=--poll] benches/journal_ab.sh ROUNDS SECS NAME=BIN [NAME=BIN ...]
 #   e.g. benches/journal_ab.sh 6 3 before=/tmp/ferry-before after=target/release/ferry
 #        SPARES=6 CAPACITY=1G benches/journal_ab.sh 5 3 ferry=target/release/ferry
 set -euo pipefail
@@ -25,6 +28,7 @@ ROUNDS=$1; SECS=$2; shift 2
 W=${WORKDIR:-/dev/shm/ferry-jab.$$}
 mkdir -p "$W"; truncate -s 512M "$W/img"
 DISK=${DISK:-}
+CLIENT=${CLIENT:---wait}
 DJ=${DISK:+$DISK/ferry-jab-journal.$$}
 trap 'rm -rf "$W" ${DJ:+"$DJ"}' EXIT
 SPARES=${SPARES:-0}; CAPACITY=${CAPACITY:-4G}; FORMATTED=${FORMATTED:-$SPARES}
@@ -54,7 +58,7 @@ run() {
     local pid=$! i json t0 t1
     for ((i = 0; i < 200; i++)); do [[ -S $W/s.sock ]] && break; sleep 0.05; done
     t0=$(awk '{print $14 + $15}' "/proc/$pid/stat")
-    json=$("$bin" bench --socket "$W/s.sock" --rw randwrite --bs 4K --qd 32 --secs "$SECS" --ramp 1 --wait --json)
+    json=$("$bin" bench --socket "$W/s.sock" --rw randwrite --bs 4K --qd 32 --secs "$SECS" --ramp 1 "$CLIENT" --json)
     t1=$(awk '{print $14 + $15}' "/proc/$pid/stat")
     kill -TERM "$pid"; wait "$pid"; rm -rf "$W/j" ${DJ:+"$DJ"}
     jq -r --arg r "$round" --arg n "$name" --arg c "$config" --argjson t $(((t1 - t0) * TICK_US)) --argjson s "$SECS" \
