@@ -71,6 +71,15 @@ fn is_block_device(file: &File) -> bool {
 }
 
 fn set_direct(file: &File) -> std::io::Result<()> {
+    update_status_flags(file, |flags| flags | libc::O_DIRECT)
+}
+
+/// Turns `O_DIRECT` off again (appends go through the page cache from then on).
+pub fn clear_direct(file: &File) -> std::io::Result<()> {
+    update_status_flags(file, |flags| flags & !libc::O_DIRECT)
+}
+
+fn update_status_flags(file: &File, change: impl FnOnce(i32) -> i32) -> std::io::Result<()> {
     let fd = file.as_raw_fd();
     // SAFETY: fcntl(2) on a descriptor we own; F_GETFL/F_SETFL take no pointers.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
@@ -78,7 +87,7 @@ fn set_direct(file: &File) -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: as above.
-    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_DIRECT) } < 0 {
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, change(flags)) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
@@ -101,6 +110,23 @@ mod tests {
         let small = staging.fill(&[&[3u8; BLOCK_BYTES]]);
         assert_eq!(small.len(), BLOCK_BYTES);
         assert!(small.iter().all(|&x| x == 3));
+    }
+
+    #[test]
+    fn direct_can_be_turned_off_again() -> std::io::Result<()> {
+        let dir = tempfile::tempdir_in(concat!(env!("CARGO_MANIFEST_DIR"), "/../target"))?;
+        let file = File::create(dir.path().join("medium"))?;
+        let status = |f: &File| {
+            // SAFETY: F_GETFL on an open descriptor; no pointers.
+            unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) }
+        };
+        if apply_cache_mode(&file, MediumCache::None).is_err() {
+            return Ok(()); // this filesystem takes no O_DIRECT: nothing to turn off
+        }
+        assert_ne!(status(&file) & libc::O_DIRECT, 0);
+        clear_direct(&file)?;
+        assert_eq!(status(&file) & libc::O_DIRECT, 0);
+        Ok(())
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use super::catalog::{sync_dir, Catalog, CatalogEntry, MediumState, RunRecord};
 use super::device::device_spares;
-use super::direct::{apply_cache_mode, StagingBuffer};
+use super::direct::{apply_cache_mode, clear_direct, StagingBuffer};
 use super::entry::{now_ns, LogEntry};
 use super::error::JournalError;
 use super::format::{
@@ -18,7 +18,7 @@ use super::format::{
     HEADER_BYTES, TRAILER_ENTRY_BYTES,
 };
 use super::media::{list_media, medium_file_name};
-use super::options::{JournalOptions, OnFull};
+use super::options::{JournalOptions, MediumCache, OnFull};
 use super::spares::{list_spares, SpareFormatter};
 
 /// A record of a batch as the journal encoded it: where it starts in the batch and its
@@ -343,13 +343,25 @@ impl MediumWriter {
         };
         let at = m.position_bytes;
         let parts = [prologue, chunk, padding.as_slice()];
-        let result = if m.direct {
+        let mut result = if m.direct {
             let aligned = self.staging.fill(&parts);
             write_all_vectored_at(&m.file, &[aligned], at)
         } else {
             write_all_vectored_at(&m.file, &parts, at)
+        };
+        // A device or filesystem that took O_DIRECT at open but refuses these appends (a
+        // logical block above 4 KiB): under `cache=auto` the medium goes on buffered.
+        let refused = matches!(&result, Err(e) if e.raw_os_error() == Some(libc::EINVAL));
+        if m.direct && refused && self.options.cache == MediumCache::Auto {
+            log::warn!(
+                "journal medium {}: O_DIRECT appends refused; continuing through the page cache",
+                m.path.display()
+            );
+            m.direct = false;
+            result =
+                clear_direct(&m.file).and_then(|()| write_all_vectored_at(&m.file, &parts, at));
         }
-        .and_then(|()| m.file.sync_data());
+        let result = result.and_then(|()| m.file.sync_data());
         if let Err(source) = result {
             let path = m.path.clone();
             return Err(WriteFailure::Error(medium_err(&path, "append", source)));
