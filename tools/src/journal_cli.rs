@@ -244,13 +244,10 @@ pub fn run(cmd: JournalCommand) -> anyhow::Result<()> {
 }
 
 fn run_register_device(dir: &Path, device: &Path, json: bool) -> anyhow::Result<()> {
-    let bar = progress_bar(json, "{msg} [{bar:40}] {bytes}/{total_bytes} ({eta})");
-    bar.set_message(format!("zeroing {}", device.display()));
-    let report = register_device(dir, device, &mut |done, total| {
-        bar.set_length(total);
-        bar.set_position(done);
+    let message = format!("zeroing {}", device.display());
+    let report = with_byte_progress(json, message, |progress| {
+        register_device(dir, device, progress)
     })?;
-    bar.finish_and_clear();
     if json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -270,13 +267,10 @@ fn run_format(dir: &Path, spares: u32, capacity: &str, json: bool) -> anyhow::Re
         capacity_bytes >= ferry_engine::journal::options::CAPACITY_MIN_BYTES,
         "--capacity must be at least 256K"
     );
-    let bar = progress_bar(json, "{msg} [{bar:40}] {bytes}/{total_bytes} ({eta})");
-    bar.set_message(format!("formatting spares in {}", dir.display()));
-    let report = format_spares(dir, spares, capacity_bytes, &mut |done, total| {
-        bar.set_length(total);
-        bar.set_position(done);
+    let message = format!("formatting spares in {}", dir.display());
+    let report = with_byte_progress(json, message, |progress| {
+        format_spares(dir, spares, capacity_bytes, progress)
     })?;
-    bar.finish_and_clear();
     if json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -520,6 +514,23 @@ fn run_restore(media: &[PathBuf], opts: &RestoreOptions, json: bool) -> anyhow::
 
 /// A progress bar on stderr drawn with `template`, hidden for `--json` or when stderr is not a
 /// terminal.
+/// Runs `work` with a byte progress bar on stderr (hidden with `--json` or no terminal);
+/// `work` reports (done, total) bytes.
+fn with_byte_progress<T>(
+    json: bool,
+    message: String,
+    work: impl FnOnce(&mut dyn FnMut(u64, u64)) -> T,
+) -> T {
+    let bar = progress_bar(json, "{msg} [{bar:40}] {bytes}/{total_bytes} ({eta})");
+    bar.set_message(message);
+    let result = work(&mut |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    });
+    bar.finish_and_clear();
+    result
+}
+
 fn progress_bar(json: bool, template: &str) -> indicatif::ProgressBar {
     let bar = if json || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         indicatif::ProgressBar::hidden()

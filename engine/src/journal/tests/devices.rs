@@ -7,11 +7,10 @@ use std::process::Command;
 
 use super::super::device::{device_spares, register_device};
 use super::super::media::{list_media, MediaSet};
-use super::super::restore::{restore, RestoreOptions, Until};
 use super::super::scan::{scan_medium, FileSource};
 use super::super::verify::verify;
 use super::super::{Journal, JournalOptions};
-use super::support::{open_volume, pattern, write, Rng, TestResult};
+use super::support::{open_volume, pattern, verify_and_restore_v, write, Rng, TestResult};
 use crate::VolumeQueue;
 
 const DEVICE_BYTES: u64 = 1 << 20;
@@ -77,21 +76,6 @@ fn run_writes(dir: &Path, journal: &std::sync::Arc<Journal>, count: u64) -> Test
     Ok(image)
 }
 
-fn restored(dir: &Path) -> TestResult<Vec<u8>> {
-    let set = MediaSet::open(&[dir.join("j")])?;
-    let report = verify(&set);
-    assert!(report.ok(), "{report:#?}");
-    let opts = RestoreOptions {
-        volume: "v".into(),
-        base: dir.join("v.base"),
-        out: dir.join("v.restored"),
-        until: Until::End,
-        allow_gaps: false,
-    };
-    restore(&set, &opts, &mut |_, _| {})?;
-    Ok(std::fs::read(dir.join("v.restored"))?)
-}
-
 #[test]
 fn registered_devices_are_filled_first_then_files() -> TestResult {
     let tmp = tempfile::tempdir()?;
@@ -134,7 +118,7 @@ fn registered_devices_are_filled_first_then_files() -> TestResult {
             );
         }
     }
-    assert_eq!(restored(dir)?, expected);
+    assert_eq!(verify_and_restore_v(dir)?, expected);
     Ok(())
 }
 
@@ -160,7 +144,7 @@ fn a_crash_on_a_device_medium_recovers() -> TestResult {
         scan.problems
     );
     assert_eq!(scan.zero_tail_bytes, DEVICE_BYTES - scan.valid_end_bytes);
-    assert_eq!(restored(dir)?, expected);
+    assert_eq!(verify_and_restore_v(dir)?, expected);
 
     let journal = Journal::open(options(dir))?;
     assert!(journal.status().recovered_torn_tail.is_none());
@@ -170,6 +154,6 @@ fn a_crash_on_a_device_medium_recovers() -> TestResult {
     let report = verify(&MediaSet::open(&[dir.join("j")])?);
     assert!(report.ok(), "{report:#?}");
     assert_eq!(report.last_seq, Some(mark.seq));
-    assert_eq!(restored(dir)?, more);
+    assert_eq!(verify_and_restore_v(dir)?, more);
     Ok(())
 }

@@ -5,11 +5,10 @@ use std::path::{Path, PathBuf};
 
 use super::super::media::MediaSet;
 use super::super::options::MediumCache;
-use super::super::restore::{restore, RestoreOptions, Until};
 use super::super::spares::format_spares;
 use super::super::verify::verify;
 use super::super::{Journal, JournalOptions};
-use super::support::{open_volume, pattern, write, Rng, TestResult};
+use super::support::{open_volume, pattern, verify_and_restore_v, write, Rng, TestResult};
 use crate::VolumeQueue;
 
 const CAPACITY_BYTES: u64 = 256 * 1024;
@@ -57,22 +56,6 @@ fn run_writes(dir: &Path, journal: &std::sync::Arc<Journal>, count: u64) -> Test
     Ok(image)
 }
 
-fn restored(dir: &Path) -> TestResult<Vec<u8>> {
-    let set = MediaSet::open(&[dir.join("j")])?;
-    let report = verify(&set);
-    assert!(report.ok(), "{report:#?}");
-    let out = dir.join("v.restored");
-    let opts = RestoreOptions {
-        volume: "v".into(),
-        base: dir.join("v.base"),
-        out: out.clone(),
-        until: Until::End,
-        allow_gaps: false,
-    };
-    restore(&set, &opts, &mut |_, _| {})?;
-    Ok(std::fs::read(out)?)
-}
-
 #[test]
 fn direct_media_rotate_seal_and_restore() -> TestResult {
     let Some(tmp) = direct_capable_dir() else {
@@ -85,7 +68,7 @@ fn direct_media_rotate_seal_and_restore() -> TestResult {
     journal.close();
     let media = super::super::media::list_media(&dir.join("j"))?;
     assert!(media.len() > 2, "rotation expected, got {}", media.len());
-    assert_eq!(restored(dir)?, expected);
+    assert_eq!(verify_and_restore_v(dir)?, expected);
     Ok(())
 }
 
@@ -101,7 +84,7 @@ fn direct_media_over_spares_survive_a_crash() -> TestResult {
     assert_eq!(journal.status().medium_direct, Some(true));
     journal.crash_for_test();
     drop(journal);
-    assert_eq!(restored(dir)?, expected);
+    assert_eq!(verify_and_restore_v(dir)?, expected);
     let journal = Journal::open(options(dir, 2))?;
     let more = journal.mark("after-crash")?;
     journal.close();
@@ -109,6 +92,6 @@ fn direct_media_over_spares_survive_a_crash() -> TestResult {
     let report = verify(&set);
     assert!(report.ok(), "{report:#?}");
     assert_eq!(report.last_seq, Some(more.seq));
-    assert_eq!(restored(dir)?, expected);
+    assert_eq!(verify_and_restore_v(dir)?, expected);
     Ok(())
 }

@@ -6,13 +6,12 @@ use std::path::Path;
 
 use super::super::format::{encode_record, MediumHeader, Op, RecordHeader};
 use super::super::media::{list_media, MediaSet};
-use super::super::restore::{restore, RestoreOptions, Until};
 use super::super::scan::scan_medium;
 use super::super::spares::{format_spares, list_spares};
 use super::super::verify::verify;
 use super::super::writer::{encode_prologue, Prologue};
 use super::super::{Journal, JournalOptions};
-use super::support::{open_volume, pattern, write, Rng, TestResult};
+use super::support::{open_volume, pattern, verify_and_restore_v, write, Rng, TestResult};
 use crate::VolumeQueue;
 
 const CAPACITY_BYTES: u64 = 256 * 1024;
@@ -50,22 +49,6 @@ fn run_writes(
     Ok(image)
 }
 
-fn restored(dir: &Path) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
-    let set = MediaSet::open(&[dir.join("j")])?;
-    let report = verify(&set);
-    assert!(report.ok(), "{report:#?}");
-    let out = dir.join("v.restored");
-    let opts = RestoreOptions {
-        volume: "v".into(),
-        base: dir.join("v.base"),
-        out: out.clone(),
-        until: Until::End,
-        allow_gaps: false,
-    };
-    restore(&set, &opts, &mut |_, _| {})?;
-    Ok(std::fs::read(out)?)
-}
-
 #[test]
 fn every_medium_comes_from_a_spare_and_restores_the_same() -> TestResult {
     let plain = tempfile::tempdir()?;
@@ -74,7 +57,7 @@ fn every_medium_comes_from_a_spare_and_restores_the_same() -> TestResult {
     journal.close();
     assert_eq!(journal.status().spares_taken, 0);
     assert!(list_spares(&plain.path().join("j"), CAPACITY_BYTES)?.is_empty());
-    assert_eq!(restored(plain.path())?, expected);
+    assert_eq!(verify_and_restore_v(plain.path())?, expected);
 
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
@@ -98,7 +81,7 @@ fn every_medium_comes_from_a_spare_and_restores_the_same() -> TestResult {
         let scan = scan_medium(&super::super::scan::FileSource::open(path)?)?;
         assert!(scan.sealed && scan.problems.is_empty() && scan.zero_tail_bytes == 0);
     }
-    assert_eq!(restored(dir)?, expected);
+    assert_eq!(verify_and_restore_v(dir)?, expected);
     Ok(())
 }
 
@@ -120,7 +103,7 @@ fn crash_on_a_formatted_medium_recovers_cleanly() -> TestResult {
     assert_eq!(scan.zero_tail_bytes, CAPACITY_BYTES - scan.valid_end_bytes);
 
     // Unsealed, formatted: verify and restore read it as is.
-    assert_eq!(restored(dir)?, expected);
+    assert_eq!(verify_and_restore_v(dir)?, expected);
     let journal = Journal::open(options(dir, 2))?;
     assert!(journal.status().recovered_torn_tail.is_none());
     let mark = journal.mark("after-crash")?;
@@ -129,7 +112,7 @@ fn crash_on_a_formatted_medium_recovers_cleanly() -> TestResult {
     let report = verify(&set);
     assert!(report.ok(), "{report:#?}");
     assert_eq!(report.last_seq, Some(mark.seq));
-    assert_eq!(restored(dir)?, expected);
+    assert_eq!(verify_and_restore_v(dir)?, expected);
     Ok(())
 }
 

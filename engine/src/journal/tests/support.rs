@@ -79,3 +79,23 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     (0..len).map(|_| rng.next() as u8).collect()
 }
+
+/// Verifies the journal in `dir/j` (it must be clean) and restores volume `v` from
+/// `dir/v.base` to the end into `dir/v.restored`; returns the restored image.
+pub fn verify_and_restore_v(dir: &std::path::Path) -> TestResult<Vec<u8>> {
+    use super::super::media::MediaSet;
+    use super::super::restore::{restore, RestoreOptions, Until};
+    let set = MediaSet::open(&[dir.join("j")])?;
+    let report = super::super::verify::verify(&set);
+    assert!(report.ok(), "{report:#?}");
+    let out = dir.join("v.restored");
+    let opts = RestoreOptions {
+        volume: "v".into(),
+        base: dir.join("v.base"),
+        out: out.clone(),
+        until: Until::End,
+        allow_gaps: false,
+    };
+    restore(&set, &opts, &mut |_, _| {})?;
+    Ok(std::fs::read(out)?)
+}
