@@ -423,6 +423,26 @@ fn format_registers_a_block_device_and_refuses_what_is_not_one() -> TestResult {
         return Ok(());
     }
     let device = String::from_utf8_lossy(&attach.stdout).trim().to_string();
+    // A device someone holds exclusively (as a mount does) is refused, untouched.
+    let held = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_EXCL)
+            .open(&device)
+    };
+    if let Ok(held) = held {
+        let busy = ferry(&["journal", "format", j_arg, "--device", &device])?;
+        drop(held);
+        let stderr = String::from_utf8_lossy(&busy.stderr);
+        assert!(!busy.status.success(), "a held device was registered");
+        assert!(stderr.contains("open exclusively"), "{stderr}");
+        assert_eq!(
+            std::fs::read(&file)?,
+            vec![1u8; 2 << 20],
+            "a held device was written"
+        );
+    }
     let out = ferry(&["journal", "format", j_arg, "--device", &device, "--json"]);
     let _ = Command::new("losetup").args(["-d", &device]).status();
     let out = out?;
