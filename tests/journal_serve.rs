@@ -101,6 +101,12 @@ fn make_journal() -> Result<Made> {
     let at_m2 = models.clone();
     round(&workers, &rig, 5, &mut models, &mut ops)?;
     let status = rig.status()?;
+    let human = rig.control_cmd("status", &[])?;
+    ensure!(
+        human.starts_with("journal: running, sync mode")
+            && human.contains(&format!("next seq {}", status["next_seq"])),
+        "human status:\n{human}"
+    );
     let retrieved = json_lines(&rig.control_cmd("retrieve", &["--format", "jsonl"])?)?;
     drop(workers);
     rig::stop(&mut daemon)?;

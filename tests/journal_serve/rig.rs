@@ -94,7 +94,7 @@ impl Rig {
 
     /// `ferry journal status` as JSON.
     pub fn status(&self) -> Result<Value> {
-        let out = self.control_cmd("status", &[])?;
+        let out = self.control_cmd("status", &["--json"])?;
         serde_json::from_str(&out).with_context(|| format!("status is not JSON: {out}"))
     }
 

@@ -120,6 +120,9 @@ pub enum JournalCommand {
     Status {
         #[arg(long)]
         control: PathBuf,
+        /// The control socket's JSON reply, for scripts.
+        #[arg(long)]
+        json: bool,
     },
     /// Fetch log entries from a running daemon's journal.
     Retrieve {
@@ -291,7 +294,15 @@ fn run_control(cmd: JournalCommand) -> anyhow::Result<()> {
         JournalCommand::Init { control, label } => {
             (control, "journal-init", json!({ "label": label }))
         }
-        JournalCommand::Status { control } => (control, "journal-status", json!({})),
+        JournalCommand::Status { control, json } => {
+            let reply = request(&control, "journal-status", json!({}))?;
+            if json {
+                println!("{}", serde_json::to_string(&reply)?);
+            } else {
+                print!("{}", describe_status(&reply));
+            }
+            return Ok(());
+        }
         JournalCommand::Retrieve {
             control,
             since,
@@ -310,6 +321,82 @@ fn run_control(cmd: JournalCommand) -> anyhow::Result<()> {
     let reply = request(&control, command, arguments)?;
     println!("{}", serde_json::to_string_pretty(&reply)?);
     Ok(())
+}
+
+/// `journal-status` for a person: the state first, loudly when writes go unjournaled.
+fn describe_status(s: &serde_json::Value) -> String {
+    let num = |k: &str| s[k].as_u64().unwrap_or(0);
+    let text = |k: &str| s[k].as_str().unwrap_or("?").to_string();
+    let mut out = String::new();
+    let state = text("state");
+    let reason = s["reason"].as_str().unwrap_or("");
+    match state.as_str() {
+        "running" => out.push_str(&format!(
+            "journal: running, {} mode, in {}\n",
+            text("mode"),
+            text("dir")
+        )),
+        "paused" => out.push_str(&format!(
+            "journal: PAUSED, guest writes are held: {reason}\n"
+        )),
+        _ => out.push_str(&format!(
+            "journal: {}, guest writes are NOT being journaled: {reason}\n",
+            state.to_uppercase()
+        )),
+    }
+    match s["medium"].as_u64() {
+        Some(m) => out.push_str(&format!(
+            "  medium {m}, append point at {} bytes{}\n",
+            num("position_bytes"),
+            if s["medium_direct"] == true {
+                " (O_DIRECT)"
+            } else {
+                ""
+            }
+        )),
+        None => out.push_str("  no medium open (the next write opens one)\n"),
+    }
+    out.push_str(&format!(
+        "  records durable since start: {}; next seq {}, durable seq {}, lag {} bytes\n",
+        num("records"),
+        num("next_seq"),
+        num("durable_seq"),
+        num("lag_bytes")
+    ));
+    out.push_str(&format!(
+        "  log {} \"{}\", {} entries in memory; spares taken: {}\n",
+        num("log_id"),
+        text("label"),
+        num("log_entries"),
+        num("spares_taken")
+    ));
+    let gap = |g: &serde_json::Value| {
+        format!(
+            "seq {} (+{})",
+            g["first_missing_seq"].as_u64().unwrap_or(0),
+            g["missing_count"].as_u64().unwrap_or(0)
+        )
+    };
+    let gaps: Vec<String> = s["gaps"]
+        .as_array()
+        .map_or(Vec::new(), |g| g.iter().map(gap).collect());
+    if !gaps.is_empty() {
+        out.push_str(&format!("  gaps: {}\n", gaps.join(", ")));
+    }
+    if !s["open_gap"].is_null() {
+        out.push_str(&format!(
+            "  OPEN GAP (writes not journaled so far): {}\n",
+            gap(&s["open_gap"])
+        ));
+    }
+    if let Some(t) = s["recovered_torn_tail"].as_object() {
+        out.push_str(&format!(
+            "  at start, a torn tail of {} bytes was cut on medium {}\n",
+            t.get("torn_bytes").and_then(|v| v.as_u64()).unwrap_or(0),
+            t.get("medium").and_then(|v| v.as_u64()).unwrap_or(0)
+        ));
+    }
+    out
 }
 
 /// Prints `journal-retrieve`'s reply (an array of entries, or `{"entries": [...]}`).
