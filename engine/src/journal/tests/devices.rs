@@ -1,4 +1,5 @@
-//! Block devices as media (loop devices; skipped where `losetup` is not allowed): registered
+//! Block devices as media (loop devices; skipped where `losetup` is not allowed, except in
+//! CI, which sets FERRY_REQUIRE_DEVICES): registered
 //! devices are taken first, filled to their size, sealed without truncation, then the journal
 //! goes on with files; everything verifies and restores; a crash on a device medium recovers.
 
@@ -29,13 +30,19 @@ impl LoopDevice {
         let out = Command::new("losetup")
             .args(["--find", "--show"])
             .arg(backing)
-            .output()
-            .ok()?;
+            .output();
+        assert!(
+            out.is_ok() || std::env::var_os("FERRY_REQUIRE_DEVICES").is_none(),
+            "losetup cannot run and FERRY_REQUIRE_DEVICES is set (CI)"
+        );
+        let out = out.ok()?;
         if !out.status.success() {
-            eprintln!(
-                "skipped: losetup: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
+            let why = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            assert!(
+                std::env::var_os("FERRY_REQUIRE_DEVICES").is_none(),
+                "losetup failed and FERRY_REQUIRE_DEVICES is set (CI): {why}"
             );
+            eprintln!("skipped: losetup: {why}");
             return None;
         }
         let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());

@@ -23,6 +23,11 @@ fn direct_capable_dir() -> Option<tempfile::TempDir> {
     let ok = super::super::direct::apply_cache_mode(&probe, MediumCache::None).is_ok()
         && !crate::volume::open::is_memory_backed(&probe);
     if !ok {
+        assert!(
+            std::env::var_os("FERRY_REQUIRE_DEVICES").is_none(),
+            "{} takes no O_DIRECT and FERRY_REQUIRE_DEVICES is set (CI)",
+            base.display()
+        );
         eprintln!("skipped: {} takes no O_DIRECT", base.display());
     }
     ok.then_some(dir)
