@@ -132,6 +132,13 @@ struct State {
 }
 
 impl State {
+    /// Copies what `status` reports of the writer: the append point, spares, direct I/O.
+    fn note_writer(&mut self, writer: &MediumWriter) {
+        self.medium = writer.position();
+        self.spares_taken = writer.spares_taken();
+        self.medium_direct = writer.direct().or(self.medium_direct);
+    }
+
     fn take_seq(&mut self) -> u64 {
         let s = self.next_seq;
         self.next_seq += 1;
@@ -666,22 +673,23 @@ fn writer_main(shared: &Shared, mut writer: MediumWriter) -> MediumWriter {
                 let has_work = !st.batch.is_empty()
                     || !carry.records.is_empty()
                     || st.seal_requests > st.seals_done;
-                if st.shutdown || (ready && has_work && !st.tickets.is_empty()) {
+                if st.shutdown {
                     break;
                 }
                 if ready && has_work {
-                    // Async: let more records join the batch unless it is big already, or
-                    // something other than records waits (seal, a carried batch).
-                    let only_records = carry.records.is_empty()
-                        && st.seal_requests == st.seals_done
-                        && !st.commit_now;
+                    // Async: let more records join the batch unless it is big already, a
+                    // write is held, or something other than records waits (seal, a carried
+                    // batch, a mark).
                     let until = *gather_until.get_or_insert_with(|| Instant::now() + ASYNC_GATHER);
                     let now = Instant::now();
-                    if !gathers
-                        || !only_records
+                    let write_now = !gathers
+                        || !st.tickets.is_empty()
+                        || !carry.records.is_empty()
+                        || st.seal_requests > st.seals_done
+                        || st.commit_now
                         || st.batch.len() >= ASYNC_GATHER_BYTES
-                        || now >= until
-                    {
+                        || now >= until;
+                    if write_now {
                         break;
                     }
                     st.writer_gathering = true;
@@ -745,9 +753,7 @@ fn writer_main(shared: &Shared, mut writer: MediumWriter) -> MediumWriter {
                 Err(e) => stop(&mut st, &mut writer, e.to_string(), None),
             }
             st.seals_done = seal;
-            st.medium = writer.position();
-            st.spares_taken = writer.spares_taken();
-            st.medium_direct = writer.direct().or(st.medium_direct);
+            st.note_writer(&writer);
         }
         if shutdown {
             st.writer_exited = true;
@@ -789,9 +795,7 @@ fn write_carry(
     }
     st.log.extend_from_slice(&written);
     st.durable_bytes += written_bytes;
-    st.medium = writer.position();
-    st.spares_taken = writer.spares_taken();
-    st.medium_direct = writer.direct().or(st.medium_direct);
+    st.note_writer(writer);
     let pause = matches!(result, Err(WriteFailure::Full))
         && shared.options.on_full == OnFull::Pause
         && !st.shutdown;
