@@ -356,6 +356,9 @@ fn describe_status(s: &serde_json::Value) -> String {
         )),
         None => out.push_str("  no medium open (the next write opens one)\n"),
     }
+    if s["appends_io_uring"] == false {
+        out.push_str("  appends use pwritev + fdatasync: the kernel refused io_uring\n");
+    }
     out.push_str(&format!(
         "  records durable since start: {}; next seq {}, durable seq {}, lag {} bytes\n",
         num("records"),

@@ -3,7 +3,7 @@
 //!
 //! `observe` assigns the sequence number and copies the write's data into the pending batch
 //! under one mutex; the writer thread takes the whole batch, appends it to the medium with
-//! one `pwritev` + one `fdatasync`, and then releases the guest writes it held.
+//! one write + one `fdatasync` through io_uring, and then releases the guest writes it held.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -72,6 +72,9 @@ pub struct JournalStatus {
     /// Whether media are appended with `O_DIRECT` (`cache=`); unknown before the first
     /// medium is opened.
     pub medium_direct: Option<bool>,
+    /// Whether group commits go through io_uring (`false`: the kernel refused a ring, the
+    /// writer uses `pwritev` + `fdatasync`); unknown before the first append.
+    pub appends_io_uring: Option<bool>,
 }
 
 /// The answer of `mark()` and `init()`.
@@ -129,6 +132,8 @@ struct State {
     spares_taken: u64,
     /// The last medium opened was opened with `O_DIRECT`.
     medium_direct: Option<bool>,
+    /// The writer's appends go through io_uring.
+    appends_io_uring: Option<bool>,
 }
 
 impl State {
@@ -137,6 +142,7 @@ impl State {
         self.medium = writer.position();
         self.spares_taken = writer.spares_taken();
         self.medium_direct = writer.direct().or(self.medium_direct);
+        self.appends_io_uring = writer.appends_io_uring();
     }
 
     fn take_seq(&mut self) -> u64 {
@@ -333,6 +339,7 @@ impl Journal {
             commit_now: false,
             spares_taken: 0,
             medium_direct: None,
+            appends_io_uring: None,
         };
         if let Some((gap, estimated)) = rec.resume_gap {
             // The previous run's unjournaled writes: numbered, then recorded as a gap.
@@ -509,6 +516,7 @@ impl Journal {
             recovered_torn_tail: self.recovered_torn_tail,
             spares_taken: st.spares_taken,
             medium_direct: st.medium_direct,
+            appends_io_uring: st.appends_io_uring,
         }
     }
 

@@ -1,6 +1,6 @@
 //! The medium writer: appends batches of encoded records to the current medium in whole
-//! 4 KiB blocks (one vectored `pwritev` and one `fdatasync` per batch: group commit on a
-//! dedicated thread, no io_uring), rotates to the next medium of the set when the current
+//! 4 KiB blocks (one vectored write linked to one `fdatasync` per batch, through io_uring:
+//! group commit on a dedicated thread, see [`super::commit_ring`]), rotates to the next medium of the set when the current
 //! one would overflow, and seals media with a trailer. Media are written with `O_DIRECT`
 //! where `cache=` allows (see [`super::direct`]).
 
@@ -8,6 +8,7 @@ use std::fs::{File, OpenOptions};
 use std::path::PathBuf;
 
 use super::catalog::{sync_dir, Catalog, CatalogEntry, MediumState, RunRecord};
+use super::commit_ring::CommitRing;
 use super::device::device_spares;
 use super::direct::{apply_cache_mode, clear_direct, StagingBuffer};
 use super::entry::{now_ns, LogEntry};
@@ -90,6 +91,35 @@ pub struct MediumWriter {
     spares_taken: u64,
     /// Where direct appends are assembled.
     staging: StagingBuffer,
+    /// The ring appends go through, made by the writer thread on its first append (if the
+    /// kernel refuses io_uring, appends use `pwritev` + `fdatasync`).
+    commit_ring: CommitRingState,
+}
+
+enum CommitRingState {
+    NotYet,
+    Ready(Box<CommitRing>),
+    Unavailable,
+}
+
+impl CommitRingState {
+    /// Writes `parts` at `at` and makes them durable: through io_uring when the kernel
+    /// gives this thread a ring, else with `pwritev` + `fdatasync`.
+    fn write_durably(&mut self, file: &File, parts: &[&[u8]], at: u64) -> std::io::Result<()> {
+        if let CommitRingState::NotYet = self {
+            *self = match CommitRing::new() {
+                Ok(ring) => CommitRingState::Ready(Box::new(ring)),
+                Err(e) => {
+                    log::warn!("journal: no io_uring for appends ({e}); using pwritev + fdatasync");
+                    CommitRingState::Unavailable
+                }
+            };
+        }
+        match self {
+            CommitRingState::Ready(ring) => ring.write_all_at(file, parts, at, true),
+            _ => write_all_vectored_at(file, parts, at).and_then(|()| file.sync_data()),
+        }
+    }
 }
 
 impl MediumWriter {
@@ -110,6 +140,7 @@ impl MediumWriter {
             formatter: None,
             spares_taken: 0,
             staging: StagingBuffer::default(),
+            commit_ring: CommitRingState::NotYet,
         }
     }
 
@@ -121,6 +152,15 @@ impl MediumWriter {
     /// Whether the open medium is written with `O_DIRECT` (`None`: no medium open).
     pub fn direct(&self) -> Option<bool> {
         self.current.as_ref().map(|m| m.direct)
+    }
+
+    /// Whether appends go through io_uring (`None`: nothing appended yet).
+    pub fn appends_io_uring(&self) -> Option<bool> {
+        match self.commit_ring {
+            CommitRingState::NotYet => None,
+            CommitRingState::Ready(_) => Some(true),
+            CommitRingState::Unavailable => Some(false),
+        }
     }
 
     /// (medium index, position) of the append point, if a medium is open.
@@ -343,11 +383,12 @@ impl MediumWriter {
         };
         let at = m.position_bytes;
         let parts = [prologue, chunk, padding.as_slice()];
+        let ring = &mut self.commit_ring;
         let mut result = if m.direct {
             let aligned = self.staging.fill(&parts);
-            write_all_vectored_at(&m.file, &[aligned], at)
+            ring.write_durably(&m.file, &[aligned], at)
         } else {
-            write_all_vectored_at(&m.file, &parts, at)
+            ring.write_durably(&m.file, &parts, at)
         };
         // A device or filesystem that took O_DIRECT at open but refuses these appends (a
         // logical block above 4 KiB): under `cache=auto` the medium goes on buffered.
@@ -358,10 +399,8 @@ impl MediumWriter {
                 m.path.display()
             );
             m.direct = false;
-            result =
-                clear_direct(&m.file).and_then(|()| write_all_vectored_at(&m.file, &parts, at));
+            result = clear_direct(&m.file).and_then(|()| ring.write_durably(&m.file, &parts, at));
         }
-        let result = result.and_then(|()| m.file.sync_data());
         if let Err(source) = result {
             let path = m.path.clone();
             return Err(WriteFailure::Error(medium_err(&path, "append", source)));

@@ -59,8 +59,10 @@ fn crash_case(spares: u32) -> TestResult {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
     if spares > 0 {
+        // Enough formatted media for the whole run (150 writes fill three media), so the
+        // last medium is a spare whether or not the idle-priority formatter got CPU to refill.
         let j = dir.join("j");
-        super::super::spares::format_spares(&j, spares, 256 * 1024, &mut |_, _| {})?;
+        super::super::spares::format_spares(&j, spares + 4, 256 * 1024, &mut |_, _| {})?;
     }
     std::fs::write(dir.join("vc.base"), vec![0u8; SLOTS as usize * WRITE_BYTES])?;
     let mut child = Command::new(std::env::current_exe()?)

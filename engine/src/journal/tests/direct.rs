@@ -70,6 +70,7 @@ fn direct_media_rotate_seal_and_restore() -> TestResult {
     let journal = Journal::open(options(dir, 0))?;
     let expected = run_writes(dir, &journal, 300)?;
     assert_eq!(journal.status().medium_direct, Some(true));
+    assert_eq!(journal.status().appends_io_uring, Some(true));
     journal.close();
     let media = super::super::media::list_media(&dir.join("j"))?;
     assert!(media.len() > 2, "rotation expected, got {}", media.len());
