@@ -226,6 +226,11 @@ fn status_and_retrieve_describe_the_journal() -> Result<()> {
         s["records"].as_u64() >= Some(made.retrieved.len() as u64),
         "records {s}"
     );
+    let commits = s["group_commits"].as_u64().unwrap_or(0);
+    ensure!(
+        commits >= 1 && Some(commits) <= s["records"].as_u64(),
+        "group commits between 1 and the records: {s}"
+    );
     // Every entry durable, consecutive, on medium 0, and marks where they were made.
     let seqs: Vec<u64> = made
         .retrieved

@@ -360,8 +360,9 @@ fn describe_status(s: &serde_json::Value) -> String {
         out.push_str("  appends use pwritev + fdatasync: the kernel refused io_uring\n");
     }
     out.push_str(&format!(
-        "  records durable since start: {}; next seq {}, durable seq {}, lag {} bytes\n",
+        "  records durable since start: {} in {} group commits; next seq {}, durable seq {}, lag {} bytes\n",
         num("records"),
+        num("group_commits"),
         num("next_seq"),
         num("durable_seq"),
         num("lag_bytes")

@@ -56,6 +56,8 @@ pub struct JournalStatus {
     pub position_bytes: u64,
     /// Records made durable since the journal was opened.
     pub records: u64,
+    /// Group commits (appends + flushes) that made those records durable.
+    pub group_commits: u64,
     pub next_seq: u64,
     pub durable_seq: u64,
     /// Bytes observed but not yet durable.
@@ -115,6 +117,8 @@ struct State {
     log: Vec<LogEntry>,
     medium: Option<(u32, u64)>,
     records_written: u64,
+    /// Batches made durable (a batch spanning two media counts once).
+    group_commits: u64,
     shutdown: bool,
     crashed: bool,
     writer_exited: bool,
@@ -330,6 +334,7 @@ impl Journal {
             log: Vec::new(),
             medium: None,
             records_written: 0,
+            group_commits: 0,
             shutdown: false,
             crashed: false,
             writer_exited: false,
@@ -505,6 +510,7 @@ impl Journal {
             medium: st.medium.map(|m| m.0),
             position_bytes: st.medium.map_or(0, |m| m.1),
             records: st.records_written,
+            group_commits: st.group_commits,
             next_seq: st.next_seq,
             durable_seq: st.durable_seq,
             lag_bytes: st.lag_bytes(),
@@ -798,6 +804,7 @@ fn write_carry(
     } as u64;
     let mut st = shared.lock();
     st.records_written += written.len() as u64;
+    st.group_commits += u64::from(!written.is_empty());
     if let Some(last) = written.last() {
         st.durable_seq = st.durable_seq.max(last.seq);
     }
