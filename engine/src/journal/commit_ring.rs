@@ -39,20 +39,7 @@ impl CommitRing {
         let mut done = 0usize;
         let mut iovecs: Vec<libc::iovec> = Vec::with_capacity(parts.len());
         loop {
-            iovecs.clear();
-            let mut skip = done;
-            for part in parts {
-                if skip >= part.len() {
-                    skip -= part.len();
-                    continue;
-                }
-                let rest = &part[skip..];
-                skip = 0;
-                iovecs.push(libc::iovec {
-                    iov_base: rest.as_ptr() as *mut libc::c_void,
-                    iov_len: rest.len(),
-                });
-            }
+            iovecs_after(parts, done, &mut iovecs);
             let fd = types::Fd(file.as_raw_fd());
             let with_sync = sync && !iovecs.is_empty();
             let mut entries = Vec::with_capacity(2);
@@ -126,6 +113,24 @@ impl CommitRing {
     }
 }
 
+/// Sets `out` to the iovecs of what is left of `parts` after the first `done` bytes.
+pub fn iovecs_after(parts: &[&[u8]], done: usize, out: &mut Vec<libc::iovec>) {
+    out.clear();
+    let mut skip = done;
+    for part in parts {
+        if skip >= part.len() {
+            skip -= part.len();
+            continue;
+        }
+        let rest = &part[skip..];
+        skip = 0;
+        out.push(libc::iovec {
+            iov_base: rest.as_ptr() as *mut libc::c_void,
+            iov_len: rest.len(),
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,6 +159,23 @@ mod tests {
         assert_eq!(&back[4096..7096], &a[..]);
         assert_eq!(&back[7096..], &b[..]);
         Ok(())
+    }
+
+    /// What a short write leaves: the rest of the part it stopped in, then the others.
+    #[test]
+    fn iovecs_after_a_short_write_start_where_it_stopped() {
+        let (a, b, c) = ([1u8; 10], [2u8; 20], [3u8; 30]);
+        let parts: [&[u8]; 3] = [&a, &b, &c];
+        let mut out = Vec::new();
+        iovecs_after(&parts, 15, &mut out);
+        let lens: Vec<usize> = out.iter().map(|v| v.iov_len).collect();
+        assert_eq!(lens, [15, 30]);
+        assert_eq!(out[0].iov_base as *const u8, b[5..].as_ptr());
+        iovecs_after(&parts, 30, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].iov_base as *const u8, c.as_ptr());
+        iovecs_after(&parts, 60, &mut out);
+        assert!(out.is_empty());
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::fs::{File, OpenOptions};
 use std::path::PathBuf;
 
 use super::catalog::{sync_dir, Catalog, CatalogEntry, MediumState, RunRecord};
-use super::commit_ring::CommitRing;
+use super::commit_ring::{iovecs_after, CommitRing};
 use super::device::device_spares;
 use super::direct::{apply_cache_mode, clear_direct, StagingBuffer};
 use super::entry::{now_ns, LogEntry};
@@ -547,21 +547,9 @@ pub fn write_all_vectored_at(file: &File, parts: &[&[u8]], offset: u64) -> std::
     use std::os::fd::AsRawFd;
     let total: usize = parts.iter().map(|p| p.len()).sum();
     let mut done = 0usize;
+    let mut iovecs = Vec::with_capacity(parts.len());
     while done < total {
-        let mut skip = done;
-        let mut iovecs = Vec::with_capacity(parts.len());
-        for p in parts {
-            if skip >= p.len() {
-                skip -= p.len();
-                continue;
-            }
-            let rest = &p[skip..];
-            skip = 0;
-            iovecs.push(libc::iovec {
-                iov_base: rest.as_ptr() as *mut libc::c_void,
-                iov_len: rest.len(),
-            });
-        }
+        iovecs_after(parts, done, &mut iovecs);
         let at =
             i64::try_from(offset + done as u64).map_err(|_| std::io::ErrorKind::InvalidInput)?;
         // SAFETY: every iovec points into a slice of `parts`, alive and unmodified for the call.
