@@ -8,10 +8,12 @@
 # are appended with O_DIRECT (`cache=auto`), with `dd oflag=direct` to that disk (dd-disk).
 # Caveat: on a memory-limited machine, GiBs of journal on tmpfs slow every tmpfs writer down
 # (dd too), so each run's journal is deleted right after it.
+# The daemon's CPU time per I/O (utime + stime of `ferry serve` over ramp + run, from
+# /proc/PID/stat) is reported too: the ratios swing with the machine, the CPU cost much less.
 # Prints a markdown table and writes target/bench/journal.json.
 #
 # Environment (defaults in brackets):
-#   SECS [5] RAMP [1] ROUNDS [3]   measurement / warm-up seconds per run, rounds
+#   SECS [3] RAMP [1] ROUNDS [7]   measurement / warm-up seconds per run, rounds
 #   SIZE [512M]                    image size;  DD_COUNT [8192] 128 KiB blocks per dd run
 #   WARM_MIB [6144]                tmpfs touched once before measuring (VM first-touch cost)
 #   FERRY [target/release/ferry]   the ferry binary (built with cargo unless FERRY is set)
@@ -20,9 +22,9 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-SECS=${SECS:-5}
+SECS=${SECS:-3}
 RAMP=${RAMP:-1}
-ROUNDS=${ROUNDS:-3}
+ROUNDS=${ROUNDS:-7}
 SIZE=${SIZE:-512M}
 DD_COUNT=${DD_COUNT:-8192}
 OUT=${OUT:-$ROOT/target/bench}
@@ -85,12 +87,19 @@ stop_serve() {
     SERVE_PID=
 }
 
-# bench CONFIG RW BS QD -> one JSON object on stdout, with the journal's bytes added.
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+# cpu_ticks PID: utime + stime of the process so far, in clock ticks.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+# bench CONFIG RW BS QD -> one JSON object on stdout, with the journal's bytes and the
+# daemon's CPU time added.
 bench() {
-    local config=$1 rw=$2 bs=$3 qd=$4 json jbytes=0
+    local config=$1 rw=$2 bs=$3 qd=$4 json jbytes=0 t0 t1
     start_serve "$config"
+    t0=$(cpu_ticks "$SERVE_PID")
     json=$("$FERRY" bench --socket "$SOCK" --rw "$rw" --bs "$bs" --qd "$qd" \
         --secs "$SECS" --ramp "$RAMP" --wait --json) || die "ferry bench failed"
+    t1=$(cpu_ticks "$SERVE_PID")
     stop_serve
     local dir
     dir=$(journal_dir "$config")
@@ -98,8 +107,10 @@ bench() {
     # Free the journal's memory now: a few GiB left on tmpfs slow down later runs (and dd).
     rm -rf "$dir"
     jq -c --arg config "$config" --argjson jbytes "$jbytes" \
+        --argjson cpu_us $(((t1 - t0) * TICK_US)) --argjson secs $((SECS + RAMP)) \
         '{config: $config, iops, mib_per_sec, p50_us: .latency_us.p50, p99_us: .latency_us.p99,
-          cpu_percent: .cpu.percent_of_one_core, journal_bytes: $jbytes}' <<<"$json"
+          cpu_percent: .cpu.percent_of_one_core, journal_bytes: $jbytes,
+          daemon_us_per_io: ($cpu_us / (.iops * $secs))}' <<<"$json"
 }
 
 # dd_run -> MiB/s of DD_COUNT 128 KiB blocks written to WORKDIR (O_DIRECT if the filesystem
@@ -164,6 +175,7 @@ jq -s --argjson secs "$SECS" --argjson ramp "$RAMP" --arg load "$LOAD_AFTER" --a
       p50_us: (map(.p50_us // empty) | median),
       p99_us: (map(.p99_us // empty) | median),
       cpu_percent: (map(.cpu_percent // empty) | median),
+      daemon_us_per_io: (map(.daemon_us_per_io // empty) | median),
       journal_mib_per_sec: (map(select(.journal_bytes != null and .journal_bytes > 0)
           | .journal_bytes / 1048576 / ($secs + $ramp)) | median)}))}' \
     "$RESULTS" >"$OUT/journal.json"
@@ -171,9 +183,9 @@ jq -s --argjson secs "$SECS" --argjson ramp "$RAMP" --arg load "$LOAD_AFTER" --a
 # The table, also as a section for docs/BENCHMARKS.md (benches/report.py appends it).
 {
 echo
-echo "| workload | journal | IOPS | MiB/s | x off (same round) | p50 us | p99 us | bench client CPU % | journal MiB/s |"
-echo "|---|---|--:|--:|--:|--:|--:|--:|--:|"
-jq -r '.medians[] | "| \(.workload) | \(.config) | \(.iops // "-" | if type == "number" then floor else . end) | \(.mib_per_sec | floor) | \(.vs_off // "-" | if type == "number" then (. * 100 | round / 100 | tostring) + "x" else . end) | \(.p50_us // "-") | \(.p99_us // "-") | \(.cpu_percent // "-" | if type == "number" then floor else . end) | \(.journal_mib_per_sec // "-" | if type == "number" then floor else . end) |"' "$OUT/journal.json"
+echo "| workload | journal | IOPS | MiB/s | x off (same round) | p50 us | p99 us | bench client CPU % | daemon CPU us/IO | journal MiB/s |"
+echo "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|"
+jq -r '.medians[] | "| \(.workload) | \(.config) | \(.iops // "-" | if type == "number" then floor else . end) | \(.mib_per_sec | floor) | \(.vs_off // "-" | if type == "number" then (. * 100 | round / 100 | tostring) + "x" else . end) | \(.p50_us // "-") | \(.p99_us // "-") | \(.cpu_percent // "-" | if type == "number" then floor else . end) | \(.daemon_us_per_io // "-" | if type == "number" then (. * 100 | round / 100) else . end) | \(.journal_mib_per_sec // "-" | if type == "number" then floor else . end) |"' "$OUT/journal.json"
 echo
 echo "medians of $ROUNDS rounds, ${SECS}s each after ${RAMP}s ramp; load after: $LOAD_AFTER; dd $DD_FLAG; JSON: target/bench/journal.json"
 } | tee "$OUT/journal-table.md"
@@ -184,7 +196,8 @@ echo "medians of $ROUNDS rounds, ${SECS}s each after ${RAMP}s ramp; load after: 
     echo "or on the disk under ${DISK_DIR:-/var/tmp} for sync-disk/async-disk, appended there with O_DIRECT)."
     echo "4K random writes at QD 32 and 128K sequential writes at QD 8 with the journal off, sync"
     echo "and async, alternating rounds; \`x off\` is the median of the same-round ratios to journal"
-    echo "off. The journal's own throughput against \`dd\` to the same file system (dd: /dev/shm,"
-    echo "dd-disk: the disk with oflag=direct)."
+    echo "off; daemon CPU is the \`ferry serve\` process's CPU time per I/O. The journal's own"
+    echo "throughput against \`dd\` to the same file system (dd: /dev/shm, a fresh file each round,"
+    echo "so it also shows how fast this VM hands out fresh memory; dd-disk: the disk, oflag=direct)."
     cat "$OUT/journal-table.md"
 } >"$OUT/journal.md"
