@@ -1,8 +1,8 @@
 //! The medium writer: appends batches of encoded records to the current medium in whole
 //! 4 KiB blocks (one vectored write linked to one `fdatasync` per batch, through io_uring:
-//! group commit on a dedicated thread, see [`super::commit_ring`]), rotates to the next medium of the set when the current
-//! one would overflow, and seals media with a trailer. Media are written with `O_DIRECT`
-//! where `cache=` allows (see [`super::direct`]).
+//! group commit on a dedicated thread, see [`super::commit_ring`]), rotates to the next
+//! medium of the set when the current one would overflow, and seals media with a trailer.
+//! Media are written with `O_DIRECT` where `cache=` allows (see [`super::direct`]).
 
 use std::fs::{File, OpenOptions};
 use std::path::PathBuf;
