@@ -29,6 +29,9 @@ const PAUSE_RETRY: Duration = Duration::from_secs(1);
 const ASYNC_GATHER: Duration = Duration::from_micros(500);
 /// In async mode, pending bytes that end the gathering at once.
 const ASYNC_GATHER_BYTES: usize = 1 << 20;
+/// Async mode appends a long trail in pieces of at most this, so that writes held at
+/// `lag-max` wait for one piece (a few ms), not for the whole trail (up to `lag-max`).
+const ASYNC_APPEND_BYTES: usize = 1 << 20;
 /// The stream id of records that belong to no volume (marks, log-init, gaps).
 pub const JOURNAL_STREAM_ID: u32 = 0;
 
@@ -786,6 +789,11 @@ fn writer_main(shared: &Shared, mut writer: MediumWriter) -> MediumWriter {
 
 /// Writes the carried batch. Returns when to retry if the media are full and the journal
 /// pauses; otherwise the batch is consumed (written, or lost to a recorded gap).
+///
+/// Async mode: writes held at `lag-max` wait only until the trail is back under it, not for
+/// the whole trail (up to `lag-max` bytes) to be written: the batch goes out oldest records
+/// first in appends of at most `ASYNC_APPEND_BYTES`, and after each append that leaves the
+/// lag under `lag-max` the held writes are released (those held while it was written too).
 fn write_carry(
     shared: &Shared,
     writer: &mut MediumWriter,
@@ -796,21 +804,47 @@ fn write_carry(
         ObserverTicket::complete_all(&mut carry.tickets, true);
         return None;
     }
+    let chunk_bytes = match shared.options.mode {
+        JournalMode::Async => ASYNC_APPEND_BYTES,
+        JournalMode::Sync => usize::MAX,
+    };
     let mut written = Vec::with_capacity(carry.records.len());
-    let result = writer.write_batch(&carry.bytes, &carry.records, prologue, &mut written);
-    let written_bytes = match carry.records.get(written.len()) {
-        Some(r) => r.batch_offset,
-        None => carry.bytes.len(),
-    } as u64;
+    let mut accounted = 0;
+    let mut start = 0;
+    let result = loop {
+        let end = chunk_end(&carry.records, start, chunk_bytes);
+        let end_off = carry
+            .records
+            .get(end)
+            .map_or(carry.bytes.len(), |r| r.batch_offset);
+        let result = writer.write_batch(
+            &carry.bytes[..end_off],
+            &carry.records[start..end],
+            prologue,
+            &mut written,
+        );
+        if result.is_err() || end == carry.records.len() {
+            break result;
+        }
+        start = end;
+        let mut st = shared.lock();
+        account(&mut st, writer, carry, &written[accounted..], accounted);
+        accounted = written.len();
+        if st.lag_bytes() <= shared.options.lag_max_bytes && st.phase == JournalState::Running {
+            carry.tickets.append(&mut st.tickets);
+            drop(st);
+            ObserverTicket::complete_all(&mut carry.tickets, true);
+        } else {
+            drop(st);
+        }
+        shared.progress.notify_all();
+    };
     let mut st = shared.lock();
-    st.records_written += written.len() as u64;
-    st.group_commits += u64::from(!written.is_empty());
-    if let Some(last) = written.last() {
-        st.durable_seq = st.durable_seq.max(last.seq);
-    }
-    st.log.extend_from_slice(&written);
-    st.durable_bytes += written_bytes;
-    st.note_writer(writer);
+    account(&mut st, writer, carry, &written[accounted..], accounted);
+    let written_bytes = carry
+        .records
+        .get(written.len())
+        .map_or(carry.bytes.len(), |r| r.batch_offset) as u64;
     let pause = matches!(result, Err(WriteFailure::Full))
         && shared.options.on_full == OnFull::Pause
         && !st.shutdown;
@@ -841,6 +875,44 @@ fn write_carry(
     None
 }
 
+/// The exclusive end of the records from `start` that fill at most `chunk_bytes` (at least
+/// one record).
+fn chunk_end(records: &[PendingRecord], start: usize, chunk_bytes: usize) -> usize {
+    let Some(first) = records.get(start) else {
+        return start;
+    };
+    let limit = first.batch_offset.saturating_add(chunk_bytes);
+    let mut end = start + 1;
+    while end < records.len() && records[end].batch_offset < limit {
+        end += 1;
+    }
+    end
+}
+
+/// Makes `written` (the carry's records from index `from` on, just made durable) count in
+/// the journal's state: durable sequence and bytes, the log, the writer's position.
+fn account(
+    st: &mut State,
+    writer: &MediumWriter,
+    carry: &Batch,
+    written: &[LogEntry],
+    from: usize,
+) {
+    let start_off = carry.records.get(from).map_or(0, |r| r.batch_offset);
+    let end_off = carry
+        .records
+        .get(from + written.len())
+        .map_or(carry.bytes.len(), |r| r.batch_offset);
+    st.records_written += written.len() as u64;
+    st.group_commits += u64::from(!written.is_empty());
+    if let Some(last) = written.last() {
+        st.durable_seq = st.durable_seq.max(last.seq);
+    }
+    st.log.extend_from_slice(written);
+    st.durable_bytes += (end_off - start_off) as u64;
+    st.note_writer(writer);
+}
+
 /// Stops journaling after a failure: the guest goes on, the lost range becomes a gap.
 fn stop(st: &mut State, writer: &mut MediumWriter, reason: String, first_lost: Option<u64>) {
     log::error!("journal stopped: {reason}; guest writes continue UNJOURNALED until journal-init");
@@ -868,5 +940,51 @@ fn stop(st: &mut State, writer: &mut MediumWriter, reason: String, first_lost: O
     st.records.clear();
     for t in st.tickets.drain(..) {
         t.complete(true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::format::Op;
+
+    fn records_at(offsets: &[usize]) -> Vec<PendingRecord> {
+        offsets
+            .iter()
+            .enumerate()
+            .map(|(i, &batch_offset)| PendingRecord {
+                batch_offset,
+                entry: LogEntry {
+                    seq: i as u64 + 1,
+                    stream_id: 1,
+                    log_id: 1,
+                    timestamp_ns: 0,
+                    op: Op::Write,
+                    offset_bytes: 0,
+                    len_bytes: 0,
+                    medium: 0,
+                    position_bytes: 0,
+                },
+            })
+            .collect()
+    }
+
+    /// Pieces cover every record once, in order, and start no record past the limit; a
+    /// record bigger than the limit is a piece of its own.
+    #[test]
+    fn chunk_end_cuts_pieces_at_record_boundaries() {
+        let records = records_at(&[0, 100, 200, 250, 900, 1000, 1100]);
+        let mut pieces = Vec::new();
+        let mut start = 0;
+        while start < records.len() {
+            let end = chunk_end(&records, start, 300);
+            assert!(end > start);
+            pieces.push((start, end));
+            start = end;
+        }
+        assert_eq!(pieces, [(0, 4), (4, 7)]);
+        assert_eq!(chunk_end(&records, 3, 300), 4, "250..900 alone exceeds the limit");
+        assert_eq!(chunk_end(&records, 0, usize::MAX), records.len());
+        assert_eq!(chunk_end(&records, records.len(), 300), records.len());
     }
 }

@@ -10,4 +10,5 @@ mod robustness;
 mod spares;
 mod stops;
 mod support;
+mod trail;
 mod writer_restore;
