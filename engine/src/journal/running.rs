@@ -983,7 +983,11 @@ mod tests {
             start = end;
         }
         assert_eq!(pieces, [(0, 4), (4, 7)]);
-        assert_eq!(chunk_end(&records, 3, 300), 4, "250..900 alone exceeds the limit");
+        assert_eq!(
+            chunk_end(&records, 3, 300),
+            4,
+            "250..900 alone exceeds the limit"
+        );
         assert_eq!(chunk_end(&records, 0, usize::MAX), records.len());
         assert_eq!(chunk_end(&records, records.len(), 300), records.len());
     }
