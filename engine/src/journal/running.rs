@@ -898,19 +898,22 @@ fn account(
     written: &[LogEntry],
     from: usize,
 ) {
+    st.note_writer(writer);
+    if written.is_empty() {
+        return;
+    }
     let start_off = carry.records.get(from).map_or(0, |r| r.batch_offset);
     let end_off = carry
         .records
         .get(from + written.len())
         .map_or(carry.bytes.len(), |r| r.batch_offset);
     st.records_written += written.len() as u64;
-    st.group_commits += u64::from(!written.is_empty());
+    st.group_commits += 1;
     if let Some(last) = written.last() {
         st.durable_seq = st.durable_seq.max(last.seq);
     }
     st.log.extend_from_slice(written);
     st.durable_bytes += (end_off - start_off) as u64;
-    st.note_writer(writer);
 }
 
 /// Stops journaling after a failure: the guest goes on, the lost range becomes a gap.
