@@ -5,11 +5,9 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
-use super::super::media::{list_media, MediaSet};
-use super::super::restore::{restore, RestoreOptions, Until};
-use super::super::verify::verify;
+use super::super::media::list_media;
 use super::super::{Journal, JournalOptions};
-use super::support::{open_volume, pattern, write, TestResult};
+use super::support::{open_volume, pattern, verify_and_restore, write, TestResult};
 use crate::VolumeQueue;
 
 const CHILD_ENV: &str = "FERRY_JOURNAL_CRASH_CHILD_DIR";
@@ -136,21 +134,9 @@ fn crash_case(spares: u32) -> TestResult {
     let mark = journal.mark("after-crash")?;
     journal.close();
 
-    let set = MediaSet::open(&[dir.join("j")])?;
-    let report = verify(&set);
-    assert!(report.ok(), "{report:#?}");
-    assert_eq!(report.last_seq, Some(mark.seq));
     // Every completed write is in the journal: replaying gives each slot's last completed pattern.
-    let out = dir.join("vc.restored");
-    let opts = RestoreOptions {
-        volume: "vc".into(),
-        base: dir.join("vc.base"),
-        out: out.clone(),
-        until: Until::End,
-        allow_gaps: false,
-    };
-    restore(&set, &opts, &mut |_, _| {})?;
-    let image = std::fs::read(out)?;
+    let (report, image) = verify_and_restore(dir, "vc")?;
+    assert_eq!(report.last_seq, Some(mark.seq));
     for slot in 0..SLOTS {
         let at = (slot as usize) * WRITE_BYTES;
         let got = &image[at..at + WRITE_BYTES];

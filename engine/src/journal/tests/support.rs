@@ -83,19 +83,29 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 /// Verifies the journal in `dir/j` (it must be clean) and restores volume `v` from
 /// `dir/v.base` to the end into `dir/v.restored`; returns the restored image.
 pub fn verify_and_restore_v(dir: &std::path::Path) -> TestResult<Vec<u8>> {
+    Ok(verify_and_restore(dir, "v")?.1)
+}
+
+/// Verifies the journal in `dir/j` (it must be clean) and restores `volume` from
+/// `dir/<volume>.base` to the end into `dir/<volume>.restored`; returns the verify report
+/// and the restored image.
+pub fn verify_and_restore(
+    dir: &std::path::Path,
+    volume: &str,
+) -> TestResult<(super::super::verify::VerifyReport, Vec<u8>)> {
     use super::super::media::MediaSet;
     use super::super::restore::{restore, RestoreOptions, Until};
     let set = MediaSet::open(&[dir.join("j")])?;
     let report = super::super::verify::verify(&set);
     assert!(report.ok(), "{report:#?}");
-    let out = dir.join("v.restored");
+    let out = dir.join(format!("{volume}.restored"));
     let opts = RestoreOptions {
-        volume: "v".into(),
-        base: dir.join("v.base"),
+        volume: volume.into(),
+        base: dir.join(format!("{volume}.base")),
         out: out.clone(),
         until: Until::End,
         allow_gaps: false,
     };
     restore(&set, &opts, &mut |_, _| {})?;
-    Ok(std::fs::read(out)?)
+    Ok((report, std::fs::read(out)?))
 }
