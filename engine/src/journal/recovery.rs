@@ -64,19 +64,46 @@ pub fn recover(dir: &Path) -> Result<Recovered, JournalError> {
         ..Default::default()
     };
     let mut last_stop = None;
-    // The newest medium with a readable header tells the journal id, streams and log.
+    // The last number journaled: the newest sequenced record. Bookkeeping records (padding,
+    // trailer, restated stream-defs) repeat the last number *assigned*, which a writer killed
+    // between sealing a medium and appending the rest of its batch never journaled; counting
+    // them would make the restart skip numbers that are then missing from the journal.
+    let mut last_sequenced: Option<u64> = None;
+    let mut last_any = 0u64;
+    let mut header_seen = false;
+    // The newest medium with a readable header tells the journal id, streams and log; older
+    // media are read only if it holds no sequenced record.
     for (n, (index, path)) in media.iter().rev().enumerate() {
         let src = FileSource::open(path).map_err(|source| medium_err(path, "open", source))?;
         let scan = scan_medium(&src).map_err(|source| medium_err(path, "read", source))?;
         if n == 0 {
             note_last_medium(&mut rec, *index, &scan);
         }
+        let newest_sequenced = scan
+            .records
+            .iter()
+            .filter(|r| r.header.is_sequenced())
+            .map(|r| r.header.seq)
+            .max();
+        last_any = scan
+            .records
+            .iter()
+            .map(|r| r.header.seq)
+            .fold(last_any, u64::max);
+        if header_seen {
+            if newest_sequenced.is_some() {
+                last_sequenced = newest_sequenced;
+                break;
+            }
+            continue;
+        }
         let Some(header) = scan.medium_header else {
             continue;
         };
+        header_seen = true;
+        last_sequenced = newest_sequenced;
         rec.journal_id = header.journal_id;
         for r in &scan.records {
-            rec.last_seq = rec.last_seq.max(r.header.seq);
             let payload = || {
                 read_payload(&src, r.position_bytes, &r.header)
                     .map_err(|source| medium_err(path, "read", source))
@@ -98,8 +125,11 @@ pub fn recover(dir: &Path) -> Result<Recovered, JournalError> {
                 _ => {}
             }
         }
-        break;
+        if last_sequenced.is_some() {
+            break;
+        }
     }
+    rec.last_seq = last_sequenced.unwrap_or(last_any);
     if rec.journal_id == 0 {
         rec.journal_id = rec.catalog.journal_id;
     }
