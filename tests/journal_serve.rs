@@ -76,8 +76,13 @@ fn round(
 /// Two volumes with two queues each, sync journal: 2 rounds, mark m1, 2 rounds, mark m2,
 /// 1 round; status and retrieve taken before SIGTERM.
 fn make_journal() -> Result<Made> {
+    make_journal_with("mode=sync")
+}
+
+/// The same with `options` for the journal (besides `dir=`).
+fn make_journal_with(options: &str) -> Result<Made> {
     let rig = Rig::new(&SIZES)?;
-    let mut daemon = rig.serve("mode=sync", 2)?;
+    let mut daemon = rig.serve(options, 2)?;
     let mut models: Vec<Model> = rig
         .vols
         .iter()
@@ -104,7 +109,8 @@ fn make_journal() -> Result<Made> {
     let human = rig.control_cmd("status", &[])?;
     ensure!(
         human.starts_with("journal: running, sync mode")
-            && human.contains(&format!("next seq {}", status["next_seq"])),
+            && human.contains(&format!("next seq {}", status["next_seq"]))
+            && (status["committer"] != "queue" || human.contains("made by the queue threads")),
         "human status:\n{human}"
     );
     let retrieved = json_lines(&rig.control_cmd("retrieve", &["--format", "jsonl"])?)?;
@@ -161,7 +167,23 @@ fn op_key(queue: usize, op: &Op) -> (u64, &'static str, u64, u64) {
 
 #[test]
 fn two_volumes_restore_at_marks_and_to_the_end() -> Result<()> {
-    let made = make_journal()?;
+    check_restores(&make_journal()?)
+}
+
+/// The same with the group commits made by the daemon's queue threads (the default on
+/// tmpfs): four queues committing each other's records.
+#[test]
+fn two_volumes_committed_by_queue_threads_restore_at_marks_and_to_the_end() -> Result<()> {
+    let made = make_journal_with("mode=sync,committer=queue")?;
+    ensure!(
+        made.status["committer"] == "queue" && made.status["queue_commits"].as_u64() > Some(0),
+        "status: {}",
+        made.status
+    );
+    check_restores(&made)
+}
+
+fn check_restores(made: &Made) -> Result<()> {
     let rig = &made.rig;
     let jdir = rig.jdir.display().to_string();
     let verify = ok(&["journal", "verify", &jdir])?;
@@ -525,11 +547,21 @@ fn damaged_and_foreign_media_are_refused_with_the_offset() -> Result<()> {
 /// on a new medium; verify is clean; restore to the end equals the live image.
 #[test]
 fn sigkill_in_sync_mode_loses_no_acknowledged_write() -> Result<()> {
+    sigkill_case("mode=sync")
+}
+
+/// The same with the group commits made by the queue threads.
+#[test]
+fn sigkill_with_queue_commits_loses_no_acknowledged_write() -> Result<()> {
+    sigkill_case("mode=sync,committer=queue")
+}
+
+fn sigkill_case(options: &str) -> Result<()> {
     const BLOCK: usize = 16 << 10;
     const KILL_WRITES: usize = 512;
     let rig = Rig::new(&[16 << 20])?;
     let vol = &rig.vols[0];
-    let mut daemon = rig.serve("mode=sync", 2)?;
+    let mut daemon = rig.serve(options, 2)?;
     let mut model = Model::from_file(&vol.base)?;
     let worker = Worker::connect(&vol.socket, 2, BUF_BYTES)?;
     for seed in 1..=2 {
@@ -633,7 +665,7 @@ fn sigkill_in_sync_mode_loses_no_acknowledged_write() -> Result<()> {
     );
 
     // Restart on the same directory; the journal continues on medium 1.
-    let mut daemon = rig.serve("mode=sync", 2)?;
+    let mut daemon = rig.serve(options, 2)?;
     let s = rig.status()?;
     ensure!(
         s["recovered_torn_tail"]["medium"] == 0

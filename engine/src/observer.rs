@@ -75,6 +75,12 @@ pub trait WriteObserver: Send + Sync {
     /// when the source holds a write, so that it never copies a range whose write is still
     /// in flight. The default does nothing.
     fn source_done(&self, _event: &WriteEvent<'_>) {}
+
+    /// Called on a queue's thread once the queue has handed the kernel a batch of requests
+    /// (`VolumeQueue::commit`) among which this observer saw at least one: an observer that
+    /// gathers writes (a `sync` journal on a memory-backed medium) may commit them here, on
+    /// this thread, instead of waking a thread of its own. The default does nothing.
+    fn batch_submitted(&self) {}
 }
 
 /// The right to complete one held-back guest write, exactly once, from any thread.

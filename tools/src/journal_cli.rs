@@ -359,6 +359,12 @@ fn describe_status(s: &serde_json::Value) -> String {
     if s["appends_io_uring"] == false {
         out.push_str("  appends use pwritev + fdatasync: the kernel refused io_uring\n");
     }
+    if s["committer"] == "queue" {
+        out.push_str(&format!(
+            "  group commits made by the queue threads ({} so far)\n",
+            num("queue_commits")
+        ));
+    }
     out.push_str(&format!(
         "  records durable since start: {} in {} group commits; next seq {}, durable seq {}, lag {} bytes\n",
         num("records"),

@@ -26,5 +26,5 @@ mod tests;
 
 pub use entry::{render_csv, render_jsonl, LogEntry};
 pub use error::{FormatError, JournalError};
-pub use options::{JournalMode, JournalOptions, MediumCache, OnFull};
+pub use options::{Committer, JournalMode, JournalOptions, MediumCache, OnFull};
 pub use running::{Journal, JournalState, JournalStatus, MarkResult, SealResult};

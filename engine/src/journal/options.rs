@@ -39,6 +39,21 @@ pub enum MediumCache {
     Writeback,
 }
 
+/// Which thread makes a `sync` journal's group commits (`committer=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Committer {
+    /// `queue` when the journal directory is on tmpfs or ramfs (and no block device is
+    /// registered as a medium), else `writer` (default).
+    Auto,
+    /// The journal's writer thread, woken by the queues: the commit overlaps the queues'
+    /// work, at the price of a wake-up each way (right for media that take a flush).
+    Writer,
+    /// The queue thread that submitted the writes, at the end of its batch, inline: no
+    /// wake-ups, the queue waits for the append (right for memory-backed media).
+    Queue,
+}
+
 /// The journal's settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JournalOptions {
@@ -58,6 +73,8 @@ pub struct JournalOptions {
     pub spares: u32,
     /// Direct or buffered appends.
     pub cache: MediumCache,
+    /// Who makes `sync` group commits.
+    pub committer: Committer,
 }
 
 /// The smallest medium capacity accepted.
@@ -75,10 +92,11 @@ impl JournalOptions {
             label: String::from("initial"),
             spares: 0,
             cache: MediumCache::Auto,
+            committer: Committer::Auto,
         }
     }
 
-    /// Parses `dir=DIR,capacity=1G,media-max=N,mode=sync|async,lag-max=64M,on-full=stop|pause,label=L,spares=N,cache=auto|none|writeback`.
+    /// Parses `dir=DIR,capacity=1G,media-max=N,mode=sync|async,lag-max=64M,on-full=stop|pause,label=L,spares=N,cache=auto|none|writeback,committer=auto|writer|queue`.
     /// Sizes take the suffixes K, M, G, T (powers of 1024).
     pub fn parse(spec: &str) -> Result<Self, JournalError> {
         let mut dir = None;
@@ -115,6 +133,14 @@ impl JournalOptions {
                         "none" => MediumCache::None,
                         "writeback" => MediumCache::Writeback,
                         _ => return Err(bad(part, "expected auto, none or writeback")),
+                    }
+                }
+                "committer" => {
+                    o.committer = match value {
+                        "auto" => Committer::Auto,
+                        "writer" => Committer::Writer,
+                        "queue" => Committer::Queue,
+                        _ => return Err(bad(part, "expected auto, writer or queue")),
                     }
                 }
                 "spares" => o.spares = value.parse().map_err(|_| bad(part, "expected a number"))?,
@@ -156,7 +182,7 @@ mod tests {
     #[test]
     fn parses_a_full_spec() -> Result<(), JournalError> {
         let o = JournalOptions::parse(
-            "dir=/j,capacity=1M,media-max=3,mode=async,lag-max=4K,on-full=pause,spares=2,cache=none",
+            "dir=/j,capacity=1M,media-max=3,mode=async,lag-max=4K,on-full=pause,spares=2,cache=none,committer=queue",
         )?;
         assert_eq!(o.dir, PathBuf::from("/j"));
         assert_eq!(o.capacity_bytes, 1 << 20);
@@ -166,6 +192,7 @@ mod tests {
         assert_eq!(o.on_full, OnFull::Pause);
         assert_eq!(o.spares, 2);
         assert_eq!(o.cache, MediumCache::None);
+        assert_eq!(o.committer, Committer::Queue);
         Ok(())
     }
 

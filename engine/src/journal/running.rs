@@ -4,22 +4,28 @@
 //! `observe` assigns the sequence number and copies the write's data into the pending batch
 //! under one mutex; the writer thread takes the whole batch, appends it to the medium with
 //! one write + one `fdatasync` through io_uring, and then releases the guest writes it held.
+//! With `committer=queue` (the default for a `sync` journal on memory-backed media) the queue
+//! thread that submitted the writes makes that commit itself at the end of its batch
+//! ([`WriteObserver::batch_submitted`]): whoever holds the appender commits everything
+//! pending, the others leave their records to it.
 
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::catalog::{RunRecord, RunState, COUNT_UNKNOWN};
+use super::device::device_spares;
 use super::entry::{now_ns, LogEntry};
 use super::error::JournalError;
 use super::format::{
     encode_record_with, encode_record_with_crc, GapInfo, Op, RecordHeader, StopCause, StopInfo,
     StreamDef, FLAG_GAP_ESTIMATED, FLAG_UNMAP,
 };
-use super::options::{JournalMode, JournalOptions, OnFull};
+use super::options::{Committer, JournalMode, JournalOptions, OnFull};
 use super::recovery::{recover, RecoveredTail};
-use super::writer::{MediumWriter, PendingRecord, Prologue, WriteFailure};
+use super::writer::{AppendPath, MediumWriter, PendingRecord, Prologue, WriteFailure};
 use crate::observer::{ObserverTicket, WriteEvent, WriteKind, WriteObserver};
+use crate::volume::open::is_memory_backed;
 
 /// How often a paused journal (on-full=pause) retries to open a medium.
 const PAUSE_RETRY: Duration = Duration::from_secs(1);
@@ -32,6 +38,9 @@ const ASYNC_GATHER_BYTES: usize = 1 << 20;
 /// Async mode appends a long trail in pieces of at most this, so that writes held at
 /// `lag-max` wait for one piece (a few ms), not for the whole trail (up to `lag-max`).
 const ASYNC_APPEND_BYTES: usize = 1 << 20;
+/// With queue-thread commits, how many times one queue thread commits what others left
+/// pending before it hands the rest to the writer thread and goes back to its own queue.
+const INLINE_COMMIT_ROUNDS: usize = 4;
 /// The stream id of records that belong to no volume (marks, log-init, gaps).
 pub const JOURNAL_STREAM_ID: u32 = 0;
 
@@ -78,8 +87,16 @@ pub struct JournalStatus {
     /// medium is opened.
     pub medium_direct: Option<bool>,
     /// Whether group commits go through io_uring (`false`: the kernel refused a ring, the
-    /// writer uses `pwritev` + `fdatasync`); unknown before the first append.
+    /// writer uses `pwritev` + `fdatasync`); unknown before the first append, and before
+    /// any append to a medium that is not memory-backed.
     pub appends_io_uring: Option<bool>,
+    /// How group commits are written: `io_uring`, `pwritev` (no ring) or `memory`
+    /// (memory-backed media, `pwritev` on the committing thread); unknown before the first.
+    pub appends: Option<AppendPath>,
+    /// Who makes `sync` group commits: `writer` or `queue` (`committer=`, resolved).
+    pub committer: Committer,
+    /// Group commits made by queue threads (the rest were made by the writer thread).
+    pub queue_commits: u64,
 }
 
 /// The answer of `mark()` and `init()`.
@@ -141,6 +158,12 @@ struct State {
     medium_direct: Option<bool>,
     /// The writer's appends go through io_uring.
     appends_io_uring: Option<bool>,
+    appends: Option<AppendPath>,
+    /// The appender holds records it could not write (media full, on-full=pause): only the
+    /// writer thread may go on, when it retries.
+    carry_waiting: bool,
+    /// Group commits made by queue threads.
+    queue_commits: u64,
 }
 
 impl State {
@@ -150,6 +173,7 @@ impl State {
         self.spares_taken = writer.spares_taken();
         self.medium_direct = writer.direct().or(self.medium_direct);
         self.appends_io_uring = writer.appends_io_uring();
+        self.appends = writer.append_path().or(self.appends);
     }
 
     fn take_seq(&mut self) -> u64 {
@@ -285,6 +309,10 @@ impl State {
 
 struct Shared {
     options: JournalOptions,
+    /// `committer=` resolved: `Writer` or `Queue` (queue threads commit in `sync` mode).
+    committer: Committer,
+    /// The medium writer and what it carries between commits; taken before `state`.
+    appender: Mutex<Appender>,
     state: Mutex<State>,
     /// Signalled when there is work for the writer.
     work: Condvar,
@@ -292,9 +320,67 @@ struct Shared {
     progress: Condvar,
 }
 
+/// What a group commit needs besides the state: whoever holds it makes the commit.
+struct Appender {
+    writer: MediumWriter,
+    carry: Batch,
+}
+
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn appender(&self) -> MutexGuard<'_, Appender> {
+        self.appender.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The appender if nobody else holds it.
+    fn try_appender(&self) -> Option<MutexGuard<'_, Appender>> {
+        match self.appender.try_lock() {
+            Ok(guard) => Some(guard),
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// Queue threads make the group commits (`sync` mode with `committer=queue`).
+    fn queue_commits(&self) -> bool {
+        self.committer == Committer::Queue
+    }
+
+    /// Takes everything pending in `st` into the appender's carry and says what the
+    /// medium must restate if the append opens a new one.
+    fn take_pending(&self, st: &mut State, app: &mut Appender) -> Prologue {
+        app.carry.take_from(st);
+        st.commit_now = false;
+        app.writer.set_run(st.run);
+        Prologue {
+            streams: st.stream_list.clone(),
+            log_id: st.log_id,
+            label: st.label.clone(),
+            last_seq: app.carry.last_seq,
+        }
+    }
+}
+
+/// Resolves `committer=auto`: queue threads commit for a `sync` journal whose directory is
+/// on tmpfs or ramfs with no block device registered as a medium.
+fn resolve_committer(options: &JournalOptions) -> Committer {
+    if options.mode == JournalMode::Async {
+        return Committer::Writer;
+    }
+    match options.committer {
+        Committer::Auto => {
+            let memory_dir = std::fs::File::open(&options.dir).is_ok_and(|d| is_memory_backed(&d));
+            let devices = device_spares(&options.dir).map_or(true, |d| !d.is_empty());
+            if memory_dir && !devices {
+                Committer::Queue
+            } else {
+                Committer::Writer
+            }
+        }
+        chosen => chosen,
     }
 }
 
@@ -302,7 +388,7 @@ impl Shared {
 /// [`Journal::observer`]; call [`Journal::close`] on shutdown.
 pub struct Journal {
     shared: Arc<Shared>,
-    thread: Mutex<Option<JoinHandle<MediumWriter>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
     recovered_torn_tail: Option<RecoveredTail>,
 }
 
@@ -348,6 +434,9 @@ impl Journal {
             spares_taken: 0,
             medium_direct: None,
             appends_io_uring: None,
+            appends: None,
+            carry_waiting: false,
+            queue_commits: 0,
         };
         if let Some((gap, estimated)) = rec.resume_gap {
             // The previous run's unjournaled writes: numbered, then recorded as a gap.
@@ -377,7 +466,12 @@ impl Journal {
         writer.set_run(state.run);
         writer.store_catalog()?;
         let shared = Arc::new(Shared {
+            committer: resolve_committer(&options),
             options,
+            appender: Mutex::new(Appender {
+                writer,
+                carry: Batch::default(),
+            }),
             state: Mutex::new(state),
             work: Condvar::new(),
             progress: Condvar::new(),
@@ -385,7 +479,7 @@ impl Journal {
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name("ferry-journal".into())
-            .spawn(move || writer_main(&thread_shared, writer))
+            .spawn(move || writer_main(&thread_shared))
             .map_err(JournalError::Thread)?;
         Ok(Arc::new(Journal {
             shared,
@@ -526,6 +620,9 @@ impl Journal {
             spares_taken: st.spares_taken,
             medium_direct: st.medium_direct,
             appends_io_uring: st.appends_io_uring,
+            appends: st.appends,
+            committer: self.shared.committer,
+            queue_commits: st.queue_commits,
         }
     }
 
@@ -540,13 +637,14 @@ impl Journal {
         let Some(h) = handle else {
             return;
         };
-        let Ok(mut writer) = h.join() else {
+        if h.join().is_err() {
             log::error!("the journal writer thread panicked");
             return;
-        };
+        }
         // How the run ended, for the next start and for restore.
-        writer.set_run(self.shared.lock().closing_run());
-        if let Err(e) = writer.store_catalog() {
+        let mut app = self.shared.appender();
+        app.writer.set_run(self.shared.lock().closing_run());
+        if let Err(e) = app.writer.store_catalog() {
             log::error!("journal: cannot record the close in the catalog: {e}");
         }
     }
@@ -617,8 +715,12 @@ impl WriteObserver for Journal {
             JournalMode::Sync => true,
             JournalMode::Async => st.lag_bytes() > options.lag_max_bytes,
         } || st.phase == JournalState::Paused;
-        let wake = st.writer_idle
-            || (st.writer_gathering && (hold || st.batch.len() >= ASYNC_GATHER_BYTES));
+        // With queue-thread commits this thread commits at the end of its batch
+        // (`batch_submitted`); the writer thread is woken only when the journal is paused.
+        let queue_commits = self.shared.queue_commits() && st.phase == JournalState::Running;
+        let wake = !queue_commits
+            && (st.writer_idle
+                || (st.writer_gathering && (hold || st.batch.len() >= ASYNC_GATHER_BYTES)));
         if wake {
             st.writer_idle = false;
             st.writer_gathering = false;
@@ -630,6 +732,50 @@ impl WriteObserver for Journal {
         } else {
             Some(ticket)
         }
+    }
+
+    fn batch_submitted(&self) {
+        if !self.shared.queue_commits() {
+            return;
+        }
+        let shared = &*self.shared;
+        for _ in 0..INLINE_COMMIT_ROUNDS {
+            // Whoever holds the appender takes these records too: it looks at the state
+            // again after letting go (below), after any record pushed before this attempt.
+            let Some(mut app) = shared.try_appender() else {
+                return;
+            };
+            let mut st = shared.lock();
+            if st.batch.is_empty() {
+                return;
+            }
+            let writer_only = st.phase != JournalState::Running
+                || st.shutdown
+                || st.carry_waiting
+                || st.seal_requests > st.seals_done;
+            if writer_only {
+                st.writer_idle = false;
+                shared.work.notify_one();
+                return;
+            }
+            let prologue = shared.take_pending(&mut st, &mut app);
+            st.queue_commits += 1;
+            drop(st);
+            let Appender { writer, carry } = &mut *app;
+            if write_carry(shared, writer, carry, &prologue).is_some() {
+                // Paused on full media: the writer thread retries.
+                shared.work.notify_one();
+                return;
+            }
+            drop(app);
+            if shared.lock().batch.is_empty() {
+                return;
+            }
+        }
+        // Others keep adding: the writer thread takes the rest.
+        let mut st = shared.lock();
+        st.writer_idle = false;
+        shared.work.notify_one();
     }
 }
 
@@ -677,19 +823,17 @@ impl Batch {
     }
 }
 
-fn writer_main(shared: &Shared, mut writer: MediumWriter) -> MediumWriter {
-    let mut carry = Batch::default();
+fn writer_main(shared: &Shared) {
     let mut retry_at: Option<Instant> = None;
     let gathers = shared.options.mode == JournalMode::Async;
     loop {
-        let (prologue, seal, shutdown, stop_info) = {
+        {
             let mut st = shared.lock();
             let mut gather_until: Option<Instant> = None;
             loop {
                 let ready = retry_at.is_none_or(|t| Instant::now() >= t);
-                let has_work = !st.batch.is_empty()
-                    || !carry.records.is_empty()
-                    || st.seal_requests > st.seals_done;
+                let has_work =
+                    !st.batch.is_empty() || st.carry_waiting || st.seal_requests > st.seals_done;
                 if st.shutdown {
                     break;
                 }
@@ -701,7 +845,7 @@ fn writer_main(shared: &Shared, mut writer: MediumWriter) -> MediumWriter {
                     let now = Instant::now();
                     let write_now = !gathers
                         || !st.tickets.is_empty()
-                        || !carry.records.is_empty()
+                        || st.carry_waiting
                         || st.seal_requests > st.seals_done
                         || st.commit_now
                         || st.batch.len() >= ASYNC_GATHER_BYTES
@@ -728,20 +872,19 @@ fn writer_main(shared: &Shared, mut writer: MediumWriter) -> MediumWriter {
                     .unwrap_or_else(|p| p.into_inner().0);
                 st.writer_idle = false;
             }
+        }
+        // The appender first, then the state (the lock order everywhere): a queue thread
+        // may have committed the pending records meanwhile.
+        let mut app = shared.appender();
+        let (prologue, seal, shutdown, stop_info) = {
+            let mut st = shared.lock();
             if st.crashed {
                 st.writer_exited = true;
                 shared.progress.notify_all();
-                return writer;
+                return;
             }
-            carry.take_from(&mut st);
-            st.commit_now = false;
-            writer.set_run(st.run);
-            let prologue = Prologue {
-                streams: st.stream_list.clone(),
-                log_id: st.log_id,
-                label: st.label.clone(),
-                last_seq: carry.last_seq,
-            };
+            let prologue = shared.take_pending(&mut st, &mut app);
+            st.carry_waiting = false;
             // A clean close says so on the medium, before the trailer.
             let stop = (st.shutdown && st.phase != JournalState::Stopped).then(|| {
                 let run = st.closing_run();
@@ -754,7 +897,8 @@ fn writer_main(shared: &Shared, mut writer: MediumWriter) -> MediumWriter {
             });
             (prologue, st.seal_requests, st.shutdown, stop)
         };
-        retry_at = write_carry(shared, &mut writer, &mut carry, &prologue);
+        let Appender { writer, carry } = &mut *app;
+        retry_at = write_carry(shared, writer, carry, &prologue);
         if retry_at.is_some() && !shutdown {
             continue;
         }
@@ -767,10 +911,10 @@ fn writer_main(shared: &Shared, mut writer: MediumWriter) -> MediumWriter {
             st = shared.lock();
             match result {
                 Ok(()) => st.last_sealed = sealing,
-                Err(e) => stop(&mut st, &mut writer, e.to_string(), None),
+                Err(e) => stop(&mut st, writer, e.to_string(), None),
             }
             st.seals_done = seal;
-            st.note_writer(&writer);
+            st.note_writer(writer);
         }
         if shutdown {
             st.writer_exited = true;
@@ -781,7 +925,7 @@ fn writer_main(shared: &Shared, mut writer: MediumWriter) -> MediumWriter {
                 t.complete(true);
             }
             shared.progress.notify_all();
-            return writer;
+            return;
         }
         shared.progress.notify_all();
     }
@@ -850,6 +994,7 @@ fn write_carry(
         && !st.shutdown;
     if pause {
         carry.keep_after(written.len());
+        st.carry_waiting = true;
         st.phase = JournalState::Paused;
         st.reason =
             Some("every allowed medium is full: guest writes are held (on-full=pause)".into());

@@ -1,8 +1,10 @@
 //! The medium writer: appends batches of encoded records to the current medium in whole
 //! 4 KiB blocks (one vectored write linked to one `fdatasync` per batch, through io_uring:
-//! group commit on a dedicated thread, see [`super::commit_ring`]), rotates to the next
-//! medium of the set when the current one would overflow, and seals media with a trailer.
-//! Media are written with `O_DIRECT` where `cache=` allows (see [`super::direct`]).
+//! group commit, see [`super::commit_ring`]; on a memory-backed medium, where io_uring would
+//! only hand the copy to a kernel worker thread, with `pwritev` on the calling thread),
+//! rotates to the next medium of the set when the current one would overflow, and seals
+//! media with a trailer. Media are written with `O_DIRECT` where `cache=` allows (see
+//! [`super::direct`]).
 
 use std::fs::{File, OpenOptions};
 use std::path::PathBuf;
@@ -21,6 +23,7 @@ use super::format::{
 use super::media::{list_media, medium_file_name};
 use super::options::{JournalOptions, MediumCache, OnFull};
 use super::spares::{list_spares, SpareFormatter};
+use crate::volume::open::is_memory_backed;
 
 /// A record of a batch as the journal encoded it: where it starts in the batch and its
 /// log entry (medium and position are filled in when it is written).
@@ -72,6 +75,8 @@ struct OpenMedium {
     capacity_bytes: u64,
     /// A registered block device: sealing leaves its zeroed rest instead of truncating.
     is_device: bool,
+    /// A file on tmpfs or ramfs: appends are plain `pwritev` on the calling thread.
+    memory_backed: bool,
     position_bytes: u64,
     entries: Vec<LogEntry>,
 }
@@ -94,6 +99,21 @@ pub struct MediumWriter {
     /// The ring appends go through, made by the writer thread on its first append (if the
     /// kernel refuses io_uring, appends use `pwritev` + `fdatasync`).
     commit_ring: CommitRingState,
+    /// Some append went to a memory-backed medium with `pwritev` (not through the ring).
+    memory_appends: bool,
+}
+
+/// How the writer appends to its media (see [`MediumWriter::append_path`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AppendPath {
+    /// One vectored write linked to one `fdatasync` through io_uring.
+    IoUring,
+    /// `pwritev` + `fdatasync`: the kernel refused the writer an io_uring.
+    Pwritev,
+    /// Memory-backed media: `pwritev` on the committing thread (io_uring would hand the
+    /// copy to a kernel worker and add two wake-ups).
+    Memory,
 }
 
 enum CommitRingState {
@@ -141,6 +161,7 @@ impl MediumWriter {
             spares_taken: 0,
             staging: StagingBuffer::default(),
             commit_ring: CommitRingState::NotYet,
+            memory_appends: false,
         }
     }
 
@@ -154,13 +175,30 @@ impl MediumWriter {
         self.current.as_ref().map(|m| m.direct)
     }
 
-    /// Whether appends go through io_uring (`None`: nothing appended yet).
+    /// Whether appends go through io_uring (`None`: nothing appended yet, or only to
+    /// memory-backed media, which never use the ring).
     pub fn appends_io_uring(&self) -> Option<bool> {
         match self.commit_ring {
             CommitRingState::NotYet => None,
             CommitRingState::Ready(_) => Some(true),
             CommitRingState::Unavailable => Some(false),
         }
+    }
+
+    /// How appends are made, for `status`: `io_uring`, `pwritev` (the kernel refused a
+    /// ring) or `memory` (memory-backed media, `pwritev` on the committing thread).
+    pub fn append_path(&self) -> Option<AppendPath> {
+        match (&self.commit_ring, self.memory_appends) {
+            (CommitRingState::Ready(_), _) => Some(AppendPath::IoUring),
+            (CommitRingState::Unavailable, _) => Some(AppendPath::Pwritev),
+            (CommitRingState::NotYet, true) => Some(AppendPath::Memory),
+            (CommitRingState::NotYet, false) => None,
+        }
+    }
+
+    /// Whether the open medium is a file on tmpfs or ramfs (`None`: no medium open).
+    pub fn memory_backed(&self) -> Option<bool> {
+        self.current.as_ref().map(|m| m.memory_backed)
     }
 
     /// (medium index, position) of the append point, if a medium is open.
@@ -297,6 +335,7 @@ impl MediumWriter {
         let bytes = encode_prologue(&header, prologue);
         self.next_index += 1;
         self.prev_valid_end_bytes = u64::MAX;
+        let memory_backed = device_bytes.is_none() && is_memory_backed(&file);
         self.current = Some(OpenMedium {
             index,
             path,
@@ -304,6 +343,7 @@ impl MediumWriter {
             direct,
             capacity_bytes,
             is_device: device_bytes.is_some(),
+            memory_backed,
             position_bytes: 0,
             entries: Vec::new(),
         });
@@ -383,6 +423,20 @@ impl MediumWriter {
         };
         let at = m.position_bytes;
         let parts = [prologue, chunk, padding.as_slice()];
+        if m.memory_backed && !m.direct {
+            // io_uring hands buffered writes to tmpfs to a worker thread: two wake-ups for a
+            // copy this thread does in the same time. `fdatasync` is a no-op there but keeps
+            // the contract if the medium is ever something else.
+            if let Err(source) =
+                write_all_vectored_at(&m.file, &parts, at).and_then(|()| m.file.sync_data())
+            {
+                let path = m.path.clone();
+                return Err(WriteFailure::Error(medium_err(&path, "append", source)));
+            }
+            self.memory_appends = true;
+            m.position_bytes = at + (len + pad) as u64;
+            return Ok(at + prologue.len() as u64);
+        }
         let ring = &mut self.commit_ring;
         let mut result = if m.direct {
             let aligned = self.staging.fill(&parts);

@@ -185,6 +185,8 @@ pub struct VolumeQueue {
     /// The queue's NBD connection, while the volume lives on an NBD export.
     nbd: Option<NbdPath>,
     nbd_done: Vec<(u32, Option<IoFailure>)>,
+    /// The observers that saw a write since the last `commit`, told `batch_submitted` there.
+    observers_to_tell: Option<ObserverList>,
 }
 
 impl VolumeQueue {
@@ -223,6 +225,7 @@ impl VolumeQueue {
             inline_backoff: 0,
             nbd: None,
             nbd_done: Vec::new(),
+            observers_to_tell: None,
         };
         queue.sync_nbd_path();
         Ok(queue)
@@ -420,6 +423,9 @@ impl VolumeQueue {
             len_bytes,
             data,
         };
+        if self.observers_to_tell.is_none() {
+            self.observers_to_tell = Some(self.path.observers.clone());
+        }
         for observer in self.path.observers.iter() {
             let ticket = ObserverTicket::new(self.sink.clone(), slot_index);
             match observer.observe(&event, ticket) {
@@ -625,7 +631,14 @@ impl VolumeQueue {
         if let Some(nbd) = &mut self.nbd {
             nbd.send(&mut self.ring, &mut self.slots);
         }
-        self.ring.submit()
+        let submitted = self.ring.submit();
+        // After the volume's own I/O is on its way: an observer committing here overlaps it.
+        if let Some(observers) = self.observers_to_tell.take() {
+            for observer in observers.iter() {
+                observer.batch_submitted();
+            }
+        }
+        submitted
     }
 
     /// Starts a request on the NBD path.

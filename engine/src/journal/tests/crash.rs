@@ -6,6 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
 use super::super::media::list_media;
+use super::super::options::Committer;
 use super::super::{Journal, JournalOptions};
 use super::support::{open_volume, pattern, verify_and_restore, write, TestResult};
 use crate::VolumeQueue;
@@ -13,6 +14,8 @@ use crate::VolumeQueue;
 const CHILD_ENV: &str = "FERRY_JOURNAL_CRASH_CHILD_DIR";
 /// Set (to N) when the child journals with `spares=N` on pre-formatted spares.
 const SPARES_ENV: &str = "FERRY_JOURNAL_CRASH_CHILD_SPARES";
+/// Set to `queue` when the child's queue thread makes the group commits (`committer=queue`).
+const COMMITTER_ENV: &str = "FERRY_JOURNAL_CRASH_CHILD_COMMITTER";
 const WRITE_BYTES: usize = 4096;
 const SLOTS: u64 = 64;
 
@@ -27,6 +30,9 @@ fn crash_child() -> TestResult {
     let mut o = JournalOptions::new(dir.join("j"));
     o.capacity_bytes = 256 * 1024;
     o.spares = std::env::var(SPARES_ENV).map_or(Ok(0), |s| s.parse())?;
+    if std::env::var(COMMITTER_ENV).is_ok_and(|c| c == "queue") {
+        o.committer = Committer::Queue;
+    }
     let journal = Journal::open(o)?;
     let v = open_volume(&dir, "vc", SLOTS * WRITE_BYTES as u64)?;
     v.add_observer(journal.observer());
@@ -44,16 +50,22 @@ fn crash_child() -> TestResult {
 
 #[test]
 fn crash_mid_stream_is_recovered() -> TestResult {
-    crash_case(0)
+    crash_case(0, Committer::Writer)
 }
 
 /// The same on formatted media: the killed child's last medium is a spare with a zero tail.
 #[test]
 fn crash_mid_stream_on_formatted_media_is_recovered() -> TestResult {
-    crash_case(2)
+    crash_case(2, Committer::Writer)
 }
 
-fn crash_case(spares: u32) -> TestResult {
+/// The same with the child's queue thread making the group commits.
+#[test]
+fn crash_mid_stream_with_queue_commits_is_recovered() -> TestResult {
+    crash_case(0, Committer::Queue)
+}
+
+fn crash_case(spares: u32, committer: Committer) -> TestResult {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
     if spares > 0 {
@@ -73,6 +85,14 @@ fn crash_case(spares: u32) -> TestResult {
         ])
         .env(CHILD_ENV, dir)
         .env(SPARES_ENV, spares.to_string())
+        .env(
+            COMMITTER_ENV,
+            if committer == Committer::Queue {
+                "queue"
+            } else {
+                "writer"
+            },
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()?;

@@ -6,6 +6,7 @@ mod devices;
 mod direct;
 mod failures;
 mod format_golden;
+mod queue_commits;
 mod robustness;
 mod spares;
 mod stops;

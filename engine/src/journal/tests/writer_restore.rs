@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use super::super::export::export_dm_log_writes;
 use super::super::media::MediaSet;
+use super::super::options::Committer;
 use super::super::restore::{restore, RestoreOptions, Until};
 use super::super::verify::verify;
 use super::super::{demux::demux, Journal, JournalMode, JournalOptions, JournalState};
@@ -171,13 +172,31 @@ fn check_everything(dir: &Path, rig: &Rig, at_marks: &[Vec<Vec<u8>>]) -> TestRes
 
 #[test]
 fn sync_journal_restores_every_mark_and_the_end() -> TestResult {
+    sync_case(Committer::Writer)
+}
+
+/// The same with the group commits made by the queue threads (as on memory-backed media).
+#[test]
+fn sync_journal_committed_by_queues_restores_every_mark_and_the_end() -> TestResult {
+    sync_case(Committer::Queue)
+}
+
+fn sync_case(committer: Committer) -> TestResult {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
-    let journal = Journal::open(journal_options(dir, JournalMode::Sync))?;
+    let mut options = journal_options(dir, JournalMode::Sync);
+    options.committer = committer;
+    let journal = Journal::open(options)?;
     let mut rig = Rig::new(dir, &journal)?;
     let at_marks = run_phases(&mut rig, &journal, 3, 40)?;
     let status = journal.status();
     assert_eq!(status.state, JournalState::Running);
+    assert_eq!(status.committer, committer);
+    if committer == Committer::Queue {
+        assert!(status.queue_commits > 0, "{status:#?}");
+    } else {
+        assert_eq!(status.queue_commits, 0, "{status:#?}");
+    }
     assert_eq!(status.lag_bytes, 0);
     let entries = journal.retrieve(0);
     assert_eq!(

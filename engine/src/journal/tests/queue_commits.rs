@@ -1,0 +1,112 @@
+//! Group commits made by the queue threads (`committer=queue`): several threads, each with
+//! its own queue, write concurrently; whoever holds the appender commits for the others, and
+//! no write is left waiting. Also how `committer=auto` resolves.
+
+use std::sync::Arc;
+
+use super::super::options::Committer;
+use super::super::{Journal, JournalMode, JournalOptions};
+use super::support::{open_volume, pattern, verify_and_restore, write, TestResult};
+use crate::VolumeQueue;
+
+const WRITE_BYTES: usize = 4096;
+const THREADS: u64 = 4;
+const WRITES_PER_THREAD: u64 = 300;
+
+#[test]
+fn concurrent_queues_commit_each_others_writes() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let volume_bytes = THREADS * WRITES_PER_THREAD * WRITE_BYTES as u64;
+    std::fs::write(dir.join("vq.base"), vec![0u8; volume_bytes as usize])?;
+    let mut options = JournalOptions::new(dir.join("j"));
+    options.capacity_bytes = 1 << 20;
+    options.committer = Committer::Queue;
+    let journal = Journal::open(options)?;
+    let v = open_volume(dir, "vq", volume_bytes)?;
+    v.add_observer(journal.observer());
+    let workers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let v = v.clone();
+            std::thread::spawn(move || -> Result<(), String> {
+                let mut q = VolumeQueue::new(v, t as u16, 4, 4).map_err(|e| e.to_string())?;
+                for i in 0..WRITES_PER_THREAD {
+                    let slot = t * WRITES_PER_THREAD + i;
+                    write(
+                        &mut q,
+                        slot * WRITE_BYTES as u64,
+                        &pattern(slot, WRITE_BYTES),
+                    )
+                    .map_err(|e| format!("write {slot}: {e:?}"))?;
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().map_err(|_| "a writer thread panicked")??;
+    }
+    let status = journal.status();
+    assert_eq!(status.committer, Committer::Queue);
+    assert_eq!(status.lag_bytes, 0, "{status:#?}");
+    assert!(status.queue_commits > 0, "{status:#?}");
+    assert!(status.records >= THREADS * WRITES_PER_THREAD, "{status:#?}");
+    v.backing().sync()?;
+    journal.close();
+    let (_, image) = verify_and_restore(dir, "vq")?;
+    assert!(image == std::fs::read(dir.join("vq.img"))?);
+    Ok(())
+}
+
+#[test]
+fn auto_committer_is_the_queue_on_memory_and_the_writer_elsewhere() -> TestResult {
+    let shm = std::path::Path::new("/dev/shm");
+    let memory = shm
+        .is_dir()
+        .then(|| tempfile::tempdir_in(shm))
+        .transpose()?;
+    let disk = tempfile::tempdir()?;
+    let disk_is_memory = crate::volume::open::is_memory_backed(&std::fs::File::open(disk.path())?);
+    for (dir, memory_backed) in [
+        (Some(disk.path()), disk_is_memory),
+        (memory.as_ref().map(|m| m.path()), true),
+    ] {
+        let Some(dir) = dir else {
+            continue;
+        };
+        for mode in [JournalMode::Sync, JournalMode::Async] {
+            let mut options = JournalOptions::new(dir.join(format!("j-{mode:?}")));
+            options.mode = mode;
+            let journal = Journal::open(options)?;
+            let expected = if memory_backed && mode == JournalMode::Sync {
+                Committer::Queue
+            } else {
+                Committer::Writer
+            };
+            assert_eq!(journal.status().committer, expected, "{dir:?} {mode:?}");
+            journal.close();
+        }
+    }
+    Ok(())
+}
+
+/// One write per batch: each completes, committed by the queue's own thread.
+#[test]
+fn single_writes_complete_with_queue_commits() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let mut options = JournalOptions::new(dir.join("j"));
+    options.committer = Committer::Queue;
+    let journal: Arc<Journal> = Journal::open(options)?;
+    let v = open_volume(dir, "v1", 1 << 20)?;
+    v.add_observer(journal.observer());
+    let mut q = VolumeQueue::new(v, 0, 4, 4)?;
+    for i in 0..10u64 {
+        write(&mut q, i * 4096, &pattern(i, 4096))?;
+    }
+    // The writer thread may take a batch when its timer wakes it: most, not all.
+    let status = journal.status();
+    assert!(status.queue_commits >= 5, "{status:#?}");
+    assert_eq!(status.lag_bytes, 0);
+    Ok(())
+}
