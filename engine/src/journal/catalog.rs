@@ -5,6 +5,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use super::checksum;
 use super::error::JournalError;
 
 /// "FJCT" as a little-endian u32.
@@ -107,7 +108,7 @@ impl Catalog {
         out.extend_from_slice(&[0u8; 2]);
         out.extend_from_slice(&self.journal_id.to_le_bytes());
         out.extend_from_slice(&(self.media.len() as u32).to_le_bytes());
-        out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+        out.extend_from_slice(&checksum::crc32c(&body).to_le_bytes());
         out.extend_from_slice(&body);
         out
     }
@@ -142,7 +143,7 @@ impl Catalog {
                 body.len()
             ));
         }
-        if crc32c::crc32c(body) != u32_at(20) {
+        if checksum::crc32c(body) != u32_at(20) {
             return Err("checksum mismatch".into());
         }
         let run = (run_bytes > 0)

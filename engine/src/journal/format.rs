@@ -4,6 +4,7 @@
 //! byte by byte. Every record is a 64-byte little-endian header followed by its payload,
 //! zero-padded to a multiple of [`RECORD_ALIGN_BYTES`].
 
+use super::checksum;
 use super::error::FormatError;
 
 /// "FJRN" read as a little-endian u32: the first four bytes of every record.
@@ -151,7 +152,7 @@ impl RecordHeader {
         b[48..52].copy_from_slice(&self.payload_len_bytes.to_le_bytes());
         b[52..56].copy_from_slice(&self.payload_crc.to_le_bytes());
         // 56..60 reserved, zero.
-        let crc = crc32c::crc32c(&b[0..60]);
+        let crc = checksum::crc32c(&b[0..60]);
         b[60..64].copy_from_slice(&crc.to_le_bytes());
         b
     }
@@ -169,7 +170,7 @@ impl RecordHeader {
             return Err(FormatError::BadMagic { found: magic });
         }
         let stored_crc = le32(b, 60);
-        let crc = crc32c::crc32c(&b[0..60]);
+        let crc = checksum::crc32c(&b[0..60]);
         if crc != stored_crc {
             return Err(FormatError::HeaderCrc {
                 stored: stored_crc,
@@ -203,7 +204,7 @@ impl RecordHeader {
 
     /// Checks `payload` (exactly `payload_len_bytes` long) against the header's CRC.
     pub fn check_payload(&self, payload: &[u8]) -> Result<(), FormatError> {
-        let crc = crc32c::crc32c(payload);
+        let crc = checksum::crc32c(payload);
         if crc != self.payload_crc {
             return Err(FormatError::PayloadCrc {
                 stored: self.payload_crc,
@@ -223,7 +224,7 @@ pub fn record_bytes(payload_len: usize) -> usize {
 /// `header.payload_len_bytes` and `header.payload_crc` are filled in here.
 pub fn encode_record(out: &mut Vec<u8>, mut header: RecordHeader, payload: &[u8]) {
     header.payload_len_bytes = payload.len() as u32;
-    header.payload_crc = crc32c::crc32c(payload);
+    header.payload_crc = checksum::crc32c(payload);
     out.extend_from_slice(&header.encode());
     out.extend_from_slice(payload);
     pad_to_align(out);
@@ -240,7 +241,7 @@ pub fn encode_record_with(
     fill(out);
     let payload = &out[start + HEADER_BYTES..];
     header.payload_len_bytes = payload.len() as u32;
-    header.payload_crc = crc32c::crc32c(payload);
+    header.payload_crc = checksum::crc32c(payload);
     out[start..start + HEADER_BYTES].copy_from_slice(&header.encode());
     pad_to_align(out);
 }

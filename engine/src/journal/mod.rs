@@ -3,6 +3,7 @@
 //! (list, verify, restore, demux, export). The byte layout is in `docs/journal.md`.
 
 pub mod catalog;
+pub mod checksum;
 pub mod commit_ring;
 pub mod demux;
 pub mod device;

@@ -14,6 +14,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::catalog::{RunRecord, RunState, COUNT_UNKNOWN};
+use super::checksum::crc32c_of_slices;
 use super::device::device_spares;
 use super::entry::{now_ns, LogEntry};
 use super::error::JournalError;
@@ -680,7 +681,7 @@ impl WriteObserver for Journal {
     fn observe(&self, event: &WriteEvent<'_>, ticket: ObserverTicket) -> Option<ObserverTicket> {
         // The CRC of the data before taking the lock: the lock is held for the copy only.
         let payload_crc = if event.kind == WriteKind::Write {
-            event.data_slices().fold(0, crc32c::crc32c_append)
+            crc32c_of_slices(event.data_slices())
         } else {
             0
         };
