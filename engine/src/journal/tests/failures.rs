@@ -7,12 +7,13 @@ use std::time::Duration;
 use super::super::media::MediaSet;
 use super::super::restore::{restore, RestoreOptions, Until};
 use super::super::verify::verify;
-use super::super::{Journal, JournalOptions, JournalState, OnFull};
+use super::super::{Committer, Journal, JournalOptions, JournalState, OnFull};
 use super::support::{open_volume, pattern, write, TestResult};
 use crate::VolumeQueue;
 
-fn small(dir: &std::path::Path, on_full: OnFull) -> JournalOptions {
+fn small(dir: &std::path::Path, on_full: OnFull, committer: Committer) -> JournalOptions {
     let mut o = JournalOptions::new(dir.join("j"));
+    o.committer = committer;
     o.capacity_bytes = 256 * 1024;
     o.media_max = 1;
     o.on_full = on_full;
@@ -21,9 +22,19 @@ fn small(dir: &std::path::Path, on_full: OnFull) -> JournalOptions {
 
 #[test]
 fn full_journal_stops_records_the_gap_and_restarts_on_init() -> TestResult {
+    full_case(Committer::Writer)
+}
+
+/// The same with the queue thread making the group commits (it meets the full medium).
+#[test]
+fn full_journal_committed_by_the_queue_stops_records_the_gap_and_restarts() -> TestResult {
+    full_case(Committer::Queue)
+}
+
+fn full_case(committer: Committer) -> TestResult {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
-    let journal = Journal::open(small(dir, OnFull::Stop))?;
+    let journal = Journal::open(small(dir, OnFull::Stop, committer))?;
     let v = open_volume(dir, "vf", 1 << 20)?;
     std::fs::copy(dir.join("vf.img"), dir.join("vf.base"))?;
     v.add_observer(journal.observer());
@@ -77,9 +88,20 @@ fn full_journal_stops_records_the_gap_and_restarts_on_init() -> TestResult {
 
 #[test]
 fn pause_holds_the_guest_until_room_appears() -> TestResult {
+    pause_case(Committer::Writer)
+}
+
+/// The same with the queue thread making the group commits: it meets the full media and
+/// hands the held batch to the writer thread, which retries.
+#[test]
+fn pause_with_queue_commits_holds_the_guest_until_room_appears() -> TestResult {
+    pause_case(Committer::Queue)
+}
+
+fn pause_case(committer: Committer) -> TestResult {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path().to_path_buf();
-    let journal = Journal::open(small(&dir, OnFull::Pause))?;
+    let journal = Journal::open(small(&dir, OnFull::Pause, committer))?;
     let v = open_volume(&dir, "vp", 1 << 20)?;
     v.add_observer(journal.observer());
     let (tx, rx) = std::sync::mpsc::channel();

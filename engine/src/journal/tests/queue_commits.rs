@@ -1,6 +1,7 @@
 //! Group commits made by the queue threads (`committer=queue`): several threads, each with
-//! its own queue, write concurrently; whoever holds the appender commits for the others, and
-//! no write is left waiting. Also how `committer=auto` resolves.
+//! its own queue, write concurrently while marks and seals go through the writer thread;
+//! whoever holds the appender commits for the others, and no write is left waiting. Also
+//! how `committer=auto` resolves.
 
 use std::sync::Arc;
 
@@ -43,9 +44,21 @@ fn concurrent_queues_commit_each_others_writes() -> TestResult {
             })
         })
         .collect();
+    // Marks and seals from another thread meanwhile: the writer thread takes the appender
+    // between the queues' commits.
+    let mut marks = 0;
+    while !workers.iter().all(|w| w.is_finished()) {
+        journal.mark(&format!("m{marks}"))?;
+        if marks % 4 == 3 {
+            journal.seal()?;
+        }
+        marks += 1;
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
     for w in workers {
         w.join().map_err(|_| "a writer thread panicked")??;
     }
+    assert!(marks > 0);
     let status = journal.status();
     assert_eq!(status.committer, Committer::Queue);
     assert_eq!(status.lag_bytes, 0, "{status:#?}");
