@@ -39,12 +39,12 @@ pub enum MediumCache {
     Writeback,
 }
 
-/// Which thread makes a `sync` journal's group commits (`committer=`).
+/// Which thread makes the journal's group commits (`committer=`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Committer {
-    /// `queue` when the journal directory is on tmpfs or ramfs (and no block device is
-    /// registered as a medium), else `writer` (default).
+    /// For a `sync` journal, `queue` when the journal directory is on tmpfs or ramfs (and no
+    /// block device is registered as a medium), else `writer`; `writer` for `async` (default).
     Auto,
     /// The journal's writer thread, woken by the queues: the commit overlaps the queues'
     /// work, at the price of a wake-up each way (right for media that take a flush).
@@ -73,7 +73,7 @@ pub struct JournalOptions {
     pub spares: u32,
     /// Direct or buffered appends.
     pub cache: MediumCache,
-    /// Who makes `sync` group commits.
+    /// Who makes group commits.
     pub committer: Committer,
 }
 

@@ -94,7 +94,7 @@ pub struct JournalStatus {
     /// How group commits are written: `io_uring`, `pwritev` (no ring) or `memory`
     /// (memory-backed media, `pwritev` on the committing thread); unknown before the first.
     pub appends: Option<AppendPath>,
-    /// Who makes `sync` group commits: `writer` or `queue` (`committer=`, resolved).
+    /// Who makes group commits: `writer` or `queue` (`committer=`, resolved).
     pub committer: Committer,
     /// Group commits made by queue threads (the rest were made by the writer thread).
     pub queue_commits: u64,
@@ -345,7 +345,7 @@ impl Shared {
         }
     }
 
-    /// Queue threads make the group commits (`sync` mode with `committer=queue`).
+    /// Queue threads make the group commits (`committer=queue`, or `auto` resolved to it).
     fn queue_commits(&self) -> bool {
         self.committer == Committer::Queue
     }
@@ -366,9 +366,10 @@ impl Shared {
 }
 
 /// Resolves `committer=auto`: queue threads commit for a `sync` journal whose directory is
-/// on tmpfs or ramfs with no block device registered as a medium.
+/// on tmpfs or ramfs with no block device registered as a medium; an `async` journal keeps
+/// its writer thread unless `committer=queue` is asked for.
 fn resolve_committer(options: &JournalOptions) -> Committer {
-    if options.mode == JournalMode::Async {
+    if options.mode == JournalMode::Async && options.committer == Committer::Auto {
         return Committer::Writer;
     }
     match options.committer {

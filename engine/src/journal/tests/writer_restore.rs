@@ -219,9 +219,27 @@ fn sync_case(committer: Committer) -> TestResult {
 
 #[test]
 fn async_journal_restores_every_mark_and_the_end() -> TestResult {
+    async_case(Committer::Auto)
+}
+
+/// The same with the trail appended by the queue threads at the end of every batch.
+#[test]
+fn async_journal_committed_by_queues_restores_every_mark_and_the_end() -> TestResult {
+    async_case(Committer::Queue)
+}
+
+fn async_case(committer: Committer) -> TestResult {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
-    let journal = Journal::open(journal_options(dir, JournalMode::Async))?;
+    let mut options = journal_options(dir, JournalMode::Async);
+    options.committer = committer;
+    let journal = Journal::open(options)?;
+    let expected = if committer == Committer::Queue {
+        Committer::Queue
+    } else {
+        Committer::Writer
+    };
+    assert_eq!(journal.status().committer, expected);
     let mut rig = Rig::new(dir, &journal)?;
     let at_marks = run_phases(&mut rig, &journal, 2, 40)?;
     journal.close();
