@@ -423,22 +423,14 @@ impl MediumWriter {
         };
         let at = m.position_bytes;
         let parts = [prologue, chunk, padding.as_slice()];
-        if m.memory_backed && !m.direct {
+        let ring = &mut self.commit_ring;
+        let mut result = if m.memory_backed && !m.direct {
             // io_uring hands buffered writes to tmpfs to a worker thread: two wake-ups for a
             // copy this thread does in the same time. `fdatasync` is a no-op there but keeps
             // the contract if the medium is ever something else.
-            if let Err(source) =
-                write_all_vectored_at(&m.file, &parts, at).and_then(|()| m.file.sync_data())
-            {
-                let path = m.path.clone();
-                return Err(WriteFailure::Error(medium_err(&path, "append", source)));
-            }
             self.memory_appends = true;
-            m.position_bytes = at + (len + pad) as u64;
-            return Ok(at + prologue.len() as u64);
-        }
-        let ring = &mut self.commit_ring;
-        let mut result = if m.direct {
+            write_all_vectored_at(&m.file, &parts, at).and_then(|()| m.file.sync_data())
+        } else if m.direct {
             let aligned = self.staging.fill(&parts);
             ring.write_durably(&m.file, &[aligned], at)
         } else {
