@@ -161,8 +161,7 @@ struct State {
     spares_taken: u64,
     /// The last medium opened was opened with `O_DIRECT`.
     medium_direct: Option<bool>,
-    /// The writer's appends go through io_uring.
-    appends_io_uring: Option<bool>,
+    /// How the writer's appends are made (the last path known).
     appends: Option<AppendPath>,
     /// The appender holds records it could not write (media full, on-full=pause): only the
     /// writer thread may go on, when it retries.
@@ -177,7 +176,6 @@ impl State {
         self.medium = writer.position();
         self.spares_taken = writer.spares_taken();
         self.medium_direct = writer.direct().or(self.medium_direct);
-        self.appends_io_uring = writer.appends_io_uring();
         self.appends = writer.append_path().or(self.appends);
     }
 
@@ -439,7 +437,6 @@ impl Journal {
             commit_now: false,
             spares_taken: 0,
             medium_direct: None,
-            appends_io_uring: None,
             appends: None,
             carry_waiting: false,
             queue_commits: 0,
@@ -625,7 +622,11 @@ impl Journal {
             recovered_torn_tail: self.recovered_torn_tail,
             spares_taken: st.spares_taken,
             medium_direct: st.medium_direct,
-            appends_io_uring: st.appends_io_uring,
+            appends_io_uring: match st.appends {
+                Some(AppendPath::IoUring) => Some(true),
+                Some(AppendPath::Pwritev) => Some(false),
+                Some(AppendPath::Memory) | None => None,
+            },
             appends: st.appends,
             committer: self.shared.committer,
             queue_commits: st.queue_commits,

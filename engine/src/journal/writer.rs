@@ -175,16 +175,6 @@ impl MediumWriter {
         self.current.as_ref().map(|m| m.direct)
     }
 
-    /// Whether appends go through io_uring (`None`: nothing appended yet, or only to
-    /// memory-backed media, which never use the ring).
-    pub fn appends_io_uring(&self) -> Option<bool> {
-        match self.commit_ring {
-            CommitRingState::NotYet => None,
-            CommitRingState::Ready(_) => Some(true),
-            CommitRingState::Unavailable => Some(false),
-        }
-    }
-
     /// How appends are made, for `status`: `io_uring`, `pwritev` (the kernel refused a
     /// ring) or `memory` (memory-backed media, `pwritev` on the committing thread).
     pub fn append_path(&self) -> Option<AppendPath> {
@@ -194,11 +184,6 @@ impl MediumWriter {
             (CommitRingState::NotYet, true) => Some(AppendPath::Memory),
             (CommitRingState::NotYet, false) => None,
         }
-    }
-
-    /// Whether the open medium is a file on tmpfs or ramfs (`None`: no medium open).
-    pub fn memory_backed(&self) -> Option<bool> {
-        self.current.as_ref().map(|m| m.memory_backed)
     }
 
     /// (medium index, position) of the append point, if a medium is open.
