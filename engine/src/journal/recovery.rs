@@ -24,7 +24,8 @@ pub struct Recovered {
     pub streams: BTreeMap<u32, StreamDef>,
     pub log_id: u32,
     pub label: String,
-    /// `u64::MAX` when the last medium was sealed; else where its valid data ends.
+    /// `u64::MAX` when the last medium was sealed with nothing after its trailer; else where
+    /// its valid data ends.
     pub prev_valid_end_bytes: u64,
     pub catalog: Catalog,
     /// Set when the last medium ended in a torn tail: (medium, valid end, torn bytes).
@@ -225,10 +226,13 @@ fn note_last_medium(rec: &mut Recovered, index: u32, scan: &super::scan::MediumS
     } else {
         MediumState::Cut
     };
-    if !scan.sealed {
+    let torn_bytes = scan.len_bytes - scan.valid_end_bytes - scan.zero_tail_bytes;
+    // The next medium's header tells readers where this one ends: needed when it was cut,
+    // and when bytes that are not records follow its trailer (a sealed medium is never
+    // written after its trailer, but the file may have been damaged since).
+    if !scan.sealed || torn_bytes > 0 {
         rec.prev_valid_end_bytes = scan.valid_end_bytes;
     }
-    let torn_bytes = scan.len_bytes - scan.valid_end_bytes - scan.zero_tail_bytes;
     if torn_bytes > 0 {
         log::warn!(
             "journal medium {index}: torn tail of {torn_bytes} bytes after offset {}; continuing on medium {}",

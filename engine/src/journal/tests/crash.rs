@@ -214,3 +214,46 @@ fn restart_numbers_after_the_last_journaled_record() -> TestResult {
     }
     Ok(())
 }
+
+/// A daemon killed after sealing a medium and before opening the next one (media are opened
+/// by the first append after a seal) leaves a sealed newest medium. If bytes that are not
+/// records follow its trailer, the restart must tell readers where it ends, as for a cut one.
+#[test]
+fn bytes_after_a_sealed_newest_medium_are_cut_on_restart() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    std::fs::write(dir.join("vc.base"), vec![0u8; 8 * WRITE_BYTES])?;
+    let journal = Journal::open(JournalOptions::new(dir.join("j")))?;
+    let v = open_volume(dir, "vc", 8 * WRITE_BYTES as u64)?;
+    v.add_observer(journal.observer());
+    let mut q = VolumeQueue::new(v, 0, 4, 4)?;
+    for i in 0..8u64 {
+        write(&mut q, i * WRITE_BYTES as u64, &pattern(i, WRITE_BYTES))?;
+    }
+    journal.seal()?;
+    journal.crash_for_test();
+    drop(q);
+    let media = list_media(&dir.join("j"))?;
+    assert_eq!(media.len(), 1, "the seal opened a medium before any append");
+    let (_, sealed_path) = &media[0];
+    let mut bytes = std::fs::read(sealed_path)?;
+    let sealed_len = bytes.len() as u64;
+    bytes.extend_from_slice(&[0xAB; 1000]);
+    std::fs::write(sealed_path, &bytes)?;
+
+    let journal = Journal::open(JournalOptions::new(dir.join("j")))?;
+    let tail = journal
+        .status()
+        .recovered_torn_tail
+        .ok_or("bytes after the trailer not detected")?;
+    assert_eq!((tail.valid_end_bytes, tail.torn_bytes), (sealed_len, 1000));
+    let mark = journal.mark("after-restart")?;
+    journal.close();
+    let (report, image) = verify_and_restore(dir, "vc")?;
+    assert_eq!(report.last_seq, Some(mark.seq));
+    assert_eq!(report.media[0].recovered_end_bytes, Some(sealed_len));
+    for i in 0..8usize {
+        assert!(image[i * WRITE_BYTES..(i + 1) * WRITE_BYTES] == pattern(i as u64, WRITE_BYTES));
+    }
+    Ok(())
+}
