@@ -18,7 +18,7 @@ use crate::volume_spec::{self, VolumeSpec};
 pub struct ServeArgs {
     /// A volume: name=NAME,path=IMG,socket=SOCK[,size=8G][,read-only][,queues=N]
     /// (path may be an NBD export: nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH)
-    /// [,queues-per-thread=N][,cache=none|writeback][,serial=STR][,offset=B][,length=B][,poll-us=N]
+    /// [,queues-per-thread=N][,cache=none|writeback][,serial=STR][,offset=B][,length=B][,poll-us=N][,batch=N]
     #[arg(long = "volume", value_name = "SPEC")]
     pub volumes: Vec<String>,
     /// Open a control socket (line-delimited JSON, see docs/control.md).

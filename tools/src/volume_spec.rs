@@ -15,11 +15,23 @@ pub struct VolumeSpec {
     pub queues_per_thread: u16,
     pub serial: Option<String>,
     pub poll_us: u64,
+    pub batch: u16,
 }
 
 /// Default longest adaptive busy-poll window, in microseconds (QEMU's `poll-max-ns`
 /// default is 32768 ns); the window only grows when requests keep arriving that soon.
 pub const DEFAULT_POLL_US: u64 = 32;
+
+/// Default requests a worker takes from one ring before it submits them and hands back
+/// what has completed (`batch=`). Measured with a client that waits for completions at QD 32
+/// (`benches/vhost_ab.sh`): taking the whole ring each pass made the guest and the worker
+/// take turns (the guest idle while 32 requests were processed, then the worker idle while
+/// the guest refilled); 8 at a time let both work at once, 1.6x the IOPS. Polling clients
+/// and QD <= 8 are unaffected.
+pub const DEFAULT_BATCH: u16 = 8;
+
+/// The largest `batch=`: a ring holds at most this many requests.
+pub const BATCH_MAX: u16 = ferry_vhost::backend::QUEUE_SIZE_MAX;
 
 /// Default virtqueues per volume: enough for a guest with several vCPUs (QEMU refuses a
 /// `num-queues` above what the backend offers); an idle queue's thread just sleeps.
@@ -35,6 +47,7 @@ impl VolumeSpec {
                 .clone()
                 .unwrap_or_else(|| self.engine.name.clone()),
             poll_us: self.poll_us,
+            batch: self.batch,
         }
     }
 
@@ -46,6 +59,7 @@ impl VolumeSpec {
             queues_per_thread: 1,
             serial: None,
             poll_us: DEFAULT_POLL_US,
+            batch: DEFAULT_BATCH,
         }
     }
 
@@ -84,6 +98,7 @@ impl VolumeSpec {
                     )
                 })?
             }
+            "batch" => self.batch = parse_count(key, need()?, BATCH_MAX)?,
             other => return Err(format!("unknown volume setting {other:?}")),
         }
         Ok(())
@@ -168,6 +183,8 @@ mod tests {
         assert_eq!(spec.queues, 2);
         assert_eq!(spec.engine.cache, CacheMode::None);
         assert_eq!(spec.serial.as_deref(), Some("abc"));
+        assert_eq!(spec.batch, DEFAULT_BATCH);
+        assert_eq!(parse_volume("name=a,path=b,socket=c,batch=32")?.batch, 32);
         Ok(())
     }
 
@@ -177,6 +194,8 @@ mod tests {
         assert!(parse_volume("name=a,path=b,socket=c,size=12Q").is_err());
         assert!(parse_volume("name=a,path=b,socket=c,queues=0").is_err());
         assert!(parse_volume("name=a,path=b,socket=c,bogus=1").is_err());
+        assert!(parse_volume("name=a,path=b,socket=c,batch=0").is_err());
+        assert!(parse_volume("name=a,path=b,socket=c,batch=1025").is_err());
         assert!(parse_size("99999999999T").is_err());
     }
 }

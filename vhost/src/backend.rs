@@ -38,6 +38,9 @@ pub struct DeviceSettings {
     pub serial: String,
     /// The longest adaptive busy-poll window of the workers, in microseconds (0: never poll).
     pub poll_us: u64,
+    /// Requests a worker takes from one ring per pass before submitting them and handing
+    /// back completions (at least 1).
+    pub batch: u16,
 }
 
 /// The device backend. Cheap to clone: the vhost-user-backend crate hands a clone to
@@ -68,6 +71,7 @@ impl BlockDevice {
         let worker_settings = WorkerSettings {
             serial,
             poll_max: std::time::Duration::from_micros(settings.poll_us),
+            batch: usize::from(settings.batch.max(1)),
             log: log.clone(),
         };
         let capacity = u32::from(QUEUE_SIZE_MAX) * u32::from(per_thread);

@@ -2,11 +2,13 @@
 //! to the engine, and returns completions to the guest.
 //!
 //! The loop, written once for every queue of the thread: take completions from the
-//! engine and put them on the used rings; pop every available chain the engine has room
-//! for (with event-index notification suppression: disable, pop, re-enable, re-check);
-//! submit the batch with one `io_uring_enter`; signal each used ring at most once per
-//! pass. With a polling window set, the worker spins for that long after the last work
-//! before sleeping, because waking a sleeping thread costs tens of microseconds.
+//! engine and put them on the used rings; pop the available chains the engine has room
+//! for, at most `batch` per ring (with event-index notification suppression: disable, pop,
+//! re-enable, re-check); submit them with one `io_uring_enter`; signal each used ring at
+//! most once per pass. The `batch` bound keeps completions flowing back while the guest
+//! is still adding requests. With a polling window set, the worker spins for that long
+//! after the last work before sleeping, because waking a sleeping thread costs tens of
+//! microseconds.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -55,6 +57,10 @@ pub struct WorkerSettings {
     pub serial: [u8; ID_BYTES],
     /// The longest busy-poll window after the last piece of work; zero never polls.
     pub poll_max: Duration,
+    /// Requests taken from one ring per pass: the worker then submits them, and the next pass
+    /// hands back what has completed before taking more, so a guest that waits for
+    /// completions refills its ring while the worker is still busy.
+    pub batch: usize,
     /// Whether the frontend has dirty logging on (`VHOST_F_LOG_ALL`).
     pub log: LogState,
 }
@@ -168,7 +174,15 @@ impl QueueWorker {
                 let _ = state.disable_notification();
             }
             let mut starved = false;
+            let mut taken = 0;
             while self.engine.has_room() && !self.free_tags.is_empty() {
+                if taken == self.settings.batch {
+                    // More may be waiting: the run loop comes back at once (`popped_any`),
+                    // after submitting these and completing what is done.
+                    starved = true;
+                    break;
+                }
+                taken += 1;
                 if self.engine.volume().is_paused() {
                     starved = true;
                     break;
