@@ -181,14 +181,7 @@ fn crash_case(spares: u32, committer: Committer) -> TestResult {
 fn restart_numbers_after_the_last_journaled_record() -> TestResult {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
-    std::fs::write(dir.join("vc.base"), vec![0u8; 8 * WRITE_BYTES])?;
-    let journal = Journal::open(JournalOptions::new(dir.join("j")))?;
-    let v = open_volume(dir, "vc", 8 * WRITE_BYTES as u64)?;
-    v.add_observer(journal.observer());
-    let mut q = VolumeQueue::new(v, 0, 4, 4)?;
-    for i in 0..8u64 {
-        write(&mut q, i * WRITE_BYTES as u64, &pattern(i, WRITE_BYTES))?;
-    }
+    let (journal, q) = journal_eight_writes(dir)?;
     let journaled = journal.status().durable_seq;
     journal.crash_for_test();
     drop(q);
@@ -209,9 +202,7 @@ fn restart_numbers_after_the_last_journaled_record() -> TestResult {
     journal.close();
     let (report, image) = verify_and_restore(dir, "vc")?;
     assert_eq!(report.last_seq, Some(mark.seq));
-    for i in 0..8usize {
-        assert!(image[i * WRITE_BYTES..(i + 1) * WRITE_BYTES] == pattern(i as u64, WRITE_BYTES));
-    }
+    assert_eight_writes(&image);
     Ok(())
 }
 
@@ -222,14 +213,7 @@ fn restart_numbers_after_the_last_journaled_record() -> TestResult {
 fn bytes_after_a_sealed_newest_medium_are_cut_on_restart() -> TestResult {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
-    std::fs::write(dir.join("vc.base"), vec![0u8; 8 * WRITE_BYTES])?;
-    let journal = Journal::open(JournalOptions::new(dir.join("j")))?;
-    let v = open_volume(dir, "vc", 8 * WRITE_BYTES as u64)?;
-    v.add_observer(journal.observer());
-    let mut q = VolumeQueue::new(v, 0, 4, 4)?;
-    for i in 0..8u64 {
-        write(&mut q, i * WRITE_BYTES as u64, &pattern(i, WRITE_BYTES))?;
-    }
+    let (journal, q) = journal_eight_writes(dir)?;
     journal.seal()?;
     journal.crash_for_test();
     drop(q);
@@ -252,8 +236,29 @@ fn bytes_after_a_sealed_newest_medium_are_cut_on_restart() -> TestResult {
     let (report, image) = verify_and_restore(dir, "vc")?;
     assert_eq!(report.last_seq, Some(mark.seq));
     assert_eq!(report.media[0].recovered_end_bytes, Some(sealed_len));
+    assert_eight_writes(&image);
+    Ok(())
+}
+
+/// A sync journal in `dir/j` over volume `vc` (base `dir/vc.base`, zeros) holding eight
+/// 4 KiB writes, pattern i at block i; returns the journal and the queue that wrote them.
+fn journal_eight_writes(
+    dir: &std::path::Path,
+) -> TestResult<(std::sync::Arc<Journal>, VolumeQueue)> {
+    std::fs::write(dir.join("vc.base"), vec![0u8; 8 * WRITE_BYTES])?;
+    let journal = Journal::open(JournalOptions::new(dir.join("j")))?;
+    let v = open_volume(dir, "vc", 8 * WRITE_BYTES as u64)?;
+    v.add_observer(journal.observer());
+    let mut q = VolumeQueue::new(v, 0, 4, 4)?;
+    for i in 0..8u64 {
+        write(&mut q, i * WRITE_BYTES as u64, &pattern(i, WRITE_BYTES))?;
+    }
+    Ok((journal, q))
+}
+
+/// Checks a restored image of [`journal_eight_writes`]'s volume.
+fn assert_eight_writes(image: &[u8]) {
     for i in 0..8usize {
         assert!(image[i * WRITE_BYTES..(i + 1) * WRITE_BYTES] == pattern(i as u64, WRITE_BYTES));
     }
-    Ok(())
 }
