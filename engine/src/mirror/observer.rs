@@ -32,7 +32,13 @@ pub(crate) enum MirrorOp {
 struct QueueInner {
     ops: VecDeque<(MirrorOp, ObserverTicket)>,
     closed: bool,
+    /// Workers waiting for ops: a push wakes one only when some wait (a condvar notify is
+    /// a system call even with nobody to wake).
+    sleepers: usize,
 }
+
+/// The most ops a mirror worker takes under one lock; other workers take the rest.
+const OPS_PER_TAKE: usize = 16;
 
 /// Guest writes waiting for a mirror worker. Once closed it takes nothing more, so that no
 /// ticket can be left behind by workers that have stopped.
@@ -52,21 +58,34 @@ impl MirrorQueue {
             return Some(ticket);
         }
         inner.ops.push_back((op, ticket));
-        self.ready.notify_one();
+        if inner.sleepers > 0 {
+            self.ready.notify_one();
+        }
         None
     }
 
-    /// The next op; `None` once the queue is closed and empty.
-    fn pop(&self) -> Option<(MirrorOp, ObserverTicket)> {
-        let mut inner = self.inner.lock().ok()?;
+    /// Moves up to [`OPS_PER_TAKE`] ops into `out` (empty), waiting for one; false once the
+    /// queue is closed and empty.
+    fn take(&self, out: &mut Vec<(MirrorOp, ObserverTicket)>) -> bool {
+        let Ok(mut inner) = self.inner.lock() else {
+            return false;
+        };
         loop {
-            if let Some(op) = inner.ops.pop_front() {
-                return Some(op);
+            if !inner.ops.is_empty() {
+                let n = inner.ops.len().min(OPS_PER_TAKE);
+                out.extend(inner.ops.drain(..n));
+                return true;
             }
             if inner.closed {
-                return None;
+                return false;
             }
-            inner = self.ready.wait(inner).ok()?;
+            inner.sleepers += 1;
+            let woken = self.ready.wait(inner);
+            let Ok(woken) = woken else {
+                return false;
+            };
+            inner = woken;
+            inner.sleepers -= 1;
         }
     }
 
@@ -138,26 +157,36 @@ impl WriteObserver for MirrorObserver {
 
 /// A mirror worker: writes queued guest writes to the target and releases the guest.
 pub(crate) fn run_mirror_worker(job: Arc<JobShared>) {
-    while let Some((op, ticket)) = job.queue.pop() {
-        let outcome = job.write_target(|| match &op {
-            MirrorOp::Write { offset_bytes, data } => {
-                (data.len() as u64, job.target.write_at(*offset_bytes, data))
-            }
-            MirrorOp::Zero {
-                offset_bytes,
-                len_bytes,
-                unmap,
-            } => (
-                *len_bytes,
-                job.target.write_zeroes(*offset_bytes, *len_bytes, *unmap),
-            ),
-            MirrorOp::Flush => (0, job.target.flush()),
-        });
-        match outcome {
-            Some((bytes, Ok(()))) => job.counters.add_mirrored(bytes),
-            Some((_, Err(e))) => job.fail(format!("mirroring a guest write: {e}")),
-            None => {} // the job has ended: the source write is all the guest needs
+    let mut ops = Vec::with_capacity(OPS_PER_TAKE);
+    while job.queue.take(&mut ops) {
+        for (op, ticket) in ops.drain(..) {
+            mirror_one(&job, &op);
+            // Released one by one: over a slow target (NBD) the first of the batch would
+            // otherwise wait for the writes of all the others.
+            ticket.complete(true);
         }
-        ticket.complete(true);
+    }
+}
+
+/// Writes one queued guest write to the target; a failure fails the job, not the guest.
+fn mirror_one(job: &JobShared, op: &MirrorOp) {
+    let outcome = job.write_target(|| match op {
+        MirrorOp::Write { offset_bytes, data } => {
+            (data.len() as u64, job.target.write_at(*offset_bytes, data))
+        }
+        MirrorOp::Zero {
+            offset_bytes,
+            len_bytes,
+            unmap,
+        } => (
+            *len_bytes,
+            job.target.write_zeroes(*offset_bytes, *len_bytes, *unmap),
+        ),
+        MirrorOp::Flush => (0, job.target.flush()),
+    });
+    match outcome {
+        Some((bytes, Ok(()))) => job.counters.add_mirrored(bytes),
+        Some((_, Err(e))) => job.fail(format!("mirroring a guest write: {e}")),
+        None => {} // the job has ended: the source write is all the guest needs
     }
 }
