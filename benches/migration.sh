@@ -7,7 +7,9 @@
 #  (b) cutover pause (median, max) over 20 cutovers of an idle 64 MiB volume migrated back
 #      and forth between two files;
 #  (c) 4 KiB random-write IOPS and p99 latency (`ferry bench`, qd 32, 5 s) without migration,
-#      and during an active and a background migration (skipped when `ferry bench` fails).
+#      and during an active and a background migration, GUEST_ROUNDS rounds (default 3):
+#      medians, and the median of the same-round ratios to no migration (skipped when
+#      `ferry bench` fails).
 #
 # Usage: bash benches/migration.sh   (needs python3 for the JSON handling)
 set -euo pipefail
@@ -130,29 +132,32 @@ done
 echo "(b) cutover pauses (us): ${PAUSES[*]}" >&2
 
 # --- (c) guest random-write IOPS during migration ---------------------------------------------
-# bench_json: runs ferry bench on the big volume; prints its JSON, or fails.
+# GUEST_ROUNDS rounds of: no migration, an active one, a background one (same-round ratios).
+GUEST_ROUNDS=${GUEST_ROUNDS:-3}
+# bench_json FILE: runs ferry bench on the big volume into FILE, or fails.
 bench_json() {
-    "$FERRY" bench --socket "$WORK/big.sock" --rw randwrite --bs 4K --qd 32 --secs 5 --json 2>"$WORK/bench.err"
+    "$FERRY" bench --socket "$WORK/big.sock" --rw randwrite --bs 4K --qd 32 --secs 5 --json >"$1" 2>"$WORK/bench.err"
 }
-BENCH_NONE= BENCH_ACTIVE= BENCH_BACKGROUND= BENCH_SKIPPED=
-if BENCH_NONE=$(bench_json); then
+BENCH_SKIPPED=
+for round in $(seq 1 "$GUEST_ROUNDS"); do
+    if ! bench_json "$WORK/guest-none-$round.json"; then
+        BENCH_SKIPPED="ferry bench failed: $(tr '\n' ' ' <"$WORK/bench.err")"
+        echo "(c) skipped: $BENCH_SKIPPED" >&2
+        break
+    fi
     for mode in active background; do
         rm -f "$WORK/big-dst2.img"
         # Limited so that the copy (and the background drain) lasts the whole run.
         JOB=$(start_job --volume big --target "$WORK/big-dst2.img" --mode "$mode" --max-speed 64M)
-        result=$(bench_json) || { cat "$WORK/bench.err" >&2; exit 1; }
+        bench_json "$WORK/guest-$mode-$round.json" || { cat "$WORK/bench.err" >&2; exit 1; }
         state=$(job_field "$JOB" state)
         migrate cancel --job "$JOB" >/dev/null || true
-        echo "(c) $mode: job was $state at the end of the run" >&2
-        if [ "$mode" = active ]; then BENCH_ACTIVE=$result; else BENCH_BACKGROUND=$result; fi
+        echo "(c) round $round, $mode: job was $state at the end of the run" >&2
     done
-else
-    BENCH_SKIPPED="ferry bench failed: $(tr '\n' ' ' <"$WORK/bench.err")"
-    echo "(c) skipped: $BENCH_SKIPPED" >&2
-fi
+done
 
 # --- report -----------------------------------------------------------------------------------
-export COPIED BENCH_NONE BENCH_ACTIVE BENCH_BACKGROUND BENCH_SKIPPED OUT_JSON
+export COPIED BENCH_SKIPPED OUT_JSON GUEST_ROUNDS WORK
 export PAUSES_TEXT="${PAUSES[*]}" CP_ALL_TEXT="${CP_ALL[*]}" FERRY_ALL_TEXT="${FERRY_ALL[*]}"
 python3 - <<'EOF'
 import json, os, statistics
@@ -217,12 +222,21 @@ if env.get("BENCH_SKIPPED"):
     rows.append(("4k randwrite during migration", "skipped: " + env["BENCH_SKIPPED"][:80]))
 else:
     guest = {}
-    for name in ("none", "active", "background"):
-        raw = json.loads(env["BENCH_" + name.upper()])
-        iops, p99 = find(raw, ["iops"]), find(raw, ["p99"])
-        guest[name] = {"iops": iops, "p99": p99, "raw": raw}
+    rounds = int(env["GUEST_ROUNDS"])
+    runs = {name: [json.load(open(f"{env['WORK']}/guest-{name}-{r}.json")) for r in range(1, rounds + 1)]
+            for name in ("none", "active", "background")}
+    for name, raws in runs.items():
+        iops = [find(raw, ["iops"]) for raw in raws]
+        p99 = [find(raw, ["p99"]) for raw in raws]
+        ratios = [i / n for i, n in zip(iops, [find(raw, ["iops"]) for raw in runs["none"]])]
+        guest[name] = {"iops_median": statistics.median(iops), "p99_median": statistics.median(p99),
+                       "ratio_to_none_median": statistics.median(ratios), "iops_all": iops,
+                       "p99_all": p99, "ratio_to_none_all": ratios, "raw": raws}
         label = {"none": "no migration", "active": "active migration", "background": "background migration"}[name]
-        rows.append((f"4k randwrite qd32, {label}", f"{iops:,.0f} IOPS, p99 {p99:,.0f} µs"))
+        ratio = "" if name == "none" else (f"; {statistics.median(ratios):.2f}x of no migration"
+                                           f" ({min(ratios):.2f}..{max(ratios):.2f})")
+        rows.append((f"4k randwrite qd32, {label}, median of {rounds}",
+                     f"{statistics.median(iops):,.0f} IOPS, p99 {statistics.median(p99):,.0f} µs{ratio}"))
     report["guest_randwrite"] = guest
 with open(env["OUT_JSON"], "w") as f:
     json.dump(report, f, indent=2)
