@@ -101,6 +101,11 @@ pub struct MediumWriter {
     commit_ring: CommitRingState,
     /// Some append went to a memory-backed medium with `pwritev` (not through the ring).
     memory_appends: bool,
+    /// The last sealed medium's entry list and trailer buffers, cleared, for the next
+    /// medium to fill: memory the process already has instead of fresh pages per medium.
+    reusable_entries: Vec<LogEntry>,
+    trailer_payload: Vec<u8>,
+    trailer_record: Vec<u8>,
 }
 
 /// How the writer appends to its media (see [`MediumWriter::append_path`]).
@@ -162,6 +167,9 @@ impl MediumWriter {
             staging: StagingBuffer::default(),
             commit_ring: CommitRingState::NotYet,
             memory_appends: false,
+            reusable_entries: Vec::new(),
+            trailer_payload: Vec::new(),
+            trailer_record: Vec::new(),
         }
     }
 
@@ -330,7 +338,7 @@ impl MediumWriter {
             is_device: device_bytes.is_some(),
             memory_backed,
             position_bytes: 0,
-            entries: Vec::new(),
+            entries: std::mem::take(&mut self.reusable_entries),
         });
         self.update_catalog(MediumState::Open)?;
         Ok(bytes)
@@ -446,11 +454,14 @@ impl MediumWriter {
         let Some(m) = self.current.as_ref() else {
             return Ok(());
         };
-        let mut payload = Vec::with_capacity(m.entries.len() * TRAILER_ENTRY_BYTES);
+        let mut payload = std::mem::take(&mut self.trailer_payload);
+        payload.clear();
+        payload.reserve(m.entries.len() * TRAILER_ENTRY_BYTES);
         for e in &m.entries {
             encode_trailer_entry(&mut payload, e);
         }
-        let mut rec = Vec::new();
+        let mut rec = std::mem::take(&mut self.trailer_record);
+        rec.clear();
         if let Some(stop) = stop {
             // Its seq is the last number journaled before it.
             let after_seq = stop.first_unjournaled_seq.saturating_sub(1);
@@ -461,10 +472,16 @@ impl MediumWriter {
             );
         }
         encode_record(&mut rec, unsequenced(Op::Trailer, last_seq, 0, 0), &payload);
-        self.append(&[], &rec, last_seq)?;
+        let appended = self.append(&[], &rec, last_seq);
+        self.trailer_payload = payload;
+        self.trailer_record = rec;
+        appended?;
         self.truncate_to_end()?;
         self.update_catalog(MediumState::Sealed)?;
-        self.current = None;
+        if let Some(m) = self.current.take() {
+            self.reusable_entries = m.entries;
+            self.reusable_entries.clear();
+        }
         Ok(())
     }
 
