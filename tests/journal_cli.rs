@@ -203,8 +203,10 @@ fn control_subcommands_speak_line_delimited_json() -> TestResult {
                     serde_json::json!({"return": {"seq": 5, "label": req["arguments"]["label"]}})
                 }
                 Some("journal-retrieve") => {
-                    serde_json::json!({"return": [{"seq": 1, "stream_id": 0, "log_id": 1,
-                    "timestamp_ns": 2, "op": "log-init", "offset_bytes": 0, "len_bytes": 0, "medium": 0, "position_bytes": 64}]})
+                    // The daemon's in-memory log dropped seqs 1-8 to its log-memory= bound.
+                    serde_json::json!({"return": {"entries": [{"seq": 9, "stream_id": 0, "log_id": 1,
+                    "timestamp_ns": 2, "op": "log-init", "offset_bytes": 0, "len_bytes": 0, "medium": 0, "position_bytes": 64}],
+                    "log_first_seq": 9, "log_dropped": 8, "dropped_from_seq": 1}})
                 }
                 _ => {
                     serde_json::json!({"error": {"class": "GenericError", "desc": "journal is stopped"}})
@@ -238,7 +240,12 @@ fn control_subcommands_speak_line_delimited_json() -> TestResult {
         "csv",
     ])?;
     assert!(out.status.success());
-    assert!(String::from_utf8(out.stdout)?.contains("1,0,1,2,log-init,0,0,0,64"));
+    assert!(String::from_utf8(out.stdout)?.contains("9,0,1,2,log-init,0,0,0,64"));
+    let warning = String::from_utf8(out.stderr)?;
+    assert!(
+        warning.contains("from seq 1 to 8 are no longer in the daemon's memory"),
+        "{warning}"
+    );
     let out = ferry(&["journal", "seal", "--control", s])?;
     assert!(!out.status.success());
     assert!(String::from_utf8(out.stderr)?.contains("GenericError: journal is stopped"));

@@ -245,6 +245,12 @@ fn status_and_retrieve_describe_the_journal() -> Result<()> {
         made.retrieved.len()
     );
     ensure!(
+        s["log_dropped"] == 0
+            && s["log_first_seq"] == 1
+            && s["log_max_entries"].as_u64() > Some(4_000_000),
+        "the default log-memory=256M holds millions of entries and dropped none: {s}"
+    );
+    ensure!(
         s["records"].as_u64() >= Some(made.retrieved.len() as u64),
         "records {s}"
     );

@@ -309,6 +309,15 @@ fn run_control(cmd: JournalCommand) -> anyhow::Result<()> {
             format,
         } => {
             let reply = request(&control, "journal-retrieve", json!({ "since_seq": since }))?;
+            if let Some(from) = reply.get("dropped_from_seq").and_then(|v| v.as_u64()) {
+                let first = reply.get("log_first_seq").and_then(|v| v.as_u64());
+                eprintln!(
+                    "ferry: journal entries from seq {from} to {} are no longer in the daemon's \
+                     memory (its log-memory= bound); `ferry journal list DIR` reads them from \
+                     the media",
+                    first.map_or_else(|| "now".to_string(), |f| (f.saturating_sub(1)).to_string())
+                );
+            }
             return print_entries(&reply, format);
         }
         JournalCommand::Seal { control } => (control, "journal-seal", json!({})),
@@ -380,6 +389,15 @@ fn describe_status(s: &serde_json::Value) -> String {
         num("log_entries"),
         num("spares_taken")
     ));
+    if num("log_dropped") > 0 {
+        out.push_str(&format!(
+            "  in-memory log full (log-memory= keeps {} entries): {} older entries dropped, \
+             oldest held seq {} (the media keep them all)\n",
+            num("log_max_entries"),
+            num("log_dropped"),
+            num("log_first_seq")
+        ));
+    }
     let gap = |g: &serde_json::Value| {
         format!(
             "seq {} (+{})",

@@ -13,6 +13,7 @@ pub mod error;
 pub mod export;
 pub mod format;
 pub mod media;
+pub mod memory_log;
 pub mod options;
 pub mod recovery;
 pub mod restore;

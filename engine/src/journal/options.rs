@@ -75,6 +75,9 @@ pub struct JournalOptions {
     pub cache: MediumCache,
     /// Who makes group commits.
     pub committer: Committer,
+    /// Memory the running journal's in-memory log may take; past it the oldest entries are
+    /// dropped from memory (the media keep them).
+    pub log_memory_bytes: u64,
 }
 
 /// The smallest medium capacity accepted.
@@ -93,10 +96,11 @@ impl JournalOptions {
             spares: 0,
             cache: MediumCache::Auto,
             committer: Committer::Auto,
+            log_memory_bytes: 256 << 20,
         }
     }
 
-    /// Parses `dir=DIR,capacity=1G,media-max=N,mode=sync|async,lag-max=64M,on-full=stop|pause,label=L,spares=N,cache=auto|none|writeback,committer=auto|writer|queue`.
+    /// Parses `dir=DIR,capacity=1G,media-max=N,mode=sync|async,lag-max=64M,on-full=stop|pause,label=L,spares=N,cache=auto|none|writeback,committer=auto|writer|queue,log-memory=256M`.
     /// Sizes take the suffixes K, M, G, T (powers of 1024).
     pub fn parse(spec: &str) -> Result<Self, JournalError> {
         let mut dir = None;
@@ -143,6 +147,7 @@ impl JournalOptions {
                         _ => return Err(bad(part, "expected auto, writer or queue")),
                     }
                 }
+                "log-memory" => o.log_memory_bytes = parse_size(part, value)?,
                 "spares" => o.spares = value.parse().map_err(|_| bad(part, "expected a number"))?,
                 _ => return Err(bad(part, "unknown key")),
             }
@@ -182,7 +187,7 @@ mod tests {
     #[test]
     fn parses_a_full_spec() -> Result<(), JournalError> {
         let o = JournalOptions::parse(
-            "dir=/j,capacity=1M,media-max=3,mode=async,lag-max=4K,on-full=pause,spares=2,cache=none,committer=queue",
+            "dir=/j,capacity=1M,media-max=3,mode=async,lag-max=4K,on-full=pause,spares=2,cache=none,committer=queue,log-memory=1M",
         )?;
         assert_eq!(o.dir, PathBuf::from("/j"));
         assert_eq!(o.capacity_bytes, 1 << 20);
@@ -193,6 +198,8 @@ mod tests {
         assert_eq!(o.spares, 2);
         assert_eq!(o.cache, MediumCache::None);
         assert_eq!(o.committer, Committer::Queue);
+        assert_eq!(o.log_memory_bytes, 1 << 20);
+        assert_eq!(JournalOptions::parse("dir=/j")?.log_memory_bytes, 256 << 20);
         Ok(())
     }
 
@@ -203,5 +210,6 @@ mod tests {
         assert!(JournalOptions::parse("dir=/j,mode=maybe").is_err());
         assert!(JournalOptions::parse("dir=/j,colour=red").is_err());
         assert!(JournalOptions::parse("dir=/j,capacity=99999999999T").is_err());
+        assert!(JournalOptions::parse("dir=/j,log-memory=lots").is_err());
     }
 }

@@ -22,6 +22,7 @@ use super::format::{
     encode_record_with, encode_record_with_crc, GapInfo, Op, RecordHeader, StopCause, StopInfo,
     StreamDef, FLAG_GAP_ESTIMATED, FLAG_UNMAP,
 };
+use super::memory_log::{LogSnapshot, MemoryLog};
 use super::options::{Committer, JournalMode, JournalOptions, OnFull};
 use super::recovery::{recover, RecoveredTail};
 use super::writer::{AppendPath, MediumWriter, PendingRecord, Prologue, WriteFailure};
@@ -84,7 +85,12 @@ pub struct JournalStatus {
     pub open_gap: Option<GapInfo>,
     pub log_id: u32,
     pub label: String,
+    /// Entries in the in-memory log, the oldest sequence number it holds, entries dropped
+    /// from it to its bound (`log-memory=`) since the start or the last clear, and the bound.
     pub log_entries: usize,
+    pub log_first_seq: Option<u64>,
+    pub log_dropped: u64,
+    pub log_max_entries: usize,
     pub recovered_torn_tail: Option<RecoveredTail>,
     /// Media opened by taking a formatted spare (`spares=N`).
     pub spares_taken: u64,
@@ -139,7 +145,7 @@ struct State {
     reason: Option<String>,
     gap_open: Option<u64>,
     gaps: Vec<GapInfo>,
-    log: Vec<LogEntry>,
+    log: MemoryLog,
     medium: Option<(u32, u64)>,
     records_written: u64,
     /// Batches made durable (a batch spanning two media counts once).
@@ -424,7 +430,7 @@ impl Journal {
             reason: None,
             gap_open: None,
             gaps: Vec::new(),
-            log: Vec::new(),
+            log: MemoryLog::new(options.log_memory_bytes),
             medium: None,
             records_written: 0,
             group_commits: 0,
@@ -588,16 +594,13 @@ impl Journal {
     /// Drops the in-memory log; returns how many entries were dropped.
     pub fn clear(&self) -> usize {
         let mut st = self.shared.lock();
-        let n = st.log.len();
-        st.log = Vec::new();
-        n
+        st.log.clear()
     }
 
-    /// The log entries with `seq >= since_seq` (durable records only).
-    pub fn retrieve(&self, since_seq: u64) -> Vec<LogEntry> {
-        let st = self.shared.lock();
-        let start = st.log.partition_point(|e| e.seq < since_seq);
-        st.log[start..].to_vec()
+    /// The log entries with `seq >= since_seq` (durable records only) as far as the
+    /// in-memory log still holds them (see [`JournalStatus::log_first_seq`]).
+    pub fn retrieve(&self, since_seq: u64) -> LogSnapshot {
+        self.shared.lock().log.snapshot_since(since_seq)
     }
 
     pub fn status(&self) -> JournalStatus {
@@ -619,6 +622,9 @@ impl Journal {
             log_id: st.log_id,
             label: st.label.clone(),
             log_entries: st.log.len(),
+            log_first_seq: st.log.first_seq(),
+            log_dropped: st.log.dropped(),
+            log_max_entries: st.log.max_entries(),
             recovered_torn_tail: self.recovered_torn_tail,
             spares_taken: st.spares_taken,
             medium_direct: st.medium_direct,
@@ -1064,7 +1070,7 @@ fn account(
     if let Some(last) = written.last() {
         st.durable_seq = st.durable_seq.max(last.seq);
     }
-    st.log.extend_from_slice(written);
+    st.log.extend(written);
     st.durable_bytes += (end_off - start_off) as u64;
 }
 

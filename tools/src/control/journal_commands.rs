@@ -47,7 +47,13 @@ pub fn journal_status(daemon: &Daemon, _: &Value) -> Result<Value, ControlError>
 
 pub fn journal_retrieve(daemon: &Daemon, args: &Value) -> Result<Value, ControlError> {
     let since = args.get("since_seq").and_then(Value::as_u64).unwrap_or(0);
-    Ok(json!({ "entries": to_json(journal(daemon)?.retrieve(since))? }))
+    let snapshot = journal(daemon)?.retrieve(since);
+    Ok(json!({
+        "entries": to_json(snapshot.to_vec())?,
+        "log_first_seq": snapshot.first_held_seq,
+        "log_dropped": snapshot.dropped,
+        "dropped_from_seq": snapshot.dropped_from(),
+    }))
 }
 
 pub fn journal_seal(daemon: &Daemon, _: &Value) -> Result<Value, ControlError> {

@@ -6,6 +6,7 @@ mod devices;
 mod direct;
 mod failures;
 mod format_golden;
+mod memory_bound;
 mod queue_commits;
 mod robustness;
 mod spares;

@@ -1,0 +1,267 @@
+//! The running journal's in-memory log: its entries in fixed-size chunks, bounded by the
+//! `log-memory=` option. When the bound is reached the oldest chunk is dropped (the media
+//! still hold those entries, in their trailers and by scanning) and its memory is reused for
+//! the next one, so a long-running journal neither grows without limit nor keeps touching
+//! fresh memory. A retrieve takes a [`LogSnapshot`] that shares the full chunks instead of
+//! copying them, so the journal's lock is held only for the partly filled last chunk.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use super::entry::LogEntry;
+
+/// Entries per chunk (256 KiB of entries).
+pub const CHUNK_ENTRIES: usize = 4096;
+
+/// Bytes one entry takes in memory.
+pub const ENTRY_BYTES: u64 = std::mem::size_of::<LogEntry>() as u64;
+
+/// The in-memory log: entries in ascending sequence order.
+pub struct MemoryLog {
+    full: VecDeque<Arc<Vec<LogEntry>>>,
+    filling: Vec<LogEntry>,
+    /// Entries held, full chunks and the filling one.
+    len: usize,
+    /// How many entries are kept at most (a whole number of chunks, at least two).
+    max_entries: usize,
+    /// Entries dropped to the bound since the journal started or was last cleared.
+    dropped: u64,
+    /// A dropped chunk's memory, cleared, for the next chunk to fill.
+    reusable: Option<Vec<LogEntry>>,
+}
+
+impl MemoryLog {
+    /// A log keeping at most about `max_bytes` of entries (at least two chunks).
+    pub fn new(max_bytes: u64) -> Self {
+        let chunks = (max_bytes / (CHUNK_ENTRIES as u64 * ENTRY_BYTES)).max(2);
+        Self {
+            full: VecDeque::new(),
+            filling: Vec::new(),
+            len: 0,
+            max_entries: usize::try_from(chunks)
+                .unwrap_or(usize::MAX / CHUNK_ENTRIES)
+                .saturating_mul(CHUNK_ENTRIES),
+            dropped: 0,
+            reusable: None,
+        }
+    }
+
+    /// Appends `entries` (their sequence numbers above every entry held).
+    pub fn extend(&mut self, mut entries: &[LogEntry]) {
+        while !entries.is_empty() {
+            if self.filling.len() == CHUNK_ENTRIES {
+                self.retire_filling();
+            }
+            if self.filling.capacity() == 0 {
+                self.filling.reserve_exact(CHUNK_ENTRIES);
+            }
+            let room = CHUNK_ENTRIES - self.filling.len();
+            let (now, later) = entries.split_at(room.min(entries.len()));
+            self.filling.extend_from_slice(now);
+            self.len += now.len();
+            entries = later;
+        }
+    }
+
+    /// Moves the full filling chunk to the shared ones and drops the oldest chunks past the
+    /// bound, keeping the memory of one for reuse.
+    fn retire_filling(&mut self) {
+        self.full
+            .push_back(Arc::new(std::mem::take(&mut self.filling)));
+        while self.len > self.max_entries {
+            let Some(oldest) = self.full.pop_front() else {
+                break;
+            };
+            self.len -= oldest.len();
+            self.dropped += oldest.len() as u64;
+            // A retrieve still rendering the chunk keeps it; then the next chunk is new.
+            if let Ok(mut chunk) = Arc::try_unwrap(oldest) {
+                chunk.clear();
+                self.reusable = Some(chunk);
+            }
+        }
+        self.filling = self.reusable.take().unwrap_or_default();
+    }
+
+    /// Entries held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The oldest sequence number held.
+    pub fn first_seq(&self) -> Option<u64> {
+        self.full
+            .front()
+            .and_then(|c| c.first())
+            .or_else(|| self.filling.first())
+            .map(|e| e.seq)
+    }
+
+    /// Entries dropped to the bound since the start or the last [`MemoryLog::clear`].
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// The most entries held at once.
+    pub fn max_entries(&self) -> usize {
+        self.max_entries
+    }
+
+    /// Drops every entry and the memory they took; returns how many were held.
+    pub fn clear(&mut self) -> usize {
+        let held = self.len;
+        *self = Self {
+            max_entries: self.max_entries,
+            ..Self::new(0)
+        };
+        held
+    }
+
+    /// The entries with `seq >= since_seq`: full chunks shared, the filling one copied.
+    pub fn snapshot_since(&self, since_seq: u64) -> LogSnapshot {
+        let newer = |c: &Vec<LogEntry>| c.last().is_some_and(|e| e.seq >= since_seq);
+        let chunks = self.full.iter().filter(|c| newer(c)).cloned().collect();
+        let from = self.filling.partition_point(|e| e.seq < since_seq);
+        LogSnapshot {
+            since_seq,
+            chunks,
+            tail: self.filling[from..].to_vec(),
+            first_held_seq: self.first_seq(),
+            dropped: self.dropped,
+        }
+    }
+}
+
+/// Entries of the log taken at one moment, readable without the journal's lock.
+pub struct LogSnapshot {
+    since_seq: u64,
+    chunks: Vec<Arc<Vec<LogEntry>>>,
+    tail: Vec<LogEntry>,
+    /// The log's oldest entry then, and how many it had dropped to its bound.
+    pub first_held_seq: Option<u64>,
+    pub dropped: u64,
+}
+
+impl LogSnapshot {
+    /// The first sequence number asked for that the log no longer holds because it dropped
+    /// it to its bound: entries from `since_seq` up to the returned one are only on the
+    /// media. `None` when the snapshot has all it was asked for.
+    pub fn dropped_from(&self) -> Option<u64> {
+        let first = self.first_held_seq.unwrap_or(u64::MAX);
+        (self.dropped > 0 && self.since_seq < first).then_some(self.since_seq)
+    }
+
+    /// The entries in sequence order.
+    pub fn iter(&self) -> impl Iterator<Item = &LogEntry> + '_ {
+        let since = self.since_seq;
+        self.chunks
+            .iter()
+            .flat_map(|c| c.iter())
+            .skip_while(move |e| e.seq < since)
+            .chain(self.tail.iter())
+    }
+
+    pub fn to_vec(&self) -> Vec<LogEntry> {
+        self.iter().copied().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::format::Op;
+
+    fn entries(seqs: std::ops::Range<u64>) -> Vec<LogEntry> {
+        seqs.map(|seq| LogEntry {
+            seq,
+            stream_id: 1,
+            log_id: 1,
+            timestamp_ns: seq,
+            op: Op::Write,
+            offset_bytes: seq * 4096,
+            len_bytes: 4096,
+            medium: 0,
+            position_bytes: seq * 4160,
+        })
+        .collect()
+    }
+
+    fn seqs(log: &MemoryLog, since: u64) -> Vec<u64> {
+        log.snapshot_since(since).iter().map(|e| e.seq).collect()
+    }
+
+    #[test]
+    fn keeps_everything_below_the_bound_in_order() {
+        let mut log = MemoryLog::new(1 << 30);
+        let n = 3 * CHUNK_ENTRIES as u64 + 17;
+        for start in (0..n).step_by(100) {
+            log.extend(&entries(start..(start + 100).min(n)));
+        }
+        assert_eq!(log.len() as u64, n);
+        assert_eq!(log.first_seq(), Some(0));
+        assert_eq!(log.dropped(), 0);
+        assert_eq!(seqs(&log, 0), (0..n).collect::<Vec<_>>());
+        let since = CHUNK_ENTRIES as u64 + 5;
+        assert_eq!(seqs(&log, since), (since..n).collect::<Vec<_>>());
+        assert!(seqs(&log, n).is_empty());
+        assert_eq!(log.snapshot_since(0).dropped_from(), None);
+    }
+
+    #[test]
+    fn drops_the_oldest_chunks_past_the_bound_and_reuses_their_memory() {
+        let mut log = MemoryLog::new(0);
+        assert_eq!(log.max_entries(), 2 * CHUNK_ENTRIES);
+        let n = 10 * CHUNK_ENTRIES as u64 + 3;
+        log.extend(&entries(0..n));
+        assert!(log.len() <= log.max_entries() + CHUNK_ENTRIES);
+        assert_eq!(log.len() as u64 + log.dropped(), n);
+        let first = log.first_seq().unwrap_or(u64::MAX);
+        assert_eq!(first, log.dropped());
+        assert_eq!(seqs(&log, 0), (first..n).collect::<Vec<_>>());
+        assert_eq!(log.snapshot_since(0).dropped_from(), Some(0));
+        assert_eq!(log.snapshot_since(first).dropped_from(), None);
+    }
+
+    #[test]
+    fn the_next_chunk_is_filled_in_the_memory_of_the_dropped_one() {
+        let chunk = CHUNK_ENTRIES as u64;
+        let mut log = MemoryLog::new(0);
+        log.extend(&entries(0..3 * chunk));
+        let oldest = log.full.front().map(|c| c.as_ptr());
+        log.extend(&entries(3 * chunk..3 * chunk + 1));
+        assert_eq!(log.dropped(), chunk);
+        assert_eq!(Some(log.filling.as_ptr()), oldest);
+        assert_eq!(log.filling.len(), 1);
+    }
+
+    #[test]
+    fn a_snapshot_outlives_the_chunks_it_shares() {
+        let mut log = MemoryLog::new(0);
+        log.extend(&entries(0..(3 * CHUNK_ENTRIES as u64)));
+        let snapshot = log.snapshot_since(0);
+        let before = snapshot.to_vec();
+        log.extend(&entries(
+            (3 * CHUNK_ENTRIES as u64)..(9 * CHUNK_ENTRIES as u64),
+        ));
+        assert_eq!(snapshot.to_vec(), before);
+        assert_eq!(before.first().map(|e| e.seq), Some(0));
+    }
+
+    #[test]
+    fn clear_drops_everything_and_keeps_the_bound() {
+        let mut log = MemoryLog::new(0);
+        log.extend(&entries(0..(5 * CHUNK_ENTRIES as u64)));
+        let held = log.len();
+        assert_eq!(log.clear(), held);
+        assert!(log.is_empty());
+        assert_eq!(log.dropped(), 0);
+        assert_eq!(log.first_seq(), None);
+        assert_eq!(log.max_entries(), 2 * CHUNK_ENTRIES);
+        log.extend(&entries(100..101));
+        assert_eq!(seqs(&log, 0), vec![100]);
+    }
+}
