@@ -30,6 +30,9 @@ pub const FLAG_UNMAP: u8 = 0x01;
 /// Header flag on a gap record written by recovery: how many writes are missing is not
 /// known (`missing_count` is a lower bound of 1); some may be missing.
 pub const FLAG_GAP_ESTIMATED: u8 = 0x02;
+/// Header flag on a trailer record: another trailer record follows (a medium's log longer
+/// than [`TRAILER_ENTRIES_PER_RECORD`] entries is split over several).
+pub const FLAG_TRAILER_CONTINUES: u8 = 0x04;
 /// Medium-header flag: the medium was produced by `demux`; sequence numbers of other
 /// streams are missing from it on purpose.
 pub const MEDIUM_FLAG_DEMUXED: u32 = 0x1;
@@ -483,6 +486,22 @@ impl StopInfo {
 
 /// Bytes of one log entry inside a trailer payload.
 pub const TRAILER_ENTRY_BYTES: usize = 56;
+
+/// Entries per trailer record: its payload (56 MiB) stays under [`PAYLOAD_MAX_BYTES`].
+pub const TRAILER_ENTRIES_PER_RECORD: usize = 1 << 20;
+
+/// Bytes the trailer records of a medium holding `entries` log entries take (without the
+/// padding of their append).
+pub fn trailer_records_bytes(entries: usize) -> usize {
+    let full = entries / TRAILER_ENTRIES_PER_RECORD;
+    let rest = entries % TRAILER_ENTRIES_PER_RECORD;
+    let last = if rest > 0 || full == 0 {
+        record_bytes(rest * TRAILER_ENTRY_BYTES)
+    } else {
+        0
+    };
+    full * record_bytes(TRAILER_ENTRIES_PER_RECORD * TRAILER_ENTRY_BYTES) + last
+}
 
 /// Encodes one log entry for a trailer (see `docs/journal.md`).
 pub fn encode_trailer_entry(out: &mut Vec<u8>, e: &super::entry::LogEntry) {

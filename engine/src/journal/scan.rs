@@ -10,7 +10,8 @@ use std::os::unix::fs::FileExt;
 
 use super::error::FormatError;
 use super::format::{
-    MediumHeader, Op, RecordHeader, HEADER_BYTES, RECORD_ALIGN_BYTES, RECORD_MAGIC,
+    MediumHeader, Op, RecordHeader, FLAG_TRAILER_CONTINUES, HEADER_BYTES, RECORD_ALIGN_BYTES,
+    RECORD_MAGIC,
 };
 
 /// Random access to the bytes of a medium.
@@ -144,7 +145,7 @@ pub fn scan_medium<S: RecordSource + ?Sized>(src: &S) -> io::Result<MediumScan> 
                 });
                 pos += header.record_bytes();
                 scan.valid_end_bytes = pos;
-                if header.op == Op::Trailer && src.ends_at_trailer() {
+                if is_final_trailer(&header) && src.ends_at_trailer() {
                     // The padding of the trailer's append, then the end.
                     if let Ok(Ok(padding)) = read_record(src, pos) {
                         if padding.op == Op::Padding {
@@ -181,11 +182,16 @@ pub fn scan_medium<S: RecordSource + ?Sized>(src: &S) -> io::Result<MediumScan> 
     scan.sealed = scan
         .records
         .last()
-        .is_some_and(|r| r.header.op == Op::Trailer)
+        .is_some_and(|r| is_final_trailer(&r.header))
         || (scan.records.len() >= 2
             && scan.records[scan.records.len() - 1].header.op == Op::Padding
-            && scan.records[scan.records.len() - 2].header.op == Op::Trailer);
+            && is_final_trailer(&scan.records[scan.records.len() - 2].header));
     Ok(scan)
+}
+
+/// The last trailer record of a sealed medium (a long log is split over several).
+fn is_final_trailer(header: &RecordHeader) -> bool {
+    header.op == Op::Trailer && header.flags & FLAG_TRAILER_CONTINUES == 0
 }
 
 /// Reads and fully checks (header and payload CRC) the record at `pos`. The outer error is

@@ -16,9 +16,10 @@ use super::direct::{apply_cache_mode, clear_direct, StagingBuffer};
 use super::entry::{now_ns, LogEntry};
 use super::error::JournalError;
 use super::format::{
-    encode_record, encode_trailer_entry, padding_needed, padding_record, record_bytes,
-    MediumHeader, Op, RecordHeader, StopCause, StopInfo, StreamDef, BLOCK_BYTES, FLAG_UNSEQUENCED,
-    HEADER_BYTES, TRAILER_ENTRY_BYTES,
+    encode_record, encode_trailer_entry, padding_needed, padding_record, trailer_records_bytes,
+    MediumHeader, Op, RecordHeader, StopCause, StopInfo, StreamDef, BLOCK_BYTES,
+    FLAG_TRAILER_CONTINUES, FLAG_UNSEQUENCED, HEADER_BYTES, TRAILER_ENTRIES_PER_RECORD,
+    TRAILER_ENTRY_BYTES,
 };
 use super::media::{list_media, medium_file_name};
 use super::options::{JournalOptions, MediumCache, OnFull};
@@ -31,6 +32,32 @@ use crate::volume::open::is_memory_backed;
 pub struct PendingRecord {
     pub batch_offset: usize,
     pub entry: LogEntry,
+}
+
+/// Encodes the trailer records of a medium whose log is `entries` into `out`: one record
+/// per [`TRAILER_ENTRIES_PER_RECORD`] entries, all but the last flagged
+/// [`FLAG_TRAILER_CONTINUES`] (one empty record for an empty log). `payload` is scratch.
+pub fn encode_trailer(
+    out: &mut Vec<u8>,
+    payload: &mut Vec<u8>,
+    entries: &[LogEntry],
+    last_seq: u64,
+) {
+    let parts = entries.len().div_ceil(TRAILER_ENTRIES_PER_RECORD).max(1);
+    for k in 0..parts {
+        let from = k * TRAILER_ENTRIES_PER_RECORD;
+        let to = (from + TRAILER_ENTRIES_PER_RECORD).min(entries.len());
+        payload.clear();
+        payload.reserve((to - from) * TRAILER_ENTRY_BYTES);
+        for e in entries.get(from..to).unwrap_or_default() {
+            encode_trailer_entry(payload, e);
+        }
+        let mut header = unsequenced(Op::Trailer, last_seq, 0, 0);
+        if k + 1 < parts {
+            header.flags |= FLAG_TRAILER_CONTINUES;
+        }
+        encode_record(out, header, payload);
+    }
 }
 
 /// What the writer restates at the start of every medium.
@@ -275,8 +302,8 @@ impl MediumWriter {
         while end < records.len() {
             let len = rec_len(batch, records, end) as u64;
             let entries = m.entries.len() + (end - start) + 1;
-            let trailer = (record_bytes(entries * TRAILER_ENTRY_BYTES)
-                + 2 * (BLOCK_BYTES + HEADER_BYTES)) as u64;
+            let trailer =
+                (trailer_records_bytes(entries) + 2 * (BLOCK_BYTES + HEADER_BYTES)) as u64;
             if used + len + trailer > cap {
                 break;
             }
@@ -455,11 +482,6 @@ impl MediumWriter {
             return Ok(());
         };
         let mut payload = std::mem::take(&mut self.trailer_payload);
-        payload.clear();
-        payload.reserve(m.entries.len() * TRAILER_ENTRY_BYTES);
-        for e in &m.entries {
-            encode_trailer_entry(&mut payload, e);
-        }
         let mut rec = std::mem::take(&mut self.trailer_record);
         rec.clear();
         if let Some(stop) = stop {
@@ -471,7 +493,7 @@ impl MediumWriter {
                 &stop.encode(),
             );
         }
-        encode_record(&mut rec, unsequenced(Op::Trailer, last_seq, 0, 0), &payload);
+        encode_trailer(&mut rec, &mut payload, &m.entries, last_seq);
         let appended = self.append(&[], &rec, last_seq);
         self.trailer_payload = payload;
         self.trailer_record = rec;
