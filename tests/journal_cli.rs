@@ -253,6 +253,7 @@ fn control_subcommands_speak_line_delimited_json() -> TestResult {
     assert_eq!(seen[0]["command"], "journal-mark");
     assert_eq!(seen[0]["arguments"]["label"], "before-upgrade");
     assert_eq!(seen[1]["arguments"]["since_seq"], 1);
+    assert_eq!(seen[1]["arguments"]["limit"], 16384);
     assert_eq!(seen[2]["command"], "journal-seal");
     Ok(())
 }

@@ -114,6 +114,47 @@ fn make_journal_with(options: &str) -> Result<Made> {
         "human status:\n{human}"
     );
     let retrieved = json_lines(&rig.control_cmd("retrieve", &["--format", "jsonl"])?)?;
+    // The same log read in pages of 7 entries (the CLI follows next_seq).
+    let paged = json_lines(&rig.control_cmd("retrieve", &["--format", "jsonl", "--page", "7"])?)?;
+    ensure!(
+        retrieved.len() > 7 && paged == retrieved,
+        "paged retrieve: {} entries, one-page retrieve: {}",
+        paged.len(),
+        retrieved.len()
+    );
+    // Replies echo the request's id, whether built as a value or written as text.
+    for command in ["journal-status", "journal-retrieve"] {
+        let reply = rig::control_line(
+            &rig.control,
+            &serde_json::json!({ "command": command, "arguments": { "limit": 2 }, "id": "r7" }),
+        )?;
+        ensure!(
+            reply["id"] == "r7" && reply["return"].is_object(),
+            "{command}: {reply}"
+        );
+    }
+    let page = rig::control_reply(
+        &rig.control,
+        "journal-retrieve",
+        serde_json::json!({ "since_seq": 2, "limit": 3 }),
+    )?;
+    ensure!(
+        page["return"]["entries"] == serde_json::json!(retrieved[1..4])
+            && page["return"]["next_seq"] == 5
+            && page["return"]["log_first_seq"] == 1,
+        "a page of three from seq 2: {page}"
+    );
+    for bad in [0, 65537] {
+        let reply = rig::control_reply(
+            &rig.control,
+            "journal-retrieve",
+            serde_json::json!({ "limit": bad }),
+        )?;
+        ensure!(
+            reply["error"]["class"] == "InvalidParameter",
+            "limit {bad}: {reply}"
+        );
+    }
     drop(workers);
     rig::stop(&mut daemon)?;
     Ok(Made {

@@ -205,18 +205,27 @@ pub fn json_lines(text: &str) -> Result<Vec<Value>> {
 
 /// One request on the control socket, directly (no process): for fast polling.
 pub fn control_request(control: &Path, command: &str) -> Result<Value> {
-    let mut s = std::os::unix::net::UnixStream::connect(control).context("connect control")?;
-    writeln!(
-        s,
-        "{}",
-        serde_json::json!({ "command": command, "arguments": {} })
-    )?;
-    let mut line = String::new();
-    BufReader::new(&s).read_line(&mut line)?;
-    let v: Value = serde_json::from_str(&line).with_context(|| format!("reply {line}"))?;
+    let v = control_reply(control, command, serde_json::json!({}))?;
     v.get("return")
         .cloned()
         .with_context(|| format!("{command}: {v}"))
+}
+
+/// One request with `arguments`; the whole reply (`return` or `error`).
+pub fn control_reply(control: &Path, command: &str, arguments: Value) -> Result<Value> {
+    control_line(
+        control,
+        &serde_json::json!({ "command": command, "arguments": arguments }),
+    )
+}
+
+/// One request object as given (e.g. with an `id`); the whole reply.
+pub fn control_line(control: &Path, request: &Value) -> Result<Value> {
+    let mut s = std::os::unix::net::UnixStream::connect(control).context("connect control")?;
+    writeln!(s, "{request}")?;
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line)?;
+    serde_json::from_str(&line).with_context(|| format!("reply {line}"))
 }
 
 /// SIGTERM; the daemon must exit 0.

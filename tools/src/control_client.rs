@@ -22,6 +22,17 @@ pub struct QueryArgs {
 
 /// Sends one request and returns the `return` value, or the daemon's error as an error.
 pub fn request(control: &Path, command: &str, arguments: Value) -> anyhow::Result<Value> {
+    let reply = exchange(control, command, arguments)?;
+    let reply: Value = serde_json::from_str(&reply).context("daemon sent invalid JSON")?;
+    match reply.get("return") {
+        Some(value) => Ok(value.clone()),
+        None => Err(daemon_error(command, &reply)),
+    }
+}
+
+/// Sends one request and returns the reply line as the daemon wrote it (for replies that
+/// are parsed into typed structures instead of a JSON value).
+pub fn exchange(control: &Path, command: &str, arguments: Value) -> anyhow::Result<String> {
     let mut stream = UnixStream::connect(control)
         .with_context(|| format!("cannot connect to control socket {}", control.display()))?;
     let mut line = json!({ "command": command, "arguments": arguments }).to_string();
@@ -37,10 +48,11 @@ pub fn request(control: &Path, command: &str, arguments: Value) -> anyhow::Resul
         !reply.is_empty(),
         "the daemon closed the control socket without replying"
     );
-    let reply: Value = serde_json::from_str(&reply).context("daemon sent invalid JSON")?;
-    if let Some(value) = reply.get("return") {
-        return Ok(value.clone());
-    }
+    Ok(reply)
+}
+
+/// The daemon's `error` reply as an error: `COMMAND: CLASS: DESC`.
+pub fn daemon_error(command: &str, reply: &Value) -> anyhow::Error {
     let class = reply
         .pointer("/error/class")
         .and_then(Value::as_str)
@@ -49,7 +61,7 @@ pub fn request(control: &Path, command: &str, arguments: Value) -> anyhow::Resul
         .pointer("/error/desc")
         .and_then(Value::as_str)
         .unwrap_or("unknown error");
-    Err(anyhow!("{command}: {class}: {desc}"))
+    anyhow!("{command}: {class}: {desc}")
 }
 
 pub fn run_query(args: QueryArgs) -> anyhow::Result<()> {

@@ -1,6 +1,7 @@
 //! `ferry journal ...`: control of a running daemon's journal (through the control socket)
 //! and offline tools on media (list, verify, restore, demux, export, format spares).
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -14,7 +15,7 @@ use ferry_engine::journal::spares::format_spares;
 use ferry_engine::journal::verify::verify;
 use serde_json::json;
 
-use crate::control_client::request;
+use crate::control_client::{daemon_error, exchange, request};
 
 /// Formats `export` can write.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,6 +133,9 @@ pub enum JournalCommand {
         since: u64,
         #[arg(long, value_enum, default_value = "jsonl")]
         format: EntryFormat,
+        /// Entries asked for per request (1-65536); the whole log is read in pages.
+        #[arg(long, default_value_t = 16384)]
+        page: usize,
     },
     /// Seal the current medium (write its trailer) and continue on the next.
     Seal {
@@ -307,18 +311,9 @@ fn run_control(cmd: JournalCommand) -> anyhow::Result<()> {
             control,
             since,
             format,
+            page,
         } => {
-            let reply = request(&control, "journal-retrieve", json!({ "since_seq": since }))?;
-            if let Some(from) = reply.get("dropped_from_seq").and_then(|v| v.as_u64()) {
-                let first = reply.get("log_first_seq").and_then(|v| v.as_u64());
-                eprintln!(
-                    "ferry: journal entries from seq {from} to {} are no longer in the daemon's \
-                     memory (its log-memory= bound); `ferry journal list DIR` reads them from \
-                     the media",
-                    first.map_or_else(|| "now".to_string(), |f| (f.saturating_sub(1)).to_string())
-                );
-            }
-            return print_entries(&reply, format);
+            return retrieve(&control, since, format, page);
         }
         JournalCommand::Seal { control } => (control, "journal-seal", json!({})),
         JournalCommand::Clear { control } => (control, "journal-clear", json!({})),
@@ -428,39 +423,110 @@ fn describe_status(s: &serde_json::Value) -> String {
 }
 
 /// Prints `journal-retrieve`'s reply (an array of entries, or `{"entries": [...]}`).
-fn print_entries(reply: &serde_json::Value, format: EntryFormat) -> anyhow::Result<()> {
-    let entries = reply
-        .get("entries")
-        .unwrap_or(reply)
-        .as_array()
-        .context("journal-retrieve returned no entry list")?;
-    if format == EntryFormat::Csv {
-        println!("{}", ferry_engine::journal::entry::CSV_HEADER);
-    }
-    for e in entries {
+/// A `journal-retrieve` reply page as the CLI reads it: entries kept as the daemon's JSON
+/// text (printed as they are for `jsonl`, parsed one by one for `csv`).
+#[derive(serde::Deserialize)]
+struct RetrievePage<'a> {
+    #[serde(borrow)]
+    entries: Vec<&'a serde_json::value::RawValue>,
+    next_seq: Option<u64>,
+    log_first_seq: Option<u64>,
+    log_last_seq: Option<u64>,
+    dropped_from_seq: Option<u64>,
+}
+
+/// One log entry as the daemon sends it (see `docs/journal.md`).
+#[derive(serde::Deserialize)]
+struct WireEntry<'a> {
+    seq: u64,
+    stream_id: u32,
+    log_id: u32,
+    timestamp_ns: u64,
+    op: &'a str,
+    offset_bytes: u64,
+    len_bytes: u64,
+    medium: u32,
+    position_bytes: u64,
+}
+
+fn print_entries(
+    out: &mut impl Write,
+    entries: &[&serde_json::value::RawValue],
+    format: EntryFormat,
+) -> anyhow::Result<()> {
+    for raw in entries {
         match format {
-            EntryFormat::Jsonl => println!("{}", serde_json::to_string(e)?),
+            EntryFormat::Jsonl => writeln!(out, "{}", raw.get())?,
             EntryFormat::Csv => {
-                let field = |k: &str| {
-                    e.get(k)
-                        .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
-                        .unwrap_or_default()
-                };
-                let cols = [
-                    "seq",
-                    "stream_id",
-                    "log_id",
-                    "timestamp_ns",
-                    "op",
-                    "offset_bytes",
-                    "len_bytes",
-                    "medium",
-                    "position_bytes",
-                ];
-                println!("{}", cols.map(field).join(","));
+                let e: WireEntry = serde_json::from_str(raw.get())
+                    .with_context(|| format!("journal-retrieve sent a bad entry: {}", raw.get()))?;
+                writeln!(
+                    out,
+                    "{},{},{},{},{},{},{},{},{}",
+                    e.seq,
+                    e.stream_id,
+                    e.log_id,
+                    e.timestamp_ns,
+                    e.op,
+                    e.offset_bytes,
+                    e.len_bytes,
+                    e.medium,
+                    e.position_bytes
+                )?;
             }
         }
     }
+    Ok(())
+}
+
+/// `ferry journal retrieve`: asks for the log in pages of `page` entries from `since`, up to
+/// the newest entry the daemon held when the first page was taken, and prints them as they
+/// come (a log of millions of entries never sits whole in either process).
+fn retrieve(control: &Path, since: u64, format: EntryFormat, page: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (1..=65536).contains(&page),
+        "--page must be from 1 to 65536 entries"
+    );
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    if format == EntryFormat::Csv {
+        writeln!(out, "{}", ferry_engine::journal::entry::CSV_HEADER)?;
+    }
+    let mut since = since;
+    let mut newest_at_start = None;
+    let mut warned = false;
+    loop {
+        let arguments = json!({ "since_seq": since, "limit": page });
+        let line = exchange(control, "journal-retrieve", arguments)?;
+        #[derive(serde::Deserialize)]
+        struct Reply<'a> {
+            #[serde(borrow, rename = "return")]
+            page: Option<RetrievePage<'a>>,
+        }
+        let reply: Reply = serde_json::from_str(&line).context("daemon sent invalid JSON")?;
+        let Some(reply) = reply.page else {
+            let error = serde_json::from_str(&line).context("daemon sent invalid JSON")?;
+            return Err(daemon_error("journal-retrieve", &error));
+        };
+        if let (false, Some(from)) = (warned, reply.dropped_from_seq) {
+            eprintln!(
+                "ferry: journal entries from seq {from} to {} are no longer in the daemon's \
+                 memory (its log-memory= bound); `ferry journal list DIR` reads them from \
+                 the media",
+                reply
+                    .log_first_seq
+                    .map_or_else(|| "now".to_string(), |f| (f.saturating_sub(1)).to_string())
+            );
+            warned = true;
+        }
+        print_entries(&mut out, &reply.entries, format)?;
+        let newest = *newest_at_start.get_or_insert(reply.log_last_seq.unwrap_or(0));
+        match reply.next_seq {
+            Some(next) if next <= newest => since = next,
+            _ => break,
+        }
+    }
+    out.flush()?;
     Ok(())
 }
 

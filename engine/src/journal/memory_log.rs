@@ -121,41 +121,65 @@ impl MemoryLog {
         held
     }
 
-    /// The entries with `seq >= since_seq`: full chunks shared, the filling one copied.
-    pub fn snapshot_since(&self, since_seq: u64) -> LogSnapshot {
-        let newer = |c: &Vec<LogEntry>| c.last().is_some_and(|e| e.seq >= since_seq);
-        let chunks = self.full.iter().filter(|c| newer(c)).cloned().collect();
+    /// The newest sequence number held.
+    pub fn last_seq(&self) -> Option<u64> {
+        self.filling
+            .last()
+            .or_else(|| self.full.back().and_then(|c| c.last()))
+            .map(|e| e.seq)
+    }
+
+    /// At most `limit` entries with `seq >= since_seq`, oldest first: full chunks shared,
+    /// the filling one copied.
+    pub fn snapshot_since(&self, since_seq: u64, limit: usize) -> LogSnapshot {
+        let mut chunks = Vec::new();
+        let mut taken = 0usize;
+        for chunk in &self.full {
+            if taken >= limit {
+                break;
+            }
+            let newer = chunk.len() - chunk.partition_point(|e| e.seq < since_seq);
+            if newer > 0 {
+                taken += newer;
+                chunks.push(Arc::clone(chunk));
+            }
+        }
         let from = self.filling.partition_point(|e| e.seq < since_seq);
+        let room = limit.saturating_sub(taken).min(self.filling.len() - from);
         LogSnapshot {
             since_seq,
+            limit,
             chunks,
-            tail: self.filling[from..].to_vec(),
+            tail: self.filling[from..from + room].to_vec(),
             first_held_seq: self.first_seq(),
+            last_held_seq: self.last_seq(),
             dropped: self.dropped,
         }
     }
 }
 
-/// Entries of the log taken at one moment, readable without the journal's lock.
+/// A page of the log taken at one moment, readable without the journal's lock.
 pub struct LogSnapshot {
     since_seq: u64,
+    limit: usize,
     chunks: Vec<Arc<Vec<LogEntry>>>,
     tail: Vec<LogEntry>,
-    /// The log's oldest entry then, and how many it had dropped to its bound.
+    /// The log's oldest and newest entries then, and how many it had dropped to its bound.
     pub first_held_seq: Option<u64>,
+    pub last_held_seq: Option<u64>,
     pub dropped: u64,
 }
 
 impl LogSnapshot {
     /// The first sequence number asked for that the log no longer holds because it dropped
-    /// it to its bound: entries from `since_seq` up to the returned one are only on the
+    /// it to its bound: entries from `since_seq` up to the oldest held are only on the
     /// media. `None` when the snapshot has all it was asked for.
     pub fn dropped_from(&self) -> Option<u64> {
         let first = self.first_held_seq.unwrap_or(u64::MAX);
         (self.dropped > 0 && self.since_seq < first).then_some(self.since_seq)
     }
 
-    /// The entries in sequence order.
+    /// The entries of the page in sequence order.
     pub fn iter(&self) -> impl Iterator<Item = &LogEntry> + '_ {
         let since = self.since_seq;
         self.chunks
@@ -163,10 +187,18 @@ impl LogSnapshot {
             .flat_map(|c| c.iter())
             .skip_while(move |e| e.seq < since)
             .chain(self.tail.iter())
+            .take(self.limit)
     }
 
     pub fn to_vec(&self) -> Vec<LogEntry> {
         self.iter().copied().collect()
+    }
+
+    /// Where the next page starts: after this page's last entry, when the log held newer
+    /// entries than it when it was taken; `None` when this page reached the newest.
+    pub fn next_seq(&self) -> Option<u64> {
+        let last = self.iter().last()?.seq;
+        (Some(last) < self.last_held_seq).then_some(last + 1)
     }
 }
 
@@ -191,7 +223,10 @@ mod tests {
     }
 
     fn seqs(log: &MemoryLog, since: u64) -> Vec<u64> {
-        log.snapshot_since(since).iter().map(|e| e.seq).collect()
+        log.snapshot_since(since, usize::MAX)
+            .iter()
+            .map(|e| e.seq)
+            .collect()
     }
 
     #[test]
@@ -208,7 +243,7 @@ mod tests {
         let since = CHUNK_ENTRIES as u64 + 5;
         assert_eq!(seqs(&log, since), (since..n).collect::<Vec<_>>());
         assert!(seqs(&log, n).is_empty());
-        assert_eq!(log.snapshot_since(0).dropped_from(), None);
+        assert_eq!(log.snapshot_since(0, usize::MAX).dropped_from(), None);
     }
 
     #[test]
@@ -222,8 +257,8 @@ mod tests {
         let first = log.first_seq().unwrap_or(u64::MAX);
         assert_eq!(first, log.dropped());
         assert_eq!(seqs(&log, 0), (first..n).collect::<Vec<_>>());
-        assert_eq!(log.snapshot_since(0).dropped_from(), Some(0));
-        assert_eq!(log.snapshot_since(first).dropped_from(), None);
+        assert_eq!(log.snapshot_since(0, usize::MAX).dropped_from(), Some(0));
+        assert_eq!(log.snapshot_since(first, usize::MAX).dropped_from(), None);
     }
 
     #[test]
@@ -239,10 +274,33 @@ mod tests {
     }
 
     #[test]
+    fn pages_follow_each_other_to_the_newest_entry() {
+        let mut log = MemoryLog::new(1 << 30);
+        let n = 2 * CHUNK_ENTRIES as u64 + 50;
+        log.extend(&entries(1..n + 1));
+        let mut got = Vec::new();
+        let mut since = 0;
+        let mut pages = 0;
+        loop {
+            let page = log.snapshot_since(since, 1000);
+            got.extend(page.iter().map(|e| e.seq));
+            pages += 1;
+            match page.next_seq() {
+                Some(next) => since = next,
+                None => break,
+            }
+        }
+        assert_eq!(got, (1..=n).collect::<Vec<_>>());
+        assert_eq!(pages, (n as usize).div_ceil(1000));
+        assert_eq!(log.snapshot_since(n, 1000).next_seq(), None);
+        assert_eq!(log.snapshot_since(n + 1, 1000).to_vec(), Vec::new());
+    }
+
+    #[test]
     fn a_snapshot_outlives_the_chunks_it_shares() {
         let mut log = MemoryLog::new(0);
         log.extend(&entries(0..(3 * CHUNK_ENTRIES as u64)));
-        let snapshot = log.snapshot_since(0);
+        let snapshot = log.snapshot_since(0, usize::MAX);
         let before = snapshot.to_vec();
         log.extend(&entries(
             (3 * CHUNK_ENTRIES as u64)..(9 * CHUNK_ENTRIES as u64),

@@ -597,10 +597,11 @@ impl Journal {
         st.log.clear()
     }
 
-    /// The log entries with `seq >= since_seq` (durable records only) as far as the
-    /// in-memory log still holds them (see [`JournalStatus::log_first_seq`]).
-    pub fn retrieve(&self, since_seq: u64) -> LogSnapshot {
-        self.shared.lock().log.snapshot_since(since_seq)
+    /// At most `limit` log entries with `seq >= since_seq` (durable records only) as far as
+    /// the in-memory log still holds them (see [`JournalStatus::log_first_seq`]); the
+    /// snapshot says where the next page starts.
+    pub fn retrieve(&self, since_seq: u64, limit: usize) -> LogSnapshot {
+        self.shared.lock().log.snapshot_since(since_seq, limit)
     }
 
     pub fn status(&self) -> JournalStatus {

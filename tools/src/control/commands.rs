@@ -8,77 +8,98 @@ use super::migrate_commands as mig;
 use super::ControlError;
 use crate::daemon::Daemon;
 
-type Handler = fn(&Daemon, &Value) -> Result<Value, ControlError>;
+/// A command's implementation: most build a JSON value; a few whose replies can be large
+/// (`journal-retrieve`) write the JSON text of their `return` value directly.
+#[derive(Clone, Copy)]
+pub enum Handler {
+    Value(fn(&Daemon, &Value) -> Result<Value, ControlError>),
+    Text(fn(&Daemon, &Value) -> Result<String, ControlError>),
+}
+
+/// A command's result: a JSON value, or the JSON text of one.
+pub enum Reply {
+    Value(Value),
+    Text(String),
+}
 
 /// Every command: name, handler, one-line help.
 const COMMANDS: &[(&str, Handler, &str)] = &[
-    ("query-version", query_version, "ferry's version"),
+    (
+        "query-version",
+        Handler::Value(query_version),
+        "ferry's version",
+    ),
     (
         "query-commands",
-        query_commands,
+        Handler::Value(query_commands),
         "the commands this daemon accepts",
     ),
     (
         "query-volumes",
-        query_volumes,
+        Handler::Value(query_volumes),
         "volumes: path, size, socket, connection, I/O counters",
     ),
     (
         "journal-init",
-        jr::journal_init,
+        Handler::Value(jr::journal_init),
         "start a new log (label), ending the current one",
     ),
     (
         "journal-status",
-        jr::journal_status,
+        Handler::Value(jr::journal_status),
         "journal state: medium, position, records, lag, gaps",
     ),
     (
         "journal-retrieve",
-        jr::journal_retrieve,
+        Handler::Text(jr::journal_retrieve),
         "the log's entries from since_seq on",
     ),
     (
         "journal-seal",
-        jr::journal_seal,
+        Handler::Value(jr::journal_seal),
         "write the log onto the medium, close it, go on with the next",
     ),
-    ("journal-clear", jr::journal_clear, "drop the in-memory log"),
+    (
+        "journal-clear",
+        Handler::Value(jr::journal_clear),
+        "drop the in-memory log",
+    ),
     (
         "journal-mark",
-        jr::journal_mark,
+        Handler::Value(jr::journal_mark),
         "a named point in the stream (label)",
     ),
     (
         "migrate-start",
-        mig::migrate_start,
+        Handler::Value(mig::migrate_start),
         "start migrating volumes to a target",
     ),
     (
         "query-migrations",
-        mig::query_migrations,
+        Handler::Value(mig::query_migrations),
         "migration jobs: state, progress, rate, pause",
     ),
     (
         "migrate-cutover",
-        mig::migrate_cutover,
+        Handler::Value(mig::migrate_cutover),
         "switch a ready job's volumes to the target",
     ),
     (
         "migrate-cancel",
-        mig::migrate_cancel,
+        Handler::Value(mig::migrate_cancel),
         "stop a job before cutover; the guest stays on its source",
     ),
     (
         "migrate-set-speed",
-        mig::migrate_set_speed,
+        Handler::Value(mig::migrate_set_speed),
         "change a job's copy speed limit (bytes/s, 0: none)",
     ),
 ];
 
-pub fn dispatch(daemon: &Daemon, command: &str, arguments: &Value) -> Result<Value, ControlError> {
+pub fn dispatch(daemon: &Daemon, command: &str, arguments: &Value) -> Result<Reply, ControlError> {
     match COMMANDS.iter().find(|(name, _, _)| *name == command) {
-        Some((_, handler, _)) => handler(daemon, arguments),
+        Some((_, Handler::Value(handler), _)) => handler(daemon, arguments).map(Reply::Value),
+        Some((_, Handler::Text(handler), _)) => handler(daemon, arguments).map(Reply::Text),
         None => Err(ControlError::new(
             "CommandNotFound",
             format!("unknown command {command:?} (see query-commands)"),

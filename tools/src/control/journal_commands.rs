@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use ferry_engine::journal::memory_log::LogSnapshot;
 use ferry_engine::journal::Journal;
 use serde_json::{json, Value};
 
@@ -45,15 +46,55 @@ pub fn journal_status(daemon: &Daemon, _: &Value) -> Result<Value, ControlError>
     to_json(journal(daemon)?.status())
 }
 
-pub fn journal_retrieve(daemon: &Daemon, args: &Value) -> Result<Value, ControlError> {
+/// Entries per `journal-retrieve` reply unless `limit` says otherwise, and the most allowed:
+/// a reply is one JSON line built in memory, so a log of millions of entries is read in pages
+/// (`next_seq`) instead of one reply the size of the log.
+pub const RETRIEVE_PAGE_DEFAULT: usize = 16384;
+pub const RETRIEVE_PAGE_MAX: usize = 65536;
+
+pub fn journal_retrieve(daemon: &Daemon, args: &Value) -> Result<String, ControlError> {
     let since = args.get("since_seq").and_then(Value::as_u64).unwrap_or(0);
-    let snapshot = journal(daemon)?.retrieve(since);
-    Ok(json!({
-        "entries": to_json(snapshot.to_vec())?,
-        "log_first_seq": snapshot.first_held_seq,
-        "log_dropped": snapshot.dropped,
-        "dropped_from_seq": snapshot.dropped_from(),
-    }))
+    let limit = match args.get("limit") {
+        None => RETRIEVE_PAGE_DEFAULT,
+        Some(v) => v
+            .as_u64()
+            .filter(|n| (1..=RETRIEVE_PAGE_MAX as u64).contains(n))
+            .ok_or_else(|| {
+                ControlError::bad_argument(format!(
+                    "limit must be a number from 1 to {RETRIEVE_PAGE_MAX}"
+                ))
+            })? as usize,
+    };
+    let page = journal(daemon)?.retrieve(since, limit);
+    let reply = RetrievePage {
+        entries: PageEntries(&page),
+        next_seq: page.next_seq(),
+        log_first_seq: page.first_held_seq,
+        log_last_seq: page.last_held_seq,
+        log_dropped: page.dropped,
+        dropped_from_seq: page.dropped_from(),
+    };
+    serde_json::to_string(&reply).map_err(|e| ControlError::new("GenericError", e.to_string()))
+}
+
+/// `journal-retrieve`'s reply, serialized straight from the log's chunks (a JSON value per
+/// entry would cost several allocations each).
+#[derive(serde::Serialize)]
+struct RetrievePage<'a> {
+    entries: PageEntries<'a>,
+    next_seq: Option<u64>,
+    log_first_seq: Option<u64>,
+    log_last_seq: Option<u64>,
+    log_dropped: u64,
+    dropped_from_seq: Option<u64>,
+}
+
+struct PageEntries<'a>(&'a LogSnapshot);
+
+impl serde::Serialize for PageEntries<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter())
+    }
 }
 
 pub fn journal_seal(daemon: &Daemon, _: &Value) -> Result<Value, ControlError> {

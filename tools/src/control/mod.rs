@@ -49,7 +49,8 @@ pub fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
         if active.load(std::sync::atomic::Ordering::SeqCst) >= CONNECTIONS_MAX {
             let _ = reply(
                 &stream,
-                &error_reply(&ControlError::new("Busy", "too many control connections")),
+                &error_reply(&ControlError::new("Busy", "too many control connections"))
+                    .to_string(),
             );
             continue;
         }
@@ -86,7 +87,7 @@ fn serve_connection(stream: UnixStream, daemon: &Daemon) {
         if !line.ends_with('\n') && line.len() >= REQUEST_BYTES_MAX {
             let _ = reply(
                 &stream,
-                &error_reply(&ControlError::new("GenericError", "request too long")),
+                &error_reply(&ControlError::new("GenericError", "request too long")).to_string(),
             );
             return;
         }
@@ -100,8 +101,8 @@ fn serve_connection(stream: UnixStream, daemon: &Daemon) {
     }
 }
 
-/// Parses and executes one request line, returning the reply object.
-pub fn handle_line(daemon: &Daemon, line: &str) -> Value {
+/// Parses and executes one request line, returning the reply line's JSON text.
+pub fn handle_line(daemon: &Daemon, line: &str) -> String {
     let request: Value = match serde_json::from_str(line) {
         Ok(v) => v,
         Err(e) => {
@@ -109,31 +110,47 @@ pub fn handle_line(daemon: &Daemon, line: &str) -> Value {
                 "GenericError",
                 format!("invalid JSON: {e}"),
             ))
+            .to_string()
         }
     };
     let Some(command) = request.get("command").and_then(Value::as_str) else {
-        return error_reply(&ControlError::new("GenericError", "missing \"command\""));
+        return error_reply(&ControlError::new("GenericError", "missing \"command\"")).to_string();
     };
     let arguments = request
         .get("arguments")
         .cloned()
         .unwrap_or_else(|| json!({}));
-    let mut answer = match commands::dispatch(daemon, command, &arguments) {
-        Ok(value) => json!({ "return": value }),
-        Err(e) => error_reply(&e),
-    };
-    if let Some(id) = request.get("id") {
-        answer["id"] = id.clone();
+    let id = request.get("id");
+    match commands::dispatch(daemon, command, &arguments) {
+        Ok(commands::Reply::Value(value)) => {
+            let mut answer = json!({ "return": value });
+            if let Some(id) = id {
+                answer["id"] = id.clone();
+            }
+            answer.to_string()
+        }
+        // The same object, its `return` value already JSON text.
+        Ok(commands::Reply::Text(text)) => match id {
+            Some(id) => format!("{{\"return\":{text},\"id\":{id}}}"),
+            None => format!("{{\"return\":{text}}}"),
+        },
+        Err(e) => {
+            let mut answer = error_reply(&e);
+            if let Some(id) = id {
+                answer["id"] = id.clone();
+            }
+            answer.to_string()
+        }
     }
-    answer
 }
 
 fn error_reply(e: &ControlError) -> Value {
     json!({ "error": { "class": e.class, "desc": e.desc } })
 }
 
-fn reply(mut stream: &UnixStream, value: &Value) -> std::io::Result<()> {
-    let mut text = value.to_string();
-    text.push('\n');
-    stream.write_all(text.as_bytes())
+fn reply(mut stream: &UnixStream, text: &str) -> std::io::Result<()> {
+    let mut line = String::with_capacity(text.len() + 1);
+    line.push_str(text);
+    line.push('\n');
+    stream.write_all(line.as_bytes())
 }

@@ -50,11 +50,11 @@ fn a_full_in_memory_log_drops_its_oldest_entries_and_the_media_keep_them() -> Te
     let first = status.log_first_seq.ok_or("no entry held")?;
     assert_eq!(first, status.log_dropped + 1, "sequence numbers start at 1");
 
-    let all = journal.retrieve(0);
+    let all = journal.retrieve(0, usize::MAX);
     assert_eq!(all.dropped_from(), Some(0));
     let seqs: Vec<u64> = all.iter().map(|e| e.seq).collect();
     assert_eq!(seqs, (first..=mark.seq).collect::<Vec<_>>());
-    let recent = journal.retrieve(mark.seq - 10);
+    let recent = journal.retrieve(mark.seq - 10, usize::MAX);
     assert_eq!(recent.dropped_from(), None);
     assert_eq!(recent.to_vec().len(), 11);
 

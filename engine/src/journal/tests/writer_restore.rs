@@ -198,13 +198,19 @@ fn sync_case(committer: Committer) -> TestResult {
         assert_eq!(status.queue_commits, 0, "{status:#?}");
     }
     assert_eq!(status.lag_bytes, 0);
-    let entries = journal.retrieve(0).to_vec();
+    let entries = journal.retrieve(0, usize::MAX).to_vec();
     assert_eq!(
         entries.len() as u64,
         status.durable_seq,
         "one entry per sequenced record"
     );
-    assert!(journal.retrieve(status.durable_seq).to_vec().len() == 1);
+    assert!(
+        journal
+            .retrieve(status.durable_seq, usize::MAX)
+            .to_vec()
+            .len()
+            == 1
+    );
     let sealed = journal.seal()?;
     assert!(sealed.sealed_medium.is_some());
     assert_eq!(journal.clear(), entries.len());
