@@ -6,16 +6,18 @@
 //! into every output as a stop record at its place in the sequence: a demuxed stream has no
 //! contiguous numbers to show the loss, so `verify` and `restore` see it only that way.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::entry::now_ns;
 use super::error::JournalError;
 use super::format::{
-    encode_record, padding_needed, padding_record, MediumHeader, Op, StopInfo, MEDIUM_FLAG_DEMUXED,
+    encode_record, padding_needed, padding_record, MediumHeader, Op, StopInfo, BLOCK_BYTES,
+    MEDIUM_FLAG_DEMUXED,
 };
 use super::media::{medium_file_name, MediaSet, StopNote};
 use super::running::JOURNAL_STREAM_ID;
-use super::writer::{unsequenced, write_all_vectored_at};
+use super::writer::unsequenced;
 
 /// One journal written by demux.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -54,31 +56,6 @@ pub fn demux(set: &MediaSet, out_dir: &Path) -> Result<Vec<DemuxOutput>, Journal
             capacity_bytes: 0,
             prev_valid_end_bytes: u64::MAX,
         };
-        let mut bytes = Vec::new();
-        encode_record(
-            &mut bytes,
-            unsequenced(super::format::Op::MediumHeader, 0, 0, 0),
-            &header.encode(),
-        );
-        let mut count = 0;
-        let mut pending_stops = stops.iter().peekable();
-        for r in records.iter().filter(|r| {
-            r.record.header.stream_id == stream_id || r.record.header.stream_id == JOURNAL_STREAM_ID
-        }) {
-            while let Some(stop) = pending_stops.next_if(|s| s.after_seq < r.record.header.seq) {
-                encode_stop(&mut bytes, stop);
-            }
-            encode_record(&mut bytes, r.record.header, &set.payload(r)?);
-            count += 1;
-        }
-        for stop in pending_stops {
-            encode_stop(&mut bytes, stop);
-        }
-        let pad = padding_needed(bytes.len());
-        if pad > 0 {
-            let last = records.last().map_or(0, |r| r.record.header.seq);
-            bytes.extend_from_slice(&padding_record(pad, last, 0));
-        }
         let path = dir.join(medium_file_name(0));
         let err = |step: &'static str| {
             let path = path.clone();
@@ -89,8 +66,38 @@ pub fn demux(set: &MediaSet, out_dir: &Path) -> Result<Vec<DemuxOutput>, Journal
             .create_new(true)
             .open(&path)
             .map_err(err("create"))?;
-        write_all_vectored_at(&file, &[&bytes], 0).map_err(err("write"))?;
-        file.sync_all().map_err(err("sync"))?;
+        let mut out = RecordWriter::new(file);
+        out.record(|b| {
+            encode_record(
+                b,
+                unsequenced(super::format::Op::MediumHeader, 0, 0, 0),
+                &header.encode(),
+            )
+        })
+        .map_err(err("write"))?;
+        let mut count = 0;
+        let mut pending_stops = stops.iter().peekable();
+        for r in records.iter().filter(|r| {
+            r.record.header.stream_id == stream_id || r.record.header.stream_id == JOURNAL_STREAM_ID
+        }) {
+            while let Some(stop) = pending_stops.next_if(|s| s.after_seq < r.record.header.seq) {
+                out.record(|b| encode_stop(b, stop)).map_err(err("write"))?;
+            }
+            let payload = set.payload(r)?;
+            out.record(|b| encode_record(b, r.record.header, &payload))
+                .map_err(err("write"))?;
+            count += 1;
+        }
+        for stop in pending_stops {
+            out.record(|b| encode_stop(b, stop)).map_err(err("write"))?;
+        }
+        let pad = padding_needed(out.len_bytes as usize % BLOCK_BYTES);
+        if pad > 0 {
+            let last = records.last().map_or(0, |r| r.record.header.seq);
+            out.record(|b| b.extend_from_slice(&padding_record(pad, last, 0)))
+                .map_err(err("write"))?;
+        }
+        out.finish().map_err(err("sync"))?;
         outputs.push(DemuxOutput {
             stream_id,
             volume: def.volume.clone(),
@@ -100,6 +107,39 @@ pub fn demux(set: &MediaSet, out_dir: &Path) -> Result<Vec<DemuxOutput>, Journal
         });
     }
     Ok(outputs)
+}
+
+/// Writes one output medium record by record through a buffer (a stream's records are
+/// never all in memory at once).
+struct RecordWriter {
+    out: std::io::BufWriter<std::fs::File>,
+    len_bytes: u64,
+    scratch: Vec<u8>,
+}
+
+impl RecordWriter {
+    fn new(file: std::fs::File) -> Self {
+        Self {
+            out: std::io::BufWriter::with_capacity(1 << 20, file),
+            len_bytes: 0,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Encodes a record with `encode` and writes it.
+    fn record(&mut self, encode: impl FnOnce(&mut Vec<u8>)) -> std::io::Result<()> {
+        self.scratch.clear();
+        encode(&mut self.scratch);
+        self.out.write_all(&self.scratch)?;
+        self.len_bytes += self.scratch.len() as u64;
+        Ok(())
+    }
+
+    /// Flushes the buffer and makes the medium durable.
+    fn finish(self) -> std::io::Result<()> {
+        let file = self.out.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()
+    }
 }
 
 /// Appends `stop` as a stop record (`seq` = the last number journaled before it).
