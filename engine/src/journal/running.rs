@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use super::catalog::{RunRecord, RunState, COUNT_UNKNOWN};
 use super::checksum::crc32c_of_slices;
-use super::device::device_spares;
 use super::entry::{now_ns, LogEntry};
 use super::error::JournalError;
 use super::format::{
@@ -27,7 +26,6 @@ use super::options::{Committer, JournalMode, JournalOptions, OnFull};
 use super::recovery::{recover, RecoveredTail};
 use super::writer::{AppendPath, MediumWriter, PendingRecord, Prologue, WriteFailure};
 use crate::observer::{ObserverTicket, WriteEvent, WriteKind, WriteObserver};
-use crate::volume::open::is_memory_backed;
 
 /// How often a paused journal (on-full=pause) retries to open a medium.
 const PAUSE_RETRY: Duration = Duration::from_secs(1);
@@ -373,23 +371,11 @@ impl Shared {
     }
 }
 
-/// Resolves `committer=auto`: queue threads commit for a `sync` journal whose directory is
-/// on tmpfs or ramfs with no block device registered as a medium; an `async` journal keeps
-/// its writer thread unless `committer=queue` is asked for.
+/// Resolves `committer=auto`: the writer thread, whose commits overlap the queues' work
+/// (`committer=queue` is for hosts with no CPU to spare for it; see docs/journal.md).
 fn resolve_committer(options: &JournalOptions) -> Committer {
-    if options.mode == JournalMode::Async && options.committer == Committer::Auto {
-        return Committer::Writer;
-    }
     match options.committer {
-        Committer::Auto => {
-            let memory_dir = std::fs::File::open(&options.dir).is_ok_and(|d| is_memory_backed(&d));
-            let devices = device_spares(&options.dir).map_or(true, |d| !d.is_empty());
-            if memory_dir && !devices {
-                Committer::Queue
-            } else {
-                Committer::Writer
-            }
-        }
+        Committer::Auto => Committer::Writer,
         chosen => chosen,
     }
 }

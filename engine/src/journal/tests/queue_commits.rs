@@ -71,32 +71,30 @@ fn concurrent_queues_commit_each_others_writes() -> TestResult {
     Ok(())
 }
 
+/// `committer=auto` is the writer thread wherever the medium is (on tmpfs too: with the
+/// vhost worker's `batch=` its commits overlap the queue's work, 0.50x -> 0.67x of
+/// journal-off at 4K QD 32).
 #[test]
-fn auto_committer_is_the_queue_on_memory_and_the_writer_elsewhere() -> TestResult {
+fn auto_committer_is_the_writer_on_memory_and_elsewhere() -> TestResult {
     let shm = std::path::Path::new("/dev/shm");
     let memory = shm
         .is_dir()
         .then(|| tempfile::tempdir_in(shm))
         .transpose()?;
     let disk = tempfile::tempdir()?;
-    let disk_is_memory = crate::volume::open::is_memory_backed(&std::fs::File::open(disk.path())?);
-    for (dir, memory_backed) in [
-        (Some(disk.path()), disk_is_memory),
-        (memory.as_ref().map(|m| m.path()), true),
-    ] {
-        let Some(dir) = dir else {
-            continue;
-        };
+    for dir in [Some(disk.path()), memory.as_ref().map(|m| m.path())]
+        .into_iter()
+        .flatten()
+    {
         for mode in [JournalMode::Sync, JournalMode::Async] {
             let mut options = JournalOptions::new(dir.join(format!("j-{mode:?}")));
             options.mode = mode;
             let journal = Journal::open(options)?;
-            let expected = if memory_backed && mode == JournalMode::Sync {
-                Committer::Queue
-            } else {
-                Committer::Writer
-            };
-            assert_eq!(journal.status().committer, expected, "{dir:?} {mode:?}");
+            assert_eq!(
+                journal.status().committer,
+                Committer::Writer,
+                "{dir:?} {mode:?}"
+            );
             journal.close();
         }
     }
