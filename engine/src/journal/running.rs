@@ -9,6 +9,7 @@
 //! ([`WriteObserver::batch_submitted`]): whoever holds the appender commits everything
 //! pending, the others leave their records to it.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -325,6 +326,9 @@ struct Shared {
     work: Condvar,
     /// Signalled when the writer finished a batch or a seal.
     progress: Condvar,
+    /// Threads waiting on `progress` (marks, seals, close): commits notify only when some
+    /// wait (a condvar notification is a system call even without a waiter).
+    progress_waiters: AtomicUsize,
 }
 
 /// What a group commit needs besides the state: whoever holds it makes the commit.
@@ -351,7 +355,23 @@ impl Shared {
         }
     }
 
-    /// Queue threads make the group commits (`committer=queue`, or `auto` resolved to it).
+    /// Waits on `progress` (the caller rechecks its condition).
+    fn wait_progress<'a>(&self, st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        self.progress_waiters.fetch_add(1, Ordering::SeqCst);
+        let st = self.progress.wait(st).unwrap_or_else(|p| p.into_inner());
+        self.progress_waiters.fetch_sub(1, Ordering::SeqCst);
+        st
+    }
+
+    /// Wakes the threads waiting on `progress`, if any. Callers changed the state under its
+    /// lock before: a waiter either saw the change or had counted itself before this looks.
+    fn wake_progress(&self) {
+        if self.progress_waiters.load(Ordering::SeqCst) > 0 {
+            self.progress.notify_all();
+        }
+    }
+
+    /// Queue threads make the group commits (`committer=queue`).
     fn queue_commits(&self) -> bool {
         self.committer == Committer::Queue
     }
@@ -470,6 +490,7 @@ impl Journal {
             state: Mutex::new(state),
             work: Condvar::new(),
             progress: Condvar::new(),
+            progress_waiters: AtomicUsize::new(0),
         });
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
@@ -540,11 +561,7 @@ impl Journal {
         st.commit_now = true;
         self.shared.work.notify_one();
         while st.processed_seq < seq && !st.writer_exited {
-            st = self
-                .shared
-                .progress
-                .wait(st)
-                .unwrap_or_else(|p| p.into_inner());
+            st = self.shared.wait_progress(st);
         }
         if st.durable_seq >= seq {
             Ok(())
@@ -563,11 +580,7 @@ impl Journal {
         let target = st.seal_requests;
         self.shared.work.notify_one();
         while st.seals_done < target && !st.writer_exited {
-            st = self
-                .shared
-                .progress
-                .wait(st)
-                .unwrap_or_else(|p| p.into_inner());
+            st = self.shared.wait_progress(st);
         }
         if st.phase == JournalState::Stopped {
             return Err(JournalError::Stopped(st.reason.clone().unwrap_or_default()));
@@ -880,7 +893,7 @@ fn writer_main(shared: &Shared) {
             let mut st = shared.lock();
             if st.crashed {
                 st.writer_exited = true;
-                shared.progress.notify_all();
+                shared.wake_progress();
                 return;
             }
             let prologue = shared.take_pending(&mut st, &mut app);
@@ -924,10 +937,10 @@ fn writer_main(shared: &Shared) {
             {
                 t.complete(true);
             }
-            shared.progress.notify_all();
+            shared.wake_progress();
             return;
         }
-        shared.progress.notify_all();
+        shared.wake_progress();
     }
 }
 
@@ -981,7 +994,7 @@ fn write_carry(
         } else {
             drop(st);
         }
-        shared.progress.notify_all();
+        shared.wake_progress();
     };
     let mut st = shared.lock();
     account(&mut st, writer, carry, &written[accounted..], accounted);
@@ -999,7 +1012,7 @@ fn write_carry(
         st.reason =
             Some("every allowed medium is full: guest writes are held (on-full=pause)".into());
         st.processed_seq = st.durable_seq;
-        shared.progress.notify_all();
+        shared.wake_progress();
         return Some(Instant::now() + PAUSE_RETRY);
     }
     if let Err(e) = result {
@@ -1016,7 +1029,7 @@ fn write_carry(
     carry.records.clear();
     drop(st);
     ObserverTicket::complete_all(&mut carry.tickets, true);
-    shared.progress.notify_all();
+    shared.wake_progress();
     None
 }
 
