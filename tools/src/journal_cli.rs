@@ -724,3 +724,24 @@ fn progress_bar(json: bool, template: &str) -> indicatif::ProgressBar {
     );
     bar
 }
+
+#[cfg(test)]
+mod tests {
+    use super::describe_status;
+
+    #[test]
+    fn status_says_when_the_in_memory_log_dropped_entries() {
+        let mut status = serde_json::json!({
+            "state": "running", "mode": "sync", "dir": "/j", "log_id": 1, "label": "initial",
+            "log_entries": 8192, "log_dropped": 0, "log_first_seq": 1, "log_max_entries": 8192,
+        });
+        assert!(!describe_status(&status).contains("in-memory log full"));
+        status["log_dropped"] = 4096.into();
+        status["log_first_seq"] = 4097.into();
+        let text = describe_status(&status);
+        assert!(
+            text.contains("in-memory log full (log-memory= keeps 8192 entries): 4096 older entries dropped, oldest held seq 4097"),
+            "{text}"
+        );
+    }
+}
