@@ -528,8 +528,21 @@ fn read_replies(mut conn: Conn, pending: &Mutex<Pending>) {
 pub(crate) fn handshake(conn: &mut Conn, export: &str) -> Result<(u64, u16), String> {
     let io = |what: &str, e: std::io::Error| format!("{what}: {e}");
     let mut greeting = [0u8; 18];
-    conn.read_exact(&mut greeting)
-        .map_err(|e| io("reading the greeting", e))?;
+    conn.read_exact(&mut greeting).map_err(|e| {
+        if matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ) {
+            // A server at its connection limit accepts and then says nothing.
+            format!(
+                "no greeting from the server ({e}): it may be at its connection limit \
+                 (qemu-nbd serves one client unless started with -e N; ferry needs one \
+                 connection per volume queue plus one for a migration job)"
+            )
+        } else {
+            io("reading the greeting", e)
+        }
+    })?;
     if be_u64(&greeting[0..8]) != NBD_INIT_MAGIC || be_u64(&greeting[8..16]) != NBD_OPTS_MAGIC {
         return Err("not a newstyle NBD server (bad magic)".into());
     }
@@ -624,8 +637,26 @@ mod tests {
     }
 
     fn serve(image: &std::path::Path, socket: &std::path::Path) -> std::io::Result<QemuNbd> {
+        serve_shared(image, socket, 4)
+    }
+
+    /// `qemu-nbd -e CLIENTS`: at most that many clients at once.
+    fn serve_shared(
+        image: &std::path::Path,
+        socket: &std::path::Path,
+        clients: u32,
+    ) -> std::io::Result<QemuNbd> {
         let child = Command::new("qemu-nbd")
-            .args(["-f", "raw", "-x", "e", "-t", "-e", "4", "-k"])
+            .args([
+                "-f",
+                "raw",
+                "-x",
+                "e",
+                "-t",
+                "-e",
+                &clients.to_string(),
+                "-k",
+            ])
             .arg(socket)
             .arg(image)
             .stdout(Stdio::null())
@@ -638,6 +669,27 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         Err(std::io::Error::other("qemu-nbd did not start"))
+    }
+
+    /// A server at its connection limit accepts the connection and says nothing: the
+    /// error says so instead of only "Resource temporarily unavailable".
+    #[test]
+    fn a_server_at_its_connection_limit_is_named_as_such() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let dir = tempfile::tempdir()?;
+        let (image, socket) = (dir.path().join("e.img"), dir.path().join("s"));
+        std::fs::write(&image, vec![0u8; 1 << 20])?;
+        let _server = serve_shared(&image, &socket, 1)?;
+        let address = NbdAddress::Unix { socket };
+        let first = NbdTarget::connect(&address, "e", REQUEST_TIMEOUT_DEFAULT)?;
+        let second = NbdTarget::connect(&address, "e", Duration::from_millis(500));
+        let Err(TargetError::Handshake { reason, .. }) = second else {
+            return Err(format!("a second client was served: {:?}", second.is_ok()).into());
+        };
+        assert!(reason.contains("connection limit"), "{reason}");
+        assert!(reason.contains("-e N"), "{reason}");
+        drop(first);
+        Ok(())
     }
 
     #[test]
