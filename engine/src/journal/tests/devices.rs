@@ -11,8 +11,7 @@ use super::super::media::{list_media, MediaSet};
 use super::super::scan::{scan_medium, FileSource};
 use super::super::verify::verify;
 use super::super::{Journal, JournalOptions};
-use super::support::{open_volume, pattern, verify_and_restore_v, write, Rng, TestResult};
-use crate::VolumeQueue;
+use super::support::{journaled_v, pattern, verify_and_restore_v, write, Rng, TestResult};
 
 const DEVICE_BYTES: u64 = 1 << 20;
 const FILE_CAPACITY_BYTES: u64 = 256 * 1024;
@@ -63,16 +62,8 @@ fn options(dir: &Path) -> JournalOptions {
 }
 
 fn run_writes(dir: &Path, journal: &std::sync::Arc<Journal>, count: u64) -> TestResult<Vec<u8>> {
-    let base = pattern(11, VOLUME_BYTES as usize);
-    if !dir.join("v.img").exists() {
-        std::fs::write(dir.join("v.img"), &base)?;
-        std::fs::write(dir.join("v.base"), &base)?;
-    }
-    let v = open_volume(dir, "v", VOLUME_BYTES)?;
-    v.add_observer(journal.observer());
-    let mut q = VolumeQueue::new(v.clone(), 0, 4, 4)?;
+    let (v, mut q, mut image) = journaled_v(dir, journal, VOLUME_BYTES, 11)?;
     let mut rng = Rng(17);
-    let mut image = std::fs::read(dir.join("v.img"))?;
     for i in 0..count {
         let at = rng.below(VOLUME_BYTES / 4096) as usize * 4096;
         let data = pattern(500 + i, 4096);

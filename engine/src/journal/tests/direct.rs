@@ -8,8 +8,7 @@ use super::super::options::MediumCache;
 use super::super::spares::format_spares;
 use super::super::verify::verify;
 use super::super::{Journal, JournalOptions};
-use super::support::{open_volume, pattern, verify_and_restore_v, write, Rng, TestResult};
-use crate::VolumeQueue;
+use super::support::{journaled_v, pattern, verify_and_restore_v, write, Rng, TestResult};
 
 const CAPACITY_BYTES: u64 = 256 * 1024;
 const VOLUME_BYTES: u64 = 1 << 20;
@@ -43,14 +42,8 @@ fn options(dir: &Path, spares: u32) -> JournalOptions {
 
 /// Writes `count` blocks of assorted sizes at random offsets; returns the final image.
 fn run_writes(dir: &Path, journal: &std::sync::Arc<Journal>, count: u64) -> TestResult<Vec<u8>> {
-    let base = pattern(3, VOLUME_BYTES as usize);
-    std::fs::write(dir.join("v.img"), &base)?;
-    std::fs::write(dir.join("v.base"), &base)?;
-    let v = open_volume(dir, "v", VOLUME_BYTES)?;
-    v.add_observer(journal.observer());
-    let mut q = VolumeQueue::new(v.clone(), 0, 4, 4)?;
+    let (_v, mut q, mut image) = journaled_v(dir, journal, VOLUME_BYTES, 3)?;
     let mut rng = Rng(5);
-    let mut image = base;
     for i in 0..count {
         let len = 512 * (1 + rng.below(24) as usize);
         let at = rng.below((VOLUME_BYTES as usize - len) as u64 / 512) as usize * 512;

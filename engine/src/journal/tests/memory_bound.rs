@@ -3,8 +3,7 @@
 
 use super::super::memory_log::CHUNK_ENTRIES;
 use super::super::{Journal, JournalMode, JournalOptions};
-use super::support::{open_volume, pattern, verify_and_restore, write, Rng, TestResult};
-use crate::VolumeQueue;
+use super::support::{journaled_v, pattern, verify_and_restore, write, Rng, TestResult};
 
 const VOLUME_BYTES: u64 = 1 << 20;
 const WRITE_BYTES: usize = 512;
@@ -20,14 +19,8 @@ fn a_full_in_memory_log_drops_its_oldest_entries_and_the_media_keep_them() -> Te
     options.log_memory_bytes = 0;
     let journal = Journal::open(options)?;
 
-    let base = pattern(3, VOLUME_BYTES as usize);
-    std::fs::write(dir.join("v.img"), &base)?;
-    std::fs::write(dir.join("v.base"), &base)?;
-    let v = open_volume(dir, "v", VOLUME_BYTES)?;
-    v.add_observer(journal.observer());
-    let mut q = VolumeQueue::new(v.clone(), 0, 4, 4)?;
+    let (_v, mut q, mut image) = journaled_v(dir, &journal, VOLUME_BYTES, 3)?;
     let mut rng = Rng(5);
-    let mut image = base;
     let writes = 4 * CHUNK_ENTRIES as u64 + 100;
     for i in 0..writes {
         let at = rng.below(VOLUME_BYTES / WRITE_BYTES as u64) as usize * WRITE_BYTES;

@@ -11,8 +11,7 @@ use super::super::spares::{format_spares, list_spares};
 use super::super::verify::verify;
 use super::super::writer::{encode_prologue, Prologue};
 use super::super::{Journal, JournalOptions};
-use super::support::{open_volume, pattern, verify_and_restore_v, write, Rng, TestResult};
-use crate::VolumeQueue;
+use super::support::{journaled_v, pattern, verify_and_restore_v, write, Rng, TestResult};
 
 const CAPACITY_BYTES: u64 = 256 * 1024;
 const VOLUME_BYTES: u64 = 1 << 20;
@@ -31,14 +30,8 @@ fn run_writes(
     journal: &std::sync::Arc<Journal>,
     count: u64,
 ) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
-    let base = pattern(7, VOLUME_BYTES as usize);
-    std::fs::write(dir.join("v.img"), &base)?;
-    std::fs::write(dir.join("v.base"), &base)?;
-    let v = open_volume(dir, "v", VOLUME_BYTES)?;
-    v.add_observer(journal.observer());
-    let mut q = VolumeQueue::new(v.clone(), 0, 4, 4)?;
+    let (_v, mut q, mut image) = journaled_v(dir, journal, VOLUME_BYTES, 7)?;
     let mut rng = Rng(99);
-    let mut image = base;
     let slots = VOLUME_BYTES / WRITE_BYTES as u64;
     for i in 0..count {
         let at = rng.below(slots) as usize * WRITE_BYTES;

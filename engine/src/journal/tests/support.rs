@@ -82,6 +82,29 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 
 /// Verifies the journal in `dir/j` (it must be clean) and restores volume `v` from
 /// `dir/v.base` to the end into `dir/v.restored`; returns the restored image.
+/// Volume `v` of `dir`, journaled by `journal`: `v.img` and its copy `v.base` (what a
+/// restore starts from) are filled with `pattern(seed)` unless `v.img` exists already.
+/// Returns the volume, a queue on it and the image as it is now.
+pub fn journaled_v(
+    dir: &std::path::Path,
+    journal: &Arc<super::super::Journal>,
+    size_bytes: u64,
+    seed: u64,
+) -> TestResult<(Arc<Volume>, VolumeQueue, Vec<u8>)> {
+    let image = if dir.join("v.img").exists() {
+        std::fs::read(dir.join("v.img"))?
+    } else {
+        let base = pattern(seed, size_bytes as usize);
+        std::fs::write(dir.join("v.img"), &base)?;
+        std::fs::write(dir.join("v.base"), &base)?;
+        base
+    };
+    let v = open_volume(dir, "v", size_bytes)?;
+    v.add_observer(journal.observer());
+    let q = VolumeQueue::new(v.clone(), 0, 4, 4)?;
+    Ok((v, q, image))
+}
+
 pub fn verify_and_restore_v(dir: &std::path::Path) -> TestResult<Vec<u8>> {
     Ok(verify_and_restore(dir, "v")?.1)
 }
