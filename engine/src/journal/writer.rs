@@ -37,12 +37,7 @@ pub struct PendingRecord {
 /// Encodes the trailer records of a medium whose log is `entries` into `out`: one record
 /// per [`TRAILER_ENTRIES_PER_RECORD`] entries, all but the last flagged
 /// [`FLAG_TRAILER_CONTINUES`] (one empty record for an empty log). `payload` is scratch.
-pub fn encode_trailer(
-    out: &mut Vec<u8>,
-    payload: &mut Vec<u8>,
-    entries: &[LogEntry],
-    last_seq: u64,
-) {
+fn encode_trailer(out: &mut Vec<u8>, payload: &mut Vec<u8>, entries: &[LogEntry], last_seq: u64) {
     let parts = entries.len().div_ceil(TRAILER_ENTRIES_PER_RECORD).max(1);
     for k in 0..parts {
         let from = k * TRAILER_ENTRIES_PER_RECORD;

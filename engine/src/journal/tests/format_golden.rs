@@ -114,3 +114,21 @@ fn a_precomputed_crc_gives_the_same_bytes() {
     encode_record_with_crc(&mut b, sample(), crc, |out| out.extend_from_slice(data));
     assert_eq!(a, b);
 }
+
+#[test]
+fn trailer_room_counts_every_trailer_record() {
+    use crate::journal::format::{
+        record_bytes, trailer_records_bytes, TRAILER_ENTRIES_PER_RECORD, TRAILER_ENTRY_BYTES,
+    };
+    let full = record_bytes(TRAILER_ENTRIES_PER_RECORD * TRAILER_ENTRY_BYTES);
+    assert_eq!(trailer_records_bytes(0), record_bytes(0));
+    assert_eq!(
+        trailer_records_bytes(3),
+        record_bytes(3 * TRAILER_ENTRY_BYTES)
+    );
+    assert_eq!(trailer_records_bytes(TRAILER_ENTRIES_PER_RECORD), full);
+    assert_eq!(
+        trailer_records_bytes(2 * TRAILER_ENTRIES_PER_RECORD + 1),
+        2 * full + record_bytes(TRAILER_ENTRY_BYTES)
+    );
+}
