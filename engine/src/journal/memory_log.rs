@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use super::entry::LogEntry;
 
-/// Entries per chunk (256 KiB of entries).
+/// Entries per chunk (224 KiB of entries).
 pub const CHUNK_ENTRIES: usize = 4096;
 
 /// Bytes one entry takes in memory.
