@@ -305,7 +305,12 @@ impl MigrationJob {
     /// hole before the plan is seen by the plan, one after it by the mirror.
     fn launch(&self) -> Result<(), MigrationError> {
         let s = &self.shared;
-        for i in 0..s.options.mirror_threads {
+        let mirror_threads = if s.target.is_remote() {
+            s.options.mirror_threads_remote
+        } else {
+            s.options.mirror_threads
+        };
+        for i in 0..mirror_threads {
             self.spawn(
                 &format!("ferry-mirror-{i}"),
                 super::observer::run_mirror_worker,

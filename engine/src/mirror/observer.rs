@@ -65,15 +65,23 @@ impl MirrorQueue {
     }
 
     /// Moves up to [`OPS_PER_TAKE`] ops into `out` (empty), waiting for one; false once the
-    /// queue is closed and empty.
-    fn take(&self, out: &mut Vec<(MirrorOp, ObserverTicket)>) -> bool {
+    /// queue is closed and empty. With `spread`, takes only a fair share when other workers
+    /// wait and wakes one for the rest.
+    fn take(&self, out: &mut Vec<(MirrorOp, ObserverTicket)>, spread: bool) -> bool {
         let Ok(mut inner) = self.inner.lock() else {
             return false;
         };
         loop {
             if !inner.ops.is_empty() {
-                let n = inner.ops.len().min(OPS_PER_TAKE);
+                // Over a remote target (`spread`) a fair share when other workers wait, so
+                // that the queued writes wait their round trips at once, not one after
+                // another on one worker; the rest goes to a woken worker. A local target's
+                // writes are quick: one worker takes many (fewer locks and wake-ups).
+                let n = ops_to_take(inner.ops.len(), inner.sleepers, spread);
                 out.extend(inner.ops.drain(..n));
+                if spread && !inner.ops.is_empty() && inner.sleepers > 0 {
+                    self.ready.notify_one();
+                }
                 return true;
             }
             if inner.closed {
@@ -95,6 +103,16 @@ impl MirrorQueue {
         }
         self.ready.notify_all();
     }
+}
+
+/// How many of `queued` ops a worker takes when `sleepers` other workers wait.
+fn ops_to_take(queued: usize, sleepers: usize, spread: bool) -> usize {
+    let share = if spread {
+        queued.div_ceil(1 + sleepers)
+    } else {
+        queued
+    };
+    share.min(OPS_PER_TAKE)
 }
 
 /// The observer attached to one volume of a job.
@@ -158,7 +176,8 @@ impl WriteObserver for MirrorObserver {
 /// A mirror worker: writes queued guest writes to the target and releases the guest.
 pub(crate) fn run_mirror_worker(job: Arc<JobShared>) {
     let mut ops = Vec::with_capacity(OPS_PER_TAKE);
-    while job.queue.take(&mut ops) {
+    let spread = job.target.is_remote();
+    while job.queue.take(&mut ops, spread) {
         for (op, ticket) in ops.drain(..) {
             mirror_one(&job, &op);
             // Released one by one: over a slow target (NBD) the first of the batch would
@@ -188,5 +207,22 @@ fn mirror_one(job: &JobShared, op: &MirrorOp) {
         Some((bytes, Ok(()))) => job.counters.add_mirrored(bytes),
         Some((_, Err(e))) => job.fail(format!("mirroring a guest write: {e}")),
         None => {} // the job has ended: the source write is all the guest needs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remote_targets_spread_queued_writes_over_waiting_workers() {
+        // Local target: one worker takes what is queued, up to the cap.
+        assert_eq!(ops_to_take(8, 7, false), 8);
+        assert_eq!(ops_to_take(40, 0, false), OPS_PER_TAKE);
+        // Remote target: eight writes and seven idle workers: one each.
+        assert_eq!(ops_to_take(8, 7, true), 1);
+        assert_eq!(ops_to_take(8, 1, true), 4);
+        assert_eq!(ops_to_take(3, 0, true), 3);
+        assert_eq!(ops_to_take(100, 1, true), OPS_PER_TAKE);
     }
 }

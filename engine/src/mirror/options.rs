@@ -26,8 +26,11 @@ pub struct MigrationOptions {
     pub copy_chunk_bytes: u64,
     /// Copier threads, each with one chunk in flight: the bound on copies in flight.
     pub copy_threads: usize,
-    /// Threads that write mirrored guest writes to the target (`active` mode).
+    /// Threads that write mirrored guest writes to a local target (`active` mode).
     pub mirror_threads: usize,
+    /// The same for a remote (NBD) target, where each write waits a network round trip:
+    /// more threads keep more of the guest's writes in flight.
+    pub mirror_threads_remote: usize,
     /// Cut over by itself as soon as the job is ready.
     pub auto_cutover: bool,
     /// The job is ready when at most this many bytes are left to copy; `None`: 0 in
@@ -63,6 +66,7 @@ impl Default for MigrationOptions {
             copy_chunk_bytes: COPY_CHUNK_BYTES_DEFAULT,
             copy_threads: 4,
             mirror_threads: 2,
+            mirror_threads_remote: 8,
             auto_cutover: false,
             ready_pending_bytes_max: None,
             pause_timeout: Duration::from_secs(10),
@@ -97,7 +101,7 @@ impl MigrationOptions {
                 self.copy_chunk_bytes
             ));
         }
-        if self.copy_threads == 0 || self.mirror_threads == 0 {
+        if self.copy_threads == 0 || self.mirror_threads == 0 || self.mirror_threads_remote == 0 {
             return Err("copy_threads and mirror_threads must be at least 1".into());
         }
         Ok(())

@@ -75,6 +75,10 @@ pub trait Target: Send + Sync {
     fn known_zero(&self) -> bool {
         false
     }
+    /// True when every request waits a network round trip (NBD).
+    fn is_remote(&self) -> bool {
+        false
+    }
 }
 
 /// Where an NBD server listens.

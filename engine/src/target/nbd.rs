@@ -365,6 +365,10 @@ impl Target for NbdTarget {
         })
     }
 
+    fn is_remote(&self) -> bool {
+        true
+    }
+
     fn write_zeroes(
         &self,
         offset_bytes: u64,
