@@ -132,3 +132,54 @@ fn trailer_room_counts_every_trailer_record() {
         2 * full + record_bytes(TRAILER_ENTRY_BYTES)
     );
 }
+
+/// A trailer record that another follows: op 10, flags UNSEQUENCED | CONTINUES (0x84), then
+/// 56-byte entries exactly as `docs/journal.md` lays them out.
+#[test]
+fn continued_trailer_bytes_are_exactly_as_documented() -> Result<(), FormatError> {
+    use crate::journal::entry::LogEntry;
+    let entry = LogEntry {
+        seq: 9,
+        stream_id: 1,
+        log_id: 2,
+        timestamp_ns: 3,
+        op: Op::Write,
+        offset_bytes: 4096,
+        len_bytes: 512,
+        medium: 4,
+        position_bytes: 8192,
+    };
+    let mut payload = Vec::new();
+    encode_trailer_entry(&mut payload, &entry);
+    let mut expected_entry = Vec::new();
+    expected_entry.extend_from_slice(&9u64.to_le_bytes()); // seq
+    expected_entry.extend_from_slice(&1u32.to_le_bytes()); // stream
+    expected_entry.extend_from_slice(&2u32.to_le_bytes()); // log id
+    expected_entry.extend_from_slice(&3u64.to_le_bytes()); // timestamp
+    expected_entry.extend_from_slice(&[1, 0, 0, 0]); // op write, 3 zero bytes
+    expected_entry.extend_from_slice(&4u32.to_le_bytes()); // medium
+    expected_entry.extend_from_slice(&4096u64.to_le_bytes()); // offset
+    expected_entry.extend_from_slice(&512u64.to_le_bytes()); // length
+    expected_entry.extend_from_slice(&8192u64.to_le_bytes()); // position
+    assert_eq!(payload, expected_entry);
+    assert_eq!(decode_trailer(&payload)?, vec![entry]);
+
+    let header = RecordHeader {
+        op: Op::Trailer,
+        flags: FLAG_UNSEQUENCED | FLAG_TRAILER_CONTINUES,
+        seq: 9,
+        stream_id: 0,
+        log_id: 0,
+        timestamp_ns: 0,
+        offset_bytes: 0,
+        len_bytes: 0,
+        payload_len_bytes: 0,
+        payload_crc: 0,
+    };
+    let mut out = Vec::new();
+    encode_record(&mut out, header, &payload);
+    assert_eq!(&out[6..8], &[10, 0x84]); // op trailer, flags
+    assert_eq!(out.len(), record_bytes(TRAILER_ENTRY_BYTES));
+    assert_eq!(RecordHeader::decode(&out[..HEADER_BYTES])?.flags, 0x84);
+    Ok(())
+}
