@@ -15,6 +15,7 @@ use ferry_engine::journal::spares::format_spares;
 use ferry_engine::journal::verify::verify;
 use serde_json::json;
 
+use crate::control::journal_commands::{RETRIEVE_PAGE_DEFAULT, RETRIEVE_PAGE_MAX};
 use crate::control_client::{daemon_error, exchange, request};
 
 /// Formats `export` can write.
@@ -134,7 +135,7 @@ pub enum JournalCommand {
         #[arg(long, value_enum, default_value = "jsonl")]
         format: EntryFormat,
         /// Entries asked for per request (1-65536); the whole log is read in pages.
-        #[arg(long, default_value_t = 16384)]
+        #[arg(long, default_value_t = RETRIEVE_PAGE_DEFAULT)]
         page: usize,
     },
     /// Seal the current medium (write its trailer) and continue on the next.
@@ -484,8 +485,8 @@ fn print_entries(
 /// come (a log of millions of entries never sits whole in either process).
 fn retrieve(control: &Path, since: u64, format: EntryFormat, page: usize) -> anyhow::Result<()> {
     anyhow::ensure!(
-        (1..=65536).contains(&page),
-        "--page must be from 1 to 65536 entries"
+        (1..=RETRIEVE_PAGE_MAX).contains(&page),
+        "--page must be from 1 to {RETRIEVE_PAGE_MAX} entries"
     );
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
