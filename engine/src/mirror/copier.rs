@@ -86,6 +86,23 @@ fn is_hole(source: &Backing, offset: u64, len: u64) -> bool {
     }
 }
 
+/// The unit of zero detection in copied data: a file system block.
+const ZERO_BLOCK_BYTES: usize = 4096;
+
+/// Splits `data` into maximal segments of all-zero and of other `block`-sized blocks (the
+/// last block may be shorter): `(start, len, all_zero)`.
+fn zero_segments(data: &[u8], block: usize) -> Vec<(usize, usize, bool)> {
+    let mut segments: Vec<(usize, usize, bool)> = Vec::new();
+    for (i, b) in data.chunks(block).enumerate() {
+        let zero = b.iter().all(|&x| x == 0);
+        match segments.last_mut() {
+            Some(last) if last.2 == zero => last.1 += b.len(),
+            _ => segments.push((i * block, b.len(), zero)),
+        }
+    }
+    segments
+}
+
 /// A copier worker thread.
 pub(crate) fn run(job: Arc<JobShared>) {
     let chunks_max = job.options.copy_chunk_bytes / job.options.granularity_bytes;
@@ -168,12 +185,18 @@ fn copy_run(
             .read_exact_at(data, file_offset)
             .map_err(|e| format!("volume {name}: reading the source at {file_offset}: {e}"))?;
         hold(job);
+        // Zero blocks go as write-zeroes (a hole on a file target): a chunk holding one 4 KiB
+        // guest write stays 4 KiB allocated on the target, not a whole chunk.
         let write = || {
-            if data.iter().all(|&b| b == 0) {
-                job.target.write_zeroes(target_offset, len, true)
-            } else {
-                job.target.write_at(target_offset, data)
+            for (at, n, zero) in zero_segments(data, ZERO_BLOCK_BYTES) {
+                let offset = target_offset + at as u64;
+                if zero {
+                    job.target.write_zeroes(offset, n as u64, true)?;
+                } else {
+                    job.target.write_at(offset, &data[at..at + n])?;
+                }
             }
+            Ok::<(), crate::target::TargetError>(())
         };
         let Some(written) = job.write_target(write) else {
             return Ok(0); // the job ended while this copy waited
@@ -182,4 +205,30 @@ fn copy_run(
     }
     job.counters.add_copied(len);
     Ok(len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::zero_segments;
+
+    #[test]
+    fn zero_blocks_are_split_from_data_blocks() {
+        let mut data = vec![0u8; 10 * 4096 + 100];
+        data[4096 + 7] = 1; // block 1
+        data[2 * 4096] = 2; // block 2
+        data[9 * 4096 + 4095] = 3; // block 9
+        assert_eq!(
+            zero_segments(&data, 4096),
+            vec![
+                (0, 4096, true),
+                (4096, 2 * 4096, false),
+                (3 * 4096, 6 * 4096, true),
+                (9 * 4096, 4096, false),
+                (10 * 4096, 100, true),
+            ]
+        );
+        assert_eq!(zero_segments(&[0u8; 8192], 4096), vec![(0, 8192, true)]);
+        assert_eq!(zero_segments(&[5u8; 100], 4096), vec![(0, 100, false)]);
+        assert!(zero_segments(&[], 4096).is_empty());
+    }
 }
