@@ -118,6 +118,12 @@ fn refuses_two_volumes_on_one_socket_or_one_image() -> Result<()> {
     let mut args = vol(d, "a", "x.img", "a.sock", ",size=4M").to_vec();
     args.extend(vol(d, "b", "x.img", "b.sock", ",size=4M"));
     refused(d, &args, "same image")?;
+    let mut args = vol(d, "a", "a.img", "s.sock", ",size=4M").to_vec();
+    args.extend([
+        "--control".to_string(),
+        d.join("s.sock").display().to_string(),
+    ]);
+    refused(d, &args, "volume a and --control use the same socket")?;
     Ok(())
 }
 
@@ -153,6 +159,24 @@ fn wait_connected(control: &Path, name: &str, want: bool) -> Result<serde_json::
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The QEMU options printed at start match the volume (its queue count).
+#[test]
+fn the_printed_qemu_options_match_the_volume() -> Result<()> {
+    let dir = support::scratch_dir()?;
+    let d = dir.path();
+    let socket = d.join("a.sock");
+    let daemon = ferry::serve(
+        &vol(d, "a", "a.img", "a.sock", ",size=4M,queues=2"),
+        &[&socket],
+    )?;
+    let log = daemon.log();
+    ensure!(
+        log.contains("-device vhost-user-blk-pci,chardev=ferry-a,num-queues=2"),
+        "{log}"
+    );
+    Ok(())
 }
 
 /// `ferry query --control PATH query-volumes`: name, path, size, socket, connected and

@@ -171,6 +171,15 @@ fn same_path(a: &Path, b: &Path) -> bool {
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let plan = plan(&args)?;
     check_distinct(&plan.volumes)?;
+    if let Some(control) = &plan.control {
+        if let Some(v) = plan.volumes.iter().find(|v| same_path(&v.socket, control)) {
+            bail!(
+                "volume {} and --control use the same socket {}",
+                v.engine.name,
+                control.display()
+            );
+        }
+    }
     // Signals are taken by the main thread only: block them before any thread starts.
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGINT);
@@ -317,8 +326,9 @@ fn print_attach_hint(spec: &VolumeSpec, volume: &Volume) {
     println!(
         "  -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \\\n  \
          -chardev socket,id=ferry-{name},path={},reconnect-ms=1000 \\\n  \
-         -device vhost-user-blk-pci,chardev=ferry-{name},num-queues=1",
-        socket.display()
+         -device vhost-user-blk-pci,chardev=ferry-{name},num-queues={}",
+        socket.display(),
+        spec.queues
     );
     println!("(the memory-backend size must equal the VM's -m size)");
 }
