@@ -118,9 +118,17 @@ fn from_toml(table: &toml::Table) -> Result<TomlSettings, String> {
     Ok((volumes, control, journal))
 }
 
-/// Refuses two volumes on one name, socket or image range before anything is created.
-fn check_distinct(volumes: &[VolumeSpec]) -> anyhow::Result<()> {
+/// Refuses two volumes on one name, socket or image range, and a volume on the control
+/// socket, before anything is created.
+fn check_distinct(volumes: &[VolumeSpec], control: Option<&Path>) -> anyhow::Result<()> {
     for (i, a) in volumes.iter().enumerate() {
+        if let Some(control) = control.filter(|c| same_path(&a.socket, c)) {
+            bail!(
+                "volume {} and --control use the same socket {}",
+                a.engine.name,
+                control.display()
+            );
+        }
         for b in &volumes[i + 1..] {
             if a.engine.name == b.engine.name {
                 bail!("two volumes are named {}", a.engine.name);
@@ -170,16 +178,7 @@ fn same_path(a: &Path, b: &Path) -> bool {
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let plan = plan(&args)?;
-    check_distinct(&plan.volumes)?;
-    if let Some(control) = &plan.control {
-        if let Some(v) = plan.volumes.iter().find(|v| same_path(&v.socket, control)) {
-            bail!(
-                "volume {} and --control use the same socket {}",
-                v.engine.name,
-                control.display()
-            );
-        }
-    }
+    check_distinct(&plan.volumes, plan.control.as_deref())?;
     // Signals are taken by the main thread only: block them before any thread starts.
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGINT);
