@@ -249,23 +249,6 @@ pub fn encode_record_with(
     pad_to_align(out);
 }
 
-/// As [`encode_record_with`], with the payload's CRC32C already computed by the caller
-/// (outside any lock); `fill` must append exactly the bytes `payload_crc` covers.
-pub fn encode_record_with_crc(
-    out: &mut Vec<u8>,
-    mut header: RecordHeader,
-    payload_crc: u32,
-    fill: impl FnOnce(&mut Vec<u8>),
-) {
-    let start = out.len();
-    out.resize(start + HEADER_BYTES, 0);
-    fill(out);
-    header.payload_len_bytes = (out.len() - start - HEADER_BYTES) as u32;
-    header.payload_crc = payload_crc;
-    out[start..start + HEADER_BYTES].copy_from_slice(&header.encode());
-    pad_to_align(out);
-}
-
 fn pad_to_align(out: &mut Vec<u8>) {
     let aligned = out.len().next_multiple_of(RECORD_ALIGN_BYTES);
     out.resize(aligned, 0);

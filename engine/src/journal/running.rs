@@ -15,11 +15,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::catalog::{RunRecord, RunState, COUNT_UNKNOWN};
-use super::checksum::crc32c_of_slices;
 use super::entry::{now_ns, LogEntry};
 use super::error::JournalError;
 use super::format::{
-    encode_record_with, encode_record_with_crc, GapInfo, Op, RecordHeader, StopCause, StopInfo,
+    encode_record_with, GapInfo, Op, RecordHeader, StopCause, StopInfo,
     StreamDef, FLAG_GAP_ESTIMATED, FLAG_UNMAP,
 };
 use super::memory_log::{LogSnapshot, MemoryLog};
@@ -193,11 +192,6 @@ impl State {
     /// Encodes a sequenced record into the pending batch.
     fn push(&mut self, header: RecordHeader, fill: impl FnOnce(&mut Vec<u8>)) {
         self.push_encoded(header, |out| encode_record_with(out, header, fill));
-    }
-
-    /// Encodes a record whose payload CRC the caller computed (outside the lock).
-    fn push_with_crc(&mut self, header: RecordHeader, crc: u32, fill: impl FnOnce(&mut Vec<u8>)) {
-        self.push_encoded(header, |out| encode_record_with_crc(out, header, crc, fill));
     }
 
     fn push_encoded(&mut self, header: RecordHeader, encode: impl FnOnce(&mut Vec<u8>)) {
@@ -691,12 +685,6 @@ impl Drop for Journal {
 
 impl WriteObserver for Journal {
     fn observe(&self, event: &WriteEvent<'_>, ticket: ObserverTicket) -> Option<ObserverTicket> {
-        // The CRC of the data before taking the lock: the lock is held for the copy only.
-        let payload_crc = if event.kind == WriteKind::Write {
-            crc32c_of_slices(event.data_slices())
-        } else {
-            0
-        };
         let mut st = self.shared.lock();
         if st.phase == JournalState::Stopped || st.shutdown {
             if st.gap_open.is_none() {
@@ -719,7 +707,9 @@ impl WriteObserver for Journal {
         header.offset_bytes = event.offset_bytes;
         header.len_bytes = event.len_bytes;
         if op == Op::Write {
-            st.push_with_crc(header, payload_crc, |out| event.copy_data_into(out));
+            // The CRC covers the copy, not the guest's buffer: a guest may change its buffer
+            // while the write is in flight, and the record must still be whole.
+            st.push(header, |out| event.copy_data_into(out));
         } else {
             st.push(header, |_| {});
         }

@@ -6,6 +6,7 @@ mod devices;
 mod direct;
 mod failures;
 mod format_golden;
+mod guest_races;
 mod long_trailer;
 mod memory_bound;
 mod queue_commits;
