@@ -5,11 +5,22 @@
 //! engine and put them on the used rings; pop the available chains the engine has room
 //! for, at most `batch` per ring (with event-index notification suppression: disable, pop,
 //! re-enable, re-check); submit them with one `io_uring_enter`; signal each used ring at
-//! most once per pass. The `batch` bound keeps completions flowing back while the guest
+//! most once per pass.
+//!
+//! Used entries are published in the order the chains were taken from the available ring,
+//! whatever order the engine finishes them in (a request finished early waits for the ones
+//! taken before it). That is what makes a daemon crash survivable without in-flight
+//! tracking (`INFLIGHT_SHMFD`, which vhost-user-backend does not offer): a reconnecting QEMU
+//! rewinds the ring to the used index and offers again exactly the chains from there on, so
+//! with in-order publication it resubmits only requests the guest is still waiting for. With
+//! out-of-order publication it would resubmit requests the guest had already seen complete
+//! (whose buffers it may have reused: a stale write of new data) and never resubmit some that
+//! had not (a guest I/O that never ends). The `batch` bound keeps completions flowing back while the guest
 //! is still adding requests. With a polling window set, the worker spins for that long
 //! after the last work before sleeping, because waking a sleeping thread costs tens of
 //! microseconds.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -45,6 +56,59 @@ struct InFlight {
     /// The guest segments the engine writes into (a read's data buffers): marked dirty at
     /// completion while the frontend logs, because the kernel bypasses vm-memory's bitmap.
     written: Vec<Segment>,
+    /// Where the request is in its vring's publication order (None: published on completion,
+    /// for requests left over from an abandoned drain).
+    position: Option<u64>,
+}
+
+/// One taken chain waiting for its turn on the used ring.
+#[derive(Clone, Copy)]
+struct Unpublished {
+    head: u16,
+    used_len: u32,
+    done: bool,
+}
+
+/// The chains taken from one vring and not yet on its used ring, in the order taken.
+#[derive(Default)]
+struct PublicationOrder {
+    /// The position (count of chains taken since the ring started) of `pending[0]`.
+    front: u64,
+    pending: VecDeque<Unpublished>,
+}
+
+impl PublicationOrder {
+    /// Appends a taken chain; returns its position.
+    fn push(&mut self, head: u16, done: Option<u32>) -> u64 {
+        let position = self.front + self.pending.len() as u64;
+        self.pending.push_back(Unpublished {
+            head,
+            used_len: done.unwrap_or(0),
+            done: done.is_some(),
+        });
+        position
+    }
+
+    /// Marks the chain at `position` finished with `used_len` bytes.
+    fn finish(&mut self, position: u64, used_len: u32) {
+        let index = position.wrapping_sub(self.front);
+        if let Some(entry) = usize::try_from(index)
+            .ok()
+            .and_then(|i| self.pending.get_mut(i))
+        {
+            entry.used_len = used_len;
+            entry.done = true;
+        }
+    }
+
+    /// Removes and returns the next chain if it is finished.
+    fn pop_finished(&mut self) -> Option<(u16, u32)> {
+        let entry = self.pending.front().filter(|e| e.done)?;
+        let out = (entry.head, entry.used_len);
+        self.pending.pop_front();
+        self.front += 1;
+        Some(out)
+    }
 }
 
 // SAFETY: the raw pointers a worker holds (iovecs in its reusable request buffer) are
@@ -77,6 +141,8 @@ pub struct QueueWorker {
     completions: Vec<Completion>,
     /// The thread's vrings, remembered for draining when a ring stops.
     vrings: Vec<Vring>,
+    /// Per vring (index in `vrings`): taken chains not yet published.
+    order: Vec<PublicationOrder>,
     /// Bit i set: vring i got used entries this pass and may need a notification.
     to_signal: u64,
     poll: PollWindow,
@@ -96,12 +162,14 @@ impl QueueWorker {
                     used_len_ok: 0,
                     mem: None,
                     written: Vec::with_capacity(WRITTEN_SEGMENTS_PREALLOCATED),
+                    position: None,
                 })
                 .collect(),
             free_tags: (0..capacity).rev().collect(),
             request: Request::with_capacity(),
             completions: Vec::with_capacity(capacity as usize),
             vrings: Vec::new(),
+            order: Vec::new(),
             to_signal: 0,
             poll: PollWindow::new(settings.poll_max),
             settings,
@@ -125,6 +193,10 @@ impl QueueWorker {
     pub fn run(&mut self, vrings: &[Vring]) {
         if self.vrings.len() != vrings.len() {
             self.vrings = vrings.to_vec();
+        }
+        if self.order.len() != vrings.len() {
+            self.order
+                .resize_with(vrings.len(), PublicationOrder::default);
         }
         // First, even without a frontend: the eventfd is level-triggered in epoll, and a
         // wake-up left unread (a volume pause ending) would make this thread spin.
@@ -247,8 +319,8 @@ impl QueueWorker {
                     "volume {}: dropped request: {error}",
                     self.engine.volume().name()
                 );
-                let _ = state.add_used(head, 0);
-                self.to_signal |= 1 << vring;
+                self.order[usize::from(vring)].push(head, Some(0));
+                self.publish(vring, state);
                 return true;
             }
         }
@@ -292,7 +364,11 @@ impl QueueWorker {
             self.engine
                 .submit(op_with(&op, &self.request), u64::from(tag))
         } {
-            Ok(()) => true,
+            Ok(()) => {
+                let position = self.order[usize::from(vring)].push(head, None);
+                self.inflight[tag as usize].position = Some(position);
+                true
+            }
             Err(Rejected::Full | Rejected::Paused) => {
                 self.inflight[tag as usize].mem = None;
                 self.free_tags.push(tag);
@@ -379,13 +455,24 @@ impl QueueWorker {
                 self.engine.volume().name()
             );
         }
-        if let Err(e) = state.add_used(head, used_len) {
-            log::error!(
-                "volume {}: cannot add used entry: {e}",
-                self.engine.volume().name()
-            );
+        self.order[usize::from(vring)].push(head, Some(used_len));
+        self.publish(vring, state);
+    }
+
+    /// Puts the finished chains at the front of `vring`'s publication order on its used ring.
+    fn publish(&mut self, vring: u16, state: &mut VringState<GuestMemoryAtomic<GuestMemory>>) {
+        let Some(order) = self.order.get_mut(usize::from(vring)) else {
+            return;
+        };
+        while let Some((head, used_len)) = order.pop_finished() {
+            if let Err(e) = state.add_used(head, used_len) {
+                log::error!(
+                    "volume {}: cannot add used entry: {e}",
+                    self.engine.volume().name()
+                );
+            }
+            self.to_signal |= 1 << vring;
         }
-        self.to_signal |= 1 << vring;
     }
 
     /// Moves engine completions onto the used rings. Returns true if there were any.
@@ -414,19 +501,27 @@ impl QueueWorker {
                 if !ours {
                     continue;
                 }
-                let (head, used_len) = self.answer(*completion, mem);
+                let (head, used_len, position) = self.answer(*completion, mem);
                 let state = state.get_or_insert_with(|| vring.get_mut());
-                if let Err(e) = state.add_used(head, used_len) {
-                    log::error!("cannot add used entry: {e}");
+                match position {
+                    Some(position) => self.order[index].finish(position, used_len),
+                    None => {
+                        if let Err(e) = state.add_used(head, used_len) {
+                            log::error!("cannot add used entry: {e}");
+                        }
+                        self.to_signal |= 1 << index;
+                    }
                 }
-                self.to_signal |= 1 << index;
+            }
+            if let Some(state) = state.as_mut() {
+                self.publish(index as u16, state);
             }
         }
     }
 
     /// Writes a finished request's status byte and frees its tag; returns what goes on the
-    /// used ring.
-    fn answer(&mut self, completion: Completion, mem: &GuestMemory) -> (u16, u32) {
+    /// used ring, and the request's place in the publication order.
+    fn answer(&mut self, completion: Completion, mem: &GuestMemory) -> (u16, u32, Option<u64>) {
         let tag = completion.tag as usize;
         let slot = &mut self.inflight[tag];
         let (status, used_len) = match completion.result {
@@ -448,8 +543,9 @@ impl QueueWorker {
             log::warn!("status byte outside guest memory");
         }
         let head = slot.head_index;
+        let position = slot.position.take();
         self.free_tags.push(tag as u32);
-        (head, used_len)
+        (head, used_len, position)
     }
 
     /// Notifies the guest on every vring that got used entries, if it wants to be notified.
@@ -485,8 +581,34 @@ impl QueueWorker {
         }
         let vrings = std::mem::take(&mut self.vrings);
         self.complete_all(&completions, &mem, &vrings);
+        self.abandon_order(&vrings);
         self.signal(&vrings);
         self.vrings = vrings;
+    }
+
+    /// After a drain: every ring starts its publication order afresh (the frontend may
+    /// restart it at any index). Finished chains still held behind a request that did not
+    /// finish in time are published now, out of order, and that request will be published
+    /// whenever it finishes.
+    fn abandon_order(&mut self, vrings: &[Vring]) {
+        for slot in &mut self.inflight {
+            slot.position = None;
+        }
+        for (index, vring) in vrings.iter().enumerate() {
+            let Some(order) = self.order.get_mut(index) else {
+                continue;
+            };
+            if order.pending.iter().any(|e| e.done) {
+                let mut state = vring.get_mut();
+                for entry in order.pending.iter().filter(|e| e.done) {
+                    if let Err(e) = state.add_used(entry.head, entry.used_len) {
+                        log::error!("cannot add used entry: {e}");
+                    }
+                }
+                self.to_signal |= 1 << index;
+            }
+            *order = PublicationOrder::default();
+        }
     }
 }
 
@@ -528,5 +650,46 @@ fn log_failure(volume: &str, failure: IoFailure) {
             log::debug!("volume {volume}: request refused: {failure}")
         }
         _ => log::warn!("volume {volume}: request failed: {failure}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PublicationOrder;
+
+    #[test]
+    fn chains_finished_out_of_order_are_published_in_the_order_taken() {
+        let mut order = PublicationOrder::default();
+        let a = order.push(10, None);
+        let b = order.push(11, None);
+        let c = order.push(12, Some(1));
+        let d = order.push(13, None);
+        assert_eq!((a, b, c, d), (0, 1, 2, 3));
+        // b and d finish first: nothing may be published while a is still running.
+        order.finish(b, 1);
+        order.finish(d, 513);
+        assert_eq!(order.pop_finished(), None);
+        order.finish(a, 4097);
+        assert_eq!(order.pop_finished(), Some((10, 4097)));
+        assert_eq!(order.pop_finished(), Some((11, 1)));
+        assert_eq!(order.pop_finished(), Some((12, 1)));
+        assert_eq!(order.pop_finished(), Some((13, 513)));
+        assert_eq!(order.pop_finished(), None);
+        // Positions keep counting after the queue empties.
+        assert_eq!(order.push(14, Some(1)), 4);
+        assert_eq!(order.pop_finished(), Some((14, 1)));
+    }
+
+    #[test]
+    fn a_position_that_is_not_pending_is_ignored() {
+        let mut order = PublicationOrder::default();
+        let a = order.push(1, None);
+        order.finish(a + 5, 1);
+        order.finish(u64::MAX, 1);
+        assert_eq!(order.pop_finished(), None);
+        order.finish(a, 1);
+        assert_eq!(order.pop_finished(), Some((1, 1)));
+        order.finish(a, 1);
+        assert_eq!(order.pop_finished(), None);
     }
 }
