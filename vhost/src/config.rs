@@ -2,13 +2,13 @@
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
-    VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_TOPOLOGY,
-    VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
+    VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
-use crate::request::SEG_MAX;
+use crate::request::{SEG_MAX, SIZE_MAX};
 
 /// Logical block size reported to the guest.
 pub const BLOCK_SIZE_BYTES: u32 = 512;
@@ -22,6 +22,7 @@ const DISCARD_ALIGNMENT_SECTORS: u32 = 8;
 /// Offsets into `struct virtio_blk_config`.
 pub mod offset {
     pub const CAPACITY: usize = 0;
+    pub const SIZE_MAX: usize = 8;
     pub const SEG_MAX: usize = 12;
     pub const BLK_SIZE: usize = 20;
     pub const PHYSICAL_BLOCK_EXP: usize = 24;
@@ -45,6 +46,7 @@ pub fn device_features(read_only: bool) -> u64 {
         VIRTIO_RING_F_EVENT_IDX,
         VIRTIO_RING_F_INDIRECT_DESC,
         VIRTIO_BLK_F_SEG_MAX,
+        VIRTIO_BLK_F_SIZE_MAX,
         VIRTIO_BLK_F_BLK_SIZE,
         VIRTIO_BLK_F_TOPOLOGY,
         VIRTIO_BLK_F_FLUSH,
@@ -66,6 +68,7 @@ pub fn config_space(capacity_sectors: u64, num_queues: u16, writeback: bool) -> 
     let mut c = [0u8; offset::END];
     let mut put = |at: usize, bytes: &[u8]| c[at..at + bytes.len()].copy_from_slice(bytes);
     put(offset::CAPACITY, &capacity_sectors.to_le_bytes());
+    put(offset::SIZE_MAX, &SIZE_MAX.to_le_bytes());
     put(offset::SEG_MAX, &SEG_MAX.to_le_bytes());
     put(offset::BLK_SIZE, &BLOCK_SIZE_BYTES.to_le_bytes());
     put(offset::PHYSICAL_BLOCK_EXP, &[PHYSICAL_BLOCK_EXP]);
@@ -113,6 +116,7 @@ mod tests {
     fn config_golden_bytes() {
         let c = config_space(2048, 2, true);
         assert_eq!(&c[0..8], &2048u64.to_le_bytes());
+        assert_eq!(&c[8..12], &(256u32 * 1024).to_le_bytes());
         assert_eq!(&c[12..16], &126u32.to_le_bytes());
         assert_eq!(&c[20..24], &512u32.to_le_bytes());
         assert_eq!(c[32], 1);

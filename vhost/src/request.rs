@@ -29,6 +29,13 @@ pub const DESCRIPTORS_MAX: usize = IOVECS_MAX + 2;
 /// `seg_max` advertised to the guest: data descriptors per request.
 pub const SEG_MAX: u32 = 126;
 const _: () = assert!(SEG_MAX as usize + 2 <= DESCRIPTORS_MAX);
+/// `size_max` advertised to the guest: bytes per data descriptor.
+pub const SIZE_MAX: u32 = 256 * 1024;
+/// The most data bytes one request may carry (`seg_max` x `size_max`, 31.5 MiB). A larger
+/// request is refused: observers copy every write (the journal's records hold at most
+/// 64 MiB, the mirror sends at most 32 MiB per NBD request), and overlapping descriptors
+/// would otherwise let a guest with little memory make them copy gigabytes.
+pub const REQUEST_BYTES_MAX: u64 = SEG_MAX as u64 * SIZE_MAX as u64;
 
 const HEADER_BYTES: u32 = 16;
 /// Bytes of one discard / write-zeroes segment `{sector: le64, num_sectors: le32, flags: le32}`.
@@ -89,6 +96,10 @@ pub enum ParseError {
     TooManySegments,
     #[error("a device-readable descriptor follows a device-writable one")]
     ReadableAfterWritable,
+    #[error("data larger than {REQUEST_BYTES_MAX} bytes")]
+    TooLarge,
+    #[error("descriptor chain ends in a broken link (next out of range, a loop or a bad indirect table)")]
+    Broken,
 }
 
 /// A parsed request. `iovecs` hold host addresses of guest memory: valid while the guest
@@ -158,20 +169,42 @@ where
         writable: false,
     }; DESCRIPTORS_MAX];
     let mut count = 0usize;
-    for desc in chain {
-        if count == DESCRIPTORS_MAX {
-            return status_or_drop(&segments[..count], ParseError::TooLong);
-        }
-        segments[count] = Segment {
+    // The chain's iterator stops without an error at a broken link; the last descriptor
+    // seen then still points to a next one, and the chain's real end (its status byte) is
+    // unknown.
+    let mut last_has_next = false;
+    let mut chain = chain;
+    for desc in chain.by_ref() {
+        last_has_next = desc.has_next();
+        let segment = Segment {
             addr: desc.addr(),
             len: desc.len(),
             writable: desc.is_write_only(),
         };
+        if count == DESCRIPTORS_MAX {
+            // Too long: find the real end for the status byte, then refuse.
+            let last = chain.by_ref().fold((segment, desc.has_next()), |_, d| {
+                let s = Segment {
+                    addr: d.addr(),
+                    len: d.len(),
+                    writable: d.is_write_only(),
+                };
+                (s, d.has_next())
+            });
+            if last.1 {
+                return Parsed::Dropped(ParseError::Broken);
+            }
+            return status_or_drop(&[last.0], ParseError::TooLong);
+        }
+        segments[count] = segment;
         count += 1;
     }
     let segments = &mut segments[..count];
     if segments.is_empty() {
         return Parsed::Dropped(ParseError::Empty);
+    }
+    if last_has_next {
+        return Parsed::Dropped(ParseError::Broken);
     }
     // The status byte: the last byte of the last descriptor, which must be writable.
     let last = segments[count - 1];
@@ -240,6 +273,9 @@ where
         }
         request.data_segments.push((segment.addr, segment.len));
         request.data_bytes += u64::from(segment.len);
+        if request.data_bytes > REQUEST_BYTES_MAX {
+            return Err(ParseError::TooLarge);
+        }
         for slice in GuestMemoryBackend::get_slices(mem, segment.addr, segment.len as usize) {
             let slice = slice.map_err(|_| ParseError::OutsideMemory)?;
             if request.iovecs.len() == IOVECS_MAX {
@@ -256,10 +292,12 @@ where
 
 fn status_or_drop(segments: &[Segment], error: ParseError) -> Parsed {
     match segments.last() {
-        Some(last) if last.writable && last.len > 0 => Parsed::Failed {
-            error,
-            status_addr: last.addr.unchecked_add(u64::from(last.len) - 1),
-        },
+        Some(last) if last.writable && last.len > 0 => {
+            match last.addr.checked_add(u64::from(last.len) - 1) {
+                Some(status_addr) => Parsed::Failed { error, status_addr },
+                None => Parsed::Dropped(error),
+            }
+        }
         _ => Parsed::Dropped(error),
     }
 }
