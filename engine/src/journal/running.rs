@@ -18,8 +18,8 @@ use super::catalog::{RunRecord, RunState, COUNT_UNKNOWN};
 use super::entry::{now_ns, LogEntry};
 use super::error::JournalError;
 use super::format::{
-    encode_record_with, GapInfo, Op, RecordHeader, StopCause, StopInfo,
-    StreamDef, FLAG_GAP_ESTIMATED, FLAG_UNMAP,
+    encode_record_with, GapInfo, Op, RecordHeader, StopCause, StopInfo, StreamDef,
+    FLAG_GAP_ESTIMATED, FLAG_UNMAP,
 };
 use super::memory_log::{LogSnapshot, MemoryLog};
 use super::options::{Committer, JournalMode, JournalOptions, OnFull};

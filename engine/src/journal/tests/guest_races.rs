@@ -24,7 +24,8 @@ fn a_buffer_changed_during_the_write_leaves_a_whole_record() -> TestResult {
         let (_v, mut q, _) = journaled_v(dir, &journal, 1 << 20, 3)?;
 
         // The guest's buffer, flipped between two patterns by another thread all along.
-        let buffer: Arc<Vec<AtomicU64>> = Arc::new((0..WRITE_BYTES / 8).map(|_| AtomicU64::new(0)).collect());
+        let buffer: Arc<Vec<AtomicU64>> =
+            Arc::new((0..WRITE_BYTES / 8).map(|_| AtomicU64::new(0)).collect());
         let stop = Arc::new(AtomicBool::new(false));
         let flipper = {
             let (buffer, stop) = (buffer.clone(), stop.clone());
