@@ -308,6 +308,43 @@ fn discard_and_write_zeroes_read_back_as_zeroes() -> Result<()> {
     served.stop()
 }
 
+/// Frontends that connect, write and go away, again and again (a VM rebooted or restarted,
+/// QEMU reconnecting): the daemon's open descriptors stay where they were. Each connection
+/// used to leak one descriptor per queue thread (vhost-user-backend's exit events) and one
+/// per thread's resume waker; a long-running daemon then hit its descriptor limit.
+#[test]
+fn reconnecting_frontends_leak_no_descriptors() -> Result<()> {
+    let served = Served::start(8 << 20, ",queues=2")?;
+    let open_fds = || -> Result<usize> {
+        let dir = format!("/proc/{}/fd", served.daemon.pid());
+        Ok(std::fs::read_dir(&dir)
+            .with_context(|| dir.clone())?
+            .count())
+    };
+    let connect_and_write = |round: u64| -> Result<()> {
+        let mut client = served.connect(&BlkioOpts::default())?;
+        client.write_all(round * 4096, &support::pattern(round, 4096), 4096)?;
+        Ok(())
+    };
+    // The daemon prepares the next connection's device as soon as one ends.
+    let settle = || std::thread::sleep(Duration::from_millis(300));
+    for round in 0..2 {
+        connect_and_write(round)?;
+    }
+    settle();
+    let before = open_fds()?;
+    for round in 2..22 {
+        connect_and_write(round)?;
+    }
+    settle();
+    let after = open_fds()?;
+    ensure!(
+        after <= before,
+        "open descriptors grew from {before} to {after} over 20 connections"
+    );
+    served.stop()
+}
+
 /// Reads, writes, discards and write-zeroes past the end or straddling it fail with a
 /// negative ret; the last sectors are untouched and the daemon keeps serving.
 #[test]

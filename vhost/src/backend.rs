@@ -2,6 +2,7 @@
 //! `VhostUserBackend` callbacks that route events to the queue workers.
 
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ferry_engine::{EngineError, Volume, VolumeQueue};
@@ -55,6 +56,10 @@ struct Inner {
     settings: DeviceSettings,
     workers: Vec<Mutex<QueueWorker>>,
     log: LogState,
+    /// The consumer ends of the exit events handed to vhost-user-backend, which turns each
+    /// into a raw descriptor for its epoll and never closes it (0.24): closed by
+    /// [`BlockDevice::close_exit_events`] when the connection is over.
+    exit_consumers: Mutex<Vec<RawFd>>,
 }
 
 impl BlockDevice {
@@ -99,6 +104,7 @@ impl BlockDevice {
                 },
                 workers,
                 log,
+                exit_consumers: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -123,6 +129,23 @@ impl BlockDevice {
         match self.inner.workers[thread].lock() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Closes the exit events' consumer descriptors that vhost-user-backend leaves open.
+    /// Call only once the `VhostUserDaemon` that used this device is dropped (its epoll
+    /// threads joined), and only with vhost-user-backend 0.24, whose
+    /// `VringEpollHandler::new` takes each consumer with `into_raw_fd` and never closes it.
+    /// Without this, every frontend connection leaked one descriptor per queue thread.
+    pub fn close_exit_events(&self) {
+        let consumers = match self.inner.exit_consumers.lock() {
+            Ok(mut consumers) => std::mem::take(&mut *consumers),
+            Err(_) => return,
+        };
+        for fd in consumers {
+            // SAFETY: `fd` is a descriptor this device created in `exit_event` and that
+            // nobody owns any more (see above); it is closed exactly once, here.
+            unsafe { libc::close(fd) };
         }
     }
 
@@ -214,7 +237,12 @@ impl VhostUserBackend for BlockDevice {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+        let (consumer, notifier) =
+            new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()?;
+        if let Ok(mut consumers) = self.inner.exit_consumers.lock() {
+            consumers.push(consumer.as_raw_fd());
+        }
+        Some((consumer, notifier))
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {

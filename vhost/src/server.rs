@@ -94,6 +94,8 @@ fn serve_one_connection(
             .register_listener(fd, EventSet::IN, device.completion_event())
             .map_err(|e| format!("cannot watch io_uring completions: {e}"))?;
     }
+    // Registered for this connection only: dropped (unregistered, closed) when it ends.
+    let mut resume_wakers = Vec::new();
     for fd in device.completion_fds() {
         // SAFETY: F_DUPFD_CLOEXEC on a descriptor the device owns; the duplicate is owned below.
         let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
@@ -101,7 +103,7 @@ fn serve_one_connection(
             // SAFETY: `dup` is a fresh descriptor nobody else owns.
             let owned =
                 unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(dup) };
-            volume.register_resume_waker(owned);
+            resume_wakers.push(volume.register_resume_waker(owned));
         }
     }
     daemon
@@ -114,6 +116,9 @@ fn serve_one_connection(
     state.connected.store(false, Ordering::SeqCst);
     // Requests still in flight complete before the workers and their rings go away.
     device.drain_all();
+    drop(resume_wakers);
+    drop(daemon);
+    device.close_exit_events();
     match result {
         Ok(()) => log::info!("volume {}: frontend disconnected", volume.name()),
         Err(e) => log::info!("volume {}: frontend disconnected: {e}", volume.name()),

@@ -139,7 +139,8 @@ pub struct Volume {
     write_cache_enabled: AtomicBool,
     paused: AtomicBool,
     inflight: AtomicU64,
-    wakers: Mutex<Vec<std::os::fd::OwnedFd>>,
+    wakers: Mutex<Vec<(u64, std::os::fd::OwnedFd)>>,
+    next_waker_id: AtomicU64,
     pub stats: VolumeStats,
 }
 
@@ -160,6 +161,7 @@ impl Volume {
             paused: AtomicBool::new(false),
             inflight: AtomicU64::new(0),
             wakers: Mutex::new(Vec::new()),
+            next_waker_id: AtomicU64::new(0),
             stats: VolumeStats::default(),
         }))
     }
@@ -250,11 +252,25 @@ impl Volume {
     }
 
     /// Registers an eventfd that is signalled when a pause ends, so that a front end that
-    /// stopped taking requests looks at its queues again.
-    pub fn register_resume_waker(&self, eventfd: std::os::fd::OwnedFd) {
+    /// stopped taking requests looks at its queues again. It stays registered (and open)
+    /// until the returned registration is dropped.
+    pub fn register_resume_waker(
+        self: &Arc<Self>,
+        eventfd: std::os::fd::OwnedFd,
+    ) -> ResumeWakerRegistration {
+        let id = self.next_waker_id.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut wakers) = self.wakers.lock() {
-            wakers.push(eventfd);
+            wakers.push((id, eventfd));
         }
+        ResumeWakerRegistration {
+            volume: Arc::downgrade(self),
+            id,
+        }
+    }
+
+    /// How many resume wakers are registered (front ends' queue threads).
+    pub fn resume_wakers(&self) -> usize {
+        self.wakers.lock().map(|w| w.len()).unwrap_or(0)
     }
 
     /// Stops new requests and waits until none is in flight, for at most `timeout`.
@@ -277,8 +293,26 @@ impl Volume {
     fn resume(&self) {
         self.paused.store(false, Ordering::SeqCst);
         if let Ok(wakers) = self.wakers.lock() {
-            for fd in wakers.iter() {
+            for (_, fd) in wakers.iter() {
                 crate::reactor::ring::wake_eventfd(std::os::fd::AsRawFd::as_raw_fd(fd));
+            }
+        }
+    }
+}
+
+/// A resume waker's place in its volume's list: dropping it unregisters (and closes) the
+/// eventfd, when the front end whose queue thread it wakes goes away.
+#[must_use = "dropping the registration unregisters the waker at once"]
+pub struct ResumeWakerRegistration {
+    volume: std::sync::Weak<Volume>,
+    id: u64,
+}
+
+impl Drop for ResumeWakerRegistration {
+    fn drop(&mut self) {
+        if let Some(volume) = self.volume.upgrade() {
+            if let Ok(mut wakers) = volume.wakers.lock() {
+                wakers.retain(|(id, _)| *id != self.id);
             }
         }
     }
