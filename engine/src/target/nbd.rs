@@ -90,14 +90,23 @@ impl Conn {
 
     /// Bounds every blocking read and write (the handshake), or lifts the bound (`None`).
     pub(crate) fn set_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        self.set_timeouts(timeout, timeout)
+    }
+
+    /// Bounds blocking reads and writes separately (`None`: no bound).
+    pub(crate) fn set_timeouts(
+        &self,
+        read: Option<Duration>,
+        write: Option<Duration>,
+    ) -> std::io::Result<()> {
         match self {
             Self::Tcp(s) => {
-                s.set_read_timeout(timeout)?;
-                s.set_write_timeout(timeout)
+                s.set_read_timeout(read)?;
+                s.set_write_timeout(write)
             }
             Self::Unix(s) => {
-                s.set_read_timeout(timeout)?;
-                s.set_write_timeout(timeout)
+                s.set_read_timeout(read)?;
+                s.set_write_timeout(write)
             }
         }
     }
@@ -179,6 +188,8 @@ pub struct NbdTarget {
     size_bytes: u64,
     transmission_flags: u16,
     send: Mutex<Conn>,
+    /// The same socket outside the send lock, to shut it down while a sender is blocked.
+    control: Conn,
     pending: Arc<Mutex<Pending>>,
     next_handle: AtomicU64,
     reader: Mutex<Option<JoinHandle<()>>>,
@@ -221,7 +232,12 @@ impl NbdTarget {
                 target: name.clone(),
                 reason,
             })?;
-        conn.set_timeout(None).map_err(connect_err)?;
+        // Replies may be far apart (the reader waits as long as it must: each request has its
+        // own deadline), but a send that cannot go out within a request's time means a server
+        // that stopped reading; without a bound it would block with the send lock held, and
+        // every other sender (guest writes being mirrored among them) behind it.
+        conn.set_timeouts(None, Some(request_timeout))
+            .map_err(connect_err)?;
         if transmission_flags & NBD_FLAG_READ_ONLY != 0 && !read_only_ok {
             return Err(TargetError::Unusable {
                 target: name,
@@ -229,6 +245,7 @@ impl NbdTarget {
             });
         }
         let reader_conn = conn.try_clone().map_err(connect_err)?;
+        let control = conn.try_clone().map_err(connect_err)?;
         let pending = Arc::new(Mutex::new(Pending::default()));
         let reader_pending = pending.clone();
         let reader = std::thread::Builder::new()
@@ -240,6 +257,7 @@ impl NbdTarget {
             size_bytes,
             transmission_flags,
             send: Mutex::new(conn),
+            control,
             pending,
             next_handle: AtomicU64::new(1),
             reader: Mutex::new(Some(reader)),
@@ -323,12 +341,11 @@ impl NbdTarget {
         }
     }
 
-    /// Declares the connection dead: fails every waiter and wakes the reader.
+    /// Declares the connection dead: fails every waiter, wakes the reader and any sender
+    /// blocked on the socket (not taking the send lock, which such a sender holds).
     fn kill(&self, reason: String) {
         fail_all(&self.pending, reason);
-        if let Ok(conn) = self.send.lock() {
-            conn.shutdown();
-        }
+        self.control.shutdown();
     }
 
     /// Runs `f` over `len_bytes` from `offset_bytes` in pieces of at most [`REQUEST_BYTES_MAX`].
@@ -693,6 +710,41 @@ mod tests {
         assert!(reason.contains("connection limit"), "{reason}");
         assert!(reason.contains("-e N"), "{reason}");
         drop(first);
+        Ok(())
+    }
+
+    /// A server that stops reading (here: SIGSTOPped) with writes queued behind a blocked
+    /// send: every writer gets an error within a few request timeouts, none waits forever
+    /// (a blocked send held the send lock with no bound, and the others queued behind it).
+    #[test]
+    fn a_server_that_stops_reading_fails_every_writer() -> Result<(), Box<dyn std::error::Error>> {
+        use std::sync::mpsc::channel;
+        let dir = tempfile::tempdir()?;
+        let (image, socket) = (dir.path().join("e.img"), dir.path().join("s"));
+        std::fs::write(&image, vec![0u8; 64 << 20])?;
+        let server = serve(&image, &socket)?;
+        let address = NbdAddress::Unix { socket };
+        let t = Arc::new(NbdTarget::connect(&address, "e", Duration::from_secs(1))?);
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(server.0.id())?);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP)?;
+        let (done_tx, done_rx) = channel();
+        for i in 0..4u64 {
+            let (t, done_tx) = (t.clone(), done_tx.clone());
+            std::thread::spawn(move || {
+                let result = t.write_at(i * (16 << 20), &vec![1u8; 16 << 20]);
+                let _ = done_tx.send(result.is_err());
+            });
+        }
+        let mut failed = 0;
+        for _ in 0..4 {
+            match done_rx.recv_timeout(Duration::from_secs(20)) {
+                Ok(true) => failed += 1,
+                Ok(false) => {}
+                Err(_) => break,
+            }
+        }
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT)?;
+        assert_eq!(failed, 4, "writers still blocked (or succeeded) after 20 s");
         Ok(())
     }
 
