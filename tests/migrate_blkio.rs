@@ -598,6 +598,33 @@ fn cancel_keeps_the_source() -> Result<()> {
     Ok(())
 }
 
+/// A migration to a `qemu-nbd` that serves one client, cancelled and started again: the
+/// ended job must have let go of its connection (it kept it until the daemon exited, so the
+/// retry failed at the server's connection limit).
+#[test]
+fn a_cancelled_nbd_job_releases_its_connection() -> Result<()> {
+    let fx = Fixture::new(&[("vda", 16 * MIB)], Fill::HalfHoles)?;
+    let image = fx.path("nbd.img");
+    garbage_image(&image, 16 * MIB)?;
+    let server = NbdServer::qemu_nbd_clients(&image, "e", &NbdAddr::Unix(fx.path("nbd.sock")), 1)?;
+    let uri = server.uri();
+    let start = || {
+        fx.serve
+            .start_migration(&["--volume", "vda", "--target", &uri, "--max-speed", "1M"])
+    };
+    for attempt in 0..3 {
+        let id = start().with_context(|| format!("attempt {attempt}"))?;
+        let status = fx.serve.job_status(id)?;
+        ensure!(status["state"] == "copying", "attempt {attempt}: {status}");
+        fx.serve
+            .migrate("cancel", &["--job", &id.to_string()])?
+            .ok()?;
+        ensure!(fx.serve.job_status(id)?["state"] == "cancelled");
+    }
+    drop(server);
+    Ok(())
+}
+
 /// Bad requests through the CLI: each is a one-line error and a non-zero exit, and the
 /// client writing all along sees nothing of it.
 #[test]

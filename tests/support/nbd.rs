@@ -55,10 +55,21 @@ impl NbdServer {
         self.addr.uri(&self.export)
     }
 
-    /// `qemu-nbd -f raw -x EXPORT --persistent IMG` on `addr` (writable).
+    /// `qemu-nbd -f raw -x EXPORT --persistent --shared=8 IMG` on `addr` (writable).
     pub fn qemu_nbd(image: &Path, export: &str, addr: &NbdAddr) -> Result<Self> {
+        Self::qemu_nbd_clients(image, export, addr, 8)
+    }
+
+    /// As [`qemu_nbd`](Self::qemu_nbd), serving at most `clients` connections at once.
+    pub fn qemu_nbd_clients(
+        image: &Path,
+        export: &str,
+        addr: &NbdAddr,
+        clients: u32,
+    ) -> Result<Self> {
         let mut cmd = Command::new("qemu-nbd");
-        cmd.args(["-f", "raw", "-x", export, "--persistent", "--shared=8"]);
+        cmd.args(["-f", "raw", "-x", export, "--persistent"]);
+        cmd.arg(format!("--shared={clients}"));
         match addr {
             NbdAddr::Tcp(port) => cmd.args(["-b", "127.0.0.1", "-p", &port.to_string()]),
             NbdAddr::Unix(path) => cmd.arg("-k").arg(path),

@@ -183,6 +183,9 @@ impl JobShared {
                 source.take();
             }
         }
+        // The job is over: its own connection goes now, not with the daemon (the volumes
+        // served from an NBD target after cutover have connections of their own).
+        self.target.close();
         true
     }
 

@@ -79,6 +79,9 @@ pub trait Target: Send + Sync {
     fn is_remote(&self) -> bool {
         false
     }
+    /// Lets go of what the target holds on the far side (an NBD connection: servers limit
+    /// their clients) once nothing will use it again; later calls fail.
+    fn close(&self) {}
 }
 
 /// Where an NBD server listens.

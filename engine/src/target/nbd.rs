@@ -386,6 +386,10 @@ impl Target for NbdTarget {
         true
     }
 
+    fn close(&self) {
+        self.kill("the target was closed".into());
+    }
+
     fn write_zeroes(
         &self,
         offset_bytes: u64,
