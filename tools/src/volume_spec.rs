@@ -32,6 +32,7 @@ pub const DEFAULT_BATCH: u16 = 8;
 
 /// The largest `batch=`: a ring holds at most this many requests.
 pub const BATCH_MAX: u16 = ferry_vhost::backend::QUEUE_SIZE_MAX;
+use ferry_vhost::backend::{QUEUES_MAX, QUEUES_PER_THREAD_MAX};
 
 /// Default virtqueues per volume: enough for a guest with several vCPUs (QEMU refuses a
 /// `num-queues` above what the backend offers); an idle queue's thread just sleeps.
@@ -81,8 +82,10 @@ impl VolumeSpec {
                     other => return Err(format!("cache={other}: expected none or writeback")),
                 }
             }
-            "queues" => self.queues = parse_count(key, need()?, 64)?,
-            "queues-per-thread" => self.queues_per_thread = parse_count(key, need()?, 64)?,
+            "queues" => self.queues = parse_count(key, need()?, QUEUES_MAX)?,
+            "queues-per-thread" => {
+                self.queues_per_thread = parse_count(key, need()?, QUEUES_PER_THREAD_MAX)?
+            }
             "serial" => {
                 let serial = need()?;
                 if serial.len() > 20 {
@@ -171,6 +174,19 @@ fn parse_count(key: &str, value: &str, max: u16) -> Result<u16, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One io_uring per thread holds 1024 entries per queue, and the kernel allows 32768.
+    #[test]
+    fn refuses_more_queues_per_thread_than_a_ring_can_hold() {
+        let spec = "name=v,path=v.img,socket=v.sock,queues=64";
+        assert!(parse_volume(&format!("{spec},queues-per-thread=32")).is_ok());
+        let err = parse_volume(&format!("{spec},queues-per-thread=33")).err();
+        assert_eq!(
+            err.as_deref(),
+            Some("queues-per-thread=33: expected a number from 1 to 32")
+        );
+        assert!(parse_volume(&format!("{spec}0")).is_err(), "queues=640");
+    }
 
     #[test]
     fn parses_a_full_spec() -> Result<(), String> {

@@ -24,6 +24,10 @@ use crate::request::ID_BYTES;
 pub const QUEUE_SIZE_MAX: u16 = 1024;
 /// The number of virtqueues (and so of queue threads by default) a volume offers.
 pub const QUEUES_MAX: u16 = 64;
+/// The most virtqueues one thread serves: its io_uring holds `QUEUE_SIZE_MAX` entries per
+/// queue, and the kernel's limit is 32768 entries per ring.
+pub const QUEUES_PER_THREAD_MAX: u16 = 32;
+const _: () = assert!(QUEUE_SIZE_MAX as u32 * QUEUES_PER_THREAD_MAX as u32 <= 32768);
 /// iovecs preallocated per request slot: a 4 KiB-page guest sends at most a few per
 /// request; a slot that sees a longer request grows once (up to `request::IOVECS_MAX`).
 const SEGMENTS_PREALLOCATED: usize = 16;
@@ -66,7 +70,9 @@ impl BlockDevice {
     /// Creates the device and one engine queue (one io_uring) per worker thread.
     pub fn new(volume: Arc<Volume>, settings: DeviceSettings) -> Result<Self, EngineError> {
         let queues = settings.queues.clamp(1, QUEUES_MAX);
-        let per_thread = settings.queues_per_thread.clamp(1, queues);
+        let per_thread = settings
+            .queues_per_thread
+            .clamp(1, queues.min(QUEUES_PER_THREAD_MAX));
         let threads = queues.div_ceil(per_thread);
         let mut serial = [0u8; ID_BYTES];
         let bytes = settings.serial.as_bytes();
@@ -231,7 +237,7 @@ impl VhostUserBackend for BlockDevice {
             .map(|t| {
                 let first = t * per;
                 let count = per.min(queues - first);
-                ((1u64 << count) - 1) << first
+                (u64::MAX >> (64 - count)) << first
             })
             .collect()
     }
