@@ -1,6 +1,6 @@
 //! The daemon's migration jobs by id, and the rule that a volume is in at most one running job.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use super::{MigrationError, MigrationJob, MigrationOptions, MigrationStatus};
@@ -11,6 +11,9 @@ use crate::volume::Volume;
 #[derive(Default)]
 pub struct MigrationRegistry {
     jobs: Mutex<BTreeMap<u64, Arc<MigrationJob>>>,
+    /// Volumes of jobs being started (connecting to their target): reserved without holding
+    /// `jobs`, so that status and other commands answer while a slow target is reached.
+    starting: Mutex<BTreeSet<String>>,
 }
 
 impl MigrationRegistry {
@@ -25,25 +28,43 @@ impl MigrationRegistry {
         target: TargetSpec,
         options: MigrationOptions,
     ) -> Result<Arc<MigrationJob>, MigrationError> {
-        // Held across the start, so two starts for one volume cannot both pass the check.
-        let mut jobs = self
-            .jobs
-            .lock()
-            .map_err(|_| MigrationError::BadOptions("registry lock poisoned".into()))?;
-        for volume in &volumes {
-            let running = jobs.values().find(|job| {
-                !job.state().is_terminal() && job.volume_names().iter().any(|n| n == volume.name())
-            });
-            if let Some(job) = running {
-                return Err(MigrationError::AlreadyMigrating {
-                    volume: volume.name().to_string(),
-                    job_id: job.id(),
+        let poisoned = || MigrationError::BadOptions("registry lock poisoned".into());
+        let names: Vec<String> = volumes.iter().map(|v| v.name().to_string()).collect();
+        {
+            // `starting` is taken before `jobs` (here only), and held across the check and
+            // the reservation, so two starts for one volume cannot both pass.
+            let mut starting = self.starting.lock().map_err(|_| poisoned())?;
+            let jobs = self.jobs.lock().map_err(|_| poisoned())?;
+            for name in &names {
+                let running = jobs.values().find(|job| {
+                    !job.state().is_terminal() && job.volume_names().iter().any(|n| n == name)
                 });
+                if let Some(job) = running {
+                    return Err(MigrationError::AlreadyMigrating {
+                        volume: name.clone(),
+                        job_id: job.id(),
+                    });
+                }
+                if starting.contains(name) {
+                    return Err(MigrationError::BadOptions(format!(
+                        "volume {name}: another migration of it is being started"
+                    )));
+                }
             }
+            starting.extend(names.iter().cloned());
         }
-        let job = MigrationJob::start(volumes, target, options)?;
-        jobs.insert(job.id(), job.clone());
-        Ok(job)
+        // Connecting to the target may take up to its timeout: no registry lock is held.
+        let started = MigrationJob::start(volumes, target, options);
+        let mut starting = self.starting.lock().map_err(|_| poisoned())?;
+        if let Ok(job) = &started {
+            // Listed before the reservation goes, so the volumes are never unguarded.
+            let mut jobs = self.jobs.lock().map_err(|_| poisoned())?;
+            jobs.insert(job.id(), job.clone());
+        }
+        for name in &names {
+            starting.remove(name);
+        }
+        started
     }
 
     /// Like [`start`](Self::start), with volumes named and found through `lookup`.
@@ -89,5 +110,66 @@ impl MigrationRegistry {
         let before = jobs.len();
         jobs.retain(|_, job| !job.state().is_terminal());
         before - jobs.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::target::NbdAddress;
+    use crate::VolumeConfig;
+    use std::time::{Duration, Instant};
+
+    /// A target that takes its time (a server that never answers the handshake): the
+    /// registry answers other commands meanwhile, and a second start of the same volume is
+    /// refused at once instead of queueing behind the first.
+    #[test]
+    fn a_slow_target_blocks_neither_status_nor_a_second_start(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let socket = dir.path().join("silent.sock");
+        let _silent = std::os::unix::net::UnixListener::bind(&socket)?; // never accepts
+        let volume = Volume::open(VolumeConfig {
+            name: "v".into(),
+            path: dir.path().join("v.img"),
+            size_bytes: Some(1 << 20),
+            ..Default::default()
+        })?;
+        let registry = Arc::new(MigrationRegistry::new());
+        let target = TargetSpec::Nbd {
+            address: NbdAddress::Unix { socket },
+            export: "e".into(),
+        };
+        let options = MigrationOptions {
+            nbd_request_timeout: Duration::from_secs(3),
+            ..MigrationOptions::default()
+        };
+        let first = {
+            let (registry, volume, target, options) = (
+                registry.clone(),
+                volume.clone(),
+                target.clone(),
+                options.clone(),
+            );
+            std::thread::spawn(move || registry.start(vec![volume], target, options).is_err())
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        let asked = Instant::now();
+        assert!(registry.statuses().is_empty());
+        let second = registry.start(vec![volume], target, options);
+        assert!(
+            asked.elapsed() < Duration::from_secs(1),
+            "waited {:?} behind the connecting start",
+            asked.elapsed()
+        );
+        let Err(MigrationError::BadOptions(reason)) = second else {
+            return Err("a second start of the volume was not refused".into());
+        };
+        assert!(reason.contains("being started"), "{reason}");
+        assert!(
+            first.join().map_err(|_| "start panicked")?,
+            "the silent target was accepted"
+        );
+        Ok(())
     }
 }
