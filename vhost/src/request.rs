@@ -84,7 +84,7 @@ pub enum ParseError {
     Empty,
     #[error("descriptor chain has more than {DESCRIPTORS_MAX} descriptors")]
     TooLong,
-    #[error("request header is not a device-readable 16-byte buffer")]
+    #[error("the chain does not start with 16 device-readable header bytes")]
     BadHeader,
     #[error("no device-writable status byte at the end of the chain")]
     NoStatus,
@@ -221,22 +221,39 @@ where
     let fail = |error| Parsed::Failed { error, status_addr };
     segments[count - 1].len -= 1;
 
-    // The header: the first 16 bytes of the first descriptor.
-    let first = segments[0];
-    if first.writable || first.len < HEADER_BYTES {
-        return fail(ParseError::BadHeader);
-    }
+    // The header: the chain's first 16 bytes, in one descriptor or spread over several
+    // (virtio 1.x drivers may frame a request as they like, virtio 1.2 section 2.7.4).
     let mut header = [0u8; HEADER_BYTES as usize];
-    if mem.read_slice(&mut header, first.addr).is_err() {
-        return fail(ParseError::OutsideMemory);
+    let mut header_bytes = 0usize;
+    let mut data_from = 0usize;
+    while header_bytes < header.len() {
+        let Some(segment) = segments.get_mut(data_from) else {
+            return fail(ParseError::BadHeader);
+        };
+        if segment.writable {
+            return fail(ParseError::BadHeader);
+        }
+        let n = (segment.len as usize).min(header.len() - header_bytes);
+        if mem
+            .read_slice(&mut header[header_bytes..header_bytes + n], segment.addr)
+            .is_err()
+        {
+            return fail(ParseError::OutsideMemory);
+        }
+        header_bytes += n;
+        // n <= segment.len, so the address stays inside the descriptor just read.
+        segment.addr = segment.addr.unchecked_add(n as u64);
+        segment.len -= n as u32;
+        if segment.len == 0 {
+            data_from += 1;
+        }
     }
     let request_type = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
     request.request_type = RequestType::from_le(request_type);
     let mut sector_bytes = [0u8; 8];
     sector_bytes.copy_from_slice(&header[8..16]);
     request.sector = u64::from_le_bytes(sector_bytes);
-    segments[0].addr = first.addr.unchecked_add(u64::from(HEADER_BYTES));
-    segments[0].len -= HEADER_BYTES;
+    let segments = &segments[data_from..];
 
     if let Err(error) = collect_data(segments, mem, request) {
         return fail(error);

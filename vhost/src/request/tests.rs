@@ -129,6 +129,55 @@ fn refuses_a_short_header() {
     ));
 }
 
+/// A header spread over three descriptors (4 + 8 + 4 bytes, the last one also carrying the
+/// start of the data): virtio 1.x lets the driver frame the request as it likes.
+#[test]
+fn parses_a_header_spread_over_descriptors() {
+    let mem = memory();
+    header(&mem, VIRTIO_BLK_T_OUT, 9);
+    let (parsed, request) = parse_chain(
+        &mem,
+        &[
+            desc(HEADER_AT, 4, false),
+            desc(HEADER_AT + 4, 8, false),
+            desc(HEADER_AT + 12, 4 + 512, false),
+            desc(STATUS_AT, 1, true),
+        ],
+        16,
+    );
+    assert_eq!(parsed, Parsed::Ok);
+    assert_eq!(request.request_type, RequestType::Write);
+    assert_eq!(request.sector, 9);
+    assert_eq!(request.data_bytes, 512);
+    assert_eq!(
+        request.data_segments,
+        vec![(GuestAddress(HEADER_AT + 16), 512)]
+    );
+}
+
+/// A header that continues into a device-writable descriptor is refused.
+#[test]
+fn refuses_a_header_continued_in_a_writable_descriptor() {
+    let mem = memory();
+    header(&mem, VIRTIO_BLK_T_IN, 0);
+    let (parsed, _) = parse_chain(
+        &mem,
+        &[
+            desc(HEADER_AT, 8, false),
+            desc(DATA_AT, 512, true),
+            desc(STATUS_AT, 1, true),
+        ],
+        16,
+    );
+    assert!(matches!(
+        parsed,
+        Parsed::Failed {
+            error: ParseError::BadHeader,
+            ..
+        }
+    ));
+}
+
 #[test]
 fn refuses_a_writable_header() {
     let mem = memory();
