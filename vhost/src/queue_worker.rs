@@ -56,8 +56,9 @@ struct InFlight {
     /// The guest segments the engine writes into (a read's data buffers): marked dirty at
     /// completion while the frontend logs, because the kernel bypasses vm-memory's bitmap.
     written: Vec<Segment>,
-    /// Where the request is in its vring's publication order (None: published on completion,
-    /// for requests left over from an abandoned drain).
+    /// Where the request is in its vring's publication order. None for a request left over
+    /// from a drain that timed out: the frontend has taken the ring back, so its completion
+    /// touches neither guest memory nor the ring.
     position: Option<u64>,
 }
 
@@ -501,17 +502,11 @@ impl QueueWorker {
                 if !ours {
                     continue;
                 }
-                let (head, used_len, position) = self.answer(*completion, mem);
-                let state = state.get_or_insert_with(|| vring.get_mut());
-                match position {
-                    Some(position) => self.order[index].finish(position, used_len),
-                    None => {
-                        if let Err(e) = state.add_used(head, used_len) {
-                            log::error!("cannot add used entry: {e}");
-                        }
-                        self.to_signal |= 1 << index;
-                    }
-                }
+                let Some((used_len, position)) = self.answer(*completion, mem) else {
+                    continue;
+                };
+                state.get_or_insert_with(|| vring.get_mut());
+                self.order[index].finish(position, used_len);
             }
             if let Some(state) = state.as_mut() {
                 self.publish(index as u16, state);
@@ -519,11 +514,21 @@ impl QueueWorker {
         }
     }
 
-    /// Writes a finished request's status byte and frees its tag; returns what goes on the
-    /// used ring, and the request's place in the publication order.
-    fn answer(&mut self, completion: Completion, mem: &GuestMemory) -> (u16, u32, Option<u64>) {
+    /// Writes a finished request's status byte and frees its tag; returns its used length
+    /// and its place in the publication order (None: an orphan of a timed-out drain, freed
+    /// without a word to the guest).
+    fn answer(&mut self, completion: Completion, mem: &GuestMemory) -> Option<(u32, u64)> {
         let tag = completion.tag as usize;
         let slot = &mut self.inflight[tag];
+        let Some(position) = slot.position.take() else {
+            slot.mem = None;
+            self.free_tags.push(tag as u32);
+            log::warn!(
+                "volume {}: a request finished after its ring was handed back; not answered",
+                self.engine.volume().name()
+            );
+            return None;
+        };
         let (status, used_len) = match completion.result {
             Ok(_) => (VIRTIO_BLK_S_OK as u8, slot.used_len_ok),
             Err(failure) => {
@@ -542,10 +547,8 @@ impl QueueWorker {
         if target_mem.write_obj(status, slot.status_addr).is_err() {
             log::warn!("status byte outside guest memory");
         }
-        let head = slot.head_index;
-        let position = slot.position.take();
         self.free_tags.push(tag as u32);
-        (head, used_len, position)
+        Some((used_len, position))
     }
 
     /// Notifies the guest on every vring that got used entries, if it wants to be notified.
@@ -588,8 +591,9 @@ impl QueueWorker {
 
     /// After a drain: every ring starts its publication order afresh (the frontend may
     /// restart it at any index). Finished chains still held behind a request that did not
-    /// finish in time are published now, out of order, and that request will be published
-    /// whenever it finishes.
+    /// finish in time are published now, out of order; that request becomes an orphan (see
+    /// `InFlight::position`): the frontend has the ring state, and a late used entry or
+    /// status byte could land in a ring or memory the guest has reused.
     fn abandon_order(&mut self, vrings: &[Vring]) {
         for slot in &mut self.inflight {
             slot.position = None;
