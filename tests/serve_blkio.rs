@@ -308,6 +308,38 @@ fn discard_and_write_zeroes_read_back_as_zeroes() -> Result<()> {
     served.stop()
 }
 
+/// A discard or write-zeroes of zero sectors is answered at once: success on the volume,
+/// an error past its end.
+#[test]
+fn zero_length_discards_are_answered_at_once() -> Result<()> {
+    const IMAGE_BYTES: u64 = 8 << 20;
+    let served = Served::start(IMAGE_BYTES, "")?;
+    let mut client = served.connect(&BlkioOpts::default())?;
+    let ops = [
+        Op::Discard {
+            offset_bytes: 4096,
+            len_bytes: 0,
+        },
+        Op::WriteZeroes {
+            offset_bytes: IMAGE_BYTES,
+            len_bytes: 0,
+            no_unmap: false,
+        },
+        Op::Discard {
+            offset_bytes: IMAGE_BYTES + 4096,
+            len_bytes: 0,
+        },
+    ];
+    let results = client.run_batch(0, &ops)?;
+    ensure!(results[0] == 0 && results[1] == 0, "{results:?}");
+    ensure!(
+        results[2] < 0,
+        "a zero-length discard past the end: {results:?}"
+    );
+    drop(client);
+    served.stop()
+}
+
 /// Frontends that connect, write and go away, again and again (a VM rebooted or restarted,
 /// QEMU reconnecting): the daemon's open descriptors stay where they were. Each connection
 /// used to leak one descriptor per queue thread (vhost-user-backend's exit events) and one
@@ -482,6 +514,13 @@ fn read_only_volume_refuses_changes() -> Result<()> {
     for (op, ret) in changes.iter().zip(&results) {
         ensure!(*ret < 0, "{op:?} on a read-only volume got ret {ret}");
     }
+    // Discard and write-zeroes are not offered on a read-only volume: unsupported, not an
+    // I/O error (VIRTIO_BLK_S_UNSUPP, which libblkio reports as -ENOTSUP).
+    ensure!(
+        results[2..] == [-libc::ENOTSUP, -libc::ENOTSUP],
+        "discard / write-zeroes on a read-only volume: {:?}",
+        &results[2..]
+    );
     let errors = served.stats()?["errors"].clone();
     eprintln!("errors counted by the daemon after the refused changes: {errors}");
     let again = client.read_all(0, 4096, 4096)?;

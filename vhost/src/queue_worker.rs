@@ -413,6 +413,10 @@ impl QueueWorker {
                 Err(VIRTIO_BLK_S_OK as u8)
             }
             RequestType::Discard | RequestType::WriteZeroes => {
+                // Not offered on a read-only volume (`config::device_features`).
+                if self.engine.volume().read_only() {
+                    return Err(VIRTIO_BLK_S_UNSUPP as u8);
+                }
                 let Some(seg) = request::read_discard_segment(r, mem) else {
                     return Err(VIRTIO_BLK_S_IOERR as u8);
                 };
@@ -423,6 +427,18 @@ impl QueueWorker {
                 }
                 if seg.num_sectors > DISCARD_SECTORS_MAX {
                     return Err(VIRTIO_BLK_S_IOERR as u8);
+                }
+                if seg.num_sectors == 0 {
+                    // Nothing to do, but the sector must still be on the volume.
+                    let in_range = seg
+                        .sector
+                        .checked_mul(512)
+                        .is_some_and(|offset| offset <= self.engine.volume().size_bytes());
+                    return Err(if in_range {
+                        VIRTIO_BLK_S_OK
+                    } else {
+                        VIRTIO_BLK_S_IOERR
+                    } as u8);
                 }
                 let offset = seg
                     .sector
