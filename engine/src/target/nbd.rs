@@ -225,10 +225,8 @@ impl NbdTarget {
             source,
         };
         let mut conn = Conn::connect(address, request_timeout).map_err(connect_err)?;
-        conn.set_timeout(Some(request_timeout))
-            .map_err(connect_err)?;
-        let (size_bytes, transmission_flags) =
-            handshake(&mut conn, export).map_err(|reason| TargetError::Handshake {
+        let (size_bytes, transmission_flags) = handshake(&mut conn, export, request_timeout)
+            .map_err(|reason| TargetError::Handshake {
                 target: name.clone(),
                 reason,
             })?;
@@ -549,9 +547,26 @@ fn read_replies(mut conn: Conn, pending: &Mutex<Pending>) {
     conn.shutdown();
 }
 
-/// The fixed-newstyle handshake up to the transmission phase; returns (size, transmission flags).
-pub(crate) fn handshake(conn: &mut Conn, export: &str) -> Result<(u64, u16), String> {
+/// The fixed-newstyle handshake up to the transmission phase, all of it within `timeout`
+/// (each read and write is bounded by what is left, so a server that trickles replies
+/// cannot hold it longer); returns (size, transmission flags). Leaves the socket's
+/// timeouts set: the caller sets its own.
+pub(crate) fn handshake(
+    conn: &mut Conn,
+    export: &str,
+    timeout: Duration,
+) -> Result<(u64, u16), String> {
+    let deadline = std::time::Instant::now() + timeout;
+    let bound = |conn: &Conn| -> Result<(), String> {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(format!("the handshake took longer than {timeout:?}"));
+        }
+        conn.set_timeout(Some(left))
+            .map_err(|e| format!("setting a socket timeout: {e}"))
+    };
     let io = |what: &str, e: std::io::Error| format!("{what}: {e}");
+    bound(conn)?;
     let mut greeting = [0u8; 18];
     conn.read_exact(&mut greeting).map_err(|e| {
         if matches!(
@@ -588,15 +603,21 @@ pub(crate) fn handshake(conn: &mut Conn, export: &str) -> Result<(u64, u16), Str
     msg.extend_from_slice(&(name.len() as u32).to_be_bytes());
     msg.extend_from_slice(name);
     msg.extend_from_slice(&0u16.to_be_bytes()); // no extra information requests
+    bound(conn)?;
     conn.write_all(&msg)
         .map_err(|e| io("sending NBD_OPT_GO", e))?;
-    read_go_replies(conn)
+    read_go_replies(conn, &bound)
 }
 
-/// Reads option replies to `NBD_OPT_GO` until the final ACK or an error.
-fn read_go_replies(conn: &mut Conn) -> Result<(u64, u16), String> {
+/// Reads option replies to `NBD_OPT_GO` until the final ACK or an error; `bound` sets the
+/// socket's timeout to what is left of the handshake before each reply.
+fn read_go_replies(
+    conn: &mut Conn,
+    bound: &dyn Fn(&Conn) -> Result<(), String>,
+) -> Result<(u64, u16), String> {
     let mut export: Option<(u64, u16)> = None;
     loop {
+        bound(conn)?;
         let mut head = [0u8; 20];
         conn.read_exact(&mut head)
             .map_err(|e| format!("reading an option reply: {e}"))?;
@@ -714,6 +735,40 @@ mod tests {
         assert!(reason.contains("connection limit"), "{reason}");
         assert!(reason.contains("-e N"), "{reason}");
         drop(first);
+        Ok(())
+    }
+
+    /// A server that keeps the handshake going with an option reply every 100 ms (an
+    /// information block ferry does not use): the handshake still ends at its timeout.
+    #[test]
+    fn a_trickling_server_cannot_stretch_the_handshake() -> Result<(), Box<dyn std::error::Error>> {
+        let (ours, mut server) = UnixStream::pair()?;
+        std::thread::spawn(move || {
+            let mut greeting = Vec::new();
+            greeting.extend_from_slice(&NBD_INIT_MAGIC.to_be_bytes());
+            greeting.extend_from_slice(&NBD_OPTS_MAGIC.to_be_bytes());
+            greeting.extend_from_slice(&NBD_FLAG_FIXED_NEWSTYLE.to_be_bytes());
+            let mut reply = Vec::new();
+            reply.extend_from_slice(&NBD_REP_MAGIC.to_be_bytes());
+            reply.extend_from_slice(&NBD_OPT_GO.to_be_bytes());
+            reply.extend_from_slice(&NBD_REP_INFO.to_be_bytes());
+            reply.extend_from_slice(&2u32.to_be_bytes());
+            reply.extend_from_slice(&99u16.to_be_bytes()); // an unknown info type
+            if server.write_all(&greeting).is_err() {
+                return;
+            }
+            while server.write_all(&reply).is_ok() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let mut conn = Conn::Unix(ours);
+        let started = std::time::Instant::now();
+        let outcome = handshake(&mut conn, "e", Duration::from_secs(1));
+        let took = started.elapsed();
+        let Err(reason) = outcome else {
+            return Err("the handshake succeeded".into());
+        };
+        assert!(took < Duration::from_secs(3), "took {took:?}: {reason}");
         Ok(())
     }
 

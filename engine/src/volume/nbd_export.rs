@@ -173,10 +173,8 @@ fn open_conn(address: &NbdAddress, export: &str) -> Result<(Conn, u64, u16), Str
     };
     let mut conn = Conn::connect(address, CONNECT_TIMEOUT)
         .map_err(|e| format!("cannot connect to {}: {e}", uri()))?;
-    conn.set_timeout(Some(CONNECT_TIMEOUT))
-        .map_err(|e| format!("{}: {e}", uri()))?;
-    let (size_bytes, flags) =
-        handshake(&mut conn, export).map_err(|e| format!("{}: NBD handshake: {e}", uri()))?;
+    let (size_bytes, flags) = handshake(&mut conn, export, CONNECT_TIMEOUT)
+        .map_err(|e| format!("{}: NBD handshake: {e}", uri()))?;
     conn.set_timeout(None)
         .map_err(|e| format!("{}: {e}", uri()))?;
     Ok((conn, size_bytes, flags))
