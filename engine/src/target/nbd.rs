@@ -633,9 +633,9 @@ fn read_go_replies(
         conn.read_exact(&mut data)
             .map_err(|e| format!("reading an option reply: {e}"))?;
         if reply_type & NBD_REP_FLAG_ERROR != 0 {
-            let message = String::from_utf8_lossy(&data);
             return Err(format!(
-                "the server refused the export (reply {reply_type:#x}): {message}"
+                "the server refused the export (reply {reply_type:#x}): {}",
+                server_text(&data)
             ));
         }
         match reply_type {
@@ -655,6 +655,18 @@ fn read_go_replies(
             other => return Err(format!("unexpected option reply {other}")),
         }
     }
+}
+
+/// A server's message as it may go into errors, logs and status: at most 4096 bytes (the
+/// protocol's limit for strings), control characters escaped.
+fn server_text(bytes: &[u8]) -> String {
+    const SERVER_TEXT_BYTES_MAX: usize = 4096;
+    let shown = &bytes[..bytes.len().min(SERVER_TEXT_BYTES_MAX)];
+    let mut text: String = String::from_utf8_lossy(shown).escape_debug().collect();
+    if bytes.len() > shown.len() {
+        text.push_str("...");
+    }
+    text
 }
 
 pub(crate) fn be_u64(b: &[u8]) -> u64 {
@@ -770,6 +782,14 @@ mod tests {
         };
         assert!(took < Duration::from_secs(3), "took {took:?}: {reason}");
         Ok(())
+    }
+
+    #[test]
+    fn server_text_is_bounded_and_escaped() {
+        assert_eq!(server_text(b"no such export"), "no such export");
+        assert_eq!(server_text(b"a\nb\x1b[31m"), "a\\nb\\u{1b}[31m");
+        let long = server_text(&[b'x'; 10_000]);
+        assert_eq!(long.len(), 4096 + 3);
     }
 
     /// A server that stops reading (here: SIGSTOPped) with writes queued behind a blocked
