@@ -5,7 +5,10 @@
 //! engine and put them on the used rings; pop the available chains the engine has room
 //! for, at most `batch` per ring (with event-index notification suppression: disable, pop,
 //! re-enable, re-check); submit them with one `io_uring_enter`; signal each used ring at
-//! most once per pass.
+//! most once per pass. The `batch` bound keeps completions flowing back while the guest
+//! is still adding requests. With a polling window set, the worker spins for that long
+//! after the last work before sleeping, because waking a sleeping thread costs tens of
+//! microseconds.
 //!
 //! Used entries are published in the order the chains were taken from the available ring,
 //! whatever order the engine finishes them in (a request finished early waits for the ones
@@ -15,10 +18,7 @@
 //! with in-order publication it resubmits only requests the guest is still waiting for. With
 //! out-of-order publication it would resubmit requests the guest had already seen complete
 //! (whose buffers it may have reused: a stale write of new data) and never resubmit some that
-//! had not (a guest I/O that never ends). The `batch` bound keeps completions flowing back while the guest
-//! is still adding requests. With a polling window set, the worker spins for that long
-//! after the last work before sleeping, because waking a sleeping thread costs tens of
-//! microseconds.
+//! had not (a guest I/O that never ends).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -509,7 +509,7 @@ impl QueueWorker {
     /// used entries.
     fn complete_all(&mut self, completions: &[Completion], mem: &GuestMemory, vrings: &[Vring]) {
         for (index, vring) in vrings.iter().enumerate() {
-            let mut state = None;
+            let mut finished_any = false;
             for completion in completions {
                 let ours = self
                     .inflight
@@ -521,11 +521,13 @@ impl QueueWorker {
                 let Some((used_len, position)) = self.answer(*completion, mem) else {
                     continue;
                 };
-                state.get_or_insert_with(|| vring.get_mut());
-                self.order[index].finish(position, used_len);
+                if let Some(order) = self.order.get_mut(index) {
+                    order.finish(position, used_len);
+                    finished_any = true;
+                }
             }
-            if let Some(state) = state.as_mut() {
-                self.publish(index as u16, state);
+            if finished_any {
+                self.publish(index as u16, &mut vring.get_mut());
             }
         }
     }
