@@ -142,7 +142,8 @@ pub struct QueueWorker {
     completions: Vec<Completion>,
     /// The thread's vrings, remembered for draining when a ring stops.
     vrings: Vec<Vring>,
-    /// Per vring (index in `vrings`): taken chains not yet published.
+    /// Per vring (index in `vrings`, below 64 like the bits of `to_signal`): taken chains
+    /// not yet published.
     order: Vec<PublicationOrder>,
     /// Bit i set: vring i got used entries this pass and may need a notification.
     to_signal: u64,
@@ -170,7 +171,9 @@ impl QueueWorker {
             request: Request::with_capacity(),
             completions: Vec::with_capacity(capacity as usize),
             vrings: Vec::new(),
-            order: Vec::new(),
+            order: (0..u64::BITS)
+                .map(|_| PublicationOrder::default())
+                .collect(),
             to_signal: 0,
             poll: PollWindow::new(settings.poll_max),
             settings,
@@ -194,10 +197,6 @@ impl QueueWorker {
     pub fn run(&mut self, vrings: &[Vring]) {
         if self.vrings.len() != vrings.len() {
             self.vrings = vrings.to_vec();
-        }
-        if self.order.len() != vrings.len() {
-            self.order
-                .resize_with(vrings.len(), PublicationOrder::default);
         }
         // First, even without a frontend: the eventfd is level-triggered in epoll, and a
         // wake-up left unread (a volume pause ending) would make this thread spin.
@@ -320,8 +319,7 @@ impl QueueWorker {
                     "volume {}: dropped request: {error}",
                     self.engine.volume().name()
                 );
-                self.order[usize::from(vring)].push(head, Some(0));
-                self.publish(vring, state);
+                self.publish_answered(vring, head, 0, state);
                 return true;
             }
         }
@@ -472,6 +470,17 @@ impl QueueWorker {
                 self.engine.volume().name()
             );
         }
+        self.publish_answered(vring, head, used_len, state);
+    }
+
+    /// Queues a chain answered without the engine for its turn on `vring`'s used ring.
+    fn publish_answered(
+        &mut self,
+        vring: u16,
+        head: u16,
+        used_len: u32,
+        state: &mut VringState<GuestMemoryAtomic<GuestMemory>>,
+    ) {
         self.order[usize::from(vring)].push(head, Some(used_len));
         self.publish(vring, state);
     }

@@ -268,11 +268,6 @@ impl Volume {
         }
     }
 
-    /// How many resume wakers are registered (front ends' queue threads).
-    pub fn resume_wakers(&self) -> usize {
-        self.wakers.lock().map(|w| w.len()).unwrap_or(0)
-    }
-
     /// Stops new requests and waits until none is in flight, for at most `timeout`.
     /// Returns a guard that resumes I/O when dropped, or `None` (and resumes) on timeout.
     pub fn pause(self: &Arc<Self>, timeout: std::time::Duration) -> Option<PauseGuard> {
