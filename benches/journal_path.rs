@@ -3,7 +3,10 @@
 //! commit as the guest sees it: N writes submitted on a volume queue with a sync journal
 //! observing the volume, then waiting until all N are complete (= durable on the medium),
 //! against the same loop without the journal, and with an async journal (the queue thread's
-//! own cost: the payload CRC computed before the journal's lock, the copy under it).
+//! own cost: the copy and its CRC under the journal's lock). Each journal mode runs twice:
+//! with records encoded straight into the mapped medium by the queue thread (`mapped`, the
+//! default on tmpfs) and through the writer thread's group commits (`group_commit`,
+//! `mapped=off`).
 //!
 //! Run: `cargo bench -p ferry --bench journal_path`. The image and the journal live on
 //! /dev/shm, so the numbers measure ferry's code (copy, CRC, batching, the writer thread
@@ -17,7 +20,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ferry_engine::journal::format::{encode_record, Op, RecordHeader};
 use ferry_engine::journal::scan::scan_medium;
-use ferry_engine::journal::{Journal, JournalMode, JournalOptions};
+use ferry_engine::journal::{Journal, JournalMode, JournalOptions, MappedAppends};
 use ferry_engine::{BlockOp, Volume, VolumeConfig, VolumeQueue};
 
 const IMAGE_BYTES: u64 = 64 << 20;
@@ -83,7 +86,7 @@ struct Rig {
 }
 
 impl Rig {
-    fn new(journal_mode: Option<JournalMode>) -> Self {
+    fn new(journal_mode: Option<JournalMode>, mapped: bool) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("ferry-jbench-")
             .tempdir_in(Path::new("/dev/shm"))
@@ -99,6 +102,11 @@ impl Rig {
             let mut o = JournalOptions::new(dir.path().join("j"));
             o.capacity_bytes = MEDIUM_BYTES;
             o.mode = mode;
+            o.mapped = if mapped {
+                MappedAppends::On
+            } else {
+                MappedAppends::Off
+            };
             let j = Journal::open(o).expect("open journal");
             volume.add_observer(j.observer());
             j
@@ -170,15 +178,17 @@ impl Drop for Rig {
 fn group_commit(c: &mut Criterion) {
     let mut g = c.benchmark_group("journal_group_commit");
     g.measurement_time(Duration::from_secs(3));
-    // async: the queue thread's cost alone (CRC before the lock, copy under it), the
+    // async with group commits: the queue thread's cost alone (the copy and its CRC), the
     // writer trailing behind.
     let configs = [
-        ("sync_journal", Some(JournalMode::Sync)),
-        ("async_journal", Some(JournalMode::Async)),
-        ("no_journal", None),
+        ("sync_mapped", Some(JournalMode::Sync), true),
+        ("sync_group_commit", Some(JournalMode::Sync), false),
+        ("async_mapped", Some(JournalMode::Async), true),
+        ("async_group_commit", Some(JournalMode::Async), false),
+        ("no_journal", None, false),
     ];
-    for (name, journal_mode) in configs {
-        let mut rig = Rig::new(journal_mode);
+    for (name, journal_mode, mapped) in configs {
+        let mut rig = Rig::new(journal_mode, mapped);
         for n in BATCH_SIZES {
             g.throughput(Throughput::Elements(n as u64));
             let mut round = 0;
@@ -194,7 +204,7 @@ fn group_commit(c: &mut Criterion) {
         }
     }
     // A mark: one record through the writer thread and back (the latency floor).
-    let rig = Rig::new(Some(JournalMode::Sync));
+    let rig = Rig::new(Some(JournalMode::Sync), false);
     if let Some(j) = &rig.journal {
         g.throughput(Throughput::Elements(1));
         g.bench_function("mark", |b| b.iter(|| j.mark("m").expect("mark")));

@@ -51,12 +51,26 @@ impl WriteEvent<'_> {
 
     /// Copies the write's data into `out` (appending). For non-writes it appends nothing.
     pub fn copy_data_into(&self, out: &mut Vec<u8>) {
-        for iov in self.data {
-            // SAFETY: the engine guarantees (see `VolumeQueue::submit`) that every iovec of a
-            // write points to `iov_len` readable bytes that stay mapped until `observe` returns.
-            let bytes =
-                unsafe { std::slice::from_raw_parts(iov.iov_base as *const u8, iov.iov_len) };
+        out.reserve(self.data_len());
+        for bytes in self.data_slices() {
             out.extend_from_slice(bytes);
+        }
+    }
+
+    /// How many bytes of data the write carries (0 for non-writes).
+    pub fn data_len(&self) -> usize {
+        self.data.iter().map(|iov| iov.iov_len).sum()
+    }
+
+    /// Copies the write's data into `out`, which is [`WriteEvent::data_len`] long.
+    pub fn copy_data_to(&self, out: &mut [u8]) {
+        let mut at = 0;
+        for bytes in self.data_slices() {
+            let Some(dst) = out.get_mut(at..at + bytes.len()) else {
+                return;
+            };
+            dst.copy_from_slice(bytes);
+            at += bytes.len();
         }
     }
 }

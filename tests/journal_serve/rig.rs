@@ -22,7 +22,9 @@ pub struct Vol {
 
 pub struct Rig {
     pub dir: tempfile::TempDir,
+    /// Where the journal is: in `dir`, or on tmpfs (see [`Rig::journal_in_memory`]).
     pub jdir: PathBuf,
+    memory_dir: Option<tempfile::TempDir>,
     pub control: PathBuf,
     pub vols: Vec<Vol>,
 }
@@ -53,10 +55,23 @@ impl Rig {
         }
         Ok(Self {
             jdir: dir.path().join("journal"),
+            memory_dir: None,
             control: dir.path().join("ctl.sock"),
             dir,
             vols,
         })
+    }
+
+    /// Moves the journal directory to tmpfs (`/dev/shm`), where the daemon appends records
+    /// through a mapping of the medium (`mapped=auto`).
+    pub fn journal_in_memory(mut self) -> Result<Self> {
+        let memory = tempfile::Builder::new()
+            .prefix("ferry-test-journal-")
+            .tempdir_in("/dev/shm")
+            .context("create a journal directory in /dev/shm")?;
+        self.jdir = memory.path().join("journal");
+        self.memory_dir = Some(memory);
+        Ok(self)
     }
 
     pub fn path(&self, name: &str) -> PathBuf {

@@ -364,6 +364,12 @@ fn describe_status(s: &serde_json::Value) -> String {
     if s["appends_io_uring"] == false {
         out.push_str("  appends use pwritev + fdatasync: the kernel refused io_uring\n");
     }
+    if s["appends"] == "mapped" {
+        out.push_str(&format!(
+            "  {} records appended by the queue threads straight onto the mapped medium\n",
+            num("mapped_records")
+        ));
+    }
     if s["committer"] == "queue" {
         out.push_str(&format!(
             "  group commits made by the queue threads ({} so far)\n",

@@ -26,7 +26,7 @@ pub struct ServeArgs {
     pub control: Option<PathBuf>,
     /// Journal every guest write of every volume onto one medium set:
     /// dir=DIR[,capacity=BYTES][,media-max=N][,mode=sync|async][,lag-max=BYTES][,on-full=stop|pause][,label=L]
-    /// [,spares=N][,cache=auto|none|writeback][,committer=auto|writer|queue][,log-memory=BYTES]
+    /// [,spares=N][,cache=auto|none|writeback][,committer=auto|writer|queue][,log-memory=BYTES][,mapped=auto|on|off]
     #[arg(long, value_name = "SPEC")]
     pub journal: Option<String>,
     /// Read settings from a TOML file; flags override it.

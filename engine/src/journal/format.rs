@@ -233,20 +233,32 @@ pub fn encode_record(out: &mut Vec<u8>, mut header: RecordHeader, payload: &[u8]
     pad_to_align(out);
 }
 
-/// Appends a record whose payload is produced by `fill` straight into `out` (no copy).
+/// Appends a record of `payload_len` bytes of payload, produced by `fill` straight into
+/// its place in `out` (no intermediate copy).
 pub fn encode_record_with(
     out: &mut Vec<u8>,
     mut header: RecordHeader,
-    fill: impl FnOnce(&mut Vec<u8>),
+    payload_len: usize,
+    fill: impl FnOnce(&mut [u8]),
 ) {
+    header.payload_len_bytes = payload_len as u32;
     let start = out.len();
-    out.resize(start + HEADER_BYTES, 0);
-    fill(out);
-    let payload = &out[start + HEADER_BYTES..];
-    header.payload_len_bytes = payload.len() as u32;
+    out.resize(start + record_bytes(payload_len), 0);
+    encode_record_in(&mut out[start..], header, fill);
+}
+
+/// Encodes a record whose payload is `header.payload_len_bytes` long into `dst`, which is
+/// exactly [`record_bytes`] of that long: `fill` writes the payload in place, the alignment
+/// bytes are zeroed, the payload CRC is taken over what `fill` left there (not over a
+/// buffer someone else may still change), and the header goes in last.
+pub fn encode_record_in(dst: &mut [u8], mut header: RecordHeader, fill: impl FnOnce(&mut [u8])) {
+    let payload_len = header.payload_len_bytes as usize;
+    let (head, rest) = dst.split_at_mut(HEADER_BYTES);
+    let (payload, align) = rest.split_at_mut(payload_len);
+    fill(payload);
+    align.fill(0);
     header.payload_crc = checksum::crc32c(payload);
-    out[start..start + HEADER_BYTES].copy_from_slice(&header.encode());
-    pad_to_align(out);
+    head.copy_from_slice(&header.encode());
 }
 
 fn pad_to_align(out: &mut Vec<u8>) {

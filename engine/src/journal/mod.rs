@@ -12,6 +12,7 @@ pub mod entry;
 pub mod error;
 pub mod export;
 pub mod format;
+pub mod mapped;
 pub mod media;
 pub mod memory_log;
 pub mod options;
@@ -28,5 +29,5 @@ mod tests;
 
 pub use entry::{render_csv, render_jsonl, LogEntry};
 pub use error::{FormatError, JournalError};
-pub use options::{Committer, JournalMode, JournalOptions, MediumCache, OnFull};
+pub use options::{Committer, JournalMode, JournalOptions, MappedAppends, MediumCache, OnFull};
 pub use running::{Journal, JournalState, JournalStatus, MarkResult, SealResult};

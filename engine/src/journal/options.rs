@@ -54,6 +54,20 @@ pub enum Committer {
     Queue,
 }
 
+/// Whether records go straight into a mapping of memory-backed media (`mapped=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MappedAppends {
+    /// `on` for a `sync` journal, `off` for an `async` one, whose writer thread copies the
+    /// records beside the queues instead of on the guest's path (default).
+    Auto,
+    /// On tmpfs/ramfs media the observing threads encode records into a shared mapping of
+    /// the medium, durable at once (see `journal::mapped`).
+    On,
+    /// Every record goes through the writer's group commits.
+    Off,
+}
+
 /// The journal's settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JournalOptions {
@@ -78,6 +92,8 @@ pub struct JournalOptions {
     /// Memory the running journal's in-memory log may take; past it the oldest entries are
     /// dropped from memory (the media keep them).
     pub log_memory_bytes: u64,
+    /// Whether records go straight into a mapping of memory-backed media.
+    pub mapped: MappedAppends,
 }
 
 /// The smallest medium capacity accepted.
@@ -97,10 +113,11 @@ impl JournalOptions {
             cache: MediumCache::Auto,
             committer: Committer::Auto,
             log_memory_bytes: 256 << 20,
+            mapped: MappedAppends::Auto,
         }
     }
 
-    /// Parses `dir=DIR,capacity=1G,media-max=N,mode=sync|async,lag-max=64M,on-full=stop|pause,label=L,spares=N,cache=auto|none|writeback,committer=auto|writer|queue,log-memory=256M`.
+    /// Parses `dir=DIR,capacity=1G,media-max=N,mode=sync|async,lag-max=64M,on-full=stop|pause,label=L,spares=N,cache=auto|none|writeback,committer=auto|writer|queue,log-memory=256M,mapped=auto|on|off`.
     /// Sizes take the suffixes K, M, G, T (powers of 1024).
     pub fn parse(spec: &str) -> Result<Self, JournalError> {
         let mut dir = None;
@@ -148,6 +165,14 @@ impl JournalOptions {
                     }
                 }
                 "log-memory" => o.log_memory_bytes = parse_size(part, value)?,
+                "mapped" => {
+                    o.mapped = match value {
+                        "auto" => MappedAppends::Auto,
+                        "on" => MappedAppends::On,
+                        "off" => MappedAppends::Off,
+                        _ => return Err(bad(part, "expected auto, on or off")),
+                    }
+                }
                 "spares" => o.spares = value.parse().map_err(|_| bad(part, "expected a number"))?,
                 _ => return Err(bad(part, "unknown key")),
             }
@@ -155,6 +180,15 @@ impl JournalOptions {
         o.dir = dir.ok_or_else(|| bad(spec, "dir= is required"))?;
         o.validate()?;
         Ok(o)
+    }
+
+    /// `mapped=` resolved: whether memory-backed media are lent to the observing threads.
+    pub fn maps_media(&self) -> bool {
+        match self.mapped {
+            MappedAppends::Auto => self.mode == JournalMode::Sync,
+            MappedAppends::On => true,
+            MappedAppends::Off => false,
+        }
     }
 
     pub fn validate(&self) -> Result<(), JournalError> {
@@ -187,7 +221,7 @@ mod tests {
     #[test]
     fn parses_a_full_spec() -> Result<(), JournalError> {
         let o = JournalOptions::parse(
-            "dir=/j,capacity=1M,media-max=3,mode=async,lag-max=4K,on-full=pause,spares=2,cache=none,committer=queue,log-memory=1M",
+            "dir=/j,capacity=1M,media-max=3,mode=async,lag-max=4K,on-full=pause,spares=2,cache=none,committer=queue,log-memory=1M,mapped=off",
         )?;
         assert_eq!(o.dir, PathBuf::from("/j"));
         assert_eq!(o.capacity_bytes, 1 << 20);
@@ -199,7 +233,12 @@ mod tests {
         assert_eq!(o.cache, MediumCache::None);
         assert_eq!(o.committer, Committer::Queue);
         assert_eq!(o.log_memory_bytes, 1 << 20);
+        assert_eq!(o.mapped, MappedAppends::Off);
+        assert!(!o.maps_media());
         assert_eq!(JournalOptions::parse("dir=/j")?.log_memory_bytes, 256 << 20);
+        assert!(JournalOptions::parse("dir=/j")?.maps_media());
+        assert!(!JournalOptions::parse("dir=/j,mode=async")?.maps_media());
+        assert!(JournalOptions::parse("dir=/j,mode=async,mapped=on")?.maps_media());
         Ok(())
     }
 
@@ -211,5 +250,6 @@ mod tests {
         assert!(JournalOptions::parse("dir=/j,colour=red").is_err());
         assert!(JournalOptions::parse("dir=/j,capacity=99999999999T").is_err());
         assert!(JournalOptions::parse("dir=/j,log-memory=lots").is_err());
+        assert!(JournalOptions::parse("dir=/j,mapped=yes").is_err());
     }
 }

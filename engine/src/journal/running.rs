@@ -4,10 +4,12 @@
 //! `observe` assigns the sequence number and copies the write's data into the pending batch
 //! under one mutex; the writer thread takes the whole batch, appends it to the medium with
 //! one write + one `fdatasync` through io_uring, and then releases the guest writes it held.
-//! With `committer=queue` (the default for a `sync` journal on memory-backed media) the queue
-//! thread that submitted the writes makes that commit itself at the end of its batch
-//! ([`WriteObserver::batch_submitted`]): whoever holds the appender commits everything
-//! pending, the others leave their records to it.
+//! With `committer=queue` the queue thread that submitted the writes makes that commit
+//! itself at the end of its batch ([`WriteObserver::batch_submitted`]): whoever holds the
+//! appender commits everything pending, the others leave their records to it. On a
+//! memory-backed medium with `mapped=` on, the writer lends the medium's end whenever it is
+//! idle, and `observe` encodes records straight onto it instead of into the batch
+//! ([`super::mapped`]): durable at once, no commit at all.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
@@ -18,9 +20,10 @@ use super::catalog::{RunRecord, RunState, COUNT_UNKNOWN};
 use super::entry::{now_ns, LogEntry};
 use super::error::JournalError;
 use super::format::{
-    encode_record_with, GapInfo, Op, RecordHeader, StopCause, StopInfo, StreamDef,
+    encode_record_with, record_bytes, GapInfo, Op, RecordHeader, StopCause, StopInfo, StreamDef,
     FLAG_GAP_ESTIMATED, FLAG_UNMAP,
 };
+use super::mapped::MappedTail;
 use super::memory_log::{LogSnapshot, MemoryLog};
 use super::options::{Committer, JournalMode, JournalOptions, OnFull};
 use super::recovery::{recover, RecoveredTail};
@@ -106,6 +109,9 @@ pub struct JournalStatus {
     pub committer: Committer,
     /// Group commits made by queue threads (the rest were made by the writer thread).
     pub queue_commits: u64,
+    /// Records the observing threads appended straight onto a mapped medium (`mapped=`:
+    /// durable at once, in no group commit).
+    pub mapped_records: u64,
 }
 
 /// The answer of `mark()` and `init()`.
@@ -172,6 +178,18 @@ struct State {
     carry_waiting: bool,
     /// Group commits made by queue threads.
     queue_commits: u64,
+    /// The open medium's end, lent by the writer (`mapped=`): records go straight onto
+    /// it and are durable at once, while it is here.
+    mapped: Option<MappedTail>,
+    /// A lent tail given up because a record did not fit on it: that record and every later
+    /// one go to the batch, and the writer takes the tail back before appending them.
+    mapped_returned: Option<MappedTail>,
+    /// Records appended through a mapped tail.
+    mapped_records: u64,
+    /// Tails can be lent (`mapped=` resolved on, a memory-backed directory, no refusal at
+    /// the last try): the async writer then does not gather records, which would keep it
+    /// from catching up with the stream and lending the tail.
+    lends_tail: bool,
 }
 
 impl State {
@@ -189,14 +207,40 @@ impl State {
         s
     }
 
-    /// Encodes a sequenced record into the pending batch.
-    fn push(&mut self, header: RecordHeader, fill: impl FnOnce(&mut Vec<u8>)) {
-        self.push_encoded(header, |out| encode_record_with(out, header, fill));
-    }
-
-    fn push_encoded(&mut self, header: RecordHeader, encode: impl FnOnce(&mut Vec<u8>)) {
+    /// Encodes a sequenced record whose payload (`payload_len` bytes) `fill` writes: onto
+    /// the mapped tail if one is lent and the record fits there (it is durable then: returns
+    /// `true`), else into the pending batch for the next group commit.
+    fn push(
+        &mut self,
+        header: RecordHeader,
+        payload_len: usize,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> bool {
+        let mut header = header;
+        header.payload_len_bytes = payload_len as u32;
+        let fill = match self.mapped.as_mut() {
+            Some(tail) => match tail.append(header, fill) {
+                Ok(entry) => {
+                    let bytes = record_bytes(payload_len) as u64;
+                    self.observed_bytes += bytes;
+                    self.durable_bytes += bytes;
+                    self.durable_seq = self.durable_seq.max(entry.seq);
+                    self.processed_seq = self.processed_seq.max(entry.seq);
+                    self.records_written += 1;
+                    self.mapped_records += 1;
+                    self.log.extend(std::slice::from_ref(&entry));
+                    self.medium = Some((tail.medium, tail.position_bytes));
+                    return true;
+                }
+                Err(fill) => {
+                    self.mapped_returned = self.mapped.take();
+                    fill
+                }
+            },
+            None => fill,
+        };
         let offset = self.batch.len();
-        encode(&mut self.batch);
+        encode_record_with(&mut self.batch, header, payload_len, fill);
         self.observed_bytes += (self.batch.len() - offset) as u64;
         self.records.push(PendingRecord {
             batch_offset: offset,
@@ -212,6 +256,7 @@ impl State {
                 position_bytes: 0,
             },
         });
+        false
     }
 
     fn header(&mut self, op: Op, stream_id: u32) -> RecordHeader {
@@ -253,14 +298,16 @@ impl State {
         };
         let header = self.header(Op::StreamDef, id);
         let payload = def.encode();
-        self.push(header, |out| out.extend_from_slice(&payload));
+        self.push(header, payload.len(), |out| out.copy_from_slice(&payload));
         self.stream_list.push((id, def));
         id
     }
 
     fn push_labelled(&mut self, op: Op, label: &str) -> MarkResult {
         let header = self.header(op, JOURNAL_STREAM_ID);
-        self.push(header, |out| out.extend_from_slice(label.as_bytes()));
+        self.push(header, label.len(), |out| {
+            out.copy_from_slice(label.as_bytes())
+        });
         MarkResult {
             seq: header.seq,
             log_id: header.log_id,
@@ -373,6 +420,16 @@ impl Shared {
     /// Takes everything pending in `st` into the appender's carry and says what the
     /// medium must restate if the append opens a new one.
     fn take_pending(&self, st: &mut State, app: &mut Appender) -> Prologue {
+        // A lent tail comes back before the writer touches the medium: when a record did not
+        // fit on it, or the medium is to be sealed or closed.
+        let reclaim = st.mapped_returned.take().or_else(|| {
+            let sealing = st.seal_requests > st.seals_done || st.shutdown;
+            sealing.then(|| st.mapped.take()).flatten()
+        });
+        if let Some(tail) = reclaim {
+            app.writer.reclaim_tail(tail);
+            st.note_writer(&app.writer);
+        }
         app.carry.take_from(st);
         st.commit_now = false;
         app.writer.set_run(st.run);
@@ -446,6 +503,10 @@ impl Journal {
             appends: None,
             carry_waiting: false,
             queue_commits: 0,
+            mapped: None,
+            mapped_returned: None,
+            mapped_records: 0,
+            lends_tail: options.maps_media() && dir_is_memory_backed(&options.dir),
         };
         if let Some((gap, estimated)) = rec.resume_gap {
             // The previous run's unjournaled writes: numbered, then recorded as a gap.
@@ -456,7 +517,8 @@ impl Journal {
             if estimated {
                 header.flags |= FLAG_GAP_ESTIMATED;
             }
-            state.push(header, |out| out.extend_from_slice(&gap.encode()));
+            let payload = gap.encode();
+            state.push(header, payload.len(), |out| out.copy_from_slice(&payload));
             state.gaps.push(gap);
         }
         if rec.fresh || rec.log_id == 0 {
@@ -528,7 +590,8 @@ impl Journal {
                     missing_count: header.seq - gap.first_missing_seq,
                     ..gap
                 };
-                st.push(header, |out| out.extend_from_slice(&gap.encode()));
+                let payload = gap.encode();
+                st.push(header, payload.len(), |out| out.copy_from_slice(&payload));
                 st.gaps.push(gap);
                 st.gap_open = None;
             }
@@ -552,8 +615,10 @@ impl Journal {
     }
 
     fn wait_durable(&self, mut st: MutexGuard<'_, State>, seq: u64) -> Result<(), JournalError> {
-        st.commit_now = true;
-        self.shared.work.notify_one();
+        if st.processed_seq < seq {
+            st.commit_now = true;
+            self.shared.work.notify_one();
+        }
         while st.processed_seq < seq && !st.writer_exited {
             st = self.shared.wait_progress(st);
         }
@@ -625,11 +690,12 @@ impl Journal {
             appends_io_uring: match st.appends {
                 Some(AppendPath::IoUring) => Some(true),
                 Some(AppendPath::Pwritev) => Some(false),
-                Some(AppendPath::Memory) | None => None,
+                Some(AppendPath::Memory | AppendPath::Mapped) | None => None,
             },
             appends: st.appends,
             committer: self.shared.committer,
             queue_commits: st.queue_commits,
+            mapped_records: st.mapped_records,
         }
     }
 
@@ -664,6 +730,9 @@ impl Journal {
         st.batch.clear();
         st.records.clear();
         st.tickets.clear();
+        // A lent tail stays as the crash leaves it: unmapped, unpadded, unsealed.
+        st.mapped = None;
+        st.mapped_returned = None;
         st.shutdown = true;
         st.crashed = true;
         st.phase = JournalState::Stopped;
@@ -706,12 +775,15 @@ impl WriteObserver for Journal {
         header.flags = flags;
         header.offset_bytes = event.offset_bytes;
         header.len_bytes = event.len_bytes;
-        if op == Op::Write {
-            // The CRC covers the copy, not the guest's buffer: a guest may change its buffer
-            // while the write is in flight, and the record must still be whole.
-            st.push(header, |out| event.copy_data_into(out));
+        // The CRC covers the copy, not the guest's buffer: a guest may change its buffer
+        // while the write is in flight, and the record must still be whole.
+        let durable = if op == Op::Write {
+            st.push(header, event.data_len(), |out| event.copy_data_to(out))
         } else {
-            st.push(header, |_| {});
+            st.push(header, 0, |_| {})
+        };
+        if durable {
+            return Some(ticket);
         }
         let options = &self.shared.options;
         let hold = match options.mode {
@@ -847,6 +919,7 @@ fn writer_main(shared: &Shared) {
                     let until = *gather_until.get_or_insert_with(|| Instant::now() + ASYNC_GATHER);
                     let now = Instant::now();
                     let write_now = !gathers
+                        || st.lends_tail
                         || !st.tickets.is_empty()
                         || st.carry_waiting
                         || st.seal_requests > st.seals_done
@@ -1017,10 +1090,37 @@ fn write_carry(
     st.processed_seq = carry.last_seq;
     carry.bytes.clear();
     carry.records.clear();
+    lend_tail(shared, &mut st, writer);
     drop(st);
     ObserverTicket::complete_all(&mut carry.tickets, true);
     shared.wake_progress();
     None
+}
+
+/// Whether the journal directory is on tmpfs or ramfs (where media can be lent mapped).
+fn dir_is_memory_backed(dir: &std::path::Path) -> bool {
+    std::fs::File::open(dir).is_ok_and(|d| crate::volume::open::is_memory_backed(&d))
+}
+
+/// Lends the open medium's end to the observing threads (`mapped=` on) once the writer has
+/// nothing left to write: no pending record, no seal or close waiting, the journal running.
+fn lend_tail(shared: &Shared, st: &mut State, writer: &mut MediumWriter) {
+    let idle = st.batch.is_empty()
+        && st.phase == JournalState::Running
+        && !st.shutdown
+        && !st.crashed
+        && !st.carry_waiting
+        && st.seal_requests == st.seals_done;
+    if !shared.options.maps_media() || !idle || st.mapped.is_some() || st.mapped_returned.is_some()
+    {
+        return;
+    }
+    st.mapped = writer.lend_tail(st.next_seq - 1);
+    st.lends_tail = st.mapped.is_some();
+    if let Some(tail) = &st.mapped {
+        st.medium = Some((tail.medium, tail.position_bytes));
+        st.appends = Some(AppendPath::Mapped);
+    }
 }
 
 /// The exclusive end of the records from `start` that fill at most `chunk_bytes` (at least

@@ -8,6 +8,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use super::catalog::{sync_dir, Catalog, CatalogEntry, MediumState, RunRecord};
 use super::commit_ring::{iovecs_after, CommitRing};
@@ -21,6 +22,7 @@ use super::format::{
     FLAG_TRAILER_CONTINUES, FLAG_UNSEQUENCED, HEADER_BYTES, TRAILER_ENTRIES_PER_RECORD,
     TRAILER_ENTRY_BYTES,
 };
+use super::mapped::{MappedTail, MediumMapping, Prefaulter, TailParts};
 use super::media::{list_media, medium_file_name};
 use super::options::{JournalOptions, MediumCache, OnFull};
 use super::spares::{list_spares, SpareFormatter};
@@ -101,6 +103,8 @@ struct OpenMedium {
     memory_backed: bool,
     position_bytes: u64,
     entries: Vec<LogEntry>,
+    /// The shared mapping of a memory-backed medium, kept between lends of its tail.
+    mapping: Option<Arc<MediumMapping>>,
 }
 
 /// Owns the medium being written.
@@ -128,6 +132,16 @@ pub struct MediumWriter {
     reusable_entries: Vec<LogEntry>,
     trailer_payload: Vec<u8>,
     trailer_record: Vec<u8>,
+    /// The open medium's tail is lent out (see [`MediumWriter::lend_tail`]).
+    lent: bool,
+    /// Some tail was lent: records go onto mapped media (`status` says `mapped`).
+    mapped_appends: bool,
+    /// The entry list of the last tail taken back, for the next one to fill.
+    tail_entries: Vec<LogEntry>,
+    /// Lending failed for this medium (no mapping, or no pages): not tried again on it.
+    lending_refused: Option<u32>,
+    /// Faults in pages ahead of lent tails (started with the first lend).
+    prefaulter: Option<Arc<Prefaulter>>,
 }
 
 /// How the writer appends to its media (see [`MediumWriter::append_path`]).
@@ -141,6 +155,9 @@ pub enum AppendPath {
     /// Memory-backed media: `pwritev` on the committing thread (io_uring would hand the
     /// copy to a kernel worker and add two wake-ups).
     Memory,
+    /// Memory-backed media: records encoded straight into a shared mapping of the medium by
+    /// the threads that observe the writes (`mapped=`, see [`super::mapped`]).
+    Mapped,
 }
 
 enum CommitRingState {
@@ -192,7 +209,86 @@ impl MediumWriter {
             reusable_entries: Vec::new(),
             trailer_payload: Vec::new(),
             trailer_record: Vec::new(),
+            lent: false,
+            mapped_appends: false,
+            tail_entries: Vec::new(),
+            lending_refused: None,
+            prefaulter: None,
         }
+    }
+
+    /// Lends the end of the open medium to the observing threads when it can be mapped (a
+    /// memory-backed file, `mapped=` on): the file is grown to its capacity first (sparse;
+    /// the scan reads the zeros after the last record of a medium as long as its capacity
+    /// as the end of data). `last_seq` is the last sequence number assigned. The writer must
+    /// not touch the medium until [`MediumWriter::reclaim_tail`].
+    pub fn lend_tail(&mut self, last_seq: u64) -> Option<MappedTail> {
+        let m = self.current.as_mut()?;
+        let lendable = self.options.maps_media() && m.memory_backed && !m.direct && !m.is_device;
+        if !lendable || self.lent || self.lending_refused == Some(m.index) {
+            return None;
+        }
+        let mapping = match m.mapping.take() {
+            Some(mapping) => Ok(mapping),
+            None => grow_to_capacity(&m.file, m.capacity_bytes)
+                .and_then(|()| MediumMapping::new(&m.file, m.capacity_bytes))
+                .map(Arc::new),
+        };
+        if self.prefaulter.is_none() {
+            match Prefaulter::start() {
+                Ok(p) => self.prefaulter = Some(Arc::new(p)),
+                Err(e) => log::warn!("journal: no prefaulter thread ({e}); queues fault pages in"),
+            }
+        }
+        let lent = mapping.and_then(|mapping| {
+            let parts = TailParts {
+                mapping,
+                medium: m.index,
+                position_bytes: m.position_bytes,
+                capacity_bytes: m.capacity_bytes,
+                entries_before: m.entries.len(),
+                entries: std::mem::take(&mut self.tail_entries),
+            };
+            MappedTail::lend(parts, self.prefaulter.clone(), last_seq).map_err(|(parts, e)| {
+                m.mapping = Some(parts.mapping);
+                self.tail_entries = parts.entries;
+                e
+            })
+        });
+        match lent {
+            Ok(tail) => {
+                self.lent = true;
+                self.mapped_appends = true;
+                Some(tail)
+            }
+            Err(e) => {
+                log::warn!(
+                    "journal medium {}: cannot map it for appends ({e}); the writer appends",
+                    m.path.display()
+                );
+                self.lending_refused = Some(m.index);
+                None
+            }
+        }
+    }
+
+    /// Takes back a tail lent by [`MediumWriter::lend_tail`]: its records join the medium's
+    /// log and appends go on at the block boundary after them.
+    pub fn reclaim_tail(&mut self, tail: MappedTail) {
+        let mut parts = tail.finish();
+        self.lent = false;
+        match self.current.as_mut() {
+            Some(m) if m.index == parts.medium => {
+                m.position_bytes = parts.position_bytes;
+                m.entries.append(&mut parts.entries);
+                m.mapping = Some(parts.mapping);
+            }
+            _ => log::error!(
+                "journal: a tail of medium {} came back after it was closed",
+                parts.medium
+            ),
+        }
+        self.tail_entries = parts.entries;
     }
 
     /// How many media were opened by taking a formatted spare.
@@ -208,6 +304,9 @@ impl MediumWriter {
     /// How appends are made, for `status`: `io_uring`, `pwritev` (the kernel refused a
     /// ring) or `memory` (memory-backed media, `pwritev` on the committing thread).
     pub fn append_path(&self) -> Option<AppendPath> {
+        if self.mapped_appends {
+            return Some(AppendPath::Mapped);
+        }
         match (&self.commit_ring, self.memory_appends) {
             (CommitRingState::Ready(_), _) => Some(AppendPath::IoUring),
             (CommitRingState::Unavailable, _) => Some(AppendPath::Pwritev),
@@ -231,6 +330,7 @@ impl MediumWriter {
         prologue: &Prologue,
         written: &mut Vec<LogEntry>,
     ) -> Result<(), WriteFailure> {
+        debug_assert!(!self.lent, "the writer appends while its tail is lent");
         let mut i = 0;
         while i < records.len() {
             let fresh = self.current.is_none();
@@ -361,6 +461,7 @@ impl MediumWriter {
             memory_backed,
             position_bytes: 0,
             entries: std::mem::take(&mut self.reusable_entries),
+            mapping: None,
         });
         self.update_catalog(MediumState::Open)?;
         Ok(bytes)
@@ -398,6 +499,7 @@ impl MediumWriter {
         };
         let Some(spare) = spare else {
             return OpenOptions::new()
+                .read(true)
                 .write(true)
                 .create_new(true)
                 .open(path)
@@ -406,6 +508,7 @@ impl MediumWriter {
         };
         std::fs::rename(&spare, path).map_err(|source| medium_err(&spare, "take spare", source))?;
         let file = OpenOptions::new()
+            .read(true)
             .write(true)
             .open(path)
             .map_err(|source| medium_err(path, "open spare", source))?;
@@ -473,6 +576,7 @@ impl MediumWriter {
     /// Writes the trailer (the medium's log), preceded by `stop` if given, and closes the
     /// medium; the next batch opens a new one.
     pub fn seal(&mut self, last_seq: u64, stop: Option<&StopInfo>) -> Result<(), WriteFailure> {
+        debug_assert!(!self.lent, "the writer seals while its tail is lent");
         let Some(m) = self.current.as_ref() else {
             return Ok(());
         };
@@ -489,6 +593,10 @@ impl MediumWriter {
             );
         }
         encode_trailer(&mut rec, &mut payload, &m.entries, last_seq);
+        if let Some(p) = &self.prefaulter {
+            // Nothing more goes into this medium's mapping; its zero rest is cut below.
+            p.release();
+        }
         let appended = self.append(&[], &rec, last_seq);
         self.trailer_payload = payload;
         self.trailer_record = rec;
@@ -523,6 +631,9 @@ impl MediumWriter {
 
     /// Forgets the current medium after a failure (it stays as it is, unsealed).
     pub fn abandon(&mut self) {
+        if let Some(p) = &self.prefaulter {
+            p.release();
+        }
         if let Some(m) = self.current.take() {
             self.prev_valid_end_bytes = m.position_bytes;
             let entry = CatalogEntry {
@@ -555,6 +666,14 @@ impl MediumWriter {
 fn rec_len(batch: &[u8], records: &[PendingRecord], i: usize) -> usize {
     let end = records.get(i + 1).map_or(batch.len(), |r| r.batch_offset);
     end - records[i].batch_offset
+}
+
+/// Grows `file` to `capacity_bytes` if it is shorter (a sparse extension).
+fn grow_to_capacity(file: &File, capacity_bytes: u64) -> std::io::Result<()> {
+    if file.metadata()?.len() < capacity_bytes {
+        file.set_len(capacity_bytes)?;
+    }
+    Ok(())
 }
 
 /// A header for a bookkeeping record.

@@ -182,19 +182,18 @@ fn restart_numbers_after_the_last_journaled_record() -> TestResult {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
     let (journal, q) = journal_eight_writes(dir)?;
-    let journaled = journal.status().durable_seq;
+    let status = journal.status();
+    let journaled = status.durable_seq;
     journal.crash_for_test();
     drop(q);
-    // The bookkeeping record of an append whose batch held numbers up to `journaled + 3`.
+    // The bookkeeping record of an append whose batch held numbers up to `journaled + 3`,
+    // at the append point (the end of a growing medium; inside a mapped one, which is as
+    // long as its capacity).
     let media = list_media(&dir.join("j"))?;
     let (_, last_path) = media.last().ok_or("no media")?;
-    let mut bytes = std::fs::read(last_path)?;
-    bytes.extend_from_slice(&super::super::format::padding_record(
-        4096,
-        journaled + 3,
-        1,
-    ));
-    std::fs::write(last_path, &bytes)?;
+    let medium = std::fs::OpenOptions::new().write(true).open(last_path)?;
+    let record = super::super::format::padding_record(4096, journaled + 3, 1);
+    std::os::unix::fs::FileExt::write_all_at(&medium, &record, status.position_bytes)?;
 
     let journal = Journal::open(JournalOptions::new(dir.join("j")))?;
     let mark = journal.mark("after-restart")?;

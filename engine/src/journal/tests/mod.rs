@@ -8,6 +8,7 @@ mod failures;
 mod format_golden;
 mod guest_races;
 mod long_trailer;
+mod mapped;
 mod memory_bound;
 mod queue_commits;
 mod robustness;
