@@ -245,7 +245,7 @@ echo "RESULT b_ok=$([ "$rb" = "$(md5 < /tmp/b)" ] && echo 1 || echo 0)"
 /// pattern.
 #[test]
 fn guest_survives_ferry_kills_with_requests_in_flight() -> Result<()> {
-    kills_with_requests_in_flight(false)
+    kills_with_requests_in_flight(Journal::None)
 }
 
 /// The same with a `sync` journal: after the kills the journal verifies clean (torn tails
@@ -253,13 +253,43 @@ fn guest_survives_ferry_kills_with_requests_in_flight() -> Result<()> {
 /// guest left, although writes the restarted daemon ran again are journaled twice.
 #[test]
 fn journaled_guest_survives_ferry_kills_with_requests_in_flight() -> Result<()> {
-    kills_with_requests_in_flight(true)
+    kills_with_requests_in_flight(Journal::Disk)
 }
 
-fn kills_with_requests_in_flight(journaled: bool) -> Result<()> {
+/// The same with the journal on tmpfs, where the queue threads write each record straight
+/// into a mapping of the medium (`mapped=auto`) and every kill leaves an unsealed medium as
+/// long as its capacity.
+#[test]
+fn journaled_on_tmpfs_guest_survives_ferry_kills_with_requests_in_flight() -> Result<()> {
+    kills_with_requests_in_flight(Journal::Memory)
+}
+
+/// Where the kill tests keep a journal.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Journal {
+    None,
+    /// In the scratch directory (a disk file system): group commits.
+    Disk,
+    /// On /dev/shm: mapped media.
+    Memory,
+}
+
+fn kills_with_requests_in_flight(journal_at: Journal) -> Result<()> {
     const KILLS: usize = 4;
     let dir = support::scratch_dir()?;
-    let journal = dir.path().join("journal");
+    let memory = match journal_at {
+        Journal::Memory => Some(
+            tempfile::Builder::new()
+                .prefix("ferry-test-journal-")
+                .tempdir_in("/dev/shm")?,
+        ),
+        _ => None,
+    };
+    let journal = memory
+        .as_ref()
+        .map_or(dir.path(), |m| m.path())
+        .join("journal");
+    let journaled = journal_at != Journal::None;
     let serve_args = if journaled {
         vec![
             "--journal".to_string(),
@@ -348,6 +378,14 @@ echo "RESULT kernel_errors=$(dmesg | grep -c -i -E 'I/O error|not a head|broken|
     if journaled {
         drop(daemon);
         check_journal_restores_the_image(dir.path(), &journal, &image)?;
+    }
+    if journal_at == Journal::Memory {
+        // A killed daemon leaves its mapped medium as long as its capacity (1 GiB by default).
+        let mapped = std::fs::read_dir(&journal)?.flatten().any(|e| {
+            e.file_name().to_string_lossy().starts_with("medium-")
+                && e.metadata().is_ok_and(|m| m.len() == 1 << 30)
+        });
+        ensure!(mapped, "no medium of the tmpfs journal was mapped");
     }
     eprintln!("guest run took {:?}", out.elapsed);
     Ok(())
