@@ -1,7 +1,7 @@
 //! The journal's log: one entry per record, kept in memory as the journal runs and rebuilt
 //! by scanning media; rendering as JSON lines and CSV.
 
-use super::format::Op;
+use super::format::{Op, RecordHeader};
 
 /// One record as the log lists it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -18,6 +18,23 @@ pub struct LogEntry {
     /// Which medium of the set and where on it the record starts.
     pub medium: u32,
     pub position_bytes: u64,
+}
+
+impl LogEntry {
+    /// The entry of the record `header` at `position_bytes` of medium `medium`.
+    pub fn of(header: &RecordHeader, medium: u32, position_bytes: u64) -> Self {
+        Self {
+            seq: header.seq,
+            stream_id: header.stream_id,
+            log_id: header.log_id,
+            timestamp_ns: header.timestamp_ns,
+            op: header.op,
+            offset_bytes: header.offset_bytes,
+            len_bytes: header.len_bytes,
+            medium,
+            position_bytes,
+        }
+    }
 }
 
 /// The CSV header line matching [`render_csv_line`].

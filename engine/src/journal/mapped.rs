@@ -373,17 +373,7 @@ impl MappedTail {
         encode_record_in(dst, header, fill);
         self.position_bytes = end;
         self.last_seq = header.seq;
-        let entry = LogEntry {
-            seq: header.seq,
-            stream_id: header.stream_id,
-            log_id: header.log_id,
-            timestamp_ns: header.timestamp_ns,
-            op: header.op,
-            offset_bytes: header.offset_bytes,
-            len_bytes: header.len_bytes,
-            medium: self.medium,
-            position_bytes: at,
-        };
+        let entry = LogEntry::of(&header, self.medium, at);
         self.entries.push(entry);
         Ok(entry)
     }

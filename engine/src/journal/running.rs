@@ -244,17 +244,8 @@ impl State {
         self.observed_bytes += (self.batch.len() - offset) as u64;
         self.records.push(PendingRecord {
             batch_offset: offset,
-            entry: LogEntry {
-                seq: header.seq,
-                stream_id: header.stream_id,
-                log_id: header.log_id,
-                timestamp_ns: header.timestamp_ns,
-                op: header.op,
-                offset_bytes: header.offset_bytes,
-                len_bytes: header.len_bytes,
-                medium: 0,
-                position_bytes: 0,
-            },
+            // Medium and position are filled in when the writer appends it.
+            entry: LogEntry::of(&header, 0, 0),
         });
         false
     }

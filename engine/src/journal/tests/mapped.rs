@@ -9,7 +9,9 @@ use super::super::format::{Op, BLOCK_BYTES};
 use super::super::media::list_media;
 use super::super::writer::AppendPath;
 use super::super::{Journal, JournalMode, JournalOptions, JournalState, MappedAppends};
-use super::support::{open_volume, pattern, verify_and_restore, write, TestResult};
+use super::support::{
+    open_volume, pattern, spawn_slot_writers, verify_and_restore, write, TestResult,
+};
 use crate::VolumeQueue;
 
 const WRITE_BYTES: usize = 4096;
@@ -48,21 +50,7 @@ fn concurrent_queues_append_through_the_tail_across_marks_seals_and_full_media()
         let journal = Journal::open(options)?;
         let v = open_volume(dir, &volume, volume_bytes)?;
         v.add_observer(journal.observer());
-        let workers: Vec<_> = (0..THREADS)
-            .map(|t| {
-                let v = v.clone();
-                std::thread::spawn(move || -> Result<(), String> {
-                    let mut q = VolumeQueue::new(v, t as u16, 4, 4).map_err(|e| e.to_string())?;
-                    for i in 0..WRITES_PER_THREAD {
-                        let slot = t * WRITES_PER_THREAD + i;
-                        let data = pattern(slot, WRITE_BYTES);
-                        write(&mut q, slot * WRITE_BYTES as u64, &data)
-                            .map_err(|e| format!("write {slot}: {e:?}"))?;
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
+        let workers = spawn_slot_writers(&v, THREADS, WRITES_PER_THREAD, WRITE_BYTES);
         let mut marks = 0;
         while !workers.iter().all(|w| w.is_finished()) {
             let mark = journal.mark(&format!("m{marks}"))?;

@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use super::super::options::Committer;
 use super::super::{Journal, JournalMode, JournalOptions};
-use super::support::{open_volume, pattern, verify_and_restore, write, TestResult};
+use super::support::{
+    open_volume, pattern, spawn_slot_writers, verify_and_restore, write, TestResult,
+};
 use crate::VolumeQueue;
 
 const WRITE_BYTES: usize = 4096;
@@ -26,24 +28,7 @@ fn concurrent_queues_commit_each_others_writes() -> TestResult {
     let journal = Journal::open(options)?;
     let v = open_volume(dir, "vq", volume_bytes)?;
     v.add_observer(journal.observer());
-    let workers: Vec<_> = (0..THREADS)
-        .map(|t| {
-            let v = v.clone();
-            std::thread::spawn(move || -> Result<(), String> {
-                let mut q = VolumeQueue::new(v, t as u16, 4, 4).map_err(|e| e.to_string())?;
-                for i in 0..WRITES_PER_THREAD {
-                    let slot = t * WRITES_PER_THREAD + i;
-                    write(
-                        &mut q,
-                        slot * WRITE_BYTES as u64,
-                        &pattern(slot, WRITE_BYTES),
-                    )
-                    .map_err(|e| format!("write {slot}: {e:?}"))?;
-                }
-                Ok(())
-            })
-        })
-        .collect();
+    let workers = spawn_slot_writers(&v, THREADS, WRITES_PER_THREAD, WRITE_BYTES);
     // Marks and seals from another thread meanwhile: the writer thread takes the appender
     // between the queues' commits.
     let mut marks = 0;

@@ -132,3 +132,29 @@ pub fn verify_and_restore(
     restore(&set, &opts, &mut |_, _| {})?;
     Ok((report, std::fs::read(out)?))
 }
+
+/// `threads` threads, each with its own queue `t` on `v`, each writing `writes_per_thread`
+/// blocks of `block_bytes` one at a time: slot `t * writes_per_thread + i` holds
+/// `pattern(slot)`.
+pub fn spawn_slot_writers(
+    v: &Arc<Volume>,
+    threads: u64,
+    writes_per_thread: u64,
+    block_bytes: usize,
+) -> Vec<std::thread::JoinHandle<Result<(), String>>> {
+    (0..threads)
+        .map(|t| {
+            let v = v.clone();
+            std::thread::spawn(move || -> Result<(), String> {
+                let mut q = VolumeQueue::new(v, t as u16, 4, 4).map_err(|e| e.to_string())?;
+                for i in 0..writes_per_thread {
+                    let slot = t * writes_per_thread + i;
+                    let data = pattern(slot, block_bytes);
+                    write(&mut q, slot * block_bytes as u64, &data)
+                        .map_err(|e| format!("write {slot}: {e:?}"))?;
+                }
+                Ok(())
+            })
+        })
+        .collect()
+}
