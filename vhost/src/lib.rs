@@ -13,6 +13,7 @@
 pub mod backend;
 pub mod config;
 pub mod dirty_log;
+pub mod guest_warnings;
 pub mod poll_window;
 pub mod queue_worker;
 pub mod request;

@@ -33,6 +33,7 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, Guest
 
 use crate::config::DISCARD_SECTORS_MAX;
 use crate::dirty_log::{self, LogBitmap, LogState, Segment};
+use crate::guest_warnings::GuestWarnings;
 use crate::poll_window::PollWindow;
 use crate::request::{self, Parsed, Request, RequestType, ID_BYTES, WRITE_ZEROES_FLAG_UNMAP};
 
@@ -148,6 +149,10 @@ pub struct QueueWorker {
     /// Bit i set: vring i got used entries this pass and may need a notification.
     to_signal: u64,
     poll: PollWindow,
+    /// Warnings the guest can cause (bad requests), rate-limited.
+    guest_warnings: GuestWarnings,
+    /// Bit i set: vring i was seen started (its start is logged once per connection).
+    started: u64,
 }
 
 impl QueueWorker {
@@ -176,6 +181,8 @@ impl QueueWorker {
                 .collect(),
             to_signal: 0,
             poll: PollWindow::new(settings.poll_max),
+            guest_warnings: GuestWarnings::default(),
+            started: 0,
             settings,
         }
     }
@@ -241,6 +248,31 @@ impl QueueWorker {
         if !state.get_queue().ready() || !state.is_enabled() {
             return false;
         }
+        if self.started & (1 << index) == 0 {
+            self.started |= 1 << index;
+            // A daemon killed after putting entries on the used ring and before signalling
+            // them leaves a guest waiting for completions it will never be told about (the
+            // restarted device finds nothing to do: those requests are not offered again).
+            // One notification at start makes the guest look at its used ring; a spurious
+            // one costs the guest a glance.
+            let signalled = state.get_call().is_some();
+            if let Err(e) = state.signal_used_queue() {
+                log::debug!("cannot signal used queue: {e}");
+            }
+            let queue = state.get_queue();
+            let avail = queue.avail_idx(mem.as_ref(), std::sync::atomic::Ordering::Acquire);
+            log::info!(
+                "volume {}: vring {index} started at avail index {} (guest's: {}){}",
+                self.engine.volume().name(),
+                queue.next_avail(),
+                avail.map_or_else(|e| format!("unreadable: {e}"), |a| a.0.to_string()),
+                if signalled {
+                    ""
+                } else {
+                    "; no call descriptor yet"
+                }
+            );
+        }
         loop {
             if self.event_idx {
                 let _ = state.disable_notification();
@@ -299,9 +331,9 @@ impl QueueWorker {
         match parsed {
             Parsed::Ok => {}
             Parsed::Failed { error, status_addr } => {
-                log::warn!(
-                    "volume {}: bad request: {error}",
-                    self.engine.volume().name()
+                self.guest_warnings.warn(
+                    self.engine.volume().name(),
+                    format_args!("bad request: {error}"),
                 );
                 self.answer_now(
                     state,
@@ -315,9 +347,9 @@ impl QueueWorker {
                 return true;
             }
             Parsed::Dropped(error) => {
-                log::warn!(
-                    "volume {}: dropped request: {error}",
-                    self.engine.volume().name()
+                self.guest_warnings.warn(
+                    self.engine.volume().name(),
+                    format_args!("dropped request: {error}"),
                 );
                 self.publish_answered(vring, head, 0, state);
                 return true;
@@ -465,9 +497,9 @@ impl QueueWorker {
         mem: &GuestMemory,
     ) {
         if mem.write_obj(status, status_addr).is_err() {
-            log::warn!(
-                "volume {}: status byte outside guest memory",
-                self.engine.volume().name()
+            self.guest_warnings.warn(
+                self.engine.volume().name(),
+                format_args!("status byte outside guest memory"),
             );
         }
         self.publish_answered(vring, head, used_len, state);
@@ -572,7 +604,10 @@ impl QueueWorker {
             dirty_log::mark_written(target_mem, &slot.written);
         }
         if target_mem.write_obj(status, slot.status_addr).is_err() {
-            log::warn!("status byte outside guest memory");
+            self.guest_warnings.warn(
+                self.engine.volume().name(),
+                format_args!("status byte outside guest memory"),
+            );
         }
         self.free_tags.push(tag as u32);
         Some((used_len, position))
@@ -610,6 +645,7 @@ impl QueueWorker {
             );
         }
         let vrings = std::mem::take(&mut self.vrings);
+        self.started = 0;
         self.complete_all(&completions, &mem, &vrings);
         self.abandon_order(&vrings);
         self.signal(&vrings);
@@ -687,6 +723,63 @@ fn log_failure(volume: &str, failure: IoFailure) {
 #[cfg(test)]
 mod tests {
     use super::PublicationOrder;
+
+    /// A worker that finds a ring started signals it once, with nothing to do: a daemon
+    /// killed between putting entries on the used ring and signalling them would otherwise
+    /// leave the guest waiting for ever (seen with QEMU: avail, used and the restarted
+    /// device's base all equal, the guest's I/O never completing).
+    #[test]
+    fn a_started_ring_is_signalled_once_even_with_nothing_to_do(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        use std::os::fd::FromRawFd;
+        use vhost_user_backend::{VringRwLock, VringT};
+        use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+
+        let tmp = tempfile::tempdir()?;
+        let volume = ferry_engine::Volume::open(ferry_engine::VolumeConfig {
+            name: "v".into(),
+            path: tmp.path().join("v.img"),
+            size_bytes: Some(1 << 20),
+            ..Default::default()
+        })?;
+        let engine = ferry_engine::VolumeQueue::new(volume, 0, 16, 4)?;
+        let settings = super::WorkerSettings {
+            serial: [0; super::ID_BYTES],
+            poll_max: std::time::Duration::ZERO,
+            batch: 8,
+            log: super::LogState::default(),
+        };
+        let mut worker = super::QueueWorker::new(engine, settings, 16);
+        let mem: GuestMemoryMmap<super::LogBitmap> =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)])?;
+        let mem = GuestMemoryAtomic::new(mem);
+        worker.set_memory(mem.clone());
+        let vring = VringRwLock::new(mem, 16)?;
+        vring.set_queue_size(16);
+        vring.set_queue_info(0x1000, 0x2000, 0x3000)?;
+        // SAFETY: eventfd(2) returns a new descriptor (checked) that the File then owns.
+        let call = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        assert!(call >= 0);
+        // SAFETY: `call` is a fresh descriptor owned by nothing else.
+        let call = unsafe { std::fs::File::from_raw_fd(call) };
+        vring.set_call(Some(call.try_clone()?));
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        let vrings = [vring];
+        let signals = |call: &std::fs::File| {
+            let mut count = [0u8; 8];
+            std::io::Read::read(&mut &*call, &mut count).map_or(0, |_| u64::from_ne_bytes(count))
+        };
+        worker.run(&vrings);
+        assert_eq!(signals(&call), 1, "the start is signalled");
+        worker.run(&vrings);
+        assert_eq!(signals(&call), 0, "only once");
+        // A ring stopped and started again (a new connection) is signalled again.
+        worker.drain();
+        worker.run(&vrings);
+        assert_eq!(signals(&call), 1, "a restart is signalled");
+        Ok(())
+    }
 
     #[test]
     fn chains_finished_out_of_order_are_published_in_the_order_taken() {
