@@ -627,20 +627,26 @@ fn sigkill_on_mapped_media_loses_no_acknowledged_write() -> Result<()> {
     // Records are durable when their writes are submitted, before the image has them: wait
     // for more than the 128 the client keeps in flight, so that some are acknowledged.
     sigkill_case_on(
-        Rig::new(&[16 << 20])?.journal_in_memory()?,
+        Rig::new(&[KILL_VOLUME_BYTES])?.journal_in_memory()?,
         "mode=sync",
         192,
     )
 }
 
+/// The volume of the SIGKILL tests: room for the killed batch (2048 x 16 KiB).
+const KILL_VOLUME_BYTES: u64 = 48 << 20;
+
 fn sigkill_case(options: &str) -> Result<()> {
-    sigkill_case_on(Rig::new(&[16 << 20])?, options, 64)
+    sigkill_case_on(Rig::new(&[KILL_VOLUME_BYTES])?, options, 64)
 }
 
 /// SIGKILL once `durable_before_kill` writes of the killed batch are durable in the journal.
 fn sigkill_case_on(rig: Rig, options: &str, durable_before_kill: u64) -> Result<()> {
     const BLOCK: usize = 16 << 10;
-    const KILL_WRITES: usize = 512;
+    // Long enough that the status polling below (a control request each, slow in a debug
+    // build on a loaded machine) sees the threshold before the batch is over: with 512
+    // writes the whole batch was once acknowledged before the kill.
+    const KILL_WRITES: usize = 2048;
     let vol = &rig.vols[0];
     let mut daemon = rig.serve(options, 2)?;
     let mut model = Model::from_file(&vol.base)?;
@@ -649,7 +655,7 @@ fn sigkill_case_on(rig: Rig, options: &str, durable_before_kill: u64) -> Result<
         let phase = worker.run_ok(Phase::random(seed, vol.size_bytes, PHASE_OPS, 2))?;
         model.apply_all(&phase);
     }
-    // The killed batch: 512 writes of 16 KiB on two queues; SIGKILL once some of them are
+    // The killed batch: 2048 writes of 16 KiB on two queues; SIGKILL once some of them are
     // durable in the journal (so some are acknowledged and many are still in flight).
     let pid = nix::unistd::Pid::from_raw(i32::try_from(daemon.pid())?);
     let seq_of = |s: &Value, k: &str| s[k].as_u64().context("status without sequence numbers");
