@@ -502,6 +502,7 @@ impl MigrationJob {
             state,
             mode: s.options.mode,
             target: s.target_name.clone(),
+            target_block_sizes: s.target.block_sizes(),
             volumes,
             total_bytes: s.counters.total_bytes.load(Ordering::Relaxed),
             copied_bytes: s.counters.copied_bytes.load(Ordering::Relaxed),

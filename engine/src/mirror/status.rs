@@ -2,6 +2,7 @@
 
 use super::layout::Placement;
 use super::options::MirrorMode;
+use crate::target::nbd_sizes::BlockSizes;
 
 /// The life of a job: `copying` → `ready` → `cutting-over` → `completed`; or `failed` /
 /// `cancelled` from any state before `completed`.
@@ -56,6 +57,8 @@ pub struct MigrationStatus {
     pub state: MigrationState,
     pub mode: MirrorMode,
     pub target: String,
+    /// The size constraints an NBD target negotiated (`None` for a file target).
+    pub target_block_sizes: Option<BlockSizes>,
     pub volumes: Vec<VolumeMigrationStatus>,
     /// Bytes to copy so far: the allocated ranges at the start plus everything re-dirtied.
     pub total_bytes: u64,

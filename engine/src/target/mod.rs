@@ -6,6 +6,7 @@
 
 pub mod file;
 pub mod nbd;
+pub mod nbd_sizes;
 
 use std::path::PathBuf;
 
@@ -82,6 +83,10 @@ pub trait Target: Send + Sync {
     /// Lets go of what the target holds on the far side (an NBD connection: servers limit
     /// their clients) once nothing will use it again; later calls fail.
     fn close(&self) {}
+    /// The size constraints an NBD export negotiated (`None` for other targets).
+    fn block_sizes(&self) -> Option<nbd_sizes::BlockSizes> {
+        None
+    }
 }
 
 /// Where an NBD server listens.

@@ -1,4 +1,5 @@
-//! An NBD client as a migration target: fixed-newstyle handshake with `NBD_OPT_GO`, then
+//! An NBD client as a migration target: fixed-newstyle handshake with `NBD_OPT_GO` (asking
+//! for the export's size constraints, [`super::nbd_sizes`]), then
 //! READ/WRITE/FLUSH/TRIM/WRITE_ZEROES with simple replies over one connection.
 //!
 //! Many threads issue requests at once: each registers a handle, sends its request under
@@ -16,6 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+pub use super::nbd_sizes::BlockSizes;
+use super::nbd_sizes::NBD_INFO_BLOCK_SIZE;
 use super::{NbdAddress, Target, TargetError};
 
 pub(crate) const NBD_INIT_MAGIC: u64 = 0x4e42_444d_4147_4943; // "NBDMAGIC"
@@ -50,8 +53,6 @@ pub(crate) const NBD_CMD_TRIM: u16 = 4;
 pub(crate) const NBD_CMD_WRITE_ZEROES: u16 = 6;
 pub(crate) const NBD_CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 
-/// The largest payload (or zeroed range) of one request; servers may refuse more (qemu: 32 MiB).
-pub(crate) const REQUEST_BYTES_MAX: u64 = 32 << 20;
 /// How long a request waits for its reply before the connection is declared lost.
 pub const REQUEST_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
 
@@ -182,11 +183,20 @@ struct Pending {
     dead: Option<String>,
 }
 
+/// What `NBD_OPT_GO` told about the export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ExportInfo {
+    pub size_bytes: u64,
+    pub transmission_flags: u16,
+    pub block_sizes: BlockSizes,
+}
+
 /// An NBD export opened for a mirror.
 pub struct NbdTarget {
     name: String,
     size_bytes: u64,
     transmission_flags: u16,
+    block_sizes: BlockSizes,
     send: Mutex<Conn>,
     /// The same socket outside the send lock, to shut it down while a sender is blocked.
     control: Conn,
@@ -225,23 +235,31 @@ impl NbdTarget {
             source,
         };
         let mut conn = Conn::connect(address, request_timeout).map_err(connect_err)?;
-        let (size_bytes, transmission_flags) = handshake(&mut conn, export, request_timeout)
-            .map_err(|reason| TargetError::Handshake {
+        let info = handshake(&mut conn, export, request_timeout).map_err(|reason| {
+            TargetError::Handshake {
                 target: name.clone(),
                 reason,
-            })?;
+            }
+        })?;
+        let unusable = if info.transmission_flags & NBD_FLAG_READ_ONLY != 0 && !read_only_ok {
+            Err("the export is read-only".to_string())
+        } else {
+            info.block_sizes.check_usable()
+        };
+        if let Err(reason) = unusable {
+            disconnect(&conn);
+            return Err(TargetError::Unusable {
+                target: name,
+                reason,
+            });
+        }
+        log::info!("{name}: {} bytes, {}", info.size_bytes, info.block_sizes);
         // Replies may be far apart (the reader waits as long as it must: each request has its
         // own deadline), but a send that cannot go out within a request's time means a server
         // that stopped reading; without a bound it would block with the send lock held, and
         // every other sender (guest writes being mirrored among them) behind it.
         conn.set_timeouts(None, Some(request_timeout))
             .map_err(connect_err)?;
-        if transmission_flags & NBD_FLAG_READ_ONLY != 0 && !read_only_ok {
-            return Err(TargetError::Unusable {
-                target: name,
-                reason: "the export is read-only".into(),
-            });
-        }
         let reader_conn = conn.try_clone().map_err(connect_err)?;
         let control = conn.try_clone().map_err(connect_err)?;
         let pending = Arc::new(Mutex::new(Pending::default()));
@@ -252,8 +270,9 @@ impl NbdTarget {
             .map_err(connect_err)?;
         Ok(Self {
             name,
-            size_bytes,
-            transmission_flags,
+            size_bytes: info.size_bytes,
+            transmission_flags: info.transmission_flags,
+            block_sizes: info.block_sizes,
             send: Mutex::new(conn),
             control,
             pending,
@@ -346,15 +365,32 @@ impl NbdTarget {
         self.control.shutdown();
     }
 
-    /// Runs `f` over `len_bytes` from `offset_bytes` in pieces of at most [`REQUEST_BYTES_MAX`].
+    /// Runs `f` over `len_bytes` from `offset_bytes` in pieces of at most `piece_bytes_max`
+    /// (a multiple of the minimum block size, so every piece stays aligned). A range not
+    /// aligned to the export's minimum block size is refused before anything is sent (the
+    /// handshake committed ferry to it); none of ferry's is: they are whole sectors.
     fn split(
+        &self,
+        op: u16,
         offset_bytes: u64,
         len_bytes: u64,
+        piece_bytes_max: u64,
         mut f: impl FnMut(u64, u64) -> Result<(), TargetError>,
     ) -> Result<(), TargetError> {
+        if !self.block_sizes.is_aligned(offset_bytes, len_bytes) {
+            return Err(TargetError::Unusable {
+                target: self.name.clone(),
+                reason: format!(
+                    "{} of {len_bytes} bytes at offset {offset_bytes} is not aligned to the \
+                     export's minimum block size of {} bytes",
+                    command_name(op),
+                    self.block_sizes.block_bytes_min
+                ),
+            });
+        }
         let mut done = 0;
         while done < len_bytes {
-            let n = (len_bytes - done).min(REQUEST_BYTES_MAX);
+            let n = (len_bytes - done).min(piece_bytes_max);
             f(offset_bytes + done, n)?;
             done += n;
         }
@@ -372,12 +408,19 @@ impl Target for NbdTarget {
     }
 
     fn write_at(&self, offset_bytes: u64, data: &[u8]) -> Result<(), TargetError> {
-        Self::split(offset_bytes, data.len() as u64, |off, n| {
-            let start = (off - offset_bytes) as usize;
-            let piece = &data[start..start + n as usize];
-            self.request(NBD_CMD_WRITE, 0, off, n as u32, piece)
-                .map(drop)
-        })
+        let max = self.block_sizes.request_bytes_max();
+        self.split(
+            NBD_CMD_WRITE,
+            offset_bytes,
+            data.len() as u64,
+            max,
+            |off, n| {
+                let start = (off - offset_bytes) as usize;
+                let piece = &data[start..start + n as usize];
+                self.request(NBD_CMD_WRITE, 0, off, n as u32, piece)
+                    .map(drop)
+            },
+        )
     }
 
     fn is_remote(&self) -> bool {
@@ -388,6 +431,10 @@ impl Target for NbdTarget {
         self.kill("the target was closed".into());
     }
 
+    fn block_sizes(&self) -> Option<BlockSizes> {
+        Some(self.block_sizes)
+    }
+
     fn write_zeroes(
         &self,
         offset_bytes: u64,
@@ -396,22 +443,31 @@ impl Target for NbdTarget {
     ) -> Result<(), TargetError> {
         let flags = self.transmission_flags;
         if flags & NBD_FLAG_SEND_WRITE_ZEROES == 0 {
-            let zeros = vec![0u8; REQUEST_BYTES_MAX.min(len_bytes) as usize];
-            return Self::split(offset_bytes, len_bytes, |off, n| {
+            let max = self.block_sizes.request_bytes_max();
+            let zeros = vec![0u8; max.min(len_bytes) as usize];
+            return self.split(NBD_CMD_WRITE, offset_bytes, len_bytes, max, |off, n| {
                 self.request(NBD_CMD_WRITE, 0, off, n as u32, &zeros[..n as usize])
                     .map(drop)
             });
         }
         let cmd_flags = if unmap { 0 } else { NBD_CMD_FLAG_NO_HOLE };
-        Self::split(offset_bytes, len_bytes, |off, n| {
-            self.request(NBD_CMD_WRITE_ZEROES, cmd_flags, off, n as u32, &[])
-                .map(drop)
-        })
+        let max = self.block_sizes.effect_bytes_max();
+        self.split(
+            NBD_CMD_WRITE_ZEROES,
+            offset_bytes,
+            len_bytes,
+            max,
+            |off, n| {
+                self.request(NBD_CMD_WRITE_ZEROES, cmd_flags, off, n as u32, &[])
+                    .map(drop)
+            },
+        )
     }
 
     fn read_at(&self, offset_bytes: u64, buf: &mut [u8]) -> Result<(), TargetError> {
         let len = buf.len() as u64;
-        Self::split(offset_bytes, len, |off, n| {
+        let max = self.block_sizes.request_bytes_max();
+        self.split(NBD_CMD_READ, offset_bytes, len, max, |off, n| {
             let data = self.request(NBD_CMD_READ, 0, off, n as u32, &[])?;
             let start = (off - offset_bytes) as usize;
             buf[start..start + n as usize].copy_from_slice(&data);
@@ -442,7 +498,8 @@ impl NbdTarget {
         if self.transmission_flags & NBD_FLAG_SEND_TRIM == 0 {
             return Ok(());
         }
-        Self::split(offset_bytes, len_bytes, |off, n| {
+        let max = self.block_sizes.effect_bytes_max();
+        self.split(NBD_CMD_TRIM, offset_bytes, len_bytes, max, |off, n| {
             self.request(NBD_CMD_TRIM, 0, off, n as u32, &[]).map(drop)
         })
     }
@@ -549,13 +606,17 @@ fn read_replies(mut conn: Conn, pending: &Mutex<Pending>) {
 
 /// The fixed-newstyle handshake up to the transmission phase, all of it within `timeout`
 /// (each read and write is bounded by what is left, so a server that trickles replies
-/// cannot hold it longer); returns (size, transmission flags). Leaves the socket's
-/// timeouts set: the caller sets its own.
+/// cannot hold it longer); returns what the server told about the export. Leaves the
+/// socket's timeouts set: the caller sets its own.
+///
+/// `NBD_OPT_GO` asks for `NBD_INFO_BLOCK_SIZE`, which commits the client to the size
+/// constraints the server sends: a caller that cannot honour them (see
+/// [`BlockSizes::check_usable`]) must end the session ([`disconnect`]) without a request.
 pub(crate) fn handshake(
     conn: &mut Conn,
     export: &str,
     timeout: Duration,
-) -> Result<(u64, u16), String> {
+) -> Result<ExportInfo, String> {
     let deadline = std::time::Instant::now() + timeout;
     let bound = |conn: &Conn| -> Result<(), String> {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -595,14 +656,21 @@ pub(crate) fn handshake(
         client_flags |= NBD_FLAG_C_NO_ZEROES;
     }
     let name = export.as_bytes();
-    let mut msg = Vec::with_capacity(32 + name.len());
+    // NBD_OPT_GO data: name length, name, then the information requests (count, types).
+    let info_requests = [NBD_INFO_BLOCK_SIZE];
+    let data_len = 4 + name.len() + 2 + 2 * info_requests.len();
+    let data_len = u32::try_from(data_len).map_err(|_| "the export name is too long")?;
+    let mut msg = Vec::with_capacity(20 + data_len as usize);
     msg.extend_from_slice(&client_flags.to_be_bytes());
     msg.extend_from_slice(&NBD_OPTS_MAGIC.to_be_bytes());
     msg.extend_from_slice(&NBD_OPT_GO.to_be_bytes());
-    msg.extend_from_slice(&(4 + name.len() as u32 + 2).to_be_bytes());
+    msg.extend_from_slice(&data_len.to_be_bytes());
     msg.extend_from_slice(&(name.len() as u32).to_be_bytes());
     msg.extend_from_slice(name);
-    msg.extend_from_slice(&0u16.to_be_bytes()); // no extra information requests
+    msg.extend_from_slice(&(info_requests.len() as u16).to_be_bytes());
+    for info in info_requests {
+        msg.extend_from_slice(&info.to_be_bytes());
+    }
     bound(conn)?;
     conn.write_all(&msg)
         .map_err(|e| io("sending NBD_OPT_GO", e))?;
@@ -610,12 +678,15 @@ pub(crate) fn handshake(
 }
 
 /// Reads option replies to `NBD_OPT_GO` until the final ACK or an error; `bound` sets the
-/// socket's timeout to what is left of the handshake before each reply.
+/// socket's timeout to what is left of the handshake before each reply. Information types
+/// other than `NBD_INFO_EXPORT` and `NBD_INFO_BLOCK_SIZE` are ignored, as the protocol asks;
+/// without `NBD_INFO_BLOCK_SIZE` the protocol's default constraints apply.
 fn read_go_replies(
     conn: &mut Conn,
     bound: &dyn Fn(&Conn) -> Result<(), String>,
-) -> Result<(u64, u16), String> {
+) -> Result<ExportInfo, String> {
     let mut export: Option<(u64, u16)> = None;
+    let mut block_sizes = BlockSizes::DEFAULT;
     loop {
         bound(conn)?;
         let mut head = [0u8; 20];
@@ -648,13 +719,41 @@ fn read_go_replies(
                     u16::from_be_bytes([data[10], data[11]]),
                 ));
             }
+            NBD_REP_INFO
+                if data.len() >= 2
+                    && u16::from_be_bytes([data[0], data[1]]) == NBD_INFO_BLOCK_SIZE =>
+            {
+                block_sizes = BlockSizes::parse(&data)?;
+            }
             NBD_REP_INFO => {}
             NBD_REP_ACK => {
-                return export.ok_or_else(|| "the server sent no export information".to_string())
+                let (size_bytes, transmission_flags) =
+                    export.ok_or_else(|| "the server sent no export information".to_string())?;
+                return Ok(ExportInfo {
+                    size_bytes,
+                    transmission_flags,
+                    block_sizes,
+                });
             }
             other => return Err(format!("unexpected option reply {other}")),
         }
     }
+}
+
+/// Ends a session in the transmission phase: `NBD_CMD_DISC` (best effort, without blocking),
+/// then shuts the connection down.
+pub(crate) fn disconnect(conn: &Conn) {
+    let header = request_header(NBD_CMD_DISC, 0, 0, 0, 0);
+    // SAFETY: send(2) of a local 28-byte array on a descriptor `conn` keeps open.
+    let _ = unsafe {
+        libc::send(
+            conn.raw_fd(),
+            header.as_ptr().cast(),
+            header.len(),
+            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+        )
+    };
+    conn.shutdown();
 }
 
 /// A server's message as it may go into errors, logs and status: at most 4096 bytes (the
@@ -784,6 +883,251 @@ mod tests {
         Ok(())
     }
 
+    /// What the fake server saw: the data of the client's `NBD_OPT_GO`, then every request
+    /// as (command, offset, length).
+    #[derive(Debug, Default)]
+    struct FakeLog {
+        go_data: Vec<u8>,
+        requests: Vec<(u16, u64, u32)>,
+    }
+
+    /// An in-process NBD server for one client on `socket`: answers `NBD_OPT_GO` with an
+    /// `NBD_INFO_EXPORT` for `size_bytes` (flush, trim and write-zeroes offered), then `infos`
+    /// (the data of further `NBD_REP_INFO` replies), then an ACK; then serves every request
+    /// with success (reads as zeros) until the client disconnects, logging what came.
+    fn fake_server(
+        socket: &std::path::Path,
+        size_bytes: u64,
+        infos: Vec<Vec<u8>>,
+    ) -> std::io::Result<JoinHandle<std::io::Result<FakeLog>>> {
+        let listener = std::os::unix::net::UnixListener::bind(socket)?;
+        Ok(std::thread::spawn(move || {
+            let (mut s, _) = listener.accept()?;
+            let mut log = FakeLog::default();
+            let mut greeting = NBD_INIT_MAGIC.to_be_bytes().to_vec();
+            greeting.extend_from_slice(&NBD_OPTS_MAGIC.to_be_bytes());
+            greeting
+                .extend_from_slice(&(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES).to_be_bytes());
+            s.write_all(&greeting)?;
+            let mut head = [0u8; 4 + 16];
+            s.read_exact(&mut head)?; // client flags, then the option's magic, type, length
+            assert_eq!(be_u32(&head[12..16]), NBD_OPT_GO);
+            log.go_data = vec![0u8; be_u32(&head[16..20]) as usize];
+            s.read_exact(&mut log.go_data)?;
+            let mut export = NBD_INFO_EXPORT.to_be_bytes().to_vec();
+            export.extend_from_slice(&size_bytes.to_be_bytes());
+            let flags: u16 =
+                1 | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES;
+            export.extend_from_slice(&flags.to_be_bytes());
+            let replies = std::iter::once((NBD_REP_INFO, export))
+                .chain(infos.into_iter().map(|info| (NBD_REP_INFO, info)))
+                .chain(std::iter::once((NBD_REP_ACK, Vec::new())));
+            for (reply_type, data) in replies {
+                let mut reply = NBD_REP_MAGIC.to_be_bytes().to_vec();
+                reply.extend_from_slice(&NBD_OPT_GO.to_be_bytes());
+                reply.extend_from_slice(&reply_type.to_be_bytes());
+                reply.extend_from_slice(&(data.len() as u32).to_be_bytes());
+                reply.extend_from_slice(&data);
+                s.write_all(&reply)?;
+            }
+            loop {
+                let mut request = [0u8; 28];
+                if s.read_exact(&mut request).is_err() {
+                    return Ok(log); // the client hung up
+                }
+                let cmd = u16::from_be_bytes([request[6], request[7]]);
+                let (offset, len) = (be_u64(&request[16..24]), be_u32(&request[24..28]));
+                log.requests.push((cmd, offset, len));
+                if cmd == NBD_CMD_DISC {
+                    return Ok(log);
+                }
+                if cmd == NBD_CMD_WRITE {
+                    std::io::copy(&mut (&mut s).take(u64::from(len)), &mut std::io::sink())?;
+                }
+                let mut reply = NBD_SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
+                reply.extend_from_slice(&0u32.to_be_bytes());
+                reply.extend_from_slice(&request[8..16]);
+                if cmd == NBD_CMD_READ {
+                    reply.resize(reply.len() + len as usize, 0);
+                }
+                s.write_all(&reply)?;
+            }
+        }))
+    }
+
+    fn block_size_info(min: u32, preferred: u32, max: u32) -> Vec<u8> {
+        let mut info = NBD_INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+        for word in [min, preferred, max] {
+            info.extend_from_slice(&word.to_be_bytes());
+        }
+        info
+    }
+
+    fn served(
+        server: JoinHandle<std::io::Result<FakeLog>>,
+    ) -> Result<FakeLog, Box<dyn std::error::Error>> {
+        Ok(server.join().map_err(|_| "the fake server panicked")??)
+    }
+
+    /// `NBD_OPT_GO` asks for `NBD_INFO_BLOCK_SIZE`; the advertised sizes are kept, reads and
+    /// writes are split at the maximum payload, write-zeroes at 32 MiB.
+    #[test]
+    fn negotiates_block_sizes_and_splits_at_the_maximum_payload(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let socket = dir.path().join("s");
+        let server = fake_server(&socket, 64 << 20, vec![block_size_info(512, 4096, 1 << 20)])?;
+        let t = NbdTarget::connect(&NbdAddress::Unix { socket }, "e", REQUEST_TIMEOUT_DEFAULT)?;
+        let sizes = t.block_sizes().ok_or("no block sizes")?;
+        assert_eq!(
+            (
+                sizes.block_bytes_min,
+                sizes.block_bytes_preferred,
+                sizes.payload_bytes_max
+            ),
+            (512, 4096, 1 << 20)
+        );
+        assert!(sizes.advertised);
+        t.write_at(4096, &vec![7u8; (3 << 20) + 512])?;
+        let mut buf = vec![1u8; 2 << 20];
+        t.read_at(1 << 20, &mut buf)?;
+        assert!(buf.iter().all(|&b| b == 0));
+        t.write_zeroes(0, 40 << 20, true)?;
+        t.trim(0, 33 << 20)?;
+        drop(t);
+        let log = served(server)?;
+        let mut go = 1u32.to_be_bytes().to_vec(); // name length, name, 1 request: BLOCK_SIZE
+        go.extend_from_slice(b"e");
+        go.extend_from_slice(&[0, 1, 0, 3]);
+        assert_eq!(log.go_data, go);
+        let mib = 1u32 << 20;
+        assert_eq!(
+            log.requests,
+            vec![
+                (NBD_CMD_WRITE, 4096, mib),
+                (NBD_CMD_WRITE, 4096 + (1 << 20), mib),
+                (NBD_CMD_WRITE, 4096 + (2 << 20), mib),
+                (NBD_CMD_WRITE, 4096 + (3 << 20), 512),
+                (NBD_CMD_READ, 1 << 20, mib),
+                (NBD_CMD_READ, 2 << 20, mib),
+                (NBD_CMD_WRITE_ZEROES, 0, 32 * mib),
+                (NBD_CMD_WRITE_ZEROES, 32 << 20, 8 * mib),
+                (NBD_CMD_TRIM, 0, 32 * mib),
+                (NBD_CMD_TRIM, 32 << 20, mib),
+                (NBD_CMD_DISC, 0, 0),
+            ]
+        );
+        Ok(())
+    }
+
+    /// A server that sends no `NBD_INFO_BLOCK_SIZE`: the protocol's defaults (1, 4096,
+    /// 32 MiB), so payloads are split at 32 MiB as before.
+    #[test]
+    fn a_server_without_block_sizes_gets_the_defaults() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let socket = dir.path().join("s");
+        let server = fake_server(&socket, 64 << 20, vec![])?;
+        let t = NbdTarget::connect(&NbdAddress::Unix { socket }, "e", REQUEST_TIMEOUT_DEFAULT)?;
+        assert_eq!(t.block_sizes(), Some(BlockSizes::DEFAULT));
+        t.write_at(0, &vec![7u8; 33 << 20])?;
+        drop(t);
+        let log = served(server)?;
+        assert_eq!(
+            log.requests,
+            vec![
+                (NBD_CMD_WRITE, 0, 32 << 20),
+                (NBD_CMD_WRITE, 32 << 20, 1 << 20),
+                (NBD_CMD_DISC, 0, 0),
+            ]
+        );
+        Ok(())
+    }
+
+    /// A minimum block size above a sector is refused at connect with both sizes named; the
+    /// session ends with NBD_CMD_DISC and no request (the client committed to the sizes).
+    #[test]
+    fn a_minimum_block_size_above_a_sector_is_refused() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let socket = dir.path().join("s");
+        let server = fake_server(&socket, 1 << 20, vec![block_size_info(4096, 4096, 1 << 20)])?;
+        let address = NbdAddress::Unix { socket };
+        let refused = NbdTarget::connect(&address, "e", REQUEST_TIMEOUT_DEFAULT);
+        let Err(e @ TargetError::Unusable { .. }) = refused else {
+            return Err(format!("not refused as unusable: {:?}", refused.err()).into());
+        };
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "target {}: the export's minimum block size is 4096 bytes; ferry's volumes \
+                 take 512-byte requests",
+                super::super::TargetSpec::Nbd {
+                    address,
+                    export: "e".into()
+                }
+            )
+        );
+        assert_eq!(served(server)?.requests, vec![(NBD_CMD_DISC, 0, 0)]);
+        Ok(())
+    }
+
+    /// The same refusal for a volume on the export (`ferry serve --volume path=nbd://…`).
+    #[test]
+    fn a_volume_on_an_export_with_big_blocks_is_refused() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let dir = tempfile::tempdir()?;
+        let socket = dir.path().join("s");
+        let server = fake_server(&socket, 1 << 20, vec![block_size_info(4096, 4096, 1 << 20)])?;
+        let address = NbdAddress::Unix {
+            socket: socket.clone(),
+        };
+        let reason = crate::volume::NbdExport::probe(&address, "e")
+            .err()
+            .ok_or("the export was accepted")?;
+        assert_eq!(
+            reason,
+            format!(
+                "nbd+unix:///e?socket={}: the export's minimum block size is 4096 bytes; \
+                 ferry's volumes take 512-byte requests",
+                socket.display()
+            )
+        );
+        assert_eq!(served(server)?.requests, vec![(NBD_CMD_DISC, 0, 0)]);
+        Ok(())
+    }
+
+    /// Sizes against the protocol fail the handshake with the reason.
+    #[test]
+    fn invalid_block_sizes_fail_the_handshake() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let socket = dir.path().join("s");
+        let _server = fake_server(&socket, 1 << 20, vec![block_size_info(512, 256, 1 << 20)])?;
+        let outcome =
+            NbdTarget::connect(&NbdAddress::Unix { socket }, "e", REQUEST_TIMEOUT_DEFAULT);
+        let Err(TargetError::Handshake { reason, .. }) = outcome else {
+            return Err(format!("not a handshake failure: {:?}", outcome.err()).into());
+        };
+        assert!(reason.contains("preferred block size 256"), "{reason}");
+        Ok(())
+    }
+
+    /// A range not aligned to the minimum block size is refused before it is sent.
+    #[test]
+    fn an_unaligned_range_is_not_sent() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let socket = dir.path().join("s");
+        let server = fake_server(&socket, 1 << 20, vec![block_size_info(512, 4096, 1 << 20)])?;
+        let t = NbdTarget::connect(&NbdAddress::Unix { socket }, "e", REQUEST_TIMEOUT_DEFAULT)?;
+        let unaligned = t.write_at(100, &[1u8; 512]);
+        assert!(
+            matches!(&unaligned, Err(TargetError::Unusable { reason, .. }) if reason.contains("not aligned")),
+            "{unaligned:?}"
+        );
+        assert!(t.write_zeroes(512, 100, true).is_err());
+        drop(t);
+        assert_eq!(served(server)?.requests, vec![(NBD_CMD_DISC, 0, 0)]);
+        Ok(())
+    }
+
     #[test]
     fn server_text_is_bounded_and_escaped() {
         assert_eq!(server_text(b"no such export"), "no such export");
@@ -840,6 +1184,11 @@ mod tests {
         assert!(matches!(refused, Err(TargetError::Handshake { .. })));
         let t = Arc::new(NbdTarget::connect(&address, "e", REQUEST_TIMEOUT_DEFAULT)?);
         assert_eq!(t.size_bytes(), 4 << 20);
+        // qemu-nbd answers the NBD_INFO_BLOCK_SIZE request: a raw file takes any alignment.
+        let sizes = t.block_sizes().ok_or("no block sizes")?;
+        assert!(sizes.advertised, "{sizes}");
+        assert_eq!(sizes.block_bytes_min, 1, "{sizes}");
+        assert_eq!(sizes.payload_bytes_max, 32 << 20, "{sizes}");
         let writers: Vec<_> = (0..4u8)
             .map(|i| {
                 let t = t.clone();

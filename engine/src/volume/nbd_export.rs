@@ -1,5 +1,6 @@
-//! An NBD export as a volume's backing: where it is, what the server offers, and the
-//! connections made outside the queues (the probe at open, the flush on shutdown, the
+//! An NBD export as a volume's backing: where it is, what the server offers (flags and size
+//! constraints: an export whose minimum block size exceeds a sector is refused at open), and
+//! the connections made outside the queues (the probe at open, the flush on shutdown, the
 //! mirror copier's reads). Each queue's own connection is made by [`NbdExport::connect`]
 //! and driven by [`super::nbd_queue`].
 
@@ -9,8 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::target::nbd::{
-    handshake, Conn, NbdTarget, NBD_FLAG_CAN_MULTI_CONN, NBD_FLAG_READ_ONLY, NBD_FLAG_SEND_FLUSH,
-    NBD_FLAG_SEND_FUA, NBD_FLAG_SEND_TRIM, NBD_FLAG_SEND_WRITE_ZEROES,
+    disconnect, handshake, BlockSizes, Conn, ExportInfo, NbdTarget, NBD_FLAG_CAN_MULTI_CONN,
+    NBD_FLAG_READ_ONLY, NBD_FLAG_SEND_FLUSH, NBD_FLAG_SEND_FUA, NBD_FLAG_SEND_TRIM,
+    NBD_FLAG_SEND_WRITE_ZEROES,
 };
 use crate::target::{NbdAddress, Target, TargetSpec};
 
@@ -27,6 +29,7 @@ pub struct NbdExport {
     export: String,
     size_bytes: u64,
     transmission_flags: u16,
+    block_sizes: BlockSizes,
     /// A blocking client for reads outside the queues (a migration away from this export),
     /// connected on first use.
     reader: Mutex<Option<Arc<NbdTarget>>>,
@@ -38,6 +41,7 @@ impl std::fmt::Debug for NbdExport {
             .field("uri", &self.uri)
             .field("size_bytes", &self.size_bytes)
             .field("transmission_flags", &self.transmission_flags)
+            .field("block_sizes", &self.block_sizes)
             .finish()
     }
 }
@@ -57,15 +61,26 @@ pub fn parse_uri(path: &Path) -> Option<Result<(NbdAddress, String), String>> {
 }
 
 impl NbdExport {
-    /// Connects once to learn the export's size and flags, then disconnects.
+    /// Connects once to learn the export's size, flags and size constraints, then
+    /// disconnects. Refuses constraints ferry's requests cannot meet (a minimum block size
+    /// above a sector), with a reason that names both sizes.
     pub fn probe(address: &NbdAddress, export: &str) -> Result<Self, String> {
         let uri = TargetSpec::Nbd {
             address: address.clone(),
             export: export.to_string(),
         }
         .to_string();
-        let (conn, size_bytes, transmission_flags) = open_conn(address, export)?;
+        let (conn, info) = open_conn(address, export)?;
         disconnect(&conn);
+        info.block_sizes
+            .check_usable()
+            .map_err(|reason| format!("{uri}: {reason}"))?;
+        let ExportInfo {
+            size_bytes,
+            transmission_flags,
+            block_sizes,
+        } = info;
+        log::info!("{uri}: {size_bytes} bytes, {block_sizes}");
         if transmission_flags & NBD_FLAG_CAN_MULTI_CONN == 0 {
             log::warn!(
                 "{uri}: the server does not advertise multi-conn: a guest flush on one queue \
@@ -78,6 +93,7 @@ impl NbdExport {
             export: export.to_string(),
             size_bytes,
             transmission_flags,
+            block_sizes,
             reader: Mutex::new(None),
         })
     }
@@ -111,15 +127,42 @@ impl NbdExport {
         self.transmission_flags & NBD_FLAG_SEND_WRITE_ZEROES != 0
     }
 
+    /// The size constraints the server advertised at open (or the protocol's defaults).
+    pub fn block_sizes(&self) -> BlockSizes {
+        self.block_sizes
+    }
+
+    /// The largest READ or WRITE payload a queue sends (see [`BlockSizes::request_bytes_max`]).
+    pub(crate) fn request_bytes_max(&self) -> u64 {
+        self.block_sizes.request_bytes_max()
+    }
+
+    /// The largest WRITE_ZEROES or TRIM a queue sends (see [`BlockSizes::effect_bytes_max`]).
+    pub(crate) fn effect_bytes_max(&self) -> u64 {
+        self.block_sizes.effect_bytes_max()
+    }
+
     /// A new connection in the transmission phase, non-blocking, for one queue. Refuses an
-    /// export whose size or flags changed since open (another export now answers).
+    /// export whose size, flags or size constraints changed since open (another export now
+    /// answers): the queues split and align requests by what the probe learned.
     pub(crate) fn connect(&self) -> Result<Conn, String> {
-        let (conn, size_bytes, flags) = open_conn(&self.address, &self.export)?;
-        if size_bytes != self.size_bytes || flags != self.transmission_flags {
+        let (conn, info) = open_conn(&self.address, &self.export)?;
+        let was = ExportInfo {
+            size_bytes: self.size_bytes,
+            transmission_flags: self.transmission_flags,
+            block_sizes: self.block_sizes,
+        };
+        if info != was {
             disconnect(&conn);
             return Err(format!(
-                "{}: the export changed (size {size_bytes}, flags {flags:#x}; was {}, {:#x})",
-                self.uri, self.size_bytes, self.transmission_flags
+                "{}: the export changed (size {}, flags {:#x}, {}; was {}, {:#x}, {})",
+                self.uri,
+                info.size_bytes,
+                info.transmission_flags,
+                info.block_sizes,
+                was.size_bytes,
+                was.transmission_flags,
+                was.block_sizes
             ));
         }
         conn.set_nonblocking(true)
@@ -162,8 +205,8 @@ impl NbdExport {
     }
 }
 
-/// Connects and negotiates `export`; returns the connection, the size and the flags.
-fn open_conn(address: &NbdAddress, export: &str) -> Result<(Conn, u64, u16), String> {
+/// Connects and negotiates `export`; returns the connection and what the server told.
+fn open_conn(address: &NbdAddress, export: &str) -> Result<(Conn, ExportInfo), String> {
     let uri = || {
         TargetSpec::Nbd {
             address: address.clone(),
@@ -173,24 +216,9 @@ fn open_conn(address: &NbdAddress, export: &str) -> Result<(Conn, u64, u16), Str
     };
     let mut conn = Conn::connect(address, CONNECT_TIMEOUT)
         .map_err(|e| format!("cannot connect to {}: {e}", uri()))?;
-    let (size_bytes, flags) = handshake(&mut conn, export, CONNECT_TIMEOUT)
+    let info = handshake(&mut conn, export, CONNECT_TIMEOUT)
         .map_err(|e| format!("{}: NBD handshake: {e}", uri()))?;
     conn.set_timeout(None)
         .map_err(|e| format!("{}: {e}", uri()))?;
-    Ok((conn, size_bytes, flags))
-}
-
-/// Sends `NBD_CMD_DISC` (best effort) and shuts the connection down.
-pub(crate) fn disconnect(conn: &Conn) {
-    let header = crate::target::nbd::request_header(crate::target::nbd::NBD_CMD_DISC, 0, 0, 0, 0);
-    // SAFETY: send(2) of a local 28-byte array on a descriptor `conn` keeps open.
-    let _ = unsafe {
-        libc::send(
-            conn.raw_fd(),
-            header.as_ptr().cast(),
-            header.len(),
-            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-        )
-    };
-    conn.shutdown();
+    Ok((conn, info))
 }

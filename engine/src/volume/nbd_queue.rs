@@ -10,8 +10,11 @@
 //! `notify_fd()` and its `submit`/`commit`/`reap` calls are the same as for a file.
 //!
 //! - Requests are pipelined: any number in flight (up to the queue's slots); the NBD handle
-//!   of a request is its slot index. A request larger than [`REQUEST_BYTES_MAX`] (or a
-//!   write-zeroes written as zeros) goes out as several commands, one after another.
+//!   of a request is its slot index. A read or write larger than the export's maximum payload
+//!   (at most 32 MiB, [`NbdExport::request_bytes_max`]; also a write-zeroes written as zeros),
+//!   or a write-zeroes / discard larger than [`NbdExport::effect_bytes_max`], goes out as
+//!   several commands, one after another. Guest requests are whole sectors and the export's
+//!   minimum block size is at most a sector (checked at open), so every piece is aligned.
 //! - `submit` queues a request's header (and a write's payload, sent straight from the
 //!   caller's iovecs); `commit` (and `reap`) send what is queued, many requests per
 //!   `sendmsg`. `reap` reads replies into a buffer, matches them by handle and copies read
@@ -43,7 +46,7 @@ use crate::reactor::ring::wake_eventfd;
 use crate::reactor::Ring;
 use crate::target::nbd::{
     request_header, Conn, NBD_CMD_FLAG_FUA, NBD_CMD_FLAG_NO_HOLE, NBD_CMD_FLUSH, NBD_CMD_READ,
-    NBD_CMD_TRIM, NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES, NBD_SIMPLE_REPLY_MAGIC, REQUEST_BYTES_MAX,
+    NBD_CMD_TRIM, NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES, NBD_SIMPLE_REPLY_MAGIC,
 };
 use crate::IoFailure;
 
@@ -235,15 +238,17 @@ impl NbdPath {
             }
             return None;
         }
-        let piece = slot.remaining_bytes.min(REQUEST_BYTES_MAX);
+        // Payloads at most the export's maximum; zeroing (no payload) up to its own bound.
+        let payload = slot.remaining_bytes.min(export.request_bytes_max());
+        let piece = slot.remaining_bytes.min(export.effect_bytes_max());
         Some(match slot.kind {
-            Kind::Read => (NBD_CMD_READ, 0, piece, false),
+            Kind::Read => (NBD_CMD_READ, 0, payload, false),
             Kind::Write => {
                 let fua = slot.dsync && export.has_fua();
                 (
                     NBD_CMD_WRITE,
                     if fua { NBD_CMD_FLAG_FUA } else { 0 },
-                    piece,
+                    payload,
                     true,
                 )
             }
@@ -254,8 +259,8 @@ impl NbdPath {
                 slot.iovecs.clear();
                 slot.iov_start = 0;
                 let mut len = 0u64;
-                while len < slot.remaining_bytes && slot.iovecs.len() < ZERO_IOVECS_MAX {
-                    let n = (slot.remaining_bytes - len).min(ZERO_BUFFER_BYTES as u64);
+                while len < payload && slot.iovecs.len() < ZERO_IOVECS_MAX {
+                    let n = (payload - len).min(ZERO_BUFFER_BYTES as u64);
                     slot.iovecs.push(libc::iovec {
                         iov_base: ZEROS.as_ptr() as *mut libc::c_void,
                         iov_len: n as usize,
@@ -587,7 +592,7 @@ impl NbdPath {
             return;
         };
         log::warn!("{}: connection lost: {reason}", self.export.uri());
-        super::nbd_export::disconnect(&conn);
+        crate::target::nbd::disconnect(&conn);
         drop(conn);
         self.epoch += 1;
         self.poll_in_armed = false;
@@ -620,7 +625,7 @@ impl NbdPath {
 impl Drop for NbdPath {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
-            super::nbd_export::disconnect(&conn);
+            crate::target::nbd::disconnect(&conn);
         }
     }
 }
