@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use support::blkio_client::{BlkioClient, BlkioOpts};
 use support::ferry_cli::{ferry, FerryServe};
-use support::nbd::{NbdAddr, NbdServer};
+use support::nbd::{BlockLimits, NbdAddr, NbdRequest, NbdServer};
 use support::pattern_writer::{compare_bytes, compare_image, PatternWriter, WriterConfig};
 
 const MIB: u64 = 1 << 20;
@@ -266,6 +266,103 @@ fn nbd_target_qemu_nbd_unix_background() -> Result<()> {
         |img| NbdServer::qemu_nbd(img, "disk", &NbdAddr::Unix(socket.clone())),
         "background",
     )
+}
+
+/// A target whose export advertises a maximum payload of 1 MiB and a minimum block of 512
+/// bytes (qemu-storage-daemon over blkdebug `max-transfer=1M,align=512`): a client writing up
+/// to 4 MiB at a time during the copy (mirrored to the target) and after cutover (served from
+/// the export). Every request reaching the server is aligned to 512 bytes and carries at most
+/// 1 MiB, the export ends up with everything the client wrote, and the job's status shows
+/// the negotiated sizes.
+#[test]
+fn nbd_target_with_a_1m_maximum_payload() -> Result<()> {
+    let fx = Fixture::new(&[("vda", 16 * MIB)], Fill::Dense)?;
+    let image = fx.path("nbd.img");
+    garbage_image(&image, 16 * MIB)?;
+    let limits = BlockLimits {
+        align_bytes: 512,
+        max_transfer_bytes: MIB,
+    };
+    let server =
+        NbdServer::qsd_block_limits(&image, "disk", &NbdAddr::Unix(fx.path("nbd.sock")), limits)?;
+    let writer = fx.writer(
+        0,
+        WriterConfig {
+            seed: 81,
+            inflight: 4,
+            write_bytes_max: 4 * MIB,
+            ..WriterConfig::default()
+        },
+    )?;
+    let uri = server.uri();
+    let id =
+        fx.serve
+            .start_migration(&["--volume", "vda", "--target", &uri, "--max-speed", "16M"])?;
+    let sizes = &fx.serve.job_status(id)?["target_block_sizes"];
+    ensure!(
+        sizes["block_bytes_min"] == 512
+            && sizes["payload_bytes_max"] == MIB
+            && sizes["advertised"] == true,
+        "status shows target_block_sizes {sizes}"
+    );
+    fx.serve.wait_ready(id)?;
+    writer.wait_more(10, WRITER_WAIT)?;
+    let report = fx.serve.cutover(id)?;
+    ensure!(report["switched"] == true, "NBD cutover report {report}");
+    writer.wait_more(10, WRITER_WAIT)?; // these writes go to the export only
+    let client = writer.stop()?;
+    client.ensure_no_error()?;
+    compare_image(&image, 0, &client.model)?;
+    let whole = server.check_requests(512, MIB)?;
+    ensure!(
+        whole > 16,
+        "only {whole} requests of 1 MiB: nothing was split"
+    );
+    Ok(())
+}
+
+/// A target whose export has a minimum block size of 4 KiB (blkdebug `align=4096`) cannot
+/// take the guest's 512-byte writes: `migrate start` fails with a one-line error naming both
+/// sizes, the export gets no request, and the client writing all along sees nothing of it.
+#[test]
+fn nbd_target_with_4k_blocks_is_refused() -> Result<()> {
+    let fx = Fixture::new(&[("vda", 16 * MIB)], Fill::HalfHoles)?;
+    let image = fx.path("nbd.img");
+    garbage_image(&image, 16 * MIB)?;
+    let limits = BlockLimits {
+        align_bytes: 4096,
+        max_transfer_bytes: MIB,
+    };
+    let server =
+        NbdServer::qsd_block_limits(&image, "disk", &NbdAddr::Unix(fx.path("nbd.sock")), limits)?;
+    let writer = fx.writer(
+        0,
+        WriterConfig {
+            seed: 82,
+            ..WriterConfig::default()
+        },
+    )?;
+    let uri = server.uri();
+    fx.serve
+        .migrate("start", &["--volume", "vda", "--target", &uri])?
+        .expect_error(&format!(
+            "{uri}: the export's minimum block size is 4096 bytes; ferry's volumes take \
+             512-byte requests"
+        ))?;
+    writer.wait_more(10, WRITER_WAIT)?;
+    let client = writer.stop()?;
+    client.ensure_no_error()?;
+    compare_image(&fx.image(0), 0, &client.model)?;
+    let requests = server.requests()?;
+    ensure!(
+        requests.iter().all(|r| r.cmd == NbdRequest::DISC),
+        "requests reached the refused export: {requests:?}"
+    );
+    ensure!(
+        std::fs::read(&image)?.iter().all(|&b| b == 0xee),
+        "the refused export was written"
+    );
+    Ok(())
 }
 
 /// Two volumes (the first not a whole number of MiB) merged onto one file under client

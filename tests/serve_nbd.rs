@@ -1,7 +1,9 @@
 //! `ferry serve` with a volume on an NBD export (`path=nbd://…` / `nbd+unix://…`): a libblkio
 //! client's writes land on the export's image byte for byte; when the NBD server dies the
 //! client gets I/O errors while the daemon stays up, and once the server is back the volume
-//! serves again. A missing server is a one-line error and a non-zero exit.
+//! serves again. A missing server is a one-line error and a non-zero exit. The export's size
+//! constraints (`NBD_INFO_BLOCK_SIZE`) are honoured: requests split at its maximum payload, and
+//! an export whose minimum block size exceeds a sector is refused.
 
 #[path = "support/mod.rs"]
 mod support;
@@ -10,7 +12,7 @@ use anyhow::{ensure, Context as _, Result};
 use std::time::{Duration, Instant};
 use support::blkio_client::{BlkioClient, BlkioOpts, Op};
 use support::ferry_cli::{ferry, FerryServe};
-use support::nbd::{NbdAddr, NbdServer};
+use support::nbd::{BlockLimits, NbdAddr, NbdRequest, NbdServer};
 use support::pattern_writer::compare_image;
 
 const MIB: u64 = 1 << 20;
@@ -145,5 +147,80 @@ fn serves_a_slice_of_an_nbd_export_over_a_unix_socket() -> Result<()> {
     let outside = std::fs::read(&image).context("read export image")?;
     ensure!(outside[..4 * MIB as usize].iter().all(|&b| b == 0x22));
     ensure!(outside[6 * MIB as usize..].iter().all(|&b| b == 0x22));
+    Ok(())
+}
+
+/// A volume on an export whose maximum payload is 1 MiB (qemu-storage-daemon over blkdebug
+/// `max-transfer=1M`, minimum block 512): 4 MiB guest reads and writes reach the server as
+/// requests of at most 1 MiB, aligned to 512 bytes, and the data lands byte for byte.
+#[test]
+fn splits_requests_at_the_exports_maximum_payload() -> Result<()> {
+    let dir = support::scratch_dir()?;
+    let image = dir.path().join("export.img");
+    std::fs::write(&image, vec![0x33u8; 16 * MIB as usize])?;
+    let limits = BlockLimits {
+        align_bytes: 512,
+        max_transfer_bytes: MIB,
+    };
+    let addr = NbdAddr::Unix(dir.path().join("nbd.sock"));
+    let server = NbdServer::qsd_block_limits(&image, "exp", &addr, limits)?;
+    let socket = dir.path().join("n.sock");
+    let spec = format!("name=n,path={},socket={}", server.uri(), socket.display());
+    let serve = FerryServe::start(&[spec], &dir.path().join("ctl.sock"))?;
+    let mut client = BlkioClient::connect(&socket, &BlkioOpts::default())?;
+    let data = support::pattern(11, 4 * MIB as usize);
+    client.write_all(5 * MIB + 512, &data, data.len())?;
+    client.flush()?;
+    let back = client.read_all(5 * MIB + 512, data.len(), data.len())?;
+    ensure!(back == data, "read back differs from what was written");
+    compare_image(&image, 5 * MIB + 512, &data)?;
+    let whole = server.check_requests(512, MIB)?;
+    ensure!(
+        whole >= 6,
+        "the 4 MiB requests were not split at 1 MiB ({whole} pieces)"
+    );
+    let log = serve.daemon.log();
+    ensure!(
+        log.contains(
+            "minimum block 512 bytes, preferred block 4096 bytes, maximum payload 1048576"
+        ),
+        "ferry did not log the negotiated sizes:\n{log}"
+    );
+    Ok(())
+}
+
+/// An export whose minimum block size is 4 KiB cannot take the guest's 512-byte requests:
+/// `ferry serve` refuses it with a one-line error naming both sizes, and sends it nothing.
+#[test]
+fn refuses_an_export_whose_minimum_block_size_exceeds_a_sector() -> Result<()> {
+    let dir = support::scratch_dir()?;
+    let image = dir.path().join("export.img");
+    std::fs::write(&image, vec![0u8; 4 * MIB as usize])?;
+    let limits = BlockLimits {
+        align_bytes: 4096,
+        max_transfer_bytes: MIB,
+    };
+    let addr = NbdAddr::Unix(dir.path().join("nbd.sock"));
+    let server = NbdServer::qsd_block_limits(&image, "exp", &addr, limits)?;
+    let socket = dir.path().join("n.sock");
+    let spec = format!("name=n,path={},socket={}", server.uri(), socket.display());
+    let out = ferry(&["serve", "--volume", &spec])?;
+    ensure!(!out.status.success(), "ferry serve started on the export");
+    let stderr = out.stderr.trim();
+    ensure!(
+        stderr.lines().count() == 1
+            && stderr.contains(&format!(
+                "{}: the export's minimum block size is 4096 bytes; ferry's volumes take \
+                 512-byte requests",
+                server.uri()
+            )),
+        "{stderr:?}"
+    );
+    ensure!(!socket.exists(), "the volume socket was created");
+    let requests = server.requests()?;
+    ensure!(
+        requests.iter().all(|r| r.cmd == NbdRequest::DISC),
+        "requests reached the refused export: {requests:?}"
+    );
     Ok(())
 }

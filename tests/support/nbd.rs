@@ -2,7 +2,7 @@
 //! on a loopback TCP port or a unix socket, killed when their handle drops.
 
 use super::daemon::{Daemon, START_TIMEOUT};
-use anyhow::{bail, Context as _, Result};
+use anyhow::{bail, ensure, Context as _, Result};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -96,6 +96,70 @@ impl NbdServer {
         Self::start("qemu-storage-daemon-nbd", cmd, addr, export)
     }
 
+    /// `qemu-storage-daemon --nbd-server` exporting the raw `image` through blkdebug with
+    /// `align=` and `max-transfer=`, which qemu's NBD server advertises as the export's minimum
+    /// block size and maximum payload (`NBD_INFO_BLOCK_SIZE`). Every request it receives is
+    /// traced to its log (`nbd_receive_request`), for [`requests`](Self::requests).
+    pub fn qsd_block_limits(
+        image: &Path,
+        export: &str,
+        addr: &NbdAddr,
+        limits: BlockLimits,
+    ) -> Result<Self> {
+        let mut cmd = Command::new("qemu-storage-daemon");
+        cmd.arg("--blockdev").arg(format!(
+            "driver=file,node-name=f0,filename={}",
+            image.display()
+        ));
+        cmd.arg("--blockdev").arg(format!(
+            "driver=blkdebug,node-name=d0,image=f0,align={},max-transfer={}",
+            limits.align_bytes, limits.max_transfer_bytes
+        ));
+        let server = match addr {
+            NbdAddr::Tcp(port) => format!("addr.type=inet,addr.host=127.0.0.1,addr.port={port}"),
+            NbdAddr::Unix(path) => format!("addr.type=unix,addr.path={}", path.display()),
+        };
+        cmd.arg("--nbd-server").arg(server);
+        cmd.arg("--export").arg(format!(
+            "type=nbd,id=n0,node-name=d0,name={export},writable=on"
+        ));
+        cmd.arg("--trace").arg("nbd_receive_request");
+        Self::start("qemu-storage-daemon-nbd-limits", cmd, addr, export)
+    }
+
+    /// The requests the server has received so far, from its `nbd_receive_request` trace
+    /// (servers started by [`qsd_block_limits`](Self::qsd_block_limits)).
+    pub fn requests(&self) -> Result<Vec<NbdRequest>> {
+        self.daemon
+            .log()
+            .lines()
+            .filter_map(|line| line.split_once("Got request: ").map(|(_, r)| r))
+            .map(NbdRequest::parse)
+            .collect()
+    }
+
+    /// Fails unless every request the server received (see [`requests`](Self::requests)) is
+    /// aligned to `align` and every read and write carries at most `payload_max` bytes;
+    /// returns how many reads and writes carried exactly `payload_max` (pieces of split ones).
+    pub fn check_requests(&self, align: u64, payload_max: u64) -> Result<usize> {
+        let requests = self.requests()?;
+        ensure!(!requests.is_empty(), "the server traced no request");
+        for r in &requests {
+            ensure!(
+                r.offset_bytes % align == 0 && r.len_bytes % align == 0,
+                "request not aligned to {align}: {r:?}"
+            );
+            ensure!(
+                !r.has_payload() || r.len_bytes <= payload_max,
+                "payload above the export's maximum {payload_max}: {r:?}"
+            );
+        }
+        Ok(requests
+            .iter()
+            .filter(|r| r.has_payload() && r.len_bytes == payload_max)
+            .count())
+    }
+
     fn start(name: &str, cmd: Command, addr: &NbdAddr, export: &str) -> Result<Self> {
         let mut daemon = Daemon::spawn(name, cmd)?;
         match addr {
@@ -131,5 +195,54 @@ fn wait_for_port(daemon: &mut Daemon, port: u16, timeout: Duration) -> Result<()
             );
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// What blkdebug makes qemu's NBD server advertise: the minimum block size (`align`) and the
+/// maximum payload (`max-transfer`, a multiple of `align`).
+#[derive(Clone, Copy, Debug)]
+pub struct BlockLimits {
+    pub align_bytes: u64,
+    pub max_transfer_bytes: u64,
+}
+
+/// One request as qemu's NBD server traced it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NbdRequest {
+    /// `NBD_CMD_*`: 0 read, 1 write, 2 disconnect, 3 flush, 4 trim, 6 write-zeroes.
+    pub cmd: u16,
+    pub offset_bytes: u64,
+    pub len_bytes: u64,
+}
+
+impl NbdRequest {
+    pub const READ: u16 = 0;
+    pub const WRITE: u16 = 1;
+    pub const DISC: u16 = 2;
+
+    /// Parses `{ magic = 0x25609513, .flags = 0x0, .type = 0x1, from = 0, len = 1048576 }`.
+    fn parse(text: &str) -> Result<Self> {
+        let field = |name: &str| -> Result<u64> {
+            let value = text
+                .split([',', '{', '}'])
+                .find_map(|part| part.trim().strip_prefix(name)?.trim().strip_prefix('='))
+                .map(str::trim)
+                .with_context(|| format!("no {name} in traced request {text:?}"))?;
+            let parsed = match value.strip_prefix("0x") {
+                Some(hex) => u64::from_str_radix(hex, 16),
+                None => value.parse(),
+            };
+            parsed.with_context(|| format!("bad {name} in traced request {text:?}"))
+        };
+        Ok(Self {
+            cmd: u16::try_from(field(".type")?).context("request type")?,
+            offset_bytes: field("from")?,
+            len_bytes: field("len")?,
+        })
+    }
+
+    /// True for a read or a write: the commands with a payload.
+    pub fn has_payload(&self) -> bool {
+        self.cmd == Self::READ || self.cmd == Self::WRITE
     }
 }
