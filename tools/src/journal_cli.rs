@@ -545,6 +545,7 @@ fn list(media: &[PathBuf], stream: Option<&str>, json: bool) -> anyhow::Result<(
     }
     for (mi, m) in set.media.iter().enumerate() {
         for r in m.live_records() {
+            let r = r?;
             let h = r.header;
             if let Some(ids) = &only {
                 if h.stream_id != 0 && !ids.contains(&h.stream_id) {
@@ -553,8 +554,8 @@ fn list(media: &[PathBuf], stream: Option<&str>, json: bool) -> anyhow::Result<(
             }
             let def = set.streams.get(&h.stream_id);
             let label = match h.op.name() {
-                "mark" | "log-init" => Some(String::from_utf8_lossy(&m.payload(r)?).into_owned()),
-                "stop" => StopInfo::decode(&m.payload(r)?).ok().map(|s| {
+                "mark" | "log-init" => Some(String::from_utf8_lossy(&m.payload(&r)?).into_owned()),
+                "stop" => StopInfo::decode(&m.payload(&r)?).ok().map(|s| {
                     format!(
                         "{}: {} (writes from seq {} not journaled)",
                         s.cause.name(),
@@ -657,6 +658,12 @@ fn run_verify(media: &[PathBuf], json: bool) -> anyhow::Result<()> {
                 st.reason,
                 st.source.display()
             );
+        }
+        for e in [&report.stops_error, &report.read_error]
+            .into_iter()
+            .flatten()
+        {
+            println!("  ERROR: {e}");
         }
         println!(
             "seq {:?}..{:?}, {} problem(s)",

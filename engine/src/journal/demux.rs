@@ -6,14 +6,15 @@
 //! into every output as a stop record at its place in the sequence: a demuxed stream has no
 //! contiguous numbers to show the loss, so `verify` and `restore` see it only that way.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::entry::now_ns;
 use super::error::JournalError;
 use super::format::{
-    encode_record, padding_needed, padding_record, MediumHeader, Op, StopInfo, BLOCK_BYTES,
-    MEDIUM_FLAG_DEMUXED,
+    encode_record, padding_needed, padding_record, MediumHeader, Op, StopInfo, StreamDef,
+    BLOCK_BYTES, MEDIUM_FLAG_DEMUXED,
 };
 use super::media::{medium_file_name, MediaSet, StopNote};
 use super::running::JOURNAL_STREAM_ID;
@@ -29,21 +30,69 @@ pub struct DemuxOutput {
     pub records: u64,
 }
 
-/// Writes `DIR/<volume>.q<queue>/medium-000000.fj` for every stream of `set`.
+/// Writes `DIR/<volume>.q<queue>/medium-000000.fj` for every stream of `set`, in one walk
+/// of the set.
 pub fn demux(set: &MediaSet, out_dir: &Path) -> Result<Vec<DemuxOutput>, JournalError> {
-    let records = set.sequenced();
-    let stops: Vec<StopNote> = set
-        .stops(&records)?
-        .into_iter()
-        .filter(|s| !s.resolved)
-        .collect();
+    let stops: Vec<StopNote> = set.stops()?.into_iter().filter(|s| !s.resolved).collect();
     let journal_id = set
         .media
         .iter()
         .find_map(|m| m.scan.medium_header)
         .map_or(0, |h| h.journal_id);
     let mut outputs = Vec::new();
+    let mut by_stream = BTreeMap::new();
     for (&stream_id, def) in &set.streams {
+        by_stream.insert(stream_id, outputs.len());
+        outputs.push(StreamOutput::create(out_dir, stream_id, def, journal_id)?);
+    }
+    let mut last_seq = 0;
+    for r in set.sequenced() {
+        let r = r?;
+        let h = r.record.header;
+        last_seq = h.seq;
+        let targets = if h.stream_id == JOURNAL_STREAM_ID {
+            0..outputs.len()
+        } else {
+            match by_stream.get(&h.stream_id) {
+                Some(&i) => i..i + 1,
+                None => continue,
+            }
+        };
+        let payload = set.payload(&r)?;
+        for out in &mut outputs[targets] {
+            out.stops_before(h.seq, &stops)?;
+            out.writer
+                .record(|b| encode_record(b, h, &payload))
+                .map_err(out.err("write"))?;
+            out.records += 1;
+        }
+    }
+    outputs
+        .into_iter()
+        .map(|out| out.finish(&stops, last_seq))
+        .collect()
+}
+
+/// One stream's output medium while demux writes it.
+struct StreamOutput {
+    stream_id: u32,
+    volume: String,
+    queue_index: u16,
+    path: PathBuf,
+    writer: RecordWriter,
+    records: u64,
+    /// How many of the unresolved stops are written.
+    stops_written: usize,
+}
+
+impl StreamOutput {
+    /// Creates the output's directory and medium and writes its medium header.
+    fn create(
+        out_dir: &Path,
+        stream_id: u32,
+        def: &StreamDef,
+        journal_id: u64,
+    ) -> Result<Self, JournalError> {
         let dir = out_dir.join(format!("{}.q{}", def.volume, def.queue_index));
         std::fs::create_dir_all(&dir).map_err(|source| JournalError::Dir {
             path: dir.clone(),
@@ -57,57 +106,69 @@ pub fn demux(set: &MediaSet, out_dir: &Path) -> Result<Vec<DemuxOutput>, Journal
             prev_valid_end_bytes: u64::MAX,
         };
         let path = dir.join(medium_file_name(0));
-        let err = |step: &'static str| {
-            let path = path.clone();
-            move |source| JournalError::Medium { path, step, source }
-        };
         let file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&path)
-            .map_err(err("create"))?;
-        let mut out = RecordWriter::new(file);
-        out.record(|b| {
-            encode_record(
-                b,
-                unsequenced(super::format::Op::MediumHeader, 0, 0, 0),
-                &header.encode(),
-            )
-        })
-        .map_err(err("write"))?;
-        let mut count = 0;
-        let mut pending_stops = stops.iter().peekable();
-        for r in records.iter().filter(|r| {
-            r.record.header.stream_id == stream_id || r.record.header.stream_id == JOURNAL_STREAM_ID
-        }) {
-            while let Some(stop) = pending_stops.next_if(|s| s.after_seq < r.record.header.seq) {
-                out.record(|b| encode_stop(b, stop)).map_err(err("write"))?;
-            }
-            let payload = set.payload(r)?;
-            out.record(|b| encode_record(b, r.record.header, &payload))
-                .map_err(err("write"))?;
-            count += 1;
-        }
-        for stop in pending_stops {
-            out.record(|b| encode_stop(b, stop)).map_err(err("write"))?;
-        }
-        let pad = padding_needed(out.len_bytes as usize % BLOCK_BYTES);
-        if pad > 0 {
-            let last = records.last().map_or(0, |r| r.record.header.seq);
-            out.record(|b| b.extend_from_slice(&padding_record(pad, last, 0)))
-                .map_err(err("write"))?;
-        }
-        out.finish().map_err(err("sync"))?;
-        outputs.push(DemuxOutput {
+            .map_err(|source| JournalError::Medium {
+                path: path.clone(),
+                step: "create",
+                source,
+            })?;
+        let mut out = Self {
             stream_id,
             volume: def.volume.clone(),
             queue_index: def.queue_index,
             path,
-            records: count,
-        });
+            writer: RecordWriter::new(file),
+            records: 0,
+            stops_written: 0,
+        };
+        out.writer
+            .record(|b| encode_record(b, unsequenced(Op::MediumHeader, 0, 0, 0), &header.encode()))
+            .map_err(out.err("write"))?;
+        Ok(out)
     }
-    Ok(outputs)
+
+    fn err(&self, step: &'static str) -> impl FnOnce(std::io::Error) -> JournalError {
+        let path = self.path.clone();
+        move |source| JournalError::Medium { path, step, source }
+    }
+
+    /// Writes the stops that come before sequence number `seq`.
+    fn stops_before(&mut self, seq: u64, stops: &[StopNote]) -> Result<(), JournalError> {
+        while let Some(stop) = stops.get(self.stops_written).filter(|s| s.after_seq < seq) {
+            self.writer
+                .record(|b| encode_stop(b, stop))
+                .map_err(self.err("write"))?;
+            self.stops_written += 1;
+        }
+        Ok(())
+    }
+
+    /// Writes the remaining stops and the padding to a whole block, and syncs the medium.
+    fn finish(mut self, stops: &[StopNote], last_seq: u64) -> Result<DemuxOutput, JournalError> {
+        self.stops_before(u64::MAX, stops)?;
+        let pad = padding_needed(self.writer.len_bytes as usize % BLOCK_BYTES);
+        if pad > 0 {
+            self.writer
+                .record(|b| b.extend_from_slice(&padding_record(pad, last_seq, 0)))
+                .map_err(self.err("write"))?;
+        }
+        let sync_err = self.err("sync");
+        self.writer.finish().map_err(sync_err)?;
+        Ok(DemuxOutput {
+            stream_id: self.stream_id,
+            volume: self.volume,
+            queue_index: self.queue_index,
+            path: self.path,
+            records: self.records,
+        })
+    }
 }
+
+/// The write buffer of each output (all streams' outputs are open at once).
+const OUTPUT_BUFFER_BYTES: usize = 256 << 10;
 
 /// Writes one output medium record by record through a buffer (a stream's records are
 /// never all in memory at once).
@@ -120,7 +181,7 @@ struct RecordWriter {
 impl RecordWriter {
     fn new(file: std::fs::File) -> Self {
         Self {
-            out: std::io::BufWriter::with_capacity(1 << 20, file),
+            out: std::io::BufWriter::with_capacity(OUTPUT_BUFFER_BYTES, file),
             len_bytes: 0,
             scratch: Vec::new(),
         }

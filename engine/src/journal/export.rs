@@ -55,6 +55,7 @@ pub fn export_dm_log_writes(
     w.write_all(&vec![0u8; sector]).map_err(err("write"))?;
     let mut entries = 0u64;
     for r in set.sequenced() {
+        let r = r?;
         let h = r.record.header;
         let ours = streams.contains(&h.stream_id);
         let (flags, with_data) = match h.op {

@@ -1,15 +1,24 @@
 //! The numbered set of media in a journal directory, and reading a set (or loose medium
 //! files) back as one ordered stream of records for the offline tools.
+//!
+//! Memory stays bounded by the number of media, not of records: opening a set scans each
+//! medium once and keeps only a summary (counts, sequence range, and the few notable
+//! records: stream definitions, marks, log inits, gaps, stops); the records themselves are
+//! read again, medium by medium, whenever a tool walks them ([`MediaSet::sequenced`] merges
+//! the media in sequence order as it reads them).
 
-use std::collections::BTreeMap;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::path::{Path, PathBuf};
 
 use super::catalog::{Catalog, RunRecord, RunState};
 use super::error::JournalError;
 use super::format::{
-    GapInfo, Op, RecordHeader, StopCause, StopInfo, StreamDef, MEDIUM_FLAG_DEMUXED,
+    GapInfo, MediumHeader, Op, RecordHeader, StopCause, StopInfo, StreamDef, MEDIUM_FLAG_DEMUXED,
 };
-use super::scan::{read_payload, scan_medium, FileSource, MediumScan, Problem, ScannedRecord};
+use super::scan::{
+    read_payload, read_record, FileSource, MediumScan, MediumWalk, Problem, ScannedRecord,
+};
 
 /// The file name of medium `index`.
 pub fn medium_file_name(index: u32) -> String {
@@ -62,10 +71,47 @@ pub fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, JournalError> {
 pub struct OpenedMedium {
     pub path: PathBuf,
     pub source: FileSource,
+    /// What the opening scan found: problems, valid end, header, sealed. Its `records` are
+    /// not kept (empty): walk them with [`OpenedMedium::live_records`].
     pub scan: MediumScan,
     /// Set when a later medium of the same journal says where this one's valid data ends
     /// (recovery after a crash): records from here on are orphans of the interrupted append.
     pub recovered_end_bytes: Option<u64>,
+    /// What the opening scan kept of the live records.
+    pub live: LiveSummary,
+}
+
+/// What the opening scan of a medium keeps of its live records (those before a recovered
+/// end).
+#[derive(Debug, Clone, Default)]
+pub struct LiveSummary {
+    pub records: u64,
+    pub first_seq: Option<u64>,
+    pub last_seq: Option<u64>,
+    /// The sequenced records come in ascending order of sequence number (as the journal
+    /// writes them); when not, walking the set sorts this medium's records in memory.
+    pub in_order: bool,
+    /// The live records other than data, flushes and padding (stream definitions, marks,
+    /// log inits, gaps, stops, medium headers, trailers), in medium order.
+    pub notable: Vec<ScannedRecord>,
+}
+
+impl LiveSummary {
+    fn add(&mut self, record: &ScannedRecord) {
+        let h = &record.header;
+        self.records += 1;
+        if h.is_sequenced() {
+            self.in_order &= self.last_seq.is_none_or(|last| last <= h.seq);
+            self.first_seq = Some(self.first_seq.map_or(h.seq, |f| f.min(h.seq)));
+            self.last_seq = Some(self.last_seq.map_or(h.seq, |l| l.max(h.seq)));
+        }
+        if !matches!(
+            h.op,
+            Op::Write | Op::Discard | Op::WriteZeroes | Op::Flush | Op::Padding
+        ) {
+            self.notable.push(*record);
+        }
+    }
 }
 
 impl OpenedMedium {
@@ -73,13 +119,14 @@ impl OpenedMedium {
         self.scan.medium_header.map(|h| h.medium_index)
     }
 
-    /// The records that count: those before a recovered end.
-    pub fn live_records(&self) -> impl Iterator<Item = &ScannedRecord> {
-        let end = self.recovered_end_bytes.unwrap_or(u64::MAX);
-        self.scan
-            .records
-            .iter()
-            .filter(move |r| r.position_bytes < end)
+    /// Reads the records that count again, in medium order: those before a recovered end.
+    pub fn live_records(&self) -> LiveRecords<'_> {
+        LiveRecords {
+            medium: self,
+            walk: MediumWalk::new(&self.source),
+            end: self.recovered_end_bytes.unwrap_or(u64::MAX),
+            done: false,
+        }
     }
 
     /// Problems that are not explained by a recovered torn tail.
@@ -92,13 +139,45 @@ impl OpenedMedium {
     }
 
     pub fn payload(&self, record: &ScannedRecord) -> Result<Vec<u8>, JournalError> {
-        read_payload(&self.source, record.position_bytes, &record.header).map_err(|source| {
-            JournalError::Medium {
-                path: self.path.clone(),
-                step: "read",
-                source,
+        read_payload(&self.source, record.position_bytes, &record.header)
+            .map_err(|source| self.read_error(source))
+    }
+
+    fn read_error(&self, source: std::io::Error) -> JournalError {
+        JournalError::Medium {
+            path: self.path.clone(),
+            step: "read",
+            source,
+        }
+    }
+}
+
+/// The live records of one medium, read from it as they are taken.
+pub struct LiveRecords<'a> {
+    medium: &'a OpenedMedium,
+    walk: MediumWalk<'a, FileSource>,
+    end: u64,
+    done: bool,
+}
+
+impl Iterator for LiveRecords<'_> {
+    type Item = Result<ScannedRecord, JournalError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        match self.walk.next_record() {
+            Ok(Some(r)) if r.position_bytes < self.end => Some(Ok(r)),
+            Ok(_) => {
+                self.done = true;
+                None
             }
-        })
+            Err(e) => {
+                self.done = true;
+                Some(Err(self.medium.read_error(e)))
+            }
+        }
     }
 }
 
@@ -142,20 +221,32 @@ impl MediaSet {
     /// valid record at all is refused as foreign.
     pub fn open(inputs: &[PathBuf]) -> Result<Self, JournalError> {
         let paths = expand_inputs(inputs)?;
-        let mut media = Vec::new();
+        let mut sources = Vec::new();
         for path in paths {
             let source = FileSource::open(&path).map_err(|source| JournalError::Medium {
                 path: path.clone(),
                 step: "open",
                 source,
             })?;
-            let scan = scan_medium(&source).map_err(|source| JournalError::Medium {
+            let header = first_medium_header(&source).map_err(|source| JournalError::Medium {
                 path: path.clone(),
                 step: "read",
                 source,
             })?;
+            sources.push((path, source, header));
+        }
+        let headers: Vec<_> = sources.iter().map(|(_, _, h)| *h).collect();
+        let ends = recovered_ends(&headers);
+        let mut media = Vec::new();
+        for ((path, source, _), recovered_end_bytes) in sources.into_iter().zip(ends) {
+            let (scan, live, all_records) =
+                summarize(&source, recovered_end_bytes).map_err(|source| JournalError::Medium {
+                    path: path.clone(),
+                    step: "read",
+                    source,
+                })?;
             // An all-zero file is a formatted medium taken just before a crash: empty.
-            if scan.records.is_empty() && scan.len_bytes > scan.zero_tail_bytes {
+            if all_records == 0 && scan.len_bytes > scan.zero_tail_bytes {
                 let reason = match scan.problems.first() {
                     Some(p) => {
                         format!("no valid record; at offset {}: {}", p.offset_bytes, p.error)
@@ -168,10 +259,10 @@ impl MediaSet {
                 path,
                 source,
                 scan,
-                recovered_end_bytes: None,
+                recovered_end_bytes,
+                live,
             });
         }
-        apply_recovered_ends(&mut media);
         let mut set = Self {
             media,
             streams: BTreeMap::new(),
@@ -184,7 +275,12 @@ impl MediaSet {
     fn collect_streams(&mut self) -> Result<(), JournalError> {
         let mut streams = BTreeMap::new();
         for m in &self.media {
-            for r in m.live_records().filter(|r| r.header.op == Op::StreamDef) {
+            for r in m
+                .live
+                .notable
+                .iter()
+                .filter(|r| r.header.op == Op::StreamDef)
+            {
                 let payload = m.payload(r)?;
                 let def = StreamDef::decode(&payload).map_err(|source| JournalError::Record {
                     path: m.path.clone(),
@@ -208,15 +304,40 @@ impl MediaSet {
         })
     }
 
-    /// Every live sequenced record of the set, ordered by sequence number.
-    pub fn sequenced(&self) -> Vec<RecordRef> {
+    /// Every live sequenced record of the set, ordered by sequence number, read from the
+    /// media as it is taken (a record found on two inputs, e.g. a journal-wide record in
+    /// several demuxed streams, comes once).
+    pub fn sequenced(&self) -> Sequenced<'_> {
+        Sequenced {
+            set: self,
+            sources: Vec::new(),
+            heads: BinaryHeap::new(),
+            last: None,
+            started: false,
+            failed: false,
+        }
+    }
+
+    /// The highest sequence number of the set (0 when it has none).
+    pub fn last_seq(&self) -> u64 {
+        self.media
+            .iter()
+            .filter_map(|m| m.live.last_seq)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The live sequenced notable records of every medium with `op`, by sequence number.
+    pub fn notable(&self, op: Op) -> Vec<RecordRef> {
         let mut out: Vec<RecordRef> = self
             .media
             .iter()
             .enumerate()
             .flat_map(|(i, m)| {
-                m.live_records()
-                    .filter(|r| r.header.is_sequenced())
+                m.live
+                    .notable
+                    .iter()
+                    .filter(move |r| r.header.op == op && r.header.is_sequenced())
                     .map(move |r| RecordRef {
                         medium: i,
                         record: *r,
@@ -224,7 +345,6 @@ impl MediaSet {
             })
             .collect();
         out.sort_by_key(|r| r.record.header.seq);
-        // The same record read from two inputs (journal-wide records in demuxed streams).
         out.dedup_by(|a, b| a.record.header == b.record.header);
         out
     }
@@ -247,33 +367,145 @@ impl MediaSet {
         Ok(String::from_utf8_lossy(&self.payload(r)?).into_owned())
     }
 
-    /// Breaks in the sequence among `records` (sorted): (after_seq, next_seq, explained
-    /// by a gap record).
-    pub fn sequence_breaks(&self, records: &[RecordRef]) -> Vec<SequenceBreak> {
-        let gaps = self.gap_records(records);
-        let mut out = Vec::new();
-        for pair in records.windows(2) {
-            let (a, b) = (pair[0].record.header.seq, pair[1].record.header.seq);
-            if b == a {
-                out.push(SequenceBreak {
-                    after_seq: a,
-                    next_seq: b,
-                    recorded_gap: false,
-                    duplicate: true,
-                });
-            } else if b != a + 1 {
-                let recorded_gap = gaps.iter().any(|g| {
-                    g.first_missing_seq <= a + 1 && g.first_missing_seq + g.missing_count >= b
-                });
-                out.push(SequenceBreak {
-                    after_seq: a,
-                    next_seq: b,
-                    recorded_gap,
-                    duplicate: false,
-                });
-            }
+    /// The payloads of the set's gap records.
+    fn gap_infos(&self) -> Vec<GapInfo> {
+        self.notable(Op::Gap)
+            .iter()
+            .filter_map(|r| self.payload(r).ok())
+            .filter_map(|p| GapInfo::decode(&p).ok())
+            .collect()
+    }
+}
+
+/// Finds the breaks in a sequence fed to it in order: (after_seq, next_seq, explained by
+/// a gap record). For a demuxed set only duplicates count (other streams' numbers are
+/// missing on purpose).
+pub struct BreakFinder {
+    gaps: Vec<GapInfo>,
+    duplicates_only: bool,
+    previous: Option<u64>,
+    breaks: Vec<SequenceBreak>,
+}
+
+impl BreakFinder {
+    pub fn new(set: &MediaSet) -> Self {
+        Self {
+            gaps: set.gap_infos(),
+            duplicates_only: set.demuxed(),
+            previous: None,
+            breaks: Vec::new(),
         }
-        out
+    }
+
+    pub fn push(&mut self, seq: u64) {
+        let Some(a) = self.previous.replace(seq) else {
+            return;
+        };
+        let b = seq;
+        if b == a {
+            self.breaks.push(SequenceBreak {
+                after_seq: a,
+                next_seq: b,
+                recorded_gap: false,
+                duplicate: true,
+            });
+        } else if b != a + 1 && !self.duplicates_only {
+            let recorded_gap = self.gaps.iter().any(|g| {
+                g.first_missing_seq <= a + 1 && g.first_missing_seq + g.missing_count >= b
+            });
+            self.breaks.push(SequenceBreak {
+                after_seq: a,
+                next_seq: b,
+                recorded_gap,
+                duplicate: false,
+            });
+        }
+    }
+
+    pub fn finish(self) -> Vec<SequenceBreak> {
+        self.breaks
+    }
+}
+
+/// The live sequenced records of a set merged in sequence order: one head record per
+/// medium in a heap. A medium whose records are out of order is sorted in memory first.
+pub struct Sequenced<'a> {
+    set: &'a MediaSet,
+    sources: Vec<SequencedSource<'a>>,
+    /// (sequence number, medium) of every medium's next record, held in `sources`.
+    heads: BinaryHeap<Reverse<(u64, usize)>>,
+    last: Option<RecordHeader>,
+    started: bool,
+    failed: bool,
+}
+
+struct SequencedSource<'a> {
+    records: Box<dyn Iterator<Item = Result<ScannedRecord, JournalError>> + 'a>,
+    head: Option<ScannedRecord>,
+}
+
+impl<'a> Sequenced<'a> {
+    fn start(&mut self) -> Result<(), JournalError> {
+        for (i, m) in self.set.media.iter().enumerate() {
+            let live = m
+                .live_records()
+                .filter(|r| r.as_ref().map_or(true, |r| r.header.is_sequenced()));
+            let records: Box<dyn Iterator<Item = Result<ScannedRecord, JournalError>> + 'a> =
+                if m.live.in_order {
+                    Box::new(live)
+                } else {
+                    let mut sorted = live.collect::<Result<Vec<_>, _>>()?;
+                    sorted.sort_by_key(|r| r.header.seq);
+                    Box::new(sorted.into_iter().map(Ok))
+                };
+            self.sources.push(SequencedSource {
+                records,
+                head: None,
+            });
+            self.advance(i)?;
+        }
+        Ok(())
+    }
+
+    /// Takes medium `i`'s next record into its head.
+    fn advance(&mut self, i: usize) -> Result<(), JournalError> {
+        let source = &mut self.sources[i];
+        source.head = source.records.next().transpose()?;
+        if let Some(r) = source.head {
+            self.heads.push(Reverse((r.header.seq, i)));
+        }
+        Ok(())
+    }
+
+    fn next_record(&mut self) -> Result<Option<RecordRef>, JournalError> {
+        if !self.started {
+            self.started = true;
+            self.start()?;
+        }
+        while let Some(Reverse((_, i))) = self.heads.pop() {
+            let Some(record) = self.sources[i].head.take() else {
+                continue;
+            };
+            self.advance(i)?;
+            if self.last.replace(record.header) == Some(record.header) {
+                continue;
+            }
+            return Ok(Some(RecordRef { medium: i, record }));
+        }
+        Ok(None)
+    }
+}
+
+impl Iterator for Sequenced<'_> {
+    type Item = Result<RecordRef, JournalError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        let next = self.next_record();
+        self.failed = next.is_err();
+        next.transpose()
     }
 }
 
@@ -295,14 +527,11 @@ fn load_runs(inputs: &[PathBuf]) -> Vec<(PathBuf, RunRecord)> {
 
 impl MediaSet {
     /// Every stop the set knows of, in order: stop records on the media, then journal
-    /// directories whose catalog says the journal is (still) stopped.
-    pub fn stops(&self, records: &[RecordRef]) -> Result<Vec<StopNote>, JournalError> {
-        let has_seq = |seq: u64| {
-            records
-                .binary_search_by_key(&seq, |r| r.record.header.seq)
-                .is_ok()
-        };
-        let gaps = self.gap_records(records);
+    /// directories whose catalog says the journal is (still) stopped. A stop is resolved
+    /// when a gap record accounts for the numbers it lost or the set holds its first
+    /// unjournaled number (which takes one walk of the set, only when a stop needs it).
+    pub fn stops(&self) -> Result<Vec<StopNote>, JournalError> {
+        let gaps = self.gap_infos();
         let explained = |first: u64| {
             gaps.iter().any(|g| {
                 g.first_missing_seq <= first && first < g.first_missing_seq + g.missing_count
@@ -310,7 +539,7 @@ impl MediaSet {
         };
         let mut out = Vec::new();
         for m in &self.media {
-            for r in m.live_records().filter(|r| r.header.op == Op::Stop) {
+            for r in m.live.notable.iter().filter(|r| r.header.op == Op::Stop) {
                 let info =
                     StopInfo::decode(&m.payload(r)?).map_err(|source| JournalError::Record {
                         path: m.path.clone(),
@@ -327,7 +556,7 @@ impl MediaSet {
                         .then_some(info.unjournaled_count),
                     reason: info.reason,
                     source: m.path.clone(),
-                    resolved: has_seq(first) || explained(first),
+                    resolved: explained(first),
                 });
             }
         }
@@ -346,24 +575,31 @@ impl MediaSet {
                 unjournaled_count: (count != super::catalog::COUNT_UNKNOWN).then_some(count),
                 reason: "the catalog says the journal stopped (write error or full medium) and was not restarted".into(),
                 source: dir.clone(),
-                resolved: has_seq(first) || explained(first),
+                resolved: explained(first),
             });
+        }
+        let wanted: BTreeSet<u64> = out
+            .iter()
+            .filter(|s| !s.resolved)
+            .map(|s| s.first_unjournaled_seq)
+            .collect();
+        if !wanted.is_empty() {
+            let mut present = BTreeSet::new();
+            for r in self.sequenced() {
+                let seq = r?.record.header.seq;
+                if wanted.contains(&seq) {
+                    present.insert(seq);
+                }
+            }
+            for s in &mut out {
+                s.resolved |= present.contains(&s.first_unjournaled_seq);
+            }
         }
         out.sort_by_key(|s| s.after_seq);
         out.dedup_by(|a, b| {
             a.after_seq == b.after_seq && a.first_unjournaled_seq == b.first_unjournaled_seq
         });
         Ok(out)
-    }
-
-    /// The payloads of the gap records among `records`.
-    fn gap_records(&self, records: &[RecordRef]) -> Vec<GapInfo> {
-        records
-            .iter()
-            .filter(|r| r.record.header.op == Op::Gap)
-            .filter_map(|r| self.payload(r).ok())
-            .filter_map(|p| GapInfo::decode(&p).ok())
-            .collect()
     }
 }
 
@@ -377,21 +613,59 @@ pub struct SequenceBreak {
     pub duplicate: bool,
 }
 
-/// A medium whose successor (same journal, next index) records the predecessor's valid end
-/// gets that end applied.
-fn apply_recovered_ends(media: &mut [OpenedMedium]) {
-    let headers: Vec<_> = media.iter().map(|m| m.scan.medium_header).collect();
-    for (i, m) in media.iter_mut().enumerate() {
-        let Some(h) = headers[i] else { continue };
-        let successor = headers.iter().flatten().find(|n| {
-            n.journal_id == h.journal_id
-                && n.medium_index == h.medium_index.wrapping_add(1)
-                && n.prev_valid_end_bytes != u64::MAX
-        });
-        if let Some(n) = successor {
-            m.recovered_end_bytes = Some(n.prev_valid_end_bytes);
+/// The medium header of a medium, when its first record is a valid one.
+fn first_medium_header(source: &FileSource) -> std::io::Result<Option<MediumHeader>> {
+    if source.len_bytes == 0 {
+        return Ok(None);
+    }
+    Ok(match read_record(source, 0)? {
+        Ok(h) if h.op == Op::MediumHeader => {
+            MediumHeader::decode(&read_payload(source, 0, &h)?).ok()
+        }
+        _ => None,
+    })
+}
+
+/// For every medium (by its header), the valid end its successor (same journal, next index)
+/// records for it, if any.
+fn recovered_ends(headers: &[Option<MediumHeader>]) -> Vec<Option<u64>> {
+    headers
+        .iter()
+        .map(|h| {
+            let h = (*h)?;
+            headers
+                .iter()
+                .flatten()
+                .find(|n| {
+                    n.journal_id == h.journal_id
+                        && n.medium_index == h.medium_index.wrapping_add(1)
+                        && n.prev_valid_end_bytes != u64::MAX
+                })
+                .map(|n| n.prev_valid_end_bytes)
+        })
+        .collect()
+}
+
+/// Scans a medium once: what the scan found, the summary of the records before
+/// `recovered_end`, and how many valid records it holds in all.
+fn summarize(
+    source: &FileSource,
+    recovered_end: Option<u64>,
+) -> std::io::Result<(MediumScan, LiveSummary, u64)> {
+    let end = recovered_end.unwrap_or(u64::MAX);
+    let mut walk = MediumWalk::new(source);
+    let mut live = LiveSummary {
+        in_order: true,
+        ..Default::default()
+    };
+    let mut all = 0;
+    while let Some(r) = walk.next_record()? {
+        all += 1;
+        if r.position_bytes < end {
+            live.add(&r);
         }
     }
+    Ok((walk.finish()?, live, all))
 }
 
 /// A record header with its medium position, for listing.

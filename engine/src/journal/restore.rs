@@ -6,8 +6,8 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
 use super::error::JournalError;
-use super::format::Op;
-use super::media::{MediaSet, RecordRef, SequenceBreak, StopNote};
+use super::format::{Op, RecordHeader};
+use super::media::{BreakFinder, MediaSet, SequenceBreak, StopNote};
 
 /// Up to where a restore goes (inclusive).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -162,24 +162,25 @@ pub fn describe_stop(s: &StopNote, until_seq: u64) -> Option<(bool, String)> {
     })
 }
 
-/// The inclusive sequence number `until` stands for among `records` (sorted).
-pub fn resolve_until(
-    set: &MediaSet,
-    records: &[RecordRef],
-    until: &Until,
-) -> Result<u64, JournalError> {
-    let last = records.last().map_or(0, |r| r.record.header.seq);
+/// The inclusive sequence number `until` stands for in `set`.
+pub fn resolve_until(set: &MediaSet, until: &Until) -> Result<u64, JournalError> {
     match until {
-        Until::End => Ok(last),
+        Until::End => Ok(set.last_seq()),
         Until::Seq(n) => Ok(*n),
-        Until::TimeNs(t) => Ok(records
-            .iter()
-            .take_while(|r| r.record.header.timestamp_ns <= *t)
-            .last()
-            .map_or(0, |r| r.record.header.seq)),
+        Until::TimeNs(t) => {
+            let mut last = 0;
+            for r in set.sequenced() {
+                let h = r?.record.header;
+                if h.timestamp_ns > *t {
+                    break;
+                }
+                last = h.seq;
+            }
+            Ok(last)
+        }
         Until::Mark(label) => {
-            for r in records.iter().filter(|r| r.record.header.op == Op::Mark) {
-                if set.label(r)? == *label {
+            for r in set.notable(Op::Mark) {
+                if set.label(&r)? == *label {
                     return Ok(r.record.header.seq);
                 }
             }
@@ -190,7 +191,8 @@ pub fn resolve_until(
     }
 }
 
-/// Restores `opts.volume`; `progress(done, total)` is called as records are applied.
+/// Restores `opts.volume`; `progress(done, total)` is called as records are applied. Reads
+/// the set twice: once to check the range (sequence breaks, records to apply), once to apply.
 pub fn restore(
     set: &MediaSet,
     opts: &RestoreOptions,
@@ -204,14 +206,8 @@ pub fn restore(
             opts.volume
         )));
     }
-    let records = set.sequenced();
-    let until_seq = resolve_until(set, &records, &opts.until)?;
-    let in_range: Vec<RecordRef> = records
-        .iter()
-        .filter(|r| r.record.header.seq <= until_seq)
-        .copied()
-        .collect();
-    let stops = stops_in_range(set.stops(&records)?, until_seq, &opts.until);
+    let until_seq = resolve_until(set, &opts.until)?;
+    let stops = stops_in_range(set.stops()?, until_seq, &opts.until);
     let notes: Vec<(bool, String)> = stops
         .iter()
         .filter_map(|s| describe_stop(s, until_seq))
@@ -222,10 +218,18 @@ pub fn restore(
         )));
     }
     let warnings: Vec<String> = notes.into_iter().map(|n| n.1).collect();
-    let mut gaps = set.sequence_breaks(&in_range);
-    if set.demuxed() {
-        gaps.retain(|b| b.duplicate);
+    let ours = |h: &RecordHeader| h.op.is_data() && streams.contains(&h.stream_id);
+    let mut breaks = BreakFinder::new(set);
+    let mut total = 0u64;
+    for r in set.sequenced() {
+        let h = r?.record.header;
+        if h.seq > until_seq {
+            break;
+        }
+        breaks.push(h.seq);
+        total += u64::from(ours(&h));
     }
+    let gaps = breaks.finish();
     if !gaps.is_empty() && !opts.allow_gaps {
         let g = gaps[0];
         return Err(JournalError::Invalid(format!(
@@ -236,10 +240,6 @@ pub fn restore(
             if g.recorded_gap { ", journaling was stopped" } else { ", records missing or damaged" }
         )));
     }
-    let data: Vec<&RecordRef> = in_range
-        .iter()
-        .filter(|r| r.record.header.op.is_data() && streams.contains(&r.record.header.stream_id))
-        .collect();
     let out_err = |step: &'static str| {
         let path = opts.out.clone();
         move |source| JournalError::Medium { path, step, source }
@@ -250,10 +250,17 @@ pub fn restore(
         .open(&opts.out)
         .map_err(out_err("open"))?;
     let size = out.metadata().map_err(out_err("stat"))?.len();
-    let total = data.len() as u64;
+    let mut applied = 0u64;
     let mut bytes_applied = 0;
-    for (i, r) in data.iter().enumerate() {
+    for r in set.sequenced() {
+        let r = r?;
         let h = &r.record.header;
+        if h.seq > until_seq {
+            break;
+        }
+        if !ours(h) {
+            continue;
+        }
         let end = h
             .offset_bytes
             .checked_add(h.len_bytes)
@@ -269,21 +276,22 @@ pub fn restore(
             )));
         }
         if h.op == Op::Write {
-            let payload = set.payload(r)?;
+            let payload = set.payload(&r)?;
             out.write_all_at(&payload, h.offset_bytes)
                 .map_err(out_err("write"))?;
         } else {
             write_zeros(&out, h.offset_bytes, h.len_bytes).map_err(out_err("write zeros"))?;
         }
         bytes_applied += h.len_bytes;
-        progress(i as u64 + 1, total);
+        applied += 1;
+        progress(applied, total);
     }
     out.sync_all().map_err(out_err("sync"))?;
     Ok(RestoreReport {
         volume: opts.volume.clone(),
         out: opts.out.clone(),
         until_seq,
-        records_applied: total,
+        records_applied: applied,
         bytes_applied,
         gaps,
         stops,

@@ -4,6 +4,7 @@
 //! Used by recovery when a journal is reopened and by every offline tool. Never panics on
 //! foreign, truncated or corrupted input: every problem becomes a [`Problem`] with its offset.
 
+use std::cell::RefCell;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -101,6 +102,7 @@ pub struct Problem {
 #[derive(Debug, Clone, Default)]
 pub struct MediumScan {
     pub len_bytes: u64,
+    /// Every valid record, in medium order ([`scan_medium`]; empty from a [`MediumWalk`]).
     pub records: Vec<ScannedRecord>,
     pub problems: Vec<Problem>,
     /// End of the last valid record: where an append would have continued.
@@ -124,69 +126,176 @@ impl MediumScan {
 /// Bytes looked at per read while searching for the next valid header.
 const RESYNC_WINDOW_BYTES: usize = 1 << 20;
 
-/// Scans a whole medium.
+/// Scans a whole medium, keeping every record.
 pub fn scan_medium<S: RecordSource + ?Sized>(src: &S) -> io::Result<MediumScan> {
-    let len = src.len_bytes();
-    let mut scan = MediumScan {
-        len_bytes: len,
-        ..Default::default()
-    };
-    let mut pos = 0u64;
-    while pos < len {
-        match read_record(src, pos)? {
-            Ok(header) => {
-                if pos == 0 && header.op == Op::MediumHeader {
-                    let payload = read_payload(src, pos, &header)?;
-                    scan.medium_header = MediumHeader::decode(&payload).ok();
-                }
-                scan.records.push(ScannedRecord {
-                    header,
-                    position_bytes: pos,
-                });
-                pos += header.record_bytes();
-                scan.valid_end_bytes = pos;
-                if is_final_trailer(&header) && src.ends_at_trailer() {
-                    // The padding of the trailer's append, then the end.
-                    if let Ok(Ok(padding)) = read_record(src, pos) {
-                        if padding.op == Op::Padding {
-                            scan.records.push(ScannedRecord {
-                                header: padding,
-                                position_bytes: pos,
-                            });
-                            scan.valid_end_bytes = pos + padding.record_bytes();
-                        }
-                    }
-                    // Counted as the zeroed rest without reading it.
-                    scan.zero_tail_bytes = len - scan.valid_end_bytes;
-                    break;
-                }
-            }
-            Err(_) if formatted(&scan, pos) && rest_is_zero(src, pos)? => {
-                scan.zero_tail_bytes = len - pos;
-                break;
-            }
-            Err(error) => {
-                let next = find_next_record(src, pos + RECORD_ALIGN_BYTES as u64)?;
-                let torn_tail = next.is_none();
-                let resume = next.unwrap_or(len);
-                scan.problems.push(Problem {
-                    offset_bytes: pos,
-                    torn_tail,
-                    error,
-                    skipped_bytes: resume - pos,
-                });
-                pos = resume;
-            }
+    let mut walk = MediumWalk::new(src);
+    let mut records = Vec::new();
+    while let Some(record) = walk.next_record()? {
+        records.push(record);
+    }
+    let mut scan = walk.finish()?;
+    scan.records = records;
+    Ok(scan)
+}
+
+/// Walks a medium record by record: the pull form of [`scan_medium`], for readers that must
+/// not hold every record of a large medium in memory. [`MediumWalk::finish`] gives what the
+/// walk found (problems, valid end, header, sealed) with `records` left empty.
+pub struct MediumWalk<'a, S: RecordSource + ?Sized> {
+    src: ReadAhead<'a, S>,
+    pos: u64,
+    done: bool,
+    scan: MediumScan,
+    /// The padding after a block device's final trailer, found with the trailer.
+    pending: Option<ScannedRecord>,
+    /// The ops of the last two records (sealed: a final trailer, maybe then padding).
+    last_two: [Option<RecordHeader>; 2],
+}
+
+impl<'a, S: RecordSource + ?Sized> MediumWalk<'a, S> {
+    pub fn new(src: &'a S) -> Self {
+        Self {
+            src: ReadAhead::new(src),
+            pos: 0,
+            done: false,
+            scan: MediumScan {
+                len_bytes: src.len_bytes(),
+                ..Default::default()
+            },
+            pending: None,
+            last_two: [None, None],
         }
     }
-    scan.sealed = scan
-        .records
-        .last()
-        .is_some_and(|r| is_final_trailer(&r.header))
-        || (scan.records.len() >= 2
-            && scan.records[scan.records.len() - 1].header.op == Op::Padding
-            && is_final_trailer(&scan.records[scan.records.len() - 2].header));
-    Ok(scan)
+
+    fn note(&mut self, header: RecordHeader) {
+        self.last_two = [self.last_two[1], Some(header)];
+    }
+
+    /// The next valid record, skipping (and noting) damaged stretches; `None` at the end.
+    pub fn next_record(&mut self) -> io::Result<Option<ScannedRecord>> {
+        if let Some(record) = self.pending.take() {
+            return Ok(Some(record));
+        }
+        let len = self.scan.len_bytes;
+        while !self.done && self.pos < len {
+            let pos = self.pos;
+            match read_record(&self.src, pos)? {
+                Ok(header) => {
+                    if pos == 0 && header.op == Op::MediumHeader {
+                        let payload = read_payload(&self.src, pos, &header)?;
+                        self.scan.medium_header = MediumHeader::decode(&payload).ok();
+                    }
+                    self.note(header);
+                    self.pos = pos + header.record_bytes();
+                    self.scan.valid_end_bytes = self.pos;
+                    if is_final_trailer(&header) && self.src.ends_at_trailer() {
+                        // The padding of the trailer's append, then the end.
+                        if let Ok(Ok(padding)) = read_record(&self.src, self.pos) {
+                            if padding.op == Op::Padding {
+                                self.pending = Some(ScannedRecord {
+                                    header: padding,
+                                    position_bytes: self.pos,
+                                });
+                                self.note(padding);
+                                self.scan.valid_end_bytes = self.pos + padding.record_bytes();
+                            }
+                        }
+                        // Counted as the zeroed rest without reading it.
+                        self.scan.zero_tail_bytes = len - self.scan.valid_end_bytes;
+                        self.done = true;
+                    }
+                    return Ok(Some(ScannedRecord {
+                        header,
+                        position_bytes: pos,
+                    }));
+                }
+                Err(_) if formatted(&self.scan, pos) && rest_is_zero(&self.src, pos)? => {
+                    self.scan.zero_tail_bytes = len - pos;
+                    self.done = true;
+                }
+                Err(error) => {
+                    let next = find_next_record(&self.src, pos + RECORD_ALIGN_BYTES as u64)?;
+                    let torn_tail = next.is_none();
+                    let resume = next.unwrap_or(len);
+                    self.scan.problems.push(Problem {
+                        offset_bytes: pos,
+                        torn_tail,
+                        error,
+                        skipped_bytes: resume - pos,
+                    });
+                    self.pos = resume;
+                }
+            }
+        }
+        self.done = true;
+        Ok(None)
+    }
+
+    /// Walks the rest and returns what the walk found (`records` empty).
+    pub fn finish(mut self) -> io::Result<MediumScan> {
+        while self.next_record()?.is_some() {}
+        self.scan.sealed = match self.last_two {
+            [_, Some(last)] if is_final_trailer(&last) => true,
+            [Some(before), Some(last)] => last.op == Op::Padding && is_final_trailer(&before),
+            _ => false,
+        };
+        Ok(self.scan)
+    }
+}
+
+/// Bytes a [`ReadAhead`] reads at a time.
+const READ_AHEAD_BYTES: usize = 1 << 20;
+
+/// A source read a window at a time, so that walking a medium costs one read per window
+/// instead of two (header, payload) per record. Reads of more than half a window go
+/// straight to the source.
+struct ReadAhead<'a, S: RecordSource + ?Sized> {
+    src: &'a S,
+    /// The window's offset in the source, and its bytes.
+    window: RefCell<(u64, Vec<u8>)>,
+}
+
+impl<'a, S: RecordSource + ?Sized> ReadAhead<'a, S> {
+    fn new(src: &'a S) -> Self {
+        Self {
+            src,
+            window: RefCell::new((0, Vec::new())),
+        }
+    }
+}
+
+impl<S: RecordSource + ?Sized> RecordSource for ReadAhead<'_, S> {
+    fn len_bytes(&self) -> u64 {
+        self.src.len_bytes()
+    }
+
+    fn ends_at_trailer(&self) -> bool {
+        self.src.ends_at_trailer()
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let wanted = buf.len() as u64;
+        let end = offset
+            .checked_add(wanted)
+            .ok_or(io::ErrorKind::UnexpectedEof)?;
+        if buf.len() > READ_AHEAD_BYTES / 2 || end > self.src.len_bytes() {
+            return self.src.read_at(offset, buf);
+        }
+        let mut window = self.window.borrow_mut();
+        let (start, bytes) = &mut *window;
+        if offset < *start || end > *start + bytes.len() as u64 {
+            let n = (self.src.len_bytes() - offset).min(READ_AHEAD_BYTES as u64) as usize;
+            bytes.resize(n, 0);
+            *start = offset;
+            if let Err(e) = self.src.read_at(offset, bytes) {
+                bytes.clear();
+                return Err(e);
+            }
+        }
+        let at = (offset - *start) as usize;
+        buf.copy_from_slice(&bytes[at..at + buf.len()]);
+        Ok(())
+    }
 }
 
 /// The last trailer record of a sealed medium (a long log is split over several).

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use super::media::{MediaSet, SequenceBreak, StopNote};
+use super::media::{BreakFinder, MediaSet, SequenceBreak, StopNote};
 
 /// One damaged stretch of a medium.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -19,7 +19,7 @@ pub struct MediumReport {
     pub path: PathBuf,
     pub medium_index: Option<u32>,
     pub len_bytes: u64,
-    pub records: usize,
+    pub records: u64,
     pub valid_end_bytes: u64,
     pub sealed: bool,
     pub bad_records: Vec<BadRecord>,
@@ -40,6 +40,8 @@ pub struct VerifyReport {
     pub stops: Vec<StopNote>,
     /// A stop record that could not be read (counted as a problem).
     pub stops_error: Option<String>,
+    /// A medium that could not be read again while walking the set (counted as a problem).
+    pub read_error: Option<String>,
     pub first_seq: Option<u64>,
     pub last_seq: Option<u64>,
     pub problems: usize,
@@ -75,7 +77,7 @@ pub fn verify(set: &MediaSet) -> VerifyReport {
             path: m.path.clone(),
             medium_index: m.index(),
             len_bytes: m.scan.len_bytes,
-            records: m.live_records().count(),
+            records: m.live.records,
             valid_end_bytes: m.scan.valid_end_bytes,
             sealed: m.scan.sealed,
             bad_records,
@@ -83,17 +85,27 @@ pub fn verify(set: &MediaSet) -> VerifyReport {
             recovered_end_bytes: m.recovered_end_bytes,
         });
     }
-    let records = set.sequenced();
-    let mut sequence_breaks = set.sequence_breaks(&records);
-    if set.demuxed() {
-        sequence_breaks.retain(|b| b.duplicate);
+    let mut breaks = BreakFinder::new(set);
+    let (mut first_seq, mut last_seq) = (None, None);
+    let mut read_error = None;
+    for r in set.sequenced() {
+        match r {
+            Ok(r) => {
+                let seq = r.record.header.seq;
+                breaks.push(seq);
+                first_seq.get_or_insert(seq);
+                last_seq = Some(seq);
+            }
+            Err(e) => read_error = Some(e.to_string()),
+        }
     }
+    let sequence_breaks = breaks.finish();
     problems += sequence_breaks.len();
-    let (stops, stops_error) = match set.stops(&records) {
+    let (stops, stops_error) = match set.stops() {
         Ok(stops) => (stops, None),
         Err(e) => (Vec::new(), Some(e.to_string())),
     };
-    problems += usize::from(stops_error.is_some());
+    problems += usize::from(stops_error.is_some()) + usize::from(read_error.is_some());
     problems += stops
         .iter()
         .filter(|s| s.cause.loses_writes() && !s.resolved)
@@ -103,8 +115,9 @@ pub fn verify(set: &MediaSet) -> VerifyReport {
         sequence_breaks,
         stops,
         stops_error,
-        first_seq: records.first().map(|r| r.record.header.seq),
-        last_seq: records.last().map(|r| r.record.header.seq),
+        read_error,
+        first_seq,
+        last_seq,
         problems,
     }
 }

@@ -53,8 +53,8 @@ fn a_full_in_memory_log_drops_its_oldest_entries_and_the_media_keep_them() -> Te
 
     journal.close();
     let (report, restored) = verify_and_restore(dir, "v")?;
-    let on_media: usize = report.media.iter().map(|m| m.records).sum();
-    assert!(on_media as u64 >= writes, "{on_media} records on the media");
+    let on_media: u64 = report.media.iter().map(|m| m.records).sum();
+    assert!(on_media >= writes, "{on_media} records on the media");
     assert!(restored == image, "restore from the media differs");
     let held = journal.status().log_entries;
     assert_eq!(journal.clear(), held);

@@ -14,6 +14,7 @@ mod queue_commits;
 mod robustness;
 mod spares;
 mod stops;
+mod streaming;
 mod support;
 mod trail;
 mod writer_restore;

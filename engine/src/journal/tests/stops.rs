@@ -38,8 +38,11 @@ fn stops_on(dir: &Path) -> Result<Vec<(u64, StopInfo)>, Box<dyn std::error::Erro
     let set = MediaSet::open(&[dir.to_path_buf()])?;
     let mut out = Vec::new();
     for m in &set.media {
-        for r in m.live_records().filter(|r| r.header.op == Op::Stop) {
-            out.push((r.header.seq, StopInfo::decode(&m.payload(r)?)?));
+        for r in m.live_records() {
+            let r = r?;
+            if r.header.op == Op::Stop {
+                out.push((r.header.seq, StopInfo::decode(&m.payload(&r)?)?));
+            }
         }
     }
     Ok(out)
@@ -264,6 +267,7 @@ fn next_start_after_a_stop_records_the_gap() -> TestResult {
     let set = MediaSet::open(&inputs)?;
     let gap_flags: Vec<u8> = set
         .sequenced()
+        .collect::<Result<Vec<_>, _>>()?
         .iter()
         .filter(|r| r.record.header.op == Op::Gap)
         .map(|r| r.record.header.flags)
@@ -305,6 +309,7 @@ fn async_crash_is_recorded_as_an_estimated_gap() -> TestResult {
     let set = MediaSet::open(&[dir.join("j")])?;
     let flags: Vec<u8> = set
         .sequenced()
+        .collect::<Result<Vec<_>, _>>()?
         .iter()
         .filter(|r| r.record.header.op == Op::Gap)
         .map(|r| r.record.header.flags)
