@@ -224,6 +224,25 @@ fn describe(s: &Value) -> String {
     if let Some(pause) = s["cutover_pause_us"].as_u64() {
         line.push_str(&format!(", cutover pause {pause} µs"));
     }
+    let sizes = &s["target_block_sizes"];
+    if let (Some(min), Some(max)) = (
+        sizes["block_bytes_min"].as_u64(),
+        sizes["payload_bytes_max"].as_u64(),
+    ) {
+        let max = if max == u64::from(u32::MAX) {
+            "unlimited".to_string()
+        } else {
+            human(max)
+        };
+        line.push_str(&format!(
+            ", NBD block {min} B, max payload {max}{}",
+            if sizes["advertised"] == json!(false) {
+                " (defaults)"
+            } else {
+                ""
+            }
+        ));
+    }
     if let Some(e) = s["error"].as_str() {
         line.push_str(&format!(", error: {e}"));
     }
@@ -277,5 +296,34 @@ fn watch_job(control: &std::path::Path, job: Option<u64>, json_out: bool) -> any
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_lines_show_an_nbd_targets_block_sizes() {
+        let mut s = json!({
+            "id": 1, "state": "copying", "volumes": [{"name": "v"}], "target": "nbd://h/e",
+            "total_bytes": 4096, "copied_bytes": 1024, "dirty_bytes": 0, "rate_bytes_per_s": 0,
+            "target_block_sizes": {"block_bytes_min": 512, "block_bytes_preferred": 4096,
+                                   "payload_bytes_max": 1048576, "advertised": true},
+        });
+        let line = describe(&s);
+        assert!(
+            line.contains("NBD block 512 B, max payload 1.0 MiB"),
+            "{line}"
+        );
+        assert!(!line.contains("defaults"), "{line}");
+        s["target_block_sizes"]["advertised"] = json!(false);
+        s["target_block_sizes"]["payload_bytes_max"] = json!(u32::MAX);
+        assert!(describe(&s).contains("max payload unlimited (defaults)"));
+        s["target_block_sizes"] = Value::Null;
+        assert!(
+            !describe(&s).contains("NBD"),
+            "file targets have no block sizes"
+        );
     }
 }
