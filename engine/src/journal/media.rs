@@ -120,11 +120,17 @@ impl OpenedMedium {
     }
 
     /// Reads the records that count again, in medium order: those before a recovered end.
+    /// The walk stops where the opening scan found valid data to end, without looking at
+    /// what follows again (a formatted medium's zeros, a torn tail).
     pub fn live_records(&self) -> LiveRecords<'_> {
+        let end = self
+            .recovered_end_bytes
+            .unwrap_or(u64::MAX)
+            .min(self.scan.valid_end_bytes);
         LiveRecords {
             medium: self,
             walk: MediumWalk::new(&self.source),
-            end: self.recovered_end_bytes.unwrap_or(u64::MAX),
+            end,
             done: false,
         }
     }
@@ -164,7 +170,8 @@ impl Iterator for LiveRecords<'_> {
     type Item = Result<ScannedRecord, JournalError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.done {
+        if self.done || self.walk.position_bytes() >= self.end {
+            self.done = true;
             return None;
         }
         match self.walk.next_record() {
@@ -428,51 +435,70 @@ impl BreakFinder {
 }
 
 /// The live sequenced records of a set merged in sequence order: one head record per
-/// medium in a heap. A medium whose records are out of order is sorted in memory first.
+/// medium in a heap. A medium is opened for reading when the merge reaches its first sequence
+/// number and closed when its records run out, so a journal's media (whose ranges follow one
+/// another) are read one or two at a time. A medium whose records are out of order is sorted
+/// in memory first.
 pub struct Sequenced<'a> {
     set: &'a MediaSet,
     sources: Vec<SequencedSource<'a>>,
-    /// (sequence number, medium) of every medium's next record, held in `sources`.
+    /// (sequence number, medium) of every open medium's next record, and of every medium not
+    /// opened yet at its first sequence number.
     heads: BinaryHeap<Reverse<(u64, usize)>>,
     last: Option<RecordHeader>,
     started: bool,
     failed: bool,
 }
 
-struct SequencedSource<'a> {
-    records: Box<dyn Iterator<Item = Result<ScannedRecord, JournalError>> + 'a>,
-    head: Option<ScannedRecord>,
+enum SequencedSource<'a> {
+    NotOpened,
+    Open {
+        records: Box<dyn Iterator<Item = Result<ScannedRecord, JournalError>> + 'a>,
+        head: Option<ScannedRecord>,
+    },
+    Done,
 }
 
 impl<'a> Sequenced<'a> {
-    fn start(&mut self) -> Result<(), JournalError> {
+    fn start(&mut self) {
         for (i, m) in self.set.media.iter().enumerate() {
-            let live = m
-                .live_records()
-                .filter(|r| r.as_ref().map_or(true, |r| r.header.is_sequenced()));
-            let records: Box<dyn Iterator<Item = Result<ScannedRecord, JournalError>> + 'a> =
-                if m.live.in_order {
-                    Box::new(live)
-                } else {
-                    let mut sorted = live.collect::<Result<Vec<_>, _>>()?;
-                    sorted.sort_by_key(|r| r.header.seq);
-                    Box::new(sorted.into_iter().map(Ok))
-                };
-            self.sources.push(SequencedSource {
-                records,
-                head: None,
-            });
-            self.advance(i)?;
+            self.sources.push(SequencedSource::NotOpened);
+            if let Some(first) = m.live.first_seq {
+                self.heads.push(Reverse((first, i)));
+            }
         }
-        Ok(())
     }
 
-    /// Takes medium `i`'s next record into its head.
+    /// Starts reading medium `i` and takes its first record into its head.
+    fn open(&mut self, i: usize) -> Result<(), JournalError> {
+        let m = &self.set.media[i];
+        let live = m
+            .live_records()
+            .filter(|r| r.as_ref().map_or(true, |r| r.header.is_sequenced()));
+        let records: Box<dyn Iterator<Item = Result<ScannedRecord, JournalError>> + 'a> =
+            if m.live.in_order {
+                Box::new(live)
+            } else {
+                let mut sorted = live.collect::<Result<Vec<_>, _>>()?;
+                sorted.sort_by_key(|r| r.header.seq);
+                Box::new(sorted.into_iter().map(Ok))
+            };
+        self.sources[i] = SequencedSource::Open {
+            records,
+            head: None,
+        };
+        self.advance(i)
+    }
+
+    /// Takes medium `i`'s next record into its head, or closes it after its last.
     fn advance(&mut self, i: usize) -> Result<(), JournalError> {
-        let source = &mut self.sources[i];
-        source.head = source.records.next().transpose()?;
-        if let Some(r) = source.head {
-            self.heads.push(Reverse((r.header.seq, i)));
+        let SequencedSource::Open { records, head } = &mut self.sources[i] else {
+            return Ok(());
+        };
+        *head = records.next().transpose()?;
+        match head {
+            Some(r) => self.heads.push(Reverse((r.header.seq, i))),
+            None => self.sources[i] = SequencedSource::Done,
         }
         Ok(())
     }
@@ -480,10 +506,18 @@ impl<'a> Sequenced<'a> {
     fn next_record(&mut self) -> Result<Option<RecordRef>, JournalError> {
         if !self.started {
             self.started = true;
-            self.start()?;
+            self.start();
         }
         while let Some(Reverse((_, i))) = self.heads.pop() {
-            let Some(record) = self.sources[i].head.take() else {
+            let record = match &mut self.sources[i] {
+                SequencedSource::NotOpened => {
+                    self.open(i)?;
+                    continue;
+                }
+                SequencedSource::Open { head, .. } => head.take(),
+                SequencedSource::Done => None,
+            };
+            let Some(record) = record else {
                 continue;
             };
             self.advance(i)?;

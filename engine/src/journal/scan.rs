@@ -167,6 +167,11 @@ impl<'a, S: RecordSource + ?Sized> MediumWalk<'a, S> {
         }
     }
 
+    /// Where the next record would start.
+    pub fn position_bytes(&self) -> u64 {
+        self.pending.map_or(self.pos, |r| r.position_bytes)
+    }
+
     fn note(&mut self, header: RecordHeader) {
         self.last_two = [self.last_two[1], Some(header)];
     }
@@ -360,11 +365,13 @@ fn formatted(scan: &MediumScan, pos: u64) -> bool {
 fn rest_is_zero<S: RecordSource + ?Sized>(src: &S, pos: u64) -> io::Result<bool> {
     let len = src.len_bytes();
     let mut buf = vec![0u8; len.saturating_sub(pos).min(RESYNC_WINDOW_BYTES as u64) as usize];
+    let zeros = vec![0u8; buf.len()];
     let mut at = pos;
     while at < len {
         let n = (len - at).min(buf.len() as u64) as usize;
         src.read_at(at, &mut buf[..n])?;
-        if buf[..n].iter().any(|b| *b != 0) {
+        // Slice equality is a memcmp, fast even in a debug build.
+        if buf[..n] != zeros[..n] {
             return Ok(false);
         }
         at += n as u64;
