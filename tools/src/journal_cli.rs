@@ -9,7 +9,7 @@ use ferry_engine::journal::demux::demux;
 use ferry_engine::journal::device::register_device;
 use ferry_engine::journal::export::export_dm_log_writes;
 use ferry_engine::journal::format::StopInfo;
-use ferry_engine::journal::media::MediaSet;
+use ferry_engine::journal::media::{MediaSet, Phase};
 use ferry_engine::journal::restore::{restore, RestoreOptions, Until};
 use ferry_engine::journal::spares::format_spares;
 use ferry_engine::journal::verify::verify;
@@ -192,7 +192,7 @@ pub fn run(cmd: JournalCommand) -> anyhow::Result<()> {
             out_dir,
             json,
         } => {
-            let set = MediaSet::open(&media)?;
+            let set = open_media(&media, json)?;
             let outputs = demux(&set, &out_dir)?;
             if json {
                 println!("{}", serde_json::to_string(&outputs)?);
@@ -217,7 +217,7 @@ pub fn run(cmd: JournalCommand) -> anyhow::Result<()> {
             out,
             json,
         } => {
-            let set = MediaSet::open(&media)?;
+            let set = open_media(&media, json)?;
             let report = export_dm_log_writes(&set, &volume, &out)?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
@@ -538,7 +538,7 @@ fn retrieve(control: &Path, since: u64, format: EntryFormat, page: usize) -> any
 }
 
 fn list(media: &[PathBuf], stream: Option<&str>, json: bool) -> anyhow::Result<()> {
-    let set = MediaSet::open(media)?;
+    let set = open_media(media, json)?;
     let only = stream.map(|v| set.streams_of(v));
     if let (Some(v), Some(ids)) = (stream, &only) {
         anyhow::ensure!(!ids.is_empty(), "volume {v:?} is not in the journal");
@@ -599,7 +599,7 @@ fn list(media: &[PathBuf], stream: Option<&str>, json: bool) -> anyhow::Result<(
 }
 
 fn run_verify(media: &[PathBuf], json: bool) -> anyhow::Result<()> {
-    let set = MediaSet::open(media)?;
+    let set = open_media(media, json)?;
     let report = verify(&set);
     if json {
         println!("{}", serde_json::to_string(&report)?);
@@ -674,13 +674,42 @@ fn run_verify(media: &[PathBuf], json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Opens a set of media with a progress bar over the bytes scanned (hidden with `--json` or
+/// when stderr is not a terminal).
+fn open_media(media: &[PathBuf], json: bool) -> anyhow::Result<MediaSet> {
+    let bar = progress_bar(json, BYTES_TEMPLATE);
+    let set = MediaSet::open_with_progress(media, &mut |p| {
+        bar.set_length(p.total);
+        bar.set_position(p.done);
+        if bar.message().is_empty() {
+            bar.set_message("scanning media");
+        }
+    });
+    bar.finish_and_clear();
+    Ok(set?)
+}
+
+const BYTES_TEMPLATE: &str = "{msg} [{bar:40}] {bytes}/{total_bytes} ({eta})";
+const RECORDS_TEMPLATE: &str = "{msg} [{bar:40}] {pos}/{len} records ({eta})";
+
 fn run_restore(media: &[PathBuf], opts: &RestoreOptions, json: bool) -> anyhow::Result<()> {
-    let set = MediaSet::open(media)?;
-    let bar = progress_bar(json, "{msg} [{bar:40}] {pos}/{len} records ({eta})");
-    bar.set_message(format!("restoring {}", opts.volume));
-    let report = restore(&set, opts, &mut |done, total| {
-        bar.set_length(total);
-        bar.set_position(done);
+    let set = open_media(media, json)?;
+    let bar = progress_bar(json, RECORDS_TEMPLATE);
+    let mut shown = None;
+    let report = restore(&set, opts, &mut |p| {
+        let first = shown != Some(p.phase);
+        if first {
+            shown = Some(p.phase);
+            bar.reset();
+        }
+        bar.set_length(p.total);
+        bar.set_position(p.done);
+        if first {
+            bar.set_message(match p.phase {
+                Phase::Checking => "checking the range".to_string(),
+                Phase::Scanning | Phase::Applying => format!("restoring {}", opts.volume),
+            });
+        }
     })?;
     bar.finish_and_clear();
     if json {

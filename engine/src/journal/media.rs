@@ -67,6 +67,28 @@ pub fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, JournalError> {
     Ok(out)
 }
 
+/// What a long offline operation is doing, for a progress display.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Opening a set: bytes of media scanned.
+    Scanning,
+    /// Checking the range to restore: records walked.
+    Checking,
+    /// Writing the restored image: records applied.
+    Applying,
+}
+
+/// One progress report: `done` of `total` in the phase's unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    pub phase: Phase,
+    pub done: u64,
+    pub total: u64,
+}
+
+/// How often (in bytes of media) scanning reports progress.
+const PROGRESS_BYTES: u64 = 16 << 20;
+
 /// One scanned medium of a set.
 pub struct OpenedMedium {
     pub path: PathBuf,
@@ -227,6 +249,14 @@ impl MediaSet {
     /// Opens and scans every input (files or journal directories). A file that holds no
     /// valid record at all is refused as foreign.
     pub fn open(inputs: &[PathBuf]) -> Result<Self, JournalError> {
+        Self::open_with_progress(inputs, &mut |_| {})
+    }
+
+    /// [`MediaSet::open`], reporting the bytes of media scanned ([`Phase::Scanning`]).
+    pub fn open_with_progress(
+        inputs: &[PathBuf],
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Self, JournalError> {
         let paths = expand_inputs(inputs)?;
         let mut sources = Vec::new();
         for path in paths {
@@ -244,14 +274,28 @@ impl MediaSet {
         }
         let headers: Vec<_> = sources.iter().map(|(_, _, h)| *h).collect();
         let ends = recovered_ends(&headers);
+        let total = sources.iter().map(|(_, s, _)| s.len_bytes).sum();
+        let mut scanned = 0;
         let mut media = Vec::new();
         for ((path, source, _), recovered_end_bytes) in sources.into_iter().zip(ends) {
-            let (scan, live, all_records) =
-                summarize(&source, recovered_end_bytes).map_err(|source| JournalError::Medium {
-                    path: path.clone(),
-                    step: "read",
-                    source,
-                })?;
+            let (scan, live, all_records) = summarize(&source, recovered_end_bytes, &mut |at| {
+                progress(Progress {
+                    phase: Phase::Scanning,
+                    done: scanned + at,
+                    total,
+                })
+            })
+            .map_err(|source| JournalError::Medium {
+                path: path.clone(),
+                step: "read",
+                source,
+            })?;
+            scanned += source.len_bytes;
+            progress(Progress {
+                phase: Phase::Scanning,
+                done: scanned,
+                total,
+            });
             // An all-zero file is a formatted medium taken just before a crash: empty.
             if all_records == 0 && scan.len_bytes > scan.zero_tail_bytes {
                 let reason = match scan.problems.first() {
@@ -682,9 +726,11 @@ fn recovered_ends(headers: &[Option<MediumHeader>]) -> Vec<Option<u64>> {
 
 /// Scans a medium once: what the scan found, the summary of the records before
 /// `recovered_end`, and how many valid records it holds in all.
+/// `scanned(offset)` is called every [`PROGRESS_BYTES`] or so.
 fn summarize(
     source: &FileSource,
     recovered_end: Option<u64>,
+    scanned: &mut dyn FnMut(u64),
 ) -> std::io::Result<(MediumScan, LiveSummary, u64)> {
     let end = recovered_end.unwrap_or(u64::MAX);
     let mut walk = MediumWalk::new(source);
@@ -693,10 +739,15 @@ fn summarize(
         ..Default::default()
     };
     let mut all = 0;
+    let mut reported = 0;
     while let Some(r) = walk.next_record()? {
         all += 1;
         if r.position_bytes < end {
             live.add(&r);
+        }
+        if r.position_bytes - reported >= PROGRESS_BYTES {
+            reported = r.position_bytes;
+            scanned(reported);
         }
     }
     Ok((walk.finish()?, live, all))

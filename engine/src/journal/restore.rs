@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use super::error::JournalError;
 use super::format::{Op, RecordHeader};
-use super::media::{BreakFinder, MediaSet, SequenceBreak, StopNote};
+use super::media::{BreakFinder, MediaSet, Phase, Progress, SequenceBreak, StopNote};
 
 /// Up to where a restore goes (inclusive).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -191,12 +191,16 @@ pub fn resolve_until(set: &MediaSet, until: &Until) -> Result<u64, JournalError>
     }
 }
 
-/// Restores `opts.volume`; `progress(done, total)` is called as records are applied. Reads
-/// the set twice: once to check the range (sequence breaks, records to apply), once to apply.
+/// How often (in records) checking the range reports progress.
+const PROGRESS_RECORDS: u64 = 1 << 14;
+
+/// Restores `opts.volume`. Reads the set twice: once to check the range (sequence breaks,
+/// records to apply; [`Phase::Checking`], records walked of the set's records), once to apply
+/// ([`Phase::Applying`], records applied of those to apply).
 pub fn restore(
     set: &MediaSet,
     opts: &RestoreOptions,
-    progress: &mut dyn FnMut(u64, u64),
+    progress: &mut dyn FnMut(Progress),
 ) -> Result<RestoreReport, JournalError> {
     let streams = set.streams_of(&opts.volume);
     if streams.is_empty() {
@@ -221,14 +225,24 @@ pub fn restore(
     let ours = |h: &RecordHeader| h.op.is_data() && streams.contains(&h.stream_id);
     let mut breaks = BreakFinder::new(set);
     let mut total = 0u64;
-    for r in set.sequenced() {
+    let set_records = set.media.iter().map(|m| m.live.records).sum();
+    let checking = |done| Progress {
+        phase: Phase::Checking,
+        done,
+        total: set_records,
+    };
+    for (walked, r) in set.sequenced().enumerate() {
         let h = r?.record.header;
         if h.seq > until_seq {
             break;
         }
         breaks.push(h.seq);
         total += u64::from(ours(&h));
+        if (walked as u64).is_multiple_of(PROGRESS_RECORDS) {
+            progress(checking(walked as u64));
+        }
     }
+    progress(checking(set_records));
     let gaps = breaks.finish();
     if !gaps.is_empty() && !opts.allow_gaps {
         let g = gaps[0];
@@ -284,7 +298,11 @@ pub fn restore(
         }
         bytes_applied += h.len_bytes;
         applied += 1;
-        progress(applied, total);
+        progress(Progress {
+            phase: Phase::Applying,
+            done: applied,
+            total,
+        });
     }
     out.sync_all().map_err(out_err("sync"))?;
     Ok(RestoreReport {

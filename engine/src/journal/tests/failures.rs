@@ -78,11 +78,11 @@ fn full_case(committer: Committer) -> TestResult {
         allow_gaps: false,
     };
     assert!(
-        restore(&set, &opts, &mut |_, _| {}).is_err(),
+        restore(&set, &opts, &mut |_| {}).is_err(),
         "a broken range must be refused"
     );
     opts.allow_gaps = true;
-    restore(&set, &opts, &mut |_, _| {})?;
+    restore(&set, &opts, &mut |_| {})?;
     Ok(())
 }
 

@@ -31,7 +31,7 @@ fn restore_end(
         until,
         allow_gaps,
     };
-    Ok(restore(&set, &opts, &mut |_, _| {})?)
+    Ok(restore(&set, &opts, &mut |_| {})?)
 }
 
 fn stops_on(dir: &Path) -> Result<Vec<(u64, StopInfo)>, Box<dyn std::error::Error>> {

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use super::super::format::*;
-use super::super::media::MediaSet;
+use super::super::media::{MediaSet, Phase};
 use super::super::restore::{restore, RestoreOptions, Until};
 use super::super::verify::verify;
 use super::support::TestResult;
@@ -91,7 +91,16 @@ fn an_opened_set_keeps_summaries_not_records_and_walks_media_in_order() -> TestR
     let second: Vec<u64> = (302..=600).collect();
     write_medium(&d.join("medium-000000.fj"), 7, 0, &first, Some(300))?;
     write_medium(&d.join("medium-000001.fj"), 7, 1, &second, None)?;
-    let set = MediaSet::open(&[d])?;
+    let mut scanned = Vec::new();
+    let set = MediaSet::open_with_progress(std::slice::from_ref(&d), &mut |p| scanned.push(p))?;
+    let media_bytes: u64 = std::fs::read_dir(&d)?
+        .map(|e| Ok(e?.metadata()?.len()))
+        .sum::<std::io::Result<u64>>()?;
+    let last = scanned.last().ok_or("no scanning progress")?;
+    assert_eq!(
+        (last.phase, last.done, last.total),
+        (Phase::Scanning, media_bytes, media_bytes)
+    );
     for m in &set.media {
         assert!(m.scan.records.is_empty(), "records are not kept");
         assert!(m.live.in_order);
@@ -137,6 +146,7 @@ fn a_medium_out_of_order_is_sorted_and_restores_in_sequence_order() -> TestResul
     let base = tmp.path().join("base.img");
     std::fs::write(&base, vec![0u8; 8 * 512])?;
     let out = tmp.path().join("out.img");
+    let mut reports = Vec::new();
     let report = restore(
         &set,
         &RestoreOptions {
@@ -146,9 +156,16 @@ fn a_medium_out_of_order_is_sorted_and_restores_in_sequence_order() -> TestResul
             until: Until::Seq(4),
             allow_gaps: false,
         },
-        &mut |_, _| {},
+        &mut |p| reports.push(p),
     )?;
     assert_eq!((report.records_applied, report.until_seq), (4, 4));
+    let last = |phase| reports.iter().rev().find(|p| p.phase == phase).copied();
+    let checked = last(Phase::Checking).ok_or("no checking progress")?;
+    assert_eq!(checked.done, checked.total, "checking ends complete");
+    let applied = last(Phase::Applying).ok_or("no applying progress")?;
+    assert_eq!((applied.done, applied.total), (4, 4));
+    let first_applying = reports.iter().position(|p| p.phase == Phase::Applying);
+    assert!(first_applying > reports.iter().rposition(|p| p.phase == Phase::Checking));
     let image = std::fs::read(&out)?;
     for seq in 1..=5u64 {
         let sector = &image[seq as usize * 512..(seq as usize + 1) * 512];

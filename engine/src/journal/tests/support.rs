@@ -129,7 +129,7 @@ pub fn verify_and_restore(
         until: Until::End,
         allow_gaps: false,
     };
-    restore(&set, &opts, &mut |_, _| {})?;
+    restore(&set, &opts, &mut |_| {})?;
     Ok((report, std::fs::read(out)?))
 }
 

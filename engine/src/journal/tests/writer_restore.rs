@@ -108,7 +108,7 @@ fn restore_to(
         until,
         allow_gaps: false,
     };
-    restore(set, &opts, &mut |_, _| {})?;
+    restore(set, &opts, &mut |_| {})?;
     Ok(std::fs::read(out)?)
 }
 
