@@ -45,6 +45,13 @@ fn serves_an_nbd_export_and_survives_the_server_restarting() -> Result<()> {
         info["path"] == server.uri() && info["backing"] == "nbd" && info["size"] == 16 * MIB,
         "{info}"
     );
+    let sizes = &info["nbd-block-sizes"];
+    ensure!(
+        sizes["advertised"] == true
+            && sizes["block_bytes_min"] == 1
+            && sizes["payload_bytes_max"] == 32 * MIB,
+        "qemu-nbd's block sizes in query-volumes: {info}"
+    );
     let opts = BlkioOpts {
         buf_bytes: 4 << 20,
         ..BlkioOpts::default()

@@ -129,6 +129,7 @@ fn query_volumes(daemon: &Daemon, _: &Value) -> Result<Value, ControlError> {
                 "name": v.volume.name(),
                 "path": backing.path,
                 "backing": if backing.nbd().is_some() { "nbd" } else { "file" },
+                "nbd-block-sizes": backing.nbd().map(|e| e.block_sizes()),
                 "offset": backing.base_offset_bytes,
                 "size": backing.len_bytes,
                 "socket": v.socket,
