@@ -30,8 +30,8 @@ pub struct DemuxOutput {
     pub records: u64,
 }
 
-/// Writes `DIR/<volume>.q<queue>/medium-000000.fj` for every stream of `set`, in one walk
-/// of the set.
+/// Writes `DIR/<volume>.q<queue>/medium-000000.fj` for every stream of `set`: one walk of
+/// the set per [`OUTPUTS_PER_WALK`] streams (one walk for all of them in most journals).
 pub fn demux(set: &MediaSet, out_dir: &Path) -> Result<Vec<DemuxOutput>, JournalError> {
     let stops: Vec<StopNote> = set.stops()?.into_iter().filter(|s| !s.resolved).collect();
     let journal_id = set
@@ -39,9 +39,29 @@ pub fn demux(set: &MediaSet, out_dir: &Path) -> Result<Vec<DemuxOutput>, Journal
         .iter()
         .find_map(|m| m.scan.medium_header)
         .map_or(0, |h| h.journal_id);
+    let streams: Vec<(&u32, &StreamDef)> = set.streams.iter().collect();
+    let mut done = Vec::new();
+    for group in streams.chunks(OUTPUTS_PER_WALK) {
+        done.extend(demux_streams(set, out_dir, group, &stops, journal_id)?);
+    }
+    Ok(done)
+}
+
+/// The outputs open at once (each a file and a buffer): bounded so that a journal of
+/// thousands of streams stays within the process's open-file limit.
+const OUTPUTS_PER_WALK: usize = 256;
+
+/// Writes the outputs of `streams` in one walk of the set.
+fn demux_streams(
+    set: &MediaSet,
+    out_dir: &Path,
+    streams: &[(&u32, &StreamDef)],
+    stops: &[StopNote],
+    journal_id: u64,
+) -> Result<Vec<DemuxOutput>, JournalError> {
     let mut outputs = Vec::new();
     let mut by_stream = BTreeMap::new();
-    for (&stream_id, def) in &set.streams {
+    for &(&stream_id, def) in streams {
         by_stream.insert(stream_id, outputs.len());
         outputs.push(StreamOutput::create(out_dir, stream_id, def, journal_id)?);
     }
@@ -60,7 +80,7 @@ pub fn demux(set: &MediaSet, out_dir: &Path) -> Result<Vec<DemuxOutput>, Journal
         };
         let payload = set.payload(&r)?;
         for out in &mut outputs[targets] {
-            out.stops_before(h.seq, &stops)?;
+            out.stops_before(h.seq, stops)?;
             out.writer
                 .record(|b| encode_record(b, h, &payload))
                 .map_err(out.err("write"))?;
@@ -69,7 +89,7 @@ pub fn demux(set: &MediaSet, out_dir: &Path) -> Result<Vec<DemuxOutput>, Journal
     }
     outputs
         .into_iter()
-        .map(|out| out.finish(&stops, last_seq))
+        .map(|out| out.finish(stops, last_seq))
         .collect()
 }
 
@@ -167,8 +187,8 @@ impl StreamOutput {
     }
 }
 
-/// The write buffer of each output (all streams' outputs are open at once).
-const OUTPUT_BUFFER_BYTES: usize = 256 << 10;
+/// The write buffer of each output (up to [`OUTPUTS_PER_WALK`] are open at once).
+const OUTPUT_BUFFER_BYTES: usize = 128 << 10;
 
 /// Writes one output medium record by record through a buffer (a stream's records are
 /// never all in memory at once).

@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
+use super::super::demux::demux;
 use super::super::format::*;
 use super::super::media::{MediaSet, Phase};
 use super::super::restore::{restore, RestoreOptions, Until};
@@ -197,5 +198,73 @@ fn the_same_records_on_two_inputs_come_once() -> TestResult {
     );
     let report = verify(&set);
     assert!(report.sequence_breaks.is_empty(), "{report:#?}");
+    Ok(())
+}
+
+/// More streams than demux keeps open at once: every output still gets its stream's records
+/// and the journal-wide ones, in order.
+#[test]
+fn demux_of_more_streams_than_it_opens_at_once() -> TestResult {
+    const STREAMS: u32 = 300;
+    let tmp = tempfile::tempdir()?;
+    let mut out = Vec::new();
+    let medium = MediumHeader {
+        journal_id: 3,
+        medium_index: 0,
+        flags: 0,
+        capacity_bytes: 1 << 30,
+        prev_valid_end_bytes: u64::MAX,
+    };
+    encode_record(&mut out, h_unsequenced(Op::MediumHeader), &medium.encode());
+    for stream in 1..=STREAMS {
+        let mut h = h_unsequenced(Op::StreamDef);
+        h.stream_id = stream;
+        let def = StreamDef {
+            volume: "v".into(),
+            queue_index: stream as u16,
+        };
+        encode_record(&mut out, h, &def.encode());
+    }
+    let mut seq = 0;
+    for stream in 1..=STREAMS {
+        seq += 1;
+        let mut w = header(Op::Write, seq);
+        w.stream_id = stream;
+        w.offset_bytes = u64::from(stream) * 512;
+        w.len_bytes = 512;
+        encode_record(&mut out, w, &[stream as u8; 512]);
+        if stream == STREAMS / 2 {
+            seq += 1;
+            let mut m = header(Op::Mark, seq);
+            m.stream_id = 0;
+            encode_record(&mut out, m, b"half");
+        }
+    }
+    std::fs::create_dir_all(tmp.path().join("j"))?;
+    std::fs::write(tmp.path().join("j/medium-000000.fj"), &out)?;
+    let set = MediaSet::open(&[tmp.path().join("j")])?;
+    let outputs = demux(&set, &tmp.path().join("out"))?;
+    assert_eq!(outputs.len(), STREAMS as usize);
+    for o in &outputs {
+        let stream = MediaSet::open(std::slice::from_ref(&o.path))?;
+        let records: Vec<RecordHeader> = stream
+            .sequenced()
+            .map(|r| r.map(|r| r.record.header))
+            .collect::<Result<_, _>>()?;
+        let ops: Vec<Op> = records.iter().map(|h| h.op).collect();
+        let write_first = o.stream_id <= STREAMS / 2;
+        let want = if write_first {
+            vec![Op::Write, Op::Mark]
+        } else {
+            vec![Op::Mark, Op::Write]
+        };
+        assert_eq!(ops, want, "stream {}", o.stream_id);
+        let write = records
+            .iter()
+            .find(|h| h.op == Op::Write)
+            .ok_or("no write")?;
+        assert_eq!(write.stream_id, o.stream_id);
+        assert!(verify(&stream).ok(), "stream {}", o.stream_id);
+    }
     Ok(())
 }
