@@ -15,6 +15,7 @@ pub mod format;
 pub mod mapped;
 pub mod media;
 pub mod memory_log;
+pub mod merge;
 pub mod options;
 pub mod recovery;
 pub mod restore;

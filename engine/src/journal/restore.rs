@@ -7,7 +7,8 @@ use std::path::PathBuf;
 
 use super::error::JournalError;
 use super::format::{Op, RecordHeader};
-use super::media::{BreakFinder, MediaSet, Phase, Progress, SequenceBreak, StopNote};
+use super::media::{MediaSet, Phase, Progress, StopNote};
+use super::merge::{BreakFinder, SequenceBreak};
 
 /// Up to where a restore goes (inclusive).
 #[derive(Debug, Clone, PartialEq, Eq)]

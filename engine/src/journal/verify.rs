@@ -3,7 +3,8 @@
 
 use std::path::PathBuf;
 
-use super::media::{BreakFinder, MediaSet, SequenceBreak, StopNote};
+use super::media::{MediaSet, StopNote};
+use super::merge::{BreakFinder, SequenceBreak};
 
 /// One damaged stretch of a medium.
 #[derive(Debug, Clone, serde::Serialize)]
