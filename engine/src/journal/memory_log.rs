@@ -4,11 +4,19 @@
 //! the next one, so a long-running journal neither grows without limit nor keeps touching
 //! fresh memory. A retrieve takes a [`LogSnapshot`] that shares the full chunks instead of
 //! copying them, so the journal's lock is held only for the partly filled last chunk.
+//!
+//! Until the bound is reached the log needs a fresh chunk every 4096 entries. A helper thread
+//! ([`ChunkSupply`]) allocates them and faults their pages in ahead of need, so the queue
+//! thread that appends an entry under the journal's lock does not take those page faults
+//! (fresh memory is what a growing log costs, and on a VM whose host backs guest memory
+//! lazily a fresh page can cost tens of microseconds).
 
 use std::collections::VecDeque;
+use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 
 use super::entry::LogEntry;
+use super::format::Op;
 
 /// Entries per chunk (224 KiB of entries).
 pub const CHUNK_ENTRIES: usize = 4096;
@@ -28,6 +36,59 @@ pub struct MemoryLog {
     dropped: u64,
     /// A dropped chunk's memory, cleared, for the next chunk to fill.
     reusable: Option<Vec<LogEntry>>,
+    /// Fresh chunks faulted in ahead of need ([`MemoryLog::with_chunk_supply`]).
+    supply: Option<ChunkSupply>,
+    /// Chunks taken from the supply.
+    supplied_chunks: u64,
+}
+
+/// Chunks the log has not needed yet, allocated and with their pages faulted in by a helper
+/// thread (`ferry-jlog`) that stays [`CHUNKS_SUPPLIED_AHEAD`] ahead of the log. The thread
+/// ends when the log has taken every chunk its bound allows, or is dropped.
+struct ChunkSupply {
+    ready: Receiver<Vec<LogEntry>>,
+}
+
+/// Chunks kept ready by the supply.
+const CHUNKS_SUPPLIED_AHEAD: usize = 2;
+
+impl ChunkSupply {
+    fn start(chunks: usize) -> std::io::Result<Self> {
+        let (ready_tx, ready) = sync_channel(CHUNKS_SUPPLIED_AHEAD);
+        std::thread::Builder::new()
+            .name("ferry-jlog".into())
+            .spawn(move || {
+                for _ in 0..chunks {
+                    if ready_tx.send(faulted_in_chunk()).is_err() {
+                        return; // the log is gone
+                    }
+                }
+            })?;
+        Ok(Self { ready })
+    }
+
+    /// A ready chunk, if the helper has one.
+    fn take(&self) -> Option<Vec<LogEntry>> {
+        self.ready.try_recv().ok()
+    }
+}
+
+/// An empty chunk whose memory has been written once, so that its pages exist.
+fn faulted_in_chunk() -> Vec<LogEntry> {
+    let blank = LogEntry {
+        seq: 0,
+        stream_id: 0,
+        log_id: 0,
+        timestamp_ns: 0,
+        op: Op::Padding,
+        offset_bytes: 0,
+        len_bytes: 0,
+        medium: 0,
+        position_bytes: 0,
+    };
+    let mut chunk = vec![blank; CHUNK_ENTRIES];
+    chunk.clear();
+    chunk
 }
 
 impl MemoryLog {
@@ -43,7 +104,19 @@ impl MemoryLog {
                 .saturating_mul(CHUNK_ENTRIES),
             dropped: 0,
             reusable: None,
+            supply: None,
+            supplied_chunks: 0,
         }
+    }
+
+    /// The log with a [`ChunkSupply`] faulting its chunks in ahead of need (without one, when
+    /// the helper thread cannot start: the log then takes the faults itself).
+    pub fn with_chunk_supply(mut self) -> Self {
+        match ChunkSupply::start(self.max_entries / CHUNK_ENTRIES) {
+            Ok(supply) => self.supply = Some(supply),
+            Err(e) => log::warn!("journal: no log chunk supply thread ({e})"),
+        }
+        self
     }
 
     /// Appends `entries` (their sequence numbers above every entry held).
@@ -53,7 +126,13 @@ impl MemoryLog {
                 self.retire_filling();
             }
             if self.filling.capacity() == 0 {
-                self.filling.reserve_exact(CHUNK_ENTRIES);
+                match self.supply.as_ref().and_then(ChunkSupply::take) {
+                    Some(chunk) => {
+                        self.filling = chunk;
+                        self.supplied_chunks += 1;
+                    }
+                    None => self.filling.reserve_exact(CHUNK_ENTRIES),
+                }
             }
             let room = CHUNK_ENTRIES - self.filling.len();
             let (now, later) = entries.split_at(room.min(entries.len()));
@@ -116,6 +195,7 @@ impl MemoryLog {
         let held = self.len;
         *self = Self {
             max_entries: self.max_entries,
+            supply: self.supply.take(),
             ..Self::new(0)
         };
         held
@@ -227,6 +307,26 @@ mod tests {
             .iter()
             .map(|e| e.seq)
             .collect()
+    }
+
+    #[test]
+    fn chunks_from_the_supply_hold_the_same_log() {
+        let mut log = MemoryLog::new(4 * CHUNK_ENTRIES as u64 * ENTRY_BYTES).with_chunk_supply();
+        let n = 9 * CHUNK_ENTRIES as u64 + 5;
+        for start in (0..n).step_by(1000) {
+            // Give the helper time to have a chunk ready now and then.
+            if start % (2 * CHUNK_ENTRIES as u64) < 1000 {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            log.extend(&entries(start..(start + 1000).min(n)));
+        }
+        assert!(log.supplied_chunks > 0, "no chunk came from the supply");
+        assert_eq!(log.len() as u64 + log.dropped(), n);
+        let first = log.first_seq().unwrap_or(u64::MAX);
+        assert_eq!(seqs(&log, 0), (first..n).collect::<Vec<_>>());
+        assert_eq!(log.clear() as u64, n - first);
+        log.extend(&entries(n..n + 10));
+        assert_eq!(seqs(&log, 0), (n..n + 10).collect::<Vec<_>>());
     }
 
     #[test]

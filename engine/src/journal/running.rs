@@ -478,7 +478,7 @@ impl Journal {
             reason: None,
             gap_open: None,
             gaps: Vec::new(),
-            log: MemoryLog::new(options.log_memory_bytes),
+            log: MemoryLog::new(options.log_memory_bytes).with_chunk_supply(),
             medium: None,
             records_written: 0,
             group_commits: 0,
