@@ -3,8 +3,10 @@
 # NAME=PATH, 4 KiB random writes at QD 32 (`ferry bench --wait`) with the journal off, sync and
 # async; all runs of a round in rotated order, ROUNDS rounds; prints per binary the median of
 # the per-round ratios journal/off (each ratio from the same round, so the machine's load
-# cancels as far as it can) and the daemon's CPU time per write (utime+stime of the serve
-# process over the run / writes). Image and journal on /dev/shm.
+# cancels as far as it can) and the CPU time per write of the daemon (utime+stime of the serve
+# process over the run / writes) and of the client (GNU time, /usr/bin/time: the machine's two
+# cores are shared by both). Image and journal on /dev/shm. MODES="sync" (default "sync
+# async") runs only those journal modes.
 #
 # With SPARES=N (default 0) every binary also runs sync-sp and async-sp: the journal with
 # `spares=N`, its directory pre-formatted with N spares of CAPACITY (default 4G; `ferry journal
@@ -32,8 +34,10 @@ CLIENT=${CLIENT:---wait}
 DJ=${DISK:+$DISK/ferry-jab-journal.$$}
 trap 'rm -rf "$W" ${DJ:+"$DJ"}' EXIT
 SPARES=${SPARES:-0}; CAPACITY=${CAPACITY:-4G}; FORMATTED=${FORMATTED:-$SPARES}
-CONFIGS=(off sync async); ((SPARES > 0)) && CONFIGS+=(sync-sp async-sp)
-[[ -n $DISK ]] && CONFIGS+=(sync-disk async-disk)
+read -ra MODES <<<"${MODES:-sync async}"
+CONFIGS=(off "${MODES[@]}")
+((SPARES > 0)) && CONFIGS+=("${MODES[@]/%/-sp}")
+[[ -n $DISK ]] && CONFIGS+=("${MODES[@]/%/-disk}")
 RUNS=()
 for nb in "$@"; do for c in "${CONFIGS[@]}"; do RUNS+=("${nb%%=*}:${nb#*=}:$c"); done; done
 TICK_US=$((1000000 / $(getconf CLK_TCK)))
@@ -58,11 +62,15 @@ run() {
     local pid=$! i json t0 t1
     for ((i = 0; i < 200; i++)); do [[ -S $W/s.sock ]] && break; sleep 0.05; done
     t0=$(awk '{print $14 + $15}' "/proc/$pid/stat")
-    json=$("$bin" bench --socket "$W/s.sock" --rw randwrite --bs 4K --qd 32 --secs "$SECS" --ramp 1 "$CLIENT" --json)
+    json=$(/usr/bin/time -f '%U %S' -o "$W/client.time" \
+        "$bin" bench --socket "$W/s.sock" --rw randwrite --bs 4K --qd 32 --secs "$SECS" --ramp 1 "$CLIENT" --json)
     t1=$(awk '{print $14 + $15}' "/proc/$pid/stat")
     kill -TERM "$pid"; wait "$pid"; rm -rf "$W/j" ${DJ:+"$DJ"}
+    local client_us
+    client_us=$(awk '{printf "%d", ($1 + $2) * 1000000}' "$W/client.time")
     jq -r --arg r "$round" --arg n "$name" --arg c "$config" --argjson t $(((t1 - t0) * TICK_US)) --argjson s "$SECS" \
-        '"\($r) \($n) \($c) \(.iops | floor) \($t / (.iops * ($s + 1)))"' <<<"$json"
+        --argjson cl "$client_us" \
+        '"\($r) \($n) \($c) \(.iops | floor) \($t / (.iops * ($s + 1))) \($cl / (.iops * ($s + 1)))"' <<<"$json"
 }
 
 dd if=/dev/zero of="$W/warm" bs=1M count=3072 2>/dev/null; rm -f "$W/warm"
@@ -78,16 +86,18 @@ echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 python3 - "$W/results" <<'PY'
 import statistics as st
 import sys
-iops, cpu = {}, {}
+iops, cpu, client = {}, {}, {}
 for line in open(sys.argv[1]):
-    r, n, c, v, us = line.split()
+    r, n, c, v, us, cl = line.split()
     iops.setdefault((n, c), {})[r] = int(v)
     cpu.setdefault((n, c), []).append(float(us))
+    client.setdefault((n, c), []).append(float(cl))
 for n in sorted({k[0] for k in iops}):
     off = iops[(n, "off")]
     for c in [c for c in ("sync", "async", "sync-sp", "async-sp", "sync-disk", "async-disk") if (n, c) in iops]:
         ratios = [iops[(n, c)][r] / off[r] for r in off]
         print(f"{n} {c}: ratio {st.median(ratios):.2f}x (rounds {[round(x, 2) for x in ratios]}), "
               f"IOPS {int(st.median(iops[(n, c)].values()))} vs off {int(st.median(off.values()))}, "
-              f"daemon CPU {st.median(cpu[(n, c)]):.2f} us/write vs off {st.median(cpu[(n, 'off')]):.2f}")
+              f"daemon CPU {st.median(cpu[(n, c)]):.2f} us/write vs off {st.median(cpu[(n, 'off')]):.2f}, "
+              f"client CPU {st.median(client[(n, c)]):.2f} vs off {st.median(client[(n, 'off')]):.2f}")
 PY
