@@ -140,6 +140,7 @@ fn open_new_backings(job: &JobShared) -> Result<Option<Vec<Backing>>, MigrationE
             cache: old.cache,
             offset_bytes: vm.placement.offset_bytes,
             length_bytes: Some(vm.placement.length_bytes),
+            request_block_bytes: old.request_block_bytes,
         };
         let backing = crate::volume::open::open_backing(&config).map_err(|source| {
             MigrationError::OpenNewBacking {

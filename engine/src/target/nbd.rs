@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 pub use super::nbd_sizes::BlockSizes;
-use super::nbd_sizes::NBD_INFO_BLOCK_SIZE;
+use super::nbd_sizes::{NBD_INFO_BLOCK_SIZE, REQUEST_ALIGN_BYTES};
 use super::{NbdAddress, Target, TargetError};
 
 pub(crate) const NBD_INIT_MAGIC: u64 = 0x4e42_444d_4147_4943; // "NBDMAGIC"
@@ -244,7 +244,7 @@ impl NbdTarget {
         let unusable = if info.transmission_flags & NBD_FLAG_READ_ONLY != 0 && !read_only_ok {
             Err("the export is read-only".to_string())
         } else {
-            info.block_sizes.check_usable()
+            info.block_sizes.check_usable(REQUEST_ALIGN_BYTES)
         };
         if let Err(reason) = unusable {
             disconnect(&conn);
@@ -1080,18 +1080,25 @@ mod tests {
         let address = NbdAddress::Unix {
             socket: socket.clone(),
         };
-        let reason = crate::volume::NbdExport::probe(&address, "e")
+        let reason = crate::volume::NbdExport::probe(&address, "e", 512)
             .err()
             .ok_or("the export was accepted")?;
         assert_eq!(
             reason,
             format!(
                 "nbd+unix:///e?socket={}: the export's minimum block size is 4096 bytes; \
-                 ferry's volumes take 512-byte requests",
+                 ferry's volumes take 512-byte requests (serve it with \
+                 logical-block-size=4096)",
                 socket.display()
             )
         );
         assert_eq!(served(server)?.requests, vec![(NBD_CMD_DISC, 0, 0)]);
+        // A volume of 4 KiB logical blocks takes it.
+        std::fs::remove_file(&socket)?;
+        let server = fake_server(&socket, 1 << 20, vec![block_size_info(4096, 4096, 1 << 20)])?;
+        let export = crate::volume::NbdExport::probe(&address, "e", 4096)?;
+        assert_eq!(export.block_sizes().block_bytes_min, 4096);
+        served(server)?;
         Ok(())
     }
 

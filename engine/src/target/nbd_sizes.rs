@@ -4,10 +4,10 @@
 //! ferry asks for `NBD_INFO_BLOCK_SIZE` in every `NBD_OPT_GO`, which commits it to the
 //! constraints the server sends: every request's offset and length a multiple of the minimum
 //! block size, and no READ or WRITE payload above the maximum. ferry's requests are whole
-//! 512-byte sectors (the guest's logical block, virtio-blk `blk_size`, which ferry does not
-//! make configurable; volume offsets, lengths and merge offsets are sector multiples too), so
-//! an export whose minimum block size is larger is refused at connect rather than sent
-//! requests it may not take.
+//! 512-byte sectors (volume offsets, lengths and merge offsets are sector multiples), or whole
+//! logical blocks of a volume that sets a larger one (virtio-blk `blk_size`,
+//! `logical-block-size=`), so an export whose minimum block size is larger than that is
+//! refused at connect rather than sent requests it may not take.
 
 /// `NBD_INFO_BLOCK_SIZE`: the information type of the size constraints.
 pub(crate) const NBD_INFO_BLOCK_SIZE: u16 = 3;
@@ -106,20 +106,22 @@ impl BlockSizes {
         Ok(())
     }
 
-    /// Refuses constraints that ferry's requests cannot meet: a minimum block size above a
-    /// sector, or a maximum payload below one. The reason names both sizes.
-    pub(crate) fn check_usable(&self) -> Result<(), String> {
-        if u64::from(self.block_bytes_min) > REQUEST_ALIGN_BYTES {
+    /// Refuses constraints that requests in whole multiples of `request_bytes` (a power of
+    /// two, at least a sector: the volume's logical block, or a sector for a migration
+    /// target) cannot meet: a larger minimum block size, or a maximum payload below one
+    /// block. The reason names both sizes.
+    pub(crate) fn check_usable(&self, request_bytes: u64) -> Result<(), String> {
+        if u64::from(self.block_bytes_min) > request_bytes {
             return Err(format!(
                 "the export's minimum block size is {} bytes; ferry's volumes take \
-                 {REQUEST_ALIGN_BYTES}-byte requests",
+                 {request_bytes}-byte requests",
                 self.block_bytes_min
             ));
         }
-        if u64::from(self.payload_bytes_max) < REQUEST_ALIGN_BYTES {
+        if u64::from(self.payload_bytes_max) < request_bytes {
             return Err(format!(
                 "the export's maximum payload is {} bytes; ferry's volumes take \
-                 {REQUEST_ALIGN_BYTES}-byte requests",
+                 {request_bytes}-byte requests",
                 self.payload_bytes_max
             ));
         }
@@ -203,7 +205,7 @@ mod tests {
         );
         assert_eq!(sizes.request_bytes_max(), 1 << 20);
         assert_eq!(sizes.effect_bytes_max(), 32 << 20);
-        sizes.check_usable()?;
+        sizes.check_usable(REQUEST_ALIGN_BYTES)?;
         Ok(())
     }
 
@@ -233,7 +235,7 @@ mod tests {
         // nbdkit without limits; qemu over blkdebug max-transfer=1024 (below its preferred).
         for (min, preferred, max) in [(1, 4096, u32::MAX), (1, 4096, 1024), (512, 512, 512)] {
             let sizes = BlockSizes::parse(&info(min, preferred, max))?;
-            sizes.check_usable()?;
+            sizes.check_usable(REQUEST_ALIGN_BYTES)?;
         }
         Ok(())
     }
@@ -252,7 +254,7 @@ mod tests {
         assert!(!d.advertised);
         assert_eq!(d.request_bytes_max(), 32 << 20);
         assert_eq!(d.effect_bytes_max(), 32 << 20);
-        assert!(d.check_usable().is_ok());
+        assert!(d.check_usable(REQUEST_ALIGN_BYTES).is_ok());
         assert!(d.to_string().contains("defaults"));
     }
 
@@ -276,13 +278,19 @@ mod tests {
     #[test]
     fn refuses_what_ferry_cannot_honour_naming_both_sizes() -> Result<(), String> {
         let big_blocks = BlockSizes::parse(&info(4096, 4096, 1 << 20))?;
-        let reason = big_blocks.check_usable().err().unwrap_or_default();
+        let reason = big_blocks
+            .check_usable(REQUEST_ALIGN_BYTES)
+            .err()
+            .unwrap_or_default();
         assert_eq!(
             reason,
             "the export's minimum block size is 4096 bytes; ferry's volumes take 512-byte requests"
         );
         let tiny_payload = BlockSizes::parse(&info(1, 4096, 256))?;
-        let reason = tiny_payload.check_usable().err().unwrap_or_default();
+        let reason = tiny_payload
+            .check_usable(REQUEST_ALIGN_BYTES)
+            .err()
+            .unwrap_or_default();
         assert!(reason.contains("maximum payload is 256 bytes"), "{reason}");
         Ok(())
     }

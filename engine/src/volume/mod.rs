@@ -47,6 +47,17 @@ pub struct VolumeConfig {
     pub offset_bytes: u64,
     /// The volume's length inside the image; default: from `offset_bytes` to the end.
     pub length_bytes: Option<u64>,
+    /// What every request of the volume is whole multiples of: the guest's logical block
+    /// (0, the default: a 512-byte sector). An NBD export that needs larger blocks is
+    /// refused unless this covers them.
+    pub request_block_bytes: u64,
+}
+
+impl VolumeConfig {
+    /// [`VolumeConfig::request_block_bytes`], a sector if unset.
+    pub fn request_block_bytes(&self) -> u64 {
+        self.request_block_bytes.max(crate::SECTOR_SIZE)
+    }
 }
 
 /// The open image under a volume: a file, block device or NBD export, and the slice of

@@ -62,9 +62,14 @@ pub fn parse_uri(path: &Path) -> Option<Result<(NbdAddress, String), String>> {
 
 impl NbdExport {
     /// Connects once to learn the export's size, flags and size constraints, then
-    /// disconnects. Refuses constraints ferry's requests cannot meet (a minimum block size
-    /// above a sector), with a reason that names both sizes.
-    pub fn probe(address: &NbdAddress, export: &str) -> Result<Self, String> {
+    /// disconnects. Refuses constraints the volume's requests, whole multiples of
+    /// `request_block_bytes`, cannot meet (a larger minimum block size), with a reason that
+    /// names both sizes.
+    pub fn probe(
+        address: &NbdAddress,
+        export: &str,
+        request_block_bytes: u64,
+    ) -> Result<Self, String> {
         let uri = TargetSpec::Nbd {
             address: address.clone(),
             export: export.to_string(),
@@ -73,8 +78,15 @@ impl NbdExport {
         let (conn, info) = open_conn(address, export)?;
         disconnect(&conn);
         info.block_sizes
-            .check_usable()
-            .map_err(|reason| format!("{uri}: {reason}"))?;
+            .check_usable(request_block_bytes)
+            .map_err(|reason| {
+                let min = info.block_sizes.block_bytes_min;
+                if u64::from(min) > request_block_bytes {
+                    format!("{uri}: {reason} (serve it with logical-block-size={min})")
+                } else {
+                    format!("{uri}: {reason}")
+                }
+            })?;
         let ExportInfo {
             size_bytes,
             transmission_flags,

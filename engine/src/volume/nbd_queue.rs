@@ -13,8 +13,8 @@
 //!   of a request is its slot index. A read or write larger than the export's maximum payload
 //!   (at most 32 MiB, [`NbdExport::request_bytes_max`]; also a write-zeroes written as zeros),
 //!   or a write-zeroes / discard larger than [`NbdExport::effect_bytes_max`], goes out as
-//!   several commands, one after another. Guest requests are whole sectors and the export's
-//!   minimum block size is at most a sector (checked at open), so every piece is aligned.
+//!   several commands, one after another. Guest requests are whole logical blocks and the
+//!   export's minimum block size is at most one (checked at open), so every piece is aligned.
 //! - `submit` queues a request's header (and a write's payload, sent straight from the
 //!   caller's iovecs); `commit` (and `reap`) send what is queued, many requests per
 //!   `sendmsg`. `reap` reads replies into a buffer, matches them by handle and copies read

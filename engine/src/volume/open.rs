@@ -75,7 +75,8 @@ fn open_nbd(
     };
     let (address, export) = parsed
         .map_err(|reason| nbd_err(format!("bad NBD URI {}: {reason}", config.path.display())))?;
-    let export = NbdExport::probe(&address, &export).map_err(nbd_err)?;
+    let export =
+        NbdExport::probe(&address, &export, config.request_block_bytes()).map_err(nbd_err)?;
     let len_bytes = slice_len(config, export.size_bytes())?;
     Ok(Backing {
         path: PathBuf::from(export.uri()),
