@@ -460,6 +460,94 @@ fn out_of_range_requests_fail_and_daemon_keeps_serving() -> Result<()> {
     served.stop()
 }
 
+/// `logical-block-size=4K`: the client sees 4 KiB blocks (libblkio takes virtio-blk's
+/// `blk_size` as its `request-alignment`), whole-block I/O of every kind works, and requests
+/// that are not whole blocks fail at the daemon (libblkio sends them) while it keeps serving.
+#[test]
+fn logical_block_size_4k_takes_whole_blocks_only() -> Result<()> {
+    const IMAGE_BYTES: u64 = 8 << 20;
+    let served = Served::start(IMAGE_BYTES, ",logical-block-size=4K")?;
+    let mut client = served.connect(&BlkioOpts::default())?;
+    ensure!(client.capacity_bytes() == IMAGE_BYTES, "capacity");
+    let alignment = client.property_i32("request-alignment")?;
+    ensure!(
+        alignment == 4096,
+        "request-alignment {alignment}, expected 4096"
+    );
+    let reported = ferry::query_volume(&served.control, "vol")?["logical-block-size"].clone();
+    ensure!(
+        reported == 4096,
+        "query-volumes logical-block-size {reported}"
+    );
+    let mut model = Model::new(IMAGE_BYTES);
+    let data = support::pattern(41, 256 << 10);
+    client.write_all(8192, &data, 4096)?;
+    model.write(8192, &data);
+    let good = [
+        Op::Discard {
+            offset_bytes: 16384,
+            len_bytes: 8192,
+        },
+        Op::WriteZeroes {
+            offset_bytes: 65536,
+            len_bytes: 4096,
+            no_unmap: true,
+        },
+    ];
+    client.run_batch_ok(0, &good)?;
+    model.write(16384, &[0; 8192]);
+    model.write(65536, &[0; 4096]);
+    let errors_before = served.stats()?["errors"].as_u64().unwrap_or(0);
+    let bad = [
+        Op::Read {
+            offset_bytes: 512,
+            len_bytes: 4096,
+            buf_offset: 0,
+        },
+        Op::Read {
+            offset_bytes: 4096,
+            len_bytes: 512,
+            buf_offset: 0,
+        },
+        Op::Write {
+            offset_bytes: 2048,
+            len_bytes: 4096,
+            buf_offset: 0,
+            fua: false,
+        },
+        Op::Write {
+            offset_bytes: 8192,
+            len_bytes: 6144,
+            buf_offset: 0,
+            fua: false,
+        },
+        Op::Discard {
+            offset_bytes: 8192 + 512,
+            len_bytes: 4096,
+        },
+        Op::WriteZeroes {
+            offset_bytes: 8192,
+            len_bytes: 1024,
+            no_unmap: false,
+        },
+    ];
+    let results = client.run_batch(0, &bad)?;
+    for (op, ret) in bad.iter().zip(&results) {
+        ensure!(*ret < 0, "{op:?} got ret {ret}, expected an error");
+    }
+    let errors_after = served.stats()?["errors"].as_u64().unwrap_or(0);
+    ensure!(
+        errors_after >= errors_before + bad.len() as u64,
+        "the daemon counted {} errors for {} requests not in whole blocks",
+        errors_after - errors_before,
+        bad.len()
+    );
+    verify_range(&mut client, &model, 0, 512 << 10)?;
+    drop(client);
+    model.check_image(&served.image)?;
+    served.stop()
+}
+
 /// A `read-only` volume serves reads and refuses writes, discards and write-zeroes; the
 /// image file stays as it was.
 #[test]

@@ -89,6 +89,38 @@ fn refuses_bad_sizes() -> Result<()> {
     Ok(())
 }
 
+/// `logical-block-size=` must be a power of two from 512 to 64K, and the volume whole
+/// blocks: a size= that is not is refused before any image is made, an existing image that
+/// is not when it is opened.
+#[test]
+fn refuses_volumes_not_in_whole_logical_blocks() -> Result<()> {
+    let dir = support::scratch_dir()?;
+    let d = dir.path();
+    refused(
+        d,
+        &vol(d, "a", "a.img", "a.sock", ",logical-block-size=1000"),
+        "logical-block-size=1000",
+    )?;
+    refused(
+        d,
+        &vol(
+            d,
+            "a",
+            "a.img",
+            "a.sock",
+            ",size=1026K,logical-block-size=4K",
+        ),
+        "size=1050624 is not a multiple of logical-block-size=4096",
+    )?;
+    support::create_image(&d.join("b.img"), (1 << 20) + 512)?;
+    refused(
+        d,
+        &vol(d, "b", "b.img", "b.sock", ",logical-block-size=4K"),
+        "is not a multiple of logical-block-size=4096",
+    )?;
+    Ok(())
+}
+
 /// A socket another ferry serves is refused (and the first ferry keeps serving); so is a
 /// socket in a directory that does not exist.
 #[test]

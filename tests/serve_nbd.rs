@@ -2,8 +2,9 @@
 //! client's writes land on the export's image byte for byte; when the NBD server dies the
 //! client gets I/O errors while the daemon stays up, and once the server is back the volume
 //! serves again. A missing server is a one-line error and a non-zero exit. The export's size
-//! constraints (`NBD_INFO_BLOCK_SIZE`) are honoured: requests split at its maximum payload, and
-//! an export whose minimum block size exceeds a sector is refused.
+//! constraints (`NBD_INFO_BLOCK_SIZE`) are honoured: requests split at its maximum payload, an
+//! export whose minimum block size exceeds a sector is refused, and served with a matching
+//! `logical-block-size=` instead.
 
 #[path = "support/mod.rs"]
 mod support;
@@ -196,6 +197,50 @@ fn splits_requests_at_the_exports_maximum_payload() -> Result<()> {
     Ok(())
 }
 
+/// The same export served with `logical-block-size=4K`: the guest's requests are whole 4 KiB
+/// blocks, so every request reaching the server is aligned to its minimum block (QEMU's
+/// request trace), and the data lands byte for byte.
+#[test]
+fn serves_an_export_of_4k_blocks_to_a_guest_of_4k_blocks() -> Result<()> {
+    let dir = support::scratch_dir()?;
+    let image = dir.path().join("export.img");
+    std::fs::write(&image, vec![0x44u8; 8 * MIB as usize])?;
+    let limits = BlockLimits {
+        align_bytes: 4096,
+        max_transfer_bytes: MIB,
+    };
+    let addr = NbdAddr::Unix(dir.path().join("nbd.sock"));
+    let server = NbdServer::qsd_block_limits(&image, "exp", &addr, limits)?;
+    let socket = dir.path().join("n.sock");
+    let spec = format!(
+        "name=n,path={},socket={},logical-block-size=4K",
+        server.uri(),
+        socket.display()
+    );
+    let serve = FerryServe::start(&[spec], &dir.path().join("ctl.sock"))?;
+    let mut client = BlkioClient::connect(&socket, &BlkioOpts::default())?;
+    ensure!(client.property_i32("request-alignment")? == 4096);
+    let data = support::pattern(12, 3 * MIB as usize);
+    client.write_all(MIB + 4096, &data, 64 << 10)?;
+    client.run_batch_ok(
+        0,
+        &[Op::WriteZeroes {
+            offset_bytes: 6 * MIB,
+            len_bytes: 8192,
+            no_unmap: true,
+        }],
+    )?;
+    client.flush()?;
+    let back = client.read_all(MIB + 4096, data.len(), 1 << 20)?;
+    ensure!(back == data, "read back differs from what was written");
+    compare_image(&image, MIB + 4096, &data)?;
+    compare_image(&image, 6 * MIB, &[0; 8192])?;
+    server.check_requests(4096, MIB)?;
+    drop(client);
+    drop(serve);
+    Ok(())
+}
+
 /// An export whose minimum block size is 4 KiB cannot take the guest's 512-byte requests:
 /// `ferry serve` refuses it with a one-line error naming both sizes, and sends it nothing.
 #[test]
@@ -218,7 +263,7 @@ fn refuses_an_export_whose_minimum_block_size_exceeds_a_sector() -> Result<()> {
         stderr.lines().count() == 1
             && stderr.contains(&format!(
                 "{}: the export's minimum block size is 4096 bytes; ferry's volumes take \
-                 512-byte requests",
+                 512-byte requests (serve it with logical-block-size=4096)",
                 server.uri()
             )),
         "{stderr:?}"

@@ -132,6 +132,11 @@ impl BlkioClient {
         blk(name, self.blkio.get_u64(name))
     }
 
+    /// Reads a libblkio integer property (e.g. "request-alignment").
+    pub fn property_i32(&self, name: &str) -> Result<i32> {
+        blk(name, self.blkio.get_i32(name))
+    }
+
     /// The shared buffer region.
     pub fn buf(&self) -> &[u8] {
         // SAFETY: the region is a live mmap of `len` bytes owned by `self.blkio`; requests that

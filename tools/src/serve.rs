@@ -19,6 +19,7 @@ pub struct ServeArgs {
     /// A volume: name=NAME,path=IMG,socket=SOCK[,size=8G][,read-only][,queues=N]
     /// (path may be an NBD export: nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH)
     /// [,queues-per-thread=N][,cache=none|writeback][,serial=STR][,offset=B][,length=B][,poll-us=N][,batch=N]
+    /// [,logical-block-size=512|4K|...]
     #[arg(long = "volume", value_name = "SPEC")]
     pub volumes: Vec<String>,
     /// Open a control socket (line-delimited JSON, see docs/control.md).
@@ -201,6 +202,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut opened = Vec::new();
     for spec in &plan.volumes {
         let volume = Volume::open(spec.engine.clone())?;
+        ferry_vhost::check_settings(&volume, &spec.device_settings())?;
         opened.push((spec.clone(), volume));
     }
     let journal = match journal_options {

@@ -16,6 +16,8 @@ pub struct VolumeSpec {
     pub serial: Option<String>,
     pub poll_us: u64,
     pub batch: u16,
+    /// The logical block size the guest sees (`logical-block-size=`).
+    pub logical_block_bytes: u32,
 }
 
 /// Default longest adaptive busy-poll window, in microseconds (QEMU's `poll-max-ns`
@@ -49,6 +51,7 @@ impl VolumeSpec {
                 .unwrap_or_else(|| self.engine.name.clone()),
             poll_us: self.poll_us,
             batch: self.batch,
+            logical_block_bytes: self.logical_block_bytes,
         }
     }
 
@@ -61,6 +64,7 @@ impl VolumeSpec {
             serial: None,
             poll_us: DEFAULT_POLL_US,
             batch: DEFAULT_BATCH,
+            logical_block_bytes: ferry_vhost::config::LOGICAL_BLOCK_BYTES_DEFAULT,
         }
     }
 
@@ -102,6 +106,16 @@ impl VolumeSpec {
                 })?
             }
             "batch" => self.batch = parse_count(key, need()?, BATCH_MAX)?,
+            "logical-block-size" => {
+                let text = need()?;
+                let bytes = parse_size(text)
+                    .ok()
+                    .and_then(|b| u32::try_from(b).ok())
+                    .ok_or_else(|| format!("logical-block-size={text}: expected a size"))?;
+                ferry_vhost::config::check_logical_block_bytes(bytes)?;
+                self.logical_block_bytes = bytes;
+                self.engine.request_block_bytes = u64::from(bytes);
+            }
             other => return Err(format!("unknown volume setting {other:?}")),
         }
         Ok(())
@@ -121,6 +135,19 @@ impl VolumeSpec {
         }
         if self.queues_per_thread > self.queues {
             return Err(format!("volume {name}: queues-per-thread exceeds queues"));
+        }
+        // Before anything is created: an image made and then refused would be left behind.
+        let block = u64::from(self.logical_block_bytes);
+        for (key, bytes) in [
+            ("size", self.engine.size_bytes),
+            ("length", self.engine.length_bytes),
+            ("offset", Some(self.engine.offset_bytes)),
+        ] {
+            if let Some(bytes) = bytes.filter(|b| !b.is_multiple_of(block)) {
+                return Err(format!(
+                    "volume {name}: {key}={bytes} is not a multiple of logical-block-size={block}"
+                ));
+            }
         }
         Ok(self)
     }
@@ -201,6 +228,10 @@ mod tests {
         assert_eq!(spec.serial.as_deref(), Some("abc"));
         assert_eq!(spec.batch, DEFAULT_BATCH);
         assert_eq!(parse_volume("name=a,path=b,socket=c,batch=32")?.batch, 32);
+        assert_eq!(spec.logical_block_bytes, 512);
+        let spec = parse_volume("name=a,path=b,socket=c,logical-block-size=4K")?;
+        assert_eq!(spec.logical_block_bytes, 4096);
+        assert_eq!(spec.device_settings().logical_block_bytes, 4096);
         Ok(())
     }
 
@@ -212,6 +243,12 @@ mod tests {
         assert!(parse_volume("name=a,path=b,socket=c,bogus=1").is_err());
         assert!(parse_volume("name=a,path=b,socket=c,batch=0").is_err());
         assert!(parse_volume("name=a,path=b,socket=c,batch=1025").is_err());
+        assert_eq!(
+            parse_volume("name=a,path=b,socket=c,logical-block-size=3000").err(),
+            Some("logical-block-size=3000: expected a power of two from 512 to 65536".into())
+        );
+        assert!(parse_volume("name=a,path=b,socket=c,logical-block-size=128K").is_err());
+        assert!(parse_volume("name=a,path=b,socket=c,logical-block-size=x").is_err());
         assert!(parse_size("99999999999T").is_err());
     }
 }

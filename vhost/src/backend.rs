@@ -46,6 +46,9 @@ pub struct DeviceSettings {
     /// Requests a worker takes from one ring per pass before submitting them and handing
     /// back completions (at least 1).
     pub batch: u16,
+    /// The logical block size the guest sees (`logical-block-size=`, checked by
+    /// [`config::check_logical_block_bytes`]); requests not in whole blocks fail.
+    pub logical_block_bytes: u32,
 }
 
 /// The device backend. Cheap to clone: the vhost-user-backend crate hands a clone to
@@ -66,9 +69,34 @@ struct Inner {
     exit_consumers: Mutex<Vec<RawFd>>,
 }
 
+/// Checks that `settings` fit `volume`: the logical block size is one ferry offers, and the
+/// volume (its size, and where it starts in its image) is whole logical blocks.
+pub fn check_settings(volume: &Volume, settings: &DeviceSettings) -> Result<(), EngineError> {
+    let block = settings.logical_block_bytes;
+    let bad = |reason: String| EngineError::BadGeometry {
+        volume: volume.name().to_string(),
+        reason,
+    };
+    config::check_logical_block_bytes(block).map_err(bad)?;
+    let size = volume.size_bytes();
+    if !size.is_multiple_of(u64::from(block)) {
+        return Err(bad(format!(
+            "its size ({size} bytes) is not a multiple of logical-block-size={block}"
+        )));
+    }
+    let offset = volume.backing().base_offset_bytes;
+    if !offset.is_multiple_of(u64::from(block)) {
+        return Err(bad(format!(
+            "offset={offset} is not a multiple of logical-block-size={block}"
+        )));
+    }
+    Ok(())
+}
+
 impl BlockDevice {
     /// Creates the device and one engine queue (one io_uring) per worker thread.
     pub fn new(volume: Arc<Volume>, settings: DeviceSettings) -> Result<Self, EngineError> {
+        check_settings(&volume, &settings)?;
         let queues = settings.queues.clamp(1, QUEUES_MAX);
         let per_thread = settings
             .queues_per_thread
@@ -84,6 +112,7 @@ impl BlockDevice {
             poll_max: std::time::Duration::from_micros(settings.poll_us),
             batch: usize::from(settings.batch.max(1)),
             log: log.clone(),
+            logical_block_bytes: settings.logical_block_bytes,
         };
         let capacity = u32::from(QUEUE_SIZE_MAX) * u32::from(per_thread);
         let mut workers = Vec::with_capacity(threads as usize);
@@ -204,9 +233,10 @@ impl VhostUserBackend for BlockDevice {
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let volume = &self.inner.volume;
         let space = config::config_space(
-            volume.size_bytes() / u64::from(config::BLOCK_SIZE_BYTES),
+            volume.size_bytes() / u64::from(config::SECTOR_BYTES),
             self.inner.settings.queues,
             volume.write_cache_enabled(),
+            self.inner.settings.logical_block_bytes,
         );
         config::read_config(&space, offset, size)
     }

@@ -19,5 +19,5 @@ pub mod queue_worker;
 pub mod request;
 pub mod server;
 
-pub use backend::{BlockDevice, DeviceSettings};
+pub use backend::{check_settings, BlockDevice, DeviceSettings};
 pub use server::{bind_socket, serve_volume, BindError, ConnectionState};

@@ -31,7 +31,7 @@ use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BL
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::config::DISCARD_SECTORS_MAX;
+use crate::config::{self, DISCARD_SECTORS_MAX};
 use crate::dirty_log::{self, LogBitmap, LogState, Segment};
 use crate::guest_warnings::GuestWarnings;
 use crate::poll_window::PollWindow;
@@ -129,6 +129,9 @@ pub struct WorkerSettings {
     pub batch: usize,
     /// Whether the frontend has dirty logging on (`VHOST_F_LOG_ALL`).
     pub log: LogState,
+    /// The guest's logical block: reads, writes, discards and write-zeroes must be whole
+    /// blocks (virtio-blk `blk_size`), or they fail.
+    pub logical_block_bytes: u32,
 }
 
 /// The state of one worker thread.
@@ -411,13 +414,14 @@ impl QueueWorker {
     /// Turns the parsed request into an engine operation, or answers it at once with a status.
     fn block_op(&self, mem: &GuestMemory) -> Result<OpKind, u8> {
         let r = &self.request;
+        let block = self.settings.logical_block_bytes;
         let offset_bytes = || r.sector.checked_mul(512).ok_or(VIRTIO_BLK_S_IOERR as u8);
         match r.request_type {
             RequestType::Read | RequestType::Write => {
-                if !r.data_bytes.is_multiple_of(512) {
+                let offset = offset_bytes()?;
+                if !config::is_block_aligned(offset, r.data_bytes, block) {
                     return Err(VIRTIO_BLK_S_IOERR as u8);
                 }
-                let offset = offset_bytes()?;
                 Ok(if r.request_type == RequestType::Read {
                     OpKind::Read(offset)
                 } else {
@@ -475,6 +479,9 @@ impl QueueWorker {
                     .checked_mul(512)
                     .ok_or(VIRTIO_BLK_S_IOERR as u8)?;
                 let len = u64::from(seg.num_sectors) * 512;
+                if !config::is_block_aligned(offset, len, block) {
+                    return Err(VIRTIO_BLK_S_IOERR as u8);
+                }
                 Ok(if discard {
                     OpKind::Discard(offset, len)
                 } else {
@@ -496,6 +503,15 @@ impl QueueWorker {
         used_len: u32,
         mem: &GuestMemory,
     ) {
+        if status != VIRTIO_BLK_S_OK as u8 {
+            // A request the device refused (malformed, not in whole blocks, unsupported)
+            // counts among the volume's errors like one that failed in the engine.
+            self.engine
+                .volume()
+                .stats
+                .errors
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         if mem.write_obj(status, status_addr).is_err() {
             self.guest_warnings.warn(
                 self.engine.volume().name(),
@@ -748,6 +764,7 @@ mod tests {
             poll_max: std::time::Duration::ZERO,
             batch: 8,
             log: super::LogState::default(),
+            logical_block_bytes: 512,
         };
         let mut worker = super::QueueWorker::new(engine, settings, 16);
         let mem: GuestMemoryMmap<super::LogBitmap> =

@@ -136,6 +136,7 @@ fn query_volumes(daemon: &Daemon, _: &Value) -> Result<Value, ControlError> {
                 "read-only": v.volume.read_only(),
                 "cache": v.volume.config().cache,
                 "queues": v.queues,
+                "logical-block-size": v.volume.config().request_block_bytes(),
                 "connected": v.connection.connected.load(SeqCst),
                 "connections": v.connection.connections.load(SeqCst),
                 "write-cache": v.volume.write_cache_enabled(),
