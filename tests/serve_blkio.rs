@@ -377,6 +377,24 @@ fn reconnecting_frontends_leak_no_descriptors() -> Result<()> {
     served.stop()
 }
 
+/// Sends `bad` on queue 0: every request must fail, and the daemon must count each among
+/// the volume's errors.
+fn expect_errors(served: &Served, client: &mut BlkioClient, bad: &[Op]) -> Result<()> {
+    let errors_before = served.stats()?["errors"].as_u64().unwrap_or(0);
+    let results = client.run_batch(0, bad)?;
+    for (op, ret) in bad.iter().zip(&results) {
+        ensure!(*ret < 0, "{op:?} got ret {ret}, expected an error");
+    }
+    let errors_after = served.stats()?["errors"].as_u64().unwrap_or(0);
+    ensure!(
+        errors_after >= errors_before + bad.len() as u64,
+        "the daemon counted {} errors for {} bad requests",
+        errors_after - errors_before,
+        bad.len()
+    );
+    Ok(())
+}
+
 /// Reads, writes, discards and write-zeroes past the end or straddling it fail with a
 /// negative ret; the last sectors are untouched and the daemon keeps serving.
 #[test]
@@ -434,18 +452,7 @@ fn out_of_range_requests_fail_and_daemon_keeps_serving() -> Result<()> {
             no_unmap: false,
         },
     ];
-    let errors_before = served.stats()?["errors"].as_u64().unwrap_or(0);
-    let results = client.run_batch(0, &bad)?;
-    for (op, ret) in bad.iter().zip(&results) {
-        ensure!(*ret < 0, "{op:?} got ret {ret}, expected an error");
-    }
-    let errors_after = served.stats()?["errors"].as_u64().unwrap_or(0);
-    ensure!(
-        errors_after >= errors_before + bad.len() as u64,
-        "the daemon counted {} errors for {} bad requests",
-        errors_after - errors_before,
-        bad.len()
-    );
+    expect_errors(&served, &mut client, &bad)?;
     ensure!(served.daemon.is_running(), "daemon died");
     // Still serving, on the same connection and on a new one.
     verify_range(&mut client, &model, IMAGE_BYTES - (1 << 20), 1 << 20)?;
@@ -497,7 +504,6 @@ fn logical_block_size_4k_takes_whole_blocks_only() -> Result<()> {
     client.run_batch_ok(0, &good)?;
     model.write(16384, &[0; 8192]);
     model.write(65536, &[0; 4096]);
-    let errors_before = served.stats()?["errors"].as_u64().unwrap_or(0);
     let bad = [
         Op::Read {
             offset_bytes: 512,
@@ -531,17 +537,7 @@ fn logical_block_size_4k_takes_whole_blocks_only() -> Result<()> {
             no_unmap: false,
         },
     ];
-    let results = client.run_batch(0, &bad)?;
-    for (op, ret) in bad.iter().zip(&results) {
-        ensure!(*ret < 0, "{op:?} got ret {ret}, expected an error");
-    }
-    let errors_after = served.stats()?["errors"].as_u64().unwrap_or(0);
-    ensure!(
-        errors_after >= errors_before + bad.len() as u64,
-        "the daemon counted {} errors for {} requests not in whole blocks",
-        errors_after - errors_before,
-        bad.len()
-    );
+    expect_errors(&served, &mut client, &bad)?;
     verify_range(&mut client, &model, 0, 512 << 10)?;
     drop(client);
     model.check_image(&served.image)?;

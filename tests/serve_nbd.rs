@@ -158,20 +158,32 @@ fn serves_a_slice_of_an_nbd_export_over_a_unix_socket() -> Result<()> {
     Ok(())
 }
 
+/// A `qemu-storage-daemon` export `exp` (over blkdebug with `align_bytes` and a 1 MiB
+/// `max-transfer`) of a new image in `dir` holding `image_bytes` of `fill`, on a Unix socket.
+fn qsd_export(
+    dir: &std::path::Path,
+    fill: u8,
+    image_bytes: u64,
+    align_bytes: u64,
+) -> Result<(std::path::PathBuf, NbdServer)> {
+    let image = dir.join("export.img");
+    std::fs::write(&image, vec![fill; image_bytes as usize])?;
+    let limits = BlockLimits {
+        align_bytes,
+        max_transfer_bytes: MIB,
+    };
+    let addr = NbdAddr::Unix(dir.join("nbd.sock"));
+    let server = NbdServer::qsd_block_limits(&image, "exp", &addr, limits)?;
+    Ok((image, server))
+}
+
 /// A volume on an export whose maximum payload is 1 MiB (qemu-storage-daemon over blkdebug
 /// `max-transfer=1M`, minimum block 512): 4 MiB guest reads and writes reach the server as
 /// requests of at most 1 MiB, aligned to 512 bytes, and the data lands byte for byte.
 #[test]
 fn splits_requests_at_the_exports_maximum_payload() -> Result<()> {
     let dir = support::scratch_dir()?;
-    let image = dir.path().join("export.img");
-    std::fs::write(&image, vec![0x33u8; 16 * MIB as usize])?;
-    let limits = BlockLimits {
-        align_bytes: 512,
-        max_transfer_bytes: MIB,
-    };
-    let addr = NbdAddr::Unix(dir.path().join("nbd.sock"));
-    let server = NbdServer::qsd_block_limits(&image, "exp", &addr, limits)?;
+    let (image, server) = qsd_export(dir.path(), 0x33, 16 * MIB, 512)?;
     let socket = dir.path().join("n.sock");
     let spec = format!("name=n,path={},socket={}", server.uri(), socket.display());
     let serve = FerryServe::start(&[spec], &dir.path().join("ctl.sock"))?;
@@ -203,14 +215,7 @@ fn splits_requests_at_the_exports_maximum_payload() -> Result<()> {
 #[test]
 fn serves_an_export_of_4k_blocks_to_a_guest_of_4k_blocks() -> Result<()> {
     let dir = support::scratch_dir()?;
-    let image = dir.path().join("export.img");
-    std::fs::write(&image, vec![0x44u8; 8 * MIB as usize])?;
-    let limits = BlockLimits {
-        align_bytes: 4096,
-        max_transfer_bytes: MIB,
-    };
-    let addr = NbdAddr::Unix(dir.path().join("nbd.sock"));
-    let server = NbdServer::qsd_block_limits(&image, "exp", &addr, limits)?;
+    let (image, server) = qsd_export(dir.path(), 0x44, 8 * MIB, 4096)?;
     let socket = dir.path().join("n.sock");
     let spec = format!(
         "name=n,path={},socket={},logical-block-size=4K",
@@ -246,14 +251,7 @@ fn serves_an_export_of_4k_blocks_to_a_guest_of_4k_blocks() -> Result<()> {
 #[test]
 fn refuses_an_export_whose_minimum_block_size_exceeds_a_sector() -> Result<()> {
     let dir = support::scratch_dir()?;
-    let image = dir.path().join("export.img");
-    std::fs::write(&image, vec![0u8; 4 * MIB as usize])?;
-    let limits = BlockLimits {
-        align_bytes: 4096,
-        max_transfer_bytes: MIB,
-    };
-    let addr = NbdAddr::Unix(dir.path().join("nbd.sock"));
-    let server = NbdServer::qsd_block_limits(&image, "exp", &addr, limits)?;
+    let (_image, server) = qsd_export(dir.path(), 0, 4 * MIB, 4096)?;
     let socket = dir.path().join("n.sock");
     let spec = format!("name=n,path={},socket={}", server.uri(), socket.display());
     let out = ferry(&["serve", "--volume", &spec])?;
