@@ -41,6 +41,11 @@ struct Fixture {
 
 impl Fixture {
     fn new(volumes: &[(&str, u64)], fill: Fill) -> Result<Self> {
+        Self::with_settings(volumes, fill, "")
+    }
+
+    /// As [`Fixture::new`], with `extra` appended to every volume's spec.
+    fn with_settings(volumes: &[(&str, u64)], fill: Fill, extra: &str) -> Result<Self> {
         let dir = support::scratch_dir()?;
         let mut specs = Vec::new();
         let mut initial = Vec::new();
@@ -48,7 +53,7 @@ impl Fixture {
             let image = dir.path().join(format!("{name}.img"));
             initial.push(make_image(&image, len, fill, 100 + i as u64)?);
             specs.push(format!(
-                "name={name},path={},socket={}",
+                "name={name},path={},socket={}{extra}",
                 image.display(),
                 dir.path().join(format!("{name}.sock")).display()
             ));
@@ -362,6 +367,55 @@ fn nbd_target_with_4k_blocks_is_refused() -> Result<()> {
         std::fs::read(&image)?.iter().all(|&b| b == 0xee),
         "the refused export was written"
     );
+    Ok(())
+}
+
+/// The same export as the target of a volume with 4 KiB logical blocks
+/// (`logical-block-size=4K`): the guest's writes are whole 4 KiB blocks and so is everything
+/// the job sends, so the migration runs: every request reaching the server is aligned to 4 KiB,
+/// the cutover switches the volume onto the export (opened with the volume's block size), and
+/// the export ends up with everything the client wrote.
+#[test]
+fn nbd_target_with_4k_blocks_takes_a_volume_of_4k_blocks() -> Result<()> {
+    let fx = Fixture::with_settings(
+        &[("vda", 16 * MIB)],
+        Fill::HalfHoles,
+        ",logical-block-size=4K",
+    )?;
+    let image = fx.path("nbd.img");
+    garbage_image(&image, 16 * MIB)?;
+    let limits = BlockLimits {
+        align_bytes: 4096,
+        max_transfer_bytes: MIB,
+    };
+    let server =
+        NbdServer::qsd_block_limits(&image, "disk", &NbdAddr::Unix(fx.path("nbd.sock")), limits)?;
+    let writer = fx.writer(
+        0,
+        WriterConfig {
+            seed: 83,
+            inflight: 4,
+            ..WriterConfig::default()
+        },
+    )?;
+    let uri = server.uri();
+    let id = fx
+        .serve
+        .start_migration(&["--volume", "vda", "--target", &uri])?;
+    let sizes = &fx.serve.job_status(id)?["target_block_sizes"];
+    ensure!(
+        sizes["block_bytes_min"] == 4096,
+        "target_block_sizes {sizes}"
+    );
+    fx.serve.wait_ready(id)?;
+    writer.wait_more(10, WRITER_WAIT)?;
+    let report = fx.serve.cutover(id)?;
+    ensure!(report["switched"] == true, "NBD cutover report {report}");
+    writer.wait_more(10, WRITER_WAIT)?; // these writes go to the export only
+    let client = writer.stop()?;
+    client.ensure_no_error()?;
+    compare_image(&image, 0, &client.model)?;
+    server.check_requests(4096, MIB)?;
     Ok(())
 }
 

@@ -560,10 +560,12 @@ fn open_target(
             (Arc::new(file), Some(path.clone()))
         }
         TargetSpec::Nbd { address, export } => (
-            Arc::new(NbdTarget::connect(
+            Arc::new(NbdTarget::connect_with(
                 address,
                 export,
                 options.nbd_request_timeout,
+                false,
+                job_request_block_bytes(volumes, options),
             )?),
             None,
         ),
@@ -576,6 +578,18 @@ fn open_target(
         });
     }
     Ok((target, path))
+}
+
+/// What every request a job sends its target is whole multiples of: the smallest logical
+/// block of its volumes (mirrored guest writes and discards), which also divides its copy
+/// granularity (a power of two of at least 4 KiB) and the layout's 1 MiB placements.
+fn job_request_block_bytes(volumes: &[Arc<Volume>], options: &MigrationOptions) -> u64 {
+    volumes
+        .iter()
+        .map(|v| v.config().request_block_bytes())
+        .min()
+        .unwrap_or(crate::SECTOR_SIZE)
+        .min(options.granularity_bytes)
 }
 
 fn check_not_source(target: &FileTarget, volumes: &[Arc<Volume>]) -> Result<(), MigrationError> {

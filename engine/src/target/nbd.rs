@@ -208,22 +208,26 @@ pub struct NbdTarget {
 
 impl NbdTarget {
     /// Connects to `address`, negotiates `export` with `NBD_OPT_GO`, and starts the reply reader.
-    /// A read-only export is refused (a migration must write to it).
+    /// A read-only export is refused (a migration must write to it), and so is one whose
+    /// minimum block size exceeds a sector.
     pub fn connect(
         address: &NbdAddress,
         export: &str,
         request_timeout: Duration,
     ) -> Result<Self, TargetError> {
-        Self::connect_with(address, export, request_timeout, false)
+        Self::connect_with(address, export, request_timeout, false, REQUEST_ALIGN_BYTES)
     }
 
     /// As [`connect`](Self::connect); `read_only_ok` accepts a read-only export (a volume's
-    /// source reader).
+    /// source reader); `request_block_bytes` is what every request will be whole multiples
+    /// of (a power of two, at least a sector), and an export whose minimum block size is
+    /// larger is refused.
     pub fn connect_with(
         address: &NbdAddress,
         export: &str,
         request_timeout: Duration,
         read_only_ok: bool,
+        request_block_bytes: u64,
     ) -> Result<Self, TargetError> {
         let name = super::TargetSpec::Nbd {
             address: address.clone(),
@@ -244,7 +248,7 @@ impl NbdTarget {
         let unusable = if info.transmission_flags & NBD_FLAG_READ_ONLY != 0 && !read_only_ok {
             Err("the export is read-only".to_string())
         } else {
-            info.block_sizes.check_usable(REQUEST_ALIGN_BYTES)
+            info.block_sizes.check_usable(request_block_bytes)
         };
         if let Err(reason) = unusable {
             disconnect(&conn);

@@ -30,6 +30,8 @@ pub struct NbdExport {
     size_bytes: u64,
     transmission_flags: u16,
     block_sizes: BlockSizes,
+    /// What the volume's requests are whole multiples of (its logical block).
+    request_block_bytes: u64,
     /// A blocking client for reads outside the queues (a migration away from this export),
     /// connected on first use.
     reader: Mutex<Option<Arc<NbdTarget>>>,
@@ -106,6 +108,7 @@ impl NbdExport {
             size_bytes,
             transmission_flags,
             block_sizes,
+            request_block_bytes,
             reader: Mutex::new(None),
         })
     }
@@ -209,8 +212,14 @@ impl NbdExport {
             }
         }
         let client = Arc::new(
-            NbdTarget::connect_with(&self.address, &self.export, SIDE_REQUEST_TIMEOUT, true)
-                .map_err(io::Error::other)?,
+            NbdTarget::connect_with(
+                &self.address,
+                &self.export,
+                SIDE_REQUEST_TIMEOUT,
+                true,
+                self.request_block_bytes,
+            )
+            .map_err(io::Error::other)?,
         );
         *reader = Some(client.clone());
         Ok(client)
