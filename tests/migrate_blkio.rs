@@ -87,6 +87,20 @@ impl Fixture {
     }
 }
 
+/// A `qemu-storage-daemon` export `disk` of a new 16 MiB garbage image `nbd.img` in the
+/// fixture's directory, over blkdebug with `align_bytes` and a 1 MiB `max-transfer`.
+fn qsd_target(fx: &Fixture, align_bytes: u64) -> Result<(PathBuf, NbdServer)> {
+    let image = fx.path("nbd.img");
+    garbage_image(&image, 16 * MIB)?;
+    let limits = BlockLimits {
+        align_bytes,
+        max_transfer_bytes: MIB,
+    };
+    let server =
+        NbdServer::qsd_block_limits(&image, "disk", &NbdAddr::Unix(fx.path("nbd.sock")), limits)?;
+    Ok((image, server))
+}
+
 /// Creates a `len` byte image filled as `fill` says; returns its content.
 fn make_image(path: &Path, len: u64, fill: Fill, seed: u64) -> Result<Vec<u8>> {
     use std::os::unix::fs::FileExt as _;
@@ -282,14 +296,7 @@ fn nbd_target_qemu_nbd_unix_background() -> Result<()> {
 #[test]
 fn nbd_target_with_a_1m_maximum_payload() -> Result<()> {
     let fx = Fixture::new(&[("vda", 16 * MIB)], Fill::Dense)?;
-    let image = fx.path("nbd.img");
-    garbage_image(&image, 16 * MIB)?;
-    let limits = BlockLimits {
-        align_bytes: 512,
-        max_transfer_bytes: MIB,
-    };
-    let server =
-        NbdServer::qsd_block_limits(&image, "disk", &NbdAddr::Unix(fx.path("nbd.sock")), limits)?;
+    let (image, server) = qsd_target(&fx, 512)?;
     let writer = fx.writer(
         0,
         WriterConfig {
@@ -332,14 +339,7 @@ fn nbd_target_with_a_1m_maximum_payload() -> Result<()> {
 #[test]
 fn nbd_target_with_4k_blocks_is_refused() -> Result<()> {
     let fx = Fixture::new(&[("vda", 16 * MIB)], Fill::HalfHoles)?;
-    let image = fx.path("nbd.img");
-    garbage_image(&image, 16 * MIB)?;
-    let limits = BlockLimits {
-        align_bytes: 4096,
-        max_transfer_bytes: MIB,
-    };
-    let server =
-        NbdServer::qsd_block_limits(&image, "disk", &NbdAddr::Unix(fx.path("nbd.sock")), limits)?;
+    let (image, server) = qsd_target(&fx, 4096)?;
     let writer = fx.writer(
         0,
         WriterConfig {
@@ -382,14 +382,7 @@ fn nbd_target_with_4k_blocks_takes_a_volume_of_4k_blocks() -> Result<()> {
         Fill::HalfHoles,
         ",logical-block-size=4K",
     )?;
-    let image = fx.path("nbd.img");
-    garbage_image(&image, 16 * MIB)?;
-    let limits = BlockLimits {
-        align_bytes: 4096,
-        max_transfer_bytes: MIB,
-    };
-    let server =
-        NbdServer::qsd_block_limits(&image, "disk", &NbdAddr::Unix(fx.path("nbd.sock")), limits)?;
+    let (image, server) = qsd_target(&fx, 4096)?;
     let writer = fx.writer(
         0,
         WriterConfig {
