@@ -101,6 +101,19 @@ fn qsd_target(fx: &Fixture, align_bytes: u64) -> Result<(PathBuf, NbdServer)> {
     Ok((image, server))
 }
 
+/// Waits for job `id` to be ready under `writer`'s writes, cuts over, lets the writer go on
+/// writing (to the target alone now), stops it and checks that `target` holds all it wrote.
+fn cutover_under_writes(fx: &Fixture, id: u64, writer: PatternWriter, target: &Path) -> Result<()> {
+    fx.serve.wait_ready(id)?;
+    writer.wait_more(10, WRITER_WAIT)?;
+    let report = fx.serve.cutover(id)?;
+    ensure!(report["switched"] == true, "cutover report {report}");
+    writer.wait_more(10, WRITER_WAIT)?;
+    let client = writer.stop()?;
+    client.ensure_no_error()?;
+    compare_image(target, 0, &client.model)
+}
+
 /// Creates a `len` byte image filled as `fill` says; returns its content.
 fn make_image(path: &Path, len: u64, fill: Fill, seed: u64) -> Result<Vec<u8>> {
     use std::os::unix::fs::FileExt as _;
@@ -317,14 +330,7 @@ fn nbd_target_with_a_1m_maximum_payload() -> Result<()> {
             && sizes["advertised"] == true,
         "status shows target_block_sizes {sizes}"
     );
-    fx.serve.wait_ready(id)?;
-    writer.wait_more(10, WRITER_WAIT)?;
-    let report = fx.serve.cutover(id)?;
-    ensure!(report["switched"] == true, "NBD cutover report {report}");
-    writer.wait_more(10, WRITER_WAIT)?; // these writes go to the export only
-    let client = writer.stop()?;
-    client.ensure_no_error()?;
-    compare_image(&image, 0, &client.model)?;
+    cutover_under_writes(&fx, id, writer, &image)?;
     let whole = server.check_requests(512, MIB)?;
     ensure!(
         whole > 16,
@@ -400,14 +406,7 @@ fn nbd_target_with_4k_blocks_takes_a_volume_of_4k_blocks() -> Result<()> {
         sizes["block_bytes_min"] == 4096,
         "target_block_sizes {sizes}"
     );
-    fx.serve.wait_ready(id)?;
-    writer.wait_more(10, WRITER_WAIT)?;
-    let report = fx.serve.cutover(id)?;
-    ensure!(report["switched"] == true, "NBD cutover report {report}");
-    writer.wait_more(10, WRITER_WAIT)?; // these writes go to the export only
-    let client = writer.stop()?;
-    client.ensure_no_error()?;
-    compare_image(&image, 0, &client.model)?;
+    cutover_under_writes(&fx, id, writer, &image)?;
     server.check_requests(4096, MIB)?;
     Ok(())
 }
