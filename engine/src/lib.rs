@@ -10,6 +10,7 @@
 pub mod error;
 pub mod journal;
 pub mod mirror;
+pub mod nbd;
 pub mod observer;
 pub mod reactor;
 pub mod target;

@@ -1,0 +1,3 @@
+//! Tests of the NBD module.
+
+mod protocol_golden;
