@@ -559,16 +559,15 @@ fn open_target(
             check_not_source(&file, volumes)?;
             (Arc::new(file), Some(path.clone()))
         }
-        TargetSpec::Nbd { address, export } => (
-            Arc::new(NbdTarget::connect_with(
-                address,
-                export,
-                options.nbd_request_timeout,
-                false,
-                job_request_block_bytes(volumes, options),
-            )?),
-            None,
-        ),
+        TargetSpec::Nbd { address, export } => {
+            let uri = crate::nbd::ExportUri {
+                address: address.clone(),
+                export: export.clone(),
+            };
+            let request_block_bytes = job_request_block_bytes(volumes, options);
+            let nbd = NbdTarget::connect(&uri, options.nbd_request_timeout, request_block_bytes)?;
+            (Arc::new(nbd), None)
+        }
     };
     if target.size_bytes() < needed_bytes {
         return Err(MigrationError::TargetTooSmall {

@@ -6,9 +6,11 @@
 
 pub mod file;
 pub mod nbd;
-pub mod nbd_sizes;
 
 use std::path::PathBuf;
+
+use crate::nbd::{BlockSizes, ExportUri};
+pub use crate::nbd::{NbdAddress, NBD_DEFAULT_PORT};
 
 /// Why a target operation failed. Any of these fails a migration job; the guest keeps
 /// running on its source.
@@ -84,16 +86,9 @@ pub trait Target: Send + Sync {
     /// their clients) once nothing will use it again; later calls fail.
     fn close(&self) {}
     /// The size constraints an NBD export negotiated (`None` for other targets).
-    fn block_sizes(&self) -> Option<nbd_sizes::BlockSizes> {
+    fn block_sizes(&self) -> Option<BlockSizes> {
         None
     }
-}
-
-/// Where an NBD server listens.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NbdAddress {
-    Tcp { host: String, port: u16 },
-    Unix { socket: PathBuf },
 }
 
 /// A target as the operator names it.
@@ -105,9 +100,6 @@ pub enum TargetSpec {
     Nbd { address: NbdAddress, export: String },
 }
 
-/// The IANA port of NBD, used when an `nbd://` URI names none.
-pub const NBD_DEFAULT_PORT: u16 = 10809;
-
 impl TargetSpec {
     /// Parses `nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`, or a path
     /// (optionally `file:PATH`).
@@ -116,35 +108,10 @@ impl TargetSpec {
             text: text.to_string(),
             reason: reason.to_string(),
         };
-        if let Some(rest) = text.strip_prefix("nbd+unix://") {
-            let rest = rest
-                .strip_prefix('/')
-                .ok_or_else(|| bad("expected nbd+unix:///EXPORT?socket=PATH"))?;
-            let (export, query) = rest
-                .split_once('?')
-                .ok_or_else(|| bad("missing ?socket=PATH"))?;
-            let socket = query
-                .split('&')
-                .find_map(|kv| kv.strip_prefix("socket="))
-                .filter(|s| !s.is_empty())
-                .ok_or_else(|| bad("missing socket=PATH"))?;
-            return Ok(Self::Nbd {
-                address: NbdAddress::Unix {
-                    socket: PathBuf::from(socket),
-                },
-                export: export.to_string(),
-            });
-        }
-        if let Some(rest) = text.strip_prefix("nbd://") {
-            let (authority, export) = rest.split_once('/').unwrap_or((rest, ""));
-            let (host, port) = split_host_port(authority).ok_or_else(|| bad("bad HOST:PORT"))?;
-            if host.is_empty() {
-                return Err(bad("missing host"));
-            }
-            return Ok(Self::Nbd {
-                address: NbdAddress::Tcp { host, port },
-                export: export.to_string(),
-            });
+        if ExportUri::has_scheme(text) {
+            let ExportUri { address, export } =
+                ExportUri::parse(text).map_err(|e| bad(e.reason))?;
+            return Ok(Self::Nbd { address, export });
         }
         if text.contains("://") {
             return Err(bad("unknown scheme (use a path, nbd:// or nbd+unix://)"));
@@ -154,23 +121,6 @@ impl TargetSpec {
             return Err(bad("empty path"));
         }
         Ok(Self::File(PathBuf::from(path)))
-    }
-}
-
-/// Splits `host`, `host:port`, `[v6]` or `[v6]:port`.
-fn split_host_port(authority: &str) -> Option<(String, u16)> {
-    if let Some(rest) = authority.strip_prefix('[') {
-        let (host, tail) = rest.split_once(']')?;
-        let port = match tail.strip_prefix(':') {
-            Some(p) => p.parse().ok()?,
-            None if tail.is_empty() => NBD_DEFAULT_PORT,
-            None => return None,
-        };
-        return Some((host.to_string(), port));
-    }
-    match authority.rsplit_once(':') {
-        Some((host, port)) => Some((host.to_string(), port.parse().ok()?)),
-        None => Some((authority.to_string(), NBD_DEFAULT_PORT)),
     }
 }
 
