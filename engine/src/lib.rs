@@ -13,7 +13,6 @@ pub mod mirror;
 pub mod nbd;
 pub mod observer;
 pub mod reactor;
-pub mod target;
 pub mod units;
 pub mod volume;
 

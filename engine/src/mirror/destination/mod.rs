@@ -1,8 +1,11 @@
-//! Migration targets: where a mirror copies a volume to, behind one synchronous interface.
+//! Migration destinations: where a mirror copies volumes to, behind one synchronous
+//! interface. The operator calls a destination the migration's *target*, and every message
+//! and status field does too.
 //!
-//! A target is a byte range that many threads write at once (the copier's workers and the
-//! mirror's workers): a local file or block device ([`file::FileTarget`]) or a remote NBD
-//! export ([`nbd::NbdTarget`]). [`TargetSpec`] is the operator's text form of a target.
+//! A destination is a byte range that many threads write at once (the copier's workers and
+//! the mirror's workers): a local file or block device ([`file::FileDestination`]) or a
+//! remote NBD export ([`nbd::NbdDestination`]). [`DestinationSpec`] is the operator's text
+//! form of one.
 
 pub mod file;
 pub mod nbd;
@@ -10,12 +13,11 @@ pub mod nbd;
 use std::path::PathBuf;
 
 use crate::nbd::{BlockSizes, ExportUri};
-pub use crate::nbd::{NbdAddress, NBD_DEFAULT_PORT};
 
-/// Why a target operation failed. Any of these fails a migration job; the guest keeps
+/// Why a destination operation failed. Any of these fails a migration job; the guest keeps
 /// running on its source.
 #[derive(Debug, thiserror::Error)]
-pub enum TargetError {
+pub enum DestinationError {
     #[error("target {target}: cannot open: {source}")]
     Open {
         target: String,
@@ -57,23 +59,23 @@ pub enum TargetError {
 }
 
 /// A byte-addressed place to copy to. Every method may be called from many threads at once.
-pub trait Target: Send + Sync {
+pub trait Destination: Send + Sync {
     /// How the operator named it (for messages and status).
     fn describe(&self) -> String;
     /// The usable size in bytes.
     fn size_bytes(&self) -> u64;
-    fn write_at(&self, offset_bytes: u64, data: &[u8]) -> Result<(), TargetError>;
+    fn write_at(&self, offset_bytes: u64, data: &[u8]) -> Result<(), DestinationError>;
     /// Makes the range read back as zeros; `unmap` allows deallocating it.
     fn write_zeroes(
         &self,
         offset_bytes: u64,
         len_bytes: u64,
         unmap: bool,
-    ) -> Result<(), TargetError>;
-    fn read_at(&self, offset_bytes: u64, buf: &mut [u8]) -> Result<(), TargetError>;
+    ) -> Result<(), DestinationError>;
+    fn read_at(&self, offset_bytes: u64, buf: &mut [u8]) -> Result<(), DestinationError>;
     /// Makes every completed write durable.
-    fn flush(&self) -> Result<(), TargetError>;
-    /// True when the target reads as zeros wherever nothing was written (a file ferry
+    fn flush(&self) -> Result<(), DestinationError>;
+    /// True when the destination reads as zeros wherever nothing was written (a file ferry
     /// just created sparse): holes of the source need not be copied then.
     fn known_zero(&self) -> bool {
         false
@@ -82,36 +84,36 @@ pub trait Target: Send + Sync {
     fn is_remote(&self) -> bool {
         false
     }
-    /// Lets go of what the target holds on the far side (an NBD connection: servers limit
+    /// Lets go of what the destination holds on the far side (an NBD connection: servers limit
     /// their clients) once nothing will use it again; later calls fail.
     fn close(&self) {}
-    /// The size constraints an NBD export negotiated (`None` for other targets).
+    /// The size constraints an NBD export negotiated (`None` for other destinations).
     fn block_sizes(&self) -> Option<BlockSizes> {
         None
     }
 }
 
-/// A target as the operator names it.
+/// A destination as the operator names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TargetSpec {
+pub enum DestinationSpec {
     /// A local file or block device (created sparse when missing).
     File(PathBuf),
     /// An NBD export: `nbd://HOST[:PORT]/EXPORT` or `nbd+unix:///EXPORT?socket=PATH`.
-    Nbd { address: NbdAddress, export: String },
+    Nbd(ExportUri),
 }
 
-impl TargetSpec {
+impl DestinationSpec {
     /// Parses `nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`, or a path
     /// (optionally `file:PATH`).
-    pub fn parse(text: &str) -> Result<Self, TargetError> {
-        let bad = |reason: &str| TargetError::BadSpec {
+    pub fn parse(text: &str) -> Result<Self, DestinationError> {
+        let bad = |reason: &str| DestinationError::BadSpec {
             text: text.to_string(),
             reason: reason.to_string(),
         };
         if ExportUri::has_scheme(text) {
-            let ExportUri { address, export } =
-                ExportUri::parse(text).map_err(|e| bad(e.reason))?;
-            return Ok(Self::Nbd { address, export });
+            return ExportUri::parse(text)
+                .map(Self::Nbd)
+                .map_err(|e| bad(e.reason));
         }
         if text.contains("://") {
             return Err(bad("unknown scheme (use a path, nbd:// or nbd+unix://)"));
@@ -124,18 +126,11 @@ impl TargetSpec {
     }
 }
 
-impl std::fmt::Display for TargetSpec {
+impl std::fmt::Display for DestinationSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::File(path) => write!(f, "{}", path.display()),
-            Self::Nbd {
-                address: NbdAddress::Tcp { host, port },
-                export,
-            } => write!(f, "nbd://{host}:{port}/{export}"),
-            Self::Nbd {
-                address: NbdAddress::Unix { socket },
-                export,
-            } => write!(f, "nbd+unix:///{export}?socket={}", socket.display()),
+            Self::Nbd(uri) => write!(f, "{uri}"),
         }
     }
 }
@@ -143,54 +138,45 @@ impl std::fmt::Display for TargetSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nbd::{NbdAddress, NBD_DEFAULT_PORT};
 
     #[test]
-    fn parses_nbd_tcp() -> Result<(), TargetError> {
+    fn parses_nbd_uris() -> Result<(), DestinationError> {
         assert_eq!(
-            TargetSpec::parse("nbd://127.0.0.1:10810/disk0")?,
-            TargetSpec::Nbd {
+            DestinationSpec::parse("nbd://127.0.0.1:10810/disk0")?,
+            DestinationSpec::Nbd(ExportUri {
                 address: NbdAddress::Tcp {
                     host: "127.0.0.1".into(),
                     port: 10810
                 },
                 export: "disk0".into()
-            }
+            })
         );
         assert_eq!(
-            TargetSpec::parse("nbd://host/e")?,
-            TargetSpec::Nbd {
-                address: NbdAddress::Tcp {
-                    host: "host".into(),
-                    port: NBD_DEFAULT_PORT
+            DestinationSpec::parse("nbd://host/e")?.to_string(),
+            format!("nbd://host:{NBD_DEFAULT_PORT}/e")
+        );
+        assert_eq!(
+            DestinationSpec::parse("nbd+unix:///disk?socket=/tmp/s.sock")?,
+            DestinationSpec::Nbd(ExportUri {
+                address: NbdAddress::Unix {
+                    socket: "/tmp/s.sock".into()
                 },
-                export: "e".into()
-            }
-        );
-        assert_eq!(
-            TargetSpec::parse("nbd://[::1]:99/x")?.to_string(),
-            "nbd://::1:99/x".to_string()
+                export: "disk".into()
+            })
         );
         Ok(())
     }
 
     #[test]
-    fn parses_nbd_unix_and_files() -> Result<(), TargetError> {
+    fn parses_files() -> Result<(), DestinationError> {
         assert_eq!(
-            TargetSpec::parse("nbd+unix:///disk?socket=/tmp/s.sock")?,
-            TargetSpec::Nbd {
-                address: NbdAddress::Unix {
-                    socket: "/tmp/s.sock".into()
-                },
-                export: "disk".into()
-            }
+            DestinationSpec::parse("/dev/sdb")?,
+            DestinationSpec::File("/dev/sdb".into())
         );
         assert_eq!(
-            TargetSpec::parse("/dev/sdb")?,
-            TargetSpec::File("/dev/sdb".into())
-        );
-        assert_eq!(
-            TargetSpec::parse("file:a.img")?,
-            TargetSpec::File("a.img".into())
+            DestinationSpec::parse("file:a.img")?,
+            DestinationSpec::File("a.img".into())
         );
         Ok(())
     }
@@ -205,9 +191,17 @@ mod tests {
             "http://x/y",
         ] {
             assert!(
-                matches!(TargetSpec::parse(text), Err(TargetError::BadSpec { .. })),
+                matches!(
+                    DestinationSpec::parse(text),
+                    Err(DestinationError::BadSpec { .. })
+                ),
                 "{text:?} should be refused"
             );
         }
+        let refused = DestinationSpec::parse("nbd://:12/x").map_err(|e| e.to_string());
+        assert_eq!(
+            refused,
+            Err("bad target \"nbd://:12/x\": missing host".to_string())
+        );
     }
 }

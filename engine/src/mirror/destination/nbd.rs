@@ -1,18 +1,18 @@
-//! An NBD export as a migration target: the blocking [`NbdClient`] behind the [`Target`]
-//! interface, its errors named after the target.
+//! An NBD export as a migration destination: the blocking [`NbdClient`] behind the
+//! [`Destination`] interface, its errors naming the export as the operator's target.
 
 use std::time::Duration;
 
-use super::{Target, TargetError};
+use super::{Destination, DestinationError};
 use crate::nbd::{BlockSizes, ClientError, ClientOptions, ExportUri, NbdClient};
 
 /// An NBD export opened for a mirror.
-pub struct NbdTarget {
+pub struct NbdDestination {
     name: String,
     client: NbdClient,
 }
 
-impl NbdTarget {
+impl NbdDestination {
     /// Connects to the export and negotiates it. A read-only export is refused (a migration
     /// writes to it), and so is one whose minimum block size exceeds `request_block_bytes`,
     /// what every request of the job is whole multiples of.
@@ -20,35 +20,35 @@ impl NbdTarget {
         uri: &ExportUri,
         request_timeout: Duration,
         request_block_bytes: u64,
-    ) -> Result<Self, TargetError> {
+    ) -> Result<Self, DestinationError> {
         let name = uri.to_string();
         let options = ClientOptions {
             request_timeout,
             accept_read_only: false,
             request_block_bytes,
         };
-        let client = NbdClient::connect(uri, &options).map_err(|e| target_error(&name, e))?;
+        let client = NbdClient::connect(uri, &options).map_err(|e| destination_error(&name, e))?;
         Ok(Self { name, client })
     }
 
-    fn err(&self, e: ClientError) -> TargetError {
-        target_error(&self.name, e)
+    fn err(&self, e: ClientError) -> DestinationError {
+        destination_error(&self.name, e)
     }
 }
 
-/// A client's error as the target's, with the same words.
-fn target_error(target: &str, e: ClientError) -> TargetError {
+/// A client's error as the destination's, with the same words after the target's name.
+fn destination_error(target: &str, e: ClientError) -> DestinationError {
     let target = target.to_string();
     match e {
-        ClientError::Connect { source } => TargetError::Connect { target, source },
-        ClientError::Handshake { reason } => TargetError::Handshake { target, reason },
-        ClientError::Unusable { reason } => TargetError::Unusable { target, reason },
-        ClientError::Disconnected { reason } => TargetError::Disconnected { target, reason },
+        ClientError::Connect { source } => DestinationError::Connect { target, source },
+        ClientError::Handshake { reason } => DestinationError::Handshake { target, reason },
+        ClientError::Unusable { reason } => DestinationError::Unusable { target, reason },
+        ClientError::Disconnected { reason } => DestinationError::Disconnected { target, reason },
         ClientError::Refused {
             op,
             offset_bytes,
             errno,
-        } => TargetError::Refused {
+        } => DestinationError::Refused {
             target,
             op,
             offset_bytes,
@@ -57,7 +57,7 @@ fn target_error(target: &str, e: ClientError) -> TargetError {
     }
 }
 
-impl Target for NbdTarget {
+impl Destination for NbdDestination {
     fn describe(&self) -> String {
         self.name.clone()
     }
@@ -66,7 +66,7 @@ impl Target for NbdTarget {
         self.client.size_bytes()
     }
 
-    fn write_at(&self, offset_bytes: u64, data: &[u8]) -> Result<(), TargetError> {
+    fn write_at(&self, offset_bytes: u64, data: &[u8]) -> Result<(), DestinationError> {
         self.client
             .write_at(offset_bytes, data)
             .map_err(|e| self.err(e))
@@ -77,19 +77,19 @@ impl Target for NbdTarget {
         offset_bytes: u64,
         len_bytes: u64,
         unmap: bool,
-    ) -> Result<(), TargetError> {
+    ) -> Result<(), DestinationError> {
         self.client
             .write_zeroes(offset_bytes, len_bytes, unmap)
             .map_err(|e| self.err(e))
     }
 
-    fn read_at(&self, offset_bytes: u64, buf: &mut [u8]) -> Result<(), TargetError> {
+    fn read_at(&self, offset_bytes: u64, buf: &mut [u8]) -> Result<(), DestinationError> {
         self.client
             .read_at(offset_bytes, buf)
             .map_err(|e| self.err(e))
     }
 
-    fn flush(&self) -> Result<(), TargetError> {
+    fn flush(&self) -> Result<(), DestinationError> {
         self.client.flush().map_err(|e| self.err(e))
     }
 
@@ -124,8 +124,8 @@ mod tests {
             address: NbdAddress::Unix { socket },
             export: "e".into(),
         };
-        let refused = NbdTarget::connect(&uri, crate::nbd::REQUEST_TIMEOUT_DEFAULT, 512);
-        let Err(e @ TargetError::Unusable { .. }) = refused else {
+        let refused = NbdDestination::connect(&uri, crate::nbd::REQUEST_TIMEOUT_DEFAULT, 512);
+        let Err(e @ DestinationError::Unusable { .. }) = refused else {
             return Err(format!("not refused as unusable: {:?}", refused.err()).into());
         };
         assert_eq!(
