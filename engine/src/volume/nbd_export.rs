@@ -55,7 +55,7 @@ pub fn parse_uri(path: &Path) -> Option<Result<ExportUri, String>> {
     if !ExportUri::has_scheme(text) {
         return None;
     }
-    // The reason reads as a migration target's does, the words operators know from both.
+    // One parser and one message for an NBD URI, whether it names a volume or a target.
     Some(ExportUri::parse(text).map_err(|e| format!("bad target {text:?}: {e}")))
 }
 
@@ -190,8 +190,8 @@ impl NbdExport {
             .map_err(|e| self.side_error(e))
     }
 
-    /// A side connection's failure, worded as a migration target's (`target URI: …`), the
-    /// words operators know from both.
+    /// A side connection's failure in the words of a migration target's (`target URI: …`):
+    /// one client, one message.
     fn side_error(&self, e: crate::nbd::ClientError) -> io::Error {
         io::Error::other(format!("target {}: {e}", self.uri))
     }

@@ -16,7 +16,7 @@ pub struct FileDestination {
     file: File,
     size_bytes: u64,
     is_block_device: bool,
-    /// Created by us just now, so every byte not written reads as zero.
+    /// Created by this open, so every byte not written reads as zero.
     created: bool,
     dev: u64,
     ino: u64,
