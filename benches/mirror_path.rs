@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use ferry_engine::mirror::{MigrationJob, MigrationOptions, MigrationState, MirrorMode};
-use ferry_engine::target::TargetSpec;
+use ferry_engine::mirror::{
+    DestinationSpec, MigrationJob, MigrationOptions, MigrationState, MirrorMode,
+};
 use ferry_engine::{BlockOp, Volume, VolumeConfig, VolumeQueue};
 
 const IMAGE_BYTES: u64 = 64 << 20;
@@ -73,7 +74,7 @@ fn mirrored_writes(c: &mut Criterion) {
             };
             let job = MigrationJob::start(
                 vec![volume.clone()],
-                TargetSpec::File(dir.path().join("dst.img")),
+                DestinationSpec::File(dir.path().join("dst.img")),
                 options,
             )
             .expect("migration");

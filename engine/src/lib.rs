@@ -10,9 +10,9 @@
 pub mod error;
 pub mod journal;
 pub mod mirror;
+pub mod nbd;
 pub mod observer;
 pub mod reactor;
-pub mod target;
 pub mod units;
 pub mod volume;
 

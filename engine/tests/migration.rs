@@ -10,10 +10,9 @@ mod mirror {
 
     use super::common::*;
     use ferry_engine::mirror::{
-        MigrationError, MigrationJob, MigrationOptions, MigrationRegistry, MigrationState,
-        MirrorMode,
+        DestinationSpec, MigrationError, MigrationJob, MigrationOptions, MigrationRegistry,
+        MigrationState, MirrorMode,
     };
-    use ferry_engine::target::TargetSpec;
 
     const MIB: u64 = 1 << 20;
     const WAIT: Duration = Duration::from_secs(60);
@@ -51,7 +50,7 @@ mod mirror {
         assert!(guest.wait_completed(50, WAIT), "the guest does not write");
         let job = MigrationJob::start(
             vec![volume.clone()],
-            TargetSpec::File(dst.clone()),
+            DestinationSpec::File(dst.clone()),
             options(mode, speed),
         )?;
         assert_eq!(job.state(), MigrationState::Copying);
@@ -110,7 +109,7 @@ mod mirror {
         );
         let mut opts = options(MirrorMode::Background, MIB);
         opts.ready_pending_bytes_max = Some(0);
-        let job = MigrationJob::start(vec![volume.clone()], TargetSpec::File(dst), opts)?;
+        let job = MigrationJob::start(vec![volume.clone()], DestinationSpec::File(dst), opts)?;
         let mut converging = true;
         for _ in 0..100 {
             std::thread::sleep(Duration::from_millis(50));
@@ -156,7 +155,7 @@ mod mirror {
         };
         let job = MigrationJob::start(
             vec![volume.clone()],
-            TargetSpec::parse(&server.uri)?,
+            DestinationSpec::parse(&server.uri)?,
             options(mode, speed),
         )?;
         wait_ready(&job)?;
@@ -229,7 +228,7 @@ mod mirror {
         assert!(guest.wait_completed(50, WAIT));
         let job = MigrationJob::start(
             vec![volume.clone()],
-            TargetSpec::File(dst.clone()),
+            DestinationSpec::File(dst.clone()),
             options(MirrorMode::Active, 0),
         )?;
         wait_ready(&job)?;
@@ -265,7 +264,7 @@ mod mirror {
         let gb = Guest::spawn(vb.clone(), model_b, GuestConfig::whole(8 * MIB, 4));
         let job = MigrationJob::start(
             vec![va.clone(), vb.clone()],
-            TargetSpec::parse(&server.uri)?,
+            DestinationSpec::parse(&server.uri)?,
             options(MirrorMode::Active, 8 * MIB),
         )?;
         wait_ready(&job)?;
@@ -308,7 +307,7 @@ mod mirror {
         let gb = Guest::spawn(vb.clone(), model_b, GuestConfig::whole(8 * MIB, 2));
         let job = MigrationJob::start(
             vec![va.clone(), vb.clone()],
-            TargetSpec::File(dst.clone()),
+            DestinationSpec::File(dst.clone()),
             options(MirrorMode::Active, 8 * MIB),
         )?;
         let layout =
@@ -348,7 +347,11 @@ mod mirror {
         if mode == MirrorMode::Active {
             opts.ready_pending_bytes_max = Some(0);
         }
-        let job = MigrationJob::start(vec![volume.clone()], TargetSpec::File(dst.clone()), opts)?;
+        let job = MigrationJob::start(
+            vec![volume.clone()],
+            DestinationSpec::File(dst.clone()),
+            opts,
+        )?;
         let planned = job.status().total_bytes;
         // The copier starts at chunk 0 and walks up: write into the first 1 MiB (half data).
         let mut config = GuestConfig::whole(4 * MIB, 77);
@@ -399,7 +402,11 @@ mod mirror {
         let guest = Guest::spawn(volume.clone(), model, GuestConfig::whole(16 * MIB, 8));
         let mut opts = options(MirrorMode::Active, 2 * MIB);
         opts.nbd_request_timeout = Duration::from_secs(5);
-        let job = MigrationJob::start(vec![volume.clone()], TargetSpec::parse(&server.uri)?, opts)?;
+        let job = MigrationJob::start(
+            vec![volume.clone()],
+            DestinationSpec::parse(&server.uri)?,
+            opts,
+        )?;
         std::thread::sleep(Duration::from_millis(500));
         assert_eq!(job.state(), MigrationState::Copying);
         server.kill();
@@ -435,7 +442,7 @@ mod mirror {
         let guest = Guest::spawn(volume.clone(), model, GuestConfig::whole(8 * MIB, 3));
         let job = MigrationJob::start(
             vec![volume.clone()],
-            TargetSpec::File(dst.clone()),
+            DestinationSpec::File(dst.clone()),
             options(MirrorMode::Active, MIB),
         )?;
         std::thread::sleep(Duration::from_millis(300));
@@ -461,7 +468,11 @@ mod mirror {
         let guest = Guest::spawn(volume.clone(), model, GuestConfig::whole(4 * MIB, 12));
         let mut opts = options(MirrorMode::Background, 0);
         opts.auto_cutover = true;
-        let job = MigrationJob::start(vec![volume.clone()], TargetSpec::File(dst.clone()), opts)?;
+        let job = MigrationJob::start(
+            vec![volume.clone()],
+            DestinationSpec::File(dst.clone()),
+            opts,
+        )?;
         assert_eq!(
             job.wait_for(|s| s.is_terminal(), WAIT),
             MigrationState::Completed
@@ -480,26 +491,26 @@ mod mirror {
         let src = dir.path().join("src.img");
         let model = make_image(&src, 4 * MIB, 1)?;
         let volume = open_volume("vda", &src)?;
-        let file = |name: &str| TargetSpec::File(dir.path().join(name));
+        let file = |name: &str| DestinationSpec::File(dir.path().join(name));
         let opts = || options(MirrorMode::Active, 0);
 
         std::fs::write(dir.path().join("small.img"), vec![1u8; MIB as usize])?;
         let err = MigrationJob::start(vec![volume.clone()], file("small.img"), opts()).err();
         assert!(
-            matches!(err, Some(MigrationError::TargetTooSmall { .. })),
+            matches!(err, Some(MigrationError::DestinationTooSmall { .. })),
             "{err:?}"
         );
         assert_eq!(std::fs::metadata(dir.path().join("small.img"))?.len(), MIB);
 
         let err = MigrationJob::start(vec![volume.clone()], file("src.img"), opts()).err();
         assert!(
-            matches!(err, Some(MigrationError::TargetIsSource { .. })),
+            matches!(err, Some(MigrationError::DestinationIsSource { .. })),
             "{err:?}"
         );
         std::fs::hard_link(&src, dir.path().join("alias.img"))?;
         let err = MigrationJob::start(vec![volume.clone()], file("alias.img"), opts()).err();
         assert!(
-            matches!(err, Some(MigrationError::TargetIsSource { .. })),
+            matches!(err, Some(MigrationError::DestinationIsSource { .. })),
             "{err:?}"
         );
 
@@ -515,11 +526,14 @@ mod mirror {
         let port = free_port()?;
         let err = MigrationJob::start(
             vec![volume.clone()],
-            TargetSpec::parse(&format!("nbd://127.0.0.1:{port}/x"))?,
+            DestinationSpec::parse(&format!("nbd://127.0.0.1:{port}/x"))?,
             opts(),
         )
         .err();
-        assert!(matches!(err, Some(MigrationError::Target(_))), "{err:?}");
+        assert!(
+            matches!(err, Some(MigrationError::Destination(_))),
+            "{err:?}"
+        );
 
         let registry = MigrationRegistry::new();
         let lookup = |name: &str| (name == "vda").then(|| volume.clone());

@@ -196,7 +196,7 @@ fn copy_run(
                     job.target.write_at(offset, &data[at..at + n])?;
                 }
             }
-            Ok::<(), crate::target::TargetError>(())
+            Ok::<(), super::destination::DestinationError>(())
         };
         let Some(written) = job.write_target(write) else {
             return Ok(0); // the job ended while this copy waited

@@ -1,6 +1,6 @@
 //! Why a migration could not start, cut over or be cancelled. The guest is untouched by all of them.
 
-use crate::target::TargetError;
+use super::destination::DestinationError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
@@ -15,15 +15,15 @@ pub enum MigrationError {
     #[error("bad migration options: {0}")]
     BadOptions(String),
     #[error(transparent)]
-    Target(#[from] TargetError),
+    Destination(#[from] DestinationError),
     #[error("target {target} has {size_bytes} bytes, but {needed_bytes} are needed")]
-    TargetTooSmall {
+    DestinationTooSmall {
         target: String,
         size_bytes: u64,
         needed_bytes: u64,
     },
     #[error("target {target} is the image of volume {volume:?} itself")]
-    TargetIsSource { target: String, volume: String },
+    DestinationIsSource { target: String, volume: String },
     #[error("volume {volume:?}: cannot look at the source image: {source}")]
     Source {
         volume: String,

@@ -6,6 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::destination::file::FileDestination;
+use super::destination::nbd::NbdDestination;
+use super::destination::{Destination, DestinationSpec};
 use super::dirty_bitmap::ChunkTable;
 use super::layout::{Layout, Placement};
 use super::observer::{MirrorObserver, MirrorQueue};
@@ -14,9 +17,6 @@ use super::status::{CutoverReport, MigrationState, MigrationStatus, VolumeMigrat
 use super::throttle::Throttle;
 use super::MigrationError;
 use crate::observer::WriteObserver;
-use crate::target::file::FileTarget;
-use crate::target::nbd::NbdTarget;
-use crate::target::{Target, TargetSpec};
 use crate::volume::{Backing, Volume};
 
 static NEXT_JOB_ID: AtomicU64 = AtomicU64::new(1);
@@ -73,7 +73,7 @@ pub(crate) struct Rates {
 pub struct JobShared {
     pub(crate) id: u64,
     pub(crate) options: MigrationOptions,
-    pub(crate) target: Arc<dyn Target>,
+    pub(crate) target: Arc<dyn Destination>,
     pub(crate) target_name: String,
     /// The path of a file target or the URI of an NBD target: what the volumes switch to
     /// at cutover.
@@ -226,7 +226,7 @@ impl MigrationJob {
     /// for the moment it takes its in-flight requests to drain) and starts copying.
     pub fn start(
         volumes: Vec<Arc<Volume>>,
-        target: TargetSpec,
+        target: DestinationSpec,
         options: MigrationOptions,
     ) -> Result<Arc<Self>, MigrationError> {
         options.validate().map_err(MigrationError::BadOptions)?;
@@ -547,31 +547,27 @@ fn check_volume_list(volumes: &[Arc<Volume>]) -> Result<(), MigrationError> {
 
 /// Opens the target and checks it against the sources: big enough, and none of them.
 fn open_target(
-    spec: &TargetSpec,
+    spec: &DestinationSpec,
     layout: &Layout,
     volumes: &[Arc<Volume>],
     options: &MigrationOptions,
-) -> Result<(Arc<dyn Target>, Option<PathBuf>), MigrationError> {
+) -> Result<(Arc<dyn Destination>, Option<PathBuf>), MigrationError> {
     let needed_bytes = layout.total_bytes;
-    let (target, path): (Arc<dyn Target>, Option<PathBuf>) = match spec {
-        TargetSpec::File(path) => {
-            let file = FileTarget::open(path, needed_bytes)?;
+    let (target, path): (Arc<dyn Destination>, Option<PathBuf>) = match spec {
+        DestinationSpec::File(path) => {
+            let file = FileDestination::open(path, needed_bytes)?;
             check_not_source(&file, volumes)?;
             (Arc::new(file), Some(path.clone()))
         }
-        TargetSpec::Nbd { address, export } => (
-            Arc::new(NbdTarget::connect_with(
-                address,
-                export,
-                options.nbd_request_timeout,
-                false,
-                job_request_block_bytes(volumes, options),
-            )?),
-            None,
-        ),
+        DestinationSpec::Nbd(uri) => {
+            let request_block_bytes = job_request_block_bytes(volumes, options);
+            let nbd =
+                NbdDestination::connect(uri, options.nbd_request_timeout, request_block_bytes)?;
+            (Arc::new(nbd), None)
+        }
     };
     if target.size_bytes() < needed_bytes {
-        return Err(MigrationError::TargetTooSmall {
+        return Err(MigrationError::DestinationTooSmall {
             target: target.describe(),
             size_bytes: target.size_bytes(),
             needed_bytes,
@@ -592,7 +588,10 @@ fn job_request_block_bytes(volumes: &[Arc<Volume>], options: &MigrationOptions) 
         .min(options.granularity_bytes)
 }
 
-fn check_not_source(target: &FileTarget, volumes: &[Arc<Volume>]) -> Result<(), MigrationError> {
+fn check_not_source(
+    target: &FileDestination,
+    volumes: &[Arc<Volume>],
+) -> Result<(), MigrationError> {
     use std::os::unix::fs::MetadataExt;
     let (dev, ino, rdev) = target.identity();
     for v in volumes {
@@ -610,7 +609,7 @@ fn check_not_source(target: &FileTarget, volumes: &[Arc<Volume>]) -> Result<(), 
         let same_file = meta.dev() == dev && meta.ino() == ino;
         let same_device = image.is_block_device && target.is_block_device() && meta.rdev() == rdev;
         if same_file || same_device {
-            return Err(MigrationError::TargetIsSource {
+            return Err(MigrationError::DestinationIsSource {
                 target: target.describe(),
                 volume: v.name().to_string(),
             });

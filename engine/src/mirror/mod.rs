@@ -1,15 +1,18 @@
-//! Live migration of running volumes to a file, block device or NBD target (issue 4).
+//! Live migration of running volumes to a file, block device or NBD export, the operator's
+//! *target*.
 //!
 //! A [`MigrationJob`] copies every allocated range of its volumes to the target in the
 //! background ([`copier`]) while it mirrors the guest's writes through the volume's
 //! [`WriteObserver`](crate::WriteObserver) hook ([`observer`]); the per-chunk state in
-//! [`dirty_bitmap`] keeps copies from overwriting newer guest data. When the target is in
+//! [`dirty_bitmap`] keeps copies from overwriting newer guest data. The target is a
+//! [`Destination`] ([`destination`]: a file or an NBD export). When the target is in
 //! sync the job is `ready`, and [`MigrationJob::cutover`] ([`cutover`]) switches the volumes
 //! over under a short pause. Several volumes can be merged into one target ([`layout`]).
 //! The control socket holds a [`MigrationRegistry`]. `docs/migration.md` has the design.
 
 pub mod copier;
 pub mod cutover;
+pub mod destination;
 pub mod dirty_bitmap;
 pub mod error;
 pub mod job;
@@ -21,6 +24,7 @@ pub mod status;
 pub mod supervisor;
 pub mod throttle;
 
+pub use destination::{Destination, DestinationError, DestinationSpec};
 pub use error::MigrationError;
 pub use job::MigrationJob;
 pub use layout::{Layout, Placement};

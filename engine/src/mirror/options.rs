@@ -71,7 +71,7 @@ impl Default for MigrationOptions {
             ready_pending_bytes_max: None,
             pause_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(60),
-            nbd_request_timeout: crate::target::nbd::REQUEST_TIMEOUT_DEFAULT,
+            nbd_request_timeout: crate::nbd::REQUEST_TIMEOUT_DEFAULT,
             layout_path: None,
             copy_hold: Duration::ZERO,
         }

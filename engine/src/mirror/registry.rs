@@ -3,8 +3,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
+use super::destination::DestinationSpec;
 use super::{MigrationError, MigrationJob, MigrationOptions, MigrationStatus};
-use crate::target::TargetSpec;
 use crate::volume::Volume;
 
 /// The jobs of one daemon (held by the control socket).
@@ -25,7 +25,7 @@ impl MigrationRegistry {
     pub fn start(
         &self,
         volumes: Vec<Arc<Volume>>,
-        target: TargetSpec,
+        target: DestinationSpec,
         options: MigrationOptions,
     ) -> Result<Arc<MigrationJob>, MigrationError> {
         let poisoned = || MigrationError::BadOptions("registry lock poisoned".into());
@@ -72,7 +72,7 @@ impl MigrationRegistry {
         &self,
         names: &[String],
         lookup: impl Fn(&str) -> Option<Arc<Volume>>,
-        target: TargetSpec,
+        target: DestinationSpec,
         options: MigrationOptions,
     ) -> Result<Arc<MigrationJob>, MigrationError> {
         let volumes = names
@@ -116,7 +116,7 @@ impl MigrationRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::target::NbdAddress;
+    use crate::nbd::{ExportUri, NbdAddress};
     use crate::VolumeConfig;
     use std::time::{Duration, Instant};
 
@@ -136,10 +136,10 @@ mod tests {
             ..Default::default()
         })?;
         let registry = Arc::new(MigrationRegistry::new());
-        let target = TargetSpec::Nbd {
+        let target = DestinationSpec::Nbd(ExportUri {
             address: NbdAddress::Unix { socket },
             export: "e".into(),
-        };
+        });
         let options = MigrationOptions {
             nbd_request_timeout: Duration::from_secs(3),
             ..MigrationOptions::default()

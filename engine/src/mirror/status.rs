@@ -2,7 +2,7 @@
 
 use super::layout::Placement;
 use super::options::MirrorMode;
-use crate::target::nbd_sizes::BlockSizes;
+use crate::nbd::BlockSizes;
 
 /// The life of a job: `copying` → `ready` → `cutting-over` → `completed`; or `failed` /
 /// `cancelled` from any state before `completed`.

@@ -9,12 +9,13 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::target::nbd::{
-    disconnect, handshake, BlockSizes, Conn, ExportInfo, NbdTarget, NBD_FLAG_CAN_MULTI_CONN,
-    NBD_FLAG_READ_ONLY, NBD_FLAG_SEND_FLUSH, NBD_FLAG_SEND_FUA, NBD_FLAG_SEND_TRIM,
-    NBD_FLAG_SEND_WRITE_ZEROES,
+use crate::nbd::connection::Connection;
+use crate::nbd::handshake::{handshake, ExportInfo};
+use crate::nbd::protocol::{
+    NBD_FLAG_CAN_MULTI_CONN, NBD_FLAG_READ_ONLY, NBD_FLAG_SEND_FLUSH, NBD_FLAG_SEND_FUA,
+    NBD_FLAG_SEND_TRIM, NBD_FLAG_SEND_WRITE_ZEROES,
 };
-use crate::target::{NbdAddress, Target, TargetSpec};
+use crate::nbd::{BlockSizes, ClientOptions, ExportUri, NbdClient};
 
 /// How long a connection attempt (TCP connect, then the handshake) may take. A queue makes
 /// its attempts on its worker thread, so this also bounds how long one request can stall.
@@ -25,8 +26,7 @@ pub const SIDE_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// An NBD export a volume lives on: address, name and what the server offered at open.
 pub struct NbdExport {
     uri: String,
-    address: NbdAddress,
-    export: String,
+    location: ExportUri,
     size_bytes: u64,
     transmission_flags: u16,
     block_sizes: BlockSizes,
@@ -34,7 +34,7 @@ pub struct NbdExport {
     request_block_bytes: u64,
     /// A blocking client for reads outside the queues (a migration away from this export),
     /// connected on first use.
-    reader: Mutex<Option<Arc<NbdTarget>>>,
+    reader: Mutex<Option<Arc<NbdClient>>>,
 }
 
 impl std::fmt::Debug for NbdExport {
@@ -50,16 +50,13 @@ impl std::fmt::Debug for NbdExport {
 
 /// Parses a volume path that names an NBD export (`nbd://HOST[:PORT]/EXPORT` or
 /// `nbd+unix:///EXPORT?socket=PATH`); `None` for anything else (a file path).
-pub fn parse_uri(path: &Path) -> Option<Result<(NbdAddress, String), String>> {
+pub fn parse_uri(path: &Path) -> Option<Result<ExportUri, String>> {
     let text = path.to_str()?;
-    if !text.starts_with("nbd://") && !text.starts_with("nbd+unix://") {
+    if !ExportUri::has_scheme(text) {
         return None;
     }
-    Some(match TargetSpec::parse(text) {
-        Ok(TargetSpec::Nbd { address, export }) => Ok((address, export)),
-        Ok(TargetSpec::File(_)) => Err("not an NBD URI".into()),
-        Err(e) => Err(e.to_string()),
-    })
+    // One parser and one message for an NBD URI, whether it names a volume or a target.
+    Some(ExportUri::parse(text).map_err(|e| format!("bad target {text:?}: {e}")))
 }
 
 impl NbdExport {
@@ -67,18 +64,10 @@ impl NbdExport {
     /// disconnects. Refuses constraints the volume's requests, whole multiples of
     /// `request_block_bytes`, cannot meet (a larger minimum block size), with a reason that
     /// names both sizes.
-    pub fn probe(
-        address: &NbdAddress,
-        export: &str,
-        request_block_bytes: u64,
-    ) -> Result<Self, String> {
-        let uri = TargetSpec::Nbd {
-            address: address.clone(),
-            export: export.to_string(),
-        }
-        .to_string();
-        let (conn, info) = open_conn(address, export)?;
-        disconnect(&conn);
+    pub fn probe(location: &ExportUri, request_block_bytes: u64) -> Result<Self, String> {
+        let uri = location.to_string();
+        let (conn, info) = open_conn(location)?;
+        conn.disconnect();
         info.block_sizes
             .check_usable(request_block_bytes)
             .map_err(|reason| {
@@ -103,8 +92,7 @@ impl NbdExport {
         }
         Ok(Self {
             uri,
-            address: address.clone(),
-            export: export.to_string(),
+            location: location.clone(),
             size_bytes,
             transmission_flags,
             block_sizes,
@@ -160,15 +148,15 @@ impl NbdExport {
     /// A new connection in the transmission phase, non-blocking, for one queue. Refuses an
     /// export whose size, flags or size constraints changed since open (another export now
     /// answers): the queues split and align requests by what the probe learned.
-    pub(crate) fn connect(&self) -> Result<Conn, String> {
-        let (conn, info) = open_conn(&self.address, &self.export)?;
+    pub(crate) fn connect(&self) -> Result<Connection, String> {
+        let (conn, info) = open_conn(&self.location)?;
         let was = ExportInfo {
             size_bytes: self.size_bytes,
             transmission_flags: self.transmission_flags,
             block_sizes: self.block_sizes,
         };
         if info != was {
-            disconnect(&conn);
+            conn.disconnect();
             return Err(format!(
                 "{}: the export changed (size {}, flags {:#x}, {}; was {}, {:#x}, {})",
                 self.uri,
@@ -190,18 +178,26 @@ impl NbdExport {
         if !self.has_flush() {
             return Ok(());
         }
-        self.side_client()?.flush().map_err(io::Error::other)
+        let client = self.side_client()?;
+        client.flush().map_err(|e| self.side_error(e))
     }
 
     /// Reads at an absolute offset of the export on the side connection.
     pub fn read_exact_at(&self, buf: &mut [u8], offset_bytes: u64) -> io::Result<()> {
-        self.side_client()?
+        let client = self.side_client()?;
+        client
             .read_at(offset_bytes, buf)
-            .map_err(io::Error::other)
+            .map_err(|e| self.side_error(e))
+    }
+
+    /// A side connection's failure in the words of a migration target's (`target URI: …`):
+    /// one client, one message.
+    fn side_error(&self, e: crate::nbd::ClientError) -> io::Error {
+        io::Error::other(format!("target {}: {e}", self.uri))
     }
 
     /// The side connection (made on first use, made again after it broke).
-    fn side_client(&self) -> io::Result<Arc<NbdTarget>> {
+    fn side_client(&self) -> io::Result<Arc<NbdClient>> {
         let mut reader = self
             .reader
             .lock()
@@ -211,35 +207,69 @@ impl NbdExport {
                 return Ok(client.clone());
             }
         }
-        let client = Arc::new(
-            NbdTarget::connect_with(
-                &self.address,
-                &self.export,
-                SIDE_REQUEST_TIMEOUT,
-                true,
-                self.request_block_bytes,
-            )
-            .map_err(io::Error::other)?,
-        );
+        let options = ClientOptions {
+            request_timeout: SIDE_REQUEST_TIMEOUT,
+            accept_read_only: true,
+            request_block_bytes: self.request_block_bytes,
+        };
+        let client =
+            NbdClient::connect(&self.location, &options).map_err(|e| self.side_error(e))?;
+        let client = Arc::new(client);
         *reader = Some(client.clone());
         Ok(client)
     }
 }
 
-/// Connects and negotiates `export`; returns the connection and what the server told.
-fn open_conn(address: &NbdAddress, export: &str) -> Result<(Conn, ExportInfo), String> {
-    let uri = || {
-        TargetSpec::Nbd {
-            address: address.clone(),
-            export: export.to_string(),
-        }
-        .to_string()
-    };
-    let mut conn = Conn::connect(address, CONNECT_TIMEOUT)
-        .map_err(|e| format!("cannot connect to {}: {e}", uri()))?;
-    let info = handshake(&mut conn, export, CONNECT_TIMEOUT)
-        .map_err(|e| format!("{}: NBD handshake: {e}", uri()))?;
+/// Connects and negotiates the export; returns the connection and what the server told.
+fn open_conn(location: &ExportUri) -> Result<(Connection, ExportInfo), String> {
+    let mut conn = Connection::connect(&location.address, CONNECT_TIMEOUT)
+        .map_err(|e| format!("cannot connect to {location}: {e}"))?;
+    let info = handshake(&mut conn, &location.export, CONNECT_TIMEOUT)
+        .map_err(|e| format!("{location}: NBD handshake: {e}"))?;
     conn.set_timeout(None)
-        .map_err(|e| format!("{}: {e}", uri()))?;
+        .map_err(|e| format!("{location}: {e}"))?;
     Ok((conn, info))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nbd::protocol::NBD_CMD_DISC;
+    use crate::nbd::tests::fake_server::{block_size_info, fake_server, served};
+    use crate::nbd::NbdAddress;
+
+    /// An export whose minimum block size exceeds the volume's logical block is refused at
+    /// open (`ferry serve --volume path=nbd://…`), the reason saying how to serve it.
+    #[test]
+    fn an_export_with_big_blocks_is_refused() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let socket = dir.path().join("s");
+        let server = fake_server(&socket, 1 << 20, vec![block_size_info(4096, 4096, 1 << 20)])?;
+        let location = ExportUri {
+            address: NbdAddress::Unix {
+                socket: socket.clone(),
+            },
+            export: "e".into(),
+        };
+        let reason = NbdExport::probe(&location, 512)
+            .err()
+            .ok_or("the export was accepted")?;
+        assert_eq!(
+            reason,
+            format!(
+                "nbd+unix:///e?socket={}: the export's minimum block size is 4096 bytes; \
+                 ferry's volumes take 512-byte requests (serve it with \
+                 logical-block-size=4096)",
+                socket.display()
+            )
+        );
+        assert_eq!(served(server)?.requests, vec![(NBD_CMD_DISC, 0, 0)]);
+        // A volume of 4 KiB logical blocks takes it.
+        std::fs::remove_file(&socket)?;
+        let server = fake_server(&socket, 1 << 20, vec![block_size_info(4096, 4096, 1 << 20)])?;
+        let export = NbdExport::probe(&location, 4096)?;
+        assert_eq!(export.block_sizes().block_bytes_min, 4096);
+        served(server)?;
+        Ok(())
+    }
 }

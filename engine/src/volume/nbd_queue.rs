@@ -35,6 +35,7 @@
 //!   without a bound.
 
 use std::collections::VecDeque;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,12 +43,14 @@ use io_uring::{opcode, types};
 
 use super::queue::{Kind, Slot, ZeroStage, ZEROS, ZERO_BUFFER_BYTES, ZERO_IOVECS_MAX};
 use super::NbdExport;
+use crate::nbd::connection::Connection;
+use crate::nbd::protocol::{
+    errno_from_wire, RequestHeader, SimpleReply, NBD_CMD_FLAG_FUA, NBD_CMD_FLAG_NO_HOLE,
+    NBD_CMD_FLUSH, NBD_CMD_READ, NBD_CMD_TRIM, NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES,
+    REQUEST_HEADER_BYTES, SIMPLE_REPLY_BYTES,
+};
 use crate::reactor::ring::wake_eventfd;
 use crate::reactor::Ring;
-use crate::target::nbd::{
-    request_header, Conn, NBD_CMD_FLAG_FUA, NBD_CMD_FLAG_NO_HOLE, NBD_CMD_FLUSH, NBD_CMD_READ,
-    NBD_CMD_TRIM, NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES, NBD_SIMPLE_REPLY_MAGIC,
-};
 use crate::IoFailure;
 
 /// Marks the ring's `user_data` of this module's operations (request slots are below 2^32).
@@ -67,7 +70,6 @@ const RECV_BUFFER_BYTES: usize = 256 << 10;
 const RECV_ROUNDS_MAX: u32 = 64;
 /// iovecs per `sendmsg` (the kernel's `UIO_MAXIOV` is 1024).
 const SEND_IOVECS_MAX: usize = 512;
-const REPLY_HEADER_BYTES: usize = 16;
 
 /// Where a slot's current command is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,7 +84,7 @@ enum CmdState {
 /// A slot's current NBD command.
 struct Cmd {
     state: CmdState,
-    header: [u8; 28],
+    header: [u8; REQUEST_HEADER_BYTES],
     header_sent: usize,
     /// Payload bytes (from the slot's iovecs) still to send.
     payload_left: u64,
@@ -97,7 +99,7 @@ impl Cmd {
     fn new() -> Self {
         Self {
             state: CmdState::Idle,
-            header: [0; 28],
+            header: [0; REQUEST_HEADER_BYTES],
             header_sent: 0,
             payload_left: 0,
             cmd: 0,
@@ -128,7 +130,7 @@ pub(super) enum Started {
 /// A queue's connection to an NBD export and the commands on it.
 pub(super) struct NbdPath {
     export: Arc<NbdExport>,
-    conn: Option<Conn>,
+    conn: Option<Connection>,
     /// Bumped per connection; stale poll completions of an earlier one are ignored.
     epoch: u64,
     retry_after: Option<Instant>,
@@ -136,7 +138,7 @@ pub(super) struct NbdPath {
     send_queue: VecDeque<u32>,
     send_iovecs: Vec<libc::iovec>,
     rx: Vec<u8>,
-    rx_header: [u8; REPLY_HEADER_BYTES],
+    rx_header: [u8; SIMPLE_REPLY_BYTES],
     rx_header_len: usize,
     rx_state: RxState,
     poll_in_armed: bool,
@@ -161,7 +163,7 @@ impl NbdPath {
             send_queue: VecDeque::with_capacity(slots),
             send_iovecs: Vec::with_capacity(SEND_IOVECS_MAX),
             rx: vec![0; RECV_BUFFER_BYTES],
-            rx_header: [0; REPLY_HEADER_BYTES],
+            rx_header: [0; SIMPLE_REPLY_BYTES],
             rx_header_len: 0,
             rx_state: RxState::Header,
             poll_in_armed: false,
@@ -206,13 +208,14 @@ impl NbdPath {
             return Started::Done(Some(failure));
         }
         let entry = &mut self.cmds[index as usize];
-        entry.header = request_header(
-            cmd,
+        entry.header = RequestHeader {
             flags,
-            u64::from(index),
-            slot.file_offset,
-            len_bytes as u32,
-        );
+            command: cmd,
+            cookie: u64::from(index),
+            offset_bytes: slot.file_offset,
+            len_bytes: len_bytes as u32,
+        }
+        .encode();
         entry.header_sent = 0;
         entry.payload_left = if payload { len_bytes } else { 0 };
         entry.cmd = cmd;
@@ -327,7 +330,7 @@ impl NbdPath {
         } else {
             libc::POLLOUT
         };
-        let entry = opcode::PollAdd::new(types::Fd(conn.raw_fd()), events as u32)
+        let entry = opcode::PollAdd::new(types::Fd(conn.as_raw_fd()), events as u32)
             .build()
             .user_data(self.user_data(op));
         // SAFETY: a poll refers to no memory of ours; the socket stays open until the
@@ -386,7 +389,7 @@ impl NbdPath {
     /// Sends as much of the send queue as the socket takes; arms `POLLOUT` for the rest.
     pub(super) fn send(&mut self, ring: &mut Ring, slots: &mut [Slot]) {
         while !self.send_queue.is_empty() && !self.poll_out_armed {
-            let Some(fd) = self.conn.as_ref().map(Conn::raw_fd) else {
+            let Some(fd) = self.conn.as_ref().map(Connection::as_raw_fd) else {
                 return;
             };
             self.gather_send_iovecs(slots);
@@ -480,7 +483,7 @@ impl NbdPath {
 
     /// Reads what the socket holds and handles every complete reply in it.
     fn receive(&mut self, slots: &mut [Slot]) -> Result<(), String> {
-        let Some(fd) = self.conn.as_ref().map(Conn::raw_fd) else {
+        let Some(fd) = self.conn.as_ref().map(Connection::as_raw_fd) else {
             return Ok(());
         };
         let mut rx = std::mem::take(&mut self.rx);
@@ -516,12 +519,12 @@ impl NbdPath {
         while !bytes.is_empty() {
             match self.rx_state {
                 RxState::Header => {
-                    let n = (REPLY_HEADER_BYTES - self.rx_header_len).min(bytes.len());
+                    let n = (SIMPLE_REPLY_BYTES - self.rx_header_len).min(bytes.len());
                     self.rx_header[self.rx_header_len..self.rx_header_len + n]
                         .copy_from_slice(&bytes[..n]);
                     self.rx_header_len += n;
                     bytes = &bytes[n..];
-                    if self.rx_header_len == REPLY_HEADER_BYTES {
+                    if self.rx_header_len == SIMPLE_REPLY_BYTES {
                         self.rx_header_len = 0;
                         self.on_reply_header(slots)?;
                     }
@@ -544,22 +547,15 @@ impl NbdPath {
     }
 
     fn on_reply_header(&mut self, slots: &mut [Slot]) -> Result<(), String> {
-        let h = &self.rx_header;
-        let magic = u32::from_be_bytes([h[0], h[1], h[2], h[3]]);
-        if magic != NBD_SIMPLE_REPLY_MAGIC {
-            return Err(format!("bad reply magic {magic:#x}"));
-        }
-        let errno = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
-        let mut handle_bytes = [0u8; 8];
-        handle_bytes.copy_from_slice(&h[8..16]);
-        let handle = u64::from_be_bytes(handle_bytes);
-        let slot = match usize::try_from(handle) {
+        let reply = SimpleReply::decode(&self.rx_header).map_err(|e| e.to_string())?;
+        let slot = match usize::try_from(reply.cookie) {
             Ok(i) if i < self.cmds.len() && self.cmds[i].state == CmdState::Awaiting => i as u32,
-            _ => return Err(format!("reply for unknown handle {handle}")),
+            _ => return Err(format!("reply for unknown handle {}", reply.cookie)),
         };
         let cmd = &self.cmds[slot as usize];
-        if errno != 0 {
-            self.complete(slot, Some(IoFailure::Os(nbd_errno(errno))), slots);
+        if reply.error != 0 {
+            let errno = errno_from_wire(reply.error);
+            self.complete(slot, Some(IoFailure::Os(errno)), slots);
         } else if cmd.cmd == NBD_CMD_READ && cmd.len_bytes > 0 {
             self.rx_state = RxState::Payload {
                 slot,
@@ -592,7 +588,7 @@ impl NbdPath {
             return;
         };
         log::warn!("{}: connection lost: {reason}", self.export.uri());
-        crate::target::nbd::disconnect(&conn);
+        conn.disconnect();
         drop(conn);
         self.epoch += 1;
         self.poll_in_armed = false;
@@ -625,7 +621,7 @@ impl NbdPath {
 impl Drop for NbdPath {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
-            crate::target::nbd::disconnect(&conn);
+            conn.disconnect();
         }
     }
 }
@@ -640,13 +636,5 @@ fn copy_into_iovecs(slot: &mut Slot, mut data: &[u8]) {
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), iov.iov_base.cast::<u8>(), n) };
         slot.advance(n);
         data = &data[n..];
-    }
-}
-
-/// An NBD error number as the errno the request fails with (NBD uses Linux's values).
-fn nbd_errno(errno: u32) -> i32 {
-    match errno {
-        1 | 5 | 12 | 22 | 28 | 75 | 95 | 108 => errno as i32,
-        _ => libc::EIO,
     }
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::{Backing, BackingKind, CacheMode, FileImage, NbdExport, VolumeConfig};
-use crate::target::NbdAddress;
+use crate::nbd::ExportUri;
 use crate::EngineError;
 
 /// Opens the image of `config`, creating a sparse file when it is missing and a size was given.
@@ -67,16 +67,15 @@ pub fn open_backing(config: &VolumeConfig) -> Result<Backing, EngineError> {
 /// Nothing is created: `size=` must match the export (or the slice).
 fn open_nbd(
     config: &VolumeConfig,
-    parsed: Result<(NbdAddress, String), String>,
+    parsed: Result<ExportUri, String>,
 ) -> Result<Backing, EngineError> {
     let nbd_err = |reason: String| EngineError::Nbd {
         volume: config.name.clone(),
         reason,
     };
-    let (address, export) = parsed
+    let location = parsed
         .map_err(|reason| nbd_err(format!("bad NBD URI {}: {reason}", config.path.display())))?;
-    let export =
-        NbdExport::probe(&address, &export, config.request_block_bytes()).map_err(nbd_err)?;
+    let export = NbdExport::probe(&location, config.request_block_bytes()).map_err(nbd_err)?;
     let len_bytes = slice_len(config, export.size_bytes())?;
     Ok(Backing {
         path: PathBuf::from(export.uri()),

@@ -3,8 +3,9 @@
 
 use std::sync::Arc;
 
-use ferry_engine::mirror::{MigrationError, MigrationJob, MigrationOptions, MirrorMode};
-use ferry_engine::target::TargetSpec;
+use ferry_engine::mirror::{
+    DestinationSpec, MigrationError, MigrationJob, MigrationOptions, MirrorMode,
+};
 use serde_json::{json, Value};
 
 use super::ControlError;
@@ -18,8 +19,8 @@ fn error(e: MigrationError) -> ControlError {
         MigrationError::NoVolumes
         | MigrationError::DuplicateVolume(_)
         | MigrationError::BadOptions(_)
-        | MigrationError::TargetTooSmall { .. }
-        | MigrationError::TargetIsSource { .. } => "InvalidParameter",
+        | MigrationError::DestinationTooSmall { .. }
+        | MigrationError::DestinationIsSource { .. } => "InvalidParameter",
         _ => "MigrationError",
     };
     ControlError::new(class, e.to_string())
@@ -104,7 +105,7 @@ pub fn migrate_start(daemon: &Daemon, args: &Value) -> Result<Value, ControlErro
         .and_then(Value::as_str)
         .ok_or_else(|| ControlError::bad_argument("target is missing"))?;
     let target =
-        TargetSpec::parse(target).map_err(|e| ControlError::bad_argument(e.to_string()))?;
+        DestinationSpec::parse(target).map_err(|e| ControlError::bad_argument(e.to_string()))?;
     let options = options(args)?;
     let lookup = |name: &str| daemon.volume(name).map(|v| v.volume.clone());
     let job = daemon

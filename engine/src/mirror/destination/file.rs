@@ -1,34 +1,34 @@
-//! A local file or block device as a migration target (buffered `pwrite`, `fdatasync`).
+//! A local file or block device as a migration destination (buffered `pwrite`, `fdatasync`).
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use super::{Target, TargetError};
+use super::{Destination, DestinationError};
 
 /// The largest single write of zeros when `fallocate` cannot zero a range.
 const ZERO_WRITE_BYTES_MAX: usize = 1 << 20;
 
 /// An open file or block device that a mirror writes to.
 #[derive(Debug)]
-pub struct FileTarget {
+pub struct FileDestination {
     path: PathBuf,
     file: File,
     size_bytes: u64,
     is_block_device: bool,
-    /// Created by us just now, so every byte not written reads as zero.
+    /// Created by this open, so every byte not written reads as zero.
     created: bool,
     dev: u64,
     ino: u64,
     rdev: u64,
 }
 
-impl FileTarget {
+impl FileDestination {
     /// Opens `path`, creating a sparse file of `create_size_bytes` when it does not exist.
-    /// An existing target keeps its size (the caller refuses one that is too small).
-    pub fn open(path: &Path, create_size_bytes: u64) -> Result<Self, TargetError> {
+    /// An existing file keeps its size (the caller refuses one that is too small).
+    pub fn open(path: &Path, create_size_bytes: u64) -> Result<Self, DestinationError> {
         let target = path.display().to_string();
-        let open_err = |source| TargetError::Open {
+        let open_err = |source| DestinationError::Open {
             target: target.clone(),
             source,
         };
@@ -49,7 +49,7 @@ impl FileTarget {
         let meta = file.metadata().map_err(open_err)?;
         let is_block_device = std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type());
         if !is_block_device && !meta.is_file() {
-            return Err(TargetError::Unusable {
+            return Err(DestinationError::Unusable {
                 target,
                 reason: "not a regular file or a block device".into(),
             });
@@ -80,7 +80,8 @@ impl FileTarget {
         self.created
     }
 
-    /// (device, inode, device number of a block device), to refuse a target that is a source.
+    /// (device, inode, device number of a block device), to refuse a destination that is a
+    /// source.
     pub fn identity(&self) -> (u64, u64, u64) {
         (self.dev, self.ino, self.rdev)
     }
@@ -91,8 +92,8 @@ impl FileTarget {
         offset_bytes: u64,
         len_bytes: u64,
         source: std::io::Error,
-    ) -> TargetError {
-        TargetError::Io {
+    ) -> DestinationError {
+        DestinationError::Io {
             target: self.describe(),
             op,
             offset_bytes,
@@ -130,7 +131,7 @@ impl FileTarget {
     }
 }
 
-impl Target for FileTarget {
+impl Destination for FileDestination {
     fn describe(&self) -> String {
         self.path.display().to_string()
     }
@@ -139,7 +140,7 @@ impl Target for FileTarget {
         self.size_bytes
     }
 
-    fn write_at(&self, offset_bytes: u64, data: &[u8]) -> Result<(), TargetError> {
+    fn write_at(&self, offset_bytes: u64, data: &[u8]) -> Result<(), DestinationError> {
         self.file
             .write_all_at(data, offset_bytes)
             .map_err(|e| self.io_err("write", offset_bytes, data.len() as u64, e))
@@ -150,7 +151,7 @@ impl Target for FileTarget {
         offset_bytes: u64,
         len_bytes: u64,
         unmap: bool,
-    ) -> Result<(), TargetError> {
+    ) -> Result<(), DestinationError> {
         let keep = libc::FALLOC_FL_KEEP_SIZE;
         let modes = if unmap {
             [
@@ -172,13 +173,13 @@ impl Target for FileTarget {
             .map_err(|e| self.io_err("write-zeroes", offset_bytes, len_bytes, e))
     }
 
-    fn read_at(&self, offset_bytes: u64, buf: &mut [u8]) -> Result<(), TargetError> {
+    fn read_at(&self, offset_bytes: u64, buf: &mut [u8]) -> Result<(), DestinationError> {
         self.file
             .read_exact_at(buf, offset_bytes)
             .map_err(|e| self.io_err("read", offset_bytes, buf.len() as u64, e))
     }
 
-    fn flush(&self) -> Result<(), TargetError> {
+    fn flush(&self) -> Result<(), DestinationError> {
         self.file
             .sync_data()
             .map_err(|e| self.io_err("flush", 0, 0, e))
@@ -197,7 +198,7 @@ mod tests {
     fn creates_sparse_and_writes() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("t.img");
-        let t = FileTarget::open(&path, 1 << 20)?;
+        let t = FileDestination::open(&path, 1 << 20)?;
         assert!(t.known_zero());
         assert_eq!(t.size_bytes(), 1 << 20);
         t.write_at(4096, b"hello")?;
@@ -206,7 +207,7 @@ mod tests {
         let mut buf = [0u8; 5];
         t.read_at(4096, &mut buf)?;
         assert_eq!(&buf, b"\0\0llo");
-        let again = FileTarget::open(&path, 1 << 30)?;
+        let again = FileDestination::open(&path, 1 << 30)?;
         assert!(!again.known_zero());
         assert_eq!(
             again.size_bytes(),

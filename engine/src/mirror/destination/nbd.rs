@@ -1,0 +1,141 @@
+//! An NBD export as a migration destination: the blocking [`NbdClient`] behind the
+//! [`Destination`] interface, its errors naming the export as the operator's target.
+
+use std::time::Duration;
+
+use super::{Destination, DestinationError};
+use crate::nbd::{BlockSizes, ClientError, ClientOptions, ExportUri, NbdClient};
+
+/// An NBD export opened for a mirror.
+pub struct NbdDestination {
+    name: String,
+    client: NbdClient,
+}
+
+impl NbdDestination {
+    /// Connects to the export and negotiates it. A read-only export is refused (a migration
+    /// writes to it), and so is one whose minimum block size exceeds `request_block_bytes`,
+    /// what every request of the job is whole multiples of.
+    pub fn connect(
+        uri: &ExportUri,
+        request_timeout: Duration,
+        request_block_bytes: u64,
+    ) -> Result<Self, DestinationError> {
+        let name = uri.to_string();
+        let options = ClientOptions {
+            request_timeout,
+            accept_read_only: false,
+            request_block_bytes,
+        };
+        let client = NbdClient::connect(uri, &options).map_err(|e| destination_error(&name, e))?;
+        Ok(Self { name, client })
+    }
+
+    fn err(&self, e: ClientError) -> DestinationError {
+        destination_error(&self.name, e)
+    }
+}
+
+/// A client's error as the destination's, with the same words after the target's name.
+fn destination_error(target: &str, e: ClientError) -> DestinationError {
+    let target = target.to_string();
+    match e {
+        ClientError::Connect { source } => DestinationError::Connect { target, source },
+        ClientError::Handshake { reason } => DestinationError::Handshake { target, reason },
+        ClientError::Unusable { reason } => DestinationError::Unusable { target, reason },
+        ClientError::Disconnected { reason } => DestinationError::Disconnected { target, reason },
+        ClientError::Refused {
+            op,
+            offset_bytes,
+            errno,
+        } => DestinationError::Refused {
+            target,
+            op,
+            offset_bytes,
+            errno,
+        },
+    }
+}
+
+impl Destination for NbdDestination {
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+
+    fn size_bytes(&self) -> u64 {
+        self.client.size_bytes()
+    }
+
+    fn write_at(&self, offset_bytes: u64, data: &[u8]) -> Result<(), DestinationError> {
+        self.client
+            .write_at(offset_bytes, data)
+            .map_err(|e| self.err(e))
+    }
+
+    fn write_zeroes(
+        &self,
+        offset_bytes: u64,
+        len_bytes: u64,
+        unmap: bool,
+    ) -> Result<(), DestinationError> {
+        self.client
+            .write_zeroes(offset_bytes, len_bytes, unmap)
+            .map_err(|e| self.err(e))
+    }
+
+    fn read_at(&self, offset_bytes: u64, buf: &mut [u8]) -> Result<(), DestinationError> {
+        self.client
+            .read_at(offset_bytes, buf)
+            .map_err(|e| self.err(e))
+    }
+
+    fn flush(&self) -> Result<(), DestinationError> {
+        self.client.flush().map_err(|e| self.err(e))
+    }
+
+    fn is_remote(&self) -> bool {
+        true
+    }
+
+    fn close(&self) {
+        self.client.close("the target was closed");
+    }
+
+    fn block_sizes(&self) -> Option<BlockSizes> {
+        Some(self.client.block_sizes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nbd::protocol::NBD_CMD_DISC;
+    use crate::nbd::tests::fake_server::{block_size_info, fake_server, served};
+    use crate::nbd::NbdAddress;
+
+    /// A minimum block size above a sector is refused at connect, the message naming the
+    /// target and both sizes.
+    #[test]
+    fn a_minimum_block_size_above_a_sector_is_refused() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let socket = dir.path().join("s");
+        let server = fake_server(&socket, 1 << 20, vec![block_size_info(4096, 4096, 1 << 20)])?;
+        let uri = ExportUri {
+            address: NbdAddress::Unix { socket },
+            export: "e".into(),
+        };
+        let refused = NbdDestination::connect(&uri, crate::nbd::REQUEST_TIMEOUT_DEFAULT, 512);
+        let Err(e @ DestinationError::Unusable { .. }) = refused else {
+            return Err(format!("not refused as unusable: {:?}", refused.err()).into());
+        };
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "target {uri}: the export's minimum block size is 4096 bytes; ferry's volumes \
+                 take 512-byte requests"
+            )
+        );
+        assert_eq!(served(server)?.requests, vec![(NBD_CMD_DISC, 0, 0)]);
+        Ok(())
+    }
+}

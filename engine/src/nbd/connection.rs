@@ -1,0 +1,140 @@
+//! One NBD connection's byte stream, over TCP or a unix socket: connecting with a deadline,
+//! socket timeouts, and shutting it down. The protocol above it reads and writes bytes
+//! through [`Read`] and [`Write`] and does not know which transport carries them; another
+//! transport (a TLS stream) is one more variant here.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use nix::sys::socket::{send, MsgFlags};
+
+use super::protocol::RequestHeader;
+use super::NbdAddress;
+
+/// A connection to an NBD server (or, on a server, from a client).
+#[derive(Debug)]
+pub(crate) enum Connection {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Connection {
+    /// Connects to `address` (TCP with `TCP_NODELAY`: requests are small and latency
+    /// bound); a TCP connect gives up after `timeout`.
+    pub(crate) fn connect(address: &NbdAddress, timeout: Duration) -> std::io::Result<Self> {
+        match address {
+            NbdAddress::Tcp { host, port } => {
+                let mut last = None;
+                for addr in std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), *port))? {
+                    match TcpStream::connect_timeout(&addr, timeout) {
+                        Ok(stream) => {
+                            stream.set_nodelay(true)?;
+                            return Ok(Self::Tcp(stream));
+                        }
+                        Err(e) => last = Some(e),
+                    }
+                }
+                Err(last.unwrap_or_else(|| {
+                    std::io::Error::new(std::io::ErrorKind::NotFound, "host has no address")
+                }))
+            }
+            NbdAddress::Unix { socket } => Ok(Self::Unix(UnixStream::connect(socket)?)),
+        }
+    }
+
+    /// Bounds every blocking read and write (the handshake), or lifts the bound (`None`).
+    pub(crate) fn set_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        self.set_timeouts(timeout, timeout)
+    }
+
+    /// Bounds blocking reads and writes separately (`None`: no bound).
+    pub(crate) fn set_timeouts(
+        &self,
+        read: Option<Duration>,
+        write: Option<Duration>,
+    ) -> std::io::Result<()> {
+        match self {
+            Self::Tcp(s) => {
+                s.set_read_timeout(read)?;
+                s.set_write_timeout(write)
+            }
+            Self::Unix(s) => {
+                s.set_read_timeout(read)?;
+                s.set_write_timeout(write)
+            }
+        }
+    }
+
+    pub(crate) fn set_nonblocking(&self, on: bool) -> std::io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.set_nonblocking(on),
+            Self::Unix(s) => s.set_nonblocking(on),
+        }
+    }
+
+    /// Another handle on the same socket (a reader thread's, or one to shut it down with
+    /// while a sender is blocked on it).
+    pub(crate) fn try_clone(&self) -> std::io::Result<Self> {
+        Ok(match self {
+            Self::Tcp(s) => Self::Tcp(s.try_clone()?),
+            Self::Unix(s) => Self::Unix(s.try_clone()?),
+        })
+    }
+
+    /// Shuts both directions down: blocked reads and writes on every handle of the socket
+    /// return, and the peer sees the end of the stream.
+    pub(crate) fn shutdown(&self) {
+        let _ = match self {
+            Self::Tcp(s) => s.shutdown(Shutdown::Both),
+            Self::Unix(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+
+    /// Ends a client's session in the transmission phase: `NBD_CMD_DISC` (best effort,
+    /// without blocking: a server that stopped reading must not hold the caller), then
+    /// shuts the connection down.
+    pub(crate) fn disconnect(&self) {
+        let header = RequestHeader::DISCONNECT.encode();
+        let _ = send(
+            self.as_raw_fd(),
+            &header,
+            MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+        );
+        self.shutdown();
+    }
+}
+
+impl AsRawFd for Connection {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Self::Tcp(s) => s.as_raw_fd(),
+            Self::Unix(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+impl Read for Connection {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Self::Tcp(s) => s.read(buf),
+            Self::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Connection {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Self::Tcp(s) => s.write(buf),
+            Self::Unix(s) => s.write(buf),
+        }
+    }
+
+    /// Nothing to do: writes go straight to the socket.
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}

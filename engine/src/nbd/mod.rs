@@ -1,0 +1,27 @@
+//! NBD, the network block device protocol: the wire format, one connection's byte stream,
+//! the client's handshake and a blocking client.
+//!
+//! - [`protocol`]: every constant and message, with pure encode and decode functions for
+//!   both directions, so that a client and a server share one encoder.
+//! - [`sizes`]: an export's size constraints and the request sizes derived from them.
+//! - [`address`]: where an export is, and the `nbd://` / `nbd+unix://` URIs that name it.
+//! - `connection`: the byte stream (TCP or a unix socket), timeouts and shutdown.
+//! - `handshake`: the client side of the fixed-newstyle handshake (`NBD_OPT_GO`).
+//! - [`client`]: a blocking client that many threads share over one connection.
+//!
+//! The non-blocking per-queue client of an NBD-backed volume lives with the volume
+//! (`volume/nbd_queue.rs`) and uses [`protocol`], `connection` and `handshake`.
+
+pub mod address;
+pub mod client;
+pub(crate) mod connection;
+pub(crate) mod handshake;
+pub mod protocol;
+pub mod sizes;
+
+pub use address::{ExportUri, NbdAddress, UriError, NBD_DEFAULT_PORT};
+pub use client::{ClientError, ClientOptions, NbdClient, REQUEST_TIMEOUT_DEFAULT};
+pub use sizes::BlockSizes;
+
+#[cfg(test)]
+pub(crate) mod tests;
