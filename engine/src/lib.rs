@@ -13,6 +13,7 @@ pub mod mirror;
 pub mod observer;
 pub mod reactor;
 pub mod target;
+pub mod tls;
 pub mod units;
 pub mod volume;
 
