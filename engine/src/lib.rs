@@ -13,6 +13,7 @@ pub mod mirror;
 pub mod nbd;
 pub mod observer;
 pub mod reactor;
+pub mod tls;
 pub mod units;
 pub mod volume;
 
