@@ -12,6 +12,7 @@ pub mod journal;
 pub mod mirror;
 pub mod nbd;
 pub mod observer;
+pub mod poll_window;
 pub mod reactor;
 pub mod tls;
 pub mod units;
