@@ -63,7 +63,7 @@ fn options(dir: &Path) -> JournalOptions {
 
 fn run_writes(dir: &Path, journal: &std::sync::Arc<Journal>, count: u64) -> TestResult<Vec<u8>> {
     let (v, mut q, mut image) = journaled_v(dir, journal, VOLUME_BYTES, 11)?;
-    let mut rng = Rng(17);
+    let mut rng = Rng::new(17);
     for i in 0..count {
         let at = rng.below(VOLUME_BYTES / 4096) as usize * 4096;
         let data = pattern(500 + i, 4096);

@@ -43,7 +43,7 @@ fn options(dir: &Path, spares: u32) -> JournalOptions {
 /// Writes `count` blocks of assorted sizes at random offsets; returns the final image.
 fn run_writes(dir: &Path, journal: &std::sync::Arc<Journal>, count: u64) -> TestResult<Vec<u8>> {
     let (_v, mut q, mut image) = journaled_v(dir, journal, VOLUME_BYTES, 3)?;
-    let mut rng = Rng(5);
+    let mut rng = Rng::new(5);
     for i in 0..count {
         let len = 512 * (1 + rng.below(24) as usize);
         let at = rng.below((VOLUME_BYTES as usize - len) as u64 / 512) as usize * 512;
