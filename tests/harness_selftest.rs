@@ -8,9 +8,9 @@ use anyhow::{ensure, Context as _, Result};
 use std::process::Command;
 use std::time::Duration;
 use support::blkio_client::{BlkioClient, BlkioOpts, Op};
-use support::daemon::{Qsd, QsdOpts};
 use support::guest::{Guest, GuestOpts};
 use support::nbd::{NbdAddr, NbdServer};
+use support::vhost_user::{Qsd, QsdOpts};
 
 const IMAGE_BYTES: u64 = 64 << 20;
 

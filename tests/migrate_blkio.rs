@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use support::blkio_client::{BlkioClient, BlkioOpts};
 use support::ferry_cli::{ferry, FerryServe};
 use support::nbd::{BlockLimits, NbdAddr, NbdRequest, NbdServer};
-use support::pattern_writer::{compare_bytes, compare_image, PatternWriter, WriterConfig};
+use support::pattern_writer::{PatternWriter, WriterConfig};
+use support::{compare_bytes, compare_image};
 
 const MIB: u64 = 1 << 20;
 /// Bound on waiting for the client to make progress.

@@ -393,7 +393,7 @@ fn demo_without_arguments() -> Result<()> {
         .context("spawn ferry serve")?;
     let mut demo = SplitChild { child, stdout };
     let socket = d.join("ferry-demo.sock");
-    support::daemon::wait_for_socket(&socket, support::daemon::START_TIMEOUT)
+    support::wait::wait_for_socket(&socket, support::daemon::START_TIMEOUT)
         .with_context(|| std::fs::read_to_string(&stderr).unwrap_or_default())?;
     let image = d.join("ferry-demo.img");
     let meta = std::fs::metadata(&image).context("demo image")?;
@@ -432,7 +432,7 @@ fn demo_without_arguments() -> Result<()> {
     };
     ensure!(status.success(), "demo exited {status}");
     ensure!(!socket.exists(), "demo socket left behind");
-    let host = ferry::read_file_range(&image, (1 << 30) - (1 << 20), 1 << 20)?;
+    let host = support::images::read_range(&image, (1 << 30) - (1 << 20), 1 << 20)?;
     ensure!(host == data, "demo image lacks the client's data");
     Ok(())
 }

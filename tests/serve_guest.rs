@@ -6,7 +6,7 @@
 #[path = "support/mod.rs"]
 mod support;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context as _, Result};
 use std::path::{Path, PathBuf};
 use support::daemon::Daemon;
 use support::ferry;
@@ -49,11 +49,7 @@ fn serve_with(dir: &Path, extra: &str, serve_args: &[String]) -> Result<(Daemon,
 
 /// Fails unless the image holds `want` at `offset_bytes`.
 fn check_image(image: &Path, offset_bytes: u64, want: &[u8], what: &str) -> Result<()> {
-    let host = ferry::read_file_range(image, offset_bytes, want.len())?;
-    if let Some(at) = host.iter().zip(want).position(|(a, b)| a != b) {
-        anyhow::bail!("{what}: image differs at byte {}", offset_bytes + at as u64);
-    }
-    Ok(())
+    support::compare_image(image, offset_bytes, want).with_context(|| what.to_string())
 }
 
 /// The guest sees the volume's size, writes patterns with O_DIRECT dd at 4 KiB-aligned and

@@ -113,13 +113,3 @@ pub fn query_volume(control: &Path, name: &str) -> Result<serde_json::Value> {
 pub fn path_str(dir: &Path, name: &str) -> String {
     dir.join(name).display().to_string()
 }
-
-/// Reads `len` bytes at `offset` of a file on the host.
-pub fn read_file_range(path: &Path, offset: u64, len: usize) -> Result<Vec<u8>> {
-    use std::os::unix::fs::FileExt as _;
-    let file = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
-    let mut buf = vec![0u8; len];
-    file.read_exact_at(&mut buf, offset)
-        .with_context(|| format!("read {len} bytes at {offset} of {}", path.display()))?;
-    Ok(buf)
-}
