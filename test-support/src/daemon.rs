@@ -1,7 +1,7 @@
 //! A server process run by a test (`ferry serve`, qemu-nbd, qemu-storage-daemon, nbdkit):
 //! its output kept in a log, readiness waited for by polling, killed when its handle drops.
 
-use crate::wait::{is_socket, wait_until};
+use crate::wait::{is_socket, unix_listening, wait_until};
 use anyhow::{bail, Context as _, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -44,22 +44,23 @@ impl Daemon {
         })
     }
 
-    /// Spawns `cmd` and waits until `socket` exists (failing early if the process exits).
-    /// A stale socket file left by a killed predecessor is removed first.
-    pub fn spawn_with_socket(name: &str, cmd: Command, socket: &Path) -> Result<Self> {
-        if is_socket(socket) {
+    /// Spawns `cmd` and returns once it listens on the unix socket `socket` (failing early
+    /// if the process exits). A socket file left by a killed predecessor is removed first.
+    pub fn spawn_listening(name: &str, cmd: Command, socket: &Path) -> Result<Self> {
+        if is_socket(socket) && !unix_listening(socket) {
             std::fs::remove_file(socket)
                 .with_context(|| format!("remove stale socket {}", socket.display()))?;
         }
         let mut daemon = Self::spawn(name, cmd)?;
-        daemon.wait_for_socket(socket, START_TIMEOUT)?;
+        daemon.wait_listening(socket, START_TIMEOUT)?;
         Ok(daemon)
     }
 
-    /// Waits until `socket` exists; fails with the log if the process exits first.
-    pub fn wait_for_socket(&mut self, socket: &Path, timeout: Duration) -> Result<()> {
-        let what = format!("socket {}", socket.display());
-        self.wait_ready(&what, timeout, || is_socket(socket))
+    /// Waits until the process listens on the unix socket `socket` (bound under this very
+    /// path, as the kernel's socket table says); fails with the log if it exits first.
+    pub fn wait_listening(&mut self, socket: &Path, timeout: Duration) -> Result<()> {
+        let what = format!("listening on {}", socket.display());
+        self.wait_ready(&what, timeout, || unix_listening(socket))
     }
 
     /// Waits until `ready()` holds (e.g. the process accepts connections); fails with the log

@@ -1,9 +1,8 @@
 //! qemu-storage-daemon exporting a raw image over vhost-user-blk: the reference backend that
 //! ferry's clients and benchmarks are checked against.
 
-use crate::daemon::{Daemon, START_TIMEOUT};
-use crate::wait::{is_socket, unix_listening};
-use anyhow::{Context as _, Result};
+use crate::daemon::Daemon;
+use anyhow::Result;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -42,11 +41,6 @@ pub struct Qsd {
 impl Qsd {
     /// Starts qsd and returns once it listens on its socket.
     pub fn start(opts: &QsdOpts) -> Result<Self> {
-        let socket = &opts.socket;
-        if is_socket(socket) && !unix_listening(socket) {
-            std::fs::remove_file(socket)
-                .with_context(|| format!("remove stale socket {}", socket.display()))?;
-        }
         let mut cmd = Command::new("qemu-storage-daemon");
         cmd.arg("--blockdev").arg(format!(
             "driver=file,node-name=f0,filename={},aio={}",
@@ -62,12 +56,10 @@ impl Qsd {
             export.push_str(&format!(",num-queues={n}"));
         }
         cmd.arg("--export").arg(export);
-        let mut daemon = Daemon::spawn("qemu-storage-daemon", cmd)?;
-        let what = format!("listening on {}", socket.display());
-        daemon.wait_ready(&what, START_TIMEOUT, || unix_listening(socket))?;
+        let daemon = Daemon::spawn_listening("qemu-storage-daemon", cmd, &opts.socket)?;
         Ok(Self {
             daemon,
-            socket: socket.clone(),
+            socket: opts.socket.clone(),
         })
     }
 }

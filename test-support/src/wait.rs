@@ -78,8 +78,9 @@ pub fn tcp_listening(port: u16) -> bool {
     })
 }
 
-/// Waits until `path` exists and is a unix socket.
-pub fn wait_for_socket(path: &Path, timeout: Duration) -> Result<()> {
+/// Waits until `path` exists and is a unix socket (for a server whose bound path is not
+/// known; `Daemon::wait_listening` waits until it listens).
+pub fn wait_for_socket_file(path: &Path, timeout: Duration) -> Result<()> {
     let what = format!("socket {}", path.display());
     wait_until(&what, timeout, || Ok(is_socket(path)))
 }

@@ -10,16 +10,16 @@ use std::time::{Duration, Instant};
 /// Bound on a `ferry` command that is expected to finish by itself (an error, a query).
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// `ferry serve` with `args`, as a running daemon once every path of `sockets` exists.
+/// `ferry serve` with `args`, as a running daemon once it listens on every path of `sockets`.
 pub fn serve(args: &[String], sockets: &[&Path]) -> Result<Daemon> {
     let mut cmd = Command::new(super::ferry_bin());
     cmd.arg("serve").args(args);
     let (first, rest) = sockets
         .split_first()
         .context("serve needs a socket to wait for")?;
-    let mut daemon = Daemon::spawn_with_socket("ferry-serve", cmd, first)?;
+    let mut daemon = Daemon::spawn_listening("ferry-serve", cmd, first)?;
     for socket in rest {
-        daemon.wait_for_socket(socket, START_TIMEOUT)?;
+        daemon.wait_listening(socket, START_TIMEOUT)?;
     }
     Ok(daemon)
 }
