@@ -13,6 +13,7 @@ use std::time::Duration;
 use support::blkio_client::{BlkioClient, BlkioOpts, Op};
 use support::daemon::Daemon;
 use support::ferry;
+use support::loop_device::LoopDevice;
 
 /// Bound on the daemon's clean exit after SIGTERM.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -873,37 +874,6 @@ fn sigterm_with_writes_in_flight() -> Result<()> {
     Ok(())
 }
 
-/// A loop block device, detached on drop.
-struct LoopDevice {
-    path: PathBuf,
-}
-
-impl LoopDevice {
-    fn attach(image: &Path) -> Result<Self> {
-        let out = std::process::Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(image)
-            .output()
-            .context("running losetup (util-linux)")?;
-        ensure!(
-            out.status.success(),
-            "losetup failed (the tests run as root): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let path = PathBuf::from(String::from_utf8(out.stdout)?.trim());
-        Ok(Self { path })
-    }
-}
-
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("losetup")
-            .arg("-d")
-            .arg(&self.path)
-            .status();
-    }
-}
-
 /// A block device as the volume (a loop device over an image file), buffered and O_DIRECT:
 /// round trips, discard and write-zeroes (BLKDISCARD/BLKZEROOUT through fallocate), and the
 /// backing file holds exactly what the client wrote.
@@ -914,8 +884,10 @@ fn block_device_round_trip() -> Result<()> {
         let image_dir = support::scratch_dir()?;
         let image = image_dir.path().join("backing.img");
         support::create_image(&image, IMAGE_BYTES)?;
-        let device = LoopDevice::attach(&image)?;
-        let served = Served::start_on(support::scratch_dir()?, device.path.clone(), cache)?;
+        let Some(device) = support::require_ok("a loop device", LoopDevice::attach(&image)) else {
+            return Ok(());
+        };
+        let served = Served::start_on(support::scratch_dir()?, device.path().to_path_buf(), cache)?;
         let volume = ferry::query_volume(&served.control, "vol")?;
         ensure!(volume["size"] == IMAGE_BYTES, "size: {volume}");
         let mut client = served.connect(&big_client())?;
@@ -946,7 +918,7 @@ fn block_device_round_trip() -> Result<()> {
         drop(client);
         let stop_image = served.image.clone();
         served.stop()?;
-        ensure!(stop_image == device.path, "served the device");
+        ensure!(stop_image == device.path(), "served the device");
         drop(device);
         model.check_image(&image)?;
     }

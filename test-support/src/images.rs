@@ -20,6 +20,15 @@ pub fn scratch_dir() -> Result<tempfile::TempDir> {
         .context("create scratch dir in /tmp")
 }
 
+/// A fresh temporary directory on the tmpfs at `/dev/shm`, for files that must live in
+/// memory (mapped journal media, images a benchmark should not wait on a disk for).
+pub fn memory_dir() -> Result<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix("ferry-test-")
+        .tempdir_in("/dev/shm")
+        .context("create a directory on the tmpfs at /dev/shm")
+}
+
 /// Creates a sparse raw image of `len_bytes` at `path` (all zeroes).
 pub fn create_image(path: &Path, len_bytes: u64) -> Result<PathBuf> {
     let f = std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?;
