@@ -155,7 +155,8 @@ impl NbdServer {
 
     /// `nbdkit PLUGIN ARGS...` serving `export` on `addr`, e.g. `&["memory", "size=16M"]`, or
     /// a plugin behind filters (`&["--filter=error", "memory", "size=16M", "error-rate=1"]`).
-    /// It exits with the test process should the handle never drop.
+    /// Should the handle never drop, it exits with the thread that started it
+    /// (`--exit-with-parent`).
     pub fn nbdkit(export: &str, addr: &NbdAddr, plugin_and_args: &[&str]) -> Result<Self> {
         let mut cmd = Command::new("nbdkit");
         cmd.args(["--foreground", "--exit-with-parent", "--exportname", export]);

@@ -19,7 +19,7 @@ const DEVICE_BYTES: u64 = 1 << 20;
 const FILE_CAPACITY_BYTES: u64 = 256 * 1024;
 const VOLUME_BYTES: u64 = 1 << 20;
 
-/// A loop device over a new file `backing` of `DEVICE_BYTES` bytes of 0xEE; `None` where
+/// A loop device over `backing`, written with `DEVICE_BYTES` bytes of 0xEE; `None` where
 /// loop devices cannot be set up (not root, no loop driver): the test then skips, or fails
 /// under `FERRY_REQUIRE_ALL`.
 fn loop_device(backing: &Path) -> TestResult<Option<LoopDevice>> {
