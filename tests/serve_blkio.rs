@@ -13,6 +13,7 @@ use std::time::Duration;
 use support::blkio_client::{BlkioClient, BlkioOpts, Op};
 use support::daemon::Daemon;
 use support::ferry;
+use support::loop_device::LoopDevice;
 
 /// Bound on the daemon's clean exit after SIGTERM.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -353,23 +354,22 @@ fn reconnecting_frontends_leak_no_descriptors() -> Result<()> {
             .with_context(|| dir.clone())?
             .count())
     };
-    let connect_and_write = |round: u64| -> Result<()> {
+    // Counted while a client that wrote is connected and idle: the daemon then holds one
+    // connection's descriptors, and has closed those of every earlier connection (it cleans
+    // one up before it accepts the next).
+    let write_and_count = |round: u64| -> Result<usize> {
         let mut client = served.connect(&BlkioOpts::default())?;
         client.write_all(round * 4096, &support::pattern(round, 4096), 4096)?;
-        Ok(())
+        open_fds()
     };
-    // The daemon prepares the next connection's device as soon as one ends.
-    let settle = || std::thread::sleep(Duration::from_millis(300));
     for round in 0..2 {
-        connect_and_write(round)?;
+        write_and_count(round)?;
     }
-    settle();
-    let before = open_fds()?;
-    for round in 2..22 {
-        connect_and_write(round)?;
+    let before = write_and_count(2)?;
+    for round in 3..22 {
+        write_and_count(round)?;
     }
-    settle();
-    let after = open_fds()?;
+    let after = write_and_count(22)?;
     ensure!(
         after <= before,
         "open descriptors grew from {before} to {after} over 20 connections"
@@ -797,8 +797,8 @@ fn sigterm_with_writes_in_flight() -> Result<()> {
     let mut completed: Vec<(usize, u64, usize)> = Vec::new();
     let mut first_slot = 0;
     let mut terminated = false;
-    // Two full batches, then SIGTERM from another thread 2 ms into the third (large) one,
-    // then batches until one gets nothing done.
+    // Two full batches, then SIGTERM once the third (large) one is being served, then batches
+    // until one gets nothing done.
     for batch in 0.. {
         let len = if batch == 2 {
             SIGNALLED_BATCH
@@ -820,25 +820,21 @@ fn sigterm_with_writes_in_flight() -> Result<()> {
                 fua: false,
             })
             .collect();
-        let signaller = (batch == 2).then(|| {
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(2));
-                nix::sys::signal::kill(pid, Signal::SIGTERM)
-            })
-        });
         let timeout = Duration::from_secs(match batch {
             0 | 1 => 30,
             2 => 3,
             _ => 1,
         });
-        let results = client.run_batches_within(&[ops], timeout)?.swap_remove(0);
-        if let Some(handle) = signaller {
-            handle
-                .join()
-                .map_err(|_| anyhow::anyhow!("signal thread panicked"))?
-                .context("send SIGTERM")?;
+        client.submit_batches(&[ops])?;
+        let mut results = vec![vec![None; len]];
+        if batch == 2 {
+            // Once the daemon has completed one write of the batch, the rest are in flight.
+            client.reap_until(&mut results, 1, timeout)?;
+            nix::sys::signal::kill(pid, Signal::SIGTERM).context("send SIGTERM")?;
             terminated = true;
         }
+        client.reap_until(&mut results, len, timeout)?;
+        let results = results.swap_remove(0);
         let done: Vec<usize> = (0..len).filter(|&i| results[i] == Some(0)).collect();
         eprintln!("batch {batch}: {} of {len} writes completed", done.len());
         ensure!(
@@ -873,37 +869,6 @@ fn sigterm_with_writes_in_flight() -> Result<()> {
     Ok(())
 }
 
-/// A loop block device, detached on drop.
-struct LoopDevice {
-    path: PathBuf,
-}
-
-impl LoopDevice {
-    fn attach(image: &Path) -> Result<Self> {
-        let out = std::process::Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(image)
-            .output()
-            .context("running losetup (util-linux)")?;
-        ensure!(
-            out.status.success(),
-            "losetup failed (the tests run as root): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let path = PathBuf::from(String::from_utf8(out.stdout)?.trim());
-        Ok(Self { path })
-    }
-}
-
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("losetup")
-            .arg("-d")
-            .arg(&self.path)
-            .status();
-    }
-}
-
 /// A block device as the volume (a loop device over an image file), buffered and O_DIRECT:
 /// round trips, discard and write-zeroes (BLKDISCARD/BLKZEROOUT through fallocate), and the
 /// backing file holds exactly what the client wrote.
@@ -914,8 +879,10 @@ fn block_device_round_trip() -> Result<()> {
         let image_dir = support::scratch_dir()?;
         let image = image_dir.path().join("backing.img");
         support::create_image(&image, IMAGE_BYTES)?;
-        let device = LoopDevice::attach(&image)?;
-        let served = Served::start_on(support::scratch_dir()?, device.path.clone(), cache)?;
+        let Some(device) = support::require_ok("a loop device", LoopDevice::attach(&image)) else {
+            return Ok(());
+        };
+        let served = Served::start_on(support::scratch_dir()?, device.path().to_path_buf(), cache)?;
         let volume = ferry::query_volume(&served.control, "vol")?;
         ensure!(volume["size"] == IMAGE_BYTES, "size: {volume}");
         let mut client = served.connect(&big_client())?;
@@ -946,7 +913,7 @@ fn block_device_round_trip() -> Result<()> {
         drop(client);
         let stop_image = served.image.clone();
         served.stop()?;
-        ensure!(stop_image == device.path, "served the device");
+        ensure!(stop_image == device.path(), "served the device");
         drop(device);
         model.check_image(&image)?;
     }

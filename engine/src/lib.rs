@@ -17,6 +17,9 @@ pub mod tls;
 pub mod units;
 pub mod volume;
 
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing;
+
 pub use error::{EngineError, IoFailure};
 pub use observer::{ObserverTicket, WriteEvent, WriteKind, WriteObserver};
 pub use volume::queue::{BlockOp, Completion, VolumeQueue};
