@@ -7,20 +7,12 @@
 //! re-enable, re-check); submit them with one `io_uring_enter`; signal each used ring at
 //! most once per pass. The `batch` bound keeps completions flowing back while the guest
 //! is still adding requests. With a polling window set, the worker spins for that long
-//! after the last work before sleeping, because waking a sleeping thread costs tens of
-//! microseconds.
+//! after the last work before sleeping, because waking a sleeping thread costs far more
+//! than a short spin.
 //!
-//! Used entries are published in the order the chains were taken from the available ring,
-//! whatever order the engine finishes them in (a request finished early waits for the ones
-//! taken before it). That is what makes a daemon crash survivable without in-flight
-//! tracking (`INFLIGHT_SHMFD`, which vhost-user-backend does not offer): a reconnecting QEMU
-//! rewinds the ring to the used index and offers again exactly the chains from there on, so
-//! with in-order publication it resubmits only requests the guest is still waiting for. With
-//! out-of-order publication it would resubmit requests the guest had already seen complete
-//! (whose buffers it may have reused: a stale write of new data) and never resubmit some that
-//! had not (a guest I/O that never ends).
+//! Used entries are published in the order the chains were taken from the available ring
+//! ([`publication_order`] says why).
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,6 +28,9 @@ use crate::dirty_log::{self, LogBitmap, LogState, Segment};
 use crate::guest_warnings::GuestWarnings;
 use crate::poll_window::PollWindow;
 use crate::request::{self, Parsed, Request, RequestType, ID_BYTES, WRITE_ZEROES_FLAG_UNMAP};
+use publication_order::PublicationOrder;
+
+mod publication_order;
 
 pub type GuestMemory = GuestMemoryMmap<LogBitmap>;
 /// The vrings of a device over [`GuestMemory`].
@@ -61,56 +56,6 @@ struct InFlight {
     /// from a drain that timed out: the frontend has taken the ring back, so its completion
     /// touches neither guest memory nor the ring.
     position: Option<u64>,
-}
-
-/// One taken chain waiting for its turn on the used ring.
-#[derive(Clone, Copy)]
-struct Unpublished {
-    head: u16,
-    used_len: u32,
-    done: bool,
-}
-
-/// The chains taken from one vring and not yet on its used ring, in the order taken.
-#[derive(Default)]
-struct PublicationOrder {
-    /// The position (count of chains taken since the ring started) of `pending[0]`.
-    front: u64,
-    pending: VecDeque<Unpublished>,
-}
-
-impl PublicationOrder {
-    /// Appends a taken chain; returns its position.
-    fn push(&mut self, head: u16, done: Option<u32>) -> u64 {
-        let position = self.front + self.pending.len() as u64;
-        self.pending.push_back(Unpublished {
-            head,
-            used_len: done.unwrap_or(0),
-            done: done.is_some(),
-        });
-        position
-    }
-
-    /// Marks the chain at `position` finished with `used_len` bytes.
-    fn finish(&mut self, position: u64, used_len: u32) {
-        let index = position.wrapping_sub(self.front);
-        if let Some(entry) = usize::try_from(index)
-            .ok()
-            .and_then(|i| self.pending.get_mut(i))
-        {
-            entry.used_len = used_len;
-            entry.done = true;
-        }
-    }
-
-    /// Removes and returns the next chain if it is finished.
-    fn pop_finished(&mut self) -> Option<(u16, u32)> {
-        let entry = self.pending.front().filter(|e| e.done)?;
-        let out = (entry.head, entry.used_len);
-        self.pending.pop_front();
-        self.front += 1;
-        Some(out)
-    }
 }
 
 // SAFETY: the raw pointers a worker holds (iovecs in its reusable request buffer) are
@@ -681,9 +626,9 @@ impl QueueWorker {
             let Some(order) = self.order.get_mut(index) else {
                 continue;
             };
-            if order.pending.iter().any(|e| e.done) {
+            if order.finished().next().is_some() {
                 let mut state = vring.get_mut();
-                for entry in order.pending.iter().filter(|e| e.done) {
+                for entry in order.finished() {
                     if let Err(e) = state.add_used(entry.head, entry.used_len) {
                         log::error!("cannot add used entry: {e}");
                     }
@@ -738,8 +683,6 @@ fn log_failure(volume: &str, failure: IoFailure) {
 
 #[cfg(test)]
 mod tests {
-    use super::PublicationOrder;
-
     /// A worker that finds a ring started signals it once, with nothing to do: a daemon
     /// killed between putting entries on the used ring and signalling them would otherwise
     /// leave the guest waiting for ever (seen with QEMU: avail, used and the restarted
@@ -796,41 +739,5 @@ mod tests {
         worker.run(&vrings);
         assert_eq!(signals(&call), 1, "a restart is signalled");
         Ok(())
-    }
-
-    #[test]
-    fn chains_finished_out_of_order_are_published_in_the_order_taken() {
-        let mut order = PublicationOrder::default();
-        let a = order.push(10, None);
-        let b = order.push(11, None);
-        let c = order.push(12, Some(1));
-        let d = order.push(13, None);
-        assert_eq!((a, b, c, d), (0, 1, 2, 3));
-        // b and d finish first: nothing may be published while a is still running.
-        order.finish(b, 1);
-        order.finish(d, 513);
-        assert_eq!(order.pop_finished(), None);
-        order.finish(a, 4097);
-        assert_eq!(order.pop_finished(), Some((10, 4097)));
-        assert_eq!(order.pop_finished(), Some((11, 1)));
-        assert_eq!(order.pop_finished(), Some((12, 1)));
-        assert_eq!(order.pop_finished(), Some((13, 513)));
-        assert_eq!(order.pop_finished(), None);
-        // Positions keep counting after the queue empties.
-        assert_eq!(order.push(14, Some(1)), 4);
-        assert_eq!(order.pop_finished(), Some((14, 1)));
-    }
-
-    #[test]
-    fn a_position_that_is_not_pending_is_ignored() {
-        let mut order = PublicationOrder::default();
-        let a = order.push(1, None);
-        order.finish(a + 5, 1);
-        order.finish(u64::MAX, 1);
-        assert_eq!(order.pop_finished(), None);
-        order.finish(a, 1);
-        assert_eq!(order.pop_finished(), Some((1, 1)));
-        order.finish(a, 1);
-        assert_eq!(order.pop_finished(), None);
     }
 }
