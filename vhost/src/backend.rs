@@ -233,7 +233,7 @@ impl VhostUserBackend for BlockDevice {
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let volume = &self.inner.volume;
         let space = config::config_space(
-            volume.size_bytes() / u64::from(config::SECTOR_BYTES),
+            volume.size_bytes() / ferry_engine::SECTOR_SIZE,
             self.inner.settings.queues,
             volume.write_cache_enabled(),
             self.inner.settings.logical_block_bytes,

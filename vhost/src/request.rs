@@ -21,6 +21,10 @@ use virtio_bindings::virtio_blk::{
 use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend};
 
+pub mod action;
+
+pub use action::{RequestAction, Status};
+
 /// The most iovecs one request may turn into (data descriptors, split at memory-region
 /// boundaries). A longer chain is refused.
 pub const IOVECS_MAX: usize = 256;
