@@ -66,10 +66,6 @@ struct InFlight {
     position: Option<u64>,
 }
 
-// SAFETY: the raw pointers a worker holds (iovecs in its reusable request buffer) are
-// only meaningful while it parses one request on the thread that holds the worker's lock.
-unsafe impl Send for QueueWorker {}
-
 /// Settings shared by every worker of a device.
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
