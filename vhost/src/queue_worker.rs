@@ -41,6 +41,10 @@ type VringStateOf = VringState<GuestMemoryAtomic<GuestMemory>>;
 /// with more segments grows once (up to `request::DESCRIPTORS_MAX`).
 const WRITTEN_SEGMENTS_PREALLOCATED: usize = 16;
 
+/// The longest a drain (a ring stopping, a frontend gone) waits for the requests in flight;
+/// one still running then becomes an orphan (see `InFlight::position`).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// What one pass over a ring did.
 struct Pass {
     popped_any: bool,
@@ -55,7 +59,9 @@ struct InFlight {
     status_addr: GuestAddress,
     /// Bytes the device writes into the guest's buffers on success (data read + status).
     used_len_ok: u32,
-    /// Keeps the guest memory the request's iovecs point into mapped.
+    /// Keeps the guest memory the request's iovecs point into mapped until the engine has
+    /// returned the request's completion, even when the frontend replaces its memory table
+    /// or goes away meanwhile (released in `answer`, or after the engine at drop).
     mem: Option<Arc<GuestMemory>>,
     /// The guest segments the engine writes into (a read's data buffers): marked dirty at
     /// completion while the frontend logs, because the kernel bypasses vm-memory's bitmap.
@@ -84,11 +90,21 @@ pub struct WorkerSettings {
 }
 
 /// The state of one worker thread.
+///
+/// Drop order, relied on: fields drop in declaration order, and `engine` comes first. Its
+/// `Drop` waits until the kernel has finished every operation still in flight; only then do
+/// the in-flight slots (`inflight`, each holding the guest memory snapshot its request's
+/// iovecs point into) and `guest_memory` let go of the guest's mappings. The other way
+/// round, a request left over from a drain that timed out could have the kernel read or
+/// write memory already unmapped, or mapped again for something else. Keep `engine` the
+/// first field.
 pub struct QueueWorker {
+    /// Dropped first: see the drop order above.
     engine: VolumeQueue,
     settings: WorkerSettings,
     guest_memory: Option<GuestMemoryAtomic<GuestMemory>>,
     event_idx: bool,
+    /// Dropped after `engine`: see the drop order above.
     inflight: Vec<InFlight>,
     free_tags: Vec<u32>,
     request: Request,
@@ -535,10 +551,11 @@ impl QueueWorker {
             return;
         };
         let mut completions = Vec::new();
-        if !self.engine.drain(&mut completions, Duration::from_secs(30)) {
+        if !self.engine.drain(&mut completions, DRAIN_TIMEOUT) {
             log::error!(
-                "volume {}: requests still in flight after 30 s",
-                self.engine.volume().name()
+                "volume {}: requests still in flight after {} s",
+                self.engine.volume().name(),
+                DRAIN_TIMEOUT.as_secs()
             );
         }
         let vrings = std::mem::take(&mut self.vrings);

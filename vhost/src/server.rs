@@ -114,7 +114,10 @@ fn serve_one_connection(
     log::info!("volume {}: frontend connected", volume.name());
     let result = daemon.wait();
     state.connected.store(false, Ordering::SeqCst);
-    // Requests still in flight complete before the workers and their rings go away.
+    // Requests still in flight complete before the workers and their rings go away. One
+    // that outlives the drain's bound keeps its guest memory snapshot in its worker's slot,
+    // and the worker drops its engine queue (which waits for the kernel) before that
+    // snapshot (`QueueWorker`'s drop order), when the last clone of `device` goes.
     device.drain_all();
     drop(resume_wakers);
     drop(daemon);
