@@ -2,7 +2,7 @@
 //! `VhostUserBackend` callbacks that route events to the queue workers.
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ferry_engine::{EngineError, Volume, VolumeQueue};
@@ -150,9 +150,15 @@ impl BlockDevice {
     }
 
     /// The eventfd each worker's engine signals, by thread.
-    pub fn completion_fds(&self) -> Vec<std::os::fd::RawFd> {
+    pub fn completion_fds(&self) -> Vec<BorrowedFd<'_>> {
         (0..self.inner.workers.len())
-            .map(|i| self.worker(i).engine().notify_fd())
+            .map(|i| {
+                let fd = self.worker(i).engine().notify_fd();
+                // SAFETY: the descriptor belongs to the worker's engine queue, which the
+                // worker keeps (it never replaces it) for as long as the device lives, and
+                // the borrow cannot outlive `&self`.
+                unsafe { BorrowedFd::borrow_raw(fd) }
+            })
             .collect()
     }
 
@@ -178,9 +184,10 @@ impl BlockDevice {
             Err(_) => return,
         };
         for fd in consumers {
-            // SAFETY: `fd` is a descriptor this device created in `exit_event` and that
-            // nobody owns any more (see above); it is closed exactly once, here.
-            unsafe { libc::close(fd) };
+            // `fd` is a descriptor this device created in `exit_event` and that nobody owns
+            // any more (see above); it is closed exactly once, here. Nothing is left to do
+            // if closing fails.
+            let _ = nix::unistd::close(fd);
         }
     }
 

@@ -611,7 +611,7 @@ mod tests {
     #[test]
     fn a_started_ring_is_signalled_once_even_with_nothing_to_do(
     ) -> Result<(), Box<dyn std::error::Error>> {
-        use std::os::fd::FromRawFd;
+        use nix::sys::eventfd::{EfdFlags, EventFd};
         use vhost_user_backend::{VringRwLock, VringT};
         use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
@@ -638,11 +638,8 @@ mod tests {
         let vring = VringRwLock::new(mem, 16)?;
         vring.set_queue_size(16);
         vring.set_queue_info(0x1000, 0x2000, 0x3000)?;
-        // SAFETY: eventfd(2) returns a new descriptor (checked) that the File then owns.
-        let call = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        assert!(call >= 0);
-        // SAFETY: `call` is a fresh descriptor owned by nothing else.
-        let call = unsafe { std::fs::File::from_raw_fd(call) };
+        let call = EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)?;
+        let call = std::fs::File::from(std::os::fd::OwnedFd::from(call));
         vring.set_call(Some(call.try_clone()?));
         vring.set_queue_ready(true);
         vring.set_enabled(true);
