@@ -398,4 +398,6 @@ pub fn read_discard_segment<Mem: GuestMemory + Bytes<GuestAddress>>(
 }
 
 #[cfg(test)]
+mod test_chains;
+#[cfg(test)]
 mod tests;

@@ -207,3 +207,6 @@ where
     };
     RequestAction::Submit { op, used_len_ok: 1 }
 }
+
+#[cfg(test)]
+mod tests;
