@@ -342,9 +342,9 @@ fn zero_length_discards_are_answered_at_once() -> Result<()> {
 }
 
 /// Frontends that connect, write and go away, again and again (a VM rebooted or restarted,
-/// QEMU reconnecting): the daemon's open descriptors stay where they were. Each connection
-/// used to leak one descriptor per queue thread (vhost-user-backend's exit events) and one
-/// per thread's resume waker; a long-running daemon then hit its descriptor limit.
+/// QEMU reconnecting): the daemon's open descriptors stay where they were. A connection that
+/// left one descriptor behind per queue thread (vhost-user-backend's exit events, or a
+/// thread's resume waker) would bring a long-running daemon to its descriptor limit.
 #[test]
 fn reconnecting_frontends_leak_no_descriptors() -> Result<()> {
     let served = Served::start(8 << 20, ",queues=2")?;

@@ -177,7 +177,7 @@ impl BlockDevice {
     /// Call only once the `VhostUserDaemon` that used this device is dropped (its epoll
     /// threads joined), and only with vhost-user-backend 0.24, whose
     /// `VringEpollHandler::new` takes each consumer with `into_raw_fd` and never closes it.
-    /// Without this, every frontend connection leaked one descriptor per queue thread.
+    /// Without this, every frontend connection would leak one descriptor per queue thread.
     pub fn close_exit_events(&self) {
         let consumers = match self.inner.exit_consumers.lock() {
             Ok(mut consumers) => std::mem::take(&mut *consumers),

@@ -606,8 +606,8 @@ fn log_failure(volume: &str, failure: IoFailure) {
 mod tests {
     /// A worker that finds a ring started signals it once, with nothing to do: a daemon
     /// killed between putting entries on the used ring and signalling them would otherwise
-    /// leave the guest waiting for ever (seen with QEMU: avail, used and the restarted
-    /// device's base all equal, the guest's I/O never completing).
+    /// leave the guest waiting for ever (with QEMU: avail, used and the restarted device's
+    /// base all equal, and the guest's I/O never completing).
     #[test]
     fn a_started_ring_is_signalled_once_even_with_nothing_to_do(
     ) -> Result<(), Box<dyn std::error::Error>> {
