@@ -154,9 +154,10 @@ impl BlockDevice {
         (0..self.inner.workers.len())
             .map(|i| {
                 let fd = self.worker(i).engine().notify_fd();
-                // SAFETY: the descriptor belongs to the worker's engine queue, which the
-                // worker keeps (it never replaces it) for as long as the device lives, and
-                // the borrow cannot outlive `&self`.
+                // SAFETY: the descriptor is the eventfd of the worker's engine queue, which
+                // owns it for its whole life; the worker never replaces its engine queue and
+                // the device keeps its workers for as long as it lives; the borrow cannot
+                // outlive `&self`.
                 unsafe { BorrowedFd::borrow_raw(fd) }
             })
             .collect()
