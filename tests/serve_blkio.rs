@@ -1,6 +1,7 @@
 //! `ferry serve` driven by a real vhost-user-blk client (libblkio): data round trips at many
 //! offsets and sizes with many requests in flight, flush, discard and write-zeroes, requests
-//! out of range, read-only volumes, two queues, two volumes, O_DIRECT, and SIGTERM under load.
+//! out of range, read-only volumes, two queues, two volumes, O_DIRECT, frontends that go
+//! away with requests in flight, and SIGTERM under load.
 //! Every test checks the image file on the host against a model of what the client wrote.
 
 #[path = "support/mod.rs"]
@@ -342,9 +343,9 @@ fn zero_length_discards_are_answered_at_once() -> Result<()> {
 }
 
 /// Frontends that connect, write and go away, again and again (a VM rebooted or restarted,
-/// QEMU reconnecting): the daemon's open descriptors stay where they were. Each connection
-/// used to leak one descriptor per queue thread (vhost-user-backend's exit events) and one
-/// per thread's resume waker; a long-running daemon then hit its descriptor limit.
+/// QEMU reconnecting): the daemon's open descriptors stay where they were. A connection that
+/// left one descriptor behind per queue thread (vhost-user-backend's exit events, or a
+/// thread's resume waker) would bring a long-running daemon to its descriptor limit.
 #[test]
 fn reconnecting_frontends_leak_no_descriptors() -> Result<()> {
     let served = Served::start(8 << 20, ",queues=2")?;
@@ -374,6 +375,62 @@ fn reconnecting_frontends_leak_no_descriptors() -> Result<()> {
         after <= before,
         "open descriptors grew from {before} to {after} over 20 connections"
     );
+    served.stop()
+}
+
+/// A frontend that goes away with requests in flight (a VM killed in the middle of its I/O),
+/// again and again: the daemon finishes those requests before it lets go of the guest's
+/// memory and rings (vhost/ARCHITECTURE.md, "Guest memory and requests in flight"), keeps
+/// serving, and none of them lands after the next frontend's writes.
+#[test]
+fn frontends_gone_with_requests_in_flight() -> Result<()> {
+    const IMAGE_BYTES: u64 = 64 << 20;
+    const REGION_BYTES: usize = 16 << 20;
+    const CHUNK_BYTES: usize = 256 << 10;
+    let served = Served::start(IMAGE_BYTES, ",queues=2")?;
+    let opts = BlkioOpts {
+        num_queues: 2,
+        buf_bytes: 2 * REGION_BYTES,
+        ..BlkioOpts::default()
+    };
+    let chunks = REGION_BYTES / CHUNK_BYTES;
+    for round in 0..4u64 {
+        let mut client = served.connect(&opts)?;
+        client.buf_mut()[..REGION_BYTES].copy_from_slice(&support::pattern(round, REGION_BYTES));
+        let writes = (0..chunks)
+            .map(|i| Op::Write {
+                offset_bytes: (i * CHUNK_BYTES) as u64,
+                len_bytes: CHUNK_BYTES,
+                buf_offset: i * CHUNK_BYTES,
+                fua: false,
+            })
+            .collect();
+        let reads = (0..chunks)
+            .map(|i| Op::Read {
+                offset_bytes: (i * CHUNK_BYTES) as u64,
+                len_bytes: CHUNK_BYTES,
+                buf_offset: REGION_BYTES + i * CHUNK_BYTES,
+            })
+            .collect();
+        // One pass that kicks both queues and reaps what is done by then; the frontend
+        // goes with the rest still in flight.
+        client.run_batches_within(&[writes, reads], Duration::from_millis(1))?;
+        drop(client);
+    }
+    // The next frontend's writes are the last: nothing of the rounds above may land after.
+    let last = support::pattern(99, REGION_BYTES);
+    let mut client = served.connect(&opts)?;
+    client.write_all(0, &last, CHUNK_BYTES)?;
+    ensure!(
+        client.read_all(0, REGION_BYTES, CHUNK_BYTES)? == last,
+        "the last frontend reads back other data than it wrote"
+    );
+    drop(client);
+    let mut model = Model::new(IMAGE_BYTES);
+    model.write(0, &last);
+    model.check_image(&served.image)?;
+    let log = served.daemon.log();
+    ensure!(!log.contains("panicked"), "{log}");
     served.stop()
 }
 
