@@ -13,7 +13,7 @@ mod mirror {
         DestinationSpec, MigrationError, MigrationJob, MigrationOptions, MigrationRegistry,
         MigrationState, MirrorMode,
     };
-        use ferry_test_support::images::image_with_holes;
+    use ferry_test_support::images::image_with_holes;
     use ferry_test_support::nbd::{free_port, NbdAddr, NbdServer};
     use ferry_test_support::{compare_image, create_image, wait_until};
 
