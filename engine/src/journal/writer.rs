@@ -7,11 +7,15 @@
 //! [`super::direct`]).
 
 use std::fs::{File, OpenOptions};
+use std::io::IoSlice;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use nix::errno::Errno;
+use nix::sys::uio::pwritev;
+
 use super::catalog::{sync_dir, Catalog, CatalogEntry, MediumState, RunRecord};
-use super::commit_ring::{iovecs_after, CommitRing};
+use super::commit_ring::CommitRing;
 use super::device::device_spares;
 use super::direct::{apply_cache_mode, clear_direct, StagingBuffer};
 use super::entry::{now_ns, LogEntry};
@@ -728,28 +732,21 @@ fn medium_err(path: &std::path::Path, step: &'static str, source: std::io::Error
 
 /// Writes all of `parts` at `offset` with `pwritev`, continuing after short writes.
 pub fn write_all_vectored_at(file: &File, parts: &[&[u8]], offset: u64) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let total: usize = parts.iter().map(|p| p.len()).sum();
-    let mut done = 0usize;
-    let mut iovecs = Vec::with_capacity(parts.len());
-    while done < total {
-        iovecs_after(parts, done, &mut iovecs);
-        let at =
-            i64::try_from(offset + done as u64).map_err(|_| std::io::ErrorKind::InvalidInput)?;
-        // SAFETY: every iovec points into a slice of `parts`, alive and unmodified for the call.
-        let n =
-            unsafe { libc::pwritev(file.as_raw_fd(), iovecs.as_ptr(), iovecs.len() as i32, at) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        done += n as usize;
+    let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
+    let mut rest = slices.as_mut_slice();
+    // Drops the empty parts in front, so that an empty `rest` means all is written.
+    IoSlice::advance_slices(&mut rest, 0);
+    let mut at = offset;
+    while !rest.is_empty() {
+        let at_offset = i64::try_from(at).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+        let written = match pwritev(file, rest, at_offset) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        at += written as u64;
+        IoSlice::advance_slices(&mut rest, written);
     }
     Ok(())
 }
@@ -780,6 +777,19 @@ mod tests {
         assert_eq!(&bytes[10..14], b"head");
         assert!(bytes[14..5014].iter().all(|&b| b == 7));
         assert_eq!(&bytes[5014..], b"tail");
+        Ok(())
+    }
+
+    /// Empty parts anywhere are skipped; nothing but empty parts writes nothing.
+    #[test]
+    fn vectored_writes_skip_empty_parts() -> std::io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("m");
+        let file = File::create(&path)?;
+        write_all_vectored_at(&file, &[b"", b"", b""], 3)?;
+        assert_eq!(std::fs::metadata(&path)?.len(), 0);
+        write_all_vectored_at(&file, &[b"", b"ab", b"", b"cd", b""], 2)?;
+        assert_eq!(std::fs::read(&path)?, b"\0\0abcd");
         Ok(())
     }
 
