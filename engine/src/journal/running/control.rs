@@ -5,15 +5,15 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use super::group_commit::Batch;
-use super::state::State;
+use super::state::{State, Tail, WriterState};
 use super::writer_thread::writer_main;
 use super::{
     Appender, Journal, JournalState, JournalStatus, MarkResult, SealResult, Shared,
     JOURNAL_STREAM_ID,
 };
 use crate::journal::error::JournalError;
-use crate::journal::format::{GapInfo, Op, FLAG_GAP_ESTIMATED};
-use crate::journal::memory_log::{LogSnapshot, MemoryLog};
+use crate::journal::format::{GapInfo, Op};
+use crate::journal::memory_log::LogSnapshot;
 use crate::journal::options::{Committer, JournalMode, JournalOptions};
 use crate::journal::recovery::recover;
 use crate::journal::writer::{AppendPath, MediumWriter};
@@ -33,69 +33,8 @@ impl Journal {
     pub fn open(options: JournalOptions) -> Result<Arc<Journal>, JournalError> {
         options.validate()?;
         let rec = recover(&options.dir)?;
-        let mut stream_list = Vec::new();
-        for (id, def) in &rec.streams {
-            stream_list.push((*id, def.clone()));
-        }
-        let mut state = State {
-            next_seq: rec.last_seq + 1,
-            log_id: rec.log_id,
-            label: rec.label.clone(),
-            stream_list,
-            batch: Vec::new(),
-            records: Vec::new(),
-            tickets: Vec::new(),
-            observed_bytes: 0,
-            durable_bytes: 0,
-            durable_seq: rec.last_seq,
-            processed_seq: rec.last_seq,
-            seal_requests: 0,
-            seals_done: 0,
-            last_sealed: None,
-            phase: JournalState::Running,
-            reason: None,
-            gap_open: None,
-            gaps: Vec::new(),
-            log: MemoryLog::new(options.log_memory_bytes).with_chunk_supply(),
-            medium: None,
-            records_written: 0,
-            group_commits: 0,
-            shutdown: false,
-            crashed: false,
-            writer_exited: false,
-            run: State::running(options.mode == JournalMode::Async),
-            writer_idle: false,
-            writer_gathering: false,
-            commit_now: false,
-            spares_taken: 0,
-            medium_direct: None,
-            appends: None,
-            carry_waiting: false,
-            queue_commits: 0,
-            mapped: None,
-            mapped_returned: None,
-            mapped_records: 0,
-            lends_tail: options.maps_media() && dir_is_memory_backed(&options.dir),
-        };
-        if let Some((gap, estimated)) = rec.resume_gap {
-            // The previous run's unjournaled writes: numbered, then recorded as a gap.
-            state.next_seq = state
-                .next_seq
-                .max(gap.first_missing_seq + gap.missing_count);
-            let mut header = state.header(Op::Gap, JOURNAL_STREAM_ID);
-            if estimated {
-                header.flags |= FLAG_GAP_ESTIMATED;
-            }
-            let payload = gap.encode();
-            state.push(header, payload.len(), |out| out.copy_from_slice(&payload));
-            state.gaps.push(gap);
-        }
-        if rec.fresh || rec.log_id == 0 {
-            state.log_id += 1;
-            state.label = options.label.clone();
-            let label = state.label.clone();
-            state.push_labelled(Op::LogInit, &label);
-        }
+        let lends_tail = options.maps_media() && dir_is_memory_backed(&options.dir);
+        let state = State::recovered(&options, &rec, lends_tail);
         let mut writer = MediumWriter::new(
             options.clone(),
             rec.journal_id,
@@ -188,7 +127,7 @@ impl Journal {
             st.commit_now = true;
             self.shared.work.notify_one();
         }
-        while st.processed_seq < seq && !st.writer_exited {
+        while st.processed_seq < seq && st.writer != WriterState::Exited {
             st = self.shared.wait_progress(st);
         }
         if st.durable_seq >= seq {
@@ -207,7 +146,7 @@ impl Journal {
         st.seal_requests += 1;
         let target = st.seal_requests;
         self.shared.work.notify_one();
-        while st.seals_done < target && !st.writer_exited {
+        while st.seals_done < target && st.writer != WriterState::Exited {
             st = self.shared.wait_progress(st);
         }
         if st.phase == JournalState::Stopped {
@@ -272,7 +211,7 @@ impl Journal {
     pub fn close(&self) {
         {
             let mut st = self.shared.lock();
-            st.shutdown = true;
+            st.writer.close();
         }
         self.shared.work.notify_all();
         let handle = self.thread.lock().ok().and_then(|mut t| t.take());
@@ -300,10 +239,12 @@ impl Journal {
         st.records.clear();
         st.tickets.clear();
         // A lent tail stays as the crash leaves it: unmapped, unpadded, unsealed.
-        st.mapped = None;
-        st.mapped_returned = None;
-        st.shutdown = true;
-        st.crashed = true;
+        st.tail = Tail::Held {
+            lendable: st.tail.lendable(),
+        };
+        if st.writer != WriterState::Exited {
+            st.writer = WriterState::Crashing;
+        }
         st.phase = JournalState::Stopped;
         st.reason = Some("crashed (test)".into());
         drop(st);

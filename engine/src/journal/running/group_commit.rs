@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use super::state::State;
+use super::state::{State, Tail};
 use super::{JournalState, Shared, PAUSE_RETRY};
 use crate::journal::catalog::{RunRecord, RunState, COUNT_UNKNOWN};
 use crate::journal::entry::LogEntry;
@@ -63,11 +63,6 @@ impl Batch {
 
 /// Writes the carried batch. Returns when to retry if the media are full and the journal
 /// pauses; otherwise the batch is consumed (written, or lost to a recorded gap).
-///
-/// Async mode: writes held at `lag-max` wait only until the trail is back under it, not for
-/// the whole trail (up to `lag-max` bytes) to be written: the batch goes out oldest records
-/// first in appends of at most `ASYNC_APPEND_BYTES`, and after each append that leaves the
-/// lag under `lag-max` the held writes are released (those held while it was written too).
 pub(super) fn write_carry(
     shared: &Shared,
     writer: &mut MediumWriter,
@@ -78,53 +73,15 @@ pub(super) fn write_carry(
         ObserverTicket::complete_all(&mut carry.tickets, true);
         return None;
     }
-    let chunk_bytes = match shared.options.mode {
-        JournalMode::Async => ASYNC_APPEND_BYTES,
-        JournalMode::Sync => usize::MAX,
-    };
     let mut written = Vec::with_capacity(carry.records.len());
-    let mut accounted = 0;
-    let mut start = 0;
-    let result = loop {
-        let end = chunk_end(&carry.records, start, chunk_bytes);
-        let end_off = carry
-            .records
-            .get(end)
-            .map_or(carry.bytes.len(), |r| r.batch_offset);
-        let result = writer.write_batch(
-            &carry.bytes[..end_off],
-            &carry.records[start..end],
-            prologue,
-            &mut written,
-        );
-        if result.is_err() || end == carry.records.len() {
-            break result;
-        }
-        start = end;
-        let mut st = shared.lock();
-        account(&mut st, writer, carry, &written[accounted..], accounted);
-        accounted = written.len();
-        if st.lag_bytes() <= shared.options.lag_max_bytes && st.phase == JournalState::Running {
-            carry.tickets.append(&mut st.tickets);
-            drop(st);
-            ObserverTicket::complete_all(&mut carry.tickets, true);
-        } else {
-            drop(st);
-        }
-        shared.wake_progress();
-    };
+    let (result, accounted) = append_in_pieces(shared, writer, carry, prologue, &mut written);
     let mut st = shared.lock();
     account(&mut st, writer, carry, &written[accounted..], accounted);
-    let written_bytes = carry
-        .records
-        .get(written.len())
-        .map_or(carry.bytes.len(), |r| r.batch_offset) as u64;
     let pause = matches!(result, Err(WriteFailure::Full))
         && shared.options.on_full == OnFull::Pause
-        && !st.shutdown;
+        && !st.writer.is_stopping();
     if pause {
         carry.keep_after(written.len());
-        st.carry_waiting = true;
         st.phase = JournalState::Paused;
         st.reason =
             Some("every allowed medium is full: guest writes are held (on-full=pause)".into());
@@ -133,6 +90,10 @@ pub(super) fn write_carry(
         return Some(Instant::now() + PAUSE_RETRY);
     }
     if let Err(e) = result {
+        let written_bytes = carry
+            .records
+            .get(written.len())
+            .map_or(carry.bytes.len(), |r| r.batch_offset) as u64;
         let first_lost = carry.records.get(written.len()).map(|r| r.entry.seq);
         let lost_bytes = carry.bytes.len() as u64 - written_bytes;
         st.durable_bytes += lost_bytes;
@@ -151,25 +112,75 @@ pub(super) fn write_carry(
     None
 }
 
+/// Appends the carried batch, oldest records first, in appends of at most
+/// `ASYNC_APPEND_BYTES` in async mode (one append in sync mode), and makes every append but
+/// the last count at once. Returns how the last append went and how many of the entries in
+/// `written` were accounted.
+///
+/// Async mode: writes held at `lag-max` wait only until the trail is back under it, not for
+/// the whole trail (up to `lag-max` bytes) to be written: after each append that leaves the
+/// lag under `lag-max` the held writes are released (those held while it was written too).
+fn append_in_pieces(
+    shared: &Shared,
+    writer: &mut MediumWriter,
+    carry: &mut Batch,
+    prologue: &Prologue,
+    written: &mut Vec<LogEntry>,
+) -> (Result<(), WriteFailure>, usize) {
+    let chunk_bytes = match shared.options.mode {
+        JournalMode::Async => ASYNC_APPEND_BYTES,
+        JournalMode::Sync => usize::MAX,
+    };
+    let mut accounted = 0;
+    let mut start = 0;
+    loop {
+        let end = chunk_end(&carry.records, start, chunk_bytes);
+        let end_off = carry
+            .records
+            .get(end)
+            .map_or(carry.bytes.len(), |r| r.batch_offset);
+        let result = writer.write_batch(
+            &carry.bytes[..end_off],
+            &carry.records[start..end],
+            prologue,
+            written,
+        );
+        if result.is_err() || end == carry.records.len() {
+            return (result, accounted);
+        }
+        start = end;
+        let mut st = shared.lock();
+        account(&mut st, writer, carry, &written[accounted..], accounted);
+        accounted = written.len();
+        if st.lag_bytes() <= shared.options.lag_max_bytes && st.phase == JournalState::Running {
+            carry.tickets.append(&mut st.tickets);
+            drop(st);
+            ObserverTicket::complete_all(&mut carry.tickets, true);
+        } else {
+            drop(st);
+        }
+        shared.wake_progress();
+    }
+}
+
 /// Lends the open medium's end to the observing threads (`mapped=` on) once the writer has
 /// nothing left to write: no pending record, no seal or close waiting, the journal running.
 fn lend_tail(shared: &Shared, st: &mut State, writer: &mut MediumWriter) {
     let idle = st.batch.is_empty()
         && st.phase == JournalState::Running
-        && !st.shutdown
-        && !st.crashed
-        && !st.carry_waiting
+        && !st.writer.is_stopping()
         && st.seal_requests == st.seals_done;
-    if !shared.options.maps_media() || !idle || st.mapped.is_some() || st.mapped_returned.is_some()
-    {
+    if !shared.options.maps_media() || !idle || !matches!(st.tail, Tail::Held { .. }) {
         return;
     }
-    st.mapped = writer.lend_tail(st.next_seq - 1);
-    st.lends_tail = st.mapped.is_some();
-    if let Some(tail) = &st.mapped {
-        st.medium = Some((tail.medium, tail.position_bytes));
-        st.appends = Some(AppendPath::Mapped);
-    }
+    st.tail = match writer.lend_tail(st.next_seq - 1) {
+        Some(tail) => {
+            st.medium = Some((tail.medium, tail.position_bytes));
+            st.appends = Some(AppendPath::Mapped);
+            Tail::Lent(tail)
+        }
+        None => Tail::Held { lendable: false },
+    };
 }
 
 /// The exclusive end of the records from `start` that fill at most `chunk_bytes` (at least

@@ -113,10 +113,8 @@ impl Shared {
     fn take_pending(&self, st: &mut State, app: &mut Appender) -> Prologue {
         // A lent tail comes back before the writer touches the medium: when a record did not
         // fit on it, or the medium is to be sealed or closed.
-        let reclaim = st.mapped_returned.take().or_else(|| {
-            let sealing = st.seal_requests > st.seals_done || st.shutdown;
-            sealing.then(|| st.mapped.take()).flatten()
-        });
+        let sealing = st.seal_requests > st.seals_done || st.writer.is_stopping();
+        let reclaim = st.tail.take_back(sealing);
         if let Some(tail) = reclaim {
             app.writer.reclaim_tail(tail);
             st.note_writer(&app.writer);

@@ -4,6 +4,7 @@
 //! the queue thread itself with `committer=queue`.
 
 use super::group_commit::write_carry;
+use super::state::WriterState;
 use super::{Appender, Journal, JournalState, ASYNC_GATHER_BYTES};
 use crate::journal::format::{Op, FLAG_UNMAP};
 use crate::journal::options::JournalMode;
@@ -16,7 +17,7 @@ const INLINE_COMMIT_ROUNDS: usize = 4;
 impl WriteObserver for Journal {
     fn observe(&self, event: &WriteEvent<'_>, ticket: ObserverTicket) -> Option<ObserverTicket> {
         let mut st = self.shared.lock();
-        if st.phase == JournalState::Stopped || st.shutdown {
+        if st.phase == JournalState::Stopped || st.writer.is_stopping() {
             if st.gap_open.is_none() {
                 st.gap_open = Some(st.next_seq);
             }
@@ -55,11 +56,16 @@ impl WriteObserver for Journal {
         // (`batch_submitted`); the writer thread is woken only when the journal is paused.
         let queue_commits = self.shared.queue_commits() && st.phase == JournalState::Running;
         let wake = !queue_commits
-            && (st.writer_idle
-                || (st.writer_gathering && (hold || st.batch.len() >= ASYNC_GATHER_BYTES)));
+            && match st.writer {
+                WriterState::Idle => true,
+                WriterState::Gathering => hold || st.batch.len() >= ASYNC_GATHER_BYTES,
+                WriterState::Working
+                | WriterState::Closing
+                | WriterState::Crashing
+                | WriterState::Exited => false,
+            };
         if wake {
-            st.writer_idle = false;
-            st.writer_gathering = false;
+            st.writer.wake();
             self.shared.work.notify_one();
         }
         if hold {
@@ -86,11 +92,10 @@ impl WriteObserver for Journal {
                 return;
             }
             let writer_only = st.phase != JournalState::Running
-                || st.shutdown
-                || st.carry_waiting
+                || st.writer.is_stopping()
                 || st.seal_requests > st.seals_done;
             if writer_only {
-                st.writer_idle = false;
+                st.writer.wake();
                 shared.work.notify_one();
                 return;
             }
@@ -110,7 +115,7 @@ impl WriteObserver for Journal {
         }
         // Others keep adding: the writer thread takes the rest.
         let mut st = shared.lock();
-        st.writer_idle = false;
+        st.writer.wake();
         shared.work.notify_one();
     }
 }

@@ -6,28 +6,35 @@ use super::{JournalState, MarkResult, JOURNAL_STREAM_ID};
 use crate::journal::catalog::{RunRecord, RunState};
 use crate::journal::entry::{now_ns, LogEntry};
 use crate::journal::format::{
-    encode_record_with, record_bytes, GapInfo, Op, RecordHeader, StreamDef,
+    encode_record_with, record_bytes, GapInfo, Op, RecordHeader, StreamDef, FLAG_GAP_ESTIMATED,
 };
 use crate::journal::mapped::MappedTail;
 use crate::journal::memory_log::MemoryLog;
+use crate::journal::options::{JournalMode, JournalOptions};
+use crate::journal::recovery::Recovered;
 use crate::journal::writer::{AppendPath, MediumWriter, PendingRecord};
 use crate::observer::ObserverTicket;
 
+/// Everything the journal's threads share, under the state lock (see the module comment).
 pub(super) struct State {
     pub(super) next_seq: u64,
     pub(super) log_id: u32,
     pub(super) label: String,
     pub(super) stream_list: Vec<(u32, StreamDef)>,
+    /// The pending batch: encoded records, where each starts, the guest writes held for them.
     pub(super) batch: Vec<u8>,
     pub(super) records: Vec<PendingRecord>,
     pub(super) tickets: Vec<ObserverTicket>,
     pub(super) observed_bytes: u64,
     pub(super) durable_bytes: u64,
     pub(super) durable_seq: u64,
+    /// The last sequence number the committer dealt with (made durable or lost to a gap).
     pub(super) processed_seq: u64,
     pub(super) seal_requests: u64,
     pub(super) seals_done: u64,
     pub(super) last_sealed: Option<u32>,
+    /// Running, stopped, or paused (`on-full=pause`): then the appender holds records it
+    /// could not write, and only the writer thread may go on, when it retries.
     pub(super) phase: JournalState,
     pub(super) reason: Option<String>,
     pub(super) gap_open: Option<u64>,
@@ -37,17 +44,9 @@ pub(super) struct State {
     pub(super) records_written: u64,
     /// Batches made durable (a batch spanning two media counts once).
     pub(super) group_commits: u64,
-    pub(super) shutdown: bool,
-    pub(super) crashed: bool,
-    pub(super) writer_exited: bool,
+    pub(super) writer: WriterState,
     /// The catalog's run record as the writer should store it next.
     pub(super) run: RunRecord,
-    /// The writer sleeps on `work`: only then does a new record need to wake it (a
-    /// condvar notification is a system call even without a waiter).
-    pub(super) writer_idle: bool,
-    /// Async mode: the writer sleeps until `ASYNC_GATHER` has passed since the first
-    /// pending record; only a batch of `ASYNC_GATHER_BYTES` or a held write wakes it early.
-    pub(super) writer_gathering: bool,
     /// Someone waits for the pending records to be durable (mark, init): no gathering.
     pub(super) commit_now: bool,
     /// Media opened by taking a formatted spare.
@@ -56,26 +55,172 @@ pub(super) struct State {
     pub(super) medium_direct: Option<bool>,
     /// How the writer's appends are made (the last path known).
     pub(super) appends: Option<AppendPath>,
-    /// The appender holds records it could not write (media full, on-full=pause): only the
-    /// writer thread may go on, when it retries.
-    pub(super) carry_waiting: bool,
     /// Group commits made by queue threads.
     pub(super) queue_commits: u64,
-    /// The open medium's end, lent by the writer (`mapped=`): records go straight onto
-    /// it and are durable at once, while it is here.
-    pub(super) mapped: Option<MappedTail>,
-    /// A lent tail given up because a record did not fit on it: that record and every later
-    /// one go to the batch, and the writer takes the tail back before appending them.
-    pub(super) mapped_returned: Option<MappedTail>,
+    pub(super) tail: Tail,
     /// Records appended through a mapped tail.
     pub(super) mapped_records: u64,
-    /// Tails can be lent (`mapped=` resolved on, a memory-backed directory, no refusal at
-    /// the last try): the async writer then does not gather records, which would keep it
-    /// from catching up with the stream and lending the tail.
-    pub(super) lends_tail: bool,
+}
+
+/// What the writer thread is doing, as far as the other threads must know it: whether a new
+/// record must wake it, and whether it is to stop or gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum WriterState {
+    /// Between two looks at the state: it looks again before it sleeps, so nothing needs to
+    /// wake it.
+    Working,
+    /// Asleep on `work` until there is work (or the pause retry is due): a new record wakes
+    /// it. Only then is it notified: a condvar notification is a system call even without a
+    /// waiter.
+    Idle,
+    /// Async mode: asleep until `ASYNC_GATHER` has passed since the first pending record;
+    /// only a batch of `ASYNC_GATHER_BYTES` or a held write wakes it early.
+    Gathering,
+    /// `close`: it writes what is pending, seals the medium and exits; writes observed from
+    /// now on are not journaled.
+    Closing,
+    /// `crash_for_test`: it exits without writing or sealing anything.
+    Crashing,
+    /// The thread has exited: nothing more becomes durable.
+    Exited,
+}
+
+impl WriterState {
+    /// Asked to close or crash, or gone: it takes no new records.
+    pub(super) fn is_stopping(self) -> bool {
+        matches!(
+            self,
+            WriterState::Closing | WriterState::Crashing | WriterState::Exited
+        )
+    }
+
+    /// The writer is being notified (or has woken up): it is no longer asleep. A stop asked
+    /// for stays asked for.
+    pub(super) fn wake(&mut self) {
+        if matches!(self, WriterState::Idle | WriterState::Gathering) {
+            *self = WriterState::Working;
+        }
+    }
+
+    /// `close`: the writer is to finish and exit, unless it is crashing or gone already.
+    pub(super) fn close(&mut self) {
+        if !self.is_stopping() {
+            *self = WriterState::Closing;
+        }
+    }
+}
+
+/// The open medium's end, as the writer lends it to the observing threads (`mapped=`, see
+/// [`crate::journal::mapped`]).
+pub(super) enum Tail {
+    /// The writer holds it. `lendable`: tails can be lent (`mapped=` resolved on, a
+    /// memory-backed directory, no refusal at the last try); the async writer then does not
+    /// gather records, which would keep it from catching up with the stream and lending it.
+    Held { lendable: bool },
+    /// Lent: records go straight onto it and are durable at once.
+    Lent(MappedTail),
+    /// Given up because a record did not fit on it: that record and every later one go to
+    /// the batch, and the writer takes the tail back before appending them.
+    Returned(MappedTail),
+}
+
+impl Tail {
+    pub(super) fn lendable(&self) -> bool {
+        !matches!(self, Tail::Held { lendable: false })
+    }
+
+    /// A lent tail is given up: a record did not fit on it.
+    fn give_back(&mut self) {
+        *self = match std::mem::replace(self, Tail::Held { lendable: true }) {
+            Tail::Lent(tail) => Tail::Returned(tail),
+            other => other,
+        };
+    }
+
+    /// Takes the tail back for the writer if it was given up, or, with `also_lent`, if it is
+    /// lent (the medium is to be sealed or closed).
+    pub(super) fn take_back(&mut self, also_lent: bool) -> Option<MappedTail> {
+        let take = match self {
+            Tail::Held { .. } => false,
+            Tail::Lent(_) => also_lent,
+            Tail::Returned(_) => true,
+        };
+        if !take {
+            return None;
+        }
+        match std::mem::replace(self, Tail::Held { lendable: true }) {
+            Tail::Lent(tail) | Tail::Returned(tail) => Some(tail),
+            Tail::Held { .. } => None,
+        }
+    }
 }
 
 impl State {
+    /// The state of a journal opened on what `rec` recovered: the previous run's unjournaled
+    /// writes numbered and recorded as a gap, and a new log started if there is none.
+    /// `lends_tail`: the directory takes mapped tails (`mapped=` on, memory-backed).
+    pub(super) fn recovered(options: &JournalOptions, rec: &Recovered, lends_tail: bool) -> State {
+        let mut state = State {
+            next_seq: rec.last_seq + 1,
+            log_id: rec.log_id,
+            label: rec.label.clone(),
+            stream_list: rec
+                .streams
+                .iter()
+                .map(|(id, def)| (*id, def.clone()))
+                .collect(),
+            batch: Vec::new(),
+            records: Vec::new(),
+            tickets: Vec::new(),
+            observed_bytes: 0,
+            durable_bytes: 0,
+            durable_seq: rec.last_seq,
+            processed_seq: rec.last_seq,
+            seal_requests: 0,
+            seals_done: 0,
+            last_sealed: None,
+            phase: JournalState::Running,
+            reason: None,
+            gap_open: None,
+            gaps: Vec::new(),
+            log: MemoryLog::new(options.log_memory_bytes).with_chunk_supply(),
+            medium: None,
+            records_written: 0,
+            group_commits: 0,
+            writer: WriterState::Working,
+            run: State::running(options.mode == JournalMode::Async),
+            commit_now: false,
+            spares_taken: 0,
+            medium_direct: None,
+            appends: None,
+            queue_commits: 0,
+            tail: Tail::Held {
+                lendable: lends_tail,
+            },
+            mapped_records: 0,
+        };
+        if let Some((gap, estimated)) = rec.resume_gap {
+            // The previous run's unjournaled writes: numbered, then recorded as a gap.
+            state.next_seq = state
+                .next_seq
+                .max(gap.first_missing_seq + gap.missing_count);
+            let mut header = state.header(Op::Gap, JOURNAL_STREAM_ID);
+            if estimated {
+                header.flags |= FLAG_GAP_ESTIMATED;
+            }
+            let payload = gap.encode();
+            state.push(header, payload.len(), |out| out.copy_from_slice(&payload));
+            state.gaps.push(gap);
+        }
+        if rec.fresh || rec.log_id == 0 {
+            state.log_id += 1;
+            state.label = options.label.clone();
+            let label = state.label.clone();
+            state.push_labelled(Op::LogInit, &label);
+        }
+        state
+    }
+
     /// Copies what `status` reports of the writer: the append point, spares, direct I/O.
     pub(super) fn note_writer(&mut self, writer: &MediumWriter) {
         self.medium = writer.position();
@@ -101,8 +246,8 @@ impl State {
     ) -> bool {
         let mut header = header;
         header.payload_len_bytes = payload_len as u32;
-        let fill = match self.mapped.as_mut() {
-            Some(tail) => match tail.append(header, fill) {
+        let fill = match &mut self.tail {
+            Tail::Lent(tail) => match tail.append(header, fill) {
                 Ok(entry) => {
                     let bytes = record_bytes(payload_len) as u64;
                     self.observed_bytes += bytes;
@@ -116,11 +261,11 @@ impl State {
                     return true;
                 }
                 Err(fill) => {
-                    self.mapped_returned = self.mapped.take();
+                    self.tail.give_back();
                     fill
                 }
             },
-            None => fill,
+            Tail::Held { .. } | Tail::Returned(_) => fill,
         };
         let offset = self.batch.len();
         encode_record_with(&mut self.batch, header, payload_len, fill);
