@@ -5,11 +5,17 @@
 //! The entries point at the caller's iovecs and bytes, so no entry may outlive the call that
 //! queued it: the entries of one append are queued all or none, and the call returns only
 //! when none of them is left queued or in flight (see `CommitRing::settle`).
+//!
+//! Where the kernel refuses the ring, appends are made with `pwritev` + `fdatasync` instead
+//! ([`CommitRingState`]); [`write_all_vectored_at`] is also how spares and devices are filled.
 
-use std::io;
+use std::fs::File;
+use std::io::{self, IoSlice};
 use std::os::fd::AsRawFd;
 
 use io_uring::{opcode, squeue, types, EnterFlags, IoUring};
+use nix::errno::Errno;
+use nix::sys::uio::pwritev;
 
 const WRITE_TAG: u64 = 1;
 const SYNC_TAG: u64 = 2;
@@ -267,8 +273,59 @@ fn abandon_in_flight(e: &io::Error) -> ! {
     std::process::abort()
 }
 
+/// How the medium writer makes its appends durable: the commit ring, made on the first
+/// append by the thread that makes it, or `pwritev` + `fdatasync` if the kernel refuses one.
+pub enum CommitRingState {
+    NotYet,
+    Ready(Box<CommitRing>),
+    Unavailable,
+}
+
+impl CommitRingState {
+    /// Writes `parts` at `at` and makes them durable: through io_uring when the kernel
+    /// gives this thread a ring, else with `pwritev` + `fdatasync`.
+    pub fn write_durably(&mut self, file: &File, parts: &[&[u8]], at: u64) -> io::Result<()> {
+        if let CommitRingState::NotYet = self {
+            *self = match CommitRing::new() {
+                Ok(ring) => CommitRingState::Ready(Box::new(ring)),
+                Err(e) => {
+                    log::warn!("journal: no io_uring for appends ({e}); using pwritev + fdatasync");
+                    CommitRingState::Unavailable
+                }
+            };
+        }
+        match self {
+            CommitRingState::Ready(ring) => ring.write_all_at(file, parts, at, true),
+            CommitRingState::NotYet | CommitRingState::Unavailable => {
+                write_all_vectored_at(file, parts, at).and_then(|()| file.sync_data())
+            }
+        }
+    }
+}
+
+/// Writes all of `parts` at `offset` with `pwritev`, continuing after short writes.
+pub fn write_all_vectored_at(file: &File, parts: &[&[u8]], offset: u64) -> io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
+    let mut rest = slices.as_mut_slice();
+    // Drops the empty parts in front, so that an empty `rest` means all is written.
+    IoSlice::advance_slices(&mut rest, 0);
+    let mut at = offset;
+    while !rest.is_empty() {
+        let at_offset = i64::try_from(at).map_err(|_| io::ErrorKind::InvalidInput)?;
+        let written = match pwritev(file, rest, at_offset) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        at += written as u64;
+        IoSlice::advance_slices(&mut rest, written);
+    }
+    Ok(())
+}
+
 /// Sets `out` to the iovecs of what is left of `parts` after the first `done` bytes.
-pub fn iovecs_after(parts: &[&[u8]], done: usize, out: &mut Vec<libc::iovec>) {
+fn iovecs_after(parts: &[&[u8]], done: usize, out: &mut Vec<libc::iovec>) {
     out.clear();
     let mut skip = done;
     for part in parts {
@@ -400,6 +457,53 @@ mod tests {
         let mut ring = CommitRing::new()?;
         let err = ring.write_all_at(&read_only, &[&[0u8; 512]], 0, true).err();
         assert_eq!(err.and_then(|e| e.raw_os_error()), Some(libc::EBADF));
+        Ok(())
+    }
+
+    fn appended(state: &mut CommitRingState) -> io::Result<Vec<u8>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("m");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)?;
+        state.write_durably(&file, &[b"head", &[7u8; 5000], b"tail"], 10)?;
+        std::fs::read(&path)
+    }
+
+    #[test]
+    fn appends_take_a_ring_on_first_use() -> io::Result<()> {
+        let mut state = CommitRingState::NotYet;
+        let bytes = appended(&mut state)?;
+        assert!(matches!(state, CommitRingState::Ready(_)));
+        assert_eq!(bytes.len(), 10 + 4 + 5000 + 4);
+        assert_eq!(&bytes[10..14], b"head");
+        assert!(bytes[14..5014].iter().all(|&b| b == 7));
+        assert_eq!(&bytes[5014..], b"tail");
+        Ok(())
+    }
+
+    /// Empty parts anywhere are skipped; nothing but empty parts writes nothing.
+    #[test]
+    fn vectored_writes_skip_empty_parts() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("m");
+        let file = std::fs::File::create(&path)?;
+        write_all_vectored_at(&file, &[b"", b"", b""], 3)?;
+        assert_eq!(std::fs::metadata(&path)?.len(), 0);
+        write_all_vectored_at(&file, &[b"", b"ab", b"", b"cd", b""], 2)?;
+        assert_eq!(std::fs::read(&path)?, b"\0\0abcd");
+        Ok(())
+    }
+
+    /// Without io_uring the same bytes land through pwritev + fdatasync.
+    #[test]
+    fn appends_without_io_uring_write_the_same_bytes() -> io::Result<()> {
+        let mut with_ring = CommitRingState::NotYet;
+        let mut without = CommitRingState::Unavailable;
+        assert_eq!(appended(&mut with_ring)?, appended(&mut without)?);
         Ok(())
     }
 }
