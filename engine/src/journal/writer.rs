@@ -145,7 +145,7 @@ pub struct MediumWriter {
 }
 
 /// How the writer appends to its media (see [`MediumWriter::append_path`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AppendPath {
     /// One vectored write linked to one `fdatasync` through io_uring.
