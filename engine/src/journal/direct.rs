@@ -53,7 +53,7 @@ impl StagingBuffer {
     }
 }
 
-/// Switches `file` to direct I/O as `cache` asks. Returns whether it is now direct, or
+/// Switches `file` to direct I/O as `cache` asks. Returns whether it is direct then, or
 /// the error when `cache=none` was asked for and the filesystem refuses.
 /// `auto` keeps media on tmpfs buffered: there the page cache is the medium, and a staging
 /// copy would only add a copy. (A device node lives on devtmpfs: block devices go direct.)

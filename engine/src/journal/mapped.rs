@@ -35,7 +35,7 @@ use super::format::{
 };
 
 /// Bytes an observing thread faults in at a time when it catches up with the prefaulter (64
-/// pages of 4 KiB, ~0.1 ms here).
+/// pages of 4 KiB).
 const POPULATE_STEP_BYTES: u64 = 256 << 10;
 /// How far ahead of the append point the prefaulter keeps pages faulted in, and how close
 /// the append point may come to its goal before the goal moves on.
@@ -209,7 +209,7 @@ impl Prefaulter {
         })
     }
 
-    /// Works on `mapping` from now on (or on nothing), up to `goal`.
+    /// Works on `mapping` (or on nothing) instead of the mapping it had, up to `goal`.
     fn set(&self, mapping: Option<Arc<MediumMapping>>, goal: u64) {
         let mut job = self.shared.job();
         job.mapping = mapping;

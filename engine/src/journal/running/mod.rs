@@ -39,10 +39,10 @@ pub use status::{JournalState, JournalStatus, MarkResult, SealResult};
 /// How often a paused journal (on-full=pause) retries to open a medium.
 const PAUSE_RETRY: Duration = Duration::from_secs(1);
 /// In async mode, pending bytes that end the gathering at once. Small enough that under a
-/// heavy stream the writer starts every ~100 µs on a batch still in cache and the trail stays
-/// short (with 1 MiB it ran into `lag-max` and held the guest: 4K async 0.77x → 0.95x of
-/// journal-off); a light stream is still gathered for `ASYNC_GATHER`, which keeps the
-/// padding of each append's last block a small share of the medium.
+/// heavy stream the writer starts often, on a batch still in cache, and the trail stays well
+/// short of `lag-max` (a threshold near `lag-max` lets the trail reach it, and the guest is
+/// held); a light stream is still gathered for `ASYNC_GATHER`, which keeps the padding of
+/// each append's last block a small share of the medium.
 const ASYNC_GATHER_BYTES: usize = 64 << 10;
 /// The stream id of records that belong to no volume (marks, log-init, gaps).
 pub const JOURNAL_STREAM_ID: u32 = 0;

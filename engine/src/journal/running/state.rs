@@ -76,8 +76,8 @@ pub(super) enum WriterState {
     /// Async mode: asleep until `ASYNC_GATHER` has passed since the first pending record;
     /// only a batch of `ASYNC_GATHER_BYTES` or a held write wakes it early.
     Gathering,
-    /// `close`: it writes what is pending, seals the medium and exits; writes observed from
-    /// now on are not journaled.
+    /// `close`: it writes what is pending, seals the medium and exits; writes observed while
+    /// it closes are not journaled.
     Closing,
     /// `crash_for_test`: it exits without writing or sealing anything.
     Crashing,
@@ -94,8 +94,8 @@ impl WriterState {
         )
     }
 
-    /// The writer is being notified (or has woken up): it is no longer asleep. A stop asked
-    /// for stays asked for.
+    /// The writer is being notified (or has woken up): it counts as awake. A stop asked for
+    /// stays asked for.
     pub(super) fn wake(&mut self) {
         if matches!(self, WriterState::Idle | WriterState::Gathering) {
             *self = WriterState::Working;
