@@ -47,6 +47,8 @@ const ASYNC_GATHER_BYTES: usize = 64 << 10;
 /// The stream id of records that belong to no volume (marks, log-init, gaps).
 pub const JOURNAL_STREAM_ID: u32 = 0;
 
+/// What the journal's threads share: the options, the appender and the state (locked in that
+/// order), and the condvars they wait on.
 struct Shared {
     options: JournalOptions,
     /// `committer=` resolved: `Writer` or `Queue` (queue threads commit in `sync` mode).
