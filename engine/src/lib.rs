@@ -8,6 +8,7 @@
 //! See `engine/ARCHITECTURE.md` for the parts and what each must not know.
 
 pub mod error;
+pub mod iovec;
 pub mod journal;
 pub mod mirror;
 pub mod observer;
@@ -17,6 +18,7 @@ pub mod units;
 pub mod volume;
 
 pub use error::{EngineError, IoFailure};
+pub use iovec::IovecArray;
 pub use observer::{ObserverTicket, WriteEvent, WriteKind, WriteObserver};
 pub use volume::queue::{BlockOp, Completion, VolumeQueue};
 pub use volume::stats::VolumeStats;

@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types};
 
-use super::queue::{Kind, Slot, ZeroStage, ZEROS, ZERO_BUFFER_BYTES, ZERO_IOVECS_MAX};
+use super::queue::slot::{Kind, Slot, ZeroStage};
 use super::NbdExport;
 use crate::reactor::ring::wake_eventfd;
 use crate::reactor::Ring;
@@ -182,16 +182,14 @@ impl NbdPath {
     pub(super) fn begin(&mut self, ring: &mut Ring, index: u32, slot: &mut Slot) -> Started {
         let export = &self.export;
         let cmd = &mut self.cmds[index as usize];
-        cmd.flush_pending = match slot.kind {
+        cmd.flush_pending = match slot.kind() {
             Kind::Flush => export.has_flush(),
-            Kind::Write => slot.dsync && !export.has_fua() && export.has_flush(),
+            Kind::Write => slot.dsync() && !export.has_fua() && export.has_flush(),
             _ => false,
         };
-        if let Kind::Zero { .. } = slot.kind {
-            if !slot.discard && !export.has_write_zeroes() {
-                slot.kind = Kind::Zero {
-                    stage: ZeroStage::WriteZeros,
-                };
+        if let Kind::Zero { .. } = slot.kind() {
+            if !slot.is_discard() && !export.has_write_zeroes() {
+                slot.set_zero_stage(ZeroStage::WriteZeros);
             }
         }
         self.next(ring, index, slot)
@@ -210,7 +208,7 @@ impl NbdPath {
             cmd,
             flags,
             u64::from(index),
-            slot.file_offset,
+            slot.file_offset(),
             len_bytes as u32,
         );
         entry.header_sent = 0;
@@ -231,7 +229,7 @@ impl NbdPath {
     fn next_command(&mut self, index: u32, slot: &mut Slot) -> Option<(u16, u16, u64, bool)> {
         let export = &self.export;
         let entry = &mut self.cmds[index as usize];
-        if slot.remaining_bytes == 0 {
+        if slot.remaining_bytes() == 0 {
             if entry.flush_pending {
                 entry.flush_pending = false;
                 return Some((NBD_CMD_FLUSH, 0, 0, false));
@@ -239,12 +237,12 @@ impl NbdPath {
             return None;
         }
         // Payloads at most the export's maximum; zeroing (no payload) up to its own bound.
-        let payload = slot.remaining_bytes.min(export.request_bytes_max());
-        let piece = slot.remaining_bytes.min(export.effect_bytes_max());
-        Some(match slot.kind {
+        let payload = slot.remaining_bytes().min(export.request_bytes_max());
+        let piece = slot.remaining_bytes().min(export.effect_bytes_max());
+        Some(match slot.kind() {
             Kind::Read => (NBD_CMD_READ, 0, payload, false),
             Kind::Write => {
-                let fua = slot.dsync && export.has_fua();
+                let fua = slot.dsync() && export.has_fua();
                 (
                     NBD_CMD_WRITE,
                     if fua { NBD_CMD_FLAG_FUA } else { 0 },
@@ -255,27 +253,14 @@ impl NbdPath {
             Kind::Flush => return None,
             Kind::Zero {
                 stage: ZeroStage::WriteZeros,
-            } => {
-                slot.iovecs.clear();
-                slot.iov_start = 0;
-                let mut len = 0u64;
-                while len < payload && slot.iovecs.len() < ZERO_IOVECS_MAX {
-                    let n = (payload - len).min(ZERO_BUFFER_BYTES as u64);
-                    slot.iovecs.push(libc::iovec {
-                        iov_base: ZEROS.as_ptr() as *mut libc::c_void,
-                        iov_len: n as usize,
-                    });
-                    len += n;
-                }
-                (NBD_CMD_WRITE, 0, len, true)
-            }
-            Kind::Zero { .. } if slot.discard => {
+            } => (NBD_CMD_WRITE, 0, slot.fill_zero_iovecs(payload), true),
+            Kind::Zero { .. } if slot.is_discard() => {
                 if export.has_write_zeroes() {
                     (NBD_CMD_WRITE_ZEROES, 0, piece, false)
                 } else if export.has_trim() {
                     (NBD_CMD_TRIM, 0, piece, false)
                 } else {
-                    slot.remaining_bytes = 0;
+                    slot.skip_remaining();
                     return None; // advisory: success without effect
                 }
             }
@@ -428,7 +413,7 @@ impl NbdPath {
             }
             let mut left = cmd.payload_left;
             let slot = &slots[index as usize];
-            for iov in &slot.iovecs[slot.iov_start..] {
+            for iov in slot.pending_iovecs() {
                 if left == 0 || self.send_iovecs.len() >= SEND_IOVECS_MAX {
                     break;
                 }
@@ -528,7 +513,7 @@ impl NbdPath {
                 }
                 RxState::Payload { slot, left } => {
                     let n = (left.min(bytes.len() as u64)) as usize;
-                    copy_into_iovecs(&mut slots[slot as usize], &bytes[..n]);
+                    slots[slot as usize].copy_into_iovecs(&bytes[..n]);
                     bytes = &bytes[n..];
                     let left = left - n as u64;
                     if left == 0 {
@@ -577,10 +562,7 @@ impl NbdPath {
         cmd.state = CmdState::Idle;
         self.outstanding -= 1;
         if failure.is_none() {
-            let s = &mut slots[slot as usize];
-            let len = cmd.len_bytes.min(s.remaining_bytes);
-            s.remaining_bytes -= len;
-            s.file_offset += len;
+            slots[slot as usize].consume(cmd.len_bytes);
         }
         self.done.push((slot, failure));
     }
@@ -627,19 +609,6 @@ impl Drop for NbdPath {
         if let Some(conn) = self.conn.take() {
             crate::target::nbd::disconnect(&conn);
         }
-    }
-}
-
-/// Copies read data into the slot's iovecs, advancing them.
-fn copy_into_iovecs(slot: &mut Slot, mut data: &[u8]) {
-    while !data.is_empty() && slot.iov_start < slot.iovecs.len() {
-        let iov = slot.iovecs[slot.iov_start];
-        let n = iov.iov_len.min(data.len());
-        // SAFETY: a read's iovecs point to writable memory valid until the request completes
-        // (`submit`'s contract), and `n` stays within this iovec.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), iov.iov_base.cast::<u8>(), n) };
-        slot.advance(n);
-        data = &data[n..];
     }
 }
 
