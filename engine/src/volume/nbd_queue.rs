@@ -48,7 +48,7 @@ use crate::target::nbd::{
     request_header, Conn, NBD_CMD_FLAG_FUA, NBD_CMD_FLAG_NO_HOLE, NBD_CMD_FLUSH, NBD_CMD_READ,
     NBD_CMD_TRIM, NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES, NBD_SIMPLE_REPLY_MAGIC,
 };
-use crate::IoFailure;
+use crate::{IoFailure, IovecArray};
 
 /// Marks the ring's `user_data` of this module's operations (request slots are below 2^32).
 pub(crate) const NBD_USER_DATA: u64 = 1 << 63;
@@ -134,7 +134,7 @@ pub(super) struct NbdPath {
     retry_after: Option<Instant>,
     cmds: Vec<Cmd>,
     send_queue: VecDeque<u32>,
-    send_iovecs: Vec<libc::iovec>,
+    send_iovecs: IovecArray,
     rx: Vec<u8>,
     rx_header: [u8; REPLY_HEADER_BYTES],
     rx_header_len: usize,
@@ -159,7 +159,7 @@ impl NbdPath {
             retry_after: None,
             cmds: (0..slots).map(|_| Cmd::new()).collect(),
             send_queue: VecDeque::with_capacity(slots),
-            send_iovecs: Vec::with_capacity(SEND_IOVECS_MAX),
+            send_iovecs: IovecArray::with_capacity(SEND_IOVECS_MAX),
             rx: vec![0; RECV_BUFFER_BYTES],
             rx_header: [0; REPLY_HEADER_BYTES],
             rx_header_len: 0,
