@@ -152,7 +152,7 @@ impl BlockDevice {
     /// The eventfd each worker's engine signals, by thread.
     pub fn completion_fds(&self) -> Vec<std::os::fd::RawFd> {
         (0..self.inner.workers.len())
-            .map(|i| self.worker(i).engine().notify_fd())
+            .map(|i| std::os::fd::AsRawFd::as_raw_fd(&self.worker(i).engine().notify_fd()))
             .collect()
     }
 

@@ -15,9 +15,11 @@ mod path;
 pub(super) mod slot;
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+
+use nix::poll::{PollFd, PollFlags};
 
 use super::completion_sink::CompletionSink;
 use super::nbd_queue::{NbdPath, Started, NBD_USER_DATA};
@@ -104,15 +106,9 @@ impl VolumeQueue {
         segments_max: usize,
     ) -> Result<Self, EngineError> {
         let ring = Ring::new(inflight_max).map_err(EngineError::Ring)?;
-        // SAFETY: dup(2) of the eventfd the ring owns; the duplicate is owned by the sink.
-        let dup = unsafe { libc::fcntl(ring.notify_fd(), libc::F_DUPFD_CLOEXEC, 0) };
-        if dup < 0 {
-            return Err(EngineError::Ring(io::Error::last_os_error()));
-        }
-        // SAFETY: `dup` is a fresh descriptor that nothing else owns.
-        let sink = Arc::new(CompletionSink::new(unsafe {
-            std::os::fd::FromRawFd::from_raw_fd(dup)
-        }));
+        // The sink owns a duplicate, so that tickets can signal it after the ring is gone.
+        let notify_fd = ring.notify_fd().try_clone_to_owned();
+        let sink = Arc::new(CompletionSink::new(notify_fd.map_err(EngineError::Ring)?));
         let slots = (0..inflight_max).map(|_| Slot::new(segments_max)).collect();
         let free_slots = (0..inflight_max).rev().collect();
         let path = PathSnapshot::load(&volume);
@@ -168,7 +164,7 @@ impl VolumeQueue {
     }
 
     /// The eventfd that becomes readable when completions are ready to [`reap`](Self::reap).
-    pub fn notify_fd(&self) -> RawFd {
+    pub fn notify_fd(&self) -> BorrowedFd<'_> {
         self.ring.notify_fd()
     }
 
@@ -426,15 +422,10 @@ impl Drop for VolumeQueue {
     }
 }
 
-/// Sleeps until `fd` is readable or `timeout_ms` passes.
-pub fn wait_readable(fd: RawFd, timeout_ms: i32) {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: poll(2) on one pollfd that lives on our stack for the call.
-    let _ = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+/// Sleeps until `fd` is readable or `timeout_ms` passes (an interrupted wait just returns).
+pub fn wait_readable(fd: BorrowedFd<'_>, timeout_ms: u16) {
+    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+    let _ = nix::poll::poll(&mut fds, timeout_ms);
 }
 
 /// A queue moves to (or is locked by) the thread that runs it. `Send` comes from its fields:
