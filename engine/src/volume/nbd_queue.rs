@@ -39,6 +39,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types};
+use nix::errno::Errno;
+use nix::sys::socket::{recv, MsgFlags};
 
 use super::queue::slot::{Kind, Slot, ZeroStage};
 use super::NbdExport;
@@ -471,23 +473,21 @@ impl NbdPath {
         let mut rx = std::mem::take(&mut self.rx);
         let mut result = Ok(());
         for _ in 0..RECV_ROUNDS_MAX {
-            // SAFETY: recv(2) into our own buffer of `rx.len()` bytes.
-            let n = unsafe { libc::recv(fd, rx.as_mut_ptr().cast(), rx.len(), libc::MSG_DONTWAIT) };
-            if n == 0 {
-                result = Err("the server closed the connection".to_string());
-                break;
-            }
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                match e.raw_os_error() {
-                    Some(libc::EINTR) => continue,
-                    Some(libc::EAGAIN) => {}
-                    _ => result = Err(format!("receiving: {e}")),
+            let n = match recv(fd, &mut rx, MsgFlags::MSG_DONTWAIT) {
+                Ok(0) => {
+                    result = Err("the server closed the connection".to_string());
+                    break;
                 }
-                break;
-            }
+                Ok(n) => n,
+                Err(Errno::EINTR) => continue,
+                Err(Errno::EAGAIN) => break,
+                Err(e) => {
+                    result = Err(format!("receiving: {}", std::io::Error::from(e)));
+                    break;
+                }
+            };
             self.last_progress = Instant::now();
-            if let Err(reason) = self.parse(&rx[..n as usize], slots) {
+            if let Err(reason) = self.parse(&rx[..n], slots) {
                 result = Err(reason);
                 break;
             }
