@@ -120,6 +120,15 @@ enum RxState {
     },
 }
 
+/// A connection ended while polls on it were in the kernel: shut down, and open until
+/// they have completed.
+struct ClosedConn {
+    epoch: u64,
+    _conn: Conn,
+    /// Its polls still in the kernel.
+    polls: u32,
+}
+
 /// The result of starting a slot's next command.
 pub(super) enum Started {
     Queued,
@@ -143,6 +152,8 @@ pub(super) struct NbdPath {
     rx_state: RxState,
     poll_in_armed: bool,
     poll_out_armed: bool,
+    /// Connections ended while polls on them were in the kernel.
+    closed: Vec<ClosedConn>,
     tick_armed: bool,
     tick: Box<types::Timespec>,
     /// Commands queued or awaiting a reply.
@@ -168,6 +179,7 @@ impl NbdPath {
             rx_state: RxState::Header,
             poll_in_armed: false,
             poll_out_armed: false,
+            closed: Vec::new(),
             tick_armed: false,
             tick: Box::new(types::Timespec::from(TICK)),
             outstanding: 0,
@@ -317,8 +329,9 @@ impl NbdPath {
         let entry = opcode::PollAdd::new(types::Fd(conn.raw_fd()), events as u32)
             .build()
             .user_data(self.user_data(op));
-        // SAFETY: a poll refers to no memory of ours; the socket stays open until the
-        // poll completes (it is shut down, which completes it, before it is closed).
+        // SAFETY: a poll refers to no memory of ours. The socket stays open until the poll
+        // completes: an ended connection is shut down (which completes its polls) and kept in
+        // `closed` until they have; the path itself is dropped only after the ring is.
         match unsafe { ring.push(&entry) } {
             Ok(()) if op == OP_POLL_IN => self.poll_in_armed = true,
             Ok(()) => self.poll_out_armed = true,
@@ -355,8 +368,10 @@ impl NbdPath {
             }
             return;
         }
-        if (user_data & !NBD_USER_DATA) >> 8 != self.epoch || self.conn.is_none() {
-            return; // a poll of a connection that is gone
+        let epoch = (user_data & !NBD_USER_DATA) >> 8;
+        if epoch != self.epoch || self.conn.is_none() {
+            self.closed_poll_done(epoch);
+            return;
         }
         if op == OP_POLL_OUT {
             self.poll_out_armed = false;
@@ -570,12 +585,37 @@ impl NbdPath {
     /// Drops the connection: every command on it fails, and the queue's owner is woken to
     /// reap them.
     fn fail_connection(&mut self, ring: &mut Ring, reason: &str) {
+        if self.conn.is_some() {
+            log::warn!("{}: connection lost: {reason}", self.export.uri());
+            self.close_connection(ring);
+        }
+    }
+
+    /// The volume moved to another export: ends the connection to this one; the next
+    /// request connects to `export`.
+    pub(super) fn switch_export(&mut self, ring: &mut Ring, export: Arc<NbdExport>) {
+        self.close_connection(ring);
+        self.export = export;
+        self.retry_after = None;
+    }
+
+    /// Ends the connection (`NBD_CMD_DISC`, then shut down): every command on it fails,
+    /// and the queue's owner is woken to reap them.
+    pub(super) fn close_connection(&mut self, ring: &mut Ring) {
         let Some(conn) = self.conn.take() else {
             return;
         };
-        log::warn!("{}: connection lost: {reason}", self.export.uri());
         crate::target::nbd::disconnect(&conn);
-        drop(conn);
+        let polls = u32::from(self.poll_in_armed) + u32::from(self.poll_out_armed);
+        if polls > 0 {
+            // Its polls still name its descriptor: closed only once they have completed, so
+            // that the number is not handed to another file while a poll may look it up.
+            self.closed.push(ClosedConn {
+                epoch: self.epoch,
+                _conn: conn,
+                polls,
+            });
+        }
         self.epoch += 1;
         self.poll_in_armed = false;
         self.poll_out_armed = false;
@@ -592,6 +632,17 @@ impl NbdPath {
         }
         self.outstanding = 0;
         wake_eventfd(ring.notify_fd());
+    }
+
+    /// A poll of an ended connection completed; the connection closes after its last.
+    fn closed_poll_done(&mut self, epoch: u64) {
+        let Some(i) = self.closed.iter().position(|c| c.epoch == epoch) else {
+            return;
+        };
+        self.closed[i].polls -= 1;
+        if self.closed[i].polls == 0 {
+            self.closed.swap_remove(i);
+        }
     }
 
     /// Moves the ended commands into `out`.

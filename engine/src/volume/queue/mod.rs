@@ -89,7 +89,8 @@ pub struct VolumeQueue {
     ring_ops_inflight: u32,
     inline_misses: u32,
     inline_backoff: u32,
-    /// The queue's NBD connection, while the volume lives on an NBD export.
+    /// The queue's NBD path: made when the volume first lives on an NBD export, then kept
+    /// (its connection ended while the volume is on a file) for as long as the queue.
     nbd: Option<NbdPath>,
     nbd_done: Vec<(u32, Option<IoFailure>)>,
     /// The observers that saw a write since the last `commit`, told `batch_submitted` there.
@@ -145,16 +146,17 @@ impl VolumeQueue {
     }
 
     /// Follows the snapshot's backing: keeps the NBD connection while the export stays the
-    /// same, makes a new path for a new export, drops it for a file (the volume is idle then).
+    /// same, connects to a new export instead, ends the connection for a file (the volume
+    /// is idle then). The NBD path, once made, lives as long as the queue: operations of
+    /// its earlier connections may still be in the ring.
     fn sync_nbd_path(&mut self) {
-        // Entries the old path queued (a tick's timespec) must reach the kernel before it goes.
-        if let Err(e) = self.ring.submit() {
-            log::error!("volume {}: io_uring submit failed: {e}", self.volume.name());
-        }
-        match (&self.path.nbd, &self.nbd) {
+        match (&self.path.nbd, &mut self.nbd) {
             (Some(export), Some(path)) if Arc::ptr_eq(export, path.export()) => {}
-            (Some(export), _) => self.nbd = Some(NbdPath::new(export.clone(), self.slots.len())),
-            (None, Some(_)) => self.nbd = None,
+            (Some(export), Some(path)) => path.switch_export(&mut self.ring, export.clone()),
+            (Some(export), None) => {
+                self.nbd = Some(NbdPath::new(export.clone(), self.slots.len()));
+            }
+            (None, Some(path)) => path.close_connection(&mut self.ring),
             (None, None) => {}
         }
     }
@@ -209,7 +211,7 @@ impl VolumeQueue {
         if !self.path.observers.is_empty() {
             self.notify_observers(slot_index, &op);
         }
-        if self.nbd.is_some() {
+        if self.path.nbd.is_some() {
             self.start_nbd(slot_index);
         } else {
             self.start_op(slot_index);
@@ -231,7 +233,7 @@ impl VolumeQueue {
     /// Starts a request on the NBD path.
     fn start_nbd(&mut self, slot_index: u32) {
         let Some(nbd) = &mut self.nbd else {
-            return;
+            return self.source_done(slot_index, Some(IoFailure::Os(libc::ENOTCONN)));
         };
         let slot = &mut self.slots[slot_index as usize];
         if let Started::Done(failure) = nbd.begin(&mut self.ring, slot_index, slot) {
@@ -434,3 +436,52 @@ const _: fn() = || {
     fn assert_send<T: Send>() {}
     assert_send::<VolumeQueue>();
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::volume::open::open_backing;
+    use crate::VolumeConfig;
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    fn flush(queue: &mut VolumeQueue, tag: u64) -> TestResult {
+        // SAFETY: a flush carries no buffers.
+        unsafe { queue.submit(BlockOp::Flush, tag) }.map_err(|e| format!("{e:?}").into())
+    }
+
+    /// A backing replaced while a request on it is still queued (here without the pause a
+    /// cutover takes, so that one is) stays open until the request has completed: the
+    /// queued operation names its descriptor by number.
+    #[test]
+    fn a_replaced_backing_stays_open_while_its_requests_are_in_flight() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let (old_path, new_path) = (dir.path().join("old.img"), dir.path().join("new.img"));
+        std::fs::write(&old_path, vec![0u8; 1 << 20])?;
+        std::fs::write(&new_path, vec![0u8; 1 << 20])?;
+        let config = VolumeConfig {
+            name: "v".into(),
+            path: old_path,
+            ..Default::default()
+        };
+        let volume = Volume::open(config.clone())?;
+        let mut queue = VolumeQueue::new(volume.clone(), 0, 4, 1)?;
+        // A flush always goes through the ring: queued here, submitted by the drain below.
+        flush(&mut queue, 1)?;
+        let new = open_backing(&VolumeConfig {
+            path: new_path,
+            ..config
+        })?;
+        let old = volume.replace_backing(new);
+        let old_weak = Arc::downgrade(&old);
+        drop(old);
+        flush(&mut queue, 2)?;
+        assert!(old_weak.upgrade().is_some(), "closed with a flush queued");
+        let mut out = Vec::new();
+        assert!(queue.drain(&mut out, std::time::Duration::from_secs(10)));
+        assert_eq!(out.len(), 2);
+        assert!(out.iter().all(|c| c.result == Ok(0)), "{out:?}");
+        assert!(old_weak.upgrade().is_none(), "kept once idle");
+        Ok(())
+    }
+}
