@@ -108,6 +108,7 @@ impl Ring {
     }
 
     /// Moves the completion queue's entries into `stashed`; false when it was empty.
+    #[cold]
     fn stash_completions(&mut self) -> bool {
         let before = self.stashed.len();
         let completions = self.ring.completion();
@@ -117,19 +118,37 @@ impl Ring {
     }
 
     /// Moves every ready completion into `out` as `(user_data, result)`.
+    #[inline]
     pub fn reap(&mut self, out: &mut Vec<(u64, i32)>) {
         if !self.stashed.is_empty() {
             out.append(&mut self.stashed);
         }
+        self.take_completions(out);
+        if self.ring.submission().cq_overflow() {
+            self.reap_overflow(out);
+        }
+    }
+
+    #[inline]
+    fn take_completions(&mut self, out: &mut Vec<(u64, i32)>) {
+        out.extend(
+            self.ring
+                .completion()
+                .map(|cqe| (cqe.user_data(), cqe.result())),
+        );
+    }
+
+    /// Completions the kernel kept aside while the completion queue was full move into it
+    /// only during an `io_uring_enter`: enters and takes them, a bounded number of rounds.
+    #[cold]
+    #[inline(never)]
+    fn reap_overflow(&mut self, out: &mut Vec<(u64, i32)>) {
         for _ in 0..OVERFLOW_FLUSHES_MAX {
-            out.extend(
-                self.ring
-                    .completion()
-                    .map(|cqe| (cqe.user_data(), cqe.result())),
-            );
-            // Completions the kernel kept aside while the queue was full move into it only
-            // during an `io_uring_enter`.
-            if !self.ring.submission().cq_overflow() || self.enter(0).is_err() {
+            if self.enter(0).is_err() {
+                return;
+            }
+            self.take_completions(out);
+            if !self.ring.submission().cq_overflow() {
                 return;
             }
         }

@@ -1,13 +1,13 @@
 //! One worker thread's view of a volume: submits block operations to its own io_uring
 //! and hands back completions tagged with the caller's `u64`.
 //!
-//! Each request lives in a [`slot::Slot`] of a fixed slab (`inflight_max` slots, allocated
-//! once) keyed by the ring's `user_data`. A slot owns a copy of the caller's iovec array and
-//! is released only when every part of the request has ended: the volume's own I/O (on a
-//! file, [`file_io`]: inline or ring operations, continued after a short transfer; on NBD,
-//! the queue's [`super::nbd_queue`] connection) and any write held back by an observer
-//! ([`observers`]). The end of the volume's own I/O always goes through
-//! [`VolumeQueue::source_done`].
+//! Each request lives in a `Slot` (`slot.rs`) of a fixed slab (`inflight_max` slots,
+//! allocated once) keyed by the ring's `user_data`. A slot owns a copy of the caller's iovec
+//! array and is released only when every part of the request has ended: the volume's own
+//! I/O (on a file, `file_io.rs`: inline or ring operations, continued after a short
+//! transfer; on NBD, the queue's [`super::nbd_queue`] connection) and any write held back by
+//! an observer (`observers.rs`). The end of the volume's own I/O always goes through
+//! `VolumeQueue::source_done`.
 
 mod file_io;
 mod observers;
@@ -311,19 +311,23 @@ impl VolumeQueue {
                 log::error!("volume {}: io_uring submit failed: {e}", self.volume.name());
             }
         }
-        self.retired.release_when_idle(self.inflight());
+        if self.retired.holds_any() && self.inflight() == 0 {
+            self.retired.release();
+        }
         out.append(&mut self.ready);
     }
 
     /// The volume's own I/O of a request has ended (every exit of the file and NBD paths,
     /// and a request refused before it started): tells the observers that saw it, then
     /// ends that part of the request.
+    #[inline]
     fn source_done(&mut self, slot_index: u32, failure: Option<IoFailure>) {
         self.settle_observers(slot_index);
         self.end_part(slot_index, failure);
     }
 
     /// One part of a request ended; completes the request when it was the last.
+    #[inline]
     fn end_part(&mut self, slot_index: u32, failure: Option<IoFailure>) {
         let Some(slot) = self.slots.get_mut(slot_index as usize) else {
             return;

@@ -62,11 +62,14 @@ impl RetiredBackings {
         }
     }
 
-    /// Closes what was kept; call only when no request is in flight.
+    /// True while a replaced backing is kept open.
     #[inline]
-    pub(super) fn release_when_idle(&mut self, inflight: usize) {
-        if inflight == 0 && !self.backings.is_empty() {
-            self.backings.clear();
-        }
+    pub(super) fn holds_any(&self) -> bool {
+        !self.backings.is_empty()
+    }
+
+    /// Closes what was kept; call only when no request is in flight.
+    pub(super) fn release(&mut self) {
+        self.backings.clear();
     }
 }
