@@ -1,61 +1,14 @@
 //! Smoke test of `ferry bench`: measures a real qemu-storage-daemon vhost-user-blk export and
 //! checks the JSON report is sane (no timed assertions).
 
+use ferry_test_support::images::memory_dir;
+use ferry_test_support::vhost_user::{Qsd, QsdOpts};
+use ferry_test_support::{command_available, require, scratch_dir};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-/// How long qemu-storage-daemon may take to create its socket.
-const SOCKET_WAIT: Duration = Duration::from_secs(10);
 /// Size of the test image.
 const IMAGE_BYTES: u64 = 64 << 20;
-
-/// A qemu-storage-daemon process, killed when dropped.
-struct Qsd(Child);
-
-impl Drop for Qsd {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn scratch_dir() -> std::io::Result<tempfile::TempDir> {
-    let shm = Path::new("/dev/shm");
-    if shm.is_dir() {
-        tempfile::Builder::new()
-            .prefix("ferry-bench-smoke")
-            .tempdir_in(shm)
-    } else {
-        tempfile::Builder::new()
-            .prefix("ferry-bench-smoke")
-            .tempdir()
-    }
-}
-
-fn start_qsd(image: &Path, socket: &Path) -> Result<Qsd, Box<dyn std::error::Error>> {
-    let blockdev = format!(
-        "driver=file,node-name=f0,filename={},aio=io_uring,cache.direct=off",
-        image.display()
-    );
-    let export = format!(
-        "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={},writable=on,num-queues=1",
-        socket.display()
-    );
-    let child = Command::new("qemu-storage-daemon")
-        .args(["--blockdev", &blockdev, "--export", &export])
-        .stdin(Stdio::null())
-        .spawn()?;
-    let qsd = Qsd(child);
-    let start = Instant::now();
-    while !socket.exists() {
-        if start.elapsed() > SOCKET_WAIT {
-            return Err("qemu-storage-daemon did not create its socket".into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(qsd)
-}
 
 fn bench_json(
     socket: &Path,
@@ -103,21 +56,16 @@ fn check_report(v: &serde_json::Value, rw: &str, mode: &str) {
     assert!(number(v, "/cpu/percent_of_one_core") >= 0.0, "{v}");
 }
 
-fn have_qsd() -> bool {
-    Command::new("qemu-storage-daemon")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 #[test]
 fn bench_measures_qemu_storage_daemon() -> Result<(), Box<dyn std::error::Error>> {
-    if !have_qsd() {
-        eprintln!("skipping: qemu-storage-daemon is not installed");
+    if !require(
+        "qemu-storage-daemon",
+        command_available("qemu-storage-daemon"),
+    ) {
         return Ok(());
     }
-    let dir = scratch_dir()?;
+    // The image in memory where there is a tmpfs: the bench measures the I/O path, not a disk.
+    let dir = memory_dir().or_else(|_| scratch_dir())?;
     let image: PathBuf = dir.path().join("disk.img");
     let pattern: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
     let mut data = Vec::with_capacity(IMAGE_BYTES as usize);
@@ -126,7 +74,10 @@ fn bench_measures_qemu_storage_daemon() -> Result<(), Box<dyn std::error::Error>
     }
     std::fs::write(&image, &data)?;
     let socket = dir.path().join("vhost.sock");
-    let _qsd = start_qsd(&image, &socket)?;
+    let _qsd = Qsd::start(&QsdOpts {
+        num_queues: Some(1),
+        ..QsdOpts::new(&image, &socket)
+    })?;
 
     let v = bench_json(&socket, &["--rw", "randread", "--qd", "8", "--wait"])?;
     check_report(&v, "randread", "wait");

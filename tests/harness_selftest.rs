@@ -6,11 +6,10 @@ mod support;
 
 use anyhow::{ensure, Context as _, Result};
 use std::process::Command;
-use std::time::Duration;
 use support::blkio_client::{BlkioClient, BlkioOpts, Op};
-use support::daemon::{Qsd, QsdOpts};
 use support::guest::{Guest, GuestOpts};
 use support::nbd::{NbdAddr, NbdServer};
+use support::vhost_user::{Qsd, QsdOpts};
 
 const IMAGE_BYTES: u64 = 64 << 20;
 
@@ -173,21 +172,27 @@ fn blkio_round_trip_on_qsd() -> Result<()> {
     Ok(())
 }
 
-/// qemu-nbd (TCP) and qsd's NBD server (unix socket) serve writable exports that qemu-io reaches.
+/// The NBD servers of the harness serve writable exports that qemu-io reaches: qemu-nbd (TCP),
+/// qsd's NBD server (unix socket) and nbdkit's file plugin (TCP, then a unix socket).
 #[test]
 fn nbd_servers_serve_images() -> Result<()> {
     let dir = support::scratch_dir()?;
-    for (i, use_qsd) in [false, true].into_iter().enumerate() {
+    let socket = dir.path().join("nbd.sock");
+    let servers: [(&str, NbdAddr); 4] = [
+        ("qemu-nbd", NbdAddr::free_tcp()?),
+        ("qsd", NbdAddr::Unix(socket.clone())),
+        ("nbdkit", NbdAddr::free_tcp()?),
+        ("nbdkit", NbdAddr::Unix(socket)),
+    ];
+    for (i, (kind, addr)) in servers.into_iter().enumerate() {
         let image = support::create_image(&dir.path().join(format!("nbd{i}.img")), 8 << 20)?;
-        let addr = if use_qsd {
-            NbdAddr::Unix(dir.path().join("nbd.sock"))
-        } else {
-            NbdAddr::free_tcp()?
-        };
-        let server = if use_qsd {
-            NbdServer::qsd(&image, "disk", &addr)?
-        } else {
-            NbdServer::qemu_nbd(&image, "disk", &addr)?
+        let server = match kind {
+            "qemu-nbd" => NbdServer::qemu_nbd(&image, "disk", &addr)?,
+            "qsd" => NbdServer::qsd(&image, "disk", &addr)?,
+            _ => {
+                let file = format!("file={}", image.display());
+                NbdServer::nbdkit("disk", &addr, &["file", &file])?
+            }
         };
         let out = Command::new("qemu-io")
             .args(["-f", "raw", "-c", "write -P 0x5a 4096 8192", &server.uri()])
@@ -195,16 +200,15 @@ fn nbd_servers_serve_images() -> Result<()> {
             .context("run qemu-io")?;
         ensure!(
             out.status.success(),
-            "qemu-io: {}",
+            "qemu-io on {kind}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         drop(server);
         let bytes = std::fs::read(&image).context("read image")?;
         ensure!(
             bytes[4096..12288].iter().all(|&b| b == 0x5a),
-            "NBD write missing (server {i})"
+            "NBD write missing ({kind}, server {i})"
         );
-        std::thread::sleep(Duration::from_millis(10));
     }
     Ok(())
 }

@@ -8,7 +8,10 @@ use std::path::Path;
 use std::process::Command;
 
 use ferry_engine::journal::{Journal, JournalOptions};
-use ferry_engine::{BlockOp, Volume, VolumeConfig, VolumeQueue};
+use ferry_engine::testing::write_at;
+use ferry_engine::{Volume, VolumeConfig, VolumeQueue};
+use ferry_test_support::loop_device::LoopDevice;
+use ferry_test_support::require_ok;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -19,28 +22,7 @@ fn ferry(args: &[&str]) -> Result<std::process::Output, std::io::Error> {
 }
 
 fn write(q: &mut VolumeQueue, offset: u64, data: &[u8]) -> TestResult {
-    let iov = [libc::iovec {
-        iov_base: data.as_ptr() as *mut libc::c_void,
-        iov_len: data.len(),
-    }];
-    // SAFETY: `data` outlives the request: we wait for its completion below.
-    unsafe {
-        q.submit(
-            BlockOp::Write {
-                offset_bytes: offset,
-                iovecs: &iov,
-            },
-            1,
-        )
-    }
-    .map_err(|e| format!("{e:?}"))?;
-    q.commit()?;
-    let mut out = Vec::new();
-    while out.is_empty() {
-        q.reap(&mut out);
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
-    out[0].result.map_err(|e| e.to_string())?;
+    write_at(q, offset, data).map_err(|e| e.to_string())?;
     Ok(())
 }
 
@@ -407,23 +389,10 @@ fn format_registers_a_block_device_and_refuses_what_is_not_one() -> TestResult {
         "a file was written"
     );
 
-    let attach = Command::new("losetup")
-        .args(["--find", "--show"])
-        .arg(&file)
-        .output()?;
-    if !attach.status.success() {
-        assert!(
-            std::env::var_os("FERRY_REQUIRE_DEVICES").is_none(),
-            "losetup failed and FERRY_REQUIRE_DEVICES is set (CI): {}",
-            String::from_utf8_lossy(&attach.stderr)
-        );
-        eprintln!(
-            "skipped the device part: losetup: {}",
-            String::from_utf8_lossy(&attach.stderr).trim()
-        );
+    let Some(loop_device) = require_ok("a loop device", LoopDevice::attach(&file)) else {
         return Ok(());
-    }
-    let device = String::from_utf8_lossy(&attach.stdout).trim().to_string();
+    };
+    let device = loop_device.path().display().to_string();
     // A device someone holds exclusively (as a mount does) is refused, untouched.
     let held = {
         use std::os::unix::fs::OpenOptionsExt;
@@ -445,7 +414,7 @@ fn format_registers_a_block_device_and_refuses_what_is_not_one() -> TestResult {
         );
     }
     let out = ferry(&["journal", "format", j_arg, "--device", &device, "--json"]);
-    let _ = Command::new("losetup").args(["-d", &device]).status();
+    drop(loop_device);
     let out = out?;
     assert!(
         out.status.success(),

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use support::blkio_client::{BlkioClient, BlkioOpts};
 use support::ferry_cli::{ferry, FerryServe};
 use support::nbd::{BlockLimits, NbdAddr, NbdRequest, NbdServer};
-use support::pattern_writer::{compare_bytes, compare_image, PatternWriter, WriterConfig};
+use support::pattern_writer::{PatternWriter, WriterConfig};
+use support::{compare_bytes, compare_image};
 
 const MIB: u64 = 1 << 20;
 /// Bound on waiting for the client to make progress.
@@ -600,17 +601,18 @@ fn race(mode: &str) -> Result<()> {
     let planned = fx.serve.job_status(id)?["total_bytes"]
         .as_u64()
         .context("total_bytes")?;
-    let until = Instant::now() + Duration::from_secs(3);
+    // Until a client write lands on a chunk already copied, which is then copied again.
     let mut last = Value::Null;
-    while Instant::now() < until {
+    let raced = support::wait::wait_until("a client write racing a copy", WRITER_WAIT, || {
         last = fx.serve.job_status(id)?;
         // The copier walks up from 0; runs in [copied, copied + 4 MiB) are in its hands.
         writer.aim_at(last["copied_bytes"].as_u64().unwrap_or(0));
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        Ok(last["total_bytes"].as_u64() > Some(planned) || last["state"] != "copying")
+    });
+    raced.with_context(|| format!("job status: {last}"))?;
     ensure!(
         last["state"] == "copying",
-        "the copy ended too early: {last}"
+        "the copy ended before a client write raced it: {last}"
     );
     fx.serve
         .migrate(
@@ -727,8 +729,8 @@ fn cancel_keeps_the_source() -> Result<()> {
     ensure!(out.stdout.contains("cancelled"), "{}", out.stdout);
     let status = fx.serve.job_status(id)?;
     ensure!(status["state"] == "cancelled", "{status}");
+    // The client goes on writing, which a job still copying would follow.
     writer.wait_more(20, WRITER_WAIT)?;
-    std::thread::sleep(Duration::from_millis(300));
     let later = fx.serve.job_status(id)?;
     ensure!(
         later["copied_bytes"] == status["copied_bytes"],

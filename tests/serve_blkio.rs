@@ -1,6 +1,7 @@
 //! `ferry serve` driven by a real vhost-user-blk client (libblkio): data round trips at many
 //! offsets and sizes with many requests in flight, flush, discard and write-zeroes, requests
-//! out of range, read-only volumes, two queues, two volumes, O_DIRECT, and SIGTERM under load.
+//! out of range, read-only volumes, two queues, two volumes, O_DIRECT, frontends that go
+//! away with requests in flight, and SIGTERM under load.
 //! Every test checks the image file on the host against a model of what the client wrote.
 
 #[path = "support/mod.rs"]
@@ -13,6 +14,7 @@ use std::time::Duration;
 use support::blkio_client::{BlkioClient, BlkioOpts, Op};
 use support::daemon::Daemon;
 use support::ferry;
+use support::loop_device::LoopDevice;
 
 /// Bound on the daemon's clean exit after SIGTERM.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -341,9 +343,9 @@ fn zero_length_discards_are_answered_at_once() -> Result<()> {
 }
 
 /// Frontends that connect, write and go away, again and again (a VM rebooted or restarted,
-/// QEMU reconnecting): the daemon's open descriptors stay where they were. Each connection
-/// used to leak one descriptor per queue thread (vhost-user-backend's exit events) and one
-/// per thread's resume waker; a long-running daemon then hit its descriptor limit.
+/// QEMU reconnecting): the daemon's open descriptors stay where they were. A connection that
+/// left one descriptor behind per queue thread (vhost-user-backend's exit events, or a
+/// thread's resume waker) would bring a long-running daemon to its descriptor limit.
 #[test]
 fn reconnecting_frontends_leak_no_descriptors() -> Result<()> {
     let served = Served::start(8 << 20, ",queues=2")?;
@@ -353,27 +355,82 @@ fn reconnecting_frontends_leak_no_descriptors() -> Result<()> {
             .with_context(|| dir.clone())?
             .count())
     };
-    let connect_and_write = |round: u64| -> Result<()> {
+    // Counted while a client that wrote is connected and idle: the daemon then holds one
+    // connection's descriptors, and has closed those of every earlier connection (it cleans
+    // one up before it accepts the next).
+    let write_and_count = |round: u64| -> Result<usize> {
         let mut client = served.connect(&BlkioOpts::default())?;
         client.write_all(round * 4096, &support::pattern(round, 4096), 4096)?;
-        Ok(())
+        open_fds()
     };
-    // The daemon prepares the next connection's device as soon as one ends.
-    let settle = || std::thread::sleep(Duration::from_millis(300));
     for round in 0..2 {
-        connect_and_write(round)?;
+        write_and_count(round)?;
     }
-    settle();
-    let before = open_fds()?;
-    for round in 2..22 {
-        connect_and_write(round)?;
+    let before = write_and_count(2)?;
+    for round in 3..22 {
+        write_and_count(round)?;
     }
-    settle();
-    let after = open_fds()?;
+    let after = write_and_count(22)?;
     ensure!(
         after <= before,
         "open descriptors grew from {before} to {after} over 20 connections"
     );
+    served.stop()
+}
+
+/// A frontend that goes away with requests in flight (a VM killed in the middle of its I/O),
+/// again and again: the daemon finishes those requests before it lets go of the guest's
+/// memory and rings (vhost/ARCHITECTURE.md, "Guest memory and requests in flight"), keeps
+/// serving, and none of them lands after the next frontend's writes.
+#[test]
+fn frontends_gone_with_requests_in_flight() -> Result<()> {
+    const IMAGE_BYTES: u64 = 64 << 20;
+    const REGION_BYTES: usize = 16 << 20;
+    const CHUNK_BYTES: usize = 256 << 10;
+    let served = Served::start(IMAGE_BYTES, ",queues=2")?;
+    let opts = BlkioOpts {
+        num_queues: 2,
+        buf_bytes: 2 * REGION_BYTES,
+        ..BlkioOpts::default()
+    };
+    let chunks = REGION_BYTES / CHUNK_BYTES;
+    for round in 0..4u64 {
+        let mut client = served.connect(&opts)?;
+        client.buf_mut()[..REGION_BYTES].copy_from_slice(&support::pattern(round, REGION_BYTES));
+        let writes = (0..chunks)
+            .map(|i| Op::Write {
+                offset_bytes: (i * CHUNK_BYTES) as u64,
+                len_bytes: CHUNK_BYTES,
+                buf_offset: i * CHUNK_BYTES,
+                fua: false,
+            })
+            .collect();
+        let reads = (0..chunks)
+            .map(|i| Op::Read {
+                offset_bytes: (i * CHUNK_BYTES) as u64,
+                len_bytes: CHUNK_BYTES,
+                buf_offset: REGION_BYTES + i * CHUNK_BYTES,
+            })
+            .collect();
+        // One pass that kicks both queues and reaps what is done by then; the frontend
+        // goes with the rest still in flight.
+        client.run_batches_within(&[writes, reads], Duration::from_millis(1))?;
+        drop(client);
+    }
+    // The next frontend's writes are the last: nothing of the rounds above may land after.
+    let last = support::pattern(99, REGION_BYTES);
+    let mut client = served.connect(&opts)?;
+    client.write_all(0, &last, CHUNK_BYTES)?;
+    ensure!(
+        client.read_all(0, REGION_BYTES, CHUNK_BYTES)? == last,
+        "the last frontend reads back other data than it wrote"
+    );
+    drop(client);
+    let mut model = Model::new(IMAGE_BYTES);
+    model.write(0, &last);
+    model.check_image(&served.image)?;
+    let log = served.daemon.log();
+    ensure!(!log.contains("panicked"), "{log}");
     served.stop()
 }
 
@@ -797,8 +854,8 @@ fn sigterm_with_writes_in_flight() -> Result<()> {
     let mut completed: Vec<(usize, u64, usize)> = Vec::new();
     let mut first_slot = 0;
     let mut terminated = false;
-    // Two full batches, then SIGTERM from another thread 2 ms into the third (large) one,
-    // then batches until one gets nothing done.
+    // Two full batches, then SIGTERM once the third (large) one is being served, then batches
+    // until one gets nothing done.
     for batch in 0.. {
         let len = if batch == 2 {
             SIGNALLED_BATCH
@@ -820,25 +877,21 @@ fn sigterm_with_writes_in_flight() -> Result<()> {
                 fua: false,
             })
             .collect();
-        let signaller = (batch == 2).then(|| {
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(2));
-                nix::sys::signal::kill(pid, Signal::SIGTERM)
-            })
-        });
         let timeout = Duration::from_secs(match batch {
             0 | 1 => 30,
             2 => 3,
             _ => 1,
         });
-        let results = client.run_batches_within(&[ops], timeout)?.swap_remove(0);
-        if let Some(handle) = signaller {
-            handle
-                .join()
-                .map_err(|_| anyhow::anyhow!("signal thread panicked"))?
-                .context("send SIGTERM")?;
+        client.submit_batches(&[ops])?;
+        let mut results = vec![vec![None; len]];
+        if batch == 2 {
+            // Once the daemon has completed one write of the batch, the rest are in flight.
+            client.reap_until(&mut results, 1, timeout)?;
+            nix::sys::signal::kill(pid, Signal::SIGTERM).context("send SIGTERM")?;
             terminated = true;
         }
+        client.reap_until(&mut results, len, timeout)?;
+        let results = results.swap_remove(0);
         let done: Vec<usize> = (0..len).filter(|&i| results[i] == Some(0)).collect();
         eprintln!("batch {batch}: {} of {len} writes completed", done.len());
         ensure!(
@@ -873,37 +926,6 @@ fn sigterm_with_writes_in_flight() -> Result<()> {
     Ok(())
 }
 
-/// A loop block device, detached on drop.
-struct LoopDevice {
-    path: PathBuf,
-}
-
-impl LoopDevice {
-    fn attach(image: &Path) -> Result<Self> {
-        let out = std::process::Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(image)
-            .output()
-            .context("running losetup (util-linux)")?;
-        ensure!(
-            out.status.success(),
-            "losetup failed (the tests run as root): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let path = PathBuf::from(String::from_utf8(out.stdout)?.trim());
-        Ok(Self { path })
-    }
-}
-
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("losetup")
-            .arg("-d")
-            .arg(&self.path)
-            .status();
-    }
-}
-
 /// A block device as the volume (a loop device over an image file), buffered and O_DIRECT:
 /// round trips, discard and write-zeroes (BLKDISCARD/BLKZEROOUT through fallocate), and the
 /// backing file holds exactly what the client wrote.
@@ -914,8 +936,10 @@ fn block_device_round_trip() -> Result<()> {
         let image_dir = support::scratch_dir()?;
         let image = image_dir.path().join("backing.img");
         support::create_image(&image, IMAGE_BYTES)?;
-        let device = LoopDevice::attach(&image)?;
-        let served = Served::start_on(support::scratch_dir()?, device.path.clone(), cache)?;
+        let Some(device) = support::require_ok("a loop device", LoopDevice::attach(&image)) else {
+            return Ok(());
+        };
+        let served = Served::start_on(support::scratch_dir()?, device.path().to_path_buf(), cache)?;
         let volume = ferry::query_volume(&served.control, "vol")?;
         ensure!(volume["size"] == IMAGE_BYTES, "size: {volume}");
         let mut client = served.connect(&big_client())?;
@@ -946,7 +970,7 @@ fn block_device_round_trip() -> Result<()> {
         drop(client);
         let stop_image = served.image.clone();
         served.stop()?;
-        ensure!(stop_image == device.path, "served the device");
+        ensure!(stop_image == device.path(), "served the device");
         drop(device);
         model.check_image(&image)?;
     }

@@ -203,11 +203,12 @@ fn the_printed_qemu_options_match_the_volume() -> Result<()> {
         &vol(d, "a", "a.img", "a.sock", ",size=4M,queues=2"),
         &[&socket],
     )?;
-    let log = daemon.log();
-    ensure!(
-        log.contains("-device vhost-user-blk-pci,chardev=ferry-a,num-queues=2"),
-        "{log}"
-    );
+    // Printed once the socket listens: wait for the line rather than read the log at once.
+    let options = "-device vhost-user-blk-pci,chardev=ferry-a,num-queues=2";
+    let printed = support::wait::wait_until("the QEMU options printed", STATE_TIMEOUT, || {
+        Ok(daemon.log().contains(options))
+    });
+    ensure!(printed.is_ok(), "{}", daemon.log());
     Ok(())
 }
 
@@ -393,7 +394,7 @@ fn demo_without_arguments() -> Result<()> {
         .context("spawn ferry serve")?;
     let mut demo = SplitChild { child, stdout };
     let socket = d.join("ferry-demo.sock");
-    support::daemon::wait_for_socket(&socket, support::daemon::START_TIMEOUT)
+    support::wait::wait_for_socket_file(&socket, support::daemon::START_TIMEOUT)
         .with_context(|| std::fs::read_to_string(&stderr).unwrap_or_default())?;
     let image = d.join("ferry-demo.img");
     let meta = std::fs::metadata(&image).context("demo image")?;
@@ -413,12 +414,17 @@ fn demo_without_arguments() -> Result<()> {
         "demo read-back"
     );
     drop(client);
-    let printed = std::fs::read_to_string(&demo.stdout).context("read stdout")?;
     let canonical = std::fs::canonicalize(&socket)?;
+    let printed = || std::fs::read_to_string(&demo.stdout).unwrap_or_default();
+    let found = support::wait::wait_until("the QEMU options on stdout", STATE_TIMEOUT, || {
+        let text = printed();
+        Ok(text.contains("vhost-user-blk-pci") && text.contains(&*canonical.to_string_lossy()))
+    });
     ensure!(
-        printed.contains("vhost-user-blk-pci") && printed.contains(&*canonical.to_string_lossy()),
-        "stdout lacks the QEMU options for {}:\n{printed}",
-        canonical.display()
+        found.is_ok(),
+        "stdout lacks the QEMU options for {}:\n{}",
+        canonical.display(),
+        printed()
     );
     let pid = nix::unistd::Pid::from_raw(i32::try_from(demo.child.id())?);
     nix::sys::signal::kill(pid, Signal::SIGTERM).context("SIGTERM")?;
@@ -432,7 +438,7 @@ fn demo_without_arguments() -> Result<()> {
     };
     ensure!(status.success(), "demo exited {status}");
     ensure!(!socket.exists(), "demo socket left behind");
-    let host = ferry::read_file_range(&image, (1 << 30) - (1 << 20), 1 << 20)?;
+    let host = support::images::read_range(&image, (1 << 30) - (1 << 20), 1 << 20)?;
     ensure!(host == data, "demo image lacks the client's data");
     Ok(())
 }

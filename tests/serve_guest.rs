@@ -6,7 +6,7 @@
 #[path = "support/mod.rs"]
 mod support;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context as _, Result};
 use std::path::{Path, PathBuf};
 use support::daemon::Daemon;
 use support::ferry;
@@ -49,11 +49,7 @@ fn serve_with(dir: &Path, extra: &str, serve_args: &[String]) -> Result<(Daemon,
 
 /// Fails unless the image holds `want` at `offset_bytes`.
 fn check_image(image: &Path, offset_bytes: u64, want: &[u8], what: &str) -> Result<()> {
-    let host = ferry::read_file_range(image, offset_bytes, want.len())?;
-    if let Some(at) = host.iter().zip(want).position(|(a, b)| a != b) {
-        anyhow::bail!("{what}: image differs at byte {}", offset_bytes + at as u64);
-    }
-    Ok(())
+    support::compare_image(image, offset_bytes, want).with_context(|| what.to_string())
 }
 
 /// The guest sees the volume's size, writes patterns with O_DIRECT dd at 4 KiB-aligned and
@@ -111,9 +107,10 @@ fn guest_writes_reads_and_discards() -> Result<()> {
         expected.push((sector * 512, seq_pattern(first, len)));
     }
     let discard = out.result("discard")?;
-    if discard == "unavailable" {
-        eprintln!("NOTE: busybox has no blkdiscard; the discard part was skipped");
-    } else {
+    if support::require(
+        "blkdiscard in the guest's busybox",
+        discard != "unavailable",
+    ) {
         ensure!(discard == "1", "discarded range not zero\n{}", out.tail());
         let (_, data) = &mut expected[2];
         data[(1 << 20) - (512 << 10)..(2 << 20) - (512 << 10)].fill(0);
@@ -273,12 +270,13 @@ echo "RESULT b_ok=$([ "$rb" = "$(md5 < /tmp/b)" ] && echo 1 || echo 0)"
 }
 
 /// QEMU with reconnect-ms, four writers each putting a 4 MiB pattern on its own region in
-/// 4 KiB O_DIRECT writes (dd reuses one buffer, so a completed write offered again would
-/// land the next block's data), and a fifth process flushing buffered writes all along (a
-/// flush finishes after writes taken later: completions out of order). ferry is SIGKILLed
-/// and restarted four times while they run. Every write must finish without an I/O error
-/// or a hang, the guest kernel must not see a broken ring, and every region must hold its
-/// pattern.
+/// 4 KiB O_DIRECT writes, over and over (dd reuses one buffer, so a completed write offered
+/// again would land the next block's data), and a fifth process flushing buffered writes all
+/// along (a flush finishes after writes taken later: completions out of order). ferry is
+/// SIGKILLed and restarted four times while they run, each time once it has served some of
+/// their writes; they stop when the host says so. Every write must finish without an I/O
+/// error or a hang, the guest kernel must not see a broken ring, and every region must hold
+/// its pattern.
 #[test]
 fn guest_survives_ferry_kills_with_requests_in_flight() -> Result<()> {
     kills_with_requests_in_flight(Journal::None)
@@ -310,15 +308,23 @@ enum Journal {
     Memory,
 }
 
+/// Waits until the daemon serving `vol` in `dir` has completed `writes` writes.
+fn wait_for_served_writes(dir: &Path, writes: u64) -> Result<()> {
+    let control = dir.join("ctl.sock");
+    let what = format!("the daemon serving {writes} writes");
+    support::wait::wait_until(&what, support::wait::HANG_TIMEOUT, || {
+        let stats = ferry::query_volume(&control, "vol")?["stats"].clone();
+        Ok(stats["write_ops"].as_u64() >= Some(writes))
+    })
+}
+
 fn kills_with_requests_in_flight(journal_at: Journal) -> Result<()> {
     const KILLS: usize = 4;
+    /// Writes each daemon serves before it is killed.
+    const WRITES_PER_DAEMON: u64 = 64;
     let dir = support::scratch_dir()?;
     let memory = match journal_at {
-        Journal::Memory => Some(
-            tempfile::Builder::new()
-                .prefix("ferry-test-journal-")
-                .tempdir_in("/dev/shm")?,
-        ),
+        Journal::Memory => Some(support::images::memory_dir()?),
         _ => None,
     };
     let journal = memory
@@ -346,15 +352,22 @@ flusher() {
 }
 flusher &
 fp=$!
+writer() {
+    while [ ! -e /tmp/stop ]; do
+        dd if=/tmp/p$1 of=/dev/vda bs=4096 seek=$(($1 * 1024)) oflag=direct 2>/dev/null \
+            || { echo "RESULT write_failed_$1=1"; return; }
+    done
+}
 writers=
 for j in 0 1 2 3; do
-    (dd if=/tmp/p$j of=/dev/vda bs=4096 seek=$((j * 1024)) oflag=direct 2>/dev/null || echo "RESULT write_failed_$j=1") &
+    writer $j &
     writers="$writers $!"
 done
 echo "RESULT phase=writing"
+read -r line < /dev/console
+touch /tmp/stop
 for p in $writers; do wait $p; done
 echo "RESULT phase=written"
-touch /tmp/stop
 wait $fp
 echo 3 > /proc/sys/vm/drop_caches
 ok=1
@@ -372,19 +385,17 @@ echo "RESULT kernel_errors=$(dmesg | grep -c -i -E 'I/O error|not a head|broken|
     };
     let mut guest = Guest::spawn(&socket, script, &opts)?;
     guest.wait_for("RESULT phase=writing", opts.timeout)?;
+    // Each daemon is killed once it has served a share of the writes: the writers go on
+    // until the host tells them to stop, so every kill falls in the middle of their stream.
     let mut daemon = first;
     for _ in 0..KILLS {
-        std::thread::sleep(std::time::Duration::from_millis(400));
+        wait_for_served_writes(dir.path(), WRITES_PER_DAEMON)?;
         daemon.kill();
         drop(daemon);
         daemon = serve(dir.path(), "")?.0;
     }
-    // Otherwise the kills missed the writes this test is about.
-    ensure!(
-        !guest.console().contains("RESULT phase=written"),
-        "the writers finished before the last kill\n{}",
-        guest.console()
-    );
+    wait_for_served_writes(dir.path(), WRITES_PER_DAEMON)?;
+    guest.send_line("stop")?;
     let out = guest.wait(opts.timeout)?;
     out.ensure_success()?;
     let results = out.results();

@@ -12,9 +12,9 @@ mod support;
 use anyhow::{ensure, Context as _, Result};
 use std::time::{Duration, Instant};
 use support::blkio_client::{BlkioClient, BlkioOpts, Op};
+use support::compare_image;
 use support::ferry_cli::{ferry, FerryServe};
 use support::nbd::{BlockLimits, NbdAddr, NbdRequest, NbdServer};
-use support::pattern_writer::compare_image;
 
 const MIB: u64 = 1 << 20;
 

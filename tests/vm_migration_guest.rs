@@ -248,13 +248,13 @@ fn check_image(image: &Path, iterations: u64) -> Result<()> {
     let chunk = seq_pattern(1, 1 << 20);
     for j in 0..iterations.min(WRITE_CHUNKS) {
         let at = WRITE_AT_BYTES + (j << 20);
-        let host = ferry::read_file_range(image, at, chunk.len())?;
+        let host = support::images::read_range(image, at, chunk.len())?;
         ensure!(
             host == chunk,
             "chunk {j} written by the guest is not on the image"
         );
     }
-    let late = ferry::read_file_range(image, LATE_WRITE_AT_BYTES, 1 << 20)?;
+    let late = support::images::read_range(image, LATE_WRITE_AT_BYTES, 1 << 20)?;
     ensure!(
         late == seq_pattern(777, 1 << 20),
         "the write made after the migration is not on the image"

@@ -4,14 +4,15 @@
 //! flush, discard and write-zeroes reading back as zeros, range and read-only refusals,
 //! short-transfer continuation and many requests in flight.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_engine::testing::run_op as run;
 use ferry_engine::volume::queue::Rejected;
-use ferry_engine::{BlockOp, CacheMode, Completion, IoFailure, Volume, VolumeConfig, VolumeQueue};
+use ferry_engine::{BlockOp, CacheMode, IoFailure, Volume, VolumeConfig, VolumeQueue};
+use ferry_test_support::nbd::{NbdAddr, NbdServer, QemuNbdOpts};
+use ferry_test_support::Rng;
 
 const VOLUME_BYTES: u64 = 16 << 20;
 
@@ -59,7 +60,7 @@ struct Fixture {
     queue: VolumeQueue,
     volume: Arc<Volume>,
     /// The NBD server of an NBD backing (killed on drop, after the queue).
-    _server: Option<common::Server>,
+    _server: Option<NbdServer>,
     /// The image an NBD server exports.
     image: Option<PathBuf>,
     _dir: tempfile::TempDir,
@@ -100,20 +101,25 @@ fn fixture_on(backend: Backend, read_only: bool) -> Fixture {
             let dir = tempfile::tempdir().expect("tempdir");
             let image = fill_image(dir.path(), VOLUME_BYTES);
             let socket = dir.path().join("nbd.sock");
-            let server =
-                common::qemu_nbd_unix_opts(&image, "e", &socket, read_only).expect("qemu-nbd");
+            let opts = QemuNbdOpts {
+                read_only,
+                ..QemuNbdOpts::default()
+            };
+            let server = NbdServer::qemu_nbd_with(&image, "e", &NbdAddr::Unix(socket), opts)
+                .expect("qemu-nbd");
             (server, dir, 0, image)
         }
         Backend::QsdSlice => {
             let dir = tempfile::tempdir().expect("tempdir");
             let image = fill_image(dir.path(), VOLUME_BYTES + 2 * SLICE_OFFSET_BYTES);
-            let server = common::qemu_storage_daemon(&image, "e").expect("qemu-storage-daemon");
+            let addr = NbdAddr::free_tcp().expect("free port");
+            let server = NbdServer::qsd(&image, "e", &addr).expect("qemu-storage-daemon");
             (server, dir, SLICE_OFFSET_BYTES, image)
         }
     };
     let volume = Volume::open(VolumeConfig {
         name: "v".into(),
-        path: PathBuf::from(&server.uri),
+        path: PathBuf::from(server.uri()),
         read_only: read_only && backend != Backend::QemuNbd,
         offset_bytes: offset,
         length_bytes: (offset > 0).then_some(VOLUME_BYTES),
@@ -159,20 +165,6 @@ fn fixture_in(parent: std::path::PathBuf, cache: CacheMode, read_only: bool) -> 
         image: None,
         _dir: dir,
     }
-}
-
-/// Submits one op and waits for its completion.
-fn run(queue: &mut VolumeQueue, op: BlockOp<'_>) -> Result<u64, IoFailure> {
-    // SAFETY: the caller's buffers outlive this call, which waits for the completion.
-    match unsafe { queue.submit(op, 1) } {
-        Ok(()) => {}
-        Err(Rejected::Full | Rejected::Paused) => panic!("rejected"),
-    }
-    queue.commit().expect("commit");
-    let mut out: Vec<Completion> = Vec::new();
-    assert!(queue.drain(&mut out, Duration::from_secs(10)));
-    assert_eq!(out.len(), 1);
-    out[0].result
 }
 
 #[test]
@@ -500,7 +492,7 @@ fn random_round_trips_with_many_in_flight() {
     for backend in backends() {
         let mut f = fixture_on(backend, false);
         let mut model = vec![0xAAu8; VOLUME_BYTES as usize];
-        let mut rng = common::Rng::new(99);
+        let mut rng = Rng::new(99);
         for round in 0..4u64 {
             let mut ranges: Vec<(u64, usize)> = Vec::new();
             while ranges.len() < 64 {

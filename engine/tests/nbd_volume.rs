@@ -3,65 +3,20 @@
 //! a server that breaks the protocol (bad reply magic, unknown handle, short read reply: a
 //! small misbehaving server in this file, since no real one misbehaves on demand).
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use ferry_engine::volume::queue::Rejected;
-use ferry_engine::{BlockOp, Completion, IoFailure, Volume, VolumeConfig, VolumeQueue};
+use ferry_engine::testing::{read_at as read, write_at as write};
+use ferry_engine::{BlockOp, IoFailure, Volume, VolumeConfig, VolumeQueue};
+use ferry_test_support::nbd::{free_port, NbdAddr, NbdServer};
+use ferry_test_support::{create_image, wait_until, HANG_TIMEOUT};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
 const MIB: u64 = 1 << 20;
-
-/// Submits `op`, commits and waits (bounded) for its completion.
-fn run(queue: &mut VolumeQueue, op: BlockOp<'_>) -> Result<u64, IoFailure> {
-    // SAFETY: the caller's buffers outlive this call, which waits for the completion.
-    match unsafe { queue.submit(op, 1) } {
-        Ok(()) => {}
-        Err(Rejected::Full | Rejected::Paused) => panic!("rejected"),
-    }
-    queue.commit().expect("commit");
-    let mut out: Vec<Completion> = Vec::new();
-    assert!(
-        queue.drain(&mut out, Duration::from_secs(20)),
-        "request hangs"
-    );
-    assert_eq!(out.len(), 1);
-    out[0].result
-}
-
-fn write(queue: &mut VolumeQueue, offset: u64, data: &[u8]) -> Result<u64, IoFailure> {
-    let iov = [libc::iovec {
-        iov_base: data.as_ptr() as *mut libc::c_void,
-        iov_len: data.len(),
-    }];
-    run(
-        queue,
-        BlockOp::Write {
-            offset_bytes: offset,
-            iovecs: &iov,
-        },
-    )
-}
-
-fn read(queue: &mut VolumeQueue, offset: u64, buf: &mut [u8]) -> Result<u64, IoFailure> {
-    let iov = [libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    }];
-    run(
-        queue,
-        BlockOp::Read {
-            offset_bytes: offset,
-            iovecs: &iov,
-        },
-    )
-}
 
 fn open(uri: &str) -> Result<Arc<Volume>, ferry_engine::EngineError> {
     Volume::open(VolumeConfig {
@@ -77,9 +32,10 @@ fn open(uri: &str) -> Result<Arc<Volume>, ferry_engine::EngineError> {
 fn server_killed_while_serving_then_back() -> TestResult {
     let dir = tempfile::tempdir()?;
     let (image, socket) = (dir.path().join("e.img"), dir.path().join("nbd.sock"));
-    common::empty_image(&image, 8 * MIB)?;
-    let mut server = common::qemu_nbd_unix(&image, "e", &socket)?;
-    let volume = open(&server.uri)?;
+    create_image(&image, 8 * MIB)?;
+    let addr = NbdAddr::Unix(socket);
+    let mut server = NbdServer::qemu_nbd(&image, "e", &addr)?;
+    let volume = open(&server.uri())?;
     let mut queue = VolumeQueue::new(volume.clone(), 0, 64, 4)?;
     assert_eq!(write(&mut queue, 4096, &[0x5a; 8192]), Ok(8192));
 
@@ -112,17 +68,22 @@ fn server_killed_while_serving_then_back() -> TestResult {
     assert_eq!(out.len(), 32);
 
     let mut buf = vec![0u8; 4096];
-    let started = Instant::now();
     let down = read(&mut queue, 0, &mut buf);
     assert!(matches!(down, Err(IoFailure::Os(_))), "{down:?}");
+    // Within the back-off after a failed connection a request fails at once, untried.
     let again = read(&mut queue, 0, &mut buf);
     assert_eq!(again, Err(IoFailure::Os(libc::ENOTCONN)));
-    assert!(started.elapsed() < Duration::from_secs(5));
 
-    let _server = common::qemu_nbd_unix(&image, "e", &socket)?;
-    std::thread::sleep(ferry_engine::volume::nbd_queue::RECONNECT_BACKOFF);
+    let _server = NbdServer::qemu_nbd(&image, "e", &addr)?;
+    // Requests fail with ENOTCONN until the back-off ends; the next one reconnects.
     let mut back = vec![0u8; 8192];
-    assert_eq!(read(&mut queue, 4096, &mut back), Ok(8192));
+    wait_until("the queue serving again", HANG_TIMEOUT, || {
+        match read(&mut queue, 4096, &mut back) {
+            Ok(8192) => Ok(true),
+            Err(IoFailure::Os(libc::ENOTCONN)) => Ok(false),
+            other => anyhow::bail!("a read once the server is back: {other:?}"),
+        }
+    })?;
     assert!(back.iter().all(|&b| b == 0x5a));
     assert_eq!(write(&mut queue, 0, &[7; 512]), Ok(512));
     Ok(())
@@ -189,7 +150,11 @@ fn misbehave(stream: &mut TcpStream, how: Misbehaviour) -> Option<()> {
         reply.extend_from_slice(&[1u8; 100]);
     }
     stream.write_all(&reply).ok()?;
-    std::thread::sleep(Duration::from_millis(50));
+    if !matches!(how, Misbehaviour::ShortRead) {
+        // Open until the client drops the connection: it must fail on the reply itself, not
+        // on a closed connection.
+        std::io::copy(stream, &mut std::io::sink()).ok()?;
+    }
     Some(())
 }
 
@@ -230,7 +195,7 @@ fn protocol_violations_fail_the_request_without_hanging() -> TestResult {
 
 #[test]
 fn a_missing_server_is_an_open_error() -> TestResult {
-    let port = common::free_port()?;
+    let port = free_port()?;
     let err = open(&format!("nbd://127.0.0.1:{port}/x")).err();
     assert!(
         matches!(err, Some(ferry_engine::EngineError::Nbd { .. })),
@@ -246,5 +211,43 @@ fn a_missing_server_is_an_open_error() -> TestResult {
         matches!(err, Some(ferry_engine::EngineError::Nbd { .. })),
         "{err:?}"
     );
+    Ok(())
+}
+
+/// A queue connected to an NBD export follows its volume onto a file and back onto the
+/// export (cutovers, with the volume paused and idle): each request reaches the backing of
+/// its time, and nothing hangs when the connection the queue left still has a poll armed.
+#[test]
+fn a_connected_queue_follows_its_volume_off_the_export_and_back() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (image, socket) = (dir.path().join("e.img"), dir.path().join("nbd.sock"));
+    create_image(&image, 8 * MIB)?;
+    let file = dir.path().join("f.img");
+    std::fs::write(&file, vec![0x33u8; 8 * MIB as usize])?;
+    let server = NbdServer::qemu_nbd(&image, "e", &NbdAddr::Unix(socket))?;
+    let volume = open(&server.uri())?;
+    let mut queue = VolumeQueue::new(volume.clone(), 0, 8, 4)?;
+    assert_eq!(write(&mut queue, 0, &[0x5a; 4096]), Ok(4096));
+
+    let cutover = |to: &std::path::Path| -> TestResult {
+        let config = VolumeConfig {
+            path: to.to_path_buf(),
+            ..volume.config().clone()
+        };
+        let backing = ferry_engine::volume::open::open_backing(&config)?;
+        let guard = volume
+            .pause(Duration::from_secs(5))
+            .ok_or("the volume did not go idle")?;
+        drop(volume.replace_backing(backing));
+        drop(guard);
+        Ok(())
+    };
+    let mut buf = vec![0u8; 4096];
+    cutover(&file)?;
+    assert_eq!(read(&mut queue, 0, &mut buf), Ok(4096));
+    assert!(buf.iter().all(|&b| b == 0x33));
+    cutover(std::path::Path::new(&server.uri()))?;
+    assert_eq!(read(&mut queue, 0, &mut buf), Ok(4096));
+    assert!(buf.iter().all(|&b| b == 0x5a));
     Ok(())
 }

@@ -29,13 +29,8 @@ impl Phase {
     /// (shifted) a write-zeroes; one flush in the middle of queue 0 and at the end of the
     /// last queue.
     pub fn random(seed: u64, image_bytes: u64, count: usize, queues: usize) -> Self {
-        let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let mut next = move || {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng
-        };
+        let mut rng = support::Rng::new(seed);
+        let mut next = move || rng.next();
         let max_len = *SIZES.iter().max().unwrap_or(&0) as u64;
         let mut cursor = (next() % (image_bytes / 512)) * 512;
         let mut span = 0u64;

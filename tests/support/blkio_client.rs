@@ -182,6 +182,14 @@ impl BlkioClient {
         per_queue: &[Vec<Op>],
         timeout: Duration,
     ) -> Result<Vec<Vec<Option<i32>>>> {
+        self.submit_batches(per_queue)?;
+        let lens: Vec<usize> = per_queue.iter().map(Vec::len).collect();
+        self.reap_batches(&lens, timeout)
+    }
+
+    /// Submits one batch per queue (batch i on queue i) and returns with all of them in
+    /// flight; [`reap_batches`](Self::reap_batches) collects them.
+    pub fn submit_batches(&mut self, per_queue: &[Vec<Op>]) -> Result<()> {
         ensure!(
             per_queue.len() <= self.queues.len(),
             "more batches than queues"
@@ -191,14 +199,43 @@ impl BlkioClient {
                 self.submit(q, *op, i)?;
             }
         }
-        let mut results: Vec<Vec<Option<i32>>> =
-            per_queue.iter().map(|ops| vec![None; ops.len()]).collect();
-        let mut pending: Vec<usize> = per_queue.iter().map(Vec::len).collect();
-        let deadline = Instant::now() + timeout;
-        while pending.iter().any(|&n| n > 0) && Instant::now() < deadline {
-            self.reap(&mut results, &mut pending)?;
-        }
+        Ok(())
+    }
+
+    /// Collects the completions of the batches submitted last, `lens[i]` requests on queue
+    /// i, for up to `timeout`: per-op results as `run_batches_within`.
+    pub fn reap_batches(
+        &mut self,
+        lens: &[usize],
+        timeout: Duration,
+    ) -> Result<Vec<Vec<Option<i32>>>> {
+        let mut results: Vec<Vec<Option<i32>>> = lens.iter().map(|&n| vec![None; n]).collect();
+        self.reap_until(&mut results, lens.iter().sum(), timeout)?;
         Ok(results)
+    }
+
+    /// Collects completions of the batches submitted last into `results` (`None`: not
+    /// completed yet, one list per queue) until `at_least` requests have completed in all,
+    /// or `timeout` passed.
+    pub fn reap_until(
+        &mut self,
+        results: &mut [Vec<Option<i32>>],
+        at_least: usize,
+        timeout: Duration,
+    ) -> Result<()> {
+        let completed = |r: &[Vec<Option<i32>>]| r.iter().flatten().filter(|x| x.is_some()).count();
+        let mut pending: Vec<usize> = results
+            .iter()
+            .map(|r| r.iter().filter(|x| x.is_none()).count())
+            .collect();
+        let deadline = Instant::now() + timeout;
+        while completed(results) < at_least
+            && pending.iter().any(|&n| n > 0)
+            && Instant::now() < deadline
+        {
+            self.reap(results, &mut pending)?;
+        }
+        Ok(())
     }
 
     /// Like `run_batch`, failing on the first request with a non-zero result.

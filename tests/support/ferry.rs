@@ -10,16 +10,16 @@ use std::time::{Duration, Instant};
 /// Bound on a `ferry` command that is expected to finish by itself (an error, a query).
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// `ferry serve` with `args`, as a running daemon once every path of `sockets` exists.
+/// `ferry serve` with `args`, as a running daemon once it listens on every path of `sockets`.
 pub fn serve(args: &[String], sockets: &[&Path]) -> Result<Daemon> {
     let mut cmd = Command::new(super::ferry_bin());
     cmd.arg("serve").args(args);
     let (first, rest) = sockets
         .split_first()
         .context("serve needs a socket to wait for")?;
-    let mut daemon = Daemon::spawn_with_socket("ferry-serve", cmd, first)?;
+    let mut daemon = Daemon::spawn_listening("ferry-serve", cmd, first)?;
     for socket in rest {
-        daemon.wait_for_socket(socket, START_TIMEOUT)?;
+        daemon.wait_listening(socket, START_TIMEOUT)?;
     }
     Ok(daemon)
 }
@@ -112,14 +112,4 @@ pub fn query_volume(control: &Path, name: &str) -> Result<serde_json::Value> {
 /// A path inside `dir`, as a `String` for `--volume` specs.
 pub fn path_str(dir: &Path, name: &str) -> String {
     dir.join(name).display().to_string()
-}
-
-/// Reads `len` bytes at `offset` of a file on the host.
-pub fn read_file_range(path: &Path, offset: u64, len: usize) -> Result<Vec<u8>> {
-    use std::os::unix::fs::FileExt as _;
-    let file = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
-    let mut buf = vec![0u8; len];
-    file.read_exact_at(&mut buf, offset)
-        .with_context(|| format!("read {len} bytes at {offset} of {}", path.display()))?;
-    Ok(buf)
 }

@@ -95,7 +95,7 @@ impl FerryServe {
         }
         cmd.arg("--control").arg(control);
         cmd.env("RUST_LOG", "info");
-        let daemon = Daemon::spawn_with_socket("ferry-serve", cmd, control)?;
+        let daemon = Daemon::spawn_listening("ferry-serve", cmd, control)?;
         Ok(Self {
             daemon,
             control: control.to_path_buf(),

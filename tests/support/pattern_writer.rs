@@ -8,11 +8,12 @@
 
 use super::blkio_client::{BlkioClient, BlkioOpts, Op};
 use anyhow::{bail, ensure, Context as _, Result};
+use ferry_test_support::{wait_until, Rng};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Writes are aligned to this and are a multiple of it.
 pub const BLOCK_BYTES: u64 = 4096;
@@ -77,29 +78,6 @@ pub struct PatternWriter {
     handle: Option<JoinHandle<Result<WriterReport>>>,
 }
 
-/// xorshift64*: fast, deterministic randomness for offsets and data.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let word = self.next().to_le_bytes();
-            chunk.copy_from_slice(&word[..chunk.len()]);
-        }
-    }
-}
-
 impl PatternWriter {
     /// Connects to `socket` in a new thread and writes until stopped; `initial` is the disk's
     /// content now. Returns once the first batch has completed.
@@ -136,20 +114,16 @@ impl PatternWriter {
 
     /// Waits until `n` batches have completed in total.
     pub fn wait_batches(&self, n: u64, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        while self.batches() < n {
-            if self.handle.as_ref().is_none_or(JoinHandle::is_finished) {
-                bail!("the writer thread ended after {} batches", self.batches());
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "the writer did only {} of {n} batches within {timeout:?}",
-                    self.batches()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        Ok(())
+        wait_until(&format!("{n} writer batches"), timeout, || {
+            let ended = self.handle.as_ref().is_none_or(JoinHandle::is_finished);
+            ensure!(
+                self.batches() >= n || !ended,
+                "the writer thread ended after {} batches",
+                self.batches()
+            );
+            Ok(self.batches() >= n)
+        })
+        .with_context(|| format!("the writer did {} batches", self.batches()))
     }
 
     /// Waits for `n` more batches than now.
@@ -209,7 +183,7 @@ fn run(
         "device has {capacity} bytes, the model {}",
         model.len()
     );
-    let mut rng = Rng(config.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut rng = Rng::new(config.seed);
     let mut report = WriterReport {
         model: Vec::new(),
         ok_writes: 0,
@@ -289,35 +263,4 @@ fn plan_batch(rng: &mut Rng, config: &WriterConfig, window: (u64, u64)) -> Vec<(
         }
     }
     ops
-}
-
-/// Fails unless `path` holds `expected` at `offset_bytes`, naming the first differing byte.
-pub fn compare_image(path: &Path, offset_bytes: u64, expected: &[u8]) -> Result<()> {
-    use std::os::unix::fs::FileExt as _;
-    let file = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
-    let mut actual = vec![0u8; expected.len()];
-    file.read_exact_at(&mut actual, offset_bytes)
-        .with_context(|| format!("read {} bytes of {}", expected.len(), path.display()))?;
-    compare_bytes(&path.display().to_string(), &actual, expected)
-}
-
-/// Fails unless `actual == expected`, naming the first differing byte and the differing bytes.
-pub fn compare_bytes(what: &str, actual: &[u8], expected: &[u8]) -> Result<()> {
-    ensure!(
-        actual.len() == expected.len(),
-        "{what}: {} bytes, expected {}",
-        actual.len(),
-        expected.len()
-    );
-    if let Some(first) = actual.iter().zip(expected).position(|(a, e)| a != e) {
-        let differing = actual.iter().zip(expected).filter(|(a, e)| a != e).count();
-        bail!(
-            "{what}: {differing} bytes differ from what the client wrote, the first at offset {first} \
-             (block {}): got {:02x?}, expected {:02x?}",
-            first as u64 / BLOCK_BYTES,
-            &actual[first..(first + 8).min(actual.len())],
-            &expected[first..(first + 8).min(expected.len())]
-        );
-    }
-    Ok(())
 }

@@ -2,7 +2,7 @@
 //! `VhostUserBackend` callbacks that route events to the queue workers.
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ferry_engine::{EngineError, Volume, VolumeQueue};
@@ -150,9 +150,16 @@ impl BlockDevice {
     }
 
     /// The eventfd each worker's engine signals, by thread.
-    pub fn completion_fds(&self) -> Vec<std::os::fd::RawFd> {
+    pub fn completion_fds(&self) -> Vec<BorrowedFd<'_>> {
         (0..self.inner.workers.len())
-            .map(|i| self.worker(i).engine().notify_fd())
+            .map(|i| {
+                let fd = std::os::fd::AsRawFd::as_raw_fd(&self.worker(i).engine().notify_fd());
+                // SAFETY: the descriptor is the eventfd of the worker's engine queue, which
+                // owns it for its whole life; the worker never replaces its engine queue and
+                // the device keeps its workers for as long as it lives; the borrow cannot
+                // outlive `&self`.
+                unsafe { BorrowedFd::borrow_raw(fd) }
+            })
             .collect()
     }
 
@@ -171,16 +178,17 @@ impl BlockDevice {
     /// Call only once the `VhostUserDaemon` that used this device is dropped (its epoll
     /// threads joined), and only with vhost-user-backend 0.24, whose
     /// `VringEpollHandler::new` takes each consumer with `into_raw_fd` and never closes it.
-    /// Without this, every frontend connection leaked one descriptor per queue thread.
+    /// Without this, every frontend connection would leak one descriptor per queue thread.
     pub fn close_exit_events(&self) {
         let consumers = match self.inner.exit_consumers.lock() {
             Ok(mut consumers) => std::mem::take(&mut *consumers),
             Err(_) => return,
         };
         for fd in consumers {
-            // SAFETY: `fd` is a descriptor this device created in `exit_event` and that
-            // nobody owns any more (see above); it is closed exactly once, here.
-            unsafe { libc::close(fd) };
+            // `fd` is a descriptor this device created in `exit_event` and that nobody owns
+            // any more (see above); it is closed exactly once, here. Nothing is left to do
+            // if closing fails.
+            let _ = nix::unistd::close(fd);
         }
     }
 
@@ -233,7 +241,7 @@ impl VhostUserBackend for BlockDevice {
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let volume = &self.inner.volume;
         let space = config::config_space(
-            volume.size_bytes() / u64::from(config::SECTOR_BYTES),
+            volume.size_bytes() / ferry_engine::SECTOR_SIZE,
             self.inner.settings.queues,
             volume.write_cache_enabled(),
             self.inner.settings.logical_block_bytes,

@@ -8,12 +8,16 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
+use ferry_engine::SECTOR_SIZE;
+
 use crate::request::{SEG_MAX, SIZE_MAX};
 
-/// The unit of virtio-blk sector numbers and lengths, whatever the logical block size.
-pub const SECTOR_BYTES: u32 = 512;
-/// The logical block size reported to the guest unless a volume sets `logical-block-size=`.
-pub const LOGICAL_BLOCK_BYTES_DEFAULT: u32 = 512;
+/// The unit of virtio-blk sector numbers and lengths, whatever the logical block size, as
+/// the `u32` the configuration space counts in.
+const SECTOR_BYTES: u32 = SECTOR_SIZE as u32;
+/// The logical block size reported to the guest unless a volume sets `logical-block-size=`:
+/// one sector.
+pub const LOGICAL_BLOCK_BYTES_DEFAULT: u32 = SECTOR_BYTES;
 /// The largest logical block size accepted (the NBD protocol's largest minimum block size;
 /// Linux guests take at most their page size).
 pub const LOGICAL_BLOCK_BYTES_MAX: u32 = 64 << 10;
@@ -23,7 +27,7 @@ const PHYSICAL_BLOCK_BYTES: u32 = 4096;
 /// The largest discard / write-zeroes the guest may send, in sectors (1 GiB).
 pub const DISCARD_SECTORS_MAX: u32 = 1 << 21;
 
-/// Checks a `logical-block-size=` value: a power of two from 512 to 64 KiB.
+/// Checks a `logical-block-size=` value: a power of two from one sector to 64 KiB.
 pub fn check_logical_block_bytes(bytes: u32) -> Result<(), String> {
     if bytes.is_power_of_two() && (SECTOR_BYTES..=LOGICAL_BLOCK_BYTES_MAX).contains(&bytes) {
         Ok(())

@@ -1,10 +1,13 @@
 //! ferry's vhost-user-blk device: parses virtio-blk requests from guest memory and hands
 //! them to the engine as byte-range block operations.
 //!
-//! - [`request`]: descriptor chain -> request (all guest input validated here).
+//! - [`request`]: descriptor chain -> request (all guest input validated here), and the
+//!   one action for it ([`request::action`]): submit an engine operation, or answer now.
 //! - [`config`]: feature bits and the virtio-blk configuration space.
 //! - [`dirty_log`]: dirty-page logging for the frontend's live migration of the VM.
 //! - [`queue_worker`]: the per-thread loop between virtqueues and the engine.
+//! - [`poll_window`]: the adaptive busy-poll window of a worker.
+//! - [`guest_warnings`]: the rate limit on warnings a guest can cause.
 //! - [`backend`]: the `VhostUserBackend` implementation routing events to workers.
 //! - [`server`]: the socket, one frontend connection after another.
 //!

@@ -1,8 +1,8 @@
 //! The adaptive busy-poll window of a queue worker, after QEMU's `poll-max-ns` algorithm.
 //!
-//! Waking a thread that sleeps in `epoll_wait` costs tens of microseconds on these
-//! machines, more than a 4 KiB request takes to serve. So after its last piece of work a
-//! worker may spin for a while before sleeping. How long adapts: when the next request
+//! Waking a thread that sleeps in `epoll_wait` takes a scheduler wake-up and a context
+//! switch, which can cost more than serving a small request. So after its last piece of
+//! work a worker may spin for a while before sleeping. How long adapts: when the next request
 //! arrived soon after the worker went to sleep (it would have been caught by spinning), the
 //! window grows; when a whole window passed with no work, it shrinks. A workload with
 //! gaps longer than the maximum never pays for spinning; a QD1 stream gets its latency

@@ -7,43 +7,50 @@
 //! re-enable, re-check); submit them with one `io_uring_enter`; signal each used ring at
 //! most once per pass. The `batch` bound keeps completions flowing back while the guest
 //! is still adding requests. With a polling window set, the worker spins for that long
-//! after the last work before sleeping, because waking a sleeping thread costs tens of
-//! microseconds.
+//! after the last work before sleeping, because waking a sleeping thread costs far more
+//! than a short spin.
 //!
-//! Used entries are published in the order the chains were taken from the available ring,
-//! whatever order the engine finishes them in (a request finished early waits for the ones
-//! taken before it). That is what makes a daemon crash survivable without in-flight
-//! tracking (`INFLIGHT_SHMFD`, which vhost-user-backend does not offer): a reconnecting QEMU
-//! rewinds the ring to the used index and offers again exactly the chains from there on, so
-//! with in-order publication it resubmits only requests the guest is still waiting for. With
-//! out-of-order publication it would resubmit requests the guest had already seen complete
-//! (whose buffers it may have reused: a stale write of new data) and never resubmit some that
-//! had not (a guest I/O that never ends).
+//! Used entries are published in the order the chains were taken from the available ring
+//! ([`publication_order`] says why).
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_engine::volume::queue::Rejected;
 use ferry_engine::{BlockOp, Completion, IoFailure, VolumeQueue};
 use vhost_user_backend::{VringRwLock, VringState, VringT};
-use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::config::{self, DISCARD_SECTORS_MAX};
 use crate::dirty_log::{self, LogBitmap, LogState, Segment};
 use crate::guest_warnings::GuestWarnings;
 use crate::poll_window::PollWindow;
-use crate::request::{self, Parsed, Request, RequestType, ID_BYTES, WRITE_ZEROES_FLAG_UNMAP};
+use crate::request::action::Device;
+use crate::request::{self, Parsed, Request, RequestAction, Status, ID_BYTES};
+use publication_order::PublicationOrder;
+
+mod publication_order;
 
 pub type GuestMemory = GuestMemoryMmap<LogBitmap>;
 /// The vrings of a device over [`GuestMemory`].
 pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemory>>;
+/// The locked state of one [`Vring`].
+type VringStateOf = VringState<GuestMemoryAtomic<GuestMemory>>;
 
 /// Guest segments preallocated per request slot for dirty logging; a slot that sees a read
 /// with more segments grows once (up to `request::DESCRIPTORS_MAX`).
 const WRITTEN_SEGMENTS_PREALLOCATED: usize = 16;
+
+/// The longest a drain (a ring stopping, a frontend gone) waits for the requests in flight;
+/// one still running then becomes an orphan (see `InFlight::position`).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What one pass over a ring did.
+struct Pass {
+    popped_any: bool,
+    /// The pass stopped before the ring was empty (batch done, engine full, volume paused).
+    starved: bool,
+}
 
 /// A request handed to the engine, keyed by its tag.
 struct InFlight {
@@ -52,7 +59,9 @@ struct InFlight {
     status_addr: GuestAddress,
     /// Bytes the device writes into the guest's buffers on success (data read + status).
     used_len_ok: u32,
-    /// Keeps the guest memory the request's iovecs point into mapped.
+    /// Keeps the guest memory the request's iovecs point into mapped until the engine has
+    /// returned the request's completion, even when the frontend replaces its memory table
+    /// or goes away meanwhile (released in `answer`, or after the engine at drop).
     mem: Option<Arc<GuestMemory>>,
     /// The guest segments the engine writes into (a read's data buffers): marked dirty at
     /// completion while the frontend logs, because the kernel bypasses vm-memory's bitmap.
@@ -62,60 +71,6 @@ struct InFlight {
     /// touches neither guest memory nor the ring.
     position: Option<u64>,
 }
-
-/// One taken chain waiting for its turn on the used ring.
-#[derive(Clone, Copy)]
-struct Unpublished {
-    head: u16,
-    used_len: u32,
-    done: bool,
-}
-
-/// The chains taken from one vring and not yet on its used ring, in the order taken.
-#[derive(Default)]
-struct PublicationOrder {
-    /// The position (count of chains taken since the ring started) of `pending[0]`.
-    front: u64,
-    pending: VecDeque<Unpublished>,
-}
-
-impl PublicationOrder {
-    /// Appends a taken chain; returns its position.
-    fn push(&mut self, head: u16, done: Option<u32>) -> u64 {
-        let position = self.front + self.pending.len() as u64;
-        self.pending.push_back(Unpublished {
-            head,
-            used_len: done.unwrap_or(0),
-            done: done.is_some(),
-        });
-        position
-    }
-
-    /// Marks the chain at `position` finished with `used_len` bytes.
-    fn finish(&mut self, position: u64, used_len: u32) {
-        let index = position.wrapping_sub(self.front);
-        if let Some(entry) = usize::try_from(index)
-            .ok()
-            .and_then(|i| self.pending.get_mut(i))
-        {
-            entry.used_len = used_len;
-            entry.done = true;
-        }
-    }
-
-    /// Removes and returns the next chain if it is finished.
-    fn pop_finished(&mut self) -> Option<(u16, u32)> {
-        let entry = self.pending.front().filter(|e| e.done)?;
-        let out = (entry.head, entry.used_len);
-        self.pending.pop_front();
-        self.front += 1;
-        Some(out)
-    }
-}
-
-// SAFETY: the raw pointers a worker holds (iovecs in its reusable request buffer) are
-// only meaningful while it parses one request on the thread that holds the worker's lock.
-unsafe impl Send for QueueWorker {}
 
 /// Settings shared by every worker of a device.
 #[derive(Debug, Clone)]
@@ -135,11 +90,21 @@ pub struct WorkerSettings {
 }
 
 /// The state of one worker thread.
+///
+/// Drop order, relied on: fields drop in declaration order, and `engine` comes first. Its
+/// `Drop` waits until the kernel has finished every operation still in flight; only then do
+/// the in-flight slots (`inflight`, each holding the guest memory snapshot its request's
+/// iovecs point into) and `guest_memory` let go of the guest's mappings. The other way
+/// round, a request left over from a drain that timed out could have the kernel read or
+/// write memory already unmapped, or mapped again for something else. Keep `engine` the
+/// first field.
 pub struct QueueWorker {
+    /// Dropped first: see the drop order above.
     engine: VolumeQueue,
     settings: WorkerSettings,
     guest_memory: Option<GuestMemoryAtomic<GuestMemory>>,
     event_idx: bool,
+    /// Dropped after `engine`: see the drop order above.
     inflight: Vec<InFlight>,
     free_tags: Vec<u32>,
     request: Request,
@@ -245,72 +210,30 @@ impl QueueWorker {
 
     /// Pops and submits every available chain of one vring that the engine has room for.
     /// Returns true if anything was popped.
+    ///
+    /// With `VIRTIO_RING_F_EVENT_IDX` (virtio 1.2, 2.7.10) the guest is asked not to kick
+    /// while the worker is taking chains, and after re-enabling its kicks the ring is looked
+    /// at once more, since a chain added in between came without a kick. This is the only
+    /// place that loop is written.
     fn pop_vring(&mut self, index: u16, vring: &Vring, mem: &Arc<GuestMemory>) -> bool {
-        let mut popped_any = false;
         let mut state = vring.get_mut();
         if !state.get_queue().ready() || !state.is_enabled() {
             return false;
         }
         if self.started & (1 << index) == 0 {
             self.started |= 1 << index;
-            // A daemon killed after putting entries on the used ring and before signalling
-            // them leaves a guest waiting for completions it will never be told about (the
-            // restarted device finds nothing to do: those requests are not offered again).
-            // One notification at start makes the guest look at its used ring; a spurious
-            // one costs the guest a glance.
-            let signalled = state.get_call().is_some();
-            if let Err(e) = state.signal_used_queue() {
-                log::debug!("cannot signal used queue: {e}");
-            }
-            let queue = state.get_queue();
-            let avail = queue.avail_idx(mem.as_ref(), std::sync::atomic::Ordering::Acquire);
-            log::info!(
-                "volume {}: vring {index} started at avail index {} (guest's: {}){}",
-                self.engine.volume().name(),
-                queue.next_avail(),
-                avail.map_or_else(|e| format!("unreadable: {e}"), |a| a.0.to_string()),
-                if signalled {
-                    ""
-                } else {
-                    "; no call descriptor yet"
-                }
-            );
+            self.announce_start(index, &mut state, mem);
         }
+        let mut popped_any = false;
         loop {
             if self.event_idx {
                 let _ = state.disable_notification();
             }
-            let mut starved = false;
-            let mut taken = 0;
-            while self.engine.has_room() && !self.free_tags.is_empty() {
-                if taken == self.settings.batch {
-                    // More may be waiting: the run loop comes back at once (`popped_any`),
-                    // after submitting these and completing what is done.
-                    starved = true;
-                    break;
-                }
-                taken += 1;
-                if self.engine.volume().is_paused() {
-                    starved = true;
-                    break;
-                }
-                let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.as_ref()) else {
-                    break;
-                };
-                popped_any = true;
-                let parsed = request::parse(chain, mem.as_ref(), &mut self.request);
-                if !self.dispatch(parsed, index, mem, &mut state) {
-                    state.get_queue_mut().go_to_previous_position();
-                    starved = true;
-                    break;
-                }
-            }
-            if !self.engine.has_room() || self.free_tags.is_empty() {
-                starved = true;
-            }
-            // Re-enable notifications; if the guest added chains meanwhile, go again.
-            // When starved, completions (or the resume wake-up) bring us back instead.
-            if !self.event_idx || starved {
+            let pass = self.take_chains(index, &mut state, mem);
+            popped_any |= pass.popped_any;
+            // When starved, completions (or the resume wake-up) bring the worker back
+            // instead of a kick.
+            if !self.event_idx || pass.starved {
                 break;
             }
             match state.enable_notification() {
@@ -321,6 +244,75 @@ impl QueueWorker {
         popped_any
     }
 
+    /// Signals a ring the first time the worker finds it started, and logs where it starts.
+    ///
+    /// A daemon killed after putting entries on the used ring and before signalling them
+    /// leaves a guest waiting for completions it will never be told about (the restarted
+    /// device finds nothing to do: those requests are not offered again). One notification
+    /// at start makes the guest look at its used ring; a spurious one costs the guest a
+    /// glance.
+    fn announce_start(&self, index: u16, state: &mut VringStateOf, mem: &GuestMemory) {
+        let signalled = state.get_call().is_some();
+        if let Err(e) = state.signal_used_queue() {
+            log::debug!("cannot signal used queue: {e}");
+        }
+        let queue = state.get_queue();
+        let avail = queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire);
+        log::info!(
+            "volume {}: vring {index} started at avail index {} (guest's: {}){}",
+            self.engine.volume().name(),
+            queue.next_avail(),
+            avail.map_or_else(|e| format!("unreadable: {e}"), |a| a.0.to_string()),
+            if signalled {
+                ""
+            } else {
+                "; no call descriptor yet"
+            }
+        );
+    }
+
+    /// Takes at most `batch` chains from one ring, while the engine has room and the volume
+    /// is not paused.
+    fn take_chains(
+        &mut self,
+        index: u16,
+        state: &mut VringStateOf,
+        mem: &Arc<GuestMemory>,
+    ) -> Pass {
+        let mut pass = Pass {
+            popped_any: false,
+            starved: false,
+        };
+        let mut taken = 0;
+        while self.engine.has_room() && !self.free_tags.is_empty() {
+            if taken == self.settings.batch {
+                // More may be waiting: the run loop comes back at once (`popped_any`),
+                // after submitting these and completing what is done.
+                pass.starved = true;
+                return pass;
+            }
+            taken += 1;
+            if self.engine.volume().is_paused() {
+                pass.starved = true;
+                return pass;
+            }
+            let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.as_ref()) else {
+                break;
+            };
+            pass.popped_any = true;
+            let parsed = request::parse(chain, mem.as_ref(), &mut self.request);
+            if !self.dispatch(parsed, index, mem, state) {
+                state.get_queue_mut().go_to_previous_position();
+                pass.starved = true;
+                return pass;
+            }
+        }
+        if !self.engine.has_room() || self.free_tags.is_empty() {
+            pass.starved = true;
+        }
+        pass
+    }
+
     /// Answers or submits one parsed chain. Returns false if the engine refused it for now
     /// (the chain must be offered again later).
     fn dispatch(
@@ -328,26 +320,18 @@ impl QueueWorker {
         parsed: Parsed,
         vring: u16,
         mem: &Arc<GuestMemory>,
-        state: &mut VringState<GuestMemoryAtomic<GuestMemory>>,
+        state: &mut VringStateOf,
     ) -> bool {
         let head = self.request.head_index;
         match parsed {
-            Parsed::Ok => {}
+            Parsed::Ok => self.act(vring, mem, state),
             Parsed::Failed { error, status_addr } => {
                 self.guest_warnings.warn(
                     self.engine.volume().name(),
                     format_args!("bad request: {error}"),
                 );
-                self.answer_now(
-                    state,
-                    vring,
-                    head,
-                    status_addr,
-                    VIRTIO_BLK_S_IOERR as u8,
-                    1,
-                    mem,
-                );
-                return true;
+                self.answer_now(state, vring, head, status_addr, Status::IoErr, 1, mem);
+                true
             }
             Parsed::Dropped(error) => {
                 self.guest_warnings.warn(
@@ -355,31 +339,31 @@ impl QueueWorker {
                     format_args!("dropped request: {error}"),
                 );
                 self.publish_answered(vring, head, 0, state);
-                return true;
+                true
             }
         }
+    }
+
+    /// Carries out the action of the request just parsed: answers it, or hands its
+    /// operation to the engine with a free tag. Returns false if the engine refused it for
+    /// now.
+    fn act(&mut self, vring: u16, mem: &Arc<GuestMemory>, state: &mut VringStateOf) -> bool {
+        let head = self.request.head_index;
         let status_addr = self.request.status_addr;
-        let op = match self.block_op(mem) {
-            Ok(op) => op,
-            Err(status) => {
-                let used = if self.request.request_type == RequestType::GetId
-                    && status == VIRTIO_BLK_S_OK as u8
-                {
-                    self.request.data_bytes.min(ID_BYTES as u64) as u32 + 1
-                } else {
-                    1
-                };
-                self.answer_now(state, vring, head, status_addr, status, used, mem);
+        let device = Device {
+            serial: &self.settings.serial,
+            logical_block_bytes: self.settings.logical_block_bytes,
+            volume: self.engine.volume().as_ref(),
+        };
+        let (op, used_len_ok) = match self.request.action(mem.as_ref(), &device) {
+            RequestAction::Submit { op, used_len_ok } => (op, used_len_ok),
+            RequestAction::Answer { status, used_len } => {
+                self.answer_now(state, vring, head, status_addr, status, used_len, mem);
                 return true;
             }
         };
         let Some(tag) = self.free_tags.pop() else {
             return false;
-        };
-        let used_len_ok = if self.request.request_type == RequestType::Read {
-            self.request.data_bytes as u32 + 1
-        } else {
-            1
         };
         let slot = &mut self.inflight[tag as usize];
         slot.vring = vring;
@@ -388,16 +372,13 @@ impl QueueWorker {
         slot.used_len_ok = used_len_ok;
         slot.mem = Some(mem.clone());
         slot.written.clear();
-        if self.request.request_type == RequestType::Read {
+        if let BlockOp::Read { .. } = op {
             slot.written.extend_from_slice(&self.request.data_segments);
         }
         // SAFETY: the iovecs point into guest memory mapped by `mem`, which the in-flight
         // slot keeps alive until the engine returns the completion for `tag`; the guest
         // gave these buffers to the device until it sees the used entry.
-        match unsafe {
-            self.engine
-                .submit(op_with(&op, &self.request), u64::from(tag))
-        } {
+        match unsafe { self.engine.submit(op, u64::from(tag)) } {
             Ok(()) => {
                 let position = self.order[usize::from(vring)].push(head, None);
                 self.inflight[tag as usize].position = Some(position);
@@ -411,99 +392,18 @@ impl QueueWorker {
         }
     }
 
-    /// Turns the parsed request into an engine operation, or answers it at once with a status.
-    fn block_op(&self, mem: &GuestMemory) -> Result<OpKind, u8> {
-        let r = &self.request;
-        let block = self.settings.logical_block_bytes;
-        let offset_bytes = || r.sector.checked_mul(512).ok_or(VIRTIO_BLK_S_IOERR as u8);
-        match r.request_type {
-            RequestType::Read | RequestType::Write => {
-                let offset = offset_bytes()?;
-                if !config::is_block_aligned(offset, r.data_bytes, block) {
-                    return Err(VIRTIO_BLK_S_IOERR as u8);
-                }
-                Ok(if r.request_type == RequestType::Read {
-                    OpKind::Read(offset)
-                } else {
-                    OpKind::Write(offset)
-                })
-            }
-            RequestType::Flush => Ok(OpKind::Flush),
-            RequestType::GetId => {
-                let mut written = 0usize;
-                for &(addr, len) in &r.data_segments {
-                    let n = (len as usize).min(ID_BYTES - written);
-                    if n == 0 {
-                        break;
-                    }
-                    if mem
-                        .write_slice(&self.settings.serial[written..written + n], addr)
-                        .is_err()
-                    {
-                        return Err(VIRTIO_BLK_S_IOERR as u8);
-                    }
-                    written += n;
-                }
-                Err(VIRTIO_BLK_S_OK as u8)
-            }
-            RequestType::Discard | RequestType::WriteZeroes => {
-                // Not offered on a read-only volume (`config::device_features`).
-                if self.engine.volume().read_only() {
-                    return Err(VIRTIO_BLK_S_UNSUPP as u8);
-                }
-                let Some(seg) = request::read_discard_segment(r, mem) else {
-                    return Err(VIRTIO_BLK_S_IOERR as u8);
-                };
-                let discard = r.request_type == RequestType::Discard;
-                let allowed_flags = if discard { 0 } else { WRITE_ZEROES_FLAG_UNMAP };
-                if seg.flags & !allowed_flags != 0 {
-                    return Err(VIRTIO_BLK_S_UNSUPP as u8);
-                }
-                if seg.num_sectors > DISCARD_SECTORS_MAX {
-                    return Err(VIRTIO_BLK_S_IOERR as u8);
-                }
-                if seg.num_sectors == 0 {
-                    // Nothing to do, but the sector must still be on the volume.
-                    let in_range = seg
-                        .sector
-                        .checked_mul(512)
-                        .is_some_and(|offset| offset <= self.engine.volume().size_bytes());
-                    return Err(if in_range {
-                        VIRTIO_BLK_S_OK
-                    } else {
-                        VIRTIO_BLK_S_IOERR
-                    } as u8);
-                }
-                let offset = seg
-                    .sector
-                    .checked_mul(512)
-                    .ok_or(VIRTIO_BLK_S_IOERR as u8)?;
-                let len = u64::from(seg.num_sectors) * 512;
-                if !config::is_block_aligned(offset, len, block) {
-                    return Err(VIRTIO_BLK_S_IOERR as u8);
-                }
-                Ok(if discard {
-                    OpKind::Discard(offset, len)
-                } else {
-                    OpKind::WriteZeroes(offset, len, seg.flags & WRITE_ZEROES_FLAG_UNMAP != 0)
-                })
-            }
-            RequestType::Unsupported(_) => Err(VIRTIO_BLK_S_UNSUPP as u8),
-        }
-    }
-
     #[allow(clippy::too_many_arguments)]
     fn answer_now(
         &mut self,
-        state: &mut VringState<GuestMemoryAtomic<GuestMemory>>,
+        state: &mut VringStateOf,
         vring: u16,
         head: u16,
         status_addr: GuestAddress,
-        status: u8,
+        status: Status,
         used_len: u32,
         mem: &GuestMemory,
     ) {
-        if status != VIRTIO_BLK_S_OK as u8 {
+        if status != Status::Ok {
             // A request the device refused (malformed, not in whole blocks, unsupported)
             // counts among the volume's errors like one that failed in the engine.
             self.engine
@@ -512,7 +412,7 @@ impl QueueWorker {
                 .errors
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        if mem.write_obj(status, status_addr).is_err() {
+        if mem.write_obj(status as u8, status_addr).is_err() {
             self.guest_warnings.warn(
                 self.engine.volume().name(),
                 format_args!("status byte outside guest memory"),
@@ -522,19 +422,13 @@ impl QueueWorker {
     }
 
     /// Queues a chain answered without the engine for its turn on `vring`'s used ring.
-    fn publish_answered(
-        &mut self,
-        vring: u16,
-        head: u16,
-        used_len: u32,
-        state: &mut VringState<GuestMemoryAtomic<GuestMemory>>,
-    ) {
+    fn publish_answered(&mut self, vring: u16, head: u16, used_len: u32, state: &mut VringStateOf) {
         self.order[usize::from(vring)].push(head, Some(used_len));
         self.publish(vring, state);
     }
 
     /// Puts the finished chains at the front of `vring`'s publication order on its used ring.
-    fn publish(&mut self, vring: u16, state: &mut VringState<GuestMemoryAtomic<GuestMemory>>) {
+    fn publish(&mut self, vring: u16, state: &mut VringStateOf) {
         let Some(order) = self.order.get_mut(usize::from(vring)) else {
             return;
         };
@@ -605,10 +499,10 @@ impl QueueWorker {
             return None;
         };
         let (status, used_len) = match completion.result {
-            Ok(_) => (VIRTIO_BLK_S_OK as u8, slot.used_len_ok),
+            Ok(_) => (Status::Ok, slot.used_len_ok),
             Err(failure) => {
                 log_failure(self.engine.volume().name(), failure);
-                (VIRTIO_BLK_S_IOERR as u8, 1)
+                (Status::IoErr, 1)
             }
         };
         // Write the status through the memory the request was parsed against.
@@ -619,7 +513,10 @@ impl QueueWorker {
         if self.settings.log.is_active() {
             dirty_log::mark_written(target_mem, &slot.written);
         }
-        if target_mem.write_obj(status, slot.status_addr).is_err() {
+        if target_mem
+            .write_obj(status as u8, slot.status_addr)
+            .is_err()
+        {
             self.guest_warnings.warn(
                 self.engine.volume().name(),
                 format_args!("status byte outside guest memory"),
@@ -654,10 +551,11 @@ impl QueueWorker {
             return;
         };
         let mut completions = Vec::new();
-        if !self.engine.drain(&mut completions, Duration::from_secs(30)) {
+        if !self.engine.drain(&mut completions, DRAIN_TIMEOUT) {
             log::error!(
-                "volume {}: requests still in flight after 30 s",
-                self.engine.volume().name()
+                "volume {}: requests still in flight after {} s",
+                self.engine.volume().name(),
+                DRAIN_TIMEOUT.as_secs()
             );
         }
         let vrings = std::mem::take(&mut self.vrings);
@@ -681,9 +579,9 @@ impl QueueWorker {
             let Some(order) = self.order.get_mut(index) else {
                 continue;
             };
-            if order.pending.iter().any(|e| e.done) {
+            if order.finished().next().is_some() {
                 let mut state = vring.get_mut();
-                for entry in order.pending.iter().filter(|e| e.done) {
+                for entry in order.finished() {
                     if let Err(e) = state.add_used(entry.head, entry.used_len) {
                         log::error!("cannot add used entry: {e}");
                     }
@@ -692,38 +590,6 @@ impl QueueWorker {
             }
             *order = PublicationOrder::default();
         }
-    }
-}
-
-/// The engine operation of a request, without its borrowed iovecs.
-enum OpKind {
-    Read(u64),
-    Write(u64),
-    Flush,
-    Discard(u64, u64),
-    WriteZeroes(u64, u64, bool),
-}
-
-fn op_with<'a>(op: &OpKind, request: &'a Request) -> BlockOp<'a> {
-    match *op {
-        OpKind::Read(offset_bytes) => BlockOp::Read {
-            offset_bytes,
-            iovecs: &request.iovecs,
-        },
-        OpKind::Write(offset_bytes) => BlockOp::Write {
-            offset_bytes,
-            iovecs: &request.iovecs,
-        },
-        OpKind::Flush => BlockOp::Flush,
-        OpKind::Discard(offset_bytes, len_bytes) => BlockOp::Discard {
-            offset_bytes,
-            len_bytes,
-        },
-        OpKind::WriteZeroes(offset_bytes, len_bytes, unmap) => BlockOp::WriteZeroes {
-            offset_bytes,
-            len_bytes,
-            unmap,
-        },
     }
 }
 
@@ -738,16 +604,14 @@ fn log_failure(volume: &str, failure: IoFailure) {
 
 #[cfg(test)]
 mod tests {
-    use super::PublicationOrder;
-
     /// A worker that finds a ring started signals it once, with nothing to do: a daemon
     /// killed between putting entries on the used ring and signalling them would otherwise
-    /// leave the guest waiting for ever (seen with QEMU: avail, used and the restarted
-    /// device's base all equal, the guest's I/O never completing).
+    /// leave the guest waiting for ever (with QEMU: avail, used and the restarted device's
+    /// base all equal, and the guest's I/O never completing).
     #[test]
     fn a_started_ring_is_signalled_once_even_with_nothing_to_do(
     ) -> Result<(), Box<dyn std::error::Error>> {
-        use std::os::fd::FromRawFd;
+        use nix::sys::eventfd::{EfdFlags, EventFd};
         use vhost_user_backend::{VringRwLock, VringT};
         use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
@@ -774,11 +638,8 @@ mod tests {
         let vring = VringRwLock::new(mem, 16)?;
         vring.set_queue_size(16);
         vring.set_queue_info(0x1000, 0x2000, 0x3000)?;
-        // SAFETY: eventfd(2) returns a new descriptor (checked) that the File then owns.
-        let call = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        assert!(call >= 0);
-        // SAFETY: `call` is a fresh descriptor owned by nothing else.
-        let call = unsafe { std::fs::File::from_raw_fd(call) };
+        let call = EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)?;
+        let call = std::fs::File::from(std::os::fd::OwnedFd::from(call));
         vring.set_call(Some(call.try_clone()?));
         vring.set_queue_ready(true);
         vring.set_enabled(true);
@@ -796,41 +657,5 @@ mod tests {
         worker.run(&vrings);
         assert_eq!(signals(&call), 1, "a restart is signalled");
         Ok(())
-    }
-
-    #[test]
-    fn chains_finished_out_of_order_are_published_in_the_order_taken() {
-        let mut order = PublicationOrder::default();
-        let a = order.push(10, None);
-        let b = order.push(11, None);
-        let c = order.push(12, Some(1));
-        let d = order.push(13, None);
-        assert_eq!((a, b, c, d), (0, 1, 2, 3));
-        // b and d finish first: nothing may be published while a is still running.
-        order.finish(b, 1);
-        order.finish(d, 513);
-        assert_eq!(order.pop_finished(), None);
-        order.finish(a, 4097);
-        assert_eq!(order.pop_finished(), Some((10, 4097)));
-        assert_eq!(order.pop_finished(), Some((11, 1)));
-        assert_eq!(order.pop_finished(), Some((12, 1)));
-        assert_eq!(order.pop_finished(), Some((13, 513)));
-        assert_eq!(order.pop_finished(), None);
-        // Positions keep counting after the queue empties.
-        assert_eq!(order.push(14, Some(1)), 4);
-        assert_eq!(order.pop_finished(), Some((14, 1)));
-    }
-
-    #[test]
-    fn a_position_that_is_not_pending_is_ignored() {
-        let mut order = PublicationOrder::default();
-        let a = order.push(1, None);
-        order.finish(a + 5, 1);
-        order.finish(u64::MAX, 1);
-        assert_eq!(order.pop_finished(), None);
-        order.finish(a, 1);
-        assert_eq!(order.pop_finished(), Some((1, 1)));
-        order.finish(a, 1);
-        assert_eq!(order.pop_finished(), None);
     }
 }

@@ -18,8 +18,13 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
 };
+use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend};
+
+pub mod action;
+
+pub use action::{RequestAction, Status};
 
 /// The most iovecs one request may turn into (data descriptors, split at memory-region
 /// boundaries). A longer chain is refused.
@@ -102,6 +107,52 @@ pub enum ParseError {
     Broken,
 }
 
+/// The host iovecs of one request's data buffers: addresses inside guest memory, handed to
+/// the engine as they are (no bounce copy).
+#[derive(Debug)]
+pub struct GuestIovecs(Vec<libc::iovec>);
+
+// SAFETY: `libc::iovec` holds a raw pointer, so the compiler cannot tell whether these may
+// move to another thread. They may: this type only stores the addresses and never reads or
+// writes through them, so moving it races with nothing. The memory belongs to the guest and
+// stays mapped while the guest memory snapshot the request was parsed against is held (by
+// the queue worker while it submits the request, then by the request's in-flight slot until
+// its completion is reaped); the only code that goes through the addresses is the kernel,
+// after `VolumeQueue::submit`, whose contract the submitting caller upholds. Addresses left
+// from an earlier request are never handed out again: each parse clears them first.
+unsafe impl Send for GuestIovecs {}
+
+impl GuestIovecs {
+    fn with_capacity(capacity: usize) -> Self {
+        Self(Vec::with_capacity(capacity))
+    }
+
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+
+    fn push(&mut self, iovec: libc::iovec) {
+        self.0.push(iovec);
+    }
+}
+
+impl Deref for GuestIovecs {
+    type Target = [libc::iovec];
+
+    fn deref(&self) -> &[libc::iovec] {
+        &self.0
+    }
+}
+
+impl<'a> IntoIterator for &'a GuestIovecs {
+    type Item = &'a libc::iovec;
+    type IntoIter = std::slice::Iter<'a, libc::iovec>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
 /// A parsed request. `iovecs` hold host addresses of guest memory: valid while the guest
 /// memory snapshot the request was parsed against is kept alive.
 #[derive(Debug)]
@@ -109,7 +160,7 @@ pub struct Request {
     pub head_index: u16,
     pub request_type: RequestType,
     pub sector: u64,
-    pub iovecs: Vec<libc::iovec>,
+    pub iovecs: GuestIovecs,
     /// Guest address of the first data byte, for small copies (GET_ID, discard segments).
     pub data_segments: Vec<(GuestAddress, u32)>,
     pub data_bytes: u64,
@@ -123,7 +174,7 @@ impl Request {
             head_index: 0,
             request_type: RequestType::Flush,
             sector: 0,
-            iovecs: Vec::with_capacity(IOVECS_MAX),
+            iovecs: GuestIovecs::with_capacity(IOVECS_MAX),
             data_segments: Vec::with_capacity(DESCRIPTORS_MAX),
             data_bytes: 0,
             status_addr: GuestAddress(0),
@@ -153,6 +204,22 @@ struct Segment {
     writable: bool,
 }
 
+impl Segment {
+    const EMPTY: Self = Self {
+        addr: GuestAddress(0),
+        len: 0,
+        writable: false,
+    };
+
+    fn of(desc: &SplitDescriptor) -> Self {
+        Self {
+            addr: desc.addr(),
+            len: desc.len(),
+            writable: desc.is_write_only(),
+        }
+    }
+}
+
 /// Parses `chain` into `request` (reusing its buffers).
 pub fn parse<M, Mem>(chain: DescriptorChain<M>, mem: &Mem, request: &mut Request) -> Parsed
 where
@@ -163,82 +230,120 @@ where
     request.iovecs.clear();
     request.data_segments.clear();
     request.data_bytes = 0;
-    let mut segments: [Segment; DESCRIPTORS_MAX] = [Segment {
-        addr: GuestAddress(0),
-        len: 0,
-        writable: false,
-    }; DESCRIPTORS_MAX];
+    let mut segments = [Segment::EMPTY; DESCRIPTORS_MAX];
+    let count = match read_chain(chain, &mut segments) {
+        Ok(count) => count,
+        Err(outcome) => return outcome,
+    };
+    let segments = &mut segments[..count];
+    let status_addr = match status_byte(segments, mem) {
+        Ok(status_addr) => status_addr,
+        Err(error) => return Parsed::Dropped(error),
+    };
+    request.status_addr = status_addr;
+    let fail = |error| Parsed::Failed { error, status_addr };
+    // The status byte is not data.
+    if let Some(last) = segments.last_mut() {
+        last.len -= 1;
+    }
+    let data_from = match read_header(segments, mem, request) {
+        Ok(data_from) => data_from,
+        Err(error) => return fail(error),
+    };
+    if let Err(error) = collect_data(&segments[data_from..], mem, request) {
+        return fail(error);
+    }
+    Parsed::Ok
+}
+
+/// Reads the chain's descriptors into `segments` and returns how many there are; a chain
+/// that is empty, ends in a broken link or is too long gets its outcome instead.
+fn read_chain<M, Mem>(
+    mut chain: DescriptorChain<M>,
+    segments: &mut [Segment; DESCRIPTORS_MAX],
+) -> Result<usize, Parsed>
+where
+    M: Deref<Target = Mem>,
+    Mem: GuestMemoryBackend + GuestMemory,
+{
     let mut count = 0usize;
     // The chain's iterator stops without an error at a broken link; the last descriptor
     // seen then still points to a next one, and the chain's real end (its status byte) is
     // unknown.
     let mut last_has_next = false;
-    let mut chain = chain;
-    for desc in chain.by_ref() {
+    while let Some(desc) = chain.next() {
         last_has_next = desc.has_next();
-        let segment = Segment {
-            addr: desc.addr(),
-            len: desc.len(),
-            writable: desc.is_write_only(),
-        };
+        let segment = Segment::of(&desc);
         if count == DESCRIPTORS_MAX {
             // Too long: find the real end for the status byte, then refuse.
-            let last = chain.by_ref().fold((segment, desc.has_next()), |_, d| {
-                let s = Segment {
-                    addr: d.addr(),
-                    len: d.len(),
-                    writable: d.is_write_only(),
-                };
-                (s, d.has_next())
+            let (last, has_next) = chain.by_ref().fold((segment, desc.has_next()), |_, d| {
+                (Segment::of(&d), d.has_next())
             });
-            if last.1 {
-                return Parsed::Dropped(ParseError::Broken);
+            if has_next {
+                return Err(Parsed::Dropped(ParseError::Broken));
             }
-            return status_or_drop(&[last.0], ParseError::TooLong);
+            return Err(status_or_drop(&[last], ParseError::TooLong));
         }
         segments[count] = segment;
         count += 1;
     }
-    let segments = &mut segments[..count];
-    if segments.is_empty() {
-        return Parsed::Dropped(ParseError::Empty);
+    if count == 0 {
+        return Err(Parsed::Dropped(ParseError::Empty));
     }
     if last_has_next {
-        return Parsed::Dropped(ParseError::Broken);
+        return Err(Parsed::Dropped(ParseError::Broken));
     }
-    // The status byte: the last byte of the last descriptor, which must be writable.
-    let last = segments[count - 1];
+    Ok(count)
+}
+
+/// The status byte: the last byte of the last descriptor, which must be device-writable
+/// and inside guest memory.
+fn status_byte<Mem>(segments: &[Segment], mem: &Mem) -> Result<GuestAddress, ParseError>
+where
+    Mem: GuestMemoryBackend,
+{
+    let Some(last) = segments.last() else {
+        return Err(ParseError::Empty);
+    };
     if !last.writable || last.len == 0 {
-        return Parsed::Dropped(ParseError::NoStatus);
+        return Err(ParseError::NoStatus);
     }
     let Some(status_addr) = last.addr.checked_add(u64::from(last.len) - 1) else {
-        return Parsed::Dropped(ParseError::NoStatus);
+        return Err(ParseError::NoStatus);
     };
     if !GuestMemoryBackend::check_range(mem, status_addr, 1) {
-        return Parsed::Dropped(ParseError::OutsideMemory);
+        return Err(ParseError::OutsideMemory);
     }
-    request.status_addr = status_addr;
-    let fail = |error| Parsed::Failed { error, status_addr };
-    segments[count - 1].len -= 1;
+    Ok(status_addr)
+}
 
-    // The header: the chain's first 16 bytes, in one descriptor or spread over several
-    // (virtio 1.x drivers may frame a request as they like, virtio 1.2 section 2.7.4).
+/// Reads the request header, the chain's first 16 bytes, in one descriptor or spread over
+/// several (virtio 1.x drivers may frame a request as they like, virtio 1.2 section 2.7.4),
+/// and takes it off `segments`; returns the index of the first segment with data left.
+fn read_header<Mem>(
+    segments: &mut [Segment],
+    mem: &Mem,
+    request: &mut Request,
+) -> Result<usize, ParseError>
+where
+    Mem: GuestMemory,
+{
     let mut header = [0u8; HEADER_BYTES as usize];
     let mut header_bytes = 0usize;
     let mut data_from = 0usize;
     while header_bytes < header.len() {
         let Some(segment) = segments.get_mut(data_from) else {
-            return fail(ParseError::BadHeader);
+            return Err(ParseError::BadHeader);
         };
         if segment.writable {
-            return fail(ParseError::BadHeader);
+            return Err(ParseError::BadHeader);
         }
         let n = (segment.len as usize).min(header.len() - header_bytes);
         if mem
             .read_slice(&mut header[header_bytes..header_bytes + n], segment.addr)
             .is_err()
         {
-            return fail(ParseError::OutsideMemory);
+            return Err(ParseError::OutsideMemory);
         }
         header_bytes += n;
         // n <= segment.len, so the address stays inside the descriptor just read.
@@ -253,12 +358,7 @@ where
     let mut sector_bytes = [0u8; 8];
     sector_bytes.copy_from_slice(&header[8..16]);
     request.sector = u64::from_le_bytes(sector_bytes);
-    let segments = &segments[data_from..];
-
-    if let Err(error) = collect_data(segments, mem, request) {
-        return fail(error);
-    }
-    Parsed::Ok
+    Ok(data_from)
 }
 
 /// Checks directions and turns the data descriptors into host iovecs.
@@ -347,5 +447,7 @@ pub fn read_discard_segment<Mem: GuestMemory + Bytes<GuestAddress>>(
     })
 }
 
+#[cfg(test)]
+mod test_chains;
 #[cfg(test)]
 mod tests;

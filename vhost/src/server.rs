@@ -5,6 +5,7 @@
 //! restart) is followed by the next one on the same socket; the volume stays open.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -91,18 +92,13 @@ fn serve_one_connection(
         .zip(device.completion_fds())
     {
         handler
-            .register_listener(fd, EventSet::IN, device.completion_event())
+            .register_listener(fd.as_raw_fd(), EventSet::IN, device.completion_event())
             .map_err(|e| format!("cannot watch io_uring completions: {e}"))?;
     }
     // Registered for this connection only: dropped (unregistered, closed) when it ends.
     let mut resume_wakers = Vec::new();
     for fd in device.completion_fds() {
-        // SAFETY: F_DUPFD_CLOEXEC on a descriptor the device owns; the duplicate is owned below.
-        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
-        if dup >= 0 {
-            // SAFETY: `dup` is a fresh descriptor nobody else owns.
-            let owned =
-                unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(dup) };
+        if let Ok(owned) = fd.try_clone_to_owned() {
             resume_wakers.push(volume.register_resume_waker(owned));
         }
     }
@@ -114,7 +110,10 @@ fn serve_one_connection(
     log::info!("volume {}: frontend connected", volume.name());
     let result = daemon.wait();
     state.connected.store(false, Ordering::SeqCst);
-    // Requests still in flight complete before the workers and their rings go away.
+    // Requests still in flight complete before the workers and their rings go away. One
+    // that outlives the drain's bound keeps its guest memory snapshot in its worker's slot,
+    // and the worker drops its engine queue (which waits for the kernel) before that
+    // snapshot (`QueueWorker`'s drop order), when the last clone of `device` goes.
     device.drain_all();
     drop(resume_wakers);
     drop(daemon);

@@ -251,9 +251,9 @@ pub struct LogSnapshot {
 }
 
 impl LogSnapshot {
-    /// The first sequence number asked for that the log no longer holds because it dropped
-    /// it to its bound: entries from `since_seq` up to the oldest held are only on the
-    /// media. `None` when the snapshot has all it was asked for.
+    /// The first sequence number asked for that the log dropped to its bound: entries from
+    /// `since_seq` up to the oldest held are only on the media. `None` when the snapshot has
+    /// all it was asked for.
     pub fn dropped_from(&self) -> Option<u64> {
         let first = self.first_held_seq.unwrap_or(u64::MAX);
         (self.dropped > 0 && self.since_seq < first).then_some(self.since_seq)
@@ -309,15 +309,34 @@ mod tests {
             .collect()
     }
 
+    /// The helper thread faults in as many chunks as it was asked for, then ends.
+    #[test]
+    fn the_supply_thread_delivers_its_chunks_then_ends() {
+        let hang = std::time::Duration::from_secs(60);
+        let supply = ChunkSupply::start(3).expect("supply thread");
+        for _ in 0..3 {
+            let chunk = supply
+                .ready
+                .recv_timeout(hang)
+                .expect("a chunk from the supply");
+            assert!(chunk.is_empty() && chunk.capacity() >= CHUNK_ENTRIES);
+        }
+        assert!(supply.ready.recv_timeout(hang).is_err(), "a chunk too many");
+    }
+
+    /// A log fed from a supply holds what a log that allocates its own chunks holds. The
+    /// supply's chunks are made ready before the appends, so that the log takes them
+    /// whatever the helper thread's pace.
     #[test]
     fn chunks_from_the_supply_hold_the_same_log() {
-        let mut log = MemoryLog::new(4 * CHUNK_ENTRIES as u64 * ENTRY_BYTES).with_chunk_supply();
+        let mut log = MemoryLog::new(4 * CHUNK_ENTRIES as u64 * ENTRY_BYTES);
+        let (ready_tx, ready) = sync_channel(4);
+        for _ in 0..4 {
+            ready_tx.send(faulted_in_chunk()).expect("room for a chunk");
+        }
+        log.supply = Some(ChunkSupply { ready });
         let n = 9 * CHUNK_ENTRIES as u64 + 5;
         for start in (0..n).step_by(1000) {
-            // Give the helper time to have a chunk ready now and then.
-            if start % (2 * CHUNK_ENTRIES as u64) < 1000 {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
             log.extend(&entries(start..(start + 1000).min(n)));
         }
         assert!(log.supplied_chunks > 0, "no chunk came from the supply");

@@ -118,17 +118,18 @@ mod tests {
     use super::*;
     use crate::nbd::{ExportUri, NbdAddress};
     use crate::VolumeConfig;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
-    /// A target that takes its time (a server that never answers the handshake): the
-    /// registry answers other commands meanwhile, and a second start of the same volume is
-    /// refused at once instead of queueing behind the first.
+    /// A target that takes its time (a server that accepts and never answers the handshake):
+    /// the registry answers other commands meanwhile, and a second start of the same volume is
+    /// refused at once instead of queueing behind the first. The first start stays blocked
+    /// until the test closes the silent connection, so "meanwhile" needs no clock.
     #[test]
     fn a_slow_target_blocks_neither_status_nor_a_second_start(
     ) -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let socket = dir.path().join("silent.sock");
-        let _silent = std::os::unix::net::UnixListener::bind(&socket)?; // never accepts
+        let silent = std::os::unix::net::UnixListener::bind(&socket)?;
         let volume = Volume::open(VolumeConfig {
             name: "v".into(),
             path: dir.path().join("v.img"),
@@ -140,8 +141,9 @@ mod tests {
             address: NbdAddress::Unix { socket },
             export: "e".into(),
         });
+        // Far beyond the test: only the closed connection ends the first start.
         let options = MigrationOptions {
-            nbd_request_timeout: Duration::from_secs(3),
+            nbd_request_timeout: Duration::from_secs(600),
             ..MigrationOptions::default()
         };
         let first = {
@@ -153,19 +155,19 @@ mod tests {
             );
             std::thread::spawn(move || registry.start(vec![volume], target, options).is_err())
         };
-        std::thread::sleep(Duration::from_millis(300));
-        let asked = Instant::now();
+        // The first start connects once it has reserved the volume.
+        let (connection, _) = silent.accept()?;
         assert!(registry.statuses().is_empty());
         let second = registry.start(vec![volume], target, options);
         assert!(
-            asked.elapsed() < Duration::from_secs(1),
-            "waited {:?} behind the connecting start",
-            asked.elapsed()
+            !first.is_finished(),
+            "the second start returned only after the first"
         );
         let Err(MigrationError::BadOptions(reason)) = second else {
             return Err("a second start of the volume was not refused".into());
         };
         assert!(reason.contains("being started"), "{reason}");
+        drop(connection);
         assert!(
             first.join().map_err(|_| "start panicked")?,
             "the silent target was accepted"

@@ -1,14 +1,11 @@
-//! Test helpers for migration tests: a guest that writes continuously through a
-//! `VolumeQueue`, images with data and holes, and real NBD servers (qemu-nbd,
-//! qemu-storage-daemon) on loopback.
+//! The engine's integration-test harness: a guest that writes continuously through a
+//! `VolumeQueue` while a migration runs. Everything that does not need the engine (seeded
+//! data, images, NBD servers) comes from `ferry-test-support`.
 
 #![allow(dead_code)]
 
-use std::io::Write;
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -16,48 +13,9 @@ use std::time::{Duration, Instant};
 
 use ferry_engine::volume::queue::{wait_readable, Rejected};
 use ferry_engine::{BlockOp, Completion, Volume, VolumeConfig, VolumeQueue};
+use ferry_test_support::{wait_until, Rng};
 
 pub type TestResult = Result<(), Box<dyn std::error::Error>>;
-
-/// A small xorshift generator (tests need no crypto and no extra crate).
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Self(seed.max(1))
-    }
-    pub fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-/// Creates an image of `len` bytes with pseudo-random data in every other MiB (holes
-/// between) and returns its content.
-pub fn make_image(path: &Path, len: u64, seed: u64) -> std::io::Result<Vec<u8>> {
-    let file = std::fs::File::create(path)?;
-    file.set_len(len)?;
-    let mut model = vec![0u8; len as usize];
-    let mut rng = Rng::new(seed);
-    let mut offset = 0;
-    while offset < len {
-        let n = (len - offset).min(1 << 20);
-        for b in &mut model[offset as usize..(offset + n / 2) as usize] {
-            *b = rng.next() as u8;
-        }
-        file.write_all_at(&model[offset as usize..(offset + n / 2) as usize], offset)?;
-        offset += 2 << 20;
-    }
-    file.sync_all()?;
-    Ok(model)
-}
 
 pub fn open_volume(name: &str, path: &Path) -> Result<Arc<Volume>, ferry_engine::EngineError> {
     Volume::open(VolumeConfig {
@@ -135,16 +93,16 @@ impl Guest {
         }
     }
 
-    /// Waits until at least `n` requests completed (to be sure the guest is busy).
+    /// Waits until at least `n` requests completed (to be sure the guest is busy); false
+    /// when that takes longer than `timeout` (the guest or the volume hangs).
     pub fn wait_completed(&self, n: u64, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        while self.completed.load(Ordering::Relaxed) < n {
-            if Instant::now() > deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        true
+        let done = || Ok(self.completed.load(Ordering::Relaxed) >= n);
+        wait_until("guest requests", timeout, done).is_ok()
+    }
+
+    /// Requests completed so far.
+    pub fn completed(&self) -> u64 {
+        self.completed.load(Ordering::Relaxed)
     }
 
     pub fn stop(self) -> Result<GuestReport, String> {
@@ -260,153 +218,4 @@ fn guest_loop(
         }
     }
     Ok(GuestReport { model, ok, failed })
-}
-
-/// Compares `len` bytes of `path` at `offset` with `expected`; names the first difference.
-pub fn assert_image(path: &Path, offset: u64, expected: &[u8]) -> Result<(), String> {
-    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    let mut actual = vec![0u8; expected.len()];
-    file.read_exact_at(&mut actual, offset)
-        .map_err(|e| e.to_string())?;
-    match actual.iter().zip(expected).position(|(a, b)| a != b) {
-        None => Ok(()),
-        Some(i) => Err(format!(
-            "{} differs at volume byte {i} (chunk {}): {} != expected {}",
-            path.display(),
-            i / 65536,
-            actual[i],
-            expected[i]
-        )),
-    }
-}
-
-pub fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// An NBD server process, killed when dropped.
-pub struct Server {
-    child: Child,
-    pub uri: String,
-}
-
-impl Server {
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn wait_listening(child: &mut Child, probe: impl Fn() -> bool) -> std::io::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if let Some(status) = child.try_wait()? {
-            return Err(std::io::Error::other(format!(
-                "NBD server exited: {status}"
-            )));
-        }
-        if probe() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Err(std::io::Error::other("NBD server did not start listening"))
-}
-
-pub fn qemu_nbd_tcp(image: &Path, export: &str) -> std::io::Result<Server> {
-    let port = free_port()?;
-    let mut child = Command::new("qemu-nbd")
-        .args([
-            "-f",
-            "raw",
-            "-x",
-            export,
-            "-b",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-t",
-            "-e",
-            "8",
-        ])
-        .arg(image)
-        .stdout(Stdio::null())
-        .spawn()?;
-    wait_listening(&mut child, || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    })?;
-    Ok(Server {
-        child,
-        uri: format!("nbd://127.0.0.1:{port}/{export}"),
-    })
-}
-
-pub fn qemu_nbd_unix(image: &Path, export: &str, socket: &Path) -> std::io::Result<Server> {
-    qemu_nbd_unix_opts(image, export, socket, false)
-}
-
-/// `qemu-nbd` on a unix socket, read-only (`-r`) if asked.
-pub fn qemu_nbd_unix_opts(
-    image: &Path,
-    export: &str,
-    socket: &Path,
-    read_only: bool,
-) -> std::io::Result<Server> {
-    let mut child = Command::new("qemu-nbd")
-        .args(["-f", "raw", "-x", export, "-t", "-e", "8", "-k"])
-        .arg(socket)
-        .args(if read_only { &["-r"][..] } else { &[][..] })
-        .arg(image)
-        .stdout(Stdio::null())
-        .spawn()?;
-    wait_listening(&mut child, || {
-        std::os::unix::net::UnixStream::connect(socket).is_ok()
-    })?;
-    Ok(Server {
-        child,
-        uri: format!("nbd+unix:///{export}?socket={}", socket.display()),
-    })
-}
-
-pub fn qemu_storage_daemon(image: &Path, export: &str) -> std::io::Result<Server> {
-    let port = free_port()?;
-    let mut child = Command::new("qemu-storage-daemon")
-        .arg("--blockdev")
-        .arg(format!(
-            "driver=file,node-name=n0,filename={}",
-            image.display()
-        ))
-        .arg("--nbd-server")
-        .arg(format!(
-            "addr.type=inet,addr.host=127.0.0.1,addr.port={port}"
-        ))
-        .arg("--export")
-        .arg(format!(
-            "type=nbd,id=e0,node-name=n0,name={export},writable=on"
-        ))
-        .stdout(Stdio::null())
-        .spawn()?;
-    wait_listening(&mut child, || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    })?;
-    Ok(Server {
-        child,
-        uri: format!("nbd://127.0.0.1:{port}/{export}"),
-    })
-}
-
-/// Creates an empty (sparse) image of `len` bytes for a server to export.
-pub fn empty_image(path: &Path, len: u64) -> std::io::Result<PathBuf> {
-    let mut f = std::fs::File::create(path)?;
-    f.set_len(len)?;
-    f.flush()?;
-    Ok(path.to_path_buf())
 }

@@ -1,10 +1,12 @@
-//! Block devices as media (loop devices; skipped where `losetup` is not allowed, except in
-//! CI, which sets FERRY_REQUIRE_DEVICES): registered
+//! Block devices as media (loop devices; skipped where `losetup` is not allowed, except
+//! under FERRY_REQUIRE_ALL, which CI sets): registered
 //! devices are taken first, filled to their size, sealed without truncation, then the journal
 //! goes on with files; everything verifies and restores; a crash on a device medium recovers.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
+
+use ferry_test_support::loop_device::LoopDevice;
+use ferry_test_support::require_ok;
 
 use super::super::device::{device_spares, register_device};
 use super::super::media::{list_media, MediaSet};
@@ -17,42 +19,12 @@ const DEVICE_BYTES: u64 = 1 << 20;
 const FILE_CAPACITY_BYTES: u64 = 256 * 1024;
 const VOLUME_BYTES: u64 = 1 << 20;
 
-/// A loop device over a file, detached on drop.
-struct LoopDevice {
-    path: PathBuf,
-}
-
-impl LoopDevice {
-    /// `None` (and a note) where loop devices cannot be set up (not root, no loop driver).
-    fn new(backing: &Path) -> Option<Self> {
-        std::fs::write(backing, vec![0xEEu8; DEVICE_BYTES as usize]).ok()?;
-        let out = Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(backing)
-            .output();
-        assert!(
-            out.is_ok() || std::env::var_os("FERRY_REQUIRE_DEVICES").is_none(),
-            "losetup cannot run and FERRY_REQUIRE_DEVICES is set (CI)"
-        );
-        let out = out.ok()?;
-        if !out.status.success() {
-            let why = String::from_utf8_lossy(&out.stderr).trim().to_string();
-            assert!(
-                std::env::var_os("FERRY_REQUIRE_DEVICES").is_none(),
-                "losetup failed and FERRY_REQUIRE_DEVICES is set (CI): {why}"
-            );
-            eprintln!("skipped: losetup: {why}");
-            return None;
-        }
-        let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        Some(Self { path })
-    }
-}
-
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
-    }
+/// A loop device over `backing`, written with `DEVICE_BYTES` bytes of 0xEE; `None` where
+/// loop devices cannot be set up (not root, no loop driver): the test then skips, or fails
+/// under `FERRY_REQUIRE_ALL`.
+fn loop_device(backing: &Path) -> TestResult<Option<LoopDevice>> {
+    std::fs::write(backing, vec![0xEEu8; DEVICE_BYTES as usize])?;
+    Ok(require_ok("a loop device", LoopDevice::attach(backing)))
 }
 
 fn options(dir: &Path) -> JournalOptions {
@@ -63,7 +35,7 @@ fn options(dir: &Path) -> JournalOptions {
 
 fn run_writes(dir: &Path, journal: &std::sync::Arc<Journal>, count: u64) -> TestResult<Vec<u8>> {
     let (v, mut q, mut image) = journaled_v(dir, journal, VOLUME_BYTES, 11)?;
-    let mut rng = Rng(17);
+    let mut rng = Rng::new(17);
     for i in 0..count {
         let at = rng.below(VOLUME_BYTES / 4096) as usize * 4096;
         let data = pattern(500 + i, 4096);
@@ -78,20 +50,20 @@ fn run_writes(dir: &Path, journal: &std::sync::Arc<Journal>, count: u64) -> Test
 fn registered_devices_are_filled_first_then_files() -> TestResult {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
-    let Some(first) = LoopDevice::new(&dir.join("dev0")) else {
+    let Some(first) = loop_device(&dir.join("dev0"))? else {
         return Ok(());
     };
-    let Some(second) = LoopDevice::new(&dir.join("dev1")) else {
+    let Some(second) = loop_device(&dir.join("dev1"))? else {
         return Ok(());
     };
     for d in [&first, &second] {
-        let r = register_device(&dir.join("j"), &d.path, &mut |_, _| {})?;
+        let r = register_device(&dir.join("j"), d.path(), &mut |_, _| {})?;
         assert_eq!(r.capacity_bytes, DEVICE_BYTES);
     }
     assert_eq!(device_spares(&dir.join("j"))?.len(), 2);
     // Registering zeroed the devices.
     assert!(std::fs::read(dir.join("dev0"))?.iter().all(|&b| b == 0));
-    let again = register_device(&dir.join("j"), &first.path, &mut |_, _| {});
+    let again = register_device(&dir.join("j"), first.path(), &mut |_, _| {});
     assert!(again.is_err(), "a device registered twice");
 
     let journal = Journal::open(options(dir))?;
@@ -124,10 +96,10 @@ fn registered_devices_are_filled_first_then_files() -> TestResult {
 fn a_crash_on_a_device_medium_recovers() -> TestResult {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
-    let Some(device) = LoopDevice::new(&dir.join("dev0")) else {
+    let Some(device) = loop_device(&dir.join("dev0"))? else {
         return Ok(());
     };
-    register_device(&dir.join("j"), &device.path, &mut |_, _| {})?;
+    register_device(&dir.join("j"), device.path(), &mut |_, _| {})?;
     let journal = Journal::open(options(dir))?;
     let expected = run_writes(dir, &journal, 50)?;
     journal.crash_for_test();

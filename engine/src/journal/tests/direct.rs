@@ -9,27 +9,29 @@ use super::super::spares::format_spares;
 use super::super::verify::verify;
 use super::super::{Journal, JournalOptions};
 use super::support::{journaled_v, pattern, verify_and_restore_v, write, Rng, TestResult};
+use ferry_test_support::require_ok;
 
 const CAPACITY_BYTES: u64 = 256 * 1024;
 const VOLUME_BYTES: u64 = 1 << 20;
 
-/// A scratch directory on a filesystem that takes `O_DIRECT` (the build's target
-/// directory: the default temporary directory may be tmpfs), or `None` to skip.
+/// A scratch directory on a filesystem that takes `O_DIRECT` (in the build's target
+/// directory: the default temporary directory may be tmpfs); `None` where it takes none: the
+/// test then skips, or fails under `FERRY_REQUIRE_ALL`.
 fn direct_capable_dir() -> Option<tempfile::TempDir> {
     let base = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target"));
-    let dir = tempfile::tempdir_in(&base).ok()?;
-    let probe = std::fs::File::create(dir.path().join("probe")).ok()?;
-    let ok = super::super::direct::apply_cache_mode(&probe, MediumCache::None).is_ok()
-        && !crate::volume::open::is_memory_backed(&probe);
-    if !ok {
-        assert!(
-            std::env::var_os("FERRY_REQUIRE_DEVICES").is_none(),
-            "{} takes no O_DIRECT and FERRY_REQUIRE_DEVICES is set (CI)",
-            base.display()
-        );
-        eprintln!("skipped: {} takes no O_DIRECT", base.display());
+    let what = format!("O_DIRECT on the filesystem of {}", base.display());
+    require_ok(&what, direct_dir_in(&base))
+}
+
+/// A scratch directory in `base`, whose filesystem must take `O_DIRECT` and not be in memory.
+fn direct_dir_in(base: &Path) -> Result<tempfile::TempDir, String> {
+    let dir = tempfile::tempdir_in(base).map_err(|e| e.to_string())?;
+    let probe = std::fs::File::create(dir.path().join("probe")).map_err(|e| e.to_string())?;
+    super::super::direct::apply_cache_mode(&probe, MediumCache::None).map_err(|e| e.to_string())?;
+    if crate::volume::open::is_memory_backed(&probe) {
+        return Err("the filesystem is memory-backed".into());
     }
-    ok.then_some(dir)
+    Ok(dir)
 }
 
 fn options(dir: &Path, spares: u32) -> JournalOptions {
@@ -43,7 +45,7 @@ fn options(dir: &Path, spares: u32) -> JournalOptions {
 /// Writes `count` blocks of assorted sizes at random offsets; returns the final image.
 fn run_writes(dir: &Path, journal: &std::sync::Arc<Journal>, count: u64) -> TestResult<Vec<u8>> {
     let (_v, mut q, mut image) = journaled_v(dir, journal, VOLUME_BYTES, 3)?;
-    let mut rng = Rng(5);
+    let mut rng = Rng::new(5);
     for i in 0..count {
         let len = 512 * (1 + rng.below(24) as usize);
         let at = rng.below((VOLUME_BYTES as usize - len) as u64 / 512) as usize * 512;

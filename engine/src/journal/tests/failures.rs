@@ -2,8 +2,6 @@
 //! restarts on a new medium; verify and restore see the gap. on-full=pause holds the guest
 //! until room appears.
 
-use std::time::Duration;
-
 use super::super::media::MediaSet;
 use super::super::restore::{restore, RestoreOptions, Until};
 use super::super::verify::verify;
@@ -113,13 +111,18 @@ fn pause_case(committer: Committer) -> TestResult {
         }
         Ok(())
     });
-    // Wait until the guest is held.
-    let mut last = 0;
-    while let Ok(i) = rx.recv_timeout(Duration::from_millis(1500)) {
-        last = i;
-    }
-    assert!(last < 19, "the guest should be held by a full journal");
-    assert_eq!(journal.status().state, JournalState::Paused);
+    // Wait until the journal is full: from then on it holds the guest's writes.
+    let paused = || Ok(journal.status().state == JournalState::Paused);
+    ferry_test_support::wait_until(
+        "the journal paused",
+        ferry_test_support::HANG_TIMEOUT,
+        paused,
+    )?;
+    let last = rx.try_iter().last();
+    assert!(
+        last < Some(19) && !writer.is_finished(),
+        "the guest should be held by a full journal"
+    );
     std::fs::create_dir(dir.join("archive"))?;
     std::fs::rename(
         dir.join("j/medium-000000.fj"),

@@ -13,17 +13,14 @@ use super::support::{
     open_volume, pattern, spawn_slot_writers, verify_and_restore, write, TestResult,
 };
 use crate::VolumeQueue;
+use ferry_test_support::{images, require_ok};
 
 const WRITE_BYTES: usize = 4096;
 
-/// A directory on tmpfs (`/dev/shm`), where media are mapped; `None` where there is none.
+/// A directory on tmpfs (`/dev/shm`), where media are mapped; `None` where there is none:
+/// the test then skips, or fails under `FERRY_REQUIRE_ALL`.
 fn memory_dir() -> TestResult<Option<tempfile::TempDir>> {
-    let shm = std::path::Path::new("/dev/shm");
-    if !shm.is_dir() {
-        eprintln!("skipped: no /dev/shm");
-        return Ok(None);
-    }
-    Ok(Some(tempfile::tempdir_in(shm)?))
+    Ok(require_ok("a tmpfs at /dev/shm", images::memory_dir()))
 }
 
 #[test]
@@ -185,7 +182,8 @@ fn log_entries_of_mapped_records_point_at_their_records() -> TestResult {
     Ok(())
 }
 
-/// The mount point of a small tmpfs, unmounted on drop; `None` without the right to mount.
+/// The mount point of a small tmpfs, unmounted on drop; `None` without the right to mount
+/// (the test then skips, or fails under `FERRY_REQUIRE_ALL`).
 struct SmallTmpfs {
     dir: tempfile::TempDir,
 }
@@ -193,16 +191,16 @@ struct SmallTmpfs {
 impl SmallTmpfs {
     fn mount(bytes: u64) -> TestResult<Option<Self>> {
         let dir = tempfile::tempdir()?;
-        let status = std::process::Command::new("mount")
+        let out = std::process::Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "ferry-test"])
             .arg(dir.path())
-            .stderr(std::process::Stdio::null())
-            .status();
-        if !status.is_ok_and(|s| s.success()) {
-            eprintln!("skipped: cannot mount a tmpfs here (not root?)");
-            return Ok(None);
-        }
-        Ok(Some(Self { dir }))
+            .output();
+        let mounted = match out {
+            Ok(out) if out.status.success() => Ok(()),
+            Ok(out) => Err(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        Ok(require_ok("mounting a tmpfs (root)", mounted).map(|()| Self { dir }))
     }
 }
 

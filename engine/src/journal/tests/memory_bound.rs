@@ -20,7 +20,7 @@ fn a_full_in_memory_log_drops_its_oldest_entries_and_the_media_keep_them() -> Te
     let journal = Journal::open(options)?;
 
     let (_v, mut q, mut image) = journaled_v(dir, &journal, VOLUME_BYTES, 3)?;
-    let mut rng = Rng(5);
+    let mut rng = Rng::new(5);
     let writes = 4 * CHUNK_ENTRIES as u64 + 100;
     for i in 0..writes {
         let at = rng.below(VOLUME_BYTES / WRITE_BYTES as u64) as usize * WRITE_BYTES;

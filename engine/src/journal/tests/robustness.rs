@@ -41,7 +41,7 @@ fn valid_medium() -> Vec<u8> {
 
 #[test]
 fn decoder_survives_garbage() {
-    let mut rng = Rng(0x1234_5678);
+    let mut rng = Rng::new(0x1234_5678);
     let base = valid_medium();
     for round in 0..3000 {
         let mut input = match round % 3 {

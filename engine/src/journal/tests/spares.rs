@@ -31,7 +31,7 @@ fn run_writes(
     count: u64,
 ) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
     let (_v, mut q, mut image) = journaled_v(dir, journal, VOLUME_BYTES, 7)?;
-    let mut rng = Rng(99);
+    let mut rng = Rng::new(99);
     let slots = VOLUME_BYTES / WRITE_BYTES as u64;
     for i in 0..count {
         let at = rng.below(slots) as usize * WRITE_BYTES;

@@ -1,29 +1,15 @@
-//! Test helpers: drive a real `Volume` + `VolumeQueue` and a deterministic PRNG.
+//! Test helpers of the journal: volumes observed by a journal, restores to compare with, and
+//! writer threads. Requests go through `crate::testing`; data and randomness come from
+//! `ferry-test-support`.
 
 use std::sync::Arc;
 
-use crate::volume::queue::wait_readable;
-use crate::{BlockOp, IoFailure, Volume, VolumeConfig, VolumeQueue};
+use crate::{Volume, VolumeConfig, VolumeQueue};
+
+pub use crate::testing::{run_op, write_at as write};
+pub use ferry_test_support::{pattern, Rng};
 
 pub type TestResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
-
-/// xorshift64*: deterministic pseudo-random numbers for tests.
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
 
 pub fn open_volume(
     dir: &std::path::Path,
@@ -38,50 +24,6 @@ pub fn open_volume(
     })?)
 }
 
-/// Submits one operation and waits for its completion.
-pub fn run_op(q: &mut VolumeQueue, op: BlockOp<'_>) -> Result<u64, IoFailure> {
-    const TAG: u64 = 7;
-    // SAFETY: the buffers behind `op` outlive this call, which waits for the completion.
-    if unsafe { q.submit(op, TAG) }.is_err() {
-        return Err(IoFailure::Busy);
-    }
-    if q.commit().is_err() {
-        return Err(IoFailure::Os(libc::EIO));
-    }
-    let mut out = Vec::new();
-    loop {
-        q.reap(&mut out);
-        if let Some(c) = out.iter().find(|c| c.tag == TAG) {
-            return c.result;
-        }
-        wait_readable(q.notify_fd(), 50);
-        q.clear_notification();
-    }
-}
-
-/// Writes `data` at `offset` through `q`.
-pub fn write(q: &mut VolumeQueue, offset: u64, data: &[u8]) -> Result<u64, IoFailure> {
-    let iov = [libc::iovec {
-        iov_base: data.as_ptr() as *mut libc::c_void,
-        iov_len: data.len(),
-    }];
-    run_op(
-        q,
-        BlockOp::Write {
-            offset_bytes: offset,
-            iovecs: &iov,
-        },
-    )
-}
-
-/// A recognisable block pattern.
-pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
-    (0..len).map(|_| rng.next() as u8).collect()
-}
-
-/// Verifies the journal in `dir/j` (it must be clean) and restores volume `v` from
-/// `dir/v.base` to the end into `dir/v.restored`; returns the restored image.
 /// Volume `v` of `dir`, journaled by `journal`: `v.img` and its copy `v.base` (what a
 /// restore starts from) are filled with `pattern(seed)` unless `v.img` exists already.
 /// Returns the volume, a queue on it and the image as it is now.
@@ -105,6 +47,8 @@ pub fn journaled_v(
     Ok((v, q, image))
 }
 
+/// Verifies the journal in `dir/j` (it must be clean) and restores volume `v` from
+/// `dir/v.base` to the end into `dir/v.restored`; returns the restored image.
 pub fn verify_and_restore_v(dir: &std::path::Path) -> TestResult<Vec<u8>> {
     Ok(verify_and_restore(dir, "v")?.1)
 }

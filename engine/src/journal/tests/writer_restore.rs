@@ -119,7 +119,7 @@ fn run_phases(
     phases: u64,
     ops: u64,
 ) -> Result<Vec<Vec<Vec<u8>>>, Box<dyn std::error::Error>> {
-    let mut rng = Rng(42);
+    let mut rng = Rng::new(42);
     let mut at_marks = Vec::new();
     for phase in 0..phases {
         for i in 0..ops {

@@ -15,7 +15,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -179,15 +179,8 @@ pub(crate) fn serve(mut transport: Transport, negotiated: Negotiated) {
 
 /// The volume's resume wakes the queue's eventfd, which the loop polls.
 fn register_resume_waker(export: &Export, queue: &VolumeQueue) -> Option<ResumeWakerRegistration> {
-    // SAFETY: F_DUPFD_CLOEXEC on the queue's eventfd, which is open while `queue` lives;
-    // the duplicate is a new descriptor owned below.
-    let dup = unsafe { libc::fcntl(queue.notify_fd(), libc::F_DUPFD_CLOEXEC, 0) };
-    if dup < 0 {
-        return None;
-    }
-    // SAFETY: `dup` is a fresh descriptor nothing else owns.
-    let owned = unsafe { OwnedFd::from_raw_fd(dup) };
-    Some(export.config.volume.register_resume_waker(owned))
+    let eventfd = queue.notify_fd().try_clone_to_owned().ok()?;
+    Some(export.config.volume.register_resume_waker(eventfd))
 }
 
 impl Session {
@@ -638,7 +631,7 @@ impl Session {
                 revents: 0,
             },
             libc::pollfd {
-                fd: self.queue.notify_fd(),
+                fd: self.queue.notify_fd().as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             },

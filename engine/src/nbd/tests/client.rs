@@ -177,7 +177,7 @@ fn a_server_that_stops_reading_fails_every_writer() -> TestResult {
         ..ClientOptions::default()
     };
     let c = Arc::new(NbdClient::connect(&unix_uri(&socket, "e"), &options)?);
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(server.0.id())?);
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(server.daemon.pid())?);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP)?;
     let (done_tx, done_rx) = channel();
     for i in 0..4u64 {

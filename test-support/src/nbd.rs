@@ -1,12 +1,13 @@
-//! Real NBD servers for the migration tests: `qemu-nbd` and `qemu-storage-daemon --nbd-server`,
-//! on a loopback TCP port or a unix socket, killed when their handle drops.
+//! Real NBD servers for tests: `qemu-nbd`, `qemu-storage-daemon --nbd-server` and `nbdkit`,
+//! on a loopback TCP port or a unix socket, started once they listen, killed when their
+//! handle drops.
 
-use super::daemon::{Daemon, START_TIMEOUT};
-use anyhow::{bail, ensure, Context as _, Result};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use crate::daemon::{Daemon, START_TIMEOUT};
+use crate::wait::{is_socket, tcp_listening, unix_listening};
+use anyhow::{ensure, Context as _, Result};
+use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 /// Where an NBD server listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,6 +29,22 @@ impl NbdAddr {
         match self {
             Self::Tcp(port) => format!("nbd://127.0.0.1:{port}/{export}"),
             Self::Unix(path) => format!("nbd+unix:///{export}?socket={}", path.display()),
+        }
+    }
+
+    /// True when a server listens on this address.
+    pub fn listening(&self) -> bool {
+        match self {
+            Self::Tcp(port) => tcp_listening(*port),
+            Self::Unix(path) => unix_listening(path),
+        }
+    }
+
+    /// The `addr.*` options of a QEMU socket address (`--nbd-server` of qemu-storage-daemon).
+    fn qemu_socket_options(&self) -> String {
+        match self {
+            Self::Tcp(port) => format!("addr.type=inet,addr.host=127.0.0.1,addr.port={port}"),
+            Self::Unix(path) => format!("addr.type=unix,addr.path={}", path.display()),
         }
     }
 }
@@ -57,7 +74,7 @@ impl NbdServer {
 
     /// `qemu-nbd -f raw -x EXPORT --persistent --shared=8 IMG` on `addr` (writable).
     pub fn qemu_nbd(image: &Path, export: &str, addr: &NbdAddr) -> Result<Self> {
-        Self::qemu_nbd_clients(image, export, addr, 8)
+        Self::qemu_nbd_with(image, export, addr, QemuNbdOpts::default())
     }
 
     /// As [`qemu_nbd`](Self::qemu_nbd), serving at most `clients` connections at once.
@@ -67,9 +84,26 @@ impl NbdServer {
         addr: &NbdAddr,
         clients: u32,
     ) -> Result<Self> {
+        let opts = QemuNbdOpts {
+            clients,
+            ..QemuNbdOpts::default()
+        };
+        Self::qemu_nbd_with(image, export, addr, opts)
+    }
+
+    /// `qemu-nbd` exporting the raw `image` as `export` as `opts` say.
+    pub fn qemu_nbd_with(
+        image: &Path,
+        export: &str,
+        addr: &NbdAddr,
+        opts: QemuNbdOpts,
+    ) -> Result<Self> {
         let mut cmd = Command::new("qemu-nbd");
         cmd.args(["-f", "raw", "-x", export, "--persistent"]);
-        cmd.arg(format!("--shared={clients}"));
+        cmd.arg(format!("--shared={}", opts.clients));
+        if opts.read_only {
+            cmd.arg("--read-only");
+        }
         match addr {
             NbdAddr::Tcp(port) => cmd.args(["-b", "127.0.0.1", "-p", &port.to_string()]),
             NbdAddr::Unix(path) => cmd.arg("-k").arg(path),
@@ -85,11 +119,7 @@ impl NbdServer {
             "driver=file,node-name=f0,filename={},aio=io_uring",
             image.display()
         ));
-        let server = match addr {
-            NbdAddr::Tcp(port) => format!("addr.type=inet,addr.host=127.0.0.1,addr.port={port}"),
-            NbdAddr::Unix(path) => format!("addr.type=unix,addr.path={}", path.display()),
-        };
-        cmd.arg("--nbd-server").arg(server);
+        cmd.arg("--nbd-server").arg(addr.qemu_socket_options());
         cmd.arg("--export").arg(format!(
             "type=nbd,id=n0,node-name=f0,name={export},writable=on"
         ));
@@ -115,16 +145,32 @@ impl NbdServer {
             "driver=blkdebug,node-name=d0,image=f0,align={},max-transfer={}",
             limits.align_bytes, limits.max_transfer_bytes
         ));
-        let server = match addr {
-            NbdAddr::Tcp(port) => format!("addr.type=inet,addr.host=127.0.0.1,addr.port={port}"),
-            NbdAddr::Unix(path) => format!("addr.type=unix,addr.path={}", path.display()),
-        };
-        cmd.arg("--nbd-server").arg(server);
+        cmd.arg("--nbd-server").arg(addr.qemu_socket_options());
         cmd.arg("--export").arg(format!(
             "type=nbd,id=n0,node-name=d0,name={export},writable=on"
         ));
         cmd.arg("--trace").arg("nbd_receive_request");
         Self::start("qemu-storage-daemon-nbd-limits", cmd, addr, export)
+    }
+
+    /// `nbdkit PLUGIN ARGS...` serving `export` on `addr`, e.g. `&["memory", "size=16M"]`, or
+    /// a plugin behind filters (`&["--filter=error", "memory", "size=16M", "error-rate=1"]`).
+    /// Should the handle never drop, it exits with the thread that started it
+    /// (`--exit-with-parent`).
+    pub fn nbdkit(export: &str, addr: &NbdAddr, plugin_and_args: &[&str]) -> Result<Self> {
+        let mut cmd = Command::new("nbdkit");
+        cmd.args(["--foreground", "--exit-with-parent", "--exportname", export]);
+        match addr {
+            NbdAddr::Tcp(port) => cmd.args(["--ipaddr", "127.0.0.1", "--port", &port.to_string()]),
+            NbdAddr::Unix(path) => cmd.arg("--unix").arg(path),
+        };
+        cmd.args(plugin_and_args);
+        Self::start("nbdkit", cmd, addr, export)
+    }
+
+    /// SIGKILL and reap (the server crashed, as far as clients can tell).
+    pub fn kill(&mut self) {
+        self.daemon.kill();
     }
 
     /// The requests the server has received so far, from its `nbd_receive_request` trace
@@ -160,12 +206,17 @@ impl NbdServer {
             .count())
     }
 
+    /// Spawns `cmd` and returns once it listens on `addr` (a socket file left by a killed
+    /// predecessor on the same path is removed first).
     fn start(name: &str, cmd: Command, addr: &NbdAddr, export: &str) -> Result<Self> {
-        let mut daemon = Daemon::spawn(name, cmd)?;
-        match addr {
-            NbdAddr::Unix(path) => daemon.wait_for_socket(path, START_TIMEOUT)?,
-            NbdAddr::Tcp(port) => wait_for_port(&mut daemon, *port, START_TIMEOUT)?,
+        if let NbdAddr::Unix(path) = addr {
+            if is_socket(path) && !unix_listening(path) {
+                std::fs::remove_file(path)
+                    .with_context(|| format!("remove stale socket {}", path.display()))?;
+            }
         }
+        let mut daemon = Daemon::spawn(name, cmd)?;
+        daemon.wait_ready(&addr.uri(export), START_TIMEOUT, || addr.listening())?;
         Ok(Self {
             daemon,
             addr: addr.clone(),
@@ -174,27 +225,21 @@ impl NbdServer {
     }
 }
 
-/// Waits until 127.0.0.1:`port` accepts connections (the probe connection is closed at once).
-fn wait_for_port(daemon: &mut Daemon, port: u16, timeout: Duration) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    loop {
-        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return Ok(());
+/// How [`NbdServer::qemu_nbd_with`] serves.
+#[derive(Clone, Copy, Debug)]
+pub struct QemuNbdOpts {
+    /// Connections served at once (`--shared`).
+    pub clients: u32,
+    /// Refuse writes (`--read-only`): the export says it is read-only.
+    pub read_only: bool,
+}
+
+impl Default for QemuNbdOpts {
+    fn default() -> Self {
+        Self {
+            clients: 8,
+            read_only: false,
         }
-        if !daemon.is_running() {
-            bail!(
-                "NBD server exited before listening on {addr}:\n{}",
-                daemon.log()
-            );
-        }
-        if Instant::now() >= deadline {
-            bail!(
-                "NBD server not listening on {addr} within {timeout:?}:\n{}",
-                daemon.log()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
