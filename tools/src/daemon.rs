@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use ferry_engine::journal::Journal;
 use ferry_engine::mirror::MigrationRegistry;
+use ferry_engine::nbd::NbdServer;
 use ferry_engine::Volume;
 use ferry_vhost::ConnectionState;
 
@@ -23,6 +24,8 @@ pub struct Daemon {
     pub migrations: MigrationRegistry,
     /// The write journal, when `--journal` was given.
     pub journal: Option<Arc<Journal>>,
+    /// The NBD server, when `--nbd-listen` was given.
+    pub nbd: Option<Arc<NbdServer>>,
 }
 
 impl Daemon {

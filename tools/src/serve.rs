@@ -11,6 +11,7 @@ use ferry_vhost::ConnectionState;
 use nix::sys::signal::{SigSet, Signal};
 
 use crate::daemon::{Daemon, ServedVolume};
+use crate::nbd_serve::{self, NbdArgs, NbdPlan, NbdToml};
 use crate::volume_spec::{self, VolumeSpec};
 
 /// Options of `ferry serve`.
@@ -19,7 +20,7 @@ pub struct ServeArgs {
     /// A volume: name=NAME,path=IMG,socket=SOCK[,size=8G][,read-only][,queues=N]
     /// (path may be an NBD export: nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH)
     /// [,queues-per-thread=N][,cache=none|writeback][,serial=STR][,offset=B][,length=B][,poll-us=N][,batch=N]
-    /// [,logical-block-size=512|4K|...]
+    /// [,logical-block-size=512|4K|...][,nbd=rw|ro]
     #[arg(long = "volume", value_name = "SPEC")]
     pub volumes: Vec<String>,
     /// Open a control socket (line-delimited JSON, see docs/control.md).
@@ -33,6 +34,8 @@ pub struct ServeArgs {
     /// Read settings from a TOML file; flags override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub nbd: NbdArgs,
 }
 
 /// The settings after merging the file and the flags.
@@ -40,6 +43,7 @@ struct ServePlan {
     volumes: Vec<VolumeSpec>,
     control: Option<PathBuf>,
     journal: Option<String>,
+    nbd: NbdPlan,
 }
 
 /// The built-in demo: a 1 GiB sparse image served in the current directory.
@@ -54,24 +58,27 @@ fn demo_plan() -> anyhow::Result<ServePlan> {
         volumes: vec![spec],
         control: Some(PathBuf::from("ferry-demo.ctl")),
         journal: None,
+        nbd: NbdPlan::default(),
     })
 }
 
 fn plan(args: &ServeArgs) -> anyhow::Result<ServePlan> {
-    if args.volumes.is_empty() && args.config.is_none() && args.journal.is_none() {
+    let no_settings = args.config.is_none() && args.journal.is_none();
+    if args.volumes.is_empty() && no_settings && args.nbd.listen.is_empty() {
         return demo_plan();
     }
     let mut volumes = Vec::new();
     let mut control = None;
     let mut journal = None;
+    let mut nbd_file = NbdToml::default();
     if let Some(path) = &args.config {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read configuration {}", path.display()))?;
         let table: toml::Table = text
             .parse()
             .with_context(|| format!("{}: invalid TOML", path.display()))?;
-        (volumes, control, journal) =
-            from_toml(&table).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        (volumes, control, journal) = from_toml(&table, &mut nbd_file)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     }
     for text in &args.volumes {
         let spec =
@@ -85,19 +92,22 @@ fn plan(args: &ServeArgs) -> anyhow::Result<ServePlan> {
     if args.journal.is_some() {
         journal = args.journal.clone();
     }
-    if volumes.is_empty() {
+    let nbd = nbd_serve::plan(&nbd_file, &args.nbd, &volumes)?;
+    // A daemon that serves NBD may start with no volume: exports come at run time.
+    if volumes.is_empty() && nbd.listen.is_empty() {
         bail!("no volumes to serve (give --volume or [[volume]] in --config)");
     }
     Ok(ServePlan {
         volumes,
         control,
         journal,
+        nbd,
     })
 }
 
 type TomlSettings = (Vec<VolumeSpec>, Option<PathBuf>, Option<String>);
 
-fn from_toml(table: &toml::Table) -> Result<TomlSettings, String> {
+fn from_toml(table: &toml::Table, nbd: &mut NbdToml) -> Result<TomlSettings, String> {
     let mut volumes = Vec::new();
     let mut control = None;
     let mut journal = None;
@@ -113,6 +123,7 @@ fn from_toml(table: &toml::Table) -> Result<TomlSettings, String> {
                     volumes.push(volume_spec::volume_from_toml(t)?);
                 }
             }
+            (key, value) if nbd.take(key, value)? => {}
             (other, _) => return Err(format!("unknown setting {other:?}")),
         }
     }
@@ -193,6 +204,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(control) = &plan.control {
         precheck_socket(control)?;
     }
+    let tls_credentials = nbd_serve::load_credentials(&plan.nbd)?;
     let journal_options = match &plan.journal {
         Some(spec) => Some(
             JournalOptions::parse(spec).map_err(|e| anyhow::anyhow!("--journal {spec}: {e}"))?,
@@ -215,6 +227,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    // After the journal's observers: the first NBD write is journaled like a guest's.
+    let nbd = nbd_serve::start(&plan.nbd, tls_credentials, &opened)?;
     let mut served = Vec::new();
     let mut listeners = Vec::new();
     for (spec, volume) in opened {
@@ -235,10 +249,16 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         volumes: served,
         migrations: ferry_engine::mirror::MigrationRegistry::new(),
         journal,
+        nbd,
     });
     for ((served, listener), spec) in daemon.volumes.iter().zip(listeners).zip(&plan.volumes) {
         start_volume_thread(served, listener, spec)?;
         print_attach_hint(spec, &served.volume);
+        if let Some(server) = daemon.nbd.as_ref().filter(|_| spec.nbd.is_some()) {
+            for uri in nbd_serve::export_uris(server, served.volume.name()) {
+                println!("  NBD export: {uri}");
+            }
+        }
     }
     if let Some(listener) = control_listener {
         let daemon = daemon.clone();
@@ -286,8 +306,13 @@ fn start_volume_thread(
     Ok(())
 }
 
-/// Holds every volume's I/O, waits for requests in flight, syncs, removes the sockets.
+/// Stops the NBD server, holds every volume's I/O, waits for requests in flight, syncs,
+/// removes the sockets.
 fn shut_down(daemon: &Daemon, control: Option<&Path>) {
+    if let Some(server) = &daemon.nbd {
+        // No new NBD connection or request from here; those in flight drain below.
+        server.shutdown();
+    }
     let mut guards = Vec::new();
     for served in &daemon.volumes {
         match served.volume.pause(std::time::Duration::from_secs(30)) {
