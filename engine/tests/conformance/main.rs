@@ -1,0 +1,75 @@
+//! One conformance suite for the engine's volumes, run over every backend kind: each case of
+//! `cases.rs` on a fresh volume of each backend of `backends/`, one test per pair, named
+//! `<backend>::<case>`. After a case passes, the backend's post-check runs (see
+//! [`fixture::Beside`]).
+//!
+//! | backend (module) | what is under the volume | post-check |
+//! |---|---|---|
+//! | `file_buffered`, `file_direct` | a raw image in the build directory, buffered or `cache=none` | the image holds what the volume reads |
+//! | `tmpfs_buffered`, `tmpfs_direct` | the same on tmpfs (`/dev/shm`) | the same |
+//! | `nbd_qemu_nbd_unix` | a `qemu-nbd` export on a unix socket | the export holds what the volume reads |
+//! | `nbd_qsd_slice_tcp` | a slice of a `qemu-storage-daemon` export on TCP | the same, and the export is untouched around the slice |
+//!
+//! Every case runs on every backend. A missing prerequisite (tmpfs, `O_DIRECT`, a server
+//! program) goes through `ferry_test_support::require`: a skip that says so, or a failure
+//! under `FERRY_REQUIRE_ALL`.
+
+mod aligned;
+mod backends;
+mod cases;
+mod fixture;
+
+use backends::nbd::Server;
+use backends::{file::Place, Backend};
+use ferry_engine::CacheMode;
+use fixture::{Access, Fixture};
+
+/// Runs `case` on a fresh `access` volume of `backend`, then the backend's post-check.
+fn run(backend: Backend, access: Access, case: fn(&mut Fixture)) {
+    let opened = backend.open(access);
+    let Some(mut fixture) = opened.unwrap_or_else(|e| panic!("set-up of {backend:?}: {e:#}"))
+    else {
+        return;
+    };
+    case(&mut fixture);
+    if let Err(e) = fixture.check_after() {
+        panic!("{backend:?} after the case: {e:#}");
+    }
+}
+
+/// One module of tests per backend, one test per case: `$cases` is the one list of cases.
+macro_rules! suite {
+    ($cases:tt; $($module:ident => $backend:expr,)*) => {
+        $(suite!(@backend $module, $backend, $cases);)*
+    };
+    (@backend $module:ident, $backend:expr, [$($case:ident: $access:ident,)*]) => {
+        mod $module {
+            use super::*;
+            $(
+                #[test]
+                fn $case() {
+                    run($backend, Access::$access, cases::$case);
+                }
+            )*
+        }
+    };
+}
+
+suite! {
+    [
+        write_then_read_round_trips: ReadWrite,
+        unaligned_buffers_round_trip: ReadWrite,
+        discard_and_write_zeroes_read_back_as_zeros: ReadWrite,
+        out_of_range_requests_fail: ReadWrite,
+        read_only_volumes_refuse_changes: ReadOnly,
+        many_requests_in_flight_complete_with_their_tags: ReadWrite,
+        a_full_queue_rejects_and_a_pause_holds: ReadWrite,
+        random_round_trips_with_many_in_flight: ReadWrite,
+    ];
+    file_buffered => Backend::File(Place::BuildDir, CacheMode::Writeback),
+    file_direct => Backend::File(Place::BuildDir, CacheMode::None),
+    tmpfs_buffered => Backend::File(Place::Tmpfs, CacheMode::Writeback),
+    tmpfs_direct => Backend::File(Place::Tmpfs, CacheMode::None),
+    nbd_qemu_nbd_unix => Backend::Nbd(Server::QemuNbdUnix),
+    nbd_qsd_slice_tcp => Backend::Nbd(Server::QsdSliceTcp),
+}
