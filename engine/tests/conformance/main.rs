@@ -7,6 +7,8 @@
 //! |---|---|---|
 //! | `file_buffered`, `file_direct` | a raw image in the build directory, buffered or `cache=none` | the image holds what the volume reads |
 //! | `tmpfs_buffered`, `tmpfs_direct` | the same on tmpfs (`/dev/shm`) | the same |
+//! | `journal_sync`, `journal_async` | a buffered image observed by a `sync` / `async` journal in the build directory | the journal verifies; the restore equals the volume |
+//! | `journal_mapped` | the same with a `sync` journal on tmpfs, `mapped=on` | the same, and records went through the mapping |
 //! | `nbd_qemu_nbd_unix` | a `qemu-nbd` export on a unix socket | the export holds what the volume reads |
 //! | `nbd_qsd_slice_tcp` | a slice of a `qemu-storage-daemon` export on TCP | the same, and the export is untouched around the slice |
 //!
@@ -19,6 +21,7 @@ mod backends;
 mod cases;
 mod fixture;
 
+use backends::journal::Kind as JournalKind;
 use backends::nbd::Server;
 use backends::{file::Place, Backend};
 use ferry_engine::CacheMode;
@@ -70,6 +73,9 @@ suite! {
     file_direct => Backend::File(Place::BuildDir, CacheMode::None),
     tmpfs_buffered => Backend::File(Place::Tmpfs, CacheMode::Writeback),
     tmpfs_direct => Backend::File(Place::Tmpfs, CacheMode::None),
+    journal_sync => Backend::Journal(JournalKind::Sync),
+    journal_async => Backend::Journal(JournalKind::Async),
+    journal_mapped => Backend::Journal(JournalKind::Mapped),
     nbd_qemu_nbd_unix => Backend::Nbd(Server::QemuNbdUnix),
     nbd_qsd_slice_tcp => Backend::Nbd(Server::QsdSliceTcp),
 }

@@ -2,6 +2,7 @@
 //! tear-down) in its own module.
 
 pub mod file;
+pub mod journal;
 pub mod nbd;
 
 use anyhow::Result;
@@ -13,6 +14,7 @@ use crate::fixture::{Access, Fixture};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
     File(file::Place, CacheMode),
+    Journal(journal::Kind),
     Nbd(nbd::Server),
 }
 
@@ -23,6 +25,7 @@ impl Backend {
     pub fn open(self, access: Access) -> Result<Option<Fixture>> {
         match self {
             Self::File(place, cache) => file::open(place, cache, access),
+            Self::Journal(kind) => journal::open(kind, access),
             Self::Nbd(server) => nbd::open(server, access),
         }
     }
