@@ -1,6 +1,6 @@
 //! What a case runs against: one volume on one backend kind, the queue the case drives, and
-//! what the backend runs beside the volume (a journal, an NBD server, the image's
-//! directory), checked after the case and torn down on drop.
+//! what the backend runs beside the volume (a journal, a migration job, an NBD server, the
+//! image's directory), checked after the case and torn down on drop.
 
 use std::sync::Arc;
 
@@ -37,7 +37,7 @@ impl Access {
 pub trait Beside {
     /// Runs once the case has passed, with `content`, what the volume reads back whole (every
     /// write the case made has completed; a flush has been made). Fails when the backend's
-    /// own state disagrees: the image, the journal's restore, the export.
+    /// own state disagrees: the image, the journal's restore, the migration's target.
     fn check_after(&mut self, io: &mut FixtureIo, content: &[u8]) -> Result<()>;
 }
 
@@ -86,8 +86,8 @@ pub fn compare(what: &str, actual: &[u8], expected: &[u8]) -> Result<()> {
 /// A volume on a backend, ready for a case.
 pub struct Fixture {
     io: FixtureIo,
-    /// Dropped after the queue: a server outlives the connections to it, a journal the
-    /// volume it observes.
+    /// Dropped after the queue: a server outlives the connections to it, a journal and a
+    /// migration job the volume they observe.
     beside: Box<dyn Beside>,
 }
 

@@ -9,6 +9,7 @@
 //! | `tmpfs_buffered`, `tmpfs_direct` | the same on tmpfs (`/dev/shm`) | the same |
 //! | `journal_sync`, `journal_async` | a buffered image observed by a `sync` / `async` journal in the build directory | the journal verifies; the restore equals the volume |
 //! | `journal_mapped` | the same with a `sync` journal on tmpfs, `mapped=on` | the same, and records went through the mapping |
+//! | `mirror_active`, `mirror_background` | a buffered image migrating to a file, mid-copy | still copying; once ready and cut over, target = source = volume |
 //! | `nbd_qemu_nbd_unix` | a `qemu-nbd` export on a unix socket | the export holds what the volume reads |
 //! | `nbd_qsd_slice_tcp` | a slice of a `qemu-storage-daemon` export on TCP | the same, and the export is untouched around the slice |
 //!
@@ -24,6 +25,7 @@ mod fixture;
 use backends::journal::Kind as JournalKind;
 use backends::nbd::Server;
 use backends::{file::Place, Backend};
+use ferry_engine::mirror::MirrorMode;
 use ferry_engine::CacheMode;
 use fixture::{Access, Fixture};
 
@@ -76,6 +78,8 @@ suite! {
     journal_sync => Backend::Journal(JournalKind::Sync),
     journal_async => Backend::Journal(JournalKind::Async),
     journal_mapped => Backend::Journal(JournalKind::Mapped),
+    mirror_active => Backend::Mirror(MirrorMode::Active),
+    mirror_background => Backend::Mirror(MirrorMode::Background),
     nbd_qemu_nbd_unix => Backend::Nbd(Server::QemuNbdUnix),
     nbd_qsd_slice_tcp => Backend::Nbd(Server::QsdSliceTcp),
 }

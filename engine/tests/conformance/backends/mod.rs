@@ -3,9 +3,11 @@
 
 pub mod file;
 pub mod journal;
+pub mod mirror;
 pub mod nbd;
 
 use anyhow::Result;
+use ferry_engine::mirror::MirrorMode;
 use ferry_engine::CacheMode;
 
 use crate::fixture::{Access, Fixture};
@@ -15,6 +17,7 @@ use crate::fixture::{Access, Fixture};
 pub enum Backend {
     File(file::Place, CacheMode),
     Journal(journal::Kind),
+    Mirror(MirrorMode),
     Nbd(nbd::Server),
 }
 
@@ -26,6 +29,7 @@ impl Backend {
         match self {
             Self::File(place, cache) => file::open(place, cache, access),
             Self::Journal(kind) => journal::open(kind, access),
+            Self::Mirror(mode) => mirror::open(mode, access),
             Self::Nbd(server) => nbd::open(server, access),
         }
     }
