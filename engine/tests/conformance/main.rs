@@ -12,6 +12,7 @@
 //! | `mirror_active`, `mirror_background` | a buffered image migrating to a file, mid-copy | still copying; once ready and cut over, target = source = volume |
 //! | `nbd_qemu_nbd_unix` | a `qemu-nbd` export on a unix socket | the export holds what the volume reads |
 //! | `nbd_qsd_slice_tcp` | a slice of a `qemu-storage-daemon` export on TCP | the same, and the export is untouched around the slice |
+//! | `nbd_qsd_split_unix` | a `qemu-storage-daemon` export on a unix socket with a 64 KiB maximum payload: larger requests go in pieces | the same, and no request the server received broke its limits |
 //!
 //! Every case runs on every backend. A missing prerequisite (tmpfs, `O_DIRECT`, a server
 //! program) goes through `ferry_test_support::require`: a skip that says so, or a failure
@@ -82,4 +83,5 @@ suite! {
     mirror_background => Backend::Mirror(MirrorMode::Background),
     nbd_qemu_nbd_unix => Backend::Nbd(Server::QemuNbdUnix),
     nbd_qsd_slice_tcp => Backend::Nbd(Server::QsdSliceTcp),
+    nbd_qsd_split_unix => Backend::Nbd(Server::QsdSplitUnix),
 }

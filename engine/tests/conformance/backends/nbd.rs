@@ -1,13 +1,15 @@
 //! The NBD-backed backend: the volume served from an export of a real server, `qemu-nbd` on a
-//! unix socket (the whole export) or `qemu-storage-daemon` on loopback TCP (a slice of a
-//! larger export, at an offset). After the case the exported image holds what the volume
-//! reads, and the bytes around a slice are untouched.
+//! unix socket (the whole export), `qemu-storage-daemon` on loopback TCP (a slice of a
+//! larger export, at an offset), or `qemu-storage-daemon` with a small maximum payload, so
+//! that larger requests go to the server in pieces. After the case the exported image holds
+//! what the volume reads, the bytes around a slice are untouched, and every request the
+//! server received kept to its limits.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context as _, Result};
-use ferry_engine::{Volume, VolumeConfig};
-use ferry_test_support::nbd::{NbdAddr, NbdServer, QemuNbdOpts};
+use ferry_engine::{Volume, VolumeConfig, SECTOR_SIZE};
+use ferry_test_support::nbd::{BlockLimits, NbdAddr, NbdServer, QemuNbdOpts};
 use ferry_test_support::{command_available, require, scratch_dir};
 use tempfile::TempDir;
 
@@ -23,7 +25,14 @@ pub enum Server {
     /// `qemu-storage-daemon` on loopback TCP; the volume is the slice at
     /// [`SLICE_OFFSET_BYTES`] of a larger export.
     QsdSliceTcp,
+    /// `qemu-storage-daemon` over blkdebug on a unix socket, advertising a maximum payload of
+    /// [`SPLIT_PAYLOAD_BYTES`]: every larger read or write is split, and its pieces continue
+    /// one another.
+    QsdSplitUnix,
 }
+
+/// The maximum payload of a [`Server::QsdSplitUnix`] export.
+const SPLIT_PAYLOAD_BYTES: u64 = 64 << 10;
 
 /// Where a [`Server::QsdSliceTcp`] volume starts in its export (and how much export follows it).
 const SLICE_OFFSET_BYTES: u64 = 1 << 20;
@@ -32,7 +41,7 @@ impl Server {
     fn program(self) -> &'static str {
         match self {
             Self::QemuNbdUnix => "qemu-nbd",
-            Self::QsdSliceTcp => "qemu-storage-daemon",
+            Self::QsdSliceTcp | Self::QsdSplitUnix => "qemu-storage-daemon",
         }
     }
 }
@@ -45,7 +54,7 @@ pub fn open(server: Server, access: Access) -> Result<Option<Fixture>> {
     // In /tmp: a unix socket's path must stay short.
     let dir = scratch_dir()?;
     let (offset_bytes, image_bytes) = match server {
-        Server::QemuNbdUnix => (0, VOLUME_BYTES),
+        Server::QemuNbdUnix | Server::QsdSplitUnix => (0, VOLUME_BYTES),
         Server::QsdSliceTcp => (SLICE_OFFSET_BYTES, VOLUME_BYTES + 2 * SLICE_OFFSET_BYTES),
     };
     let image = filled_image(dir.path(), "e.img", image_bytes)?;
@@ -65,7 +74,8 @@ pub fn open(server: Server, access: Access) -> Result<Option<Fixture>> {
     let export = Export {
         image,
         offset_bytes,
-        _server: process,
+        traced: server == Server::QsdSplitUnix,
+        server: process,
         _dir: dir,
     };
     Ok(Some(Fixture::new(FixtureIo::new(volume)?, export)))
@@ -83,6 +93,13 @@ fn start(server: Server, image: &Path, dir: &Path, access: Access) -> Result<Nbd
             NbdServer::qemu_nbd_with(image, "e", &socket, opts)
         }
         Server::QsdSliceTcp => NbdServer::qsd(image, "e", &NbdAddr::free_tcp()?),
+        Server::QsdSplitUnix => {
+            let limits = BlockLimits {
+                align_bytes: SECTOR_SIZE,
+                max_transfer_bytes: SPLIT_PAYLOAD_BYTES,
+            };
+            NbdServer::qsd_block_limits(image, "e", &socket, limits)
+        }
     }
 }
 
@@ -91,8 +108,10 @@ struct Export {
     image: PathBuf,
     /// Where the volume starts in the image.
     offset_bytes: u64,
+    /// True when the server traces the requests it receives.
+    traced: bool,
     /// Killed on drop, after the volume's queue has closed its connection.
-    _server: NbdServer,
+    server: NbdServer,
     _dir: TempDir,
 }
 
@@ -114,6 +133,13 @@ impl Beside for Export {
                 .all(|&b| b == FILL_BYTE),
             "the case changed the export outside the volume's slice"
         );
+        if self.traced {
+            // The read-back's 1 MiB requests, at least, reach the server in whole pieces.
+            let pieces = self
+                .server
+                .check_requests(SECTOR_SIZE, SPLIT_PAYLOAD_BYTES)?;
+            ensure!(pieces > 0, "no request was split at the maximum payload");
+        }
         Ok(())
     }
 }
