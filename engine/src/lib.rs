@@ -8,6 +8,7 @@
 //! See `engine/ARCHITECTURE.md` for the parts and what each must not know.
 
 pub mod error;
+pub mod iovec;
 pub mod journal;
 pub mod mirror;
 pub mod nbd;
@@ -21,6 +22,7 @@ pub mod volume;
 pub mod testing;
 
 pub use error::{EngineError, IoFailure};
+pub use iovec::IovecArray;
 pub use observer::{ObserverTicket, WriteEvent, WriteKind, WriteObserver};
 pub use volume::queue::{BlockOp, Completion, VolumeQueue};
 pub use volume::stats::VolumeStats;

@@ -213,3 +213,41 @@ fn a_missing_server_is_an_open_error() -> TestResult {
     );
     Ok(())
 }
+
+/// A queue connected to an NBD export follows its volume onto a file and back onto the
+/// export (cutovers, with the volume paused and idle): each request reaches the backing of
+/// its time, and nothing hangs when the connection the queue left still has a poll armed.
+#[test]
+fn a_connected_queue_follows_its_volume_off_the_export_and_back() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (image, socket) = (dir.path().join("e.img"), dir.path().join("nbd.sock"));
+    create_image(&image, 8 * MIB)?;
+    let file = dir.path().join("f.img");
+    std::fs::write(&file, vec![0x33u8; 8 * MIB as usize])?;
+    let server = NbdServer::qemu_nbd(&image, "e", &NbdAddr::Unix(socket))?;
+    let volume = open(&server.uri())?;
+    let mut queue = VolumeQueue::new(volume.clone(), 0, 8, 4)?;
+    assert_eq!(write(&mut queue, 0, &[0x5a; 4096]), Ok(4096));
+
+    let cutover = |to: &std::path::Path| -> TestResult {
+        let config = VolumeConfig {
+            path: to.to_path_buf(),
+            ..volume.config().clone()
+        };
+        let backing = ferry_engine::volume::open::open_backing(&config)?;
+        let guard = volume
+            .pause(Duration::from_secs(5))
+            .ok_or("the volume did not go idle")?;
+        drop(volume.replace_backing(backing));
+        drop(guard);
+        Ok(())
+    };
+    let mut buf = vec![0u8; 4096];
+    cutover(&file)?;
+    assert_eq!(read(&mut queue, 0, &mut buf), Ok(4096));
+    assert!(buf.iter().all(|&b| b == 0x33));
+    cutover(std::path::Path::new(&server.uri()))?;
+    assert_eq!(read(&mut queue, 0, &mut buf), Ok(4096));
+    assert!(buf.iter().all(|&b| b == 0x5a));
+    Ok(())
+}

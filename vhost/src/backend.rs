@@ -153,7 +153,7 @@ impl BlockDevice {
     pub fn completion_fds(&self) -> Vec<BorrowedFd<'_>> {
         (0..self.inner.workers.len())
             .map(|i| {
-                let fd = self.worker(i).engine().notify_fd();
+                let fd = std::os::fd::AsRawFd::as_raw_fd(&self.worker(i).engine().notify_fd());
                 // SAFETY: the descriptor is the eventfd of the worker's engine queue, which
                 // owns it for its whole life; the worker never replaces its engine queue and
                 // the device keeps its workers for as long as it lives; the borrow cannot

@@ -11,11 +11,11 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use super::catalog::sync_dir;
+use super::commit_ring::write_all_vectored_at;
 use super::direct::StagingBuffer;
 use super::error::JournalError;
 use super::format::BLOCK_BYTES;
 use super::spares::spare_file_name;
-use super::writer::write_all_vectored_at;
 
 /// `BLKGETSIZE64`: the device's size in bytes (`_IOR(0x12, 114, size_t)`).
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;

@@ -5,6 +5,8 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+
 use super::format::BLOCK_BYTES;
 use super::options::MediumCache;
 use crate::volume::open::is_memory_backed;
@@ -51,7 +53,7 @@ impl StagingBuffer {
     }
 }
 
-/// Switches `file` to direct I/O as `cache` asks. Returns whether it is now direct, or
+/// Switches `file` to direct I/O as `cache` asks. Returns whether it is direct then, or
 /// the error when `cache=none` was asked for and the filesystem refuses.
 /// `auto` keeps media on tmpfs buffered: there the page cache is the medium, and a staging
 /// copy would only add a copy. (A device node lives on devtmpfs: block devices go direct.)
@@ -71,25 +73,23 @@ fn is_block_device(file: &File) -> bool {
 }
 
 fn set_direct(file: &File) -> std::io::Result<()> {
-    update_status_flags(file, |flags| flags | libc::O_DIRECT)
+    update_status_flags(file, |flags| flags | OFlag::O_DIRECT)
 }
 
 /// Turns `O_DIRECT` off again (appends go through the page cache from then on).
 pub fn clear_direct(file: &File) -> std::io::Result<()> {
-    update_status_flags(file, |flags| flags & !libc::O_DIRECT)
+    update_status_flags(file, |flags| flags - OFlag::O_DIRECT)
 }
 
-fn update_status_flags(file: &File, change: impl FnOnce(i32) -> i32) -> std::io::Result<()> {
-    let fd = file.as_raw_fd();
-    // SAFETY: fcntl(2) on a descriptor we own; F_GETFL/F_SETFL take no pointers.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: as above.
-    if unsafe { libc::fcntl(fd, libc::F_SETFL, change(flags)) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+/// The file status flags of `file` (`F_GETFL`).
+fn status_flags(file: &File) -> std::io::Result<OFlag> {
+    let flags = fcntl(file.as_raw_fd(), FcntlArg::F_GETFL)?;
+    Ok(OFlag::from_bits_retain(flags))
+}
+
+fn update_status_flags(file: &File, change: impl FnOnce(OFlag) -> OFlag) -> std::io::Result<()> {
+    let flags = change(status_flags(file)?);
+    fcntl(file.as_raw_fd(), FcntlArg::F_SETFL(flags))?;
     Ok(())
 }
 
@@ -116,16 +116,12 @@ mod tests {
     fn direct_can_be_turned_off_again() -> std::io::Result<()> {
         let dir = tempfile::tempdir_in(concat!(env!("CARGO_MANIFEST_DIR"), "/../target"))?;
         let file = File::create(dir.path().join("medium"))?;
-        let status = |f: &File| {
-            // SAFETY: F_GETFL on an open descriptor; no pointers.
-            unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) }
-        };
         if apply_cache_mode(&file, MediumCache::None).is_err() {
             return Ok(()); // this filesystem takes no O_DIRECT: nothing to turn off
         }
-        assert_ne!(status(&file) & libc::O_DIRECT, 0);
+        assert!(status_flags(&file)?.contains(OFlag::O_DIRECT));
         clear_direct(&file)?;
-        assert_eq!(status(&file) & libc::O_DIRECT, 0);
+        assert!(!status_flags(&file)?.contains(OFlag::O_DIRECT));
         Ok(())
     }
 

@@ -372,7 +372,7 @@ impl StreamDef {
 }
 
 /// The payload of a gap record: sequence numbers that were assigned but never journaled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GapInfo {
     pub first_missing_seq: u64,
     pub missing_count: u64,

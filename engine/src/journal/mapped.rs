@@ -35,7 +35,7 @@ use super::format::{
 };
 
 /// Bytes an observing thread faults in at a time when it catches up with the prefaulter (64
-/// pages of 4 KiB, ~0.1 ms here).
+/// pages of 4 KiB).
 const POPULATE_STEP_BYTES: u64 = 256 << 10;
 /// How far ahead of the append point the prefaulter keeps pages faulted in, and how close
 /// the append point may come to its goal before the goal moves on.
@@ -54,18 +54,24 @@ const RESERVE_BYTES: u64 = 3 * END_PADDING_MAX_BYTES;
 /// Shared by the tail (the only one that writes into it) and the prefaulter (which only asks
 /// the kernel to fault pages in).
 pub struct MediumMapping {
-    base: NonNull<u8>,
+    base: MappingBase,
     len: usize,
     /// Every page below this is faulted in (it only grows).
     populated_to: AtomicU64,
 }
 
-// SAFETY: the mapping is plain shared memory; the only references into it are made by
-// `bytes_mut`, whose caller (the lent tail, one at a time) is the only writer, and the other
-// holder (the prefaulter) makes none: it passes addresses to madvise(2).
-unsafe impl Send for MediumMapping {}
-// SAFETY: as above; `populated_to` is atomic.
-unsafe impl Sync for MediumMapping {}
+/// The start address of a [`MediumMapping`]: the one part of it that is not `Send` and `Sync`
+/// by itself.
+struct MappingBase(NonNull<u8>);
+
+// SAFETY: the address is only dereferenced through `MediumMapping::bytes_mut`, whose caller
+// (the lent tail, one at a time, whichever thread holds it) is the only one using that range;
+// otherwise it is passed to madvise(2) and munmap(2), which take an address from any thread.
+// The mapping stays until the `MediumMapping` holding this address is dropped.
+unsafe impl Send for MappingBase {}
+// SAFETY: as above: a shared `MappingBase` only hands out the address, which makes no
+// reference into the mapping.
+unsafe impl Sync for MappingBase {}
 
 impl MediumMapping {
     /// Maps `len` bytes of `file` (opened read-write) shared; nothing is faulted in yet.
@@ -91,7 +97,7 @@ impl MediumMapping {
         }
         let base = NonNull::new(base.cast::<u8>()).ok_or(io::ErrorKind::InvalidData)?;
         Ok(Self {
-            base,
+            base: MappingBase(base),
             len,
             populated_to: AtomicU64::new(0),
         })
@@ -118,7 +124,7 @@ impl MediumMapping {
             // cannot. No reference into the range is made.
             let rc = unsafe {
                 libc::madvise(
-                    self.base.as_ptr().add(from as usize).cast(),
+                    self.base.0.as_ptr().add(from as usize).cast(),
                     (until - from) as usize,
                     libc::MADV_POPULATE_WRITE,
                 )
@@ -137,17 +143,20 @@ impl MediumMapping {
         self.populated_to.fetch_max(at, Ordering::AcqRel);
     }
 
-    /// The bytes `at..at + len` of the mapping (checked by the caller to lie inside it).
+    /// The bytes `at..at + len` of the mapping, or `None` when they do not lie inside it.
     ///
     /// # Safety
     /// The caller is the only one writing to or reading from this range in this process for
     /// as long as the slice lives (the lent tail: records go only where its append point is).
     #[allow(clippy::mut_from_ref)] // the mapping is shared memory; the contract above holds
-    unsafe fn bytes_mut(&self, at: u64, len: usize) -> &mut [u8] {
-        debug_assert!(at as usize + len <= self.len);
-        // SAFETY: the range lies inside the mapping, which lives as long as `self`; the caller
-        // guarantees no other reference into it.
-        unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr().add(at as usize), len) }
+    unsafe fn bytes_mut(&self, at: u64, len: usize) -> Option<&mut [u8]> {
+        let end = at.checked_add(u64::try_from(len).ok()?)?;
+        if end > self.len as u64 {
+            return None;
+        }
+        // SAFETY: `at..end` lies inside the mapping (checked above), which lives as long as
+        // `self`; the caller guarantees no other reference into it.
+        Some(unsafe { std::slice::from_raw_parts_mut(self.base.0.as_ptr().add(at as usize), len) })
     }
 }
 
@@ -155,7 +164,7 @@ impl Drop for MediumMapping {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly the mapping made in `new`, which no reference outlives.
         unsafe {
-            libc::munmap(self.base.as_ptr().cast(), self.len);
+            libc::munmap(self.base.0.as_ptr().cast(), self.len);
         }
     }
 }
@@ -200,7 +209,7 @@ impl Prefaulter {
         })
     }
 
-    /// Works on `mapping` from now on (or on nothing), up to `goal`.
+    /// Works on `mapping` (or on nothing) instead of the mapping it had, up to `goal`.
     fn set(&self, mapping: Option<Arc<MediumMapping>>, goal: u64) {
         let mut job = self.shared.job();
         job.mapping = mapping;
@@ -369,7 +378,13 @@ impl MappedTail {
         }
         // SAFETY: the tail is the only writer of the medium while it is lent, and nothing
         // reads `at..end` through the mapping (the prefaulter makes no references).
-        let dst = unsafe { self.mapping.bytes_mut(at, len) };
+        let Some(dst) = (unsafe { self.mapping.bytes_mut(at, len) }) else {
+            log::error!(
+                "journal: a record at {at} of medium {} would end past its mapping; the writer appends",
+                self.medium
+            );
+            return Err(fill);
+        };
         encode_record_in(dst, header, fill);
         self.position_bytes = end;
         self.last_seq = header.seq;
@@ -382,12 +397,21 @@ impl MappedTail {
     /// parts back (the append point block-aligned, the entries appended).
     pub fn finish(self) -> TailParts {
         let at = self.position_bytes;
-        let pad = padding_needed((at % BLOCK_BYTES as u64) as usize);
+        let mut pad = padding_needed((at % BLOCK_BYTES as u64) as usize);
         if pad > 0 {
             // Inside the faulted-in pages and the reserve (checked by every `append`).
             let padding = padding_record(pad, self.last_seq, now_ns());
             // SAFETY: as in `append`: the tail is the medium's only writer.
-            unsafe { self.mapping.bytes_mut(at, pad) }.copy_from_slice(&padding);
+            match unsafe { self.mapping.bytes_mut(at, pad) } {
+                Some(dst) => dst.copy_from_slice(&padding),
+                None => {
+                    log::error!(
+                        "journal: the padding at {at} of medium {} would end past its mapping",
+                        self.medium
+                    );
+                    pad = 0;
+                }
+            }
         }
         TailParts {
             mapping: self.mapping,
@@ -397,5 +421,85 @@ impl MappedTail {
             entries_before: self.entries_before,
             entries: self.entries,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::format::Op;
+
+    const MAPPED_BYTES: u64 = 64 << 10;
+
+    fn mapped_file(dir: &tempfile::TempDir) -> io::Result<(File, Arc<MediumMapping>)> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .read(true)
+            .write(true)
+            .truncate(true)
+            .open(dir.path().join("m"))?;
+        file.set_len(MAPPED_BYTES)?;
+        let mapping = Arc::new(MediumMapping::new(&file, MAPPED_BYTES)?);
+        Ok((file, mapping))
+    }
+
+    fn header(seq: u64, payload_len: usize) -> RecordHeader {
+        RecordHeader {
+            op: Op::Write,
+            flags: 0,
+            seq,
+            stream_id: 1,
+            log_id: 1,
+            timestamp_ns: 0,
+            offset_bytes: 0,
+            len_bytes: payload_len as u64,
+            payload_len_bytes: payload_len as u32,
+            payload_crc: 0,
+        }
+    }
+
+    #[test]
+    fn bytes_outside_the_mapping_are_refused() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let (_file, mapping) = mapped_file(&dir)?;
+        // SAFETY: this test is the only user of the mapping.
+        unsafe {
+            assert!(mapping.bytes_mut(0, MAPPED_BYTES as usize).is_some());
+            assert!(mapping.bytes_mut(MAPPED_BYTES - 10, 10).is_some());
+            assert!(mapping.bytes_mut(MAPPED_BYTES - 10, 11).is_none());
+            assert!(mapping.bytes_mut(MAPPED_BYTES, 1).is_none());
+            assert!(mapping.bytes_mut(u64::MAX, 2).is_none());
+        }
+        Ok(())
+    }
+
+    /// A tail that believes its medium bigger than the mapping (a capacity that does not
+    /// match) refuses the record that would end past the mapping instead of writing there.
+    #[test]
+    fn a_tail_refuses_records_past_its_mapping() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let (_file, mapping) = mapped_file(&dir)?;
+        let parts = TailParts {
+            mapping,
+            medium: 1,
+            position_bytes: 0,
+            capacity_bytes: 16 * MAPPED_BYTES,
+            entries_before: 0,
+            entries: Vec::new(),
+        };
+        let mut tail = MappedTail::lend(parts, None, 0).map_err(|(_, e)| e)?;
+        let payload_len = 4000;
+        let mut seq = 1;
+        while let Ok(entry) = tail.append(header(seq, payload_len), |out| out.fill(7)) {
+            assert!(entry.position_bytes + record_bytes(payload_len) as u64 <= MAPPED_BYTES);
+            seq += 1;
+        }
+        let refused_at = tail.position_bytes;
+        assert!(seq > 1, "no record fitted");
+        assert!(refused_at + record_bytes(payload_len) as u64 > MAPPED_BYTES);
+        let back = tail.finish();
+        assert!(back.position_bytes <= MAPPED_BYTES);
+        assert_eq!(back.entries.len() as u64, seq - 1);
+        Ok(())
     }
 }

@@ -251,9 +251,9 @@ pub struct LogSnapshot {
 }
 
 impl LogSnapshot {
-    /// The first sequence number asked for that the log no longer holds because it dropped
-    /// it to its bound: entries from `since_seq` up to the oldest held are only on the
-    /// media. `None` when the snapshot has all it was asked for.
+    /// The first sequence number asked for that the log dropped to its bound: entries from
+    /// `since_seq` up to the oldest held are only on the media. `None` when the snapshot has
+    /// all it was asked for.
     pub fn dropped_from(&self) -> Option<u64> {
         let first = self.first_held_seq.unwrap_or(u64::MAX);
         (self.dropped > 0 && self.since_seq < first).then_some(self.since_seq)

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use super::error::JournalError;
 
 /// When the guest waits for the journal.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JournalMode {
     /// A guest write completes only when its record is durable on the medium.
@@ -40,7 +40,7 @@ pub enum MediumCache {
 }
 
 /// Which thread makes the journal's group commits (`committer=`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Committer {
     /// For a `sync` journal, `queue` when the journal directory is on tmpfs or ramfs (and no

@@ -37,7 +37,7 @@ pub struct Recovered {
 }
 
 /// A torn tail cut on recovery.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RecoveredTail {
     pub medium: u32,
     pub valid_end_bytes: u64,

@@ -13,11 +13,11 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::catalog::sync_dir;
+use super::commit_ring::write_all_vectored_at;
 use super::direct::{apply_cache_mode, StagingBuffer};
 use super::error::JournalError;
 use super::format::BLOCK_BYTES;
 use super::options::MediumCache;
-use super::writer::write_all_vectored_at;
 
 /// Bytes of zeros per `pwrite` while formatting.
 pub const FORMAT_CHUNK_BYTES: usize = 1 << 20;

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::catalog::{sync_dir, Catalog, CatalogEntry, MediumState, RunRecord};
-use super::commit_ring::{iovecs_after, CommitRing};
+use super::commit_ring::{write_all_vectored_at, CommitRingState};
 use super::device::device_spares;
 use super::direct::{apply_cache_mode, clear_direct, StagingBuffer};
 use super::entry::{now_ns, LogEntry};
@@ -145,7 +145,7 @@ pub struct MediumWriter {
 }
 
 /// How the writer appends to its media (see [`MediumWriter::append_path`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AppendPath {
     /// One vectored write linked to one `fdatasync` through io_uring.
@@ -158,32 +158,6 @@ pub enum AppendPath {
     /// Memory-backed media: records encoded straight into a shared mapping of the medium by
     /// the threads that observe the writes (`mapped=`, see [`super::mapped`]).
     Mapped,
-}
-
-enum CommitRingState {
-    NotYet,
-    Ready(Box<CommitRing>),
-    Unavailable,
-}
-
-impl CommitRingState {
-    /// Writes `parts` at `at` and makes them durable: through io_uring when the kernel
-    /// gives this thread a ring, else with `pwritev` + `fdatasync`.
-    fn write_durably(&mut self, file: &File, parts: &[&[u8]], at: u64) -> std::io::Result<()> {
-        if let CommitRingState::NotYet = self {
-            *self = match CommitRing::new() {
-                Ok(ring) => CommitRingState::Ready(Box::new(ring)),
-                Err(e) => {
-                    log::warn!("journal: no io_uring for appends ({e}); using pwritev + fdatasync");
-                    CommitRingState::Unavailable
-                }
-            };
-        }
-        match self {
-            CommitRingState::Ready(ring) => ring.write_all_at(file, parts, at, true),
-            _ => write_all_vectored_at(file, parts, at).and_then(|()| file.sync_data()),
-        }
-    }
 }
 
 impl MediumWriter {
@@ -723,72 +697,5 @@ fn medium_err(path: &std::path::Path, step: &'static str, source: std::io::Error
         path: path.to_path_buf(),
         step,
         source,
-    }
-}
-
-/// Writes all of `parts` at `offset` with `pwritev`, continuing after short writes.
-pub fn write_all_vectored_at(file: &File, parts: &[&[u8]], offset: u64) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let total: usize = parts.iter().map(|p| p.len()).sum();
-    let mut done = 0usize;
-    let mut iovecs = Vec::with_capacity(parts.len());
-    while done < total {
-        iovecs_after(parts, done, &mut iovecs);
-        let at =
-            i64::try_from(offset + done as u64).map_err(|_| std::io::ErrorKind::InvalidInput)?;
-        // SAFETY: every iovec points into a slice of `parts`, alive and unmodified for the call.
-        let n =
-            unsafe { libc::pwritev(file.as_raw_fd(), iovecs.as_ptr(), iovecs.len() as i32, at) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        done += n as usize;
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn appended(state: &mut CommitRingState) -> std::io::Result<Vec<u8>> {
-        let dir = tempfile::tempdir()?;
-        let path = dir.path().join("m");
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .open(&path)?;
-        state.write_durably(&file, &[b"head", &[7u8; 5000], b"tail"], 10)?;
-        std::fs::read(&path)
-    }
-
-    #[test]
-    fn appends_take_a_ring_on_first_use() -> std::io::Result<()> {
-        let mut state = CommitRingState::NotYet;
-        let bytes = appended(&mut state)?;
-        assert!(matches!(state, CommitRingState::Ready(_)));
-        assert_eq!(bytes.len(), 10 + 4 + 5000 + 4);
-        assert_eq!(&bytes[10..14], b"head");
-        assert!(bytes[14..5014].iter().all(|&b| b == 7));
-        assert_eq!(&bytes[5014..], b"tail");
-        Ok(())
-    }
-
-    /// Without io_uring the same bytes land through pwritev + fdatasync.
-    #[test]
-    fn appends_without_io_uring_write_the_same_bytes() -> std::io::Result<()> {
-        let mut with_ring = CommitRingState::NotYet;
-        let mut without = CommitRingState::Unavailable;
-        assert_eq!(appended(&mut with_ring)?, appended(&mut without)?);
-        Ok(())
     }
 }

@@ -12,10 +12,14 @@
 //! job from converging: the speed limit is paid between runs, never while holding one.
 //! `MigrationOptions::copy_hold` widens the window on purpose, for tests of the race.
 
+use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::unistd::{lseek, Whence};
 
 use super::dirty_bitmap::ChunkTable;
 use super::job::JobShared;
@@ -38,39 +42,34 @@ pub fn plan(
     else {
         return Ok(table.mark_dirty(0, len));
     };
-    let fd = image.file.as_raw_fd();
+    let file = &image.file;
     let base = source.base_offset_bytes;
     let end = base + len;
     let mut marked = 0;
     let mut pos = base;
     while pos < end {
-        let Some(data) = seek(fd, pos, libc::SEEK_DATA)? else {
+        let Some(data) = seek(file, pos, Whence::SeekData)? else {
             break;
         };
         if data >= end {
             break;
         }
-        let hole = seek(fd, data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+        let hole = seek(file, data, Whence::SeekHole)?.unwrap_or(end).min(end);
         marked += table.mark_dirty(data - base, hole - data);
         pos = hole;
     }
     Ok(marked)
 }
 
-/// `lseek(fd, offset, whence)`; `None` for `ENXIO` (no data past `offset`). A file system
+/// `lseek(file, offset, whence)`; `None` for `ENXIO` (no data past `offset`). A file system
 /// without `SEEK_DATA` reports the whole file as data.
-fn seek(fd: i32, offset: u64, whence: i32) -> std::io::Result<Option<u64>> {
-    // SAFETY: lseek(2) on a descriptor the caller keeps open; no memory is passed.
-    let r = unsafe { libc::lseek(fd, offset as libc::off_t, whence) };
-    if r >= 0 {
-        return Ok(Some(r as u64));
-    }
-    let e = std::io::Error::last_os_error();
-    match e.raw_os_error() {
-        Some(libc::ENXIO) => Ok(None),
-        Some(libc::EINVAL) if whence == libc::SEEK_DATA => Ok(Some(offset)),
-        Some(libc::EINVAL) => Ok(None),
-        _ => Err(e),
+fn seek(file: &File, offset: u64, whence: Whence) -> std::io::Result<Option<u64>> {
+    match lseek(file.as_raw_fd(), offset as libc::off_t, whence) {
+        Ok(r) => Ok(Some(r as u64)),
+        Err(Errno::ENXIO) => Ok(None),
+        Err(Errno::EINVAL) if matches!(whence, Whence::SeekData) => Ok(Some(offset)),
+        Err(Errno::EINVAL) => Ok(None),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -79,7 +78,7 @@ fn is_hole(source: &Backing, offset: u64, len: u64) -> bool {
     let Some(image) = source.file().filter(|f| !f.is_block_device) else {
         return false;
     };
-    match seek(image.file.as_raw_fd(), offset, libc::SEEK_DATA) {
+    match seek(&image.file, offset, Whence::SeekData) {
         Ok(None) => true,
         Ok(Some(data)) => data >= offset + len,
         Err(_) => false,

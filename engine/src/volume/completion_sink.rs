@@ -1,6 +1,6 @@
 //! Completions that arrive from other threads (held writes released by observers).
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Mutex;
 
 use crate::reactor::ring::wake_eventfd;
@@ -25,7 +25,7 @@ impl CompletionSink {
         if let Ok(mut released) = self.released.lock() {
             released.push((request_slot, ok));
         }
-        wake_eventfd(self.notify_fd.as_raw_fd());
+        wake_eventfd(self.notify_fd.as_fd());
     }
 
     /// Releases several slots with one lock and one wake-up.
@@ -36,7 +36,7 @@ impl CompletionSink {
         if let Ok(mut released) = self.released.lock() {
             released.extend(request_slots.iter().map(|&slot| (slot, ok)));
         }
-        wake_eventfd(self.notify_fd.as_raw_fd());
+        wake_eventfd(self.notify_fd.as_fd());
     }
 
     /// Moves every released slot into `out`.

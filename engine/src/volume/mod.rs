@@ -300,7 +300,7 @@ impl Volume {
         self.paused.store(false, Ordering::SeqCst);
         if let Ok(wakers) = self.wakers.lock() {
             for (_, fd) in wakers.iter() {
-                crate::reactor::ring::wake_eventfd(std::os::fd::AsRawFd::as_raw_fd(fd));
+                crate::reactor::ring::wake_eventfd(std::os::fd::AsFd::as_fd(fd));
             }
         }
     }

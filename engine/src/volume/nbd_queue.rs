@@ -40,8 +40,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types};
+use nix::errno::Errno;
+use nix::sys::socket::{recv, MsgFlags};
 
-use super::queue::{Kind, Slot, ZeroStage, ZEROS, ZERO_BUFFER_BYTES, ZERO_IOVECS_MAX};
+use super::queue::slot::{Kind, Slot, ZeroStage};
 use super::NbdExport;
 use crate::nbd::connection::Connection;
 use crate::nbd::protocol::{
@@ -51,7 +53,7 @@ use crate::nbd::protocol::{
 };
 use crate::reactor::ring::wake_eventfd;
 use crate::reactor::Ring;
-use crate::IoFailure;
+use crate::{IoFailure, IovecArray};
 
 /// Marks the ring's `user_data` of this module's operations (request slots are below 2^32).
 pub(crate) const NBD_USER_DATA: u64 = 1 << 63;
@@ -120,6 +122,15 @@ enum RxState {
     },
 }
 
+/// A connection ended while polls on it were in the kernel: shut down, and open until
+/// they have completed.
+struct ClosedConn {
+    epoch: u64,
+    _conn: Connection,
+    /// Its polls still in the kernel.
+    polls: u32,
+}
+
 /// The result of starting a slot's next command.
 pub(super) enum Started {
     Queued,
@@ -136,13 +147,15 @@ pub(super) struct NbdPath {
     retry_after: Option<Instant>,
     cmds: Vec<Cmd>,
     send_queue: VecDeque<u32>,
-    send_iovecs: Vec<libc::iovec>,
+    send_iovecs: IovecArray,
     rx: Vec<u8>,
     rx_header: [u8; SIMPLE_REPLY_BYTES],
     rx_header_len: usize,
     rx_state: RxState,
     poll_in_armed: bool,
     poll_out_armed: bool,
+    /// Connections ended while polls on them were in the kernel.
+    closed: Vec<ClosedConn>,
     tick_armed: bool,
     tick: Box<types::Timespec>,
     /// Commands queued or awaiting a reply.
@@ -161,13 +174,14 @@ impl NbdPath {
             retry_after: None,
             cmds: (0..slots).map(|_| Cmd::new()).collect(),
             send_queue: VecDeque::with_capacity(slots),
-            send_iovecs: Vec::with_capacity(SEND_IOVECS_MAX),
+            send_iovecs: IovecArray::with_capacity(SEND_IOVECS_MAX),
             rx: vec![0; RECV_BUFFER_BYTES],
             rx_header: [0; SIMPLE_REPLY_BYTES],
             rx_header_len: 0,
             rx_state: RxState::Header,
             poll_in_armed: false,
             poll_out_armed: false,
+            closed: Vec::new(),
             tick_armed: false,
             tick: Box::new(types::Timespec::from(TICK)),
             outstanding: 0,
@@ -184,16 +198,14 @@ impl NbdPath {
     pub(super) fn begin(&mut self, ring: &mut Ring, index: u32, slot: &mut Slot) -> Started {
         let export = &self.export;
         let cmd = &mut self.cmds[index as usize];
-        cmd.flush_pending = match slot.kind {
+        cmd.flush_pending = match slot.kind() {
             Kind::Flush => export.has_flush(),
-            Kind::Write => slot.dsync && !export.has_fua() && export.has_flush(),
+            Kind::Write => slot.dsync() && !export.has_fua() && export.has_flush(),
             _ => false,
         };
-        if let Kind::Zero { .. } = slot.kind {
-            if !slot.discard && !export.has_write_zeroes() {
-                slot.kind = Kind::Zero {
-                    stage: ZeroStage::WriteZeros,
-                };
+        if let Kind::Zero { .. } = slot.kind() {
+            if !slot.is_discard() && !export.has_write_zeroes() {
+                slot.set_zero_stage(ZeroStage::WriteZeros);
             }
         }
         self.next(ring, index, slot)
@@ -212,7 +224,7 @@ impl NbdPath {
             flags,
             command: cmd,
             cookie: u64::from(index),
-            offset_bytes: slot.file_offset,
+            offset_bytes: slot.file_offset(),
             len_bytes: len_bytes as u32,
         }
         .encode();
@@ -234,7 +246,7 @@ impl NbdPath {
     fn next_command(&mut self, index: u32, slot: &mut Slot) -> Option<(u16, u16, u64, bool)> {
         let export = &self.export;
         let entry = &mut self.cmds[index as usize];
-        if slot.remaining_bytes == 0 {
+        if slot.remaining_bytes() == 0 {
             if entry.flush_pending {
                 entry.flush_pending = false;
                 return Some((NBD_CMD_FLUSH, 0, 0, false));
@@ -242,12 +254,12 @@ impl NbdPath {
             return None;
         }
         // Payloads at most the export's maximum; zeroing (no payload) up to its own bound.
-        let payload = slot.remaining_bytes.min(export.request_bytes_max());
-        let piece = slot.remaining_bytes.min(export.effect_bytes_max());
-        Some(match slot.kind {
+        let payload = slot.remaining_bytes().min(export.request_bytes_max());
+        let piece = slot.remaining_bytes().min(export.effect_bytes_max());
+        Some(match slot.kind() {
             Kind::Read => (NBD_CMD_READ, 0, payload, false),
             Kind::Write => {
-                let fua = slot.dsync && export.has_fua();
+                let fua = slot.dsync() && export.has_fua();
                 (
                     NBD_CMD_WRITE,
                     if fua { NBD_CMD_FLAG_FUA } else { 0 },
@@ -258,27 +270,14 @@ impl NbdPath {
             Kind::Flush => return None,
             Kind::Zero {
                 stage: ZeroStage::WriteZeros,
-            } => {
-                slot.iovecs.clear();
-                slot.iov_start = 0;
-                let mut len = 0u64;
-                while len < payload && slot.iovecs.len() < ZERO_IOVECS_MAX {
-                    let n = (payload - len).min(ZERO_BUFFER_BYTES as u64);
-                    slot.iovecs.push(libc::iovec {
-                        iov_base: ZEROS.as_ptr() as *mut libc::c_void,
-                        iov_len: n as usize,
-                    });
-                    len += n;
-                }
-                (NBD_CMD_WRITE, 0, len, true)
-            }
-            Kind::Zero { .. } if slot.discard => {
+            } => (NBD_CMD_WRITE, 0, slot.fill_zero_iovecs(payload), true),
+            Kind::Zero { .. } if slot.is_discard() => {
                 if export.has_write_zeroes() {
                     (NBD_CMD_WRITE_ZEROES, 0, piece, false)
                 } else if export.has_trim() {
                     (NBD_CMD_TRIM, 0, piece, false)
                 } else {
-                    slot.remaining_bytes = 0;
+                    slot.skip_remaining();
                     return None; // advisory: success without effect
                 }
             }
@@ -333,8 +332,9 @@ impl NbdPath {
         let entry = opcode::PollAdd::new(types::Fd(conn.as_raw_fd()), events as u32)
             .build()
             .user_data(self.user_data(op));
-        // SAFETY: a poll refers to no memory of ours; the socket stays open until the
-        // poll completes (it is shut down, which completes it, before it is closed).
+        // SAFETY: a poll refers to no memory of ours. The socket stays open until the poll
+        // completes: an ended connection is shut down (which completes its polls) and kept in
+        // `closed` until they have; the path itself is dropped only after the ring is.
         match unsafe { ring.push(&entry) } {
             Ok(()) if op == OP_POLL_IN => self.poll_in_armed = true,
             Ok(()) => self.poll_out_armed = true,
@@ -371,8 +371,10 @@ impl NbdPath {
             }
             return;
         }
-        if (user_data & !NBD_USER_DATA) >> 8 != self.epoch || self.conn.is_none() {
-            return; // a poll of a connection that is gone
+        let epoch = (user_data & !NBD_USER_DATA) >> 8;
+        if epoch != self.epoch || self.conn.is_none() {
+            self.closed_poll_done(epoch);
+            return;
         }
         if op == OP_POLL_OUT {
             self.poll_out_armed = false;
@@ -431,7 +433,7 @@ impl NbdPath {
             }
             let mut left = cmd.payload_left;
             let slot = &slots[index as usize];
-            for iov in &slot.iovecs[slot.iov_start..] {
+            for iov in slot.pending_iovecs() {
                 if left == 0 || self.send_iovecs.len() >= SEND_IOVECS_MAX {
                     break;
                 }
@@ -489,23 +491,21 @@ impl NbdPath {
         let mut rx = std::mem::take(&mut self.rx);
         let mut result = Ok(());
         for _ in 0..RECV_ROUNDS_MAX {
-            // SAFETY: recv(2) into our own buffer of `rx.len()` bytes.
-            let n = unsafe { libc::recv(fd, rx.as_mut_ptr().cast(), rx.len(), libc::MSG_DONTWAIT) };
-            if n == 0 {
-                result = Err("the server closed the connection".to_string());
-                break;
-            }
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                match e.raw_os_error() {
-                    Some(libc::EINTR) => continue,
-                    Some(libc::EAGAIN) => {}
-                    _ => result = Err(format!("receiving: {e}")),
+            let n = match recv(fd, &mut rx, MsgFlags::MSG_DONTWAIT) {
+                Ok(0) => {
+                    result = Err("the server closed the connection".to_string());
+                    break;
                 }
-                break;
-            }
+                Ok(n) => n,
+                Err(Errno::EINTR) => continue,
+                Err(Errno::EAGAIN) => break,
+                Err(e) => {
+                    result = Err(format!("receiving: {}", std::io::Error::from(e)));
+                    break;
+                }
+            };
             self.last_progress = Instant::now();
-            if let Err(reason) = self.parse(&rx[..n as usize], slots) {
+            if let Err(reason) = self.parse(&rx[..n], slots) {
                 result = Err(reason);
                 break;
             }
@@ -531,7 +531,7 @@ impl NbdPath {
                 }
                 RxState::Payload { slot, left } => {
                     let n = (left.min(bytes.len() as u64)) as usize;
-                    copy_into_iovecs(&mut slots[slot as usize], &bytes[..n]);
+                    slots[slot as usize].copy_into_iovecs(&bytes[..n]);
                     bytes = &bytes[n..];
                     let left = left - n as u64;
                     if left == 0 {
@@ -573,10 +573,7 @@ impl NbdPath {
         cmd.state = CmdState::Idle;
         self.outstanding -= 1;
         if failure.is_none() {
-            let s = &mut slots[slot as usize];
-            let len = cmd.len_bytes.min(s.remaining_bytes);
-            s.remaining_bytes -= len;
-            s.file_offset += len;
+            slots[slot as usize].consume(cmd.len_bytes);
         }
         self.done.push((slot, failure));
     }
@@ -584,12 +581,37 @@ impl NbdPath {
     /// Drops the connection: every command on it fails, and the queue's owner is woken to
     /// reap them.
     fn fail_connection(&mut self, ring: &mut Ring, reason: &str) {
+        if self.conn.is_some() {
+            log::warn!("{}: connection lost: {reason}", self.export.uri());
+            self.close_connection(ring);
+        }
+    }
+
+    /// The volume moved to another export: ends the connection to this one; the next
+    /// request connects to `export`.
+    pub(super) fn switch_export(&mut self, ring: &mut Ring, export: Arc<NbdExport>) {
+        self.close_connection(ring);
+        self.export = export;
+        self.retry_after = None;
+    }
+
+    /// Ends the connection (`NBD_CMD_DISC`, then shut down): every command on it fails,
+    /// and the queue's owner is woken to reap them.
+    pub(super) fn close_connection(&mut self, ring: &mut Ring) {
         let Some(conn) = self.conn.take() else {
             return;
         };
-        log::warn!("{}: connection lost: {reason}", self.export.uri());
         conn.disconnect();
-        drop(conn);
+        let polls = u32::from(self.poll_in_armed) + u32::from(self.poll_out_armed);
+        if polls > 0 {
+            // Its polls still name its descriptor: closed only once they have completed, so
+            // that the number is not handed to another file while a poll may look it up.
+            self.closed.push(ClosedConn {
+                epoch: self.epoch,
+                _conn: conn,
+                polls,
+            });
+        }
         self.epoch += 1;
         self.poll_in_armed = false;
         self.poll_out_armed = false;
@@ -608,6 +630,17 @@ impl NbdPath {
         wake_eventfd(ring.notify_fd());
     }
 
+    /// A poll of an ended connection completed; the connection closes after its last.
+    fn closed_poll_done(&mut self, epoch: u64) {
+        let Some(i) = self.closed.iter().position(|c| c.epoch == epoch) else {
+            return;
+        };
+        self.closed[i].polls -= 1;
+        if self.closed[i].polls == 0 {
+            self.closed.swap_remove(i);
+        }
+    }
+
     /// Moves the ended commands into `out`.
     pub(super) fn take_done(&mut self, out: &mut Vec<(u32, Option<IoFailure>)>) {
         out.append(&mut self.done);
@@ -623,18 +656,5 @@ impl Drop for NbdPath {
         if let Some(conn) = self.conn.take() {
             conn.disconnect();
         }
-    }
-}
-
-/// Copies read data into the slot's iovecs, advancing them.
-fn copy_into_iovecs(slot: &mut Slot, mut data: &[u8]) {
-    while !data.is_empty() && slot.iov_start < slot.iovecs.len() {
-        let iov = slot.iovecs[slot.iov_start];
-        let n = iov.iov_len.min(data.len());
-        // SAFETY: a read's iovecs point to writable memory valid until the request completes
-        // (`submit`'s contract), and `n` stays within this iovec.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), iov.iov_base.cast::<u8>(), n) };
-        slot.advance(n);
-        data = &data[n..];
     }
 }

@@ -200,18 +200,13 @@ fn open_image(config: &VolumeConfig, path: &Path, direct: bool) -> Result<File, 
 
 /// True for files on tmpfs or ramfs.
 pub fn is_memory_backed(file: &File) -> bool {
-    use std::os::fd::AsRawFd;
-    const TMPFS_MAGIC: i64 = 0x0102_1994;
-    const RAMFS_MAGIC: i64 = 0x8584_58f6;
-    let mut stats: libc::statfs = unsafe_zeroed_statfs();
-    // SAFETY: fstatfs(2) fills the struct we pass; the descriptor is open.
-    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut stats) };
-    rc == 0 && matches!(stats.f_type, TMPFS_MAGIC | RAMFS_MAGIC)
-}
-
-fn unsafe_zeroed_statfs() -> libc::statfs {
-    // SAFETY: statfs is a plain C struct of integers, valid when zeroed.
-    unsafe { std::mem::zeroed() }
+    use nix::sys::statfs::{fstatfs, FsType, TMPFS_MAGIC};
+    // linux/magic.h; the libc crate does not name it.
+    const RAMFS_MAGIC: FsType = FsType(0x8584_58f6);
+    fstatfs(file).is_ok_and(|stats| {
+        let fs_type = stats.filesystem_type();
+        fs_type == TMPFS_MAGIC || fs_type == RAMFS_MAGIC
+    })
 }
 
 /// The size of a regular file or block device.

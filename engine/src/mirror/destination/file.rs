@@ -103,20 +103,9 @@ impl FileDestination {
     }
 
     fn fallocate(&self, mode: i32, offset_bytes: u64, len_bytes: u64) -> std::io::Result<()> {
-        // SAFETY: fallocate(2) on a descriptor we own; no memory is passed.
-        let rc = unsafe {
-            libc::fallocate(
-                std::os::fd::AsRawFd::as_raw_fd(&self.file),
-                mode,
-                offset_bytes as libc::off_t,
-                len_bytes as libc::off_t,
-            )
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
-        }
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.file);
+        let mode = nix::fcntl::FallocateFlags::from_bits_retain(mode);
+        nix::fcntl::fallocate(fd, mode, offset_bytes as _, len_bytes as _).map_err(Into::into)
     }
 
     fn write_zero_bytes(&self, offset_bytes: u64, len_bytes: u64) -> std::io::Result<()> {
