@@ -2,11 +2,14 @@
 //! the whole case, `active` (guest writes mirrored) or `background` (guest writes only dirty
 //! the copy), and the copy still in progress.
 //!
-//! Mid-copy is made and checked, not hoped for: the job copies [`COPIED_BEFORE_CASE_BYTES`]
-//! fast, so that the case meets chunks already copied, then crawls at [`CRAWL_BYTES_PER_S`],
-//! which would take minutes for the rest; after the case the job must still be copying with
-//! chunks dirty. Only then is the copy let go: the job becomes ready, cuts over, and the
-//! target, the frozen source and what the volume reads from the target all agree.
+//! Mid-copy is made and checked, not hoped for: the copy is throttled to
+//! [`CRAWL_BYTES_PER_S`], one chunk a second (each copier copies a chunk before its first
+//! wait), so that the whole volume would take minutes whatever the scheduling; the case starts
+//! once the first chunks are copied, so that it meets copied chunks (at the volume's start,
+//! where the copy begins and the cases write too) and dirty ones; after the case the job must
+//! still be copying with chunks dirty. Only then is the copy let go: the job becomes ready,
+//! cuts over, and the target, the frozen source and what the volume reads from the target all
+//! agree.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,14 +27,12 @@ use crate::fixture::{compare, Access, Beside, Fixture, FixtureIo, VOLUME_BYTES};
 
 /// The chunk the job tracks and copies at once.
 const CHUNK_BYTES: u64 = 64 << 10;
-/// The copy's speed until the case starts.
-const START_BYTES_PER_S: u64 = 16 << 20;
-/// Copied before the case starts: the first MiBs, where the cases write too.
-const COPIED_BEFORE_CASE_BYTES: u64 = 2 << 20;
-/// The copy's speed during the case: one chunk a second, so that the rest of the volume
-/// would take minutes, far longer than any case.
+/// The copy's speed until the case has run: one chunk a second, so that the volume would
+/// take minutes, far longer than any case.
 const CRAWL_BYTES_PER_S: u64 = CHUNK_BYTES;
-const _: () = assert!(VOLUME_BYTES / CRAWL_BYTES_PER_S >= 60);
+const _: () = assert!(VOLUME_BYTES / CRAWL_BYTES_PER_S >= 120);
+/// Copier threads: each copies one chunk at once, then waits for the throttle.
+const COPY_THREADS: usize = 2;
 
 /// A file volume in the build directory with a `mode` migration job to a file beside it,
 /// mid-copy.
@@ -45,18 +46,17 @@ pub fn open(mode: MirrorMode, access: Access) -> Result<Option<Fixture>> {
     let io = FixtureIo::new(volume.clone())?;
     let options = MigrationOptions {
         mode,
-        speed_bytes_per_s: START_BYTES_PER_S,
+        speed_bytes_per_s: CRAWL_BYTES_PER_S,
         granularity_bytes: CHUNK_BYTES,
         copy_chunk_bytes: CHUNK_BYTES,
-        copy_threads: 2,
+        copy_threads: COPY_THREADS,
         ..Default::default()
     };
     let job = MigrationJob::start(vec![volume], DestinationSpec::File(target.clone()), options)
         .context("start the migration job")?;
-    wait_until("the first MiBs copied", HANG_TIMEOUT, || {
-        Ok(job.status().copied_bytes >= COPIED_BEFORE_CASE_BYTES)
+    wait_until("the first chunks copied", HANG_TIMEOUT, || {
+        Ok(job.status().copied_bytes >= COPY_THREADS as u64 * CHUNK_BYTES)
     })?;
-    job.set_speed(CRAWL_BYTES_PER_S);
     let migration = Migration {
         job,
         source,
