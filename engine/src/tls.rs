@@ -392,4 +392,4 @@ impl TlsAuthz {
 }
 
 #[cfg(test)]
-pub(crate) mod tests;
+mod tests;

@@ -2,7 +2,9 @@
 //! option data, the number of connections and the handshake's time.
 
 use std::io::{Read, Write};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use ferry_test_support::HANG_TIMEOUT;
 
 use super::raw_client::{RawClient, TestResult};
 use super::{fixture, is_closed, MIB};
@@ -135,9 +137,8 @@ fn a_stalled_handshake_is_dropped_after_the_timeout() -> TestResult {
         .encode(),
     )?;
     c.s.write_all(&[0u8; 10])?;
-    let started = Instant::now();
+    // The client's read timeout (a hang) is far beyond the handshake's.
     assert!(is_closed(&mut c.s));
-    assert!(started.elapsed() < Duration::from_secs(10));
     let mut silent = f.stream()?;
     let mut greeting = [0u8; GREETING_BYTES];
     silent.read_exact(&mut greeting)?;
@@ -156,11 +157,9 @@ fn connections_beyond_the_limit_are_closed_at_once() -> TestResult {
     let mut refused = f.stream()?;
     assert!(is_closed(&mut refused));
     drop(held);
-    // The places free up as the connections end.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while f.server.connections() > 0 && Instant::now() < deadline {
-        std::thread::yield_now();
-    }
+    ferry_test_support::wait_until("the held connections end", HANG_TIMEOUT, || {
+        Ok(f.server.connections() == 0)
+    })?;
     let mut c = f.session(false)?;
     c.request(NBD_CMD_FLUSH, 0, 1, 0, 0)?;
     assert_eq!(c.simple_reply()?.error, 0);

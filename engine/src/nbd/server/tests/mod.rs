@@ -82,9 +82,13 @@ impl Fixture {
     }
 }
 
-/// True when the peer closed the stream (a read returns the end or an error).
+/// True when the peer closed the stream: a read returns the end or a reset (not the
+/// read timeout, which only catches a hang).
 pub(crate) fn is_closed(s: &mut UnixStream) -> bool {
-    use std::io::Read;
+    use std::io::{ErrorKind, Read};
     let mut b = [0u8; 1];
-    matches!(s.read(&mut b), Ok(0) | Err(_))
+    match s.read(&mut b) {
+        Ok(n) => n == 0,
+        Err(e) => !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+    }
 }

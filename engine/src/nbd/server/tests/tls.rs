@@ -11,11 +11,10 @@ use super::raw_client::{RawClient, Res, TestResult};
 use super::{fixture, is_closed, MIB};
 use crate::nbd::protocol::*;
 use crate::nbd::server::ServerOptions;
-use crate::tls::tests::make_credentials;
 use crate::tls::{server_name, TlsAuthz, TlsCredentials};
 
 fn tls_options(dir: &std::path::Path, authz: &str) -> Res<ServerOptions> {
-    make_credentials(dir, "client1")?;
+    ferry_test_support::pki::credentials(dir, "client1")?;
     Ok(ServerOptions {
         tls: Some(Arc::new(TlsCredentials::load(dir)?)),
         authz: if authz.is_empty() {
