@@ -6,6 +6,7 @@
 //! - `negotiation`: the handshake and option haggling, FORCEDTLS, `--tls-authz`.
 //! - `transport`: the byte stream, plain or TLS (rustls over the socket).
 //! - `transmission`: a connection's request loop on its own [`crate::VolumeQueue`].
+//! - `intake`: requests read from the socket in batches, checked, their payloads gathered.
 //! - [`request`]: request validation, a pure function (fuzzed).
 //! - `slots`: requests in flight, their buffers and encoded replies, and their bounds.
 //! - `allocation`: the `base:allocation` context from the image's holes.
@@ -20,6 +21,7 @@ pub mod listener;
 pub mod request;
 
 mod allocation;
+mod intake;
 mod negotiation;
 mod slots;
 mod transmission;

@@ -1,5 +1,5 @@
-//! One connection's transmission phase: requests read from the socket in batches,
-//! checked, handed to the connection's own engine queue (its own io_uring, on the
+//! One connection's transmission phase: requests read from the socket in batches and
+//! checked (`intake`), handed to the connection's own engine queue (its own io_uring, on the
 //! export's volume, so journal and mirror observers see these writes like a guest's), and
 //! replies written back in batches, out of order as they complete.
 //!
@@ -21,20 +21,17 @@ use std::time::{Duration, Instant};
 
 use super::allocation::{extents, DESCRIPTORS_MAX};
 use super::exports::{Attachment, Export};
+use super::intake::RecvBuffer;
 use super::negotiation::Negotiated;
-use super::request::{validate, Command, ExportLimits, Refusal};
-use super::slots::{wire_error, Slots, State, BLOCK_STATUS_BYTES_MAX, INFLIGHT_MAX};
+use super::request::{Command, ExportLimits};
+use super::slots::{wire_error, Slots, State, INFLIGHT_MAX};
 use super::transport::Transport;
-use crate::nbd::protocol::{BlockDescriptor, RequestHeader, NBD_EPERM, REQUEST_HEADER_BYTES};
+use crate::nbd::protocol::{BlockDescriptor, NBD_EPERM};
 use crate::poll_window::PollWindow;
 use crate::volume::queue::{BlockOp, Rejected};
 use crate::volume::ResumeWakerRegistration;
 use crate::{Completion, VolumeQueue};
 
-/// Bytes read from the socket at once: many small requests per `recv`.
-const RECV_BUFFER_BYTES: usize = 256 * 1024;
-/// A write payload at least this long is read straight into its slot's buffer.
-const DIRECT_READ_BYTES_MIN: usize = 64 * 1024;
 /// Reply parts handed to one `sendmsg` (a head and data per reply).
 const IOV_BATCH: usize = 2 * INFLIGHT_MAX;
 /// The longest busy-poll window after the last work.
@@ -46,7 +43,7 @@ const SLEEP_MS_MAX: i32 = 1000;
 
 /// Why a connection ends.
 #[derive(Debug)]
-enum Ending {
+pub(super) enum Ending {
     /// `NBD_CMD_DISC`: finish what is in flight, reply, close.
     Disconnect,
     /// The client closed its side: finish what is in flight, reply if it still reads.
@@ -55,62 +52,32 @@ enum Ending {
     Abort(String),
 }
 
-struct RecvBuffer {
-    buf: Box<[u8]>,
-    start: usize,
-    end: usize,
-}
-
-impl RecvBuffer {
-    fn data(&self) -> &[u8] {
-        &self.buf[self.start..self.end]
-    }
-
-    fn consume(&mut self, n: usize) {
-        self.start += n;
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-        }
-    }
-
-    /// The free space at the end, after moving what is left to the front.
-    fn space(&mut self) -> &mut [u8] {
-        if self.start > 0 {
-            self.buf.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
-        }
-        &mut self.buf[self.end..]
-    }
-}
-
 /// Fields drop in order: the queue (which waits for the kernel to finish with the slots'
 /// buffers) before the slots, and before the attachment (so that a fence waiting for the
 /// connection to detach knows its writes have ended).
-struct Session {
-    transport: Transport,
-    queue: VolumeQueue,
-    attachment: Attachment,
-    limits: ExportLimits,
-    client: String,
-    slots: Slots,
-    recv: RecvBuffer,
+pub(super) struct Session {
+    pub(super) transport: Transport,
+    pub(super) queue: VolumeQueue,
+    pub(super) attachment: Attachment,
+    pub(super) limits: ExportLimits,
+    pub(super) client: String,
+    pub(super) slots: Slots,
+    pub(super) recv: RecvBuffer,
     /// A write whose payload is arriving.
-    receiving: Option<u16>,
+    pub(super) receiving: Option<u16>,
     /// Bytes of a refused write's payload still to drop.
-    discard_bytes: u64,
+    pub(super) discard_bytes: u64,
     /// The parser stopped at a request it cannot take yet.
-    stalled: bool,
+    pub(super) stalled: bool,
     /// Requests the paused volume refused, in order.
-    waiting: VecDeque<u16>,
+    pub(super) waiting: VecDeque<u16>,
     /// Encoded replies, in the order they go out.
-    replies: VecDeque<u16>,
+    pub(super) replies: VecDeque<u16>,
     /// Bytes of the first reply already sent.
-    sent_of_first: usize,
-    completions: Vec<Completion>,
-    extents: Vec<BlockDescriptor>,
-    ending: Option<Ending>,
+    pub(super) sent_of_first: usize,
+    pub(super) completions: Vec<Completion>,
+    pub(super) extents: Vec<BlockDescriptor>,
+    pub(super) ending: Option<Ending>,
 }
 
 /// Serves a connection that entered the transmission phase until it ends.
@@ -148,11 +115,7 @@ pub(crate) fn serve(mut transport: Transport, negotiated: Negotiated) {
         limits,
         client,
         slots: Slots::new(),
-        recv: RecvBuffer {
-            buf: vec![0; RECV_BUFFER_BYTES].into_boxed_slice(),
-            start: 0,
-            end: 0,
-        },
+        recv: RecvBuffer::new(),
         receiving: None,
         discard_bytes: 0,
         stalled: false,
@@ -184,7 +147,7 @@ fn register_resume_waker(export: &Export, queue: &VolumeQueue) -> Option<ResumeW
 }
 
 impl Session {
-    fn export(&self) -> &Arc<Export> {
+    pub(super) fn export(&self) -> &Arc<Export> {
         self.attachment.export()
     }
 
@@ -226,17 +189,17 @@ impl Session {
         }
     }
 
-    fn end(&mut self, ending: Ending) {
+    pub(super) fn end(&mut self, ending: Ending) {
         if !matches!(self.ending, Some(Ending::Abort(_))) {
             self.ending = Some(ending);
         }
     }
 
-    fn wants_input(&self) -> bool {
+    pub(super) fn wants_input(&self) -> bool {
         self.ending.is_none()
             && !self.stalled
             && self.waiting.is_empty()
-            && (self.receiving.is_some() || self.recv.end < self.recv.buf.len())
+            && (self.receiving.is_some() || !self.recv.is_full())
     }
 
     fn commit(&mut self) {
@@ -248,165 +211,8 @@ impl Session {
         }
     }
 
-    /// Reads and takes requests while there is room.
-    fn receive(&mut self) -> bool {
-        let mut progressed = false;
-        loop {
-            progressed |= self.parse();
-            if !self.wants_input() {
-                return progressed;
-            }
-            match self.read_some() {
-                Ok(0) => {
-                    self.end(Ending::InputClosed);
-                    return progressed;
-                }
-                Ok(_) => progressed = true,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return progressed,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    self.end(Ending::Abort(format!("receive: {e}")));
-                    return progressed;
-                }
-            }
-        }
-    }
-
-    /// One read from the socket: straight into a large write's payload, else into the
-    /// receive buffer.
-    fn read_some(&mut self) -> io::Result<usize> {
-        if let Some(index) = self.receiving.filter(|_| self.recv.data().is_empty()) {
-            let slot = self.slots.get(index);
-            if slot.len - slot.received >= DIRECT_READ_BYTES_MIN {
-                let n = self
-                    .transport
-                    .recv(&mut slot.buf[slot.received..slot.len])?;
-                slot.received += n;
-                return Ok(n);
-            }
-        }
-        let n = self.transport.recv(self.recv.space())?;
-        self.recv.end += n;
-        Ok(n)
-    }
-
-    /// Takes what the receive buffer holds: payload of the write being received, bytes
-    /// to drop, whole requests. Returns true if it took anything.
-    fn parse(&mut self) -> bool {
-        let mut progressed = false;
-        self.stalled = false;
-        loop {
-            if let Some(index) = self.receiving {
-                progressed |= self.fill_payload(index);
-                if self.receiving.is_some() {
-                    return progressed;
-                }
-            }
-            if self.discard_bytes > 0 {
-                let n = (self.recv.data().len() as u64).min(self.discard_bytes);
-                self.recv.consume(n as usize);
-                self.discard_bytes -= n;
-                progressed |= n > 0;
-                if self.discard_bytes > 0 {
-                    return progressed;
-                }
-            }
-            if self.ending.is_some() || self.recv.data().len() < REQUEST_HEADER_BYTES {
-                return progressed;
-            }
-            if !self.take_request() {
-                return progressed;
-            }
-            progressed = true;
-        }
-    }
-
-    /// Moves payload from the receive buffer into a write's slot; submits the write once
-    /// its payload is complete.
-    fn fill_payload(&mut self, index: u16) -> bool {
-        let slot = self.slots.get(index);
-        let n = self.recv.data().len().min(slot.len - slot.received);
-        slot.buf[slot.received..slot.received + n].copy_from_slice(&self.recv.data()[..n]);
-        slot.received += n;
-        self.recv.consume(n);
-        if slot.received == slot.len {
-            self.receiving = None;
-            self.start(index);
-        }
-        n > 0
-    }
-
-    /// Decodes and takes the request at the front of the buffer; false when it cannot be
-    /// taken yet (no slot, payload bound, paused volume) or the stream is broken.
-    fn take_request(&mut self) -> bool {
-        let header = match RequestHeader::decode(&self.recv.data()[..REQUEST_HEADER_BYTES]) {
-            Ok(h) => h,
-            Err(e) => {
-                self.end(Ending::Abort(format!("bad request: {e}")));
-                return false;
-            }
-        };
-        let verdict = validate(&header, &self.limits);
-        let buffer_bytes = match verdict {
-            Ok(Command::Read { len_bytes, .. } | Command::Write { len_bytes, .. }) => {
-                len_bytes as usize
-            }
-            Ok(Command::BlockStatus { .. }) => BLOCK_STATUS_BYTES_MAX,
-            _ => 0,
-        };
-        if !self.slots.can_take(buffer_bytes as u64) || !self.waiting.is_empty() {
-            self.stalled = true;
-            return false;
-        }
-        self.recv.consume(REQUEST_HEADER_BYTES);
-        let command = match verdict {
-            Ok(Command::Disconnect) => {
-                self.end(Ending::Disconnect);
-                return true;
-            }
-            Ok(command) => command,
-            Err(Refusal::Close { reason }) => {
-                self.end(Ending::Abort(reason.into()));
-                return false;
-            }
-            Err(Refusal::Error {
-                error,
-                payload_bytes,
-                reason,
-            }) => {
-                log::debug!(
-                    "nbd: export {}: client {}: {reason}: {header:?}",
-                    self.export().config.name,
-                    self.client
-                );
-                self.refuse(header.cookie, error);
-                self.discard_bytes = u64::from(payload_bytes);
-                return true;
-            }
-        };
-        let Some(index) = self.slots.take(header.cookie, command, buffer_bytes) else {
-            return false;
-        };
-        if matches!(command, Command::Write { .. }) {
-            self.receiving = Some(index);
-        } else {
-            self.start(index);
-        }
-        true
-    }
-
-    /// Answers a request with an error without running it.
-    fn refuse(&mut self, cookie: u64, error: u32) {
-        if let Some(index) = self.slots.take(cookie, Command::Flush, 0) {
-            self.slots
-                .get(index)
-                .set_reply(error, self.limits.structured_replies);
-            self.replies.push_back(index);
-        }
-    }
-
     /// Runs a taken request: block status at once, everything else through the engine.
-    fn start(&mut self, index: u16) {
+    pub(super) fn start(&mut self, index: u16) {
         let command = self.slots.slot(index).command;
         if command.writes() && self.export().is_fenced() {
             self.reply(index, NBD_EPERM);
@@ -562,7 +368,7 @@ impl Session {
         true
     }
 
-    fn reply(&mut self, index: u16, error: u32) {
+    pub(super) fn reply(&mut self, index: u16, error: u32) {
         self.slots
             .get(index)
             .set_reply(error, self.limits.structured_replies);
