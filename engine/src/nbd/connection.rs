@@ -133,6 +133,14 @@ impl Write for Connection {
         }
     }
 
+    /// One `writev` for all of `bufs` (TLS hands its records over this way).
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        match self {
+            Self::Tcp(s) => s.write_vectored(bufs),
+            Self::Unix(s) => s.write_vectored(bufs),
+        }
+    }
+
     /// Nothing to do: writes go straight to the socket.
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())

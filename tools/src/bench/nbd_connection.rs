@@ -106,10 +106,18 @@ impl Write for Socket {
     }
 }
 
+/// Encrypted bytes read from the socket at once (rustls itself asks for 4 KiB at a time).
+const TLS_RECV_BYTES: usize = 256 * 1024;
+
 /// A connection in the transmission phase.
 pub struct NbdStream {
     socket: Socket,
     tls: Option<Box<ClientConnection>>,
+    /// Encrypted bytes read from the socket; those from `tls_in_start` to `tls_in_end`
+    /// are not yet given to rustls.
+    tls_in: Vec<u8>,
+    tls_in_start: usize,
+    tls_in_end: usize,
     pub size_bytes: u64,
     pub block_bytes_min: u32,
 }
@@ -131,6 +139,9 @@ pub fn connect(target: &Target, tls_creds: Option<&Path>) -> anyhow::Result<NbdS
     let mut stream = NbdStream {
         socket,
         tls: None,
+        tls_in: Vec::new(),
+        tls_in_start: 0,
+        tls_in_end: 0,
         size_bytes: 0,
         block_bytes_min: 1,
     };
@@ -259,9 +270,18 @@ impl NbdStream {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
             }
-            if tls.read_tls(&mut self.socket)? == 0 {
-                return Ok(0);
+            if self.tls_in_start == self.tls_in_end {
+                if self.tls_in.is_empty() {
+                    self.tls_in = vec![0; TLS_RECV_BYTES];
+                }
+                let n = self.socket.read(&mut self.tls_in)?;
+                (self.tls_in_start, self.tls_in_end) = (0, n);
+                if n == 0 {
+                    return Ok(0);
+                }
             }
+            let mut pending = &self.tls_in[self.tls_in_start..self.tls_in_end];
+            self.tls_in_start += tls.read_tls(&mut pending)?;
             tls.process_new_packets()
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         }

@@ -22,15 +22,30 @@ use crate::tls::PeerIdentity;
 /// Encrypted bytes rustls may hold for the socket before it accepts no more plaintext: a
 /// few large read replies, so that a TLS connection keeps the socket busy.
 const TLS_PENDING_BYTES_MAX: usize = 1 << 20;
+/// Encrypted bytes read from the socket at once. rustls asks its reader for 4 KiB at a
+/// time; reading the socket in larger pieces and handing rustls those from memory takes one
+/// `recv` for many records.
+const TLS_RECV_BYTES: usize = 256 * 1024;
 
 pub(crate) struct Transport {
     socket: Connection,
     tls: Option<Box<ServerConnection>>,
+    /// Encrypted bytes read from the socket; those from `tls_in_start` to `tls_in_end`
+    /// are not yet given to rustls.
+    tls_in: Vec<u8>,
+    tls_in_start: usize,
+    tls_in_end: usize,
 }
 
 impl Transport {
     pub fn plain(socket: Connection) -> Self {
-        Self { socket, tls: None }
+        Self {
+            socket,
+            tls: None,
+            tls_in: Vec::new(),
+            tls_in_start: 0,
+            tls_in_end: 0,
+        }
     }
 
     pub fn socket(&self) -> &Connection {
@@ -110,9 +125,18 @@ impl Transport {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
             }
-            if tls.read_tls(&mut self.socket)? == 0 {
-                return Ok(0);
+            if self.tls_in_start == self.tls_in_end {
+                if self.tls_in.is_empty() {
+                    self.tls_in = vec![0; TLS_RECV_BYTES];
+                }
+                let n = self.socket.read(&mut self.tls_in)?;
+                (self.tls_in_start, self.tls_in_end) = (0, n);
+                if n == 0 {
+                    return Ok(0);
+                }
             }
+            let mut pending = &self.tls_in[self.tls_in_start..self.tls_in_end];
+            self.tls_in_start += tls.read_tls(&mut pending)?;
             tls.process_new_packets()
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         }
