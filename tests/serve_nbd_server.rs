@@ -4,7 +4,8 @@
 //! `nbdcopy` both ways over several connections at once, plain and with TLS (wrong CA,
 //! a name not in `--tls-authz`, plaintext against TLS all refused), QEMU attaching the
 //! disk (`-blockdev driver=nbd`) for a guest that writes and checks a pattern, and NBD
-//! writes in the journal. Hostile clients are in `serve_nbd_server/hostile.rs`.
+//! writes in the journal and in a migration cut over while they go on. Hostile clients are
+//! in `serve_nbd_server/hostile.rs`.
 
 #[path = "support/mod.rs"]
 mod support;
@@ -430,6 +431,93 @@ fn nbd_writes_are_journaled_and_restore_the_image() -> Result<()> {
     ensure!(
         std::fs::read(&restored)? == std::fs::read(&image)?,
         "the journal does not restore what NBD clients wrote"
+    );
+    Ok(())
+}
+
+/// A migration of a volume that an NBD client writes throughout, cut over while it writes:
+/// the client's requests wait out the cutover's pause, and the target holds every write.
+#[test]
+fn nbd_writes_during_a_migration_reach_the_target() -> Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = support::scratch_dir()?;
+    let image = dir.path().join("v.img");
+    let (a, _) = image_with_data(&image)?;
+    let ferry = Ferry::start(dir.path(), &[volume(dir.path(), "v", ",nbd=rw")], &[])?;
+    let ctl = text(&ferry.control);
+    let stop = AtomicBool::new(false);
+    let target = dir.path().join("target.img");
+    let (model, job) = std::thread::scope(|scope| -> Result<_> {
+        let writer = scope.spawn(|| -> Result<Vec<u8>> {
+            let mut model = std::fs::read(&image)?;
+            let mut client = hostile::Raw::session(ferry.port, "v")?;
+            let mut round = 0u64;
+            while !stop.load(Ordering::Acquire) || round < 64 {
+                let offset = (round % 512) * 65536 + 8 * MIB;
+                let data = support::pattern(1000 + round, 65536);
+                client.round_trip(round * 2, offset, &data)?;
+                model[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+                round += 1;
+            }
+            Ok(model)
+        });
+        let started = support::ferry_cli::ferry(&[
+            "migrate",
+            "start",
+            "--control",
+            &ctl,
+            "--volume",
+            "v",
+            "--target",
+            &text(&target),
+            "--json",
+        ])?
+        .ok()?
+        .json()?;
+        let job = started["job"].as_u64().context("no job id")?.to_string();
+        support::wait::wait_until("the migration is ready", HANG_TIMEOUT, || {
+            let status = support::ferry_cli::ferry(&[
+                "migrate",
+                "status",
+                "--control",
+                &ctl,
+                "--job",
+                &job,
+                "--json",
+            ])?
+            .ok()?
+            .json()?;
+            ensure!(status[0]["state"] != "failed", "{status}");
+            Ok(status[0]["state"] == "ready")
+        })?;
+        support::ferry_cli::ferry(&[
+            "migrate",
+            "cutover",
+            "--control",
+            &ctl,
+            "--job",
+            &job,
+            "--json",
+        ])?
+        .ok()?;
+        stop.store(true, Ordering::Release);
+        let model = writer
+            .join()
+            .map_err(|_| anyhow::anyhow!("the writer panicked"))??;
+        Ok((model, job))
+    })?;
+    ensure!(
+        ferry.volume_info("v")?["path"] == text(&target).as_str(),
+        "job {job}: the volume is not served from the target"
+    );
+    let on_target = std::fs::read(&target)?;
+    ensure!(
+        on_target[MIB as usize..MIB as usize + a.len()] == a[..],
+        "the copied data"
+    );
+    ensure!(
+        on_target == model,
+        "the target lacks NBD writes made during the migration"
     );
     Ok(())
 }

@@ -16,7 +16,7 @@ use crate::support;
 use support::wait::{wait_until, HANG_TIMEOUT};
 
 /// A hand-written client over TCP.
-struct Raw {
+pub struct Raw {
     s: TcpStream,
 }
 
@@ -40,7 +40,7 @@ impl Raw {
     }
 
     /// Past the greeting and `NBD_OPT_GO` on `export`: in the transmission phase.
-    fn session(port: u16, export: &str) -> Result<Self> {
+    pub fn session(port: u16, export: &str) -> Result<Self> {
         let mut raw = Self::connect(port)?.context("refused")?;
         let flags = ClientFlags {
             flags: NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES,
@@ -92,7 +92,7 @@ impl Raw {
     }
 
     /// Writes then reads back `data` at `offset`: the server serves this client.
-    fn round_trip(&mut self, cookie: u64, offset: u64, data: &[u8]) -> Result<()> {
+    pub fn round_trip(&mut self, cookie: u64, offset: u64, data: &[u8]) -> Result<()> {
         self.request(NBD_CMD_WRITE, cookie, offset, data.len() as u32)?;
         self.s.write_all(data)?;
         ensure!(self.reply(0)? == (cookie, 0, vec![]), "write refused");
