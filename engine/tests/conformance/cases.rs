@@ -10,7 +10,8 @@ use ferry_engine::{BlockOp, IoFailure, VolumeQueue};
 use ferry_test_support::Rng;
 
 use crate::aligned::AlignedBuf;
-use crate::fixture::{compare, Fixture, FILL_BYTE, VOLUME_BYTES};
+use crate::fixture::{Fixture, FILL_BYTE, VOLUME_BYTES};
+use ferry_test_support::compare_bytes;
 
 /// Bound on a batch of requests in flight: only a hang reaches it.
 const BATCH_TIMEOUT: Duration = Duration::from_secs(60);
@@ -260,7 +261,7 @@ pub fn random_round_trips_with_many_in_flight(f: &mut Fixture) {
         assert!(out.iter().all(|c| c.result.is_ok()), "{out:?}");
     }
     let back = read_back_in_reverse(f);
-    if let Err(e) = compare("the volume", back.slice(), &model) {
+    if let Err(e) = compare_bytes("the volume", back.slice(), &model) {
         panic!("{e:#}");
     }
 }

@@ -74,15 +74,6 @@ impl FixtureIo {
     }
 }
 
-/// Fails unless `actual == expected`, naming the first differing byte (the comparison itself
-/// is one `memcmp`; only a difference is looked at byte by byte).
-pub fn compare(what: &str, actual: &[u8], expected: &[u8]) -> Result<()> {
-    if actual == expected {
-        return Ok(());
-    }
-    ferry_test_support::compare_bytes(what, actual, expected)
-}
-
 /// A volume on a backend, ready for a case.
 pub struct Fixture {
     io: FixtureIo,

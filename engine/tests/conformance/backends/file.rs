@@ -10,7 +10,8 @@ use ferry_engine::{CacheMode, Volume, VolumeConfig};
 use ferry_test_support::{images, require_ok};
 use tempfile::TempDir;
 
-use crate::fixture::{compare, Access, Beside, Fixture, FixtureIo, FILL_BYTE, VOLUME_BYTES};
+use crate::fixture::{Access, Beside, Fixture, FixtureIo, FILL_BYTE, VOLUME_BYTES};
+use ferry_test_support::compare_bytes;
 
 /// Which filesystem an image lives on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,6 +97,6 @@ struct ImageFile {
 impl Beside for ImageFile {
     fn check_after(&mut self, _: &mut FixtureIo, content: &[u8]) -> Result<()> {
         let on_disk = std::fs::read(&self.image).context("read the image")?;
-        compare("the image after the case", &on_disk, content)
+        compare_bytes("the image after the case", &on_disk, content)
     }
 }

@@ -16,7 +16,8 @@ use ferry_engine::CacheMode;
 use tempfile::TempDir;
 
 use super::file::{filled_image, open_volume, scratch_on, Place};
-use crate::fixture::{compare, Access, Beside, Fixture, FixtureIo, VOLUME_BYTES};
+use crate::fixture::{Access, Beside, Fixture, FixtureIo, VOLUME_BYTES};
+use ferry_test_support::compare_bytes;
 
 /// How the journal runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,9 +104,9 @@ impl Beside for Observed {
         }
         self.journal.close();
         let image = std::fs::read(&self.image).context("read the image")?;
-        compare("the image after the case", &image, content)?;
+        compare_bytes("the image after the case", &image, content)?;
         let restored = verify_and_restore(&self.journal_dir, &self.base)?;
-        compare("the image restored from the journal", &restored, content)
+        compare_bytes("the image restored from the journal", &restored, content)
     }
 }
 

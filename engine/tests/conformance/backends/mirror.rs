@@ -23,7 +23,8 @@ use ferry_test_support::{wait_until, HANG_TIMEOUT};
 use tempfile::TempDir;
 
 use super::file::{filled_image, open_volume, scratch_on, Place};
-use crate::fixture::{compare, Access, Beside, Fixture, FixtureIo, VOLUME_BYTES};
+use crate::fixture::{Access, Beside, Fixture, FixtureIo, VOLUME_BYTES};
+use ferry_test_support::compare_bytes;
 
 /// The chunk the job tracks and copies at once.
 const CHUNK_BYTES: u64 = 64 << 10;
@@ -106,10 +107,10 @@ impl Beside for Migration {
         self.finish()?;
         ensure!(io.volume.backing().path == self.target);
         let source = std::fs::read(&self.source).context("read the source")?;
-        compare("the source after the case", &source, content)?;
+        compare_bytes("the source after the case", &source, content)?;
         let target = std::fs::read(&self.target).context("read the target")?;
-        compare("the target after cutover", &target, content)?;
+        compare_bytes("the target after cutover", &target, content)?;
         let served = io.flush_and_read_all()?;
-        compare("the volume on its target", &served, content)
+        compare_bytes("the volume on its target", &served, content)
     }
 }

@@ -14,7 +14,8 @@ use ferry_test_support::{command_available, require, scratch_dir};
 use tempfile::TempDir;
 
 use super::file::filled_image;
-use crate::fixture::{compare, Access, Beside, Fixture, FixtureIo, FILL_BYTE, VOLUME_BYTES};
+use crate::fixture::{Access, Beside, Fixture, FixtureIo, FILL_BYTE, VOLUME_BYTES};
+use ferry_test_support::compare_bytes;
 
 /// Which server exports the volume.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -121,7 +122,7 @@ impl Beside for Export {
         let image = std::fs::read(&self.image).context("read the exported image")?;
         let start = self.offset_bytes as usize;
         let end = start + content.len();
-        compare(
+        compare_bytes(
             "the export's slice after the case",
             &image[start..end],
             content,
