@@ -19,9 +19,11 @@ use rustls::{ServerConfig, ServerConnection};
 use crate::nbd::connection::Connection;
 use crate::tls::PeerIdentity;
 
-/// Encrypted bytes rustls may hold for the socket before it accepts no more plaintext: a
-/// few large read replies, so that a TLS connection keeps the socket busy.
-const TLS_PENDING_BYTES_MAX: usize = 1 << 20;
+/// Encrypted bytes rustls may hold for the socket before it accepts no more plaintext:
+/// enough records to keep the socket busy between two passes of the loop. rustls allocates
+/// every record it encrypts, so a larger bound only makes the heap grow and shrink (page
+/// faults on fresh memory) with every batch of large read replies.
+const TLS_PENDING_BYTES_MAX: usize = 256 << 10;
 /// Encrypted bytes read from the socket at once. rustls asks its reader for 4 KiB at a
 /// time; reading the socket in larger pieces and handing rustls those from memory takes one
 /// `recv` for many records.
