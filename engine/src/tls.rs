@@ -392,4 +392,4 @@ impl TlsAuthz {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

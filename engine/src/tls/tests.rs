@@ -1,7 +1,8 @@
-//! Tests of credential loading and of the allow-list, with certificates made by `openssl`.
+//! Tests of credential loading and of the allow-list, with certificates made by `openssl`
+//! (`ferry_test_support::pki`).
 
 use super::*;
-use std::process::Command;
+use ferry_test_support::pki::{Pki, PkiNames};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -13,81 +14,14 @@ fn error_text<T, E: std::fmt::Display>(result: Result<T, E>) -> Result<String, S
     }
 }
 
-/// Makes a CA, a server pair and a client pair in `dir` with the `openssl` command, the way
-/// an operator would for QEMU (RSA keys, the key usages GnuTLS checks).
+/// Makes a CA, a server pair (`localhost`, `127.0.0.1`) and a client pair named `client_cn`
+/// in `dir` in QEMU's layout, with the shared test support's [`Pki`].
 pub(crate) fn make_credentials(dir: &Path, client_cn: &str) -> TestResult {
-    let run = |args: &[&str]| -> TestResult {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()?;
-        if !out.status.success() {
-            return Err(
-                format!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr)).into(),
-            );
-        }
-        Ok(())
+    let names = PkiNames {
+        client_cn: client_cn.to_string(),
+        ..PkiNames::default()
     };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca-key.pem",
-        "-out",
-        "ca-cert.pem",
-        "-days",
-        "3",
-        "-subj",
-        "/CN=ferry test CA",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-    ])?;
-    for (role, cn, usage) in [
-        ("server", "localhost", "serverAuth"),
-        ("client", client_cn, "clientAuth"),
-    ] {
-        std::fs::write(
-            dir.join(format!("{role}.ext")),
-            format!(
-                "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n\
-                 extendedKeyUsage={usage}\nsubjectAltName=DNS:{cn},IP:127.0.0.1\n"
-            ),
-        )?;
-        run(&[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            &format!("{role}-key.pem"),
-            "-out",
-            &format!("{role}.csr"),
-            "-subj",
-            &format!("/O=ferry tests/CN={cn}"),
-        ])?;
-        run(&[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{role}.csr"),
-            "-CA",
-            "ca-cert.pem",
-            "-CAkey",
-            "ca-key.pem",
-            "-CAcreateserial",
-            "-out",
-            &format!("{role}-cert.pem"),
-            "-days",
-            "3",
-            "-extfile",
-            &format!("{role}.ext"),
-        ])?;
-    }
+    Pki::with_names(dir, names)?;
     Ok(())
 }
 
@@ -229,9 +163,12 @@ fn handshake(
 #[test]
 fn mutual_tls_handshake_and_wrong_ca() -> TestResult {
     let good = tempfile::tempdir()?;
-    make_credentials(good.path(), "client1")?;
+    let names = PkiNames {
+        client_cn: "client1".into(),
+        ..PkiNames::default()
+    };
     let other = tempfile::tempdir()?;
-    make_credentials(other.path(), "client1")?;
+    Pki::with_names(good.path(), names)?.foreign(other.path())?;
     let good = TlsCredentials::load(good.path())?;
     let other = TlsCredentials::load(other.path())?;
 
