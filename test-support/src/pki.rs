@@ -63,13 +63,14 @@ pub struct Pki {
 }
 
 impl Pki {
-    /// Makes the CA and both pairs with the default names in `dir` (which must exist).
+    /// Makes the CA and both pairs with the default names in `dir` (created if missing).
     pub fn new(dir: &Path) -> Result<Self> {
         Self::with_names(dir, PkiNames::default())
     }
 
-    /// Makes the CA and both pairs with `names` in `dir` (which must exist).
+    /// Makes the CA and both pairs with `names` in `dir` (created if missing).
     pub fn with_names(dir: &Path, names: PkiNames) -> Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
         let pki = Self {
             dir: dir.to_path_buf(),
             names,

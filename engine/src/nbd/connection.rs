@@ -1,7 +1,7 @@
-//! One NBD connection's byte stream, over TCP or a unix socket: connecting with a deadline,
-//! socket timeouts, and shutting it down. The protocol above it reads and writes bytes
-//! through [`Read`] and [`Write`] and does not know which transport carries them; another
-//! transport (a TLS stream) is one more variant here.
+//! One NBD connection's byte stream: a TCP or unix socket ([`Socket`]), plain or under TLS
+//! after `NBD_OPT_STARTTLS` ([`Connection`]); connecting with a deadline, socket timeouts,
+//! and shutting it down. The protocol above it reads and writes bytes through [`Read`] and
+//! [`Write`] and does not know which transport carries them.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -12,16 +12,24 @@ use std::time::Duration;
 use nix::sys::socket::{send, MsgFlags};
 
 use super::protocol::RequestHeader;
+use super::tls_stream::TlsStream;
 use super::NbdAddress;
 
-/// A connection to an NBD server (or, on a server, from a client).
+/// A socket to an NBD server (or, on a server, from a client).
 #[derive(Debug)]
-pub(crate) enum Connection {
+pub(crate) enum Socket {
     Tcp(TcpStream),
     Unix(UnixStream),
 }
 
-impl Connection {
+/// A connection: its socket, plain or under TLS.
+#[derive(Debug)]
+pub(crate) enum Connection {
+    Plain(Socket),
+    Tls(TlsStream),
+}
+
+impl Socket {
     /// Connects to `address` (TCP with `TCP_NODELAY`: requests are small and latency
     /// bound); a TCP connect gives up after `timeout`.
     pub(crate) fn connect(address: &NbdAddress, timeout: Duration) -> std::io::Result<Self> {
@@ -43,11 +51,6 @@ impl Connection {
             }
             NbdAddress::Unix { socket } => Ok(Self::Unix(UnixStream::connect(socket)?)),
         }
-    }
-
-    /// Bounds every blocking read and write (the handshake), or lifts the bound (`None`).
-    pub(crate) fn set_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
-        self.set_timeouts(timeout, timeout)
     }
 
     /// Bounds blocking reads and writes separately (`None`: no bound).
@@ -75,8 +78,6 @@ impl Connection {
         }
     }
 
-    /// Another handle on the same socket (a reader thread's, or one to shut it down with
-    /// while a sender is blocked on it).
     pub(crate) fn try_clone(&self) -> std::io::Result<Self> {
         Ok(match self {
             Self::Tcp(s) => Self::Tcp(s.try_clone()?),
@@ -93,21 +94,18 @@ impl Connection {
         };
     }
 
-    /// Ends a client's session in the transmission phase: `NBD_CMD_DISC` (best effort,
-    /// without blocking: a server that stopped reading must not hold the caller), then
-    /// shuts the connection down.
-    pub(crate) fn disconnect(&self) {
-        let header = RequestHeader::DISCONNECT.encode();
+    /// Sends what the socket takes at once, without blocking (best effort: a peer that
+    /// stopped reading must not hold the caller).
+    pub(crate) fn send_without_blocking(&self, bytes: &[u8]) {
         let _ = send(
             self.as_raw_fd(),
-            &header,
+            bytes,
             MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
         );
-        self.shutdown();
     }
 }
 
-impl AsRawFd for Connection {
+impl AsRawFd for Socket {
     fn as_raw_fd(&self) -> RawFd {
         match self {
             Self::Tcp(s) => s.as_raw_fd(),
@@ -116,7 +114,7 @@ impl AsRawFd for Connection {
     }
 }
 
-impl Read for Connection {
+impl Read for Socket {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         match self {
             Self::Tcp(s) => s.read(buf),
@@ -125,7 +123,7 @@ impl Read for Connection {
     }
 }
 
-impl Write for Connection {
+impl Write for Socket {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match self {
             Self::Tcp(s) => s.write(buf),
@@ -133,7 +131,108 @@ impl Write for Connection {
         }
     }
 
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        match self {
+            Self::Tcp(s) => s.write_vectored(bufs),
+            Self::Unix(s) => s.write_vectored(bufs),
+        }
+    }
+
     /// Nothing to do: writes go straight to the socket.
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Connection {
+    /// A plain connection to `address` (see [`Socket::connect`]).
+    pub(crate) fn connect(address: &NbdAddress, timeout: Duration) -> std::io::Result<Self> {
+        Socket::connect(address, timeout).map(Self::Plain)
+    }
+
+    /// The socket under the connection.
+    pub(crate) fn socket(&self) -> &Socket {
+        match self {
+            Self::Plain(socket) => socket,
+            Self::Tls(tls) => tls.socket(),
+        }
+    }
+
+    /// True once TLS is on.
+    pub(crate) fn is_tls(&self) -> bool {
+        matches!(self, Self::Tls(_))
+    }
+
+    /// Bounds every blocking read and write (the handshake), or lifts the bound (`None`).
+    pub(crate) fn set_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        self.socket().set_timeouts(timeout, timeout)
+    }
+
+    /// Bounds blocking reads and writes separately (`None`: no bound).
+    pub(crate) fn set_timeouts(
+        &self,
+        read: Option<Duration>,
+        write: Option<Duration>,
+    ) -> std::io::Result<()> {
+        self.socket().set_timeouts(read, write)
+    }
+
+    pub(crate) fn set_nonblocking(&self, on: bool) -> std::io::Result<()> {
+        self.socket().set_nonblocking(on)
+    }
+
+    /// Another handle on the same socket (and TLS session): a reader thread's, or one to
+    /// shut it down with while a sender is blocked on it.
+    pub(crate) fn try_clone(&self) -> std::io::Result<Self> {
+        Ok(match self {
+            Self::Plain(socket) => Self::Plain(socket.try_clone()?),
+            Self::Tls(tls) => Self::Tls(tls.try_clone()?),
+        })
+    }
+
+    /// Shuts both directions down: blocked reads and writes on every handle of the socket
+    /// return, and the peer sees the end of the stream.
+    pub(crate) fn shutdown(&self) {
+        self.socket().shutdown();
+    }
+
+    /// Ends a client's session in the transmission phase: `NBD_CMD_DISC` (and TLS's
+    /// `close_notify`), best effort and without blocking (a server that stopped reading
+    /// must not hold the caller), then shuts the connection down.
+    pub(crate) fn disconnect(&self) {
+        let header = RequestHeader::DISCONNECT.encode();
+        match self {
+            Self::Plain(socket) => socket.send_without_blocking(&header),
+            Self::Tls(tls) => tls.send_last_without_blocking(&header),
+        }
+        self.shutdown();
+    }
+}
+
+impl AsRawFd for Connection {
+    fn as_raw_fd(&self) -> RawFd {
+        self.socket().as_raw_fd()
+    }
+}
+
+impl Read for Connection {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Self::Plain(socket) => socket.read(buf),
+            Self::Tls(tls) => tls.read(buf),
+        }
+    }
+}
+
+impl Write for Connection {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Self::Plain(socket) => socket.write(buf),
+            Self::Tls(tls) => tls.write(buf),
+        }
+    }
+
+    /// Nothing to do: writes go to the socket before they return.
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }

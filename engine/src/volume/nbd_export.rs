@@ -15,6 +15,7 @@ use crate::nbd::protocol::{
     NBD_FLAG_CAN_MULTI_CONN, NBD_FLAG_READ_ONLY, NBD_FLAG_SEND_FLUSH, NBD_FLAG_SEND_FUA,
     NBD_FLAG_SEND_TRIM, NBD_FLAG_SEND_WRITE_ZEROES,
 };
+use crate::nbd::tls_stream::ClientTls;
 use crate::nbd::{BlockSizes, ClientOptions, ExportUri, NbdClient};
 
 /// How long a connection attempt (TCP connect, then the handshake) may take. A queue makes
@@ -211,6 +212,7 @@ impl NbdExport {
             request_timeout: SIDE_REQUEST_TIMEOUT,
             accept_read_only: true,
             request_block_bytes: self.request_block_bytes,
+            tls: None,
         };
         let client =
             NbdClient::connect(&self.location, &options).map_err(|e| self.side_error(e))?;
@@ -222,9 +224,10 @@ impl NbdExport {
 
 /// Connects and negotiates the export; returns the connection and what the server told.
 fn open_conn(location: &ExportUri) -> Result<(Connection, ExportInfo), String> {
-    let mut conn = Connection::connect(&location.address, CONNECT_TIMEOUT)
+    let tls = ClientTls::for_uri(location, None).map_err(|e| format!("{location}: {e}"))?;
+    let conn = Connection::connect(&location.address, CONNECT_TIMEOUT)
         .map_err(|e| format!("cannot connect to {location}: {e}"))?;
-    let info = handshake(&mut conn, &location.export, CONNECT_TIMEOUT)
+    let (conn, info) = handshake(conn, &location.export, CONNECT_TIMEOUT, tls.as_ref())
         .map_err(|e| format!("{location}: NBD handshake: {e}"))?;
     conn.set_timeout(None)
         .map_err(|e| format!("{location}: {e}"))?;
@@ -250,6 +253,7 @@ mod tests {
                 socket: socket.clone(),
             },
             export: "e".into(),
+            tls: false,
         };
         let reason = NbdExport::probe(&location, 512)
             .err()

@@ -26,6 +26,7 @@ impl NbdDestination {
             request_timeout,
             accept_read_only: false,
             request_block_bytes,
+            tls: None,
         };
         let client = NbdClient::connect(uri, &options).map_err(|e| destination_error(&name, e))?;
         Ok(Self { name, client })
@@ -123,6 +124,7 @@ mod tests {
         let uri = ExportUri {
             address: NbdAddress::Unix { socket },
             export: "e".into(),
+            tls: false,
         };
         let refused = NbdDestination::connect(&uri, crate::nbd::REQUEST_TIMEOUT_DEFAULT, 512);
         let Err(e @ DestinationError::Unusable { .. }) = refused else {
