@@ -182,6 +182,21 @@ impl TlsStream {
         })
     }
 
+    /// The socket and the session, for a caller that moves the bytes itself (a volume
+    /// queue's non-blocking connection). Only the sole handle can be taken apart; the
+    /// ciphertext it read ahead goes into the session first, so nothing read is lost.
+    pub(crate) fn into_parts(mut self) -> io::Result<(Socket, ClientConnection)> {
+        {
+            let mut session = lock(&self.session)?;
+            while self.input.feed(&mut session)? {}
+        }
+        let session = Arc::try_unwrap(self.session)
+            .map_err(|_| io::Error::other("TLS session still shared"))?
+            .into_inner()
+            .map_err(|_| io::Error::other("TLS session lock poisoned"))?;
+        Ok((self.socket, session))
+    }
+
     /// Sends `bytes` as the last data of the session, then TLS's `close_notify`, best
     /// effort and without blocking.
     pub(crate) fn send_last_without_blocking(&self, bytes: &[u8]) {
