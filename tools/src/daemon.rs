@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use ferry_engine::journal::Journal;
 use ferry_engine::mirror::MigrationRegistry;
+use ferry_engine::tls::TlsCredentials;
 use ferry_engine::Volume;
 use ferry_vhost::ConnectionState;
 
@@ -23,6 +24,9 @@ pub struct Daemon {
     pub migrations: MigrationRegistry,
     /// The write journal, when `--journal` was given.
     pub journal: Option<Arc<Journal>>,
+    /// The daemon's own credentials (`--tls-creds`): for listening, and the default for
+    /// connecting to TLS exports (`nbds://` migration targets) not given their own.
+    pub tls: Option<Arc<TlsCredentials>>,
 }
 
 impl Daemon {

@@ -19,9 +19,15 @@ pub enum MigrateCommand {
         /// A volume to migrate; several volumes are merged into one target.
         #[arg(long = "volume", required = true)]
         volumes: Vec<String>,
-        /// PATH (file or block device), nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH.
+        /// PATH (file or block device), nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH,
+        /// or over TLS nbds://HOST:PORT/EXPORT or nbds+unix:///EXPORT?socket=PATH.
         #[arg(long)]
         target: String,
+        /// TLS credentials for an NBD target, in QEMU's x509 layout (ca-cert.pem,
+        /// client-cert.pem, client-key.pem), read by the daemon: the connection uses TLS
+        /// (an nbd:// target too). Default for nbds:// targets: the daemon's --tls-creds.
+        #[arg(long, value_name = "DIR")]
+        tls_creds: Option<PathBuf>,
         /// active: guest writes complete on both sides (always converges);
         /// background: writes mark a dirty bitmap the copier drains.
         #[arg(long, default_value = "active")]
@@ -94,6 +100,7 @@ pub fn run(cmd: MigrateCommand) -> anyhow::Result<()> {
             control,
             volumes,
             target,
+            tls_creds,
             mode,
             max_speed,
             auto_cutover,
@@ -101,6 +108,12 @@ pub fn run(cmd: MigrateCommand) -> anyhow::Result<()> {
             json,
         } => {
             let mut args = json!({ "volumes": volumes, "target": target, "mode": mode, "auto-cutover": auto_cutover });
+            if let Some(dir) = tls_creds {
+                // The daemon reads it, from its own working directory.
+                let dir = std::path::absolute(&dir)
+                    .with_context(|| format!("--tls-creds {}", dir.display()))?;
+                args["tls-creds"] = json!(dir);
+            }
             if let Some(ms) = copy_hold_ms {
                 args["copy-hold-ms"] = json!(ms);
             }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use ferry_engine::journal::{Journal, JournalOptions};
+use ferry_engine::tls::TlsCredentials;
 use ferry_engine::Volume;
 use ferry_vhost::ConnectionState;
 use nix::sys::signal::{SigSet, Signal};
@@ -17,7 +18,8 @@ use crate::volume_spec::{self, VolumeSpec};
 #[derive(clap::Args, Debug, Default)]
 pub struct ServeArgs {
     /// A volume: name=NAME,path=IMG,socket=SOCK[,size=8G][,read-only][,queues=N]
-    /// (path may be an NBD export: nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH)
+    /// (path may be an NBD export: nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH,
+    /// nbds://… or nbds+unix://… over TLS; [,tls-creds=DIR] gives it its own credentials)
     /// [,queues-per-thread=N][,cache=none|writeback][,serial=STR][,offset=B][,length=B][,poll-us=N][,batch=N]
     /// [,logical-block-size=512|4K|...]
     #[arg(long = "volume", value_name = "SPEC")]
@@ -33,6 +35,11 @@ pub struct ServeArgs {
     /// Read settings from a TOML file; flags override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// TLS credentials in QEMU's x509 layout (ca-cert.pem; server-cert.pem, server-key.pem;
+    /// client-cert.pem, client-key.pem), used both for listening and for connecting: the
+    /// default for nbds:// volumes and migration targets that have no tls-creds of their own.
+    #[arg(long, value_name = "DIR")]
+    pub tls_creds: Option<PathBuf>,
 }
 
 /// The settings after merging the file and the flags.
@@ -178,7 +185,8 @@ fn same_path(a: &Path, b: &Path) -> bool {
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let plan = plan(&args)?;
+    let mut plan = plan(&args)?;
+    let tls = load_tls(&args, &mut plan.volumes)?;
     check_distinct(&plan.volumes, plan.control.as_deref())?;
     // Signals are taken by the main thread only: block them before any thread starts.
     let mut signals = SigSet::empty();
@@ -235,6 +243,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         volumes: served,
         migrations: ferry_engine::mirror::MigrationRegistry::new(),
         journal,
+        tls,
     });
     for ((served, listener), spec) in daemon.volumes.iter().zip(listeners).zip(&plan.volumes) {
         start_volume_thread(served, listener, spec)?;
@@ -251,6 +260,33 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     log::info!("{signal}: finishing requests in flight and shutting down");
     shut_down(&daemon, plan.control.as_deref());
     Ok(())
+}
+
+/// Loads the daemon's `--tls-creds` and each NBD volume's credentials: its own `tls-creds=`,
+/// or the daemon's for an `nbds://` volume without them (credentials make even an `nbd://`
+/// connection use TLS, so the daemon's do not apply to those). Errors name the directory.
+fn load_tls(
+    args: &ServeArgs,
+    volumes: &mut [VolumeSpec],
+) -> anyhow::Result<Option<Arc<TlsCredentials>>> {
+    let daemon = match &args.tls_creds {
+        Some(dir) => Some(Arc::new(TlsCredentials::load(dir)?)),
+        None => None,
+    };
+    for spec in volumes {
+        let wants_tls = ferry_engine::volume::nbd_export::parse_uri(&spec.engine.path)
+            .and_then(Result::ok)
+            .is_some_and(|uri| uri.tls);
+        spec.engine.nbd_tls = match &spec.tls_creds {
+            Some(dir) => Some(Arc::new(
+                TlsCredentials::load(dir)
+                    .with_context(|| format!("volume {}", spec.engine.name))?,
+            )),
+            None if wants_tls => daemon.clone(),
+            None => None,
+        };
+    }
+    Ok(daemon)
 }
 
 fn precheck_socket(path: &Path) -> anyhow::Result<()> {
