@@ -319,8 +319,9 @@ fn nbd_target_over_tls() -> Result<()> {
     )
 }
 
-/// The credentials of a TLS target: `nbds://` without any is refused in one line, and so is
-/// a directory without the client pair; without `--tls-creds` the daemon's own
+/// The credentials of a TLS target: `nbds://` without any is refused in one line, and so are
+/// a directory without the client pair and credentials for a file; without `--tls-creds`
+/// the daemon's own
 /// `ferry serve --tls-creds` are used, and the job completes over TLS.
 #[test]
 fn tls_credentials_of_an_nbd_target() -> Result<()> {
@@ -343,6 +344,19 @@ fn tls_credentials_of_an_nbd_target() -> Result<()> {
     start(&[])?.expect_error("TLS is required (nbds://) but no TLS credentials were given")?;
     let server_only = pki.server_only(&dir.path().join("server-only"))?;
     start(&["--tls-creds", text(&server_only)?])?.expect_error("client-cert.pem is missing")?;
+    fx.serve
+        .migrate(
+            "start",
+            &[
+                "--volume",
+                "vda",
+                "--target",
+                text(&dir.path().join("file.img"))?,
+                "--tls-creds",
+                text(pki.dir())?,
+            ],
+        )?
+        .expect_error("tls-creds is for an NBD target")?;
 
     let image = dir.path().join("vdb.img");
     let data = make_image(&image, 16 * MIB, Fill::HalfHoles, 7)?;

@@ -126,6 +126,11 @@ fn target_tls(
     target: &DestinationSpec,
 ) -> Result<Option<Arc<TlsCredentials>>, ControlError> {
     let wants_tls = matches!(target, DestinationSpec::Nbd(uri) if uri.tls);
+    if args.get("tls-creds").is_some() && matches!(target, DestinationSpec::File(_)) {
+        return Err(ControlError::bad_argument(
+            "tls-creds is for an NBD target (nbds://… or nbd://…)",
+        ));
+    }
     match args.get("tls-creds") {
         Some(Value::String(dir)) => TlsCredentials::load(std::path::Path::new(dir))
             .map(|c| Some(Arc::new(c)))
