@@ -26,10 +26,10 @@
 //!   `NBD_CMD_WRITE_ZEROES` without `NO_HOLE` (the server may deallocate): a discarded range
 //!   of a file volume reads back as zeros and the mirror relies on it, so the NBD path keeps
 //!   that; without `SEND_WRITE_ZEROES` it is `NBD_CMD_TRIM`, else success without effect.
-//! - TLS. An export reached over TLS (`tls.rs`, `link.rs`) keeps all of the above, with the TLS session
-//!   between the queue and the socket: requests are written into the session as plaintext
-//!   and its ciphertext is sent while the socket takes it (`POLLOUT` armed while some
-//!   waits); received ciphertext is decrypted and its plaintext parsed as on a plain
+//! - TLS. An export reached over TLS (`tls.rs`, `link.rs`) keeps all of the above, with the
+//!   TLS session between the queue and the socket: requests are written into the session as
+//!   plaintext and its ciphertext is sent while the socket takes it (`POLLOUT` armed while
+//!   some waits); received ciphertext is decrypted and its plaintext parsed as on a plain
 //!   connection. A TLS error or the server's `close_notify` is a broken connection. The
 //!   plain path does not go through any of it.
 //! - Failure. A server error fails that request with its errno. A broken connection, a
