@@ -9,7 +9,7 @@
 mod support;
 
 use anyhow::{ensure, Context as _, Result};
-use ferry_test_support::pki::Pki;
+use ferry_test_support::pki::{Pki, Subject};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -303,9 +303,9 @@ fn nbd_target_qemu_nbd_tcp() -> Result<()> {
 /// writes on through the volume's TLS connections to the export.
 #[test]
 fn nbd_target_over_tls() -> Result<()> {
-    let pki_dir = support::scratch_dir()?;
-    let pki = Pki::new(pki_dir.path())?;
-    let server_creds = pki.dir().to_path_buf();
+    let pki = Pki::new("ferry test CA")?;
+    let creds = pki.credentials("both", &Subject::named("localhost"))?;
+    let server_creds = creds.clone();
     nbd_migration_with(
         |img| {
             let opts = QemuNbdOpts {
@@ -315,7 +315,7 @@ fn nbd_target_over_tls() -> Result<()> {
             NbdServer::qemu_nbd_with(img, "disk", &NbdAddr::free_tcp()?, opts)
         },
         "active",
-        Some(pki.dir()),
+        Some(&creds),
     )
 }
 
@@ -326,11 +326,12 @@ fn nbd_target_over_tls() -> Result<()> {
 #[test]
 fn tls_credentials_of_an_nbd_target() -> Result<()> {
     let dir = support::scratch_dir()?;
-    let pki = Pki::new(&dir.path().join("pki"))?;
+    let pki = Pki::new("ferry test CA")?;
+    let creds = pki.credentials("both", &Subject::named("localhost"))?;
     let target = dir.path().join("nbd.img");
     garbage_image(&target, 16 * MIB)?;
     let opts = QemuNbdOpts {
-        tls_creds: Some(pki.dir().to_path_buf()),
+        tls_creds: Some(creds.clone()),
         ..QemuNbdOpts::default()
     };
     let server = NbdServer::qemu_nbd_with(&target, "disk", &NbdAddr::free_tcp()?, opts)?;
@@ -342,7 +343,7 @@ fn tls_credentials_of_an_nbd_target() -> Result<()> {
         fx.serve.migrate("start", &args)
     };
     start(&[])?.expect_error("TLS is required (nbds://) but no TLS credentials were given")?;
-    let server_only = pki.server_only(&dir.path().join("server-only"))?;
+    let server_only = pki.server_credentials("server-only", &Subject::named("localhost"))?;
     start(&["--tls-creds", text(&server_only)?])?.expect_error("client-cert.pem is missing")?;
     fx.serve
         .migrate(
@@ -353,7 +354,7 @@ fn tls_credentials_of_an_nbd_target() -> Result<()> {
                 "--target",
                 text(&dir.path().join("file.img"))?,
                 "--tls-creds",
-                text(pki.dir())?,
+                text(&creds)?,
             ],
         )?
         .expect_error("tls-creds is for an NBD target")?;
@@ -368,7 +369,7 @@ fn tls_credentials_of_an_nbd_target() -> Result<()> {
     let serve = FerryServe::start_with(
         &[spec],
         &dir.path().join("ctl.sock"),
-        &["--tls-creds", text(pki.dir())?],
+        &["--tls-creds", text(&creds)?],
     )?;
     let id = serve.start_migration(&["--volume", "vdb", "--target", &uri, "--auto-cutover"])?;
     let status = serve.wait_state(id, |s| matches!(s, "completed" | "failed" | "cancelled"))?;

@@ -12,7 +12,8 @@
 mod support;
 
 use anyhow::{ensure, Context as _, Result};
-use ferry_test_support::pki::Pki;
+use ferry_test_support::pki::{Pki, Subject};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use support::blkio_client::{BlkioClient, BlkioOpts, Op};
 use support::compare_image;
@@ -278,10 +279,18 @@ fn refuses_an_export_whose_minimum_block_size_exceeds_a_sector() -> Result<()> {
     Ok(())
 }
 
-/// `qemu-nbd` requiring TLS with the server pair of `pki`, exporting `image` as `exp`.
-fn qemu_nbd_tls(image: &std::path::Path, addr: &NbdAddr, pki: &Pki) -> Result<NbdServer> {
+/// A test CA and a directory with both pairs for `localhost` and 127.0.0.1 (a server's and
+/// a client's credentials at once); the directory lives as long as the CA.
+fn credentials(ca_name: &str) -> Result<(Pki, PathBuf)> {
+    let pki = Pki::new(ca_name)?;
+    let dir = pki.credentials("both", &Subject::named("localhost"))?;
+    Ok((pki, dir))
+}
+
+/// `qemu-nbd` requiring TLS with the server pair in `credentials`, exporting `image` as `exp`.
+fn qemu_nbd_tls(image: &Path, addr: &NbdAddr, credentials: &Path) -> Result<NbdServer> {
     let opts = QemuNbdOpts {
-        tls_creds: Some(pki.dir().to_path_buf()),
+        tls_creds: Some(credentials.to_path_buf()),
         ..QemuNbdOpts::default()
     };
     NbdServer::qemu_nbd_with(image, "exp", addr, opts)
@@ -294,16 +303,16 @@ fn qemu_nbd_tls(image: &std::path::Path, addr: &NbdAddr, pki: &Pki) -> Result<Nb
 #[test]
 fn serves_an_nbd_export_over_tls() -> Result<()> {
     let dir = support::scratch_dir()?;
-    let pki = Pki::new(&dir.path().join("pki"))?;
+    let (_pki, creds) = credentials("ferry test CA")?;
     let image = dir.path().join("export.img");
     std::fs::write(&image, vec![0x11u8; 16 * MIB as usize])?;
-    let server = qemu_nbd_tls(&image, &NbdAddr::free_tcp()?, &pki)?;
+    let server = qemu_nbd_tls(&image, &NbdAddr::free_tcp()?, &creds)?;
     let socket = dir.path().join("n.sock");
     let spec = format!(
         "name=n,path={},socket={},queues=2,tls-creds={}",
         server.uri(),
         socket.display(),
-        pki.dir().display()
+        creds.display()
     );
     let serve = FerryServe::start(&[spec], &dir.path().join("ctl.sock"))?;
     let info = serve.volume_info("n")?;
@@ -323,12 +332,12 @@ fn serves_an_nbd_export_over_tls() -> Result<()> {
     drop(server);
 
     let opts_qsd = QsdOpts {
-        tls_creds: Some(pki.dir().to_path_buf()),
+        tls_creds: Some(creds.clone()),
     };
     let addr = NbdAddr::Unix(dir.path().join("nbd.sock"));
     let server = NbdServer::qsd_with(&image, "exp", &addr, opts_qsd)?;
     let spec = format!("name=n,path={},socket={}", server.uri(), socket.display());
-    let tls_creds = pki.dir().to_str().context("pki path")?;
+    let tls_creds = creds.to_str().context("credentials path")?;
     let serve = FerryServe::start_with(
         &[spec],
         &dir.path().join("ctl2.sock"),
@@ -347,24 +356,24 @@ fn serves_an_nbd_export_over_tls() -> Result<()> {
 #[test]
 fn tls_failures_at_open_are_one_line_errors() -> Result<()> {
     let dir = support::scratch_dir()?;
-    let pki = Pki::new(&dir.path().join("pki"))?;
-    let foreign = pki.foreign(&dir.path().join("foreign"))?;
+    let (_pki, creds) = credentials("ferry test CA")?;
+    let (_foreign_pki, foreign) = credentials("another CA")?;
     let image = dir.path().join("export.img");
     std::fs::write(&image, vec![0u8; 4 * MIB as usize])?;
-    let tls_server = qemu_nbd_tls(&image, &NbdAddr::free_tcp()?, &pki)?;
+    let tls_server = qemu_nbd_tls(&image, &NbdAddr::free_tcp()?, &creds)?;
     let plain_addr = NbdAddr::free_tcp()?;
     let _plain_server = NbdServer::qemu_nbd(&image, "exp", &plain_addr)?;
     let socket = dir.path().join("n.sock");
     let cases = [
         (
-            format!("{},tls-creds={}", tls_server.uri(), foreign.dir().display()),
+            format!("{},tls-creds={}", tls_server.uri(), foreign.display()),
             "TLS handshake: invalid peer certificate: UnknownIssuer",
         ),
         (
             format!(
                 "{},tls-creds={}",
                 plain_addr.uri_with_scheme("exp", true),
-                pki.dir().display()
+                creds.display()
             ),
             "the server does not offer TLS: it refused NBD_OPT_STARTTLS",
         ),

@@ -15,7 +15,7 @@ mod mirror {
     };
     use ferry_test_support::images::image_with_holes;
     use ferry_test_support::nbd::{free_port, NbdAddr, NbdServer, QemuNbdOpts};
-    use ferry_test_support::pki::Pki;
+    use ferry_test_support::pki::{Pki, Subject};
     use ferry_test_support::{compare_image, create_image, wait_until};
 
     const MIB: u64 = 1 << 20;
@@ -243,12 +243,12 @@ mod mirror {
     /// job copies over TLS, and after the cutover the volume's queues reach it over TLS.
     #[test]
     fn active_nbd_tls_qemu_nbd() -> TestResult {
-        let dir = tempfile::tempdir()?;
-        let pki = Pki::new(dir.path())?;
-        let tls = std::sync::Arc::new(ferry_engine::tls::TlsCredentials::load(pki.dir())?);
+        let pki = Pki::new("ferry test CA")?;
+        let creds = pki.credentials("both", &Subject::named("localhost"))?;
+        let tls = std::sync::Arc::new(ferry_engine::tls::TlsCredentials::load(&creds)?);
         nbd_migration_with(MirrorMode::Active, 0, Some(tls), |img| {
             let opts = QemuNbdOpts {
-                tls_creds: Some(pki.dir().to_path_buf()),
+                tls_creds: Some(creds.clone()),
                 ..QemuNbdOpts::default()
             };
             NbdServer::qemu_nbd_with(img, "disk3", &NbdAddr::free_tcp()?, opts)

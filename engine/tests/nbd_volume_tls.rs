@@ -14,7 +14,7 @@ use ferry_engine::testing::{read_at as read, run_op, write_at as write};
 use ferry_engine::tls::TlsCredentials;
 use ferry_engine::{BlockOp, IoFailure, Volume, VolumeConfig, VolumeQueue};
 use ferry_test_support::nbd::{NbdAddr, NbdServer, QemuNbdOpts, QsdOpts};
-use ferry_test_support::pki::Pki;
+use ferry_test_support::pki::{Pki, Subject};
 use ferry_test_support::{compare_image, create_image, pattern, wait_until, HANG_TIMEOUT};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -30,9 +30,17 @@ fn open(uri: &str, credentials: &Path) -> Result<Arc<Volume>, Box<dyn std::error
     })?)
 }
 
-fn qemu_nbd_tls(image: &Path, addr: &NbdAddr, pki: &Pki) -> anyhow::Result<NbdServer> {
+/// A test CA and a directory with both pairs for `localhost` and 127.0.0.1 (a server's and
+/// a client's credentials at once); the directory lives as long as the CA.
+fn credentials(ca_name: &str) -> anyhow::Result<(Pki, PathBuf)> {
+    let pki = Pki::new(ca_name)?;
+    let dir = pki.credentials("both", &Subject::named("localhost"))?;
+    Ok((pki, dir))
+}
+
+fn qemu_nbd_tls(image: &Path, addr: &NbdAddr, credentials: &Path) -> anyhow::Result<NbdServer> {
     let opts = QemuNbdOpts {
-        tls_creds: Some(pki.dir().to_path_buf()),
+        tls_creds: Some(credentials.to_path_buf()),
         ..QemuNbdOpts::default()
     };
     NbdServer::qemu_nbd_with(image, "e", addr, opts)
@@ -92,11 +100,11 @@ fn exercise(queue: &mut VolumeQueue, image: &Path) -> TestResult {
 #[test]
 fn a_volume_over_tls_on_qemu_nbd() -> TestResult {
     let dir = tempfile::tempdir()?;
-    let pki = Pki::new(&dir.path().join("pki"))?;
+    let (_pki, creds) = credentials("ferry test CA")?;
     let image = dir.path().join("e.img");
     create_image(&image, 16 * MIB)?;
-    let server = qemu_nbd_tls(&image, &NbdAddr::free_tcp()?, &pki)?;
-    let volume = open(&server.uri(), pki.dir())?;
+    let server = qemu_nbd_tls(&image, &NbdAddr::free_tcp()?, &creds)?;
+    let volume = open(&server.uri(), &creds)?;
     assert_eq!(volume.backing().path, PathBuf::from(server.uri()));
     assert!(volume.backing().nbd().is_some_and(|e| e.uses_tls()));
     let mut queue = VolumeQueue::new(volume, 0, 64, 4)?;
@@ -107,15 +115,15 @@ fn a_volume_over_tls_on_qemu_nbd() -> TestResult {
 #[test]
 fn a_volume_over_tls_on_qemu_storage_daemon_by_starttls() -> TestResult {
     let dir = tempfile::tempdir()?;
-    let pki = Pki::new(&dir.path().join("pki"))?;
+    let (_pki, creds) = credentials("ferry test CA")?;
     let image = dir.path().join("e.img");
     create_image(&image, 16 * MIB)?;
     let opts = QsdOpts {
-        tls_creds: Some(pki.dir().to_path_buf()),
+        tls_creds: Some(creds.clone()),
     };
     let addr = NbdAddr::Unix(dir.path().join("nbd.sock"));
     let server = NbdServer::qsd_with(&image, "e", &addr, opts)?;
-    let volume = open(&server.plain_uri(), pki.dir())?;
+    let volume = open(&server.plain_uri(), &creds)?;
     assert!(volume.backing().nbd().is_some_and(|e| e.uses_tls()));
     let mut queue = VolumeQueue::new(volume, 0, 64, 4)?;
     exercise(&mut queue, &image)
@@ -126,12 +134,12 @@ fn a_volume_over_tls_on_qemu_storage_daemon_by_starttls() -> TestResult {
 #[test]
 fn a_tls_server_killed_while_serving_then_back() -> TestResult {
     let dir = tempfile::tempdir()?;
-    let pki = Pki::new(&dir.path().join("pki"))?;
+    let (_pki, creds) = credentials("ferry test CA")?;
     let image = dir.path().join("e.img");
     create_image(&image, 8 * MIB)?;
     let addr = NbdAddr::free_tcp()?;
-    let mut server = qemu_nbd_tls(&image, &addr, &pki)?;
-    let volume = open(&server.uri(), pki.dir())?;
+    let mut server = qemu_nbd_tls(&image, &addr, &creds)?;
+    let volume = open(&server.uri(), &creds)?;
     let mut queue = VolumeQueue::new(volume, 0, 64, 4)?;
     assert_eq!(write(&mut queue, 4096, &[0x5a; 8192]), Ok(8192));
 
@@ -162,7 +170,7 @@ fn a_tls_server_killed_while_serving_then_back() -> TestResult {
     );
     assert_eq!(out.len(), iovs.len());
 
-    let _server = qemu_nbd_tls(&image, &addr, &pki)?;
+    let _server = qemu_nbd_tls(&image, &addr, &creds)?;
     let mut back = vec![0u8; 8192];
     wait_until("the queue serving again", HANG_TIMEOUT, || {
         match read(&mut queue, 4096, &mut back) {
@@ -191,12 +199,12 @@ fn open_refusal(uri: &str, credentials: &Path) -> Result<String, Box<dyn std::er
 #[test]
 fn a_wrong_ca_and_a_server_without_tls_are_refused_at_open() -> TestResult {
     let dir = tempfile::tempdir()?;
-    let pki = Pki::new(&dir.path().join("pki"))?;
-    let foreign = pki.foreign(&dir.path().join("foreign"))?;
+    let (_pki, creds) = credentials("ferry test CA")?;
+    let (_foreign_pki, foreign) = credentials("another CA")?;
     let image = dir.path().join("e.img");
     create_image(&image, MIB)?;
-    let server = qemu_nbd_tls(&image, &NbdAddr::free_tcp()?, &pki)?;
-    let reason = open_refusal(&server.uri(), foreign.dir())?;
+    let server = qemu_nbd_tls(&image, &NbdAddr::free_tcp()?, &creds)?;
+    let reason = open_refusal(&server.uri(), &foreign)?;
     assert!(
         reason.contains("TLS handshake: invalid peer certificate"),
         "{reason}"
@@ -205,7 +213,7 @@ fn a_wrong_ca_and_a_server_without_tls_are_refused_at_open() -> TestResult {
 
     let addr = NbdAddr::free_tcp()?;
     let _plain = NbdServer::qemu_nbd(&image, "e", &addr)?;
-    let reason = open_refusal(&addr.uri_with_scheme("e", true), pki.dir())?;
+    let reason = open_refusal(&addr.uri_with_scheme("e", true), &creds)?;
     assert!(
         reason.contains("the server does not offer TLS: it refused NBD_OPT_STARTTLS"),
         "{reason}"

@@ -1,128 +1,53 @@
-//! Certificates for TLS tests, made with the `openssl` command the way an operator makes them
-//! for QEMU: a CA, a server pair and a client pair in one directory in QEMU's x509 layout
-//! (`ca-cert.pem`, `server-cert.pem`, `server-key.pem`, `client-cert.pem`,
-//! `client-key.pem`), which `qemu-nbd --object tls-creds-x509,dir=DIR,...`,
-//! `qemu-storage-daemon` and ferry's `--tls-creds DIR` all read. A second, unrelated CA
-//! ([`Pki::foreign`]) makes the wrong-CA cases.
-//!
-//! Keys are ECDSA P-256 (quick to make, which RSA is not on a loaded machine); the
-//! certificates carry the key usages and purposes QEMU's GnuTLS checks (`CA:TRUE` and
-//! `keyCertSign` on the CA; `digitalSignature,keyEncipherment` and `serverAuth` or
-//! `clientAuth` on the pairs).
+//! Certificates for tests of TLS, made with the `openssl` command the way an operator makes
+//! them for QEMU: a CA, and credential directories in QEMU's x509 layout (`ca-cert.pem`,
+//! `server-cert.pem`/`server-key.pem`, `client-cert.pem`/`client-key.pem`) for chosen
+//! names and addresses, which ferry's `--tls-creds`, `qemu-nbd --tls-creds` and
+//! `qemu-storage-daemon`'s `tls-creds-x509` all read. Keys are ECDSA P-256 (quick to make,
+//! taken by rustls and GnuTLS). The pairs carry the key usages QEMU checks when it loads
+//! them (`digitalSignature` and `keyEncipherment`: with a critical key usage lacking either,
+//! QEMU refuses the certificate); a second `Pki` is another CA, for the wrong-CA cases.
 
-use anyhow::{ensure, Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-/// The CA's certificate, which both ends trust.
-pub const CA_CERT_FILE: &str = "ca-cert.pem";
-/// The CA's key (kept in the directory: QEMU ignores it; tests sign more pairs with it).
-pub const CA_KEY_FILE: &str = "ca-key.pem";
-pub const SERVER_CERT_FILE: &str = "server-cert.pem";
-pub const SERVER_KEY_FILE: &str = "server-key.pem";
-pub const CLIENT_CERT_FILE: &str = "client-cert.pem";
-pub const CLIENT_KEY_FILE: &str = "client-key.pem";
-
-/// How long the certificates are valid: long enough for any test run.
+/// Days a test certificate is valid (from now).
 const VALID_DAYS: &str = "3";
 
-/// The names the certificates carry.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PkiNames {
-    /// The CA's common name.
-    pub ca_cn: String,
-    /// The server certificate's common name.
-    pub server_cn: String,
-    /// The server certificate's subject alternative names, as openssl writes them
-    /// (`DNS:localhost`, `IP:127.0.0.1`): what a client checks the name it connected to
-    /// against.
-    pub server_sans: Vec<String>,
-    /// The client certificate's common name (what `--tls-authz` and QEMU's `tls-authz`
-    /// lists match), also given as its DNS subject alternative name.
-    pub client_cn: String,
+/// Who a certificate is for: its common name, and the names and addresses a client may
+/// connect to it by (its subject alternative names). `localhost` and 127.0.0.1 are always
+/// added, so that every credential also works over loopback.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Subject<'a> {
+    pub common_name: &'a str,
+    pub dns_names: &'a [&'a str],
+    pub ip_addresses: &'a [&'a str],
 }
 
-impl Default for PkiNames {
-    /// A server known as `localhost` and `127.0.0.1` (TCP on loopback, and unix sockets,
-    /// whose server name is `localhost`), a client named `client`.
-    fn default() -> Self {
+impl<'a> Subject<'a> {
+    pub fn named(common_name: &'a str) -> Self {
         Self {
-            ca_cn: "ferry test CA".into(),
-            server_cn: "localhost".into(),
-            server_sans: vec!["DNS:localhost".into(), "IP:127.0.0.1".into()],
-            client_cn: "client".into(),
+            common_name,
+            ..Self::default()
         }
     }
 }
 
-/// A CA with a server pair and a client pair, in QEMU's layout in one directory.
-#[derive(Clone, Debug)]
+/// A test CA in a temporary directory; the credential directories it makes live there too.
 pub struct Pki {
-    dir: PathBuf,
-    names: PkiNames,
+    dir: tempfile::TempDir,
 }
 
 impl Pki {
-    /// Makes the CA and both pairs with the default names in `dir` (created if missing).
-    pub fn new(dir: &Path) -> Result<Self> {
-        Self::with_names(dir, PkiNames::default())
-    }
-
-    /// Makes the CA and both pairs with `names` in `dir` (created if missing).
-    pub fn with_names(dir: &Path, names: PkiNames) -> Result<Self> {
-        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-        let pki = Self {
-            dir: dir.to_path_buf(),
-            names,
-        };
-        pki.make_ca()?;
-        let sans = pki.names.server_sans.join(",");
-        pki.issue("server", &pki.names.server_cn, "serverAuth", &sans)?;
-        let client_san = format!("DNS:{}", pki.names.client_cn);
-        pki.issue("client", &pki.names.client_cn, "clientAuth", &client_san)?;
-        Ok(pki)
-    }
-
-    /// Another CA with pairs of the same names in `dir`: certificates that look right but
-    /// that this CA did not sign, and a CA that did not sign this one's.
-    pub fn foreign(&self, dir: &Path) -> Result<Self> {
-        let names = PkiNames {
-            ca_cn: format!("{} (foreign)", self.names.ca_cn),
-            ..self.names.clone()
-        };
-        Self::with_names(dir, names)
-    }
-
-    /// The directory to give as `--tls-creds` or `tls-creds-x509,dir=`.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    pub fn names(&self) -> &PkiNames {
-        &self.names
-    }
-
-    /// A directory holding only this CA and the client pair (what a client host has).
-    pub fn client_only(&self, dir: &Path) -> Result<PathBuf> {
-        self.copy_files(dir, &[CA_CERT_FILE, CLIENT_CERT_FILE, CLIENT_KEY_FILE])
-    }
-
-    /// A directory holding only this CA and the server pair (what a server host has).
-    pub fn server_only(&self, dir: &Path) -> Result<PathBuf> {
-        self.copy_files(dir, &[CA_CERT_FILE, SERVER_CERT_FILE, SERVER_KEY_FILE])
-    }
-
-    fn copy_files(&self, dir: &Path, files: &[&str]) -> Result<PathBuf> {
-        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-        for file in files {
-            std::fs::copy(self.dir.join(file), dir.join(file))
-                .with_context(|| format!("copy {file} to {}", dir.display()))?;
-        }
-        Ok(dir.to_path_buf())
-    }
-
-    fn make_ca(&self) -> Result<()> {
-        self.openssl(&[
+    /// Makes a CA whose certificate's common name is `ca_name`.
+    pub fn new(ca_name: &str) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("ferry-pki-")
+            .tempdir()
+            .context("create the PKI directory")?;
+        let pki = Self { dir };
+        pki.openssl(&[
             "req",
             "-x509",
             "-newkey",
@@ -131,33 +56,85 @@ impl Pki {
             "ec_paramgen_curve:prime256v1",
             "-nodes",
             "-keyout",
-            CA_KEY_FILE,
+            "ca-key.pem",
             "-out",
-            CA_CERT_FILE,
+            "ca-cert.pem",
             "-days",
             VALID_DAYS,
             "-subj",
-            &format!("/CN={}", self.names.ca_cn),
+            &format!("/CN={ca_name}"),
             "-addext",
             "basicConstraints=critical,CA:TRUE",
             "-addext",
             "keyUsage=critical,keyCertSign,cRLSign",
-        ])
+        ])?;
+        Ok(pki)
     }
 
-    /// Makes `ROLE-key.pem` and `ROLE-cert.pem` signed by the CA.
-    fn issue(&self, role: &str, cn: &str, purpose: &str, sans: &str) -> Result<()> {
-        let ext_file = format!("{role}.ext");
+    /// The CA's certificate.
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.path().join("ca-cert.pem")
+    }
+
+    /// A directory `name` with the CA certificate and both pairs for `subject`: what a
+    /// daemon that accepts and makes connections gives as `--tls-creds`.
+    pub fn credentials(&self, name: &str, subject: &Subject) -> Result<PathBuf> {
+        let dir = self.credentials_dir(name)?;
+        self.issue(&dir, "server", subject, "serverAuth")?;
+        self.issue(&dir, "client", subject, "clientAuth")?;
+        Ok(dir)
+    }
+
+    /// A directory `name` with the CA certificate and a server pair only (a server that
+    /// makes no connections of its own).
+    pub fn server_credentials(&self, name: &str, subject: &Subject) -> Result<PathBuf> {
+        let dir = self.credentials_dir(name)?;
+        self.issue(&dir, "server", subject, "serverAuth")?;
+        Ok(dir)
+    }
+
+    /// A directory `name` with the CA certificate and a client pair only (a command-line
+    /// client's `--tls-creds`).
+    pub fn client_credentials(&self, name: &str, common_name: &str) -> Result<PathBuf> {
+        let dir = self.credentials_dir(name)?;
+        self.issue(&dir, "client", &Subject::named(common_name), "clientAuth")?;
+        Ok(dir)
+    }
+
+    /// Makes the credentials in `dir` trust this CA instead of their own (a peer whose
+    /// certificates another CA signed).
+    pub fn trust_in(&self, dir: &Path) -> Result<()> {
+        std::fs::copy(self.ca_cert(), dir.join("ca-cert.pem"))
+            .with_context(|| format!("copy the CA certificate into {}", dir.display()))?;
+        Ok(())
+    }
+
+    fn credentials_dir(&self, name: &str) -> Result<PathBuf> {
+        let dir = self.dir.path().join(name);
+        std::fs::create_dir(&dir).with_context(|| format!("create {}", dir.display()))?;
+        std::fs::copy(self.ca_cert(), dir.join("ca-cert.pem")).context("copy ca-cert.pem")?;
+        Ok(dir)
+    }
+
+    /// Writes `ROLE-cert.pem` and `ROLE-key.pem` into `dir`, signed by the CA.
+    fn issue(&self, dir: &Path, role: &str, subject: &Subject, usage: &str) -> Result<()> {
+        static SERIAL: AtomicU64 = AtomicU64::new(1);
+        let key = dir.join(format!("{role}-key.pem"));
+        let cert = dir.join(format!("{role}-cert.pem"));
+        let request = dir.join(format!("{role}.csr"));
+        let extensions = dir.join(format!("{role}.ext"));
+        let mut names: Vec<String> = vec!["DNS:localhost".into(), "IP:127.0.0.1".into()];
+        names.extend(subject.dns_names.iter().map(|n| format!("DNS:{n}")));
+        names.extend(subject.ip_addresses.iter().map(|a| format!("IP:{a}")));
         std::fs::write(
-            self.dir.join(&ext_file),
+            &extensions,
             format!(
                 "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n\
-                 extendedKeyUsage={purpose}\nsubjectAltName={sans}\n"
+                 extendedKeyUsage={usage}\nsubjectAltName={}\n",
+                names.join(",")
             ),
         )
-        .with_context(|| format!("write {ext_file}"))?;
-        let key = format!("{role}-key.pem");
-        let csr = format!("{role}.csr");
+        .context("write the certificate extensions")?;
         self.openssl(&[
             "req",
             "-newkey",
@@ -166,44 +143,59 @@ impl Pki {
             "ec_paramgen_curve:prime256v1",
             "-nodes",
             "-keyout",
-            &key,
+            path_str(&key)?,
             "-out",
-            &csr,
+            path_str(&request)?,
             "-subj",
-            &format!("/O=ferry tests/CN={cn}"),
+            &format!("/O=ferry tests/CN={}", subject.common_name),
         ])?;
+        let serial = format!(
+            "{}{:06}",
+            std::process::id(),
+            SERIAL.fetch_add(1, Ordering::Relaxed)
+        );
         self.openssl(&[
             "x509",
             "-req",
             "-in",
-            &csr,
+            path_str(&request)?,
             "-CA",
-            CA_CERT_FILE,
+            "ca-cert.pem",
             "-CAkey",
-            CA_KEY_FILE,
-            "-CAcreateserial",
-            "-out",
-            &format!("{role}-cert.pem"),
+            "ca-key.pem",
+            "-set_serial",
+            &serial,
             "-days",
             VALID_DAYS,
             "-extfile",
-            &ext_file,
-        ])
+            path_str(&extensions)?,
+            "-out",
+            path_str(&cert)?,
+        ])?;
+        let _ = std::fs::remove_file(&request);
+        let _ = std::fs::remove_file(&extensions);
+        Ok(())
     }
 
     fn openssl(&self, args: &[&str]) -> Result<()> {
         let out = Command::new("openssl")
             .args(args)
-            .current_dir(&self.dir)
+            .current_dir(self.dir.path())
             .output()
             .context("run openssl (is it installed?)")?;
-        ensure!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        if !out.status.success() {
+            bail!(
+                "openssl {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         Ok(())
     }
+}
+
+fn path_str(path: &Path) -> Result<&str> {
+    path.to_str()
+        .with_context(|| format!("{} is not UTF-8", path.display()))
 }
 
 #[cfg(test)]
@@ -211,37 +203,69 @@ mod tests {
     use super::*;
 
     #[test]
-    fn makes_qemus_layout_and_a_foreign_ca() -> Result<()> {
-        let dir = tempfile::tempdir()?;
-        let pki = Pki::new(dir.path())?;
-        for file in [
-            CA_CERT_FILE,
-            SERVER_CERT_FILE,
-            SERVER_KEY_FILE,
-            CLIENT_CERT_FILE,
-            CLIENT_KEY_FILE,
-        ] {
-            ensure!(dir.path().join(file).is_file(), "{file} is missing");
-        }
-        let verify = |ca: &Path, cert: &Path| -> Result<bool> {
-            let status = Command::new("openssl")
-                .arg("verify")
-                .arg("-CAfile")
-                .arg(ca)
-                .arg(cert)
-                .output()?
-                .status;
-            Ok(status.success())
+    fn credentials_hold_the_qemu_layout_signed_by_the_ca() -> Result<()> {
+        let pki = Pki::new("test CA")?;
+        let subject = Subject {
+            common_name: "host-a",
+            dns_names: &["host-a.test"],
+            ip_addresses: &["10.77.0.1"],
         };
-        let ca = pki.dir().join(CA_CERT_FILE);
-        ensure!(verify(&ca, &pki.dir().join(SERVER_CERT_FILE))?);
-        ensure!(verify(&ca, &pki.dir().join(CLIENT_CERT_FILE))?);
-        let other = tempfile::tempdir()?;
-        let foreign = pki.foreign(other.path())?;
-        ensure!(!verify(&ca, &foreign.dir().join(CLIENT_CERT_FILE))?);
-        let client = pki.client_only(&dir.path().join("client"))?;
-        ensure!(!client.join(SERVER_KEY_FILE).exists());
-        ensure!(client.join(CLIENT_KEY_FILE).is_file());
+        let both = pki.credentials("a", &subject)?;
+        for file in [
+            "ca-cert.pem",
+            "server-cert.pem",
+            "server-key.pem",
+            "client-cert.pem",
+            "client-key.pem",
+        ] {
+            assert!(both.join(file).is_file(), "{file} missing");
+        }
+        let text = Command::new("openssl")
+            .args(["x509", "-noout", "-text", "-in"])
+            .arg(both.join("server-cert.pem"))
+            .output()?;
+        let text = String::from_utf8_lossy(&text.stdout);
+        for needle in [
+            "CN = host-a",
+            "DNS:host-a.test",
+            "IP Address:10.77.0.1",
+            "IP Address:127.0.0.1",
+        ] {
+            assert!(text.contains(needle), "{needle} not in:\n{text}");
+        }
+        let verified = Command::new("openssl")
+            .arg("verify")
+            .arg("-CAfile")
+            .arg(pki.ca_cert())
+            .arg(both.join("client-cert.pem"))
+            .output()?;
+        assert!(verified.status.success(), "{verified:?}");
+        let client = pki.client_credentials("c", "operator")?;
+        assert!(client.join("client-cert.pem").is_file());
+        assert!(!client.join("server-cert.pem").exists());
+        let server = pki.server_credentials("s", &Subject::named("host-b"))?;
+        assert!(server.join("server-cert.pem").is_file());
+        assert!(!server.join("client-cert.pem").exists());
+        Ok(())
+    }
+
+    /// The pairs load as QEMU's: `qemu-nbd` starts on a directory made here (it refuses
+    /// certificates whose key usage lacks what GnuTLS needs before it listens).
+    #[test]
+    fn qemu_takes_the_credentials() -> Result<()> {
+        if !crate::require("qemu-nbd", crate::command_available("qemu-nbd")) {
+            return Ok(());
+        }
+        let pki = Pki::new("test CA")?;
+        let dir = pki.credentials("q", &Subject::named("localhost"))?;
+        let image = dir.join("e.img");
+        std::fs::write(&image, vec![0u8; 4096])?;
+        let addr = crate::nbd::NbdAddr::free_tcp()?;
+        let opts = crate::nbd::QemuNbdOpts {
+            tls_creds: Some(dir.clone()),
+            ..crate::nbd::QemuNbdOpts::default()
+        };
+        crate::nbd::NbdServer::qemu_nbd_with(&image, "e", &addr, opts)?;
         Ok(())
     }
 }

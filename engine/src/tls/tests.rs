@@ -2,7 +2,7 @@
 //! (`ferry_test_support::pki`).
 
 use super::*;
-use ferry_test_support::pki::{Pki, PkiNames};
+use ferry_test_support::pki::{Pki, Subject};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -15,13 +15,26 @@ fn error_text<T, E: std::fmt::Display>(result: Result<T, E>) -> Result<String, S
 }
 
 /// Makes a CA, a server pair (`localhost`, `127.0.0.1`) and a client pair named `client_cn`
-/// in `dir` in QEMU's layout, with the shared test support's [`Pki`].
+/// (also its DNS name) in `dir` in QEMU's layout, with the shared test support's [`Pki`].
+/// Each call makes a CA of its own.
 pub(crate) fn make_credentials(dir: &Path, client_cn: &str) -> TestResult {
-    let names = PkiNames {
-        client_cn: client_cn.to_string(),
-        ..PkiNames::default()
+    let pki = Pki::new("ferry test CA")?;
+    let server = pki.server_credentials("server", &Subject::named("localhost"))?;
+    let client_subject = Subject {
+        common_name: client_cn,
+        dns_names: &[client_cn],
+        ip_addresses: &[],
     };
-    Pki::with_names(dir, names)?;
+    let client = pki.credentials("client", &client_subject)?;
+    for (from, file) in [
+        (&server, CA_CERT_FILE),
+        (&server, SERVER_CERT_FILE),
+        (&server, SERVER_KEY_FILE),
+        (&client, CLIENT_CERT_FILE),
+        (&client, CLIENT_KEY_FILE),
+    ] {
+        std::fs::copy(from.join(file), dir.join(file))?;
+    }
     Ok(())
 }
 
@@ -84,7 +97,8 @@ fn peer_identity_and_allow_list() -> TestResult {
     let cert = CertificateDer::from_pem_slice(&pem)?;
     let peer = PeerIdentity::of(&cert).ok_or("unparsable certificate")?;
     assert_eq!(peer.common_names, vec!["client1.example".to_string()]);
-    assert_eq!(peer.dns_names, vec!["client1.example".to_string()]);
+    // The test CA gives every certificate `localhost` too.
+    assert_eq!(peer.dns_names, vec!["localhost", "client1.example"]);
     assert_eq!(peer.distinguished_name, "CN=client1.example,O=ferry tests");
     assert_eq!(peer.display_name(), "client1.example");
 
@@ -163,12 +177,9 @@ fn handshake(
 #[test]
 fn mutual_tls_handshake_and_wrong_ca() -> TestResult {
     let good = tempfile::tempdir()?;
-    let names = PkiNames {
-        client_cn: "client1".into(),
-        ..PkiNames::default()
-    };
+    make_credentials(good.path(), "client1")?;
     let other = tempfile::tempdir()?;
-    Pki::with_names(good.path(), names)?.foreign(other.path())?;
+    make_credentials(other.path(), "client1")?;
     let good = TlsCredentials::load(good.path())?;
     let other = TlsCredentials::load(other.path())?;
 

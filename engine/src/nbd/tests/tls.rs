@@ -4,11 +4,11 @@
 //! server without TLS asked for `nbds://`, and a TLS server reached in plaintext are refused
 //! with one-line reasons.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ferry_test_support::nbd::{NbdAddr, NbdServer, QemuNbdOpts, QsdOpts};
-use ferry_test_support::pki::{Pki, CA_CERT_FILE};
+use ferry_test_support::pki::{Pki, Subject};
 
 use super::super::{ClientError, ClientOptions, ExportUri, NbdClient};
 use crate::tls::TlsCredentials;
@@ -24,9 +24,17 @@ fn image(dir: &Path) -> std::io::Result<std::path::PathBuf> {
     Ok(path)
 }
 
-fn qemu_nbd_tls(image: &Path, addr: &NbdAddr, pki: &Pki) -> anyhow::Result<NbdServer> {
+/// A test CA and a directory with both pairs for `localhost` and 127.0.0.1 (a server's and
+/// a client's credentials at once); the directory lives as long as the CA.
+fn credentials(ca_name: &str) -> anyhow::Result<(Pki, PathBuf)> {
+    let pki = Pki::new(ca_name)?;
+    let dir = pki.credentials("both", &Subject::named("localhost"))?;
+    Ok((pki, dir))
+}
+
+fn qemu_nbd_tls(image: &Path, addr: &NbdAddr, credentials: &Path) -> anyhow::Result<NbdServer> {
     let opts = QemuNbdOpts {
-        tls_creds: Some(pki.dir().to_path_buf()),
+        tls_creds: Some(credentials.to_path_buf()),
         ..QemuNbdOpts::default()
     };
     NbdServer::qemu_nbd_with(image, "e", addr, opts)
@@ -83,14 +91,14 @@ fn round_trip(client: &NbdClient, image: &Path) -> TestResult {
 #[test]
 fn round_trips_over_tls_with_qemu_nbd_on_tcp() -> TestResult {
     let dir = tempfile::tempdir()?;
-    let pki = Pki::new(dir.path())?;
+    let (_pki, creds) = credentials("ferry test CA")?;
     let image = image(dir.path())?;
-    let server = qemu_nbd_tls(&image, &NbdAddr::free_tcp()?, &pki)?;
+    let server = qemu_nbd_tls(&image, &NbdAddr::free_tcp()?, &creds)?;
     assert!(server.uri().starts_with("nbds://127.0.0.1:"));
-    let client = connect(&server.uri(), Some(pki.dir()))?;
+    let client = connect(&server.uri(), Some(&creds))?;
     round_trip(&client, &image)?;
     // `nbd://` with credentials upgrades with NBD_OPT_STARTTLS all the same.
-    let client = connect(&server.plain_uri(), Some(pki.dir()))?;
+    let client = connect(&server.plain_uri(), Some(&creds))?;
     let mut buf = vec![0u8; 4096];
     client.read_at(4096, &mut buf)?;
     assert_eq!(buf, ferry_test_support::pattern(5, 4096));
@@ -100,16 +108,16 @@ fn round_trips_over_tls_with_qemu_nbd_on_tcp() -> TestResult {
 #[test]
 fn round_trips_over_tls_with_qemu_storage_daemon_on_a_unix_socket() -> TestResult {
     let dir = tempfile::tempdir()?;
-    let pki = Pki::new(dir.path())?;
+    let (pki, creds) = credentials("ferry test CA")?;
     let image = image(dir.path())?;
     let opts = QsdOpts {
-        tls_creds: Some(pki.dir().to_path_buf()),
+        tls_creds: Some(creds.clone()),
     };
     let addr = NbdAddr::Unix(dir.path().join("nbd.sock"));
     let server = NbdServer::qsd_with(&image, "e", &addr, opts)?;
     assert!(server.uri().starts_with("nbds+unix:///e?socket="));
     // A client host holds only its own pair and the CA.
-    let client_dir = pki.client_only(&dir.path().join("client"))?;
+    let client_dir = pki.client_credentials("client", "client")?;
     let client = connect(&server.uri(), Some(&client_dir))?;
     round_trip(&client, &image)
 }
@@ -119,27 +127,27 @@ fn round_trips_over_tls_with_qemu_storage_daemon_on_a_unix_socket() -> TestResul
 #[test]
 fn a_wrong_ca_is_refused_on_either_side() -> TestResult {
     let dir = tempfile::tempdir()?;
-    let pki = Pki::new(&dir.path().join("good"))?;
-    let foreign = pki.foreign(&dir.path().join("foreign"))?;
+    let (pki, creds) = credentials("ferry test CA")?;
+    let (foreign_pki, foreign) = credentials("another CA")?;
     let image = image(dir.path())?;
-    let server = qemu_nbd_tls(&image, &NbdAddr::free_tcp()?, &pki)?;
+    let server = qemu_nbd_tls(&image, &NbdAddr::free_tcp()?, &creds)?;
 
-    let reason = refusal(&server.uri(), Some(foreign.dir()))?;
+    let reason = refusal(&server.uri(), Some(&foreign))?;
     assert!(
         reason.contains("NBD handshake failed: TLS handshake: invalid peer certificate"),
         "{reason}"
     );
 
     // Trusts the server, but presents a certificate of another CA.
-    let mixed = foreign.client_only(&dir.path().join("mixed"))?;
-    std::fs::copy(pki.dir().join(CA_CERT_FILE), mixed.join(CA_CERT_FILE))?;
+    let mixed = foreign_pki.client_credentials("mixed", "client")?;
+    pki.trust_in(&mixed)?;
     let reason = refusal(&server.uri(), Some(&mixed))?;
     assert!(
         reason.starts_with("NBD handshake failed") && reason.contains("client's certificate"),
         "{reason}"
     );
     // The server still serves a client it trusts.
-    connect(&server.uri(), Some(pki.dir()))?;
+    connect(&server.uri(), Some(&creds))?;
     Ok(())
 }
 
@@ -148,12 +156,12 @@ fn a_wrong_ca_is_refused_on_either_side() -> TestResult {
 #[test]
 fn a_server_without_tls_is_refused_when_tls_is_asked_for() -> TestResult {
     let dir = tempfile::tempdir()?;
-    let pki = Pki::new(dir.path())?;
+    let (_pki, creds) = credentials("ferry test CA")?;
     let image = image(dir.path())?;
     let addr = NbdAddr::free_tcp()?;
     let server = NbdServer::qemu_nbd(&image, "e", &addr)?;
     let uri = addr.uri_with_scheme("e", true);
-    let reason = refusal(&uri, Some(pki.dir()))?;
+    let reason = refusal(&uri, Some(&creds))?;
     assert!(
         reason.starts_with(
             "NBD handshake failed: the server does not offer TLS: it refused NBD_OPT_STARTTLS"
@@ -169,9 +177,9 @@ fn a_server_without_tls_is_refused_when_tls_is_asked_for() -> TestResult {
 #[test]
 fn a_tls_server_refuses_plaintext_with_its_reason() -> TestResult {
     let dir = tempfile::tempdir()?;
-    let pki = Pki::new(dir.path())?;
+    let (_pki, creds) = credentials("ferry test CA")?;
     let image = image(dir.path())?;
-    let server = qemu_nbd_tls(&image, &NbdAddr::free_tcp()?, &pki)?;
+    let server = qemu_nbd_tls(&image, &NbdAddr::free_tcp()?, &creds)?;
     let reason = refusal(&server.plain_uri(), None)?;
     assert!(
         reason.starts_with("NBD handshake failed: the server requires TLS (connect with nbds://"),
