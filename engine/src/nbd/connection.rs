@@ -1,6 +1,6 @@
-//! One NBD connection's byte stream: a TCP or unix socket ([`Socket`]), plain or under TLS
-//! after `NBD_OPT_STARTTLS` ([`Connection`]); connecting with a deadline, socket timeouts,
-//! and shutting it down. The protocol above it reads and writes bytes through [`Read`] and
+//! One NBD connection's byte stream ([`Connection`]): a TCP or unix socket, plain or (a
+//! client's) under TLS after `NBD_OPT_STARTTLS`, the socket under TLS being a [`Socket`];
+//! connecting with a deadline, socket timeouts, and shutting it down. The protocol above it reads and writes bytes through [`Read`] and
 //! [`Write`] and does not know which transport carries them.
 
 use std::io::{Read, Write};
@@ -10,6 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use nix::sys::socket::{send, MsgFlags};
+use rustls::ClientConnection;
 
 use super::protocol::RequestHeader;
 use super::tls_stream::TlsStream;
@@ -22,10 +23,12 @@ pub(crate) enum Socket {
     Unix(UnixStream),
 }
 
-/// A connection: its socket, plain or under TLS.
+/// A connection: a plain socket, or a client's TLS session over one.
 #[derive(Debug)]
 pub(crate) enum Connection {
-    Plain(Socket),
+    Tcp(TcpStream),
+    Unix(UnixStream),
+    /// A client's TLS session over a TCP or unix socket (after `NBD_OPT_STARTTLS`).
     Tls(TlsStream),
 }
 
@@ -97,11 +100,7 @@ impl Socket {
     /// Sends what the socket takes at once, without blocking (best effort: a peer that
     /// stopped reading must not hold the caller).
     pub(crate) fn send_without_blocking(&self, bytes: &[u8]) {
-        let _ = send(
-            self.as_raw_fd(),
-            bytes,
-            MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
-        );
+        send_without_blocking(self.as_raw_fd(), bytes);
     }
 }
 
@@ -144,17 +143,39 @@ impl Write for Socket {
     }
 }
 
+impl From<Socket> for Connection {
+    fn from(socket: Socket) -> Self {
+        match socket {
+            Socket::Tcp(s) => Self::Tcp(s),
+            Socket::Unix(s) => Self::Unix(s),
+        }
+    }
+}
+
 impl Connection {
     /// A plain connection to `address` (see [`Socket::connect`]).
     pub(crate) fn connect(address: &NbdAddress, timeout: Duration) -> std::io::Result<Self> {
-        Socket::connect(address, timeout).map(Self::Plain)
+        Socket::connect(address, timeout).map(Self::from)
     }
 
-    /// The socket under the connection.
-    pub(crate) fn socket(&self) -> &Socket {
+    /// The socket of a plain connection; a TLS connection comes back as the error.
+    pub(crate) fn into_socket(self) -> Result<Socket, Self> {
         match self {
-            Self::Plain(socket) => socket,
-            Self::Tls(tls) => tls.socket(),
+            Self::Tcp(s) => Ok(Socket::Tcp(s)),
+            Self::Unix(s) => Ok(Socket::Unix(s)),
+            Self::Tls(_) => Err(self),
+        }
+    }
+
+    /// The socket and, over TLS, the session: for a caller that moves the bytes itself (a
+    /// volume queue's non-blocking connection). See [`TlsStream::into_parts`].
+    pub(crate) fn into_parts(self) -> std::io::Result<(Socket, Option<ClientConnection>)> {
+        match self {
+            Self::Tcp(s) => Ok((Socket::Tcp(s), None)),
+            Self::Unix(s) => Ok((Socket::Unix(s), None)),
+            Self::Tls(tls) => tls
+                .into_parts()
+                .map(|(socket, session)| (socket, Some(session))),
         }
     }
 
@@ -165,7 +186,7 @@ impl Connection {
 
     /// Bounds every blocking read and write (the handshake), or lifts the bound (`None`).
     pub(crate) fn set_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
-        self.socket().set_timeouts(timeout, timeout)
+        self.set_timeouts(timeout, timeout)
     }
 
     /// Bounds blocking reads and writes separately (`None`: no bound).
@@ -174,18 +195,33 @@ impl Connection {
         read: Option<Duration>,
         write: Option<Duration>,
     ) -> std::io::Result<()> {
-        self.socket().set_timeouts(read, write)
+        match self {
+            Self::Tcp(s) => {
+                s.set_read_timeout(read)?;
+                s.set_write_timeout(write)
+            }
+            Self::Unix(s) => {
+                s.set_read_timeout(read)?;
+                s.set_write_timeout(write)
+            }
+            Self::Tls(tls) => tls.socket().set_timeouts(read, write),
+        }
     }
 
     pub(crate) fn set_nonblocking(&self, on: bool) -> std::io::Result<()> {
-        self.socket().set_nonblocking(on)
+        match self {
+            Self::Tcp(s) => s.set_nonblocking(on),
+            Self::Unix(s) => s.set_nonblocking(on),
+            Self::Tls(tls) => tls.socket().set_nonblocking(on),
+        }
     }
 
     /// Another handle on the same socket (and TLS session): a reader thread's, or one to
     /// shut it down with while a sender is blocked on it.
     pub(crate) fn try_clone(&self) -> std::io::Result<Self> {
         Ok(match self {
-            Self::Plain(socket) => Self::Plain(socket.try_clone()?),
+            Self::Tcp(s) => Self::Tcp(s.try_clone()?),
+            Self::Unix(s) => Self::Unix(s.try_clone()?),
             Self::Tls(tls) => Self::Tls(tls.try_clone()?),
         })
     }
@@ -193,7 +229,14 @@ impl Connection {
     /// Shuts both directions down: blocked reads and writes on every handle of the socket
     /// return, and the peer sees the end of the stream.
     pub(crate) fn shutdown(&self) {
-        self.socket().shutdown();
+        let _ = match self {
+            Self::Tcp(s) => s.shutdown(Shutdown::Both),
+            Self::Unix(s) => s.shutdown(Shutdown::Both),
+            Self::Tls(tls) => {
+                tls.socket().shutdown();
+                Ok(())
+            }
+        };
     }
 
     /// Ends a client's session in the transmission phase: `NBD_CMD_DISC` (and TLS's
@@ -202,23 +245,34 @@ impl Connection {
     pub(crate) fn disconnect(&self) {
         let header = RequestHeader::DISCONNECT.encode();
         match self {
-            Self::Plain(socket) => socket.send_without_blocking(&header),
             Self::Tls(tls) => tls.send_last_without_blocking(&header),
+            _ => send_without_blocking(self.as_raw_fd(), &header),
         }
         self.shutdown();
     }
 }
 
+/// Sends what the socket `fd` takes at once, without blocking (best effort: a peer that
+/// stopped reading must not hold the caller).
+fn send_without_blocking(fd: RawFd, bytes: &[u8]) {
+    let _ = send(fd, bytes, MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT);
+}
+
 impl AsRawFd for Connection {
     fn as_raw_fd(&self) -> RawFd {
-        self.socket().as_raw_fd()
+        match self {
+            Self::Tcp(s) => s.as_raw_fd(),
+            Self::Unix(s) => s.as_raw_fd(),
+            Self::Tls(tls) => tls.socket().as_raw_fd(),
+        }
     }
 }
 
 impl Read for Connection {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         match self {
-            Self::Plain(socket) => socket.read(buf),
+            Self::Tcp(s) => s.read(buf),
+            Self::Unix(s) => s.read(buf),
             Self::Tls(tls) => tls.read(buf),
         }
     }
@@ -227,7 +281,8 @@ impl Read for Connection {
 impl Write for Connection {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match self {
-            Self::Plain(socket) => socket.write(buf),
+            Self::Tcp(s) => s.write(buf),
+            Self::Unix(s) => s.write(buf),
             Self::Tls(tls) => tls.write(buf),
         }
     }

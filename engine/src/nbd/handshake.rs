@@ -9,7 +9,7 @@
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-use super::connection::{Connection, Socket};
+use super::connection::Connection;
 use super::protocol::{
     ClientFlags, ExportRequest, Greeting, Info, OptionHeader, OptionReplyHeader, GREETING_BYTES,
     NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES, NBD_FLAG_FIXED_NEWSTYLE, NBD_FLAG_NO_ZEROES,
@@ -61,7 +61,7 @@ pub(crate) fn handshake(
             len_bytes: 0,
         };
         msg.extend_from_slice(&starttls.encode());
-        deadline.bound(conn.socket())?;
+        deadline.bound(&conn)?;
         conn.write_all(&msg)
             .map_err(|e| format!("sending NBD_OPT_STARTTLS: {e}"))?;
         msg.clear();
@@ -80,7 +80,7 @@ pub(crate) fn handshake(
     };
     msg.extend_from_slice(&header.encode());
     msg.extend_from_slice(&data);
-    deadline.bound(conn.socket())?;
+    deadline.bound(&conn)?;
     conn.write_all(&msg)
         .map_err(|e| format!("sending NBD_OPT_GO: {e}"))?;
     let info = read_go_replies(&mut conn, &deadline)?;
@@ -89,7 +89,7 @@ pub(crate) fn handshake(
 
 /// Reads the server's greeting; returns the client flags to answer it with.
 fn read_greeting(conn: &mut Connection, deadline: &Deadline) -> Result<u32, String> {
-    deadline.bound(conn.socket())?;
+    deadline.bound(conn)?;
     let mut greeting = [0u8; GREETING_BYTES];
     conn.read_exact(&mut greeting)
         .map_err(greeting_read_failure)?;
@@ -114,7 +114,7 @@ fn start_tls(
     tls: &ClientTls,
     deadline: &Deadline,
 ) -> Result<Connection, String> {
-    deadline.bound(conn.socket())?;
+    deadline.bound(&conn)?;
     let (reply, data) = read_option_reply(&mut conn)?;
     if reply.is_error() {
         return Err(format!(
@@ -129,10 +129,15 @@ fn start_tls(
             reply.reply_type
         ));
     }
-    let Connection::Plain(socket) = conn else {
-        return Err("TLS is already on".into());
-    };
-    let stream = TlsStream::handshake(socket, tls, |socket| deadline.bound(socket))?;
+    let socket = conn
+        .into_socket()
+        .map_err(|_| "TLS is already on".to_string())?;
+    let stream = TlsStream::handshake(socket, tls, |socket| {
+        let left = deadline.left()?;
+        socket
+            .set_timeouts(Some(left), Some(left))
+            .map_err(|e| format!("setting a socket timeout: {e}"))
+    })?;
     Ok(Connection::Tls(stream))
 }
 
@@ -143,14 +148,18 @@ struct Deadline {
 }
 
 impl Deadline {
-    /// Sets the socket's timeouts to what is left, or fails once nothing is.
-    fn bound(&self, socket: &Socket) -> Result<(), String> {
+    /// What is left, or why nothing is.
+    fn left(&self) -> Result<Duration, String> {
         let left = self.at.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(format!("the handshake took longer than {:?}", self.timeout));
         }
-        socket
-            .set_timeouts(Some(left), Some(left))
+        Ok(left)
+    }
+
+    /// Sets the connection's timeouts to what is left, or fails once nothing is.
+    fn bound(&self, conn: &Connection) -> Result<(), String> {
+        conn.set_timeout(Some(self.left()?))
             .map_err(|e| format!("setting a socket timeout: {e}"))
     }
 }
@@ -181,7 +190,7 @@ fn read_go_replies(conn: &mut Connection, deadline: &Deadline) -> Result<ExportI
     let mut block_sizes = BlockSizes::DEFAULT;
     let mut first = true;
     loop {
-        deadline.bound(conn.socket())?;
+        deadline.bound(conn)?;
         let (reply, data) = read_option_reply(conn).map_err(|e| {
             // TLS 1.3 ends the client's handshake before the server has checked the
             // client's certificate: a server that refuses it closes the connection here.

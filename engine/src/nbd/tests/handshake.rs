@@ -4,7 +4,7 @@ use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use super::super::connection::{Connection, Socket};
+use super::super::connection::Connection;
 use super::super::handshake::{handshake, server_text};
 use super::super::protocol::{
     Greeting, OptionReplyHeader, NBD_FLAG_FIXED_NEWSTYLE, NBD_OPT_GO, NBD_REP_INFO,
@@ -37,7 +37,7 @@ fn a_trickling_server_cannot_stretch_the_handshake() -> Result<(), Box<dyn std::
     // The server trickles for ever: only the handshake's own deadline ends it.
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let conn = Connection::Plain(Socket::Unix(ours));
+        let conn = Connection::Unix(ours);
         let _ = done_tx.send(handshake(conn, "e", Duration::from_secs(1), None).is_err());
     });
     let failed = done_rx

@@ -38,15 +38,10 @@ pub(super) enum Decrypted {
 impl Link {
     /// Takes a connection apart for the queue (the socket must be non-blocking already).
     pub(super) fn new(conn: Connection) -> io::Result<Self> {
-        Ok(match conn {
-            Connection::Plain(socket) => Self { socket, tls: None },
-            Connection::Tls(stream) => {
-                let (socket, session) = stream.into_parts()?;
-                Self {
-                    socket,
-                    tls: Some(Box::new(session)),
-                }
-            }
+        let (socket, session) = conn.into_parts()?;
+        Ok(Self {
+            socket,
+            tls: session.map(Box::new),
         })
     }
 
