@@ -272,7 +272,7 @@ fn nbd_migration_with(
     );
     let info = fx.serve.volume_info("vda")?;
     ensure!(info["path"] == uri && info["backing"] == "nbd", "{info}");
-    ensure!(info["nbd-tls"] == tls_creds.is_some(), "{info}");
+    ensure!(info["backing-tls"] == tls_creds.is_some(), "{info}");
     writer.wait_more(20, WRITER_WAIT)?; // these writes go to the export only
     let client = writer.stop()?;
     client.ensure_no_error()?;
@@ -374,7 +374,7 @@ fn tls_credentials_of_an_nbd_target() -> Result<()> {
     let id = serve.start_migration(&["--volume", "vdb", "--target", &uri, "--auto-cutover"])?;
     let status = serve.wait_state(id, |s| matches!(s, "completed" | "failed" | "cancelled"))?;
     ensure!(status["state"] == "completed", "{status}");
-    ensure!(serve.volume_info("vdb")?["nbd-tls"] == true);
+    ensure!(serve.volume_info("vdb")?["backing-tls"] == true);
     compare_image(&target, 0, &data)?;
     Ok(())
 }

@@ -317,7 +317,7 @@ fn serves_an_nbd_export_over_tls() -> Result<()> {
     let serve = FerryServe::start(&[spec], &dir.path().join("ctl.sock"))?;
     let info = serve.volume_info("n")?;
     ensure!(
-        info["path"] == server.uri() && info["backing"] == "nbd" && info["nbd-tls"] == true,
+        info["path"] == server.uri() && info["backing"] == "nbd" && info["backing-tls"] == true,
         "{info}"
     );
     let opts = BlkioOpts {
@@ -343,7 +343,7 @@ fn serves_an_nbd_export_over_tls() -> Result<()> {
         &dir.path().join("ctl2.sock"),
         &["--tls-creds", tls_creds],
     )?;
-    ensure!(serve.volume_info("n")?["nbd-tls"] == true);
+    ensure!(serve.volume_info("n")?["backing-tls"] == true);
     let mut client = BlkioClient::connect(&socket, &opts)?;
     let data = round_trip(&mut client, 9 * MIB, 8)?;
     compare_image(&image, 9 * MIB, &data)?;
