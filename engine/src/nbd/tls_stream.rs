@@ -266,10 +266,8 @@ impl Write for TlsStream {
         self.output.clear();
         let accepted = {
             let mut session = lock(&self.session)?;
-            while session.wants_write() {
-                session.write_tls(&mut self.output)?;
-            }
             let accepted = session.writer().write(buf)?;
+            // Everything the session holds goes out in order, what it queued itself first.
             while session.wants_write() {
                 session.write_tls(&mut self.output)?;
             }
