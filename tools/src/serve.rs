@@ -279,9 +279,10 @@ fn start_volume_thread(
     let volume = served.volume.clone();
     let state = served.connection.clone();
     let settings = spec.device_settings();
+    let stop = ferry_vhost::ServeStop::new(&listener).context("cannot start a volume thread")?;
     std::thread::Builder::new()
         .name(format!("ferry-{}", volume.name()))
-        .spawn(move || ferry_vhost::serve_volume(volume, settings, listener, state))
+        .spawn(move || ferry_vhost::serve_volume(volume, settings, listener, state, stop))
         .context("cannot start a volume thread")?;
     Ok(())
 }
