@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use ferry_engine::journal::{Journal, JournalOptions};
-use ferry_engine::Volume;
-use ferry_vhost::ConnectionState;
 use nix::sys::signal::{SigSet, Signal};
 
-use crate::daemon::{Daemon, ServedVolume};
+use crate::daemon::Daemon;
+use crate::served_volume::{precheck_socket, OpenedVolume, ServedVolume};
+use crate::volume_claims::Claims;
 use crate::volume_spec::{self, VolumeSpec};
 
 /// Options of `ferry serve`.
@@ -123,34 +123,13 @@ fn from_toml(table: &toml::Table) -> Result<TomlSettings, String> {
 /// socket, before anything is created.
 fn check_distinct(volumes: &[VolumeSpec], control: Option<&Path>) -> anyhow::Result<()> {
     for (i, a) in volumes.iter().enumerate() {
-        if let Some(control) = control.filter(|c| same_path(&a.socket, c)) {
-            bail!(
-                "volume {} and --control use the same socket {}",
-                a.engine.name,
-                control.display()
-            );
+        let claims = Claims::of_spec(a);
+        if let Some(conflict) = control.and_then(|c| claims.conflict_with_control(c)) {
+            bail!(conflict);
         }
         for b in &volumes[i + 1..] {
-            if a.engine.name == b.engine.name {
-                bail!("two volumes are named {}", a.engine.name);
-            }
-            if same_path(&a.socket, &b.socket) {
-                bail!(
-                    "volumes {} and {} use the same socket {}",
-                    a.engine.name,
-                    b.engine.name,
-                    a.socket.display()
-                );
-            }
-            if same_path(&a.engine.path, &b.engine.path)
-                && (a.engine.length_bytes.is_none() || b.engine.length_bytes.is_none())
-            {
-                bail!(
-                    "volumes {} and {} use the same image {}",
-                    a.engine.name,
-                    b.engine.name,
-                    a.engine.path.display()
-                );
+            if let Some(conflict) = claims.conflict(&Claims::of_spec(b)) {
+                bail!(conflict);
             }
         }
         if let Some(dir) = a.socket.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -164,17 +143,6 @@ fn check_distinct(volumes: &[VolumeSpec], control: Option<&Path>) -> anyhow::Res
         }
     }
     Ok(())
-}
-
-fn same_path(a: &Path, b: &Path) -> bool {
-    let canon = |p: &Path| {
-        p.canonicalize().unwrap_or_else(|_| {
-            std::env::current_dir()
-                .map(|d| d.join(p))
-                .unwrap_or_else(|_| p.to_path_buf())
-        })
-    };
-    canon(a) == canon(b)
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -201,46 +169,19 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let mut opened = Vec::new();
     for spec in &plan.volumes {
-        let volume = Volume::open(spec.engine.clone())?;
-        ferry_vhost::check_settings(&volume, &spec.device_settings())?;
-        opened.push((spec.clone(), volume));
+        opened.push(OpenedVolume::open(spec)?);
     }
     let journal = match journal_options {
-        Some(options) => {
-            let journal = Journal::open(options).context("cannot open the journal")?;
-            for (_, volume) in &opened {
-                volume.add_observer(journal.observer_for(volume.name()));
-            }
-            Some(journal)
-        }
+        Some(options) => Some(Journal::open(options).context("cannot open the journal")?),
         None => None,
     };
-    let mut served = Vec::new();
-    let mut listeners = Vec::new();
-    for (spec, volume) in opened {
-        let listener = ferry_vhost::bind_socket(&spec.socket)?;
-        listeners.push(listener);
-        served.push(ServedVolume {
-            volume,
-            socket: spec.socket.clone(),
-            connection: Arc::new(ConnectionState::default()),
-            queues: spec.queues,
-        });
+    let daemon = Arc::new(Daemon::new(journal, plan.control.clone()));
+    for opened in opened {
+        let served = daemon.add_opened(opened)?;
+        print_attach_hint(&served);
     }
-    let control_listener = match &plan.control {
-        Some(path) => Some(ferry_vhost::bind_socket(path)?),
-        None => None,
-    };
-    let daemon = Arc::new(Daemon {
-        volumes: served,
-        migrations: ferry_engine::mirror::MigrationRegistry::new(),
-        journal,
-    });
-    for ((served, listener), spec) in daemon.volumes.iter().zip(listeners).zip(&plan.volumes) {
-        start_volume_thread(served, listener, spec)?;
-        print_attach_hint(spec, &served.volume);
-    }
-    if let Some(listener) = control_listener {
+    if let Some(path) = &plan.control {
+        let listener = ferry_vhost::bind_socket(path)?;
         let daemon = daemon.clone();
         std::thread::Builder::new()
             .name("ferry-control".into())
@@ -253,44 +194,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn precheck_socket(path: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::FileTypeExt;
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            bail!("{} exists and is not a socket", path.display());
-        }
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            bail!("socket {} is in use by another process", path.display());
-        }
-    }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if !dir.is_dir() {
-            bail!("socket directory {} does not exist", dir.display());
-        }
-    }
-    Ok(())
-}
-
-fn start_volume_thread(
-    served: &ServedVolume,
-    listener: std::os::unix::net::UnixListener,
-    spec: &VolumeSpec,
-) -> anyhow::Result<()> {
-    let volume = served.volume.clone();
-    let state = served.connection.clone();
-    let settings = spec.device_settings();
-    let stop = ferry_vhost::ServeStop::new(&listener).context("cannot start a volume thread")?;
-    std::thread::Builder::new()
-        .name(format!("ferry-{}", volume.name()))
-        .spawn(move || ferry_vhost::serve_volume(volume, settings, listener, state, stop))
-        .context("cannot start a volume thread")?;
-    Ok(())
-}
-
 /// Holds every volume's I/O, waits for requests in flight, syncs, removes the sockets.
 fn shut_down(daemon: &Daemon, control: Option<&Path>) {
     let mut guards = Vec::new();
-    for served in &daemon.volumes {
+    for served in daemon.volumes() {
         match served.volume.pause(std::time::Duration::from_secs(30)) {
             Some(guard) => guards.push(guard),
             None => log::error!(
@@ -315,8 +222,9 @@ fn shut_down(daemon: &Daemon, control: Option<&Path>) {
     std::mem::forget(guards);
 }
 
-fn print_attach_hint(spec: &VolumeSpec, volume: &Volume) {
-    let socket = std::fs::canonicalize(&spec.socket).unwrap_or_else(|_| spec.socket.clone());
+fn print_attach_hint(served: &ServedVolume) {
+    let volume = &served.volume;
+    let socket = std::fs::canonicalize(&served.socket).unwrap_or_else(|_| served.socket.clone());
     let name = volume.name();
     println!(
         "ferry: serving volume {name} ({} bytes, {}) on {}",
@@ -330,7 +238,7 @@ fn print_attach_hint(spec: &VolumeSpec, volume: &Volume) {
          -chardev socket,id=ferry-{name},path={},reconnect-ms=1000 \\\n  \
          -device vhost-user-blk-pci,chardev=ferry-{name},num-queues={}",
         socket.display(),
-        spec.queues
+        served.queues
     );
     println!("(the memory-backend size must equal the VM's -m size)");
 }
