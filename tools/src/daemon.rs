@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use ferry_engine::journal::Journal;
 use ferry_engine::mirror::MigrationRegistry;
+use ferry_engine::tls::TlsCredentials;
 
 use crate::served_volume::{precheck_socket, OpenedVolume, ServedVolume};
 use crate::volume_claims::Claims;
@@ -47,15 +48,23 @@ pub struct Daemon {
     pub migrations: MigrationRegistry,
     /// The write journal, when `--journal` was given.
     pub journal: Option<Arc<Journal>>,
+    /// `--tls-creds`: the server pair for the listeners, the client pair for links to
+    /// other daemons.
+    pub tls: Option<Arc<TlsCredentials>>,
 }
 
 impl Daemon {
-    pub fn new(journal: Option<Arc<Journal>>, control_socket: Option<PathBuf>) -> Self {
+    pub fn new(
+        journal: Option<Arc<Journal>>,
+        control_socket: Option<PathBuf>,
+        tls: Option<Arc<TlsCredentials>>,
+    ) -> Self {
         Self {
             table: Mutex::default(),
             control_socket,
             migrations: MigrationRegistry::new(),
             journal,
+            tls,
         }
     }
 

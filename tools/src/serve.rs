@@ -1,13 +1,17 @@
 //! `ferry serve`: gather volume settings (flags over the TOML file), open the volumes,
-//! bind their sockets and the control socket, serve, and shut down cleanly on a signal.
+//! bind their sockets, the control socket and the TCP control listener, serve, and shut
+//! down cleanly on a signal.
 
+use std::net::{TcpListener, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use ferry_engine::journal::{Journal, JournalOptions};
+use ferry_engine::tls::{TlsAuthz, TlsCredentials};
 use nix::sys::signal::{SigSet, Signal};
 
+use crate::control::listener::TcpControl;
 use crate::daemon::Daemon;
 use crate::served_volume::{precheck_socket, OpenedVolume, ServedVolume};
 use crate::volume_claims::Claims;
@@ -33,6 +37,83 @@ pub struct ServeArgs {
     /// Read settings from a TOML file; flags override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Serve the control protocol on TCP as well (other ferry daemons, `ferry ... --control
+    /// ferry://HOST:PORT`), with mutual TLS only: needs --tls-creds; clients are checked
+    /// against --tls-authz. No volume is needed up front with it.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub control_listen: Option<String>,
+    /// TLS credentials in QEMU's x509 layout: ca-cert.pem, server-cert.pem and
+    /// server-key.pem for every listener, client-cert.pem and client-key.pem for outgoing
+    /// connections.
+    #[arg(long, value_name = "DIR")]
+    pub tls_creds: Option<PathBuf>,
+    /// Allow only TLS clients whose certificate carries one of these names (a common name, a
+    /// DNS name, or a whole distinguished name such as CN=a,O=b given alone); repeatable,
+    /// comma-separated. Default: every certificate the CA signed.
+    #[arg(long = "tls-authz", value_name = "NAMES")]
+    pub tls_authz: Vec<String>,
+}
+
+/// The TLS options, read and checked before anything is created.
+struct TlsPlan {
+    credentials: Option<Arc<TlsCredentials>>,
+    authz: TlsAuthz,
+    /// The TCP control listener's address, checked to resolve.
+    control_listen: Option<String>,
+}
+
+fn tls_plan(args: &ServeArgs) -> anyhow::Result<TlsPlan> {
+    let authz =
+        TlsAuthz::from_options(&args.tls_authz).map_err(|e| anyhow::anyhow!("--tls-authz: {e}"))?;
+    let credentials = match &args.tls_creds {
+        Some(dir) => Some(Arc::new(TlsCredentials::load(dir)?)),
+        None => None,
+    };
+    if !authz.allows_all() && credentials.is_none() {
+        bail!("--tls-authz needs --tls-creds DIR");
+    }
+    if let Some(address) = &args.control_listen {
+        let Some(credentials) = &credentials else {
+            bail!(
+                "--control-listen {address} needs --tls-creds DIR: the control protocol over \
+                 TCP is served with mutual TLS only"
+            );
+        };
+        credentials.server_config()?;
+        let resolves = address
+            .to_socket_addrs()
+            .with_context(|| format!("--control-listen {address}: expected HOST:PORT"))?;
+        if resolves.count() == 0 {
+            bail!("--control-listen {address}: the host has no address");
+        }
+    }
+    Ok(TlsPlan {
+        credentials,
+        authz,
+        control_listen: args.control_listen.clone(),
+    })
+}
+
+/// Binds the TCP control listener and serves it on its own thread.
+fn start_tcp_control(address: &str, daemon: &Arc<Daemon>, authz: TlsAuthz) -> anyhow::Result<()> {
+    let credentials = daemon
+        .tls
+        .as_ref()
+        .context("--control-listen needs --tls-creds DIR")?;
+    let tls = Arc::new(TcpControl {
+        config: credentials.server_config()?,
+        authz,
+    });
+    let listener = TcpListener::bind(address)
+        .with_context(|| format!("cannot listen on {address} (--control-listen)"))?;
+    let bound = listener.local_addr().context("--control-listen")?;
+    println!("ferry: control protocol on ferry://{bound} (mutual TLS)");
+    let daemon = daemon.clone();
+    std::thread::Builder::new()
+        .name("ferry-control-tcp".into())
+        .spawn(move || crate::control::serve_tcp(listener, daemon, tls))
+        .context("cannot start the control listener thread")?;
+    Ok(())
 }
 
 /// The settings after merging the file and the flags.
@@ -58,7 +139,8 @@ fn demo_plan() -> anyhow::Result<ServePlan> {
 }
 
 fn plan(args: &ServeArgs) -> anyhow::Result<ServePlan> {
-    if args.volumes.is_empty() && args.config.is_none() && args.journal.is_none() {
+    let listening = args.control_listen.is_some();
+    if args.volumes.is_empty() && args.config.is_none() && args.journal.is_none() && !listening {
         return demo_plan();
     }
     let mut volumes = Vec::new();
@@ -85,7 +167,8 @@ fn plan(args: &ServeArgs) -> anyhow::Result<ServePlan> {
     if args.journal.is_some() {
         journal = args.journal.clone();
     }
-    if volumes.is_empty() {
+    // A daemon with a TCP control listener may start empty: other daemons add volumes.
+    if volumes.is_empty() && !listening {
         bail!("no volumes to serve (give --volume or [[volume]] in --config)");
     }
     Ok(ServePlan {
@@ -147,6 +230,7 @@ fn check_distinct(volumes: &[VolumeSpec], control: Option<&Path>) -> anyhow::Res
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let plan = plan(&args)?;
+    let tls = tls_plan(&args)?;
     check_distinct(&plan.volumes, plan.control.as_deref())?;
     // Signals are taken by the main thread only: block them before any thread starts.
     let mut signals = SigSet::empty();
@@ -175,7 +259,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         Some(options) => Some(Journal::open(options).context("cannot open the journal")?),
         None => None,
     };
-    let daemon = Arc::new(Daemon::new(journal, plan.control.clone()));
+    let daemon = Arc::new(Daemon::new(journal, plan.control.clone(), tls.credentials));
     for opened in opened {
         let served = daemon.add_opened(opened)?;
         print_attach_hint(&served);
@@ -187,6 +271,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             .name("ferry-control".into())
             .spawn(move || crate::control::serve(listener, daemon))
             .context("cannot start the control thread")?;
+    }
+    if let Some(address) = &tls.control_listen {
+        start_tcp_control(address, &daemon, tls.authz)?;
     }
     let signal = signals.wait().context("waiting for signals failed")?;
     log::info!("{signal}: finishing requests in flight and shutting down");

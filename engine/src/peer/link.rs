@@ -50,38 +50,39 @@ impl Default for LinkOptions {
     }
 }
 
-/// Why a call failed. Each names the peer; the daemon's own refusal keeps its class.
+/// Why a call failed. Each starts with the link's name (e.g. `peer hostb`); the daemon's
+/// own refusal keeps its class.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PeerError {
     /// The link cannot be set up (credentials without a client pair, ...).
-    #[error("peer {peer}: {reason}")]
+    #[error("{peer}: {reason}")]
     Setup { peer: String, reason: String },
-    #[error("peer {peer}: {source}")]
+    #[error("{peer}: {source}")]
     Transport {
         peer: String,
         #[source]
         source: TransportError,
     },
-    #[error("peer {peer}: no reply to {command} within {timeout:?}")]
+    #[error("{peer}: no reply to {command} within {timeout:?}")]
     Timeout {
         peer: String,
         command: String,
         timeout: Duration,
     },
-    #[error("peer {peer}: connection lost during {command}: {reason}")]
+    #[error("{peer}: connection lost during {command}: {reason}")]
     Lost {
         peer: String,
         command: String,
         reason: String,
     },
-    #[error("peer {peer}: invalid reply to {command}: {reason}")]
+    #[error("{peer}: invalid reply to {command}: {reason}")]
     Garbage {
         peer: String,
         command: String,
         reason: String,
     },
     /// The daemon answered with an error.
-    #[error("peer {peer}: {command}: {class}: {desc}")]
+    #[error("{peer}: {command}: {class}: {desc}")]
     Refused {
         peer: String,
         command: String,
@@ -112,7 +113,8 @@ pub struct PeerLink {
 }
 
 impl PeerLink {
-    /// A link to the daemon at `address`, called `name` in errors and logs. A TCP address
+    /// A link to the daemon at `address`, called `name` in errors and logs (`peer hostb`,
+    /// or the address itself for the command line). A TCP address
     /// needs `credentials` with a client pair; nothing is connected until the first call.
     pub fn new(
         name: &str,

@@ -36,7 +36,7 @@ fn wait_for(what: &str, condition: impl Fn() -> bool) -> TestResult {
 #[test]
 fn a_volume_added_at_run_time_is_served_and_removed_cleanly() -> TestResult {
     let dir = tempfile::tempdir()?;
-    let daemon = Daemon::new(None, None);
+    let daemon = Daemon::new(None, None, None);
     let a = spec(dir.path(), "a", "")?;
     let served = daemon.add_volume(&a)?;
     assert_eq!(daemon.volumes().len(), 1);
@@ -71,7 +71,7 @@ fn a_volume_added_at_run_time_is_served_and_removed_cleanly() -> TestResult {
 fn names_sockets_and_images_stay_distinct() -> TestResult {
     let dir = tempfile::tempdir()?;
     let control = dir.path().join("ctl");
-    let daemon = Daemon::new(None, Some(control.clone()));
+    let daemon = Daemon::new(None, Some(control.clone()), None);
     let a = spec(dir.path(), "a", "")?;
     daemon.add_volume(&a)?;
     let mut same_name = spec(dir.path(), "b", "")?;
@@ -109,7 +109,7 @@ fn names_sockets_and_images_stay_distinct() -> TestResult {
 #[test]
 fn a_volume_that_fails_to_start_leaves_nothing_behind() -> TestResult {
     let dir = tempfile::tempdir()?;
-    let daemon = Daemon::new(None, None);
+    let daemon = Daemon::new(None, None, None);
     // The image is created, then the device settings are refused: its size is not a
     // whole number of the guest's logical blocks (a spec built in code, which the command
     // line's parser would have refused before).
@@ -143,7 +143,7 @@ fn a_volume_that_fails_to_start_leaves_nothing_behind() -> TestResult {
 #[test]
 fn a_volume_in_a_running_migration_is_not_removed() -> TestResult {
     let dir = tempfile::tempdir()?;
-    let daemon = Daemon::new(None, None);
+    let daemon = Daemon::new(None, None, None);
     let a = daemon.add_volume(&spec(dir.path(), "a", "")?)?;
     let target = ferry_engine::mirror::DestinationSpec::parse(
         &dir.path().join("target.img").display().to_string(),

@@ -114,7 +114,12 @@ fn fixture() -> Result<Fixture, Box<dyn std::error::Error>> {
 }
 
 fn link(fx: &Fixture, peer: &FakePeer, options: LinkOptions) -> Result<PeerLink, PeerError> {
-    PeerLink::new("hostb", peer.address.clone(), Some(&fx.client), options)
+    PeerLink::new(
+        "peer hostb",
+        peer.address.clone(),
+        Some(&fx.client),
+        options,
+    )
 }
 
 #[test]
@@ -132,7 +137,7 @@ fn calls_reuse_one_connection_and_keep_it_through_refusals() -> TestResult {
         }) => {
             assert_eq!(
                 (peer.as_str(), class.as_str(), desc.as_str()),
-                ("hostb", "NotFound", "no such thing")
+                ("peer hostb", "NotFound", "no such thing")
             )
         }
         other => return Err(format!("expected a refusal, got {other:?}").into()),
@@ -221,7 +226,7 @@ fn wrong_certificates_and_absent_peers_are_named() -> TestResult {
     let fx = fixture()?;
     let peer = fake_peer(&fx.daemon, echo)?;
     let foreign = PeerLink::new(
-        "hostb",
+        "peer hostb",
         peer.address.clone(),
         Some(&fx.foreign_client),
         LinkOptions::default(),
@@ -241,17 +246,27 @@ fn wrong_certificates_and_absent_peers_are_named() -> TestResult {
         host: "127.0.0.1".into(),
         port,
     };
-    let absent = PeerLink::new("hostc", nobody, Some(&fx.client), LinkOptions::default())?;
+    let absent = PeerLink::new(
+        "peer hostc",
+        nobody,
+        Some(&fx.client),
+        LinkOptions::default(),
+    )?;
     match absent.call("echo", &json!({})) {
         Err(PeerError::Transport {
             peer,
             source: TransportError::Connect { .. },
         }) => {
-            assert_eq!(peer, "hostc")
+            assert_eq!(peer, "peer hostc")
         }
         other => return Err(format!("expected a connect error, got {other:?}").into()),
     }
-    let plain = PeerLink::new("hostb", peer.address.clone(), None, LinkOptions::default());
+    let plain = PeerLink::new(
+        "peer hostb",
+        peer.address.clone(),
+        None,
+        LinkOptions::default(),
+    );
     assert!(
         matches!(plain, Err(PeerError::Setup { .. })),
         "TCP without credentials"
