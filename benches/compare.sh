@@ -2,7 +2,7 @@
 # compare.sh: measures ferry against qemu-storage-daemon (both through `ferry bench`, a libblkio
 # vhost-user-blk client) and fio on the raw file (the ceiling), on the same image in /dev/shm,
 # alternating backends round by round; then benches/report.py writes target/bench/results.json,
-# docs/BENCHMARKS.md and docs/bench-iops-by-qd.png.
+# docs/BENCHMARKS.md (from benches/report-template.md) and docs/bench-iops-by-qd.png.
 #
 # Environment (defaults in brackets):
 #   SECS [5] RAMP [1] ROUNDS [3]   measurement / warm-up seconds per run, rounds (A B A B ...)

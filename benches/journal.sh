@@ -180,24 +180,12 @@ jq -s --argjson secs "$SECS" --argjson ramp "$RAMP" --arg load "$LOAD_AFTER" --a
           | .journal_bytes / 1048576 / ($secs + $ramp)) | median)}))}' \
     "$RESULTS" >"$OUT/journal.json"
 
-# The table, also as a section for docs/BENCHMARKS.md (benches/report.py appends it).
+# The table, also for docs/BENCHMARKS.md (benches/report.py puts it in its place).
 {
 echo
 echo "| workload | journal | IOPS | MiB/s | x off (same round) | p50 us | p99 us | bench client CPU % | daemon CPU us/IO | journal MiB/s |"
 echo "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|"
 jq -r '.medians[] | "| \(.workload) | \(.config) | \(.iops // "-" | if type == "number" then floor else . end) | \(.mib_per_sec | floor) | \(.vs_off // "-" | if type == "number" then (. * 100 | round / 100 | tostring) + "x" else . end) | \(.p50_us // "-") | \(.p99_us // "-") | \(.cpu_percent // "-" | if type == "number" then floor else . end) | \(.daemon_us_per_io // "-" | if type == "number" then (. * 100 | round / 100) else . end) | \(.journal_mib_per_sec // "-" | if type == "number" then floor else . end) |"' "$OUT/journal.json"
 echo
-echo "medians of $ROUNDS rounds, ${SECS}s each after ${RAMP}s ramp; load after: $LOAD_AFTER; dd $DD_FLAG; JSON: target/bench/journal.json"
+echo "medians of $ROUNDS rounds, ${SECS}s each after ${RAMP}s ramp; build of commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown) ($(date -u +%Y-%m-%d)); load after: $LOAD_AFTER; dd $DD_FLAG; JSON: target/bench/journal.json"
 } | tee "$OUT/journal-table.md"
-{
-    echo "## Write journal"
-    echo
-    echo "Reproduce: \`bash benches/journal.sh\` (release build, image on /dev/shm; journal on /dev/shm,"
-    echo "or on the disk under ${DISK_DIR:-/var/tmp} for sync-disk/async-disk, appended there with O_DIRECT)."
-    echo "4K random writes at QD 32 and 128K sequential writes at QD 8 with the journal off, sync"
-    echo "and async, alternating rounds; \`x off\` is the median of the same-round ratios to journal"
-    echo "off; daemon CPU is the \`ferry serve\` process's CPU time per I/O. The journal's own"
-    echo "throughput against \`dd\` to the same file system (dd: /dev/shm, a fresh file each round,"
-    echo "so it also shows how fast this VM hands out fresh memory; dd-disk: the disk, oflag=direct)."
-    cat "$OUT/journal-table.md"
-} >"$OUT/journal.md"

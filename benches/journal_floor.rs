@@ -1,6 +1,7 @@
-//! Criterion benchmarks of what any journaled 4 KiB write costs on this machine, whatever the
-//! journal's own code does: the floor under the journal's 4K ratio (benches/journal-notes.md,
-//! session 11).
+//! Criterion benchmarks of what any journaled 4 KiB write costs on the machine it runs on,
+//! whatever the journal's own code does: the floor under the journal's 4K ratio
+//! (`benches/journal-notes.md`, *The copy stays on the queue thread*; the latest figures are
+//! in `docs/BENCHMARKS.md`).
 //!
 //! A journal keeps a second copy of every write, so each journaled write needs at least:
 //! - `copy_4k_cold`: its 4 KiB copied into memory that is not in the CPU's caches (a medium
@@ -27,7 +28,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ferry_engine::journal::checksum::crc32c;
 
 const PAGE: usize = 4096;
-/// Larger than any cache of these machines, so each copy lands in memory not cached.
+/// Larger than a CPU's caches, so each copy lands in memory not cached.
 const COLD_BYTES: usize = 256 << 20;
 /// Pages faulted in per system call: 1 MiB, the prefault thread's step.
 const POPULATE_STEP_PAGES: usize = 256;

@@ -158,6 +158,10 @@ done
 
 # --- report -----------------------------------------------------------------------------------
 export COPIED BENCH_SKIPPED OUT_JSON GUEST_ROUNDS WORK
+COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+RUN_DATE=$(date -u +%Y-%m-%d)
+LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
+export COMMIT RUN_DATE LOAD_AFTER
 export PAUSES_TEXT="${PAUSES[*]}" CP_ALL_TEXT="${CP_ALL[*]}" FERRY_ALL_TEXT="${FERRY_ALL[*]}"
 python3 - <<'EOF'
 import json, os, statistics
@@ -243,10 +247,9 @@ with open(env["OUT_JSON"], "w") as f:
 lines = ["| measurement | result |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows]
 print("\n".join(lines))
 print(f"\n(JSON: {env['OUT_JSON']})")
-# A section for docs/BENCHMARKS.md (benches/report.py appends it).
-with open(os.path.join(os.path.dirname(env["OUT_JSON"]), "migration.md"), "w") as f:
-    f.write("## Live migration\n\nReproduce: `bash benches/migration.sh` (release build, images on /dev/shm).\n"
-            "The bulk copy compares ferry copying an idle volume with `cp --sparse=always` of the same\n"
-            "file on the same file system; the cutover pause is the time guest I/O is held.\n\n")
-    f.write("\n".join(lines) + "\n")
+# The table for docs/BENCHMARKS.md (benches/report.py puts it in its place).
+with open(os.path.join(os.path.dirname(env["OUT_JSON"]), "migration-table.md"), "w") as f:
+    f.write("\n".join(lines) + "\n\n")
+    f.write(f"Build of commit {env['COMMIT']} ({env['RUN_DATE']}); load average after the run: "
+            f"{env['LOAD_AFTER']}.\n")
 EOF

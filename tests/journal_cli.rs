@@ -501,8 +501,8 @@ fn ferry_peak_memory(args: &[&str]) -> Result<(bool, u64), Box<dyn std::error::E
 }
 
 /// The offline tools hold no per-record state: on a medium of a million records `verify`,
-/// `restore` and `export` stay within a bound a per-record index would exceed (they peaked at
-/// 10-11 MiB here; the build that indexed every record in memory, at 134 MiB for `verify`).
+/// `restore` and `export` stay within a bound that an index of every record in memory would
+/// exceed (docs/journal.md, *Offline tools*).
 #[test]
 fn offline_tools_memory_does_not_grow_with_the_records() -> TestResult {
     const RECORDS: u64 = 1_000_000;

@@ -6,6 +6,7 @@ use std::ops::{Deref, DerefMut};
 /// A growable array of `iovec`s describing memory owned by someone else (guest memory, a
 /// caller's buffers, a static buffer of zeros). It stores addresses and lengths and never
 /// reads or writes through them itself.
+#[derive(Debug)]
 pub struct IovecArray(Vec<libc::iovec>);
 
 // SAFETY: an `IovecArray` holds only addresses and lengths; moving it to another thread
@@ -65,6 +66,16 @@ impl DerefMut for IovecArray {
     #[inline]
     fn deref_mut(&mut self) -> &mut [libc::iovec] {
         &mut self.0
+    }
+}
+
+impl<'a> IntoIterator for &'a IovecArray {
+    type Item = &'a libc::iovec;
+    type IntoIter = std::slice::Iter<'a, libc::iovec>;
+
+    #[inline]
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
     }
 }
 

@@ -359,8 +359,8 @@ mod mirror {
         // Active mode converges under any guest: ready means nothing left. Background mode
         // does not while a guest re-dirties what was just copied faster than the copier
         // copies (docs/migration.md): it is ready at its default bound and the rest is drained
-        // in the cutover pause. (With 0 here it once copied 15 GB of a 4 MiB volume in 60 s
-        // on a loaded CI machine without ever finding nothing pending.)
+        // in the cutover pause. (With 0 here a background job under this guest may copy for
+        // as long as the guest writes without ever finding nothing pending.)
         if mode == MirrorMode::Active {
             opts.ready_pending_bytes_max = Some(0);
         }

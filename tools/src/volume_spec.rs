@@ -25,11 +25,11 @@ pub struct VolumeSpec {
 pub const DEFAULT_POLL_US: u64 = 32;
 
 /// Default requests a worker takes from one ring before it submits them and hands back
-/// what has completed (`batch=`). Measured with a client that waits for completions at QD 32
-/// (`benches/vhost_ab.sh`): taking the whole ring each pass made the guest and the worker
-/// take turns (the guest idle while 32 requests were processed, then the worker idle while
-/// the guest refilled); 8 at a time let both work at once, 1.6x the IOPS. Polling clients
-/// and QD <= 8 are unaffected.
+/// what has completed (`batch=`). With a client that waits for completions at QD 32, taking
+/// the whole ring each pass made the guest and the worker take turns (the guest idle while
+/// 32 requests were processed, then the worker idle while the guest refilled); 8 at a time
+/// lets both work at once. Polling clients and QD <= 8 are unaffected. The measurement is in
+/// `benches/perf-notes.md`, *At most `batch=` requests per pass*.
 pub const DEFAULT_BATCH: u16 = 8;
 
 /// The largest `batch=`: a ring holds at most this many requests.

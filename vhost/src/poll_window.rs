@@ -6,7 +6,7 @@
 //! arrived soon after the worker went to sleep (it would have been caught by spinning), the
 //! window grows; when a whole window passed with no work, it shrinks. A workload with
 //! gaps longer than the maximum never pays for spinning; a QD1 stream gets its latency
-//! without wake-ups.
+//! without wake-ups (`benches/perf-notes.md`, *The adaptive busy-poll window*).
 
 use std::time::{Duration, Instant};
 

@@ -14,6 +14,8 @@
 
 use std::ops::Deref;
 
+use ferry_engine::IovecArray;
+
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
@@ -107,60 +109,17 @@ pub enum ParseError {
     Broken,
 }
 
-/// The host iovecs of one request's data buffers: addresses inside guest memory, handed to
-/// the engine as they are (no bounce copy).
-#[derive(Debug)]
-pub struct GuestIovecs(Vec<libc::iovec>);
-
-// SAFETY: `libc::iovec` holds a raw pointer, so the compiler cannot tell whether these may
-// move to another thread. They may: this type only stores the addresses and never reads or
-// writes through them, so moving it races with nothing. The memory belongs to the guest and
-// stays mapped while the guest memory snapshot the request was parsed against is held (by
-// the queue worker while it submits the request, then by the request's in-flight slot until
-// its completion is reaped); the only code that goes through the addresses is the kernel,
-// after `VolumeQueue::submit`, whose contract the submitting caller upholds. Addresses left
-// from an earlier request are never handed out again: each parse clears them first.
-unsafe impl Send for GuestIovecs {}
-
-impl GuestIovecs {
-    fn with_capacity(capacity: usize) -> Self {
-        Self(Vec::with_capacity(capacity))
-    }
-
-    fn clear(&mut self) {
-        self.0.clear();
-    }
-
-    fn push(&mut self, iovec: libc::iovec) {
-        self.0.push(iovec);
-    }
-}
-
-impl Deref for GuestIovecs {
-    type Target = [libc::iovec];
-
-    fn deref(&self) -> &[libc::iovec] {
-        &self.0
-    }
-}
-
-impl<'a> IntoIterator for &'a GuestIovecs {
-    type Item = &'a libc::iovec;
-    type IntoIter = std::slice::Iter<'a, libc::iovec>;
-
-    fn into_iter(self) -> Self::IntoIter {
-        self.0.iter()
-    }
-}
-
-/// A parsed request. `iovecs` hold host addresses of guest memory: valid while the guest
-/// memory snapshot the request was parsed against is kept alive.
+/// A parsed request. `iovecs` hold host addresses of the guest's data buffers, handed to the
+/// engine as they are (no bounce copy). They stay valid while the guest memory snapshot the
+/// request was parsed against is held: by the queue worker while it submits the request, then
+/// by the request's in-flight slot until its completion is reaped. Each parse clears them
+/// first, so addresses of an earlier request are never handed out again.
 #[derive(Debug)]
 pub struct Request {
     pub head_index: u16,
     pub request_type: RequestType,
     pub sector: u64,
-    pub iovecs: GuestIovecs,
+    pub iovecs: IovecArray,
     /// Guest address of the first data byte, for small copies (GET_ID, discard segments).
     pub data_segments: Vec<(GuestAddress, u32)>,
     pub data_bytes: u64,
@@ -174,7 +133,7 @@ impl Request {
             head_index: 0,
             request_type: RequestType::Flush,
             sector: 0,
-            iovecs: GuestIovecs::with_capacity(IOVECS_MAX),
+            iovecs: IovecArray::with_capacity(IOVECS_MAX),
             data_segments: Vec::with_capacity(DESCRIPTORS_MAX),
             data_bytes: 0,
             status_addr: GuestAddress(0),

@@ -10,7 +10,8 @@ use super::error::JournalError;
 
 /// "FJCT" as a little-endian u32.
 pub const CATALOG_MAGIC: u32 = u32::from_le_bytes(*b"FJCT");
-/// Version 2 added the run record (how the last run of the journal ended).
+/// The catalog version written (version 2 has the run record: how the last run of the
+/// journal ended; version 1 has none).
 pub const CATALOG_VERSION: u16 = 2;
 pub const CATALOG_FILE: &str = "catalog.fjc";
 const HEADER_BYTES: usize = 24;

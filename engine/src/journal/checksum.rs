@@ -1,7 +1,8 @@
 //! CRC32C (Castagnoli), the checksum of journal records and of the catalog, computed in one
 //! place. `crc-fast` folds with carry-less multiplication (PCLMULQDQ, VPCLMULQDQ with
 //! AVX-512 where the CPU has it), several times faster than the SSE4.2 `crc32` instruction
-//! on a 4 KiB payload, and the journal computes one per guest write on the hot path.
+//! on a 4 KiB payload, and the journal computes one per guest write on the hot path
+//! (`benches/journal-notes.md`, *The payload's CRC32C*).
 
 /// The CRC32C of `bytes`.
 pub fn crc32c(bytes: &[u8]) -> u32 {

@@ -9,7 +9,7 @@ use super::error::FormatError;
 
 /// "FJRN" read as a little-endian u32: the first four bytes of every record.
 pub const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"FJRN");
-/// The format version written into every record header (2 added the stop record).
+/// The format version written into every record header (version 2 has the stop record).
 pub const FORMAT_VERSION: u16 = 2;
 /// The oldest format version the decoder reads (version 1 media have no stop records).
 pub const FORMAT_VERSION_MIN: u16 = 1;

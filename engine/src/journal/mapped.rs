@@ -38,7 +38,8 @@ use super::format::{
 /// pages of 4 KiB).
 const POPULATE_STEP_BYTES: u64 = 256 << 10;
 /// How far ahead of the append point the prefaulter keeps pages faulted in, and how close
-/// the append point may come to its goal before the goal moves on.
+/// the append point may come to its goal before the goal moves on (`benches/journal-notes.md`,
+/// *The prefault thread*).
 const PREFAULT_AHEAD_BYTES: u64 = 16 << 20;
 const PREFAULT_LOW_WATER_BYTES: u64 = 8 << 20;
 /// The prefaulter's step: it looks for a new goal (or a new medium) between steps.

@@ -9,7 +9,8 @@
 //! ([`ChunkSupply`]) allocates them and faults their pages in ahead of need, so the queue
 //! thread that appends an entry under the journal's lock does not take those page faults
 //! (fresh memory is what a growing log costs, and on a VM whose host backs guest memory
-//! lazily a fresh page can cost tens of microseconds).
+//! lazily a fresh page costs far more than the entry it holds; `benches/journal-notes.md`,
+//! *The log's chunks come from a helper thread*).
 
 use std::collections::VecDeque;
 use std::sync::mpsc::{sync_channel, Receiver};

@@ -4,7 +4,8 @@
 //! only hand the copy to a kernel worker thread, with `pwritev` on the calling thread),
 //! rotates to the next medium of the set when the current one would overflow, and seals
 //! media with a trailer. Media are written with `O_DIRECT` where `cache=` allows (see
-//! [`super::direct`]).
+//! [`super::direct`]). The measurements behind these choices: `benches/journal-notes.md`,
+//! *Appends: `pwritev` on tmpfs, io_uring elsewhere*.
 
 use std::fs::{File, OpenOptions};
 use std::path::PathBuf;

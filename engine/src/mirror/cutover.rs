@@ -44,7 +44,7 @@ fn switch(job: &Arc<JobShared>) -> Result<CutoverReport, MigrationError> {
     job.unthrottled.store(true, Ordering::Release);
     // Flush the bulk of the copy while the guest still runs, so that the flush inside the
     // pause only writes back what changed in the last moments (the pause is the cost the
-    // guest sees; an fdatasync of a freshly copied image takes tens of milliseconds).
+    // guest sees, and an fdatasync of a freshly copied image writes back all of it).
     if let Err(e) = job.target.flush() {
         job.fail(format!("flushing the target before cutover: {e}"));
         return Err(failed(job));

@@ -90,7 +90,8 @@ pub struct FileImage {
     pub is_block_device: bool,
     /// The image lives in memory (tmpfs, ramfs): its reads and writes never wait for a
     /// device, so the queues do them inline instead of through io_uring (which hands such
-    /// files' buffered I/O to io-wq worker threads, since they lack `RWF_NOWAIT`).
+    /// files' buffered I/O to io-wq worker threads, since they lack `RWF_NOWAIT`;
+    /// `benches/perf-notes.md`, *Images on tmpfs and ramfs are served inline*).
     pub memory_backed: bool,
 }
 

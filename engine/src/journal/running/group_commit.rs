@@ -14,7 +14,8 @@ use crate::journal::writer::{AppendPath, MediumWriter, PendingRecord, Prologue, 
 use crate::observer::ObserverTicket;
 
 /// Async mode appends a long trail in pieces of at most this, so that writes held at
-/// `lag-max` wait for one piece (a few ms), not for the whole trail (up to `lag-max`).
+/// `lag-max` wait for one piece, not for the whole trail (up to `lag-max`;
+/// `benches/journal-notes.md`, *The async trail goes out in 1 MiB pieces*).
 const ASYNC_APPEND_BYTES: usize = 1 << 20;
 
 /// A batch taken from the state for writing.

@@ -42,7 +42,8 @@ const PAUSE_RETRY: Duration = Duration::from_secs(1);
 /// heavy stream the writer starts often, on a batch still in cache, and the trail stays well
 /// short of `lag-max` (a threshold near `lag-max` lets the trail reach it, and the guest is
 /// held); a light stream is still gathered for `ASYNC_GATHER`, which keeps the padding of
-/// each append's last block a small share of the medium.
+/// each append's last block a small share of the medium (`benches/journal-notes.md`, *Async
+/// mode gathers for 500 µs or 64 KiB*).
 const ASYNC_GATHER_BYTES: usize = 64 << 10;
 /// The stream id of records that belong to no volume (marks, log-init, gaps).
 pub const JOURNAL_STREAM_ID: u32 = 0;

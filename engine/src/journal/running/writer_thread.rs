@@ -13,7 +13,8 @@ use crate::journal::writer::{MediumWriter, Prologue};
 
 /// In async mode the writer gathers records for at most this long after the first one of a
 /// batch before appending them (unless `ASYNC_GATHER_BYTES` are pending first): one wake-up
-/// and one append per interval instead of one per handful of records.
+/// and one append per interval instead of one per handful of records
+/// (`benches/journal-notes.md`, *Async mode gathers for 500 µs or 64 KiB*).
 const ASYNC_GATHER: Duration = Duration::from_micros(500);
 
 pub(super) fn writer_main(shared: &Shared) {

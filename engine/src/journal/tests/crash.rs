@@ -18,6 +18,11 @@ const SPARES_ENV: &str = "FERRY_JOURNAL_CRASH_CHILD_SPARES";
 const COMMITTER_ENV: &str = "FERRY_JOURNAL_CRASH_CHILD_COMMITTER";
 const WRITE_BYTES: usize = 4096;
 const SLOTS: u64 = 64;
+/// How many writes the child may complete beyond those the parent has read of: the child
+/// takes one byte from its stdin per write past this lead, and the parent sends one per
+/// `DONE` line it reads. However slow the parent, the child is killed mid-stream within
+/// this many writes of the ones the parent saw, so it stays on the media formatted for it.
+const CHILD_LEAD_WRITES: u64 = 8;
 
 /// The child: journals writes forever, printing `DONE <i>` after each completes.
 #[test]
@@ -37,7 +42,12 @@ fn crash_child() -> TestResult {
     let v = open_volume(&dir, "vc", SLOTS * WRITE_BYTES as u64)?;
     v.add_observer(journal.observer());
     let mut q = VolumeQueue::new(v, 0, 4, 4)?;
+    let mut go_on = std::io::stdin().lock();
     for i in 0.. {
+        if i >= CHILD_LEAD_WRITES {
+            let mut byte = [0u8; 1];
+            std::io::Read::read_exact(&mut go_on, &mut byte)?;
+        }
         write(
             &mut q,
             (i % SLOTS) * WRITE_BYTES as u64,
@@ -69,8 +79,9 @@ fn crash_case(spares: u32, committer: Committer) -> TestResult {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
     if spares > 0 {
-        // Enough formatted media for the whole run (150 writes fill three media), so the
-        // last medium is a spare whether or not the idle-priority formatter got CPU to refill.
+        // Enough formatted media for the whole run (150 writes and the child's lead fill
+        // three media), so the last medium is a spare whether or not the idle-priority
+        // formatter got CPU to refill.
         let j = dir.join("j");
         super::super::spares::format_spares(&j, spares + 4, 256 * 1024, &mut |_, _| {})?;
     }
@@ -93,15 +104,18 @@ fn crash_case(spares: u32, committer: Committer) -> TestResult {
                 "writer"
             },
         )
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()?;
     let stdout = child.stdout.take().ok_or("no child stdout")?;
+    let mut go_on = child.stdin.take().ok_or("no child stdin")?;
     let mut last_done = None;
     for line in BufReader::new(stdout).lines() {
         let line = line?;
         if let Some(n) = line.strip_prefix("DONE ") {
             last_done = Some(n.parse::<u64>()?);
+            std::io::Write::write_all(&mut go_on, b"+")?;
             if last_done >= Some(150) {
                 break;
             }

@@ -57,7 +57,8 @@ fn concurrent_queues_commit_each_others_writes() -> TestResult {
 }
 
 /// `committer=auto` is the writer thread wherever the medium is (on tmpfs too: with the
-/// vhost worker's `batch=` its commits overlap the queue's work; see docs/BENCHMARKS.md).
+/// vhost worker's `batch=` its commits overlap the queue's work; see
+/// `benches/journal-notes.md`, *Group commits on the writer thread*).
 #[test]
 fn auto_committer_is_the_writer_on_memory_and_elsewhere() -> TestResult {
     let shm = std::path::Path::new("/dev/shm");

@@ -39,8 +39,9 @@ impl VolumeQueue {
     ///
     /// Buffered reads and writes that io_uring cannot complete inline (tmpfs, for one) are
     /// handed to the kernel's io-wq worker threads, and waking one costs far more than a
-    /// `preadv2`/`pwritev2` with `RWF_NOWAIT` that finishes a page-cache hit at once.
-    /// `O_DIRECT` and write-through requests always go through the ring.
+    /// `preadv2`/`pwritev2` with `RWF_NOWAIT` that finishes a page-cache hit at once
+    /// (`benches/perf-notes.md`, *Page-cache hits are served inline*). `O_DIRECT` and
+    /// write-through requests always go through the ring.
     pub(super) fn start_op(&mut self, slot_index: u32) {
         loop {
             let result = match self.try_inline(slot_index) {
