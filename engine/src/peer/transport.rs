@@ -273,6 +273,11 @@ pub fn describe_tls_error(e: &rustls::Error) -> String {
             | Alert::UnsupportedCertificate
             | Alert::AccessDenied),
         ) => format!("the peer refused our certificate (TLS alert {alert:?})"),
+        // A signature that does not verify: in practice our certificate names an issuer
+        // the peer knows, but another key signed it (a CA of the same name).
+        Error::AlertReceived(Alert::DecryptError) => {
+            "the peer refused our certificate's signature (TLS alert DecryptError): is it signed by the peer's CA?".into()
+        }
         Error::AlertReceived(alert) => format!("the peer sent TLS alert {alert:?}"),
         Error::InvalidMessage(_)
         | Error::InappropriateMessage { .. }
