@@ -7,12 +7,13 @@
 //! (a mark's label follows the entry inside that sector), then, for a write, its data in
 //! `nr_sectors` sectors. Discards carry no data. All little-endian.
 
+use std::fs::File;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use super::error::JournalError;
 use super::format::Op;
-use super::media::MediaSet;
+use super::media::{MediaSet, RecordRef};
 
 pub const LOG_WRITES_MAGIC: u64 = 0x006a_7366_7773_6872;
 pub const LOG_WRITES_VERSION: u64 = 1;
@@ -22,6 +23,7 @@ pub const LOG_DISCARD_FLAG: u64 = 1 << 2;
 pub const LOG_MARK_FLAG: u64 = 1 << 3;
 /// The sector size the export uses (virtio-blk's and the guest's logical block size).
 pub const EXPORT_SECTOR_BYTES: u64 = 512;
+const SECTOR: usize = EXPORT_SECTOR_BYTES as usize;
 const ENTRY_BYTES: usize = 32;
 
 /// What an export wrote.
@@ -45,72 +47,26 @@ pub fn export_dm_log_writes(
             "volume {volume:?} is not in the journal"
         )));
     }
-    let err = |step: &'static str| {
-        let path = out.to_path_buf();
-        move |source| JournalError::Medium { path, step, source }
-    };
-    let file = std::fs::File::create(out).map_err(err("create"))?;
+    let err = |step| export_err(out, step);
+    let file = File::create(out).map_err(err("create"))?;
     let mut w = BufWriter::new(file);
-    let sector = EXPORT_SECTOR_BYTES as usize;
-    w.write_all(&vec![0u8; sector]).map_err(err("write"))?;
+    // Sector 0 is the super block, which holds the entry count: it is written last.
+    w.write_all(&[0u8; SECTOR]).map_err(err("write"))?;
     let mut entries = 0u64;
     for r in set.sequenced() {
         let r = r?;
         let h = r.record.header;
-        let ours = streams.contains(&h.stream_id);
-        let (flags, with_data) = match h.op {
-            Op::Write | Op::WriteZeroes if ours => (0, true),
-            Op::Discard if ours => (LOG_DISCARD_FLAG, false),
-            Op::Flush if ours => (LOG_FLUSH_FLAG, false),
-            Op::Mark => (LOG_MARK_FLAG, false),
-            _ => continue,
+        let Some(flags) = entry_flags(h.op, streams.contains(&h.stream_id)) else {
+            continue;
         };
-        if h.op != Op::Mark
-            && (h.offset_bytes % EXPORT_SECTOR_BYTES != 0 || h.len_bytes % EXPORT_SECTOR_BYTES != 0)
-        {
-            return Err(JournalError::Invalid(format!(
-                "seq {}: offset {} length {} is not sector-aligned; dm-log-writes cannot express it",
-                h.seq, h.offset_bytes, h.len_bytes
-            )));
-        }
-        let mut block = vec![0u8; sector];
-        let (first, count) = if h.op == Op::Flush || h.op == Op::Mark {
-            (0, 0)
-        } else {
-            (
-                h.offset_bytes / EXPORT_SECTOR_BYTES,
-                h.len_bytes / EXPORT_SECTOR_BYTES,
-            )
-        };
-        let mut label = Vec::new();
-        if h.op == Op::Mark {
-            label = set.payload(&r)?;
-            label.truncate(sector - ENTRY_BYTES - 1);
-        }
-        block[0..8].copy_from_slice(&first.to_le_bytes());
-        block[8..16].copy_from_slice(&count.to_le_bytes());
-        block[16..24].copy_from_slice(&flags.to_le_bytes());
-        block[24..32].copy_from_slice(&(label.len() as u64).to_le_bytes());
-        block[ENTRY_BYTES..ENTRY_BYTES + label.len()].copy_from_slice(&label);
-        w.write_all(&block).map_err(err("write"))?;
-        if with_data {
-            if h.op == Op::Write {
-                w.write_all(&set.payload(&r)?).map_err(err("write"))?;
-            } else {
-                write_zero_bytes(&mut w, h.len_bytes).map_err(err("write"))?;
-            }
-        }
+        write_entry(&mut w, set, &r, flags, out)?;
         entries += 1;
     }
     let mut file = w.into_inner().map_err(|e| err("flush")(e.into_error()))?;
     let bytes = file.seek(SeekFrom::End(0)).map_err(err("seek"))?;
-    let mut superblock = vec![0u8; sector];
-    superblock[0..8].copy_from_slice(&LOG_WRITES_MAGIC.to_le_bytes());
-    superblock[8..16].copy_from_slice(&LOG_WRITES_VERSION.to_le_bytes());
-    superblock[16..24].copy_from_slice(&entries.to_le_bytes());
-    superblock[24..28].copy_from_slice(&(EXPORT_SECTOR_BYTES as u32).to_le_bytes());
     file.seek(SeekFrom::Start(0)).map_err(err("seek"))?;
-    file.write_all(&superblock).map_err(err("write"))?;
+    file.write_all(&superblock_sector(entries))
+        .map_err(err("write"))?;
     file.sync_all().map_err(err("sync"))?;
     Ok(ExportReport {
         volume: volume.to_string(),
@@ -118,6 +74,88 @@ pub fn export_dm_log_writes(
         entries,
         bytes,
     })
+}
+
+/// The flags of the entry a record of operation `op` becomes (`ours`: it belongs to the
+/// exported volume), or `None` when it is not exported. Marks belong to the journal itself
+/// (stream 0), not to a volume, so every one is exported.
+fn entry_flags(op: Op, ours: bool) -> Option<u64> {
+    match op {
+        Op::Write | Op::WriteZeroes if ours => Some(0),
+        Op::Discard if ours => Some(LOG_DISCARD_FLAG),
+        Op::Flush if ours => Some(LOG_FLUSH_FLAG),
+        Op::Mark => Some(LOG_MARK_FLAG),
+        _ => None,
+    }
+}
+
+/// Writes the entry of record `r`: its sector, then a write's data (zeros for
+/// write-zeroes, which dm-log-writes has no flag for).
+fn write_entry(
+    w: &mut impl Write,
+    set: &MediaSet,
+    r: &RecordRef,
+    flags: u64,
+    out: &Path,
+) -> Result<(), JournalError> {
+    let h = r.record.header;
+    if h.op != Op::Mark
+        && !(h.offset_bytes.is_multiple_of(EXPORT_SECTOR_BYTES)
+            && h.len_bytes.is_multiple_of(EXPORT_SECTOR_BYTES))
+    {
+        return Err(JournalError::Invalid(format!(
+            "seq {}: offset {} length {} is not sector-aligned; dm-log-writes cannot express it",
+            h.seq, h.offset_bytes, h.len_bytes
+        )));
+    }
+    let (first, count) = if h.op == Op::Flush || h.op == Op::Mark {
+        (0, 0)
+    } else {
+        (
+            h.offset_bytes / EXPORT_SECTOR_BYTES,
+            h.len_bytes / EXPORT_SECTOR_BYTES,
+        )
+    };
+    let mut label = Vec::new();
+    if h.op == Op::Mark {
+        label = set.payload(r)?;
+        label.truncate(SECTOR - ENTRY_BYTES - 1);
+    }
+    let err = |step| export_err(out, step);
+    w.write_all(&entry_sector(first, count, flags, &label))
+        .map_err(err("write"))?;
+    match h.op {
+        Op::Write => w.write_all(&set.payload(r)?).map_err(err("write")),
+        Op::WriteZeroes => write_zero_bytes(w, h.len_bytes).map_err(err("write")),
+        _ => Ok(()),
+    }
+}
+
+/// An entry's sector: {sector, nr_sectors, flags, data_len}, then the label of a mark.
+fn entry_sector(first: u64, count: u64, flags: u64, label: &[u8]) -> [u8; SECTOR] {
+    let mut block = [0u8; SECTOR];
+    block[0..8].copy_from_slice(&first.to_le_bytes());
+    block[8..16].copy_from_slice(&count.to_le_bytes());
+    block[16..24].copy_from_slice(&flags.to_le_bytes());
+    block[24..32].copy_from_slice(&(label.len() as u64).to_le_bytes());
+    block[ENTRY_BYTES..ENTRY_BYTES + label.len()].copy_from_slice(label);
+    block
+}
+
+/// Sector 0: {magic, version, nr_entries, sectorsize}.
+fn superblock_sector(entries: u64) -> [u8; SECTOR] {
+    let mut superblock = [0u8; SECTOR];
+    superblock[0..8].copy_from_slice(&LOG_WRITES_MAGIC.to_le_bytes());
+    superblock[8..16].copy_from_slice(&LOG_WRITES_VERSION.to_le_bytes());
+    superblock[16..24].copy_from_slice(&entries.to_le_bytes());
+    superblock[24..28].copy_from_slice(&(EXPORT_SECTOR_BYTES as u32).to_le_bytes());
+    superblock
+}
+
+/// Maps an I/O error of `step` on the exported log to a journal error naming the file.
+fn export_err(path: &Path, step: &'static str) -> impl FnOnce(std::io::Error) -> JournalError {
+    let path = path.to_path_buf();
+    move |source| JournalError::Medium { path, step, source }
 }
 
 fn write_zero_bytes(w: &mut impl Write, len: u64) -> std::io::Result<()> {

@@ -449,6 +449,29 @@ impl MediaSet {
                 g.first_missing_seq <= first && first < g.first_missing_seq + g.missing_count
             })
         };
+        let mut out = self.stop_records(explained)?;
+        out.extend(self.stopped_runs(explained));
+        let wanted: BTreeSet<u64> = out
+            .iter()
+            .filter(|s| !s.resolved)
+            .map(|s| s.first_unjournaled_seq)
+            .collect();
+        if !wanted.is_empty() {
+            let present = self.sequenced_among(&wanted)?;
+            for s in &mut out {
+                s.resolved |= present.contains(&s.first_unjournaled_seq);
+            }
+        }
+        out.sort_by_key(|s| s.after_seq);
+        out.dedup_by(|a, b| {
+            a.after_seq == b.after_seq && a.first_unjournaled_seq == b.first_unjournaled_seq
+        });
+        Ok(out)
+    }
+
+    /// The stop records on the media, in media order; `explained` says whether a gap record
+    /// accounts for a first unjournaled number.
+    fn stop_records(&self, explained: impl Fn(u64) -> bool) -> Result<Vec<StopNote>, JournalError> {
         let mut out = Vec::new();
         for m in &self.media {
             for r in m.live.notable.iter().filter(|r| r.header.op == Op::Stop) {
@@ -472,46 +495,42 @@ impl MediaSet {
                 });
             }
         }
-        for (dir, run) in self
-            .runs
+        Ok(out)
+    }
+
+    /// A stop for each journal directory whose catalog says the journal is (still) stopped;
+    /// `explained` as for [`MediaSet::stop_records`].
+    fn stopped_runs(&self, explained: impl Fn(u64) -> bool) -> Vec<StopNote> {
+        self.runs
             .iter()
             .filter(|(_, r)| r.state == RunState::Stopped)
-        {
-            let count = run.unjournaled_count;
-            let first = run.first_unjournaled_seq;
-            out.push(StopNote {
-                after_seq: first.saturating_sub(1),
-                timestamp_ns: u64::MAX,
-                cause: StopCause::Error,
-                first_unjournaled_seq: first,
-                unjournaled_count: (count != super::catalog::COUNT_UNKNOWN).then_some(count),
-                reason: "the catalog says the journal stopped (write error or full medium) and was not restarted".into(),
-                source: dir.clone(),
-                resolved: explained(first),
-            });
-        }
-        let wanted: BTreeSet<u64> = out
-            .iter()
-            .filter(|s| !s.resolved)
-            .map(|s| s.first_unjournaled_seq)
-            .collect();
-        if !wanted.is_empty() {
-            let mut present = BTreeSet::new();
-            for r in self.sequenced() {
-                let seq = r?.record.header.seq;
-                if wanted.contains(&seq) {
-                    present.insert(seq);
+            .map(|(dir, run)| {
+                let count = run.unjournaled_count;
+                let first = run.first_unjournaled_seq;
+                StopNote {
+                    after_seq: first.saturating_sub(1),
+                    timestamp_ns: u64::MAX,
+                    cause: StopCause::Error,
+                    first_unjournaled_seq: first,
+                    unjournaled_count: (count != super::catalog::COUNT_UNKNOWN).then_some(count),
+                    reason: "the catalog says the journal stopped (write error or full medium) and was not restarted".into(),
+                    source: dir.clone(),
+                    resolved: explained(first),
                 }
-            }
-            for s in &mut out {
-                s.resolved |= present.contains(&s.first_unjournaled_seq);
+            })
+            .collect()
+    }
+
+    /// Which of the `wanted` sequence numbers the set holds (one walk of the set).
+    fn sequenced_among(&self, wanted: &BTreeSet<u64>) -> Result<BTreeSet<u64>, JournalError> {
+        let mut present = BTreeSet::new();
+        for r in self.sequenced() {
+            let seq = r?.record.header.seq;
+            if wanted.contains(&seq) {
+                present.insert(seq);
             }
         }
-        out.sort_by_key(|s| s.after_seq);
-        out.dedup_by(|a, b| {
-            a.after_seq == b.after_seq && a.first_unjournaled_seq == b.first_unjournaled_seq
-        });
-        Ok(out)
+        Ok(present)
     }
 }
 

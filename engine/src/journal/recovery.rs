@@ -6,14 +6,14 @@
 //! valid end, so readers ignore whatever lies beyond it.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::catalog::{Catalog, CatalogEntry, MediumState, RunRecord, RunState, COUNT_UNKNOWN};
 use super::entry::now_ns;
 use super::error::JournalError;
 use super::format::{GapInfo, Op, StopInfo, StreamDef};
 use super::media::list_media;
-use super::scan::{read_payload, scan_medium, FileSource};
+use super::scan::{read_payload, scan_medium, FileSource, ScannedRecord};
 
 /// What a journal continues from.
 #[derive(Debug, Clone, Default)]
@@ -64,78 +64,13 @@ pub fn recover(dir: &Path) -> Result<Recovered, JournalError> {
         catalog: catalog.unwrap_or_default(),
         ..Default::default()
     };
-    let mut last_stop = None;
-    // The last number journaled: the newest sequenced record. Bookkeeping records (padding,
-    // trailer, restated stream-defs) repeat the last number *assigned*, which a writer killed
-    // between sealing a medium and appending the rest of its batch never journaled; counting
-    // them would make the restart skip numbers that are then missing from the journal.
-    let mut last_sequenced: Option<u64> = None;
-    let mut last_any = 0u64;
-    let mut header_seen = false;
-    // The newest medium with a readable header tells the journal id, streams and log; older
-    // media are read only if it holds no sequenced record.
-    for (n, (index, path)) in media.iter().rev().enumerate() {
-        let src = FileSource::open(path).map_err(|source| medium_err(path, "open", source))?;
-        let scan = scan_medium(&src).map_err(|source| medium_err(path, "read", source))?;
-        if n == 0 {
-            note_last_medium(&mut rec, *index, &scan);
-        }
-        let newest_sequenced = scan
-            .records
-            .iter()
-            .filter(|r| r.header.is_sequenced())
-            .map(|r| r.header.seq)
-            .max();
-        last_any = scan
-            .records
-            .iter()
-            .map(|r| r.header.seq)
-            .fold(last_any, u64::max);
-        if header_seen {
-            if newest_sequenced.is_some() {
-                last_sequenced = newest_sequenced;
-                break;
-            }
-            continue;
-        }
-        let Some(header) = scan.medium_header else {
-            continue;
-        };
-        header_seen = true;
-        last_sequenced = newest_sequenced;
-        rec.journal_id = header.journal_id;
-        for r in &scan.records {
-            let payload = || {
-                read_payload(&src, r.position_bytes, &r.header)
-                    .map_err(|source| medium_err(path, "read", source))
-            };
-            match r.header.op {
-                Op::StreamDef => {
-                    if let Ok(def) = StreamDef::decode(&payload()?) {
-                        rec.streams.insert(r.header.stream_id, def);
-                    }
-                }
-                Op::LogInit => {
-                    rec.log_id = r.header.log_id;
-                    rec.label = String::from_utf8_lossy(&payload()?).into_owned();
-                }
-                Op::Stop if n == 0 => last_stop = StopInfo::decode(&payload()?).ok(),
-                Op::Write | Op::Discard | Op::WriteZeroes | Op::Flush | Op::Mark if n == 0 => {
-                    last_stop = None;
-                }
-                _ => {}
-            }
-        }
-        if last_sequenced.is_some() {
-            break;
-        }
-    }
-    rec.last_seq = last_sequenced.unwrap_or(last_any);
+    let found = read_newest_media(&media, &mut rec)?;
+    rec.last_seq = found.last_sequenced.unwrap_or(found.last_any);
     if rec.journal_id == 0 {
         rec.journal_id = rec.catalog.journal_id;
     }
     rec.catalog.journal_id = rec.journal_id;
-    rec.resume_gap = resume_gap(rec.catalog.run, last_stop.as_ref(), rec.last_seq);
+    rec.resume_gap = resume_gap(rec.catalog.run, found.last_stop.as_ref(), rec.last_seq);
     if let Some((gap, estimated)) = rec.resume_gap {
         log::warn!(
             "journal: the previous run did not end cleanly; recording a gap of {}{} write(s) from seq {}",
@@ -145,6 +80,103 @@ pub fn recover(dir: &Path) -> Result<Recovered, JournalError> {
         );
     }
     Ok(rec)
+}
+
+/// What reading the media, newest first, found about where the journal stands.
+#[derive(Default)]
+struct NewestRecords {
+    /// The last number journaled: the newest sequenced record. Bookkeeping records (padding,
+    /// trailer, restated stream-defs) repeat the last number *assigned*, which a writer killed
+    /// between sealing a medium and appending the rest of its batch never journaled; counting
+    /// them would make the restart skip numbers that are then missing from the journal.
+    last_sequenced: Option<u64>,
+    /// The highest number of any record read, for media that hold no sequenced record.
+    last_any: u64,
+    /// The newest medium's last stop record, unless a data record follows it.
+    last_stop: Option<StopInfo>,
+}
+
+/// Reads `media` (in index order) newest first, noting the newest one in `rec`'s catalog.
+/// The newest medium with a readable header tells the journal id, streams and log; older
+/// media are read only if it holds no sequenced record.
+fn read_newest_media(
+    media: &[(u32, PathBuf)],
+    rec: &mut Recovered,
+) -> Result<NewestRecords, JournalError> {
+    let mut found = NewestRecords::default();
+    let mut header_seen = false;
+    for (n, (index, path)) in media.iter().rev().enumerate() {
+        let src = FileSource::open(path).map_err(|source| medium_err(path, "open", source))?;
+        let scan = scan_medium(&src).map_err(|source| medium_err(path, "read", source))?;
+        if n == 0 {
+            note_last_medium(rec, *index, &scan);
+        }
+        let newest_sequenced = scan
+            .records
+            .iter()
+            .filter(|r| r.header.is_sequenced())
+            .map(|r| r.header.seq)
+            .max();
+        found.last_any = scan
+            .records
+            .iter()
+            .map(|r| r.header.seq)
+            .fold(found.last_any, u64::max);
+        if header_seen {
+            if newest_sequenced.is_some() {
+                found.last_sequenced = newest_sequenced;
+                break;
+            }
+            continue;
+        }
+        let Some(header) = scan.medium_header else {
+            continue;
+        };
+        header_seen = true;
+        found.last_sequenced = newest_sequenced;
+        rec.journal_id = header.journal_id;
+        found.last_stop = read_definitions(rec, &src, path, &scan.records, n == 0)?;
+        if found.last_sequenced.is_some() {
+            break;
+        }
+    }
+    Ok(found)
+}
+
+/// Takes the stream table and log from the records of the medium at `path` into `rec`.
+/// On the `newest` medium, also returns its last stop record that no data record follows
+/// (`None` for an older medium).
+fn read_definitions(
+    rec: &mut Recovered,
+    src: &FileSource,
+    path: &Path,
+    records: &[ScannedRecord],
+    newest: bool,
+) -> Result<Option<StopInfo>, JournalError> {
+    let mut last_stop = None;
+    for r in records {
+        let payload = || {
+            read_payload(src, r.position_bytes, &r.header)
+                .map_err(|source| medium_err(path, "read", source))
+        };
+        match r.header.op {
+            Op::StreamDef => {
+                if let Ok(def) = StreamDef::decode(&payload()?) {
+                    rec.streams.insert(r.header.stream_id, def);
+                }
+            }
+            Op::LogInit => {
+                rec.log_id = r.header.log_id;
+                rec.label = String::from_utf8_lossy(&payload()?).into_owned();
+            }
+            Op::Stop if newest => last_stop = StopInfo::decode(&payload()?).ok(),
+            Op::Write | Op::Discard | Op::WriteZeroes | Op::Flush | Op::Mark if newest => {
+                last_stop = None;
+            }
+            _ => {}
+        }
+    }
+    Ok(last_stop)
 }
 
 /// The gap the previous run left, from the catalog's run record and the last stop record

@@ -1,13 +1,13 @@
 //! `restore`: rebuilds one volume's image at a chosen point (sequence number, time or mark)
 //! by applying its journaled writes, in sequence order, to a copy of a base image.
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::error::JournalError;
 use super::format::{Op, RecordHeader};
-use super::media::{MediaSet, Phase, Progress, StopNote};
+use super::media::{MediaSet, Phase, Progress, RecordRef, StopNote};
 use super::merge::{BreakFinder, SequenceBreak};
 
 /// Up to where a restore goes (inclusive).
@@ -203,14 +203,7 @@ pub fn restore(
     opts: &RestoreOptions,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<RestoreReport, JournalError> {
-    let streams = set.streams_of(&opts.volume);
-    if streams.is_empty() {
-        let known: Vec<_> = set.streams.values().map(|d| d.volume.clone()).collect();
-        return Err(JournalError::Invalid(format!(
-            "volume {:?} is not in the journal (it has: {known:?})",
-            opts.volume
-        )));
-    }
+    let streams = volume_streams(set, &opts.volume)?;
     let until_seq = resolve_until(set, &opts.until)?;
     let stops = stops_in_range(set.stops()?, until_seq, &opts.until);
     let notes: Vec<(bool, String)> = stops
@@ -224,8 +217,60 @@ pub fn restore(
     }
     let warnings: Vec<String> = notes.into_iter().map(|n| n.1).collect();
     let ours = |h: &RecordHeader| h.op.is_data() && streams.contains(&h.stream_id);
+    let checked = check_range(set, until_seq, ours, progress)?;
+    if let Some(first) = checked.gaps.first().filter(|_| !opts.allow_gaps) {
+        return Err(broken_range_refused(first, checked.gaps.len()));
+    }
+    let image = OutputImage::copy_of(&opts.base, &opts.out)?;
+    let applied = apply_range(
+        set,
+        &image,
+        until_seq,
+        ours,
+        checked.records_to_apply,
+        progress,
+    )?;
+    image.sync()?;
+    Ok(RestoreReport {
+        volume: opts.volume.clone(),
+        out: opts.out.clone(),
+        until_seq,
+        records_applied: applied.records,
+        bytes_applied: applied.bytes,
+        gaps: checked.gaps,
+        stops,
+        warnings,
+    })
+}
+
+/// The stream ids of `volume`, or an error naming the volumes the journal has.
+fn volume_streams(set: &MediaSet, volume: &str) -> Result<Vec<u32>, JournalError> {
+    let streams = set.streams_of(volume);
+    if streams.is_empty() {
+        let known: Vec<_> = set.streams.values().map(|d| d.volume.clone()).collect();
+        return Err(JournalError::Invalid(format!(
+            "volume {volume:?} is not in the journal (it has: {known:?})"
+        )));
+    }
+    Ok(streams)
+}
+
+/// What the first walk over the range to restore found.
+struct RangeCheck {
+    gaps: Vec<SequenceBreak>,
+    records_to_apply: u64,
+}
+
+/// Walks the set up to `until_seq`: the breaks in its sequence, and how many of its records
+/// `ours` selects (the total that applying them reports progress against).
+fn check_range(
+    set: &MediaSet,
+    until_seq: u64,
+    ours: impl Fn(&RecordHeader) -> bool,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<RangeCheck, JournalError> {
     let mut breaks = BreakFinder::new(set);
-    let mut total = 0u64;
+    let mut records_to_apply = 0u64;
     let set_records = set.media.iter().map(|m| m.live.records).sum();
     let checking = |done| Progress {
         phase: Phase::Checking,
@@ -238,35 +283,48 @@ pub fn restore(
             break;
         }
         breaks.push(h.seq);
-        total += u64::from(ours(&h));
+        records_to_apply += u64::from(ours(&h));
         if (walked as u64).is_multiple_of(PROGRESS_RECORDS) {
             progress(checking(walked as u64));
         }
     }
     progress(checking(set_records));
-    let gaps = breaks.finish();
-    if !gaps.is_empty() && !opts.allow_gaps {
-        let g = gaps[0];
-        return Err(JournalError::Invalid(format!(
-            "the journal is broken in the range to restore: after seq {} comes {} ({} break(s){}); use --allow-gaps to restore anyway",
-            g.after_seq,
-            g.next_seq,
-            gaps.len(),
-            if g.recorded_gap { ", journaling was stopped" } else { ", records missing or damaged" }
-        )));
-    }
-    let out_err = |step: &'static str| {
-        let path = opts.out.clone();
-        move |source| JournalError::Medium { path, step, source }
+    Ok(RangeCheck {
+        gaps: breaks.finish(),
+        records_to_apply,
+    })
+}
+
+/// The refusal to restore over a broken sequence, naming the first of `count` breaks.
+fn broken_range_refused(first: &SequenceBreak, count: usize) -> JournalError {
+    JournalError::Invalid(format!(
+        "the journal is broken in the range to restore: after seq {} comes {} ({} break(s){}); use --allow-gaps to restore anyway",
+        first.after_seq,
+        first.next_seq,
+        count,
+        if first.recorded_gap { ", journaling was stopped" } else { ", records missing or damaged" }
+    ))
+}
+
+/// What applying the range wrote.
+struct Applied {
+    records: u64,
+    bytes: u64,
+}
+
+/// Applies, in sequence order, the records up to `until_seq` that `ours` selects.
+fn apply_range(
+    set: &MediaSet,
+    image: &OutputImage,
+    until_seq: u64,
+    ours: impl Fn(&RecordHeader) -> bool,
+    records_to_apply: u64,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Applied, JournalError> {
+    let mut applied = Applied {
+        records: 0,
+        bytes: 0,
     };
-    std::fs::copy(&opts.base, &opts.out).map_err(out_err("copy the base image"))?;
-    let out = OpenOptions::new()
-        .write(true)
-        .open(&opts.out)
-        .map_err(out_err("open"))?;
-    let size = out.metadata().map_err(out_err("stat"))?.len();
-    let mut applied = 0u64;
-    let mut bytes_applied = 0;
     for r in set.sequenced() {
         let r = r?;
         let h = &r.record.header;
@@ -276,10 +334,51 @@ pub fn restore(
         if !ours(h) {
             continue;
         }
+        image.apply(set, &r)?;
+        applied.bytes += h.len_bytes;
+        applied.records += 1;
+        progress(Progress {
+            phase: Phase::Applying,
+            done: applied.records,
+            total: records_to_apply,
+        });
+    }
+    Ok(applied)
+}
+
+/// The image being restored: a copy of the base image, written in place.
+struct OutputImage<'a> {
+    path: &'a Path,
+    file: File,
+    size_bytes: u64,
+}
+
+impl<'a> OutputImage<'a> {
+    /// Copies `base` to `path` and opens the copy for writing.
+    fn copy_of(base: &Path, path: &'a Path) -> Result<Self, JournalError> {
+        let err = |step| output_err(path, step);
+        std::fs::copy(base, path).map_err(err("copy the base image"))?;
+        let file = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(err("open"))?;
+        let size_bytes = file.metadata().map_err(err("stat"))?.len();
+        Ok(Self {
+            path,
+            file,
+            size_bytes,
+        })
+    }
+
+    /// Writes one data record (its payload, or zeros) where it belongs. A record reaching
+    /// past the image is refused rather than growing it: the base is the wrong size for
+    /// this journal.
+    fn apply(&self, set: &MediaSet, r: &RecordRef) -> Result<(), JournalError> {
+        let h = &r.record.header;
         let end = h
             .offset_bytes
             .checked_add(h.len_bytes)
-            .filter(|e| *e <= size);
+            .filter(|e| *e <= self.size_bytes);
         if end.is_none() {
             return Err(JournalError::Invalid(format!(
                 "seq {}: {} at offset {} length {} reaches past the base image ({} bytes)",
@@ -287,35 +386,29 @@ pub fn restore(
                 h.op.name(),
                 h.offset_bytes,
                 h.len_bytes,
-                size
+                self.size_bytes
             )));
         }
         if h.op == Op::Write {
-            let payload = set.payload(&r)?;
-            out.write_all_at(&payload, h.offset_bytes)
-                .map_err(out_err("write"))?;
+            let payload = set.payload(r)?;
+            self.file
+                .write_all_at(&payload, h.offset_bytes)
+                .map_err(output_err(self.path, "write"))
         } else {
-            write_zeros(&out, h.offset_bytes, h.len_bytes).map_err(out_err("write zeros"))?;
+            write_zeros(&self.file, h.offset_bytes, h.len_bytes)
+                .map_err(output_err(self.path, "write zeros"))
         }
-        bytes_applied += h.len_bytes;
-        applied += 1;
-        progress(Progress {
-            phase: Phase::Applying,
-            done: applied,
-            total,
-        });
     }
-    out.sync_all().map_err(out_err("sync"))?;
-    Ok(RestoreReport {
-        volume: opts.volume.clone(),
-        out: opts.out.clone(),
-        until_seq,
-        records_applied: applied,
-        bytes_applied,
-        gaps,
-        stops,
-        warnings,
-    })
+
+    fn sync(&self) -> Result<(), JournalError> {
+        self.file.sync_all().map_err(output_err(self.path, "sync"))
+    }
+}
+
+/// Maps an I/O error of `step` on the output image to a journal error naming the file.
+fn output_err(path: &Path, step: &'static str) -> impl FnOnce(std::io::Error) -> JournalError {
+    let path = path.to_path_buf();
+    move |source| JournalError::Medium { path, step, source }
 }
 
 fn write_zeros(file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<()> {

@@ -30,6 +30,18 @@ pub(crate) struct VolumeMirror {
     pub table: Mutex<ChunkTable>,
 }
 
+impl VolumeMirror {
+    /// `volume` placed at `placement` on the target, every chunk of it still to copy.
+    fn new(volume: Arc<Volume>, placement: Placement, granularity_bytes: u64) -> Self {
+        Self {
+            source: Mutex::new(Some(volume.backing())),
+            table: Mutex::new(ChunkTable::new(placement.length_bytes, granularity_bytes)),
+            volume,
+            placement,
+        }
+    }
+}
+
 /// Byte counters, updated with relaxed atomics (statistics).
 #[derive(Default)]
 pub(crate) struct Counters {
@@ -98,6 +110,45 @@ pub struct JobShared {
 }
 
 impl JobShared {
+    /// The state of a job about to launch: copying, mirroring, nothing counted yet.
+    fn new(
+        options: MigrationOptions,
+        target: Arc<dyn Destination>,
+        target_path: PathBuf,
+        layout: Layout,
+        volumes: Vec<VolumeMirror>,
+    ) -> Self {
+        let copy_hold_us = options.copy_hold.as_micros() as u64;
+        Self {
+            id: NEXT_JOB_ID.fetch_add(1, Ordering::Relaxed),
+            throttle: Throttle::new(options.speed_bytes_per_s),
+            options,
+            target_name: target.describe(),
+            target,
+            target_path: Some(target_path),
+            layout,
+            volumes,
+            control: Mutex::new(Control {
+                state: MigrationState::Copying,
+                error: None,
+                report: None,
+            }),
+            mirroring: AtomicBool::new(true),
+            stop: AtomicBool::new(false),
+            unthrottled: AtomicBool::new(false),
+            copy_hold_us: AtomicU64::new(copy_hold_us),
+            target_writes: AtomicUsize::new(0),
+            queue: MirrorQueue::default(),
+            observers: Mutex::new(Vec::new()),
+            counters: Counters::default(),
+            rates: Mutex::new(Rates {
+                converging: true,
+                ..Rates::default()
+            }),
+            started: Instant::now(),
+        }
+    }
+
     pub(crate) fn mirroring(&self) -> bool {
         self.mirroring.load(Ordering::Acquire)
     }
@@ -249,45 +300,19 @@ impl MigrationJob {
         let mirrors: Vec<VolumeMirror> = volumes
             .into_iter()
             .zip(layout.volumes.iter())
-            .map(|(volume, placement)| VolumeMirror {
-                source: Mutex::new(Some(volume.backing())),
-                table: Mutex::new(ChunkTable::new(
-                    placement.length_bytes,
-                    options.granularity_bytes,
-                )),
-                volume,
-                placement: placement.clone(),
+            .map(|(volume, placement)| {
+                VolumeMirror::new(volume, placement.clone(), options.granularity_bytes)
             })
             .collect();
-        let copy_hold_us = options.copy_hold.as_micros() as u64;
-        let shared = Arc::new(JobShared {
-            id: NEXT_JOB_ID.fetch_add(1, Ordering::Relaxed),
-            throttle: Throttle::new(options.speed_bytes_per_s),
+        // Without a file path the volumes switch to the target's URI at cutover.
+        let target_path = target_path.unwrap_or_else(|| PathBuf::from(target.to_string()));
+        let shared = Arc::new(JobShared::new(
             options,
-            target_name: target_obj.describe(),
-            target: target_obj,
-            target_path: Some(target_path.unwrap_or_else(|| PathBuf::from(target.to_string()))),
+            target_obj,
+            target_path,
             layout,
-            volumes: mirrors,
-            control: Mutex::new(Control {
-                state: MigrationState::Copying,
-                error: None,
-                report: None,
-            }),
-            mirroring: AtomicBool::new(true),
-            stop: AtomicBool::new(false),
-            unthrottled: AtomicBool::new(false),
-            copy_hold_us: AtomicU64::new(copy_hold_us),
-            target_writes: AtomicUsize::new(0),
-            queue: MirrorQueue::default(),
-            observers: Mutex::new(Vec::new()),
-            counters: Counters::default(),
-            rates: Mutex::new(Rates {
-                converging: true,
-                ..Rates::default()
-            }),
-            started: Instant::now(),
-        });
+            mirrors,
+        ));
         let job = Arc::new(Self {
             shared,
             threads: Mutex::new(Vec::new()),
