@@ -125,35 +125,13 @@ pub fn run(cmd: MigrateCommand) -> anyhow::Result<()> {
             if watch {
                 return watch_job(&client, job, json);
             }
-            let statuses = select(client.request("query-migrations", json!({}))?, job)?;
-            if json {
-                println!("{}", Value::Array(statuses));
-            } else if statuses.is_empty() {
-                println!("no migration jobs");
-            } else {
-                for status in &statuses {
-                    println!("{}", describe(status));
-                }
-            }
-            Ok(())
+            print_statuses(&client, job, json)
         }
         MigrateCommand::Cutover { control, job, json } => {
             let report = control
                 .client()?
                 .request("migrate-cutover", with_job(json!({}), job))?;
-            if json {
-                println!("{report}");
-            } else {
-                println!(
-                    "cut over: guest I/O held for {} µs{}",
-                    report["pause_us"],
-                    if report["switched"] == json!(false) {
-                        " (NBD target in sync; the volume stays on its source)"
-                    } else {
-                        ""
-                    }
-                );
-            }
+            print_cutover(&report, json);
             Ok(())
         }
         MigrateCommand::Cancel { control, job } => {
@@ -180,6 +158,37 @@ pub fn run(cmd: MigrateCommand) -> anyhow::Result<()> {
             println!("speed limit set to {bytes} bytes/s");
             Ok(())
         }
+    }
+}
+
+/// `migrate status`: one line per job, or the list as JSON.
+fn print_statuses(client: &ControlClient, job: Option<u64>, json: bool) -> anyhow::Result<()> {
+    let statuses = select(client.request("query-migrations", json!({}))?, job)?;
+    if json {
+        println!("{}", Value::Array(statuses));
+    } else if statuses.is_empty() {
+        println!("no migration jobs");
+    } else {
+        for status in &statuses {
+            println!("{}", describe(status));
+        }
+    }
+    Ok(())
+}
+
+fn print_cutover(report: &Value, json: bool) {
+    if json {
+        println!("{report}");
+    } else {
+        println!(
+            "cut over: guest I/O held for {} µs{}",
+            report["pause_us"],
+            if report["switched"] == json!(false) {
+                " (NBD target in sync; the volume stays on its source)"
+            } else {
+                ""
+            }
+        );
     }
 }
 
