@@ -103,7 +103,8 @@ struct LinkState {
     next_id: u64,
 }
 
-/// A link to one daemon.
+/// A link to one daemon. Shared between threads (`Arc<PeerLink>`): calls take turns on its
+/// one connection.
 pub struct PeerLink {
     name: String,
     address: ControlAddress,
@@ -111,6 +112,11 @@ pub struct PeerLink {
     options: LinkOptions,
     state: Mutex<LinkState>,
 }
+
+const _: () = {
+    const fn shared_between_threads<T: Send + Sync>() {}
+    shared_between_threads::<PeerLink>();
+};
 
 impl PeerLink {
     /// A link to the daemon at `address`, called `name` in errors and logs (`peer hostb`,
