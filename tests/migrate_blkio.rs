@@ -216,7 +216,7 @@ fn nbd_migration(server: impl FnOnce(&Path) -> Result<NbdServer>, mode: &str) ->
     nbd_migration_with(server, mode, None)
 }
 
-/// [`nbd_migration`], started with `--tls-creds DIR` when `tls_creds` is given: then the
+/// [`nbd_migration`], started with `--target-tls-creds DIR` when `tls_creds` is given: then the
 /// volume is served from the export over TLS after the cutover.
 fn nbd_migration_with(
     server: impl FnOnce(&Path) -> Result<NbdServer>,
@@ -258,7 +258,7 @@ fn nbd_migration_with(
     ];
     let tls_dir = tls_creds.map(|d| d.display().to_string());
     if let Some(dir) = &tls_dir {
-        args.extend(["--tls-creds", dir]);
+        args.extend(["--target-tls-creds", dir]);
     }
     let id = fx.serve.start_migration(&args)?;
     fx.serve.wait_ready(id)?;
@@ -298,7 +298,8 @@ fn nbd_target_qemu_nbd_tcp() -> Result<()> {
     )
 }
 
-/// `ferry migrate start --target nbds://… --tls-creds DIR` onto a `qemu-nbd` that requires
+/// `ferry migrate start --target nbds://… --target-tls-creds DIR` onto a `qemu-nbd` that
+/// requires
 /// TLS (certificates made by the test): the job completes and cuts over, and the client
 /// writes on through the volume's TLS connections to the export.
 #[test]
@@ -320,7 +321,8 @@ fn nbd_target_over_tls() -> Result<()> {
 }
 
 /// The credentials of a TLS target: `nbds://` without any is refused in one line, and so are
-/// a directory without the client pair and credentials for a file; without `--tls-creds`
+/// a directory without the client pair and credentials for a file; without
+/// `--target-tls-creds`
 /// the daemon's own
 /// `ferry serve --tls-creds` are used, and the job completes over TLS.
 #[test]
@@ -344,7 +346,8 @@ fn tls_credentials_of_an_nbd_target() -> Result<()> {
     };
     start(&[])?.expect_error("TLS is required (nbds://) but no TLS credentials were given")?;
     let server_only = pki.server_credentials("server-only", &Subject::named("localhost"))?;
-    start(&["--tls-creds", text(&server_only)?])?.expect_error("client-cert.pem is missing")?;
+    start(&["--target-tls-creds", text(&server_only)?])?
+        .expect_error("client-cert.pem is missing")?;
     fx.serve
         .migrate(
             "start",
@@ -353,7 +356,7 @@ fn tls_credentials_of_an_nbd_target() -> Result<()> {
                 "vda",
                 "--target",
                 text(&dir.path().join("file.img"))?,
-                "--tls-creds",
+                "--target-tls-creds",
                 text(&creds)?,
             ],
         )?

@@ -366,6 +366,23 @@ impl TlsAuthz {
         Ok(authz)
     }
 
+    /// Reads the values of repeated `--tls-authz` options: each is a comma-separated list
+    /// of names, except that a value with a `=` in it is one distinguished name
+    /// (`CN=client,O=Example`), whose commas are its own.
+    pub fn from_options(values: &[String]) -> Result<Self, String> {
+        let mut authz = Self::default();
+        for value in values {
+            if value.contains('=') {
+                authz.add(value)?;
+            } else {
+                for name in value.split(',') {
+                    authz.add(name)?;
+                }
+            }
+        }
+        Ok(authz)
+    }
+
     /// Adds one name (a whole distinguished name included).
     pub fn add(&mut self, name: &str) -> Result<(), String> {
         let name = name.trim();

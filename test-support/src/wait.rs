@@ -51,7 +51,17 @@ const TCP_STATE_LISTEN: &str = "0A";
 /// (`/proc/net/unix`) says. Asking the kernel rather than connecting leaves a server that
 /// serves one client at a time free for the test's own client.
 pub fn unix_listening(path: &Path) -> bool {
-    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+    unix_listening_at(Path::new("/proc/net"), path)
+}
+
+/// [`unix_listening`] in the network namespace of process `pid` (the socket tables are per
+/// network namespace, the socket's path is not): for a daemon run in a namespace.
+pub fn unix_listening_in(pid: u32, path: &Path) -> bool {
+    unix_listening_at(&Path::new("/proc").join(pid.to_string()).join("net"), path)
+}
+
+fn unix_listening_at(tables: &Path, path: &Path) -> bool {
+    let Ok(table) = std::fs::read_to_string(tables.join("unix")) else {
         return false;
     };
     let path = path.as_os_str().to_string_lossy();
@@ -65,9 +75,18 @@ pub fn unix_listening(path: &Path) -> bool {
 /// True when a TCP socket listens on `port` (any address), as `/proc/net/tcp` and
 /// `/proc/net/tcp6` say.
 pub fn tcp_listening(port: u16) -> bool {
+    tcp_listening_at(Path::new("/proc/net"), port)
+}
+
+/// [`tcp_listening`] in the network namespace of process `pid`.
+pub fn tcp_listening_in(pid: u32, port: u16) -> bool {
+    tcp_listening_at(&Path::new("/proc").join(pid.to_string()).join("net"), port)
+}
+
+fn tcp_listening_at(tables: &Path, port: u16) -> bool {
     let port = format!("{port:04X}");
-    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|table| {
-        let Ok(table) = std::fs::read_to_string(table) else {
+    ["tcp", "tcp6"].iter().any(|table| {
+        let Ok(table) = std::fs::read_to_string(tables.join(table)) else {
             return false;
         };
         table.lines().skip(1).any(|line| {
@@ -115,11 +134,13 @@ mod tests {
         assert!(!unix_listening(&path));
         let unix = std::os::unix::net::UnixListener::bind(&path)?;
         assert!(unix_listening(&path));
+        assert!(unix_listening_in(std::process::id(), &path));
         drop(unix);
         assert!(!unix_listening(&path));
         let tcp = std::net::TcpListener::bind("127.0.0.1:0")?;
         let port = tcp.local_addr()?.port();
         assert!(tcp_listening(port));
+        assert!(tcp_listening_in(std::process::id(), port));
         drop(tcp);
         assert!(!tcp_listening(port));
         Ok(())

@@ -7,6 +7,8 @@ mod daemon;
 mod journal_cli;
 mod migrate_cli;
 mod serve;
+mod served_volume;
+mod volume_claims;
 mod volume_spec;
 
 use clap::{Parser, Subcommand};

@@ -2,7 +2,9 @@
 //! `[[volume]]` table in the TOML configuration file, validated into one form.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
+use ferry_engine::tls::TlsCredentials;
 use ferry_engine::{CacheMode, VolumeConfig};
 use ferry_vhost::DeviceSettings;
 
@@ -70,6 +72,30 @@ impl VolumeSpec {
             logical_block_bytes: ferry_vhost::config::LOGICAL_BLOCK_BYTES_DEFAULT,
             tls_creds: None,
         }
+    }
+
+    /// The engine's settings, with the NBD export's TLS credentials loaded: the volume's own
+    /// `tls-creds=`, or `daemon_tls` (`ferry serve --tls-creds`) for an `nbds://` path without
+    /// them. Credentials make even an `nbd://` connection use TLS, so the daemon's are not
+    /// given to those: a plaintext export stays reachable from a daemon that has credentials.
+    pub fn engine_config(
+        &self,
+        daemon_tls: Option<&Arc<TlsCredentials>>,
+    ) -> anyhow::Result<VolumeConfig> {
+        let wants_tls = ferry_engine::volume::nbd_export::parse_uri(&self.engine.path)
+            .and_then(Result::ok)
+            .is_some_and(|uri| uri.tls);
+        let mut config = self.engine.clone();
+        config.nbd_tls = match &self.tls_creds {
+            Some(dir) => {
+                Some(Arc::new(TlsCredentials::load(dir).map_err(|e| {
+                    anyhow::anyhow!("volume {}: {e}", self.engine.name)
+                })?))
+            }
+            None if wants_tls => daemon_tls.cloned(),
+            None => None,
+        };
+        Ok(config)
     }
 
     /// Sets one `key=value` (or a bare flag such as `read-only`).

@@ -9,7 +9,7 @@
 //! - [`poll_window`]: the adaptive busy-poll window of a worker.
 //! - [`guest_warnings`]: the rate limit on warnings a guest can cause.
 //! - [`backend`]: the `VhostUserBackend` implementation routing events to workers.
-//! - [`server`]: the socket, one frontend connection after another.
+//! - [`server`]: the socket, one frontend connection after another, until stopped.
 //!
 //! Nothing here touches io_uring: that is the engine's job.
 
@@ -23,4 +23,4 @@ pub mod request;
 pub mod server;
 
 pub use backend::{check_settings, BlockDevice, DeviceSettings};
-pub use server::{bind_socket, serve_volume, BindError, ConnectionState};
+pub use server::{bind_socket, serve_volume, BindError, ConnectionState, ServeStop};

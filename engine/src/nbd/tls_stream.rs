@@ -50,7 +50,8 @@ impl ClientTls {
             if uri.tls {
                 return Err(
                     "TLS is required (nbds://) but no TLS credentials were given (tls-creds=DIR \
-                     on a volume, --tls-creds DIR on migrate start or serve)"
+                     on a volume, migrate start --target-tls-creds DIR, or serve --tls-creds \
+                     DIR)"
                         .into(),
                 );
             }

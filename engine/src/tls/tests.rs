@@ -119,6 +119,23 @@ fn peer_identity_and_allow_list() -> TestResult {
 }
 
 #[test]
+fn repeated_options_take_lists_and_whole_distinguished_names() -> TestResult {
+    let peer = PeerIdentity {
+        distinguished_name: "CN=b,O=Example, Inc.".into(),
+        common_names: vec!["b".into()],
+        dns_names: Vec::new(),
+    };
+    let values = ["a,c".to_string(), "CN=b,O=Example, Inc.".to_string()];
+    let authz = TlsAuthz::from_options(&values)?;
+    assert!(authz.check(&peer).is_ok(), "the whole DN is one name");
+    let only_list = TlsAuthz::from_options(&values[..1])?;
+    assert!(only_list.check(&peer).is_err());
+    assert!(TlsAuthz::from_options(&[]).map(|a| a.allows_all())?);
+    assert!(TlsAuthz::from_options(&["a,".to_string()]).is_err());
+    Ok(())
+}
+
+#[test]
 fn server_names_take_hosts_and_addresses() -> TestResult {
     assert!(server_name("localhost").is_ok());
     assert!(server_name("10.0.0.1").is_ok());

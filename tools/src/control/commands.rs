@@ -121,7 +121,7 @@ fn query_commands(_: &Daemon, _: &Value) -> Result<Value, ControlError> {
 fn query_volumes(daemon: &Daemon, _: &Value) -> Result<Value, ControlError> {
     use std::sync::atomic::Ordering::SeqCst;
     Ok(daemon
-        .volumes
+        .volumes()
         .iter()
         .map(|v| {
             let backing = v.volume.backing();
