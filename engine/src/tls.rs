@@ -83,6 +83,16 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Credentials compare by the directory they were read from (settings that name the same
+/// directory are the same setting).
+impl PartialEq for TlsCredentials {
+    fn eq(&self, other: &Self) -> bool {
+        self.dir == other.dir
+    }
+}
+
+impl Eq for TlsCredentials {}
+
 impl TlsCredentials {
     /// Reads `dir`: the CA certificate must be there, and at least one of the server and
     /// client pairs (both files of a pair, or neither).
@@ -409,4 +419,4 @@ impl TlsAuthz {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -1,7 +1,11 @@
 //! Certificates for tests of TLS, made with the `openssl` command the way an operator makes
 //! them for QEMU: a CA, and credential directories in QEMU's x509 layout (`ca-cert.pem`,
 //! `server-cert.pem`/`server-key.pem`, `client-cert.pem`/`client-key.pem`) for chosen
-//! names and addresses. Keys are ECDSA P-256 (quick to make, taken by rustls and GnuTLS).
+//! names and addresses, which ferry's `--tls-creds`, `qemu-nbd --tls-creds` and
+//! `qemu-storage-daemon`'s `tls-creds-x509` all read. Keys are ECDSA P-256 (quick to make,
+//! taken by rustls and GnuTLS). The pairs carry the key usages QEMU checks when it loads
+//! them (`digitalSignature` and `keyEncipherment`: with a critical key usage lacking either,
+//! QEMU refuses the certificate); a second `Pki` is another CA, for the wrong-CA cases.
 
 use anyhow::{bail, Context as _, Result};
 use std::path::{Path, PathBuf};
@@ -81,6 +85,14 @@ impl Pki {
         Ok(dir)
     }
 
+    /// A directory `name` with the CA certificate and a server pair only (a server that
+    /// makes no connections of its own).
+    pub fn server_credentials(&self, name: &str, subject: &Subject) -> Result<PathBuf> {
+        let dir = self.credentials_dir(name)?;
+        self.issue(&dir, "server", subject, "serverAuth")?;
+        Ok(dir)
+    }
+
     /// A directory `name` with the CA certificate and a client pair only (a command-line
     /// client's `--tls-creds`).
     pub fn client_credentials(&self, name: &str, common_name: &str) -> Result<PathBuf> {
@@ -117,7 +129,7 @@ impl Pki {
         std::fs::write(
             &extensions,
             format!(
-                "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n\
+                "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n\
                  extendedKeyUsage={usage}\nsubjectAltName={}\n",
                 names.join(",")
             ),
@@ -231,6 +243,29 @@ mod tests {
         let client = pki.client_credentials("c", "operator")?;
         assert!(client.join("client-cert.pem").is_file());
         assert!(!client.join("server-cert.pem").exists());
+        let server = pki.server_credentials("s", &Subject::named("host-b"))?;
+        assert!(server.join("server-cert.pem").is_file());
+        assert!(!server.join("client-cert.pem").exists());
+        Ok(())
+    }
+
+    /// The pairs load as QEMU's: `qemu-nbd` starts on a directory made here (it refuses
+    /// certificates whose key usage lacks what GnuTLS needs before it listens).
+    #[test]
+    fn qemu_takes_the_credentials() -> Result<()> {
+        if !crate::require("qemu-nbd", crate::command_available("qemu-nbd")) {
+            return Ok(());
+        }
+        let pki = Pki::new("test CA")?;
+        let dir = pki.credentials("q", &Subject::named("localhost"))?;
+        let image = dir.join("e.img");
+        std::fs::write(&image, vec![0u8; 4096])?;
+        let addr = crate::nbd::NbdAddr::free_tcp()?;
+        let opts = crate::nbd::QemuNbdOpts {
+            tls_creds: Some(dir.clone()),
+            ..crate::nbd::QemuNbdOpts::default()
+        };
+        crate::nbd::NbdServer::qemu_nbd_with(&image, "e", &addr, opts)?;
         Ok(())
     }
 }

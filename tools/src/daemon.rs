@@ -49,7 +49,8 @@ pub struct Daemon {
     /// The write journal, when `--journal` was given.
     pub journal: Option<Arc<Journal>>,
     /// `--tls-creds`: the server pair for the listeners, the client pair for links to
-    /// other daemons.
+    /// other daemons and the default for connecting to TLS exports (`nbds://` volumes and
+    /// migration targets without credentials of their own).
     pub tls: Option<Arc<TlsCredentials>>,
 }
 
@@ -98,7 +99,8 @@ impl Daemon {
         let claims = self.reserve(Claims::of_spec(spec))?;
         let image = &spec.engine.path;
         let image_existed = std::fs::symlink_metadata(image).is_ok();
-        let opened = precheck_socket(&spec.socket).and_then(|()| OpenedVolume::open(spec));
+        let opened = precheck_socket(&spec.socket)
+            .and_then(|()| OpenedVolume::open(spec, self.tls.as_ref()));
         let served = opened
             .and_then(|opened| ServedVolume::start(opened, self.journal.as_ref()))
             .map_err(|e| {

@@ -18,9 +18,16 @@ pub enum MigrateCommand {
         /// A volume to migrate; several volumes are merged into one target.
         #[arg(long = "volume", required = true)]
         volumes: Vec<String>,
-        /// PATH (file or block device), nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH.
+        /// PATH (file or block device), nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH,
+        /// or over TLS nbds://HOST:PORT/EXPORT or nbds+unix:///EXPORT?socket=PATH.
         #[arg(long)]
         target: String,
+        /// TLS credentials for an NBD target, in QEMU's x509 layout (ca-cert.pem,
+        /// client-cert.pem, client-key.pem), a directory the daemon reads (on its host): the
+        /// job's connections use TLS (an nbd:// target's too). Default for nbds:// targets:
+        /// the daemon's own --tls-creds. (--tls-creds is the control connection's.)
+        #[arg(long, value_name = "DIR")]
+        target_tls_creds: Option<std::path::PathBuf>,
         /// active: guest writes complete on both sides (always converges);
         /// background: writes mark a dirty bitmap the copier drains.
         #[arg(long, default_value = "active")]
@@ -87,12 +94,26 @@ fn with_job(mut args: Value, job: Option<u64>) -> Value {
     args
 }
 
+/// `--target-tls-creds` as the daemon is to read it: made absolute when the daemon runs
+/// beside this command (its unix control socket; it has its own working directory), and
+/// sent as given to a daemon reached over `ferry://`, on whose host the path is.
+fn target_creds_path(
+    control: &ControlArgs,
+    dir: std::path::PathBuf,
+) -> anyhow::Result<std::path::PathBuf> {
+    if control.control.is_tcp() {
+        return Ok(dir);
+    }
+    std::path::absolute(&dir).with_context(|| format!("--target-tls-creds {}", dir.display()))
+}
+
 pub fn run(cmd: MigrateCommand) -> anyhow::Result<()> {
     match cmd {
         MigrateCommand::Start {
             control,
             volumes,
             target,
+            target_tls_creds,
             mode,
             max_speed,
             auto_cutover,
@@ -100,6 +121,9 @@ pub fn run(cmd: MigrateCommand) -> anyhow::Result<()> {
             json,
         } => {
             let mut args = json!({ "volumes": volumes, "target": target, "mode": mode, "auto-cutover": auto_cutover });
+            if let Some(dir) = target_tls_creds {
+                args["tls-creds"] = json!(target_creds_path(&control, dir)?);
+            }
             if let Some(ms) = copy_hold_ms {
                 args["copy-hold-ms"] = json!(ms);
             }

@@ -21,7 +21,8 @@ use crate::volume_spec::{self, VolumeSpec};
 #[derive(clap::Args, Debug, Default)]
 pub struct ServeArgs {
     /// A volume: name=NAME,path=IMG,socket=SOCK[,size=8G][,read-only][,queues=N]
-    /// (path may be an NBD export: nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH)
+    /// (path may be an NBD export: nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH,
+    /// nbds://… or nbds+unix://… over TLS; [,tls-creds=DIR] gives it its own credentials)
     /// [,queues-per-thread=N][,cache=none|writeback][,serial=STR][,offset=B][,length=B][,poll-us=N][,batch=N]
     /// [,logical-block-size=512|4K|...]
     #[arg(long = "volume", value_name = "SPEC")]
@@ -44,7 +45,8 @@ pub struct ServeArgs {
     pub control_listen: Option<String>,
     /// TLS credentials in QEMU's x509 layout: ca-cert.pem, server-cert.pem and
     /// server-key.pem for every listener, client-cert.pem and client-key.pem for outgoing
-    /// connections.
+    /// connections (the default for nbds:// volumes and migration targets that have no
+    /// tls-creds of their own).
     #[arg(long, value_name = "DIR")]
     pub tls_creds: Option<PathBuf>,
     /// Allow only TLS clients whose certificate carries one of these names (a common name, a
@@ -253,7 +255,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let mut opened = Vec::new();
     for spec in &plan.volumes {
-        opened.push(OpenedVolume::open(spec)?);
+        opened.push(OpenedVolume::open(spec, tls.credentials.as_ref())?);
     }
     let journal = match journal_options {
         Some(options) => Some(Journal::open(options).context("cannot open the journal")?),

@@ -9,6 +9,7 @@ use std::thread::JoinHandle;
 
 use anyhow::{bail, Context};
 use ferry_engine::journal::Journal;
+use ferry_engine::tls::TlsCredentials;
 use ferry_engine::Volume;
 use ferry_vhost::{ConnectionState, ServeStop};
 
@@ -23,9 +24,13 @@ pub struct OpenedVolume {
 
 impl OpenedVolume {
     /// Opens the image (creating it when the spec gives a size) and checks the device
-    /// settings against it.
-    pub fn open(spec: &VolumeSpec) -> anyhow::Result<Self> {
-        let volume = Volume::open(spec.engine.clone())?;
+    /// settings against it. `daemon_tls` (`--tls-creds`) serves an `nbds://` volume without
+    /// credentials of its own (see [`VolumeSpec::engine_config`]).
+    pub fn open(
+        spec: &VolumeSpec,
+        daemon_tls: Option<&Arc<TlsCredentials>>,
+    ) -> anyhow::Result<Self> {
+        let volume = Volume::open(spec.engine_config(daemon_tls)?)?;
         ferry_vhost::check_settings(&volume, &spec.device_settings())?;
         Ok(Self {
             spec: spec.clone(),

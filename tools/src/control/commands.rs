@@ -130,6 +130,7 @@ fn query_volumes(daemon: &Daemon, _: &Value) -> Result<Value, ControlError> {
                 "path": backing.path,
                 "backing": if backing.nbd().is_some() { "nbd" } else { "file" },
                 "nbd-block-sizes": backing.nbd().map(|e| e.block_sizes()),
+                "backing-tls": backing.nbd().map(|e| e.uses_tls()),
                 "offset": backing.base_offset_bytes,
                 "size": backing.len_bytes,
                 "socket": v.socket,
