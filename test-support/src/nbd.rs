@@ -57,7 +57,34 @@ impl NbdAddr {
 }
 
 /// A loopback TCP port that is free right now (bound and released; tiny race accepted).
+/// A TCP port on 127.0.0.1 that nothing listens on now, for a server a test starts.
+///
+/// Drawn at random below the kernel's ephemeral range (`ip_local_port_range`, which starts at
+/// 32768 unless changed): a port the kernel hands out for `bind(0)` is also what it hands the
+/// next outgoing connection of any process, and tests running side by side would draw the same
+/// sequence. A server started on the port is checked to be the one listening
+/// ([`crate::wait::tcp_listening_by`]), so a collision that remains shows as that server failing
+/// to start, with its log.
 pub fn free_port() -> Result<u16> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static DRAWS: AtomicU64 = AtomicU64::new(0);
+    const LOW: u16 = 20000;
+    const HIGH: u16 = 32767;
+    let seed = u64::from(std::process::id()) << 32
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+        ^ DRAWS
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let mut rng = crate::rng::Rng::new(seed | 1);
+    for _ in 0..200 {
+        let port = LOW + rng.below(u64::from(HIGH - LOW)) as u16;
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    // Everything drawn was taken: let the kernel choose.
     let listener =
         TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("bind 127.0.0.1:0 to pick a port")?;
     Ok(listener
@@ -260,7 +287,11 @@ impl NbdServer {
             }
         }
         let mut daemon = Daemon::spawn(name, cmd)?;
-        daemon.wait_ready(&addr.uri(export), START_TIMEOUT, || addr.listening())?;
+        let pid = daemon.pid();
+        daemon.wait_ready(&addr.uri(export), START_TIMEOUT, || match addr {
+            NbdAddr::Tcp(port) => crate::wait::tcp_listening_by(pid, *port),
+            NbdAddr::Unix(_) => addr.listening(),
+        })?;
         Ok(Self {
             daemon,
             addr: addr.clone(),

@@ -84,15 +84,48 @@ pub fn tcp_listening_in(pid: u32, port: u16) -> bool {
 }
 
 fn tcp_listening_at(tables: &Path, port: u16) -> bool {
+    !tcp_listener_inodes(tables, port).is_empty()
+}
+
+/// The socket inodes of the listeners on `port` in the socket tables under `tables`.
+fn tcp_listener_inodes(tables: &Path, port: u16) -> Vec<String> {
     let port = format!("{port:04X}");
-    ["tcp", "tcp6"].iter().any(|table| {
+    let mut inodes = Vec::new();
+    for table in ["tcp", "tcp6"] {
         let Ok(table) = std::fs::read_to_string(tables.join(table)) else {
-            return false;
+            continue;
         };
-        table.lines().skip(1).any(|line| {
+        for line in table.lines().skip(1) {
             let fields: Vec<&str> = line.split_whitespace().collect();
             let local_port = fields.get(1).and_then(|a| a.rsplit(':').next());
-            local_port == Some(port.as_str()) && fields.get(3) == Some(&TCP_STATE_LISTEN)
+            if local_port == Some(port.as_str()) && fields.get(3) == Some(&TCP_STATE_LISTEN) {
+                if let Some(inode) = fields.get(9) {
+                    inodes.push((*inode).to_string());
+                }
+            }
+        }
+    }
+    inodes
+}
+
+/// True when process `pid` itself holds a socket listening on TCP `port` (in its network
+/// namespace): another process that happens to listen on the same port, while `pid` failed
+/// to bind it, does not count.
+pub fn tcp_listening_by(pid: u32, port: u16) -> bool {
+    let proc_dir = Path::new("/proc").join(pid.to_string());
+    let inodes = tcp_listener_inodes(&proc_dir.join("net"), port);
+    if inodes.is_empty() {
+        return false;
+    }
+    let Ok(fds) = std::fs::read_dir(proc_dir.join("fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path()).is_ok_and(|target| {
+            let target = target.to_string_lossy();
+            inodes
+                .iter()
+                .any(|inode| target == format!("socket:[{inode}]"))
         })
     })
 }
@@ -141,6 +174,8 @@ mod tests {
         let port = tcp.local_addr()?.port();
         assert!(tcp_listening(port));
         assert!(tcp_listening_in(std::process::id(), port));
+        assert!(tcp_listening_by(std::process::id(), port));
+        assert!(!tcp_listening_by(1, port));
         drop(tcp);
         assert!(!tcp_listening(port));
         Ok(())
