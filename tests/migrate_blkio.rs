@@ -3,19 +3,20 @@
 //! with many requests in flight during the whole migration, and the operator drives the job
 //! with the `ferry migrate` command line. Afterwards the target must hold exactly what the
 //! client wrote and the client must have seen no error. Targets: files, `qemu-nbd` on
-//! loopback TCP and `qemu-storage-daemon --nbd-server` on a unix socket.
+//! loopback TCP (plain and over TLS) and `qemu-storage-daemon --nbd-server` on a unix socket.
 
 #[path = "support/mod.rs"]
 mod support;
 
 use anyhow::{ensure, Context as _, Result};
+use ferry_test_support::pki::{Pki, Subject};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use support::blkio_client::{BlkioClient, BlkioOpts};
 use support::ferry_cli::{ferry, FerryServe};
-use support::nbd::{BlockLimits, NbdAddr, NbdRequest, NbdServer};
+use support::nbd::{BlockLimits, NbdAddr, NbdRequest, NbdServer, QemuNbdOpts};
 use support::pattern_writer::{PatternWriter, WriterConfig};
 use support::{compare_bytes, compare_image};
 
@@ -212,6 +213,16 @@ fn background_file_target() -> Result<()> {
 /// URI), the client writes on through it, the export's image ends up equal to everything the
 /// client wrote and the source stays as it was at cutover.
 fn nbd_migration(server: impl FnOnce(&Path) -> Result<NbdServer>, mode: &str) -> Result<()> {
+    nbd_migration_with(server, mode, None)
+}
+
+/// [`nbd_migration`], started with `--target-tls-creds DIR` when `tls_creds` is given: then the
+/// volume is served from the export over TLS after the cutover.
+fn nbd_migration_with(
+    server: impl FnOnce(&Path) -> Result<NbdServer>,
+    mode: &str,
+    tls_creds: Option<&Path>,
+) -> Result<()> {
     let fx = Fixture::new(&[("vda", 16 * MIB)], Fill::HalfHoles)?;
     let image = fx.path("nbd.img");
     garbage_image(&image, 16 * MIB)?;
@@ -235,7 +246,7 @@ fn nbd_migration(server: impl FnOnce(&Path) -> Result<NbdServer>, mode: &str) ->
     };
     let writer = fx.writer(0, writer)?;
     let uri = server.uri();
-    let id = fx.serve.start_migration(&[
+    let mut args = vec![
         "--volume",
         "vda",
         "--target",
@@ -244,7 +255,12 @@ fn nbd_migration(server: impl FnOnce(&Path) -> Result<NbdServer>, mode: &str) ->
         mode,
         "--max-speed",
         max_speed,
-    ])?;
+    ];
+    let tls_dir = tls_creds.map(|d| d.display().to_string());
+    if let Some(dir) = &tls_dir {
+        args.extend(["--target-tls-creds", dir]);
+    }
+    let id = fx.serve.start_migration(&args)?;
     fx.serve.wait_ready(id)?;
     writer.wait_more(10, WRITER_WAIT)?;
     let report = fx.serve.cutover(id)?;
@@ -256,6 +272,7 @@ fn nbd_migration(server: impl FnOnce(&Path) -> Result<NbdServer>, mode: &str) ->
     );
     let info = fx.serve.volume_info("vda")?;
     ensure!(info["path"] == uri && info["backing"] == "nbd", "{info}");
+    ensure!(info["backing-tls"] == tls_creds.is_some(), "{info}");
     writer.wait_more(20, WRITER_WAIT)?; // these writes go to the export only
     let client = writer.stop()?;
     client.ensure_no_error()?;
@@ -279,6 +296,90 @@ fn nbd_target_qemu_nbd_tcp() -> Result<()> {
         |img| NbdServer::qemu_nbd(img, "disk", &NbdAddr::free_tcp()?),
         "active",
     )
+}
+
+/// `ferry migrate start --target nbds://… --target-tls-creds DIR` onto a `qemu-nbd` that
+/// requires
+/// TLS (certificates made by the test): the job completes and cuts over, and the client
+/// writes on through the volume's TLS connections to the export.
+#[test]
+fn nbd_target_over_tls() -> Result<()> {
+    let pki = Pki::new("ferry test CA")?;
+    let creds = pki.credentials("both", &Subject::named("localhost"))?;
+    let server_creds = creds.clone();
+    nbd_migration_with(
+        |img| {
+            let opts = QemuNbdOpts {
+                tls_creds: Some(server_creds),
+                ..QemuNbdOpts::default()
+            };
+            NbdServer::qemu_nbd_with(img, "disk", &NbdAddr::free_tcp()?, opts)
+        },
+        "active",
+        Some(&creds),
+    )
+}
+
+/// The credentials of a TLS target: `nbds://` without any is refused in one line, and so are
+/// a directory without the client pair and credentials for a file; without
+/// `--target-tls-creds`
+/// the daemon's own
+/// `ferry serve --tls-creds` are used, and the job completes over TLS.
+#[test]
+fn tls_credentials_of_an_nbd_target() -> Result<()> {
+    let dir = support::scratch_dir()?;
+    let pki = Pki::new("ferry test CA")?;
+    let creds = pki.credentials("both", &Subject::named("localhost"))?;
+    let target = dir.path().join("nbd.img");
+    garbage_image(&target, 16 * MIB)?;
+    let opts = QemuNbdOpts {
+        tls_creds: Some(creds.clone()),
+        ..QemuNbdOpts::default()
+    };
+    let server = NbdServer::qemu_nbd_with(&target, "disk", &NbdAddr::free_tcp()?, opts)?;
+    let uri = server.uri();
+    let fx = Fixture::new(&[("vda", 16 * MIB)], Fill::Dense)?;
+    let start = |extra: &[&str]| {
+        let mut args = vec!["--volume", "vda", "--target", &uri];
+        args.extend_from_slice(extra);
+        fx.serve.migrate("start", &args)
+    };
+    start(&[])?.expect_error("TLS is required (nbds://) but no TLS credentials were given")?;
+    let server_only = pki.server_credentials("server-only", &Subject::named("localhost"))?;
+    start(&["--target-tls-creds", text(&server_only)?])?
+        .expect_error("client-cert.pem is missing")?;
+    fx.serve
+        .migrate(
+            "start",
+            &[
+                "--volume",
+                "vda",
+                "--target",
+                text(&dir.path().join("file.img"))?,
+                "--target-tls-creds",
+                text(&creds)?,
+            ],
+        )?
+        .expect_error("tls-creds is for an NBD target")?;
+
+    let image = dir.path().join("vdb.img");
+    let data = make_image(&image, 16 * MIB, Fill::HalfHoles, 7)?;
+    let spec = format!(
+        "name=vdb,path={},socket={}",
+        image.display(),
+        dir.path().join("vdb.sock").display()
+    );
+    let serve = FerryServe::start_with(
+        &[spec],
+        &dir.path().join("ctl.sock"),
+        &["--tls-creds", text(&creds)?],
+    )?;
+    let id = serve.start_migration(&["--volume", "vdb", "--target", &uri, "--auto-cutover"])?;
+    let status = serve.wait_state(id, |s| matches!(s, "completed" | "failed" | "cancelled"))?;
+    ensure!(status["state"] == "completed", "{status}");
+    ensure!(serve.volume_info("vdb")?["backing-tls"] == true);
+    compare_image(&target, 0, &data)?;
+    Ok(())
 }
 
 #[test]

@@ -4,17 +4,21 @@
 //! serves again. A missing server is a one-line error and a non-zero exit. The export's size
 //! constraints (`NBD_INFO_BLOCK_SIZE`) are honoured: requests split at its maximum payload, an
 //! export whose minimum block size exceeds a sector is refused, and served with a matching
-//! `logical-block-size=` instead.
+//! `logical-block-size=` instead. Over TLS (`nbds://`, `tls-creds=` or the daemon's
+//! `--tls-creds`, certificates made by the test) the same holds, and every TLS failure at
+//! open is one line.
 
 #[path = "support/mod.rs"]
 mod support;
 
 use anyhow::{ensure, Context as _, Result};
+use ferry_test_support::pki::{Pki, Subject};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use support::blkio_client::{BlkioClient, BlkioOpts, Op};
 use support::compare_image;
 use support::ferry_cli::{ferry, FerryServe};
-use support::nbd::{BlockLimits, NbdAddr, NbdRequest, NbdServer};
+use support::nbd::{BlockLimits, NbdAddr, NbdRequest, NbdServer, QemuNbdOpts, QsdOpts};
 
 const MIB: u64 = 1 << 20;
 
@@ -272,5 +276,126 @@ fn refuses_an_export_whose_minimum_block_size_exceeds_a_sector() -> Result<()> {
         requests.iter().all(|r| r.cmd == NbdRequest::DISC),
         "requests reached the refused export: {requests:?}"
     );
+    Ok(())
+}
+
+/// A test CA and a directory with both pairs for `localhost` and 127.0.0.1 (a server's and
+/// a client's credentials at once); the directory lives as long as the CA.
+fn credentials(ca_name: &str) -> Result<(Pki, PathBuf)> {
+    let pki = Pki::new(ca_name)?;
+    let dir = pki.credentials("both", &Subject::named("localhost"))?;
+    Ok((pki, dir))
+}
+
+/// `qemu-nbd` requiring TLS with the server pair in `credentials`, exporting `image` as `exp`.
+fn qemu_nbd_tls(image: &Path, addr: &NbdAddr, credentials: &Path) -> Result<NbdServer> {
+    let opts = QemuNbdOpts {
+        tls_creds: Some(credentials.to_path_buf()),
+        ..QemuNbdOpts::default()
+    };
+    NbdServer::qemu_nbd_with(image, "exp", addr, opts)
+}
+
+/// A volume on an export that requires TLS (certificates made by the test) served to a
+/// libblkio client: with its own `tls-creds=` (`qemu-nbd`, TCP), and through the daemon's
+/// `--tls-creds` for an `nbds+unix://` path (`qemu-storage-daemon`); the writes land on the
+/// export's image byte for byte and `query-volumes` says the connections use TLS.
+#[test]
+fn serves_an_nbd_export_over_tls() -> Result<()> {
+    let dir = support::scratch_dir()?;
+    let (_pki, creds) = credentials("ferry test CA")?;
+    let image = dir.path().join("export.img");
+    std::fs::write(&image, vec![0x11u8; 16 * MIB as usize])?;
+    let server = qemu_nbd_tls(&image, &NbdAddr::free_tcp()?, &creds)?;
+    let socket = dir.path().join("n.sock");
+    let spec = format!(
+        "name=n,path={},socket={},queues=2,tls-creds={}",
+        server.uri(),
+        socket.display(),
+        creds.display()
+    );
+    let serve = FerryServe::start(&[spec], &dir.path().join("ctl.sock"))?;
+    let info = serve.volume_info("n")?;
+    ensure!(
+        info["path"] == server.uri() && info["backing"] == "nbd" && info["backing-tls"] == true,
+        "{info}"
+    );
+    let opts = BlkioOpts {
+        buf_bytes: 4 << 20,
+        ..BlkioOpts::default()
+    };
+    let mut client = BlkioClient::connect(&socket, &opts)?;
+    let data = round_trip(&mut client, 3 * MIB, 7)?;
+    compare_image(&image, 3 * MIB, &data)?;
+    drop(client);
+    drop(serve);
+    drop(server);
+
+    let opts_qsd = QsdOpts {
+        tls_creds: Some(creds.clone()),
+    };
+    let addr = NbdAddr::Unix(dir.path().join("nbd.sock"));
+    let server = NbdServer::qsd_with(&image, "exp", &addr, opts_qsd)?;
+    let spec = format!("name=n,path={},socket={}", server.uri(), socket.display());
+    let tls_creds = creds.to_str().context("credentials path")?;
+    let serve = FerryServe::start_with(
+        &[spec],
+        &dir.path().join("ctl2.sock"),
+        &["--tls-creds", tls_creds],
+    )?;
+    ensure!(serve.volume_info("n")?["backing-tls"] == true);
+    let mut client = BlkioClient::connect(&socket, &opts)?;
+    let data = round_trip(&mut client, 9 * MIB, 8)?;
+    compare_image(&image, 9 * MIB, &data)?;
+    Ok(())
+}
+
+/// Every way TLS can fail at open is one line and a non-zero exit, and no socket is made:
+/// a wrong CA, `nbds://` to a server without TLS, a TLS server reached with `nbd://` and no
+/// credentials (the server's reason shown), `nbds://` with no credentials at all.
+#[test]
+fn tls_failures_at_open_are_one_line_errors() -> Result<()> {
+    let dir = support::scratch_dir()?;
+    let (_pki, creds) = credentials("ferry test CA")?;
+    let (_foreign_pki, foreign) = credentials("another CA")?;
+    let image = dir.path().join("export.img");
+    std::fs::write(&image, vec![0u8; 4 * MIB as usize])?;
+    let tls_server = qemu_nbd_tls(&image, &NbdAddr::free_tcp()?, &creds)?;
+    let plain_addr = NbdAddr::free_tcp()?;
+    let _plain_server = NbdServer::qemu_nbd(&image, "exp", &plain_addr)?;
+    let socket = dir.path().join("n.sock");
+    let cases = [
+        (
+            format!("{},tls-creds={}", tls_server.uri(), foreign.display()),
+            "TLS handshake: invalid peer certificate: UnknownIssuer",
+        ),
+        (
+            format!(
+                "{},tls-creds={}",
+                plain_addr.uri_with_scheme("exp", true),
+                creds.display()
+            ),
+            "the server does not offer TLS: it refused NBD_OPT_STARTTLS",
+        ),
+        (
+            tls_server.plain_uri(),
+            "the server requires TLS (connect with nbds:// and TLS credentials): ",
+        ),
+        (
+            tls_server.uri(),
+            "TLS is required (nbds://) but no TLS credentials were given",
+        ),
+    ];
+    for (path, needle) in cases {
+        let spec = format!("name=n,path={path},socket={}", socket.display());
+        let out = ferry(&["serve", "--volume", &spec])?;
+        ensure!(!out.status.success(), "ferry serve started on {path}");
+        let stderr = out.stderr.trim();
+        ensure!(
+            stderr.lines().count() == 1 && stderr.contains(needle),
+            "{path}: {stderr:?}"
+        );
+        ensure!(!socket.exists(), "the volume socket was created");
+    }
     Ok(())
 }

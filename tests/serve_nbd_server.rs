@@ -221,7 +221,7 @@ fn nbdinfo_and_nbdcopy_both_ways_over_several_connections() -> Result<()> {
 #[test]
 fn tls_clients_are_served_and_the_wrong_ones_refused() -> Result<()> {
     let dir = support::scratch_dir()?;
-    let pki = Pki::new(dir.path())?;
+    let pki = Pki::new()?;
     let good = pki.client("client1")?;
     let unlisted = pki.client("intruder")?;
     let foreign = pki.foreign_client("client1")?;
@@ -301,7 +301,7 @@ fn tls_clients_are_served_and_the_wrong_ones_refused() -> Result<()> {
 #[test]
 fn qemu_attaches_the_volume_over_nbd_with_tls() -> Result<()> {
     let dir = support::scratch_dir()?;
-    let pki = Pki::new(dir.path())?;
+    let pki = Pki::new()?;
     let client = pki.client("qemu")?;
     let boot_spec = format!("{},size=16M", volume(dir.path(), "boot", ""));
     let disk_spec = format!("{},size=64M,nbd=rw", volume(dir.path(), "disk", ""));

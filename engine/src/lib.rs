@@ -13,6 +13,7 @@ pub mod journal;
 pub mod mirror;
 pub mod nbd;
 pub mod observer;
+pub mod peer;
 pub mod poll_window;
 pub mod reactor;
 pub mod tls;

@@ -83,6 +83,16 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Credentials compare by the directory they were read from (settings that name the same
+/// directory are the same setting).
+impl PartialEq for TlsCredentials {
+    fn eq(&self, other: &Self) -> bool {
+        self.dir == other.dir
+    }
+}
+
+impl Eq for TlsCredentials {}
+
 impl TlsCredentials {
     /// Reads `dir`: the CA certificate must be there, and at least one of the server and
     /// client pairs (both files of a pair, or neither).
@@ -356,6 +366,23 @@ impl TlsAuthz {
         Ok(authz)
     }
 
+    /// Reads the values of repeated `--tls-authz` options: each is a comma-separated list
+    /// of names, except that a value with a `=` in it is one distinguished name
+    /// (`CN=client,O=Example`), whose commas are its own.
+    pub fn from_options(values: &[String]) -> Result<Self, String> {
+        let mut authz = Self::default();
+        for value in values {
+            if value.contains('=') {
+                authz.add(value)?;
+            } else {
+                for name in value.split(',') {
+                    authz.add(name)?;
+                }
+            }
+        }
+        Ok(authz)
+    }
+
     /// Adds one name (a whole distinguished name included).
     pub fn add(&mut self, name: &str) -> Result<(), String> {
         let name = name.trim();
@@ -392,4 +419,4 @@ impl TlsAuthz {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -1,7 +1,7 @@
 //! Engine-level tests of live migration: a guest writes through a `VolumeQueue` during the
 //! whole migration; after cutover the target must equal what the guest wrote, byte for byte,
 //! and no guest write may fail. Targets: files, and NBD exports of real `qemu-nbd` and
-//! `qemu-storage-daemon` on loopback.
+//! `qemu-storage-daemon` on loopback (one over TLS).
 
 mod common;
 
@@ -14,7 +14,8 @@ mod mirror {
         MigrationState, MirrorMode,
     };
     use ferry_test_support::images::image_with_holes;
-    use ferry_test_support::nbd::{free_port, NbdAddr, NbdServer};
+    use ferry_test_support::nbd::{free_port, NbdAddr, NbdServer, QemuNbdOpts};
+    use ferry_test_support::pki::{Pki, Subject};
     use ferry_test_support::{compare_image, create_image, wait_until};
 
     const MIB: u64 = 1 << 20;
@@ -149,6 +150,16 @@ mod mirror {
         pace: u64,
         server: impl FnOnce(&std::path::Path) -> anyhow::Result<NbdServer>,
     ) -> TestResult {
+        nbd_migration_with(mode, pace, None, server)
+    }
+
+    /// [`nbd_migration`], the job (and the volume after the cutover) connecting with `tls`.
+    fn nbd_migration_with(
+        mode: MirrorMode,
+        pace: u64,
+        tls: Option<std::sync::Arc<ferry_engine::tls::TlsCredentials>>,
+        server: impl FnOnce(&std::path::Path) -> anyhow::Result<NbdServer>,
+    ) -> TestResult {
         let dir = tempfile::tempdir()?;
         let (src, dst) = (dir.path().join("src.img"), dir.path().join("dst.img"));
         let model = image_with_holes(&src, 16 * MIB, 3)?;
@@ -170,12 +181,17 @@ mod mirror {
         let job = MigrationJob::start(
             vec![volume.clone()],
             DestinationSpec::parse(&server.uri())?,
-            options(mode, speed),
+            MigrationOptions {
+                nbd_tls: tls.clone(),
+                ..options(mode, speed)
+            },
         )?;
         wait_ready(&job)?;
         keeps_writing(&guest, "while the job is ready");
         let report = job.cutover()?;
         assert!(report.switched, "NBD cutover switches the volume");
+        let served_over_tls = volume.backing().nbd().is_some_and(|e| e.uses_tls());
+        assert_eq!(served_over_tls, tls.is_some(), "TLS after the cutover");
         let source_at_cutover = std::fs::read(&src)?;
         assert_eq!(job.state(), MigrationState::Completed);
         assert_eq!(
@@ -220,6 +236,22 @@ mod mirror {
         let sock = dir.path().join("nbd.sock");
         nbd_migration(MirrorMode::Background, 300, |img| {
             NbdServer::qemu_nbd(img, "disk1", &NbdAddr::Unix(sock.clone()))
+        })
+    }
+
+    /// Onto an export that requires TLS (`nbds://`, certificates made by the test): the
+    /// job copies over TLS, and after the cutover the volume's queues reach it over TLS.
+    #[test]
+    fn active_nbd_tls_qemu_nbd() -> TestResult {
+        let pki = Pki::new("ferry test CA")?;
+        let creds = pki.credentials("both", &Subject::named("localhost"))?;
+        let tls = std::sync::Arc::new(ferry_engine::tls::TlsCredentials::load(&creds)?);
+        nbd_migration_with(MirrorMode::Active, 0, Some(tls), |img| {
+            let opts = QemuNbdOpts {
+                tls_creds: Some(creds.clone()),
+                ..QemuNbdOpts::default()
+            };
+            NbdServer::qemu_nbd_with(img, "disk3", &NbdAddr::free_tcp()?, opts)
         })
     }
 

@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod images;
 pub mod loop_device;
 pub mod nbd;
+pub mod netns;
 pub mod pki;
 pub mod require;
 pub mod rng;

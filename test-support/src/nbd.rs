@@ -1,5 +1,6 @@
 //! Real NBD servers for tests: `qemu-nbd`, `qemu-storage-daemon --nbd-server` and `nbdkit`,
-//! on a loopback TCP port or a unix socket, started once they listen, killed when their
+//! on a loopback TCP port or a unix socket, plain or (the QEMU ones) requiring TLS with
+//! `tls-creds-x509` credentials (`crate::pki`), started once they listen, killed when their
 //! handle drops.
 
 use crate::daemon::{Daemon, START_TIMEOUT};
@@ -26,9 +27,15 @@ impl NbdAddr {
 
     /// The NBD URI of `export` on this address (`nbd://127.0.0.1:P/E` or `nbd+unix:///E?socket=S`).
     pub fn uri(&self, export: &str) -> String {
+        self.uri_with_scheme(export, false)
+    }
+
+    /// The URI of `export` with the TLS schemes (`nbds://…`, `nbds+unix://…`) when `tls`.
+    pub fn uri_with_scheme(&self, export: &str, tls: bool) -> String {
+        let s = if tls { "s" } else { "" };
         match self {
-            Self::Tcp(port) => format!("nbd://127.0.0.1:{port}/{export}"),
-            Self::Unix(path) => format!("nbd+unix:///{export}?socket={}", path.display()),
+            Self::Tcp(port) => format!("nbd{s}://127.0.0.1:{port}/{export}"),
+            Self::Unix(path) => format!("nbd{s}+unix:///{export}?socket={}", path.display()),
         }
     }
 
@@ -50,7 +57,34 @@ impl NbdAddr {
 }
 
 /// A loopback TCP port that is free right now (bound and released; tiny race accepted).
+/// A TCP port on 127.0.0.1 that nothing listens on now, for a server a test starts.
+///
+/// Drawn at random below the kernel's ephemeral range (`ip_local_port_range`, which starts at
+/// 32768 unless changed): a port the kernel hands out for `bind(0)` is also what it hands the
+/// next outgoing connection of any process, and tests running side by side would draw the same
+/// sequence. A server started on the port is checked to be the one listening
+/// ([`crate::wait::tcp_listening_by`]), so a collision that remains shows as that server failing
+/// to start, with its log.
 pub fn free_port() -> Result<u16> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static DRAWS: AtomicU64 = AtomicU64::new(0);
+    const LOW: u16 = 20000;
+    const HIGH: u16 = 32767;
+    let seed = u64::from(std::process::id()) << 32
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+        ^ DRAWS
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let mut rng = crate::rng::Rng::new(seed | 1);
+    for _ in 0..200 {
+        let port = LOW + rng.below(u64::from(HIGH - LOW)) as u16;
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    // Everything drawn was taken: let the kernel choose.
     let listener =
         TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("bind 127.0.0.1:0 to pick a port")?;
     Ok(listener
@@ -64,11 +98,30 @@ pub struct NbdServer {
     pub daemon: Daemon,
     pub addr: NbdAddr,
     pub export: String,
+    /// The server requires TLS (started with credentials).
+    pub tls: bool,
+}
+
+/// The id of the `tls-creds-x509` object the QEMU servers are started with.
+const TLS_OBJECT_ID: &str = "tls0";
+
+/// QEMU's `--object` for server credentials in `dir` (QEMU's x509 layout, see `crate::pki`).
+fn tls_object(dir: &Path) -> String {
+    format!(
+        "tls-creds-x509,id={TLS_OBJECT_ID},dir={},endpoint=server",
+        dir.display()
+    )
 }
 
 impl NbdServer {
-    /// The URI clients connect to.
+    /// The URI clients connect to: `nbds://…` / `nbds+unix://…` when the server requires
+    /// TLS.
     pub fn uri(&self) -> String {
+        self.addr.uri_with_scheme(&self.export, self.tls)
+    }
+
+    /// The URI with the plain schemes (`nbd://…`) even when the server requires TLS.
+    pub fn plain_uri(&self) -> String {
         self.addr.uri(&self.export)
     }
 
@@ -104,26 +157,44 @@ impl NbdServer {
         if opts.read_only {
             cmd.arg("--read-only");
         }
+        if let Some(dir) = &opts.tls_creds {
+            cmd.arg("--object").arg(tls_object(dir));
+            cmd.args(["--tls-creds", TLS_OBJECT_ID]);
+        }
         match addr {
             NbdAddr::Tcp(port) => cmd.args(["-b", "127.0.0.1", "-p", &port.to_string()]),
             NbdAddr::Unix(path) => cmd.arg("-k").arg(path),
         };
         cmd.arg(image);
-        Self::start("qemu-nbd", cmd, addr, export)
+        let mut server = Self::start("qemu-nbd", cmd, addr, export)?;
+        server.tls = opts.tls_creds.is_some();
+        Ok(server)
     }
 
     /// `qemu-storage-daemon --nbd-server` exporting the raw `image` as `export` (writable).
     pub fn qsd(image: &Path, export: &str, addr: &NbdAddr) -> Result<Self> {
+        Self::qsd_with(image, export, addr, QsdOpts::default())
+    }
+
+    /// As [`qsd`](Self::qsd), as `opts` say (TLS).
+    pub fn qsd_with(image: &Path, export: &str, addr: &NbdAddr, opts: QsdOpts) -> Result<Self> {
         let mut cmd = Command::new("qemu-storage-daemon");
         cmd.arg("--blockdev").arg(format!(
             "driver=file,node-name=f0,filename={},aio=io_uring",
             image.display()
         ));
-        cmd.arg("--nbd-server").arg(addr.qemu_socket_options());
+        let mut server_options = addr.qemu_socket_options();
+        if let Some(dir) = &opts.tls_creds {
+            cmd.arg("--object").arg(tls_object(dir));
+            server_options.push_str(&format!(",tls-creds={TLS_OBJECT_ID}"));
+        }
+        cmd.arg("--nbd-server").arg(server_options);
         cmd.arg("--export").arg(format!(
             "type=nbd,id=n0,node-name=f0,name={export},writable=on"
         ));
-        Self::start("qemu-storage-daemon-nbd", cmd, addr, export)
+        let mut server = Self::start("qemu-storage-daemon-nbd", cmd, addr, export)?;
+        server.tls = opts.tls_creds.is_some();
+        Ok(server)
     }
 
     /// `qemu-storage-daemon --nbd-server` exporting the raw `image` through blkdebug with
@@ -216,22 +287,29 @@ impl NbdServer {
             }
         }
         let mut daemon = Daemon::spawn(name, cmd)?;
-        daemon.wait_ready(&addr.uri(export), START_TIMEOUT, || addr.listening())?;
+        let pid = daemon.pid();
+        daemon.wait_ready(&addr.uri(export), START_TIMEOUT, || match addr {
+            NbdAddr::Tcp(port) => crate::wait::tcp_listening_by(pid, *port),
+            NbdAddr::Unix(_) => addr.listening(),
+        })?;
         Ok(Self {
             daemon,
             addr: addr.clone(),
             export: export.to_string(),
+            tls: false,
         })
     }
 }
 
 /// How [`NbdServer::qemu_nbd_with`] serves.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct QemuNbdOpts {
     /// Connections served at once (`--shared`).
     pub clients: u32,
     /// Refuse writes (`--read-only`): the export says it is read-only.
     pub read_only: bool,
+    /// Require TLS with the server credentials in this directory (`--tls-creds`).
+    pub tls_creds: Option<PathBuf>,
 }
 
 impl Default for QemuNbdOpts {
@@ -239,8 +317,17 @@ impl Default for QemuNbdOpts {
         Self {
             clients: 8,
             read_only: false,
+            tls_creds: None,
         }
     }
+}
+
+/// How [`NbdServer::qsd_with`] serves.
+#[derive(Clone, Debug, Default)]
+pub struct QsdOpts {
+    /// Require TLS with the server credentials in this directory (`--nbd-server
+    /// ...,tls-creds=`).
+    pub tls_creds: Option<PathBuf>,
 }
 
 /// What blkdebug makes qemu's NBD server advertise: the minimum block size (`align`) and the

@@ -1,158 +1,271 @@
-//! Certificates for TLS tests, made with the `openssl` command the way an operator makes
-//! them for QEMU (RSA keys, the key usages GnuTLS checks), in QEMU's x509 layout:
-//! `ca-cert.pem`, `server-cert.pem`/`server-key.pem`, `client-cert.pem`/`client-key.pem`.
-//!
-//! A server certificate names `localhost` and `127.0.0.1` (DNS and IP subject alternative
-//! names), so clients may connect by either. A test that needs a foreign CA makes a second
-//! [`Ca`] and issues the client's pair from it.
+//! Certificates for tests of TLS, made with the `openssl` command the way an operator makes
+//! them for QEMU: a CA, and credential directories in QEMU's x509 layout (`ca-cert.pem`,
+//! `server-cert.pem`/`server-key.pem`, `client-cert.pem`/`client-key.pem`) for chosen
+//! names and addresses, which ferry's `--tls-creds`, `qemu-nbd --tls-creds` and
+//! `qemu-storage-daemon`'s `tls-creds-x509` all read. Keys are ECDSA P-256 (quick to make,
+//! taken by rustls and GnuTLS). The pairs carry the key usages QEMU checks when it loads
+//! them (`digitalSignature` and `keyEncipherment`: with a critical key usage lacking either,
+//! QEMU refuses the certificate); a second `Pki` is another CA, for the wrong-CA cases.
 
 use anyhow::{bail, Context as _, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Days the certificates are valid.
+/// Days a test certificate is valid (from now).
 const VALID_DAYS: &str = "3";
 
-/// Which end a certificate is for: its file names and its extended key usage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    Server,
-    Client,
+/// Who a certificate is for: its common name, and the names and addresses a client may
+/// connect to it by (its subject alternative names). `localhost` and 127.0.0.1 are always
+/// added, so that every credential also works over loopback.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Subject<'a> {
+    pub common_name: &'a str,
+    pub dns_names: &'a [&'a str],
+    pub ip_addresses: &'a [&'a str],
 }
 
-impl Role {
-    fn file_stem(self) -> &'static str {
-        match self {
-            Self::Server => "server",
-            Self::Client => "client",
-        }
-    }
-
-    fn usage(self) -> &'static str {
-        match self {
-            Self::Server => "serverAuth",
-            Self::Client => "clientAuth",
+impl<'a> Subject<'a> {
+    pub fn named(common_name: &'a str) -> Self {
+        Self {
+            common_name,
+            ..Self::default()
         }
     }
 }
 
-fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .context("run openssl (is it installed?)")?;
-    if !out.status.success() {
-        bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(())
+/// A test CA in a temporary directory; the credential directories it makes live there too.
+pub struct Pki {
+    dir: tempfile::TempDir,
 }
 
-/// A certificate authority: its key and self-signed certificate in a directory of its own.
-#[derive(Debug, Clone)]
-pub struct Ca {
-    dir: PathBuf,
-}
-
-impl Ca {
-    /// Makes a CA named `name` in `dir` (created if missing).
-    pub fn new(dir: &Path, name: &str) -> Result<Self> {
-        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-        openssl(
-            dir,
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                "ca-key.pem",
-                "-out",
-                "ca-cert.pem",
-                "-days",
-                VALID_DAYS,
-                "-subj",
-                &format!("/CN={name}"),
-                "-addext",
-                "basicConstraints=critical,CA:TRUE",
-                "-addext",
-                "keyUsage=critical,keyCertSign,cRLSign",
-            ],
-        )?;
-        Ok(Self {
-            dir: dir.to_path_buf(),
-        })
+impl Pki {
+    /// Makes a CA whose certificate's common name is `ca_name`.
+    pub fn new(ca_name: &str) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("ferry-pki-")
+            .tempdir()
+            .context("create the PKI directory")?;
+        let pki = Self { dir };
+        pki.openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "ca-key.pem",
+            "-out",
+            "ca-cert.pem",
+            "-days",
+            VALID_DAYS,
+            "-subj",
+            &format!("/CN={ca_name}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ])?;
+        Ok(pki)
     }
 
     /// The CA's certificate.
-    pub fn cert(&self) -> PathBuf {
-        self.dir.join("ca-cert.pem")
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.path().join("ca-cert.pem")
     }
 
-    /// Issues a `role` pair for common name `cn` into `out` (created if missing), with
-    /// this CA's certificate beside it as `ca-cert.pem`.
-    pub fn issue(&self, out: &Path, role: Role, cn: &str) -> Result<()> {
-        std::fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
-        let stem = role.file_stem();
-        let ext = self.dir.join(format!("{stem}-{cn}.ext"));
+    /// A directory `name` with the CA certificate and both pairs for `subject`: what a
+    /// daemon that accepts and makes connections gives as `--tls-creds`.
+    pub fn credentials(&self, name: &str, subject: &Subject) -> Result<PathBuf> {
+        let dir = self.credentials_dir(name)?;
+        self.issue(&dir, "server", subject, "serverAuth")?;
+        self.issue(&dir, "client", subject, "clientAuth")?;
+        Ok(dir)
+    }
+
+    /// A directory `name` with the CA certificate and a server pair only (a server that
+    /// makes no connections of its own).
+    pub fn server_credentials(&self, name: &str, subject: &Subject) -> Result<PathBuf> {
+        let dir = self.credentials_dir(name)?;
+        self.issue(&dir, "server", subject, "serverAuth")?;
+        Ok(dir)
+    }
+
+    /// A directory `name` with the CA certificate and a client pair only (a command-line
+    /// client's `--tls-creds`).
+    pub fn client_credentials(&self, name: &str, common_name: &str) -> Result<PathBuf> {
+        let dir = self.credentials_dir(name)?;
+        self.issue(&dir, "client", &Subject::named(common_name), "clientAuth")?;
+        Ok(dir)
+    }
+
+    /// Makes the credentials in `dir` trust this CA instead of their own (a peer whose
+    /// certificates another CA signed).
+    pub fn trust_in(&self, dir: &Path) -> Result<()> {
+        std::fs::copy(self.ca_cert(), dir.join("ca-cert.pem"))
+            .with_context(|| format!("copy the CA certificate into {}", dir.display()))?;
+        Ok(())
+    }
+
+    fn credentials_dir(&self, name: &str) -> Result<PathBuf> {
+        let dir = self.dir.path().join(name);
+        std::fs::create_dir(&dir).with_context(|| format!("create {}", dir.display()))?;
+        std::fs::copy(self.ca_cert(), dir.join("ca-cert.pem")).context("copy ca-cert.pem")?;
+        Ok(dir)
+    }
+
+    /// Writes `ROLE-cert.pem` and `ROLE-key.pem` into `dir`, signed by the CA.
+    fn issue(&self, dir: &Path, role: &str, subject: &Subject, usage: &str) -> Result<()> {
+        static SERIAL: AtomicU64 = AtomicU64::new(1);
+        let key = dir.join(format!("{role}-key.pem"));
+        let cert = dir.join(format!("{role}-cert.pem"));
+        let request = dir.join(format!("{role}.csr"));
+        let extensions = dir.join(format!("{role}.ext"));
+        let mut names: Vec<String> = vec!["DNS:localhost".into(), "IP:127.0.0.1".into()];
+        names.extend(subject.dns_names.iter().map(|n| format!("DNS:{n}")));
+        names.extend(subject.ip_addresses.iter().map(|a| format!("IP:{a}")));
         std::fs::write(
-            &ext,
+            &extensions,
             format!(
                 "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n\
-                 extendedKeyUsage={}\nsubjectAltName=DNS:{cn},DNS:localhost,IP:127.0.0.1\n",
-                role.usage()
+                 extendedKeyUsage={usage}\nsubjectAltName={}\n",
+                names.join(",")
             ),
-        )?;
-        let key = out.join(format!("{stem}-key.pem"));
-        let cert = out.join(format!("{stem}-cert.pem"));
-        let csr = self.dir.join(format!("{stem}-{cn}.csr"));
-        let path = |p: &Path| p.to_string_lossy().into_owned();
-        openssl(
-            &self.dir,
-            &[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                &path(&key),
-                "-out",
-                &path(&csr),
-                "-subj",
-                &format!("/O=ferry tests/CN={cn}"),
-            ],
-        )?;
-        openssl(
-            &self.dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &path(&csr),
-                "-CA",
-                "ca-cert.pem",
-                "-CAkey",
-                "ca-key.pem",
-                "-CAcreateserial",
-                "-out",
-                &path(&cert),
-                "-days",
-                VALID_DAYS,
-                "-extfile",
-                &path(&ext),
-            ],
-        )?;
-        std::fs::copy(self.cert(), out.join("ca-cert.pem"))?;
+        )
+        .context("write the certificate extensions")?;
+        self.openssl(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            path_str(&key)?,
+            "-out",
+            path_str(&request)?,
+            "-subj",
+            &format!("/O=ferry tests/CN={}", subject.common_name),
+        ])?;
+        let serial = format!(
+            "{}{:06}",
+            std::process::id(),
+            SERIAL.fetch_add(1, Ordering::Relaxed)
+        );
+        self.openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            path_str(&request)?,
+            "-CA",
+            "ca-cert.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-set_serial",
+            &serial,
+            "-days",
+            VALID_DAYS,
+            "-extfile",
+            path_str(&extensions)?,
+            "-out",
+            path_str(&cert)?,
+        ])?;
+        let _ = std::fs::remove_file(&request);
+        let _ = std::fs::remove_file(&extensions);
+        Ok(())
+    }
+
+    fn openssl(&self, args: &[&str]) -> Result<()> {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(self.dir.path())
+            .output()
+            .context("run openssl (is it installed?)")?;
+        if !out.status.success() {
+            bail!(
+                "openssl {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         Ok(())
     }
 }
 
-/// Credentials for both ends in one directory `dir`: a new CA (in `dir/ca`), a server pair
-/// for `localhost`/`127.0.0.1` and a client pair for `client_cn`.
-pub fn credentials(dir: &Path, client_cn: &str) -> Result<Ca> {
-    let ca = Ca::new(&dir.join("ca"), "ferry test CA")?;
-    ca.issue(dir, Role::Server, "localhost")?;
-    ca.issue(dir, Role::Client, client_cn)?;
-    Ok(ca)
+fn path_str(path: &Path) -> Result<&str> {
+    path.to_str()
+        .with_context(|| format!("{} is not UTF-8", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_hold_the_qemu_layout_signed_by_the_ca() -> Result<()> {
+        let pki = Pki::new("test CA")?;
+        let subject = Subject {
+            common_name: "host-a",
+            dns_names: &["host-a.test"],
+            ip_addresses: &["10.77.0.1"],
+        };
+        let both = pki.credentials("a", &subject)?;
+        for file in [
+            "ca-cert.pem",
+            "server-cert.pem",
+            "server-key.pem",
+            "client-cert.pem",
+            "client-key.pem",
+        ] {
+            assert!(both.join(file).is_file(), "{file} missing");
+        }
+        let text = Command::new("openssl")
+            .args(["x509", "-noout", "-text", "-in"])
+            .arg(both.join("server-cert.pem"))
+            .output()?;
+        let text = String::from_utf8_lossy(&text.stdout);
+        for needle in [
+            "CN = host-a",
+            "DNS:host-a.test",
+            "IP Address:10.77.0.1",
+            "IP Address:127.0.0.1",
+        ] {
+            assert!(text.contains(needle), "{needle} not in:\n{text}");
+        }
+        let verified = Command::new("openssl")
+            .arg("verify")
+            .arg("-CAfile")
+            .arg(pki.ca_cert())
+            .arg(both.join("client-cert.pem"))
+            .output()?;
+        assert!(verified.status.success(), "{verified:?}");
+        let client = pki.client_credentials("c", "operator")?;
+        assert!(client.join("client-cert.pem").is_file());
+        assert!(!client.join("server-cert.pem").exists());
+        let server = pki.server_credentials("s", &Subject::named("host-b"))?;
+        assert!(server.join("server-cert.pem").is_file());
+        assert!(!server.join("client-cert.pem").exists());
+        Ok(())
+    }
+
+    /// The pairs load as QEMU's: `qemu-nbd` starts on a directory made here (it refuses
+    /// certificates whose key usage lacks what GnuTLS needs before it listens).
+    #[test]
+    fn qemu_takes_the_credentials() -> Result<()> {
+        if !crate::require("qemu-nbd", crate::command_available("qemu-nbd")) {
+            return Ok(());
+        }
+        let pki = Pki::new("test CA")?;
+        let dir = pki.credentials("q", &Subject::named("localhost"))?;
+        let image = dir.join("e.img");
+        std::fs::write(&image, vec![0u8; 4096])?;
+        let addr = crate::nbd::NbdAddr::free_tcp()?;
+        let opts = crate::nbd::QemuNbdOpts {
+            tls_creds: Some(dir.clone()),
+            ..crate::nbd::QemuNbdOpts::default()
+        };
+        crate::nbd::NbdServer::qemu_nbd_with(&image, "e", &addr, opts)?;
+        Ok(())
+    }
 }

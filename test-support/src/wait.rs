@@ -51,7 +51,17 @@ const TCP_STATE_LISTEN: &str = "0A";
 /// (`/proc/net/unix`) says. Asking the kernel rather than connecting leaves a server that
 /// serves one client at a time free for the test's own client.
 pub fn unix_listening(path: &Path) -> bool {
-    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+    unix_listening_at(Path::new("/proc/net"), path)
+}
+
+/// [`unix_listening`] in the network namespace of process `pid` (the socket tables are per
+/// network namespace, the socket's path is not): for a daemon run in a namespace.
+pub fn unix_listening_in(pid: u32, path: &Path) -> bool {
+    unix_listening_at(&Path::new("/proc").join(pid.to_string()).join("net"), path)
+}
+
+fn unix_listening_at(tables: &Path, path: &Path) -> bool {
+    let Ok(table) = std::fs::read_to_string(tables.join("unix")) else {
         return false;
     };
     let path = path.as_os_str().to_string_lossy();
@@ -65,15 +75,57 @@ pub fn unix_listening(path: &Path) -> bool {
 /// True when a TCP socket listens on `port` (any address), as `/proc/net/tcp` and
 /// `/proc/net/tcp6` say.
 pub fn tcp_listening(port: u16) -> bool {
+    tcp_listening_at(Path::new("/proc/net"), port)
+}
+
+/// [`tcp_listening`] in the network namespace of process `pid`.
+pub fn tcp_listening_in(pid: u32, port: u16) -> bool {
+    tcp_listening_at(&Path::new("/proc").join(pid.to_string()).join("net"), port)
+}
+
+fn tcp_listening_at(tables: &Path, port: u16) -> bool {
+    !tcp_listener_inodes(tables, port).is_empty()
+}
+
+/// The socket inodes of the listeners on `port` in the socket tables under `tables`.
+fn tcp_listener_inodes(tables: &Path, port: u16) -> Vec<String> {
     let port = format!("{port:04X}");
-    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|table| {
-        let Ok(table) = std::fs::read_to_string(table) else {
-            return false;
+    let mut inodes = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let Ok(table) = std::fs::read_to_string(tables.join(table)) else {
+            continue;
         };
-        table.lines().skip(1).any(|line| {
+        for line in table.lines().skip(1) {
             let fields: Vec<&str> = line.split_whitespace().collect();
             let local_port = fields.get(1).and_then(|a| a.rsplit(':').next());
-            local_port == Some(port.as_str()) && fields.get(3) == Some(&TCP_STATE_LISTEN)
+            if local_port == Some(port.as_str()) && fields.get(3) == Some(&TCP_STATE_LISTEN) {
+                if let Some(inode) = fields.get(9) {
+                    inodes.push((*inode).to_string());
+                }
+            }
+        }
+    }
+    inodes
+}
+
+/// True when process `pid` itself holds a socket listening on TCP `port` (in its network
+/// namespace): another process that happens to listen on the same port, while `pid` failed
+/// to bind it, does not count.
+pub fn tcp_listening_by(pid: u32, port: u16) -> bool {
+    let proc_dir = Path::new("/proc").join(pid.to_string());
+    let inodes = tcp_listener_inodes(&proc_dir.join("net"), port);
+    if inodes.is_empty() {
+        return false;
+    }
+    let Ok(fds) = std::fs::read_dir(proc_dir.join("fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path()).is_ok_and(|target| {
+            let target = target.to_string_lossy();
+            inodes
+                .iter()
+                .any(|inode| target == format!("socket:[{inode}]"))
         })
     })
 }
@@ -115,11 +167,15 @@ mod tests {
         assert!(!unix_listening(&path));
         let unix = std::os::unix::net::UnixListener::bind(&path)?;
         assert!(unix_listening(&path));
+        assert!(unix_listening_in(std::process::id(), &path));
         drop(unix);
         assert!(!unix_listening(&path));
         let tcp = std::net::TcpListener::bind("127.0.0.1:0")?;
         let port = tcp.local_addr()?.port();
         assert!(tcp_listening(port));
+        assert!(tcp_listening_in(std::process::id(), port));
+        assert!(tcp_listening_by(std::process::id(), port));
+        assert!(!tcp_listening_by(1, port));
         drop(tcp);
         assert!(!tcp_listening(port));
         Ok(())

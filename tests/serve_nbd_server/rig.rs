@@ -149,31 +149,30 @@ pub fn write_at(path: &Path, offset: u64, data: &[u8]) -> Result<()> {
 /// same CA, and one from a foreign CA.
 pub struct Pki {
     pub server: PathBuf,
-    root: PathBuf,
-    ca: support::pki::Ca,
+    ca: support::pki::Pki,
+    foreign: support::pki::Pki,
 }
 
 impl Pki {
-    pub fn new(dir: &Path) -> Result<Self> {
-        let root = dir.join("pki");
-        let ca = support::pki::Ca::new(&root.join("ca"), "ferry test CA")?;
-        let server = root.join("server");
-        ca.issue(&server, support::pki::Role::Server, "localhost")?;
-        Ok(Self { server, root, ca })
+    pub fn new() -> Result<Self> {
+        let ca = support::pki::Pki::new("ferry test CA")?;
+        let server = ca.server_credentials("server", &support::pki::Subject::named("localhost"))?;
+        let foreign = support::pki::Pki::new("someone else's CA")?;
+        Ok(Self {
+            server,
+            ca,
+            foreign,
+        })
     }
 
     /// A client directory with a certificate for `cn` from the server's CA.
     pub fn client(&self, cn: &str) -> Result<PathBuf> {
-        let dir = self.root.join(format!("client-{cn}"));
-        self.ca.issue(&dir, support::pki::Role::Client, cn)?;
-        Ok(dir)
+        self.ca.client_credentials(&format!("client-{cn}"), cn)
     }
 
     /// A client directory whose CA (and so certificate) the server does not know.
     pub fn foreign_client(&self, cn: &str) -> Result<PathBuf> {
-        let ca = support::pki::Ca::new(&self.root.join("foreign-ca"), "someone else's CA")?;
-        let dir = self.root.join(format!("foreign-{cn}"));
-        ca.issue(&dir, support::pki::Role::Client, cn)?;
-        Ok(dir)
+        self.foreign
+            .client_credentials(&format!("foreign-{cn}"), cn)
     }
 }

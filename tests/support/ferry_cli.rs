@@ -88,8 +88,14 @@ impl FerryServe {
     /// Starts `ferry serve --volume SPEC... --control CONTROL` and waits for the control socket
     /// (bound after every volume socket).
     pub fn start(volumes: &[String], control: &Path) -> Result<Self> {
+        Self::start_with(volumes, control, &[])
+    }
+
+    /// As [`FerryServe::start`], with more options of `ferry serve` (`--tls-creds DIR`).
+    pub fn start_with(volumes: &[String], control: &Path, options: &[&str]) -> Result<Self> {
         let mut cmd = Command::new(super::ferry_bin());
         cmd.arg("serve");
+        cmd.args(options);
         for spec in volumes {
             cmd.arg("--volume").arg(spec);
         }

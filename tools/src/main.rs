@@ -8,6 +8,8 @@ mod journal_cli;
 mod migrate_cli;
 mod nbd_serve;
 mod serve;
+mod served_volume;
+mod volume_claims;
 mod volume_spec;
 
 use clap::{Parser, Subcommand};

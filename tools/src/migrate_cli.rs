@@ -1,27 +1,33 @@
 //! `ferry migrate ...`: start, watch, cut over, cancel and throttle live migrations of a
-//! running daemon, through its control socket.
+//! running daemon, through its control socket or its TCP control listener.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use serde_json::{json, Value};
 
-use crate::control_client::request;
+use crate::control_client::{ControlArgs, ControlClient};
 
 /// The `ferry migrate` subcommands.
 #[derive(clap::Subcommand, Debug)]
 pub enum MigrateCommand {
     /// Start copying and mirroring volumes to a target.
     Start {
-        #[arg(long)]
-        control: PathBuf,
+        #[command(flatten)]
+        control: ControlArgs,
         /// A volume to migrate; several volumes are merged into one target.
         #[arg(long = "volume", required = true)]
         volumes: Vec<String>,
-        /// PATH (file or block device), nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH.
+        /// PATH (file or block device), nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH,
+        /// or over TLS nbds://HOST:PORT/EXPORT or nbds+unix:///EXPORT?socket=PATH.
         #[arg(long)]
         target: String,
+        /// TLS credentials for an NBD target, in QEMU's x509 layout (ca-cert.pem,
+        /// client-cert.pem, client-key.pem), a directory the daemon reads (on its host): the
+        /// job's connections use TLS (an nbd:// target's too). Default for nbds:// targets:
+        /// the daemon's own --tls-creds. (--tls-creds is the control connection's.)
+        #[arg(long, value_name = "DIR")]
+        target_tls_creds: Option<std::path::PathBuf>,
         /// active: guest writes complete on both sides (always converges);
         /// background: writes mark a dirty bitmap the copier drains.
         #[arg(long, default_value = "active")]
@@ -41,8 +47,8 @@ pub enum MigrateCommand {
     },
     /// Show migration jobs.
     Status {
-        #[arg(long)]
-        control: PathBuf,
+        #[command(flatten)]
+        control: ControlArgs,
         #[arg(long)]
         job: Option<u64>,
         /// Machine-readable output.
@@ -54,8 +60,8 @@ pub enum MigrateCommand {
     },
     /// Switch a ready job's volumes over to the target.
     Cutover {
-        #[arg(long)]
-        control: PathBuf,
+        #[command(flatten)]
+        control: ControlArgs,
         #[arg(long)]
         job: Option<u64>,
         #[arg(long)]
@@ -63,15 +69,15 @@ pub enum MigrateCommand {
     },
     /// Stop a job before cutover; the guest stays on its source.
     Cancel {
-        #[arg(long)]
-        control: PathBuf,
+        #[command(flatten)]
+        control: ControlArgs,
         #[arg(long)]
         job: Option<u64>,
     },
     /// Change a job's speed limit (bytes/s; 0 removes the limit).
     SetSpeed {
-        #[arg(long)]
-        control: PathBuf,
+        #[command(flatten)]
+        control: ControlArgs,
         #[arg(long)]
         job: Option<u64>,
         /// Testing: also change the copy hold (see `start --copy-hold-ms`).
@@ -88,12 +94,26 @@ fn with_job(mut args: Value, job: Option<u64>) -> Value {
     args
 }
 
+/// `--target-tls-creds` as the daemon is to read it: made absolute when the daemon runs
+/// beside this command (its unix control socket; it has its own working directory), and
+/// sent as given to a daemon reached over `ferry://`, on whose host the path is.
+fn target_creds_path(
+    control: &ControlArgs,
+    dir: std::path::PathBuf,
+) -> anyhow::Result<std::path::PathBuf> {
+    if control.control.is_tcp() {
+        return Ok(dir);
+    }
+    std::path::absolute(&dir).with_context(|| format!("--target-tls-creds {}", dir.display()))
+}
+
 pub fn run(cmd: MigrateCommand) -> anyhow::Result<()> {
     match cmd {
         MigrateCommand::Start {
             control,
             volumes,
             target,
+            target_tls_creds,
             mode,
             max_speed,
             auto_cutover,
@@ -101,6 +121,9 @@ pub fn run(cmd: MigrateCommand) -> anyhow::Result<()> {
             json,
         } => {
             let mut args = json!({ "volumes": volumes, "target": target, "mode": mode, "auto-cutover": auto_cutover });
+            if let Some(dir) = target_tls_creds {
+                args["tls-creds"] = json!(target_creds_path(&control, dir)?);
+            }
             if let Some(ms) = copy_hold_ms {
                 args["copy-hold-ms"] = json!(ms);
             }
@@ -108,7 +131,7 @@ pub fn run(cmd: MigrateCommand) -> anyhow::Result<()> {
                 args["max-speed"] =
                     json!(crate::volume_spec::parse_size(&speed).map_err(anyhow::Error::msg)?);
             }
-            let reply = request(&control, "migrate-start", args)?;
+            let reply = control.client()?.request("migrate-start", args)?;
             if json {
                 println!("{reply}");
             } else {
@@ -122,40 +145,23 @@ pub fn run(cmd: MigrateCommand) -> anyhow::Result<()> {
             json,
             watch,
         } => {
+            let client = control.client()?;
             if watch {
-                return watch_job(&control, job, json);
+                return watch_job(&client, job, json);
             }
-            let statuses = select(request(&control, "query-migrations", json!({}))?, job)?;
-            if json {
-                println!("{}", Value::Array(statuses));
-            } else if statuses.is_empty() {
-                println!("no migration jobs");
-            } else {
-                for status in &statuses {
-                    println!("{}", describe(status));
-                }
-            }
-            Ok(())
+            print_statuses(&client, job, json)
         }
         MigrateCommand::Cutover { control, job, json } => {
-            let report = request(&control, "migrate-cutover", with_job(json!({}), job))?;
-            if json {
-                println!("{report}");
-            } else {
-                println!(
-                    "cut over: guest I/O held for {} µs{}",
-                    report["pause_us"],
-                    if report["switched"] == json!(false) {
-                        " (NBD target in sync; the volume stays on its source)"
-                    } else {
-                        ""
-                    }
-                );
-            }
+            let report = control
+                .client()?
+                .request("migrate-cutover", with_job(json!({}), job))?;
+            print_cutover(&report, json);
             Ok(())
         }
         MigrateCommand::Cancel { control, job } => {
-            let reply = request(&control, "migrate-cancel", with_job(json!({}), job))?;
+            let reply = control
+                .client()?
+                .request("migrate-cancel", with_job(json!({}), job))?;
             println!("migration job {} cancelled", reply["job"]);
             Ok(())
         }
@@ -170,10 +176,43 @@ pub fn run(cmd: MigrateCommand) -> anyhow::Result<()> {
             if let Some(ms) = copy_hold_ms {
                 args["copy-hold-ms"] = json!(ms);
             }
-            request(&control, "migrate-set-speed", with_job(args, job))?;
+            control
+                .client()?
+                .request("migrate-set-speed", with_job(args, job))?;
             println!("speed limit set to {bytes} bytes/s");
             Ok(())
         }
+    }
+}
+
+/// `migrate status`: one line per job, or the list as JSON.
+fn print_statuses(client: &ControlClient, job: Option<u64>, json: bool) -> anyhow::Result<()> {
+    let statuses = select(client.request("query-migrations", json!({}))?, job)?;
+    if json {
+        println!("{}", Value::Array(statuses));
+    } else if statuses.is_empty() {
+        println!("no migration jobs");
+    } else {
+        for status in &statuses {
+            println!("{}", describe(status));
+        }
+    }
+    Ok(())
+}
+
+fn print_cutover(report: &Value, json: bool) {
+    if json {
+        println!("{report}");
+    } else {
+        println!(
+            "cut over: guest I/O held for {} µs{}",
+            report["pause_us"],
+            if report["switched"] == json!(false) {
+                " (NBD target in sync; the volume stays on its source)"
+            } else {
+                ""
+            }
+        );
     }
 }
 
@@ -261,7 +300,7 @@ fn human(bytes: u64) -> String {
 }
 
 /// Follows one job until it ends: a progress bar for a person, JSON lines with `--json`.
-fn watch_job(control: &std::path::Path, job: Option<u64>, json_out: bool) -> anyhow::Result<()> {
+fn watch_job(control: &ControlClient, job: Option<u64>, json_out: bool) -> anyhow::Result<()> {
     let bar = indicatif::ProgressBar::new(0);
     if json_out {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
@@ -272,7 +311,7 @@ fn watch_job(control: &std::path::Path, job: Option<u64>, json_out: bool) -> any
             .progress_chars("=> "),
     );
     loop {
-        let statuses = select(request(control, "query-migrations", json!({}))?, job)?;
+        let statuses = select(control.request("query-migrations", json!({}))?, job)?;
         let Some(status) = statuses.into_iter().last() else {
             anyhow::bail!("no such migration job");
         };

@@ -1,35 +1,25 @@
-//! `ferry serve`'s NBD server: its options (`--nbd-listen`, `--tls-creds`, `--tls-authz`,
-//! `--insecure`, `--nbd-max-connections`, or the same keys in the TOML file), their checks
-//! before anything is created, and starting the server with the volumes whose spec says
-//! `nbd=rw|ro`, each exported under its name.
+//! `ferry serve`'s NBD server: its options (`--nbd-listen`, `--insecure`,
+//! `--nbd-max-connections`, or the same keys in the TOML file; TLS from the daemon's
+//! `--tls-creds` and `--tls-authz`), their checks before anything is created, and the server
+//! the daemon exports its `nbd=rw|ro` volumes on, each under its name.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use ferry_engine::nbd::server::{CONNECTIONS_MAX_DEFAULT, CONNECTIONS_MAX_LIMIT};
-use ferry_engine::nbd::{ExportConfig, ListenAddress, NbdServer, ServerOptions};
+use ferry_engine::nbd::{ListenAddress, NbdServer, ServerOptions};
 use ferry_engine::tls::{TlsAuthz, TlsCredentials};
-use ferry_engine::Volume;
 
-use crate::volume_spec::{NbdExportMode, VolumeSpec};
+use crate::volume_spec::VolumeSpec;
 
 /// The NBD options of `ferry serve`.
 #[derive(clap::Args, Debug, Default, Clone)]
 pub struct NbdArgs {
     /// Serve volumes with nbd=rw|ro over NBD on ADDR: HOST:PORT or unix:PATH (repeatable).
-    /// Plaintext on anything but loopback or a unix socket needs --insecure.
+    /// With --tls-creds every client must use TLS (and pass --tls-authz); plaintext on
+    /// anything but loopback or a unix socket needs --insecure.
     #[arg(long = "nbd-listen", value_name = "ADDR")]
     pub listen: Vec<String>,
-    /// TLS credentials in QEMU's x509 layout (ca-cert.pem, server-cert.pem,
-    /// server-key.pem); with them every NBD client must use TLS with a certificate the CA
-    /// signed.
-    #[arg(long = "tls-creds", value_name = "DIR")]
-    pub tls_creds: Option<PathBuf>,
-    /// Only clients whose certificate's common name, DNS name or distinguished name is
-    /// listed get in (NAME[,NAME...]; repeatable, one distinguished name per option).
-    #[arg(long = "tls-authz", value_name = "NAMES")]
-    pub tls_authz: Vec<String>,
     /// Allow plaintext NBD on addresses other than loopback.
     #[arg(long)]
     pub insecure: bool,
@@ -42,8 +32,6 @@ pub struct NbdArgs {
 #[derive(Debug, Clone, Default)]
 pub struct NbdPlan {
     pub listen: Vec<ListenAddress>,
-    pub tls_creds: Option<PathBuf>,
-    pub tls_authz: TlsAuthz,
     pub max_connections: usize,
 }
 
@@ -69,14 +57,12 @@ impl NbdToml {
         };
         match (key, value) {
             ("nbd-listen", v) => self.args.listen = strings(v)?,
-            ("tls-creds", toml::Value::String(s)) => self.args.tls_creds = Some(s.into()),
-            ("tls-authz", v) => self.args.tls_authz = strings(v)?,
             ("insecure", toml::Value::Boolean(b)) => self.args.insecure = *b,
             ("nbd-max-connections", toml::Value::Integer(n)) => {
                 self.args.max_connections =
                     Some(usize::try_from(*n).map_err(|_| format!("{key}: expected a count"))?)
             }
-            ("tls-creds" | "insecure" | "nbd-max-connections", other) => {
+            ("insecure" | "nbd-max-connections", other) => {
                 return Err(format!("{key}: unsupported value {other}"))
             }
             _ => return Ok(false),
@@ -86,40 +72,33 @@ impl NbdToml {
 }
 
 /// Merges the file's settings and the flags (flags win) and checks them: the addresses
-/// parse, plaintext listens only on loopback or unix sockets unless `--insecure`,
-/// `--tls-authz` comes with `--tls-creds`, and a volume exported over NBD has a listener.
-pub fn plan(file: &NbdToml, flags: &NbdArgs, volumes: &[VolumeSpec]) -> anyhow::Result<NbdPlan> {
+/// parse, plaintext listens only on loopback or unix sockets unless `--insecure` (`tls`:
+/// the daemon has `--tls-creds`, which makes every NBD client use TLS), and a volume
+/// exported over NBD has a listener.
+pub fn plan(
+    file: &NbdToml,
+    flags: &NbdArgs,
+    volumes: &[VolumeSpec],
+    tls: bool,
+) -> anyhow::Result<NbdPlan> {
     let file = &file.args;
-    let pick = |a: &Vec<String>, b: &Vec<String>| if a.is_empty() { b.clone() } else { a.clone() };
-    let listen_texts = pick(&flags.listen, &file.listen);
-    let authz_texts = pick(&flags.tls_authz, &file.tls_authz);
-    let tls_creds = flags.tls_creds.clone().or_else(|| file.tls_creds.clone());
+    let listen_texts = if flags.listen.is_empty() {
+        &file.listen
+    } else {
+        &flags.listen
+    };
     let insecure = flags.insecure || file.insecure;
     let mut listen = Vec::new();
-    for text in &listen_texts {
+    for text in listen_texts {
         let address =
             ListenAddress::parse(text).map_err(|e| anyhow::anyhow!("--nbd-listen {e}"))?;
-        if tls_creds.is_none() && !insecure && !address.is_local() {
+        if !tls && !insecure && !address.is_local() {
             bail!(
                 "--nbd-listen {text}: plaintext NBD on an address other than loopback needs \
                  --tls-creds DIR (or --insecure)"
             );
         }
         listen.push(address);
-    }
-    let mut tls_authz = TlsAuthz::default();
-    for text in &authz_texts {
-        if text.contains('=') {
-            // A distinguished name (CN=...,O=...) contains commas: it is one name.
-            tls_authz.add(text).map_err(anyhow::Error::msg)?;
-        } else {
-            for name in text.split(',') {
-                tls_authz.add(name).map_err(anyhow::Error::msg)?;
-            }
-        }
-    }
-    if !tls_authz.allows_all() && tls_creds.is_none() {
-        bail!("--tls-authz needs --tls-creds");
     }
     let max_connections = flags
         .max_connections
@@ -138,58 +117,39 @@ pub fn plan(file: &NbdToml, flags: &NbdArgs, volumes: &[VolumeSpec]) -> anyhow::
     }
     Ok(NbdPlan {
         listen,
-        tls_creds,
-        tls_authz,
         max_connections,
     })
 }
 
-/// Loads the TLS credentials of a plan (before anything is created, so that a bad
-/// directory is reported first).
-pub fn load_credentials(plan: &NbdPlan) -> anyhow::Result<Option<Arc<TlsCredentials>>> {
-    let Some(dir) = &plan.tls_creds else {
-        return Ok(None);
-    };
-    let credentials = TlsCredentials::load(dir)?;
-    if !plan.listen.is_empty() {
-        // The NBD server presents the server pair: fail now if it is missing.
-        credentials.server_config()?;
-    }
-    Ok(Some(Arc::new(credentials)))
-}
-
-/// Starts the NBD server with the exported volumes, or nothing when no listener is asked
-/// for.
-pub fn start(
+/// The NBD server of a plan, with no export and no listener yet (nothing when no listener
+/// is asked for); with credentials it presents their server pair, which is checked here,
+/// before anything is created.
+pub fn server(
     plan: &NbdPlan,
-    credentials: Option<Arc<TlsCredentials>>,
-    volumes: &[(VolumeSpec, Arc<Volume>)],
+    credentials: Option<&Arc<TlsCredentials>>,
+    authz: &TlsAuthz,
 ) -> anyhow::Result<Option<Arc<NbdServer>>> {
     if plan.listen.is_empty() {
         return Ok(None);
     }
     let server = NbdServer::new(ServerOptions {
-        tls: credentials,
-        authz: plan.tls_authz.clone(),
+        tls: credentials.cloned(),
+        authz: authz.clone(),
         connections_max: plan.max_connections,
         ..ServerOptions::default()
     })?;
-    for (spec, volume) in volumes {
-        let Some(mode) = spec.nbd else { continue };
-        server.add_export(ExportConfig {
-            name: volume.name().to_string(),
-            volume: volume.clone(),
-            read_only: mode == NbdExportMode::ReadOnly,
-            description: format!("ferry volume {}", volume.name()),
-            clients: None,
-        })?;
-    }
+    Ok(Some(Arc::new(server)))
+}
+
+/// Binds the plan's listeners (once the volumes are exported, so that the first client
+/// finds them).
+pub fn listen(server: &NbdServer, plan: &NbdPlan) -> anyhow::Result<()> {
     for address in &plan.listen {
         server
             .listen(address)
             .with_context(|| format!("--nbd-listen {address}"))?;
     }
-    Ok(Some(Arc::new(server)))
+    Ok(())
 }
 
 /// The URIs a client reaches an export by (`nbds://` when TLS is required).
@@ -230,33 +190,25 @@ mod tests {
     #[test]
     fn plaintext_only_on_loopback_or_unix_unless_insecure() -> anyhow::Result<()> {
         let none = NbdToml::default();
-        plan(
-            &none,
-            &flags(&["127.0.0.1:10809", "unix:/tmp/x", "[::1]:1"]),
-            &[],
-        )?;
-        let err = plan(&none, &flags(&["0.0.0.0:10809"]), &[]).err();
+        let local = flags(&["127.0.0.1:10809", "unix:/tmp/x", "[::1]:1"]);
+        plan(&none, &local, &[], false)?;
+        let err = plan(&none, &flags(&["0.0.0.0:10809"]), &[], false).err();
         assert!(err.is_some_and(|e| e
             .to_string()
             .contains("needs --tls-creds DIR (or --insecure)")));
         let mut insecure = flags(&["0.0.0.0:10809"]);
         insecure.insecure = true;
-        assert_eq!(plan(&none, &insecure, &[])?.listen.len(), 1);
-        let mut tls = flags(&["0.0.0.0:10809"]);
-        tls.tls_creds = Some("/nonexistent".into());
-        plan(&none, &tls, &[])?;
+        assert_eq!(plan(&none, &insecure, &[], false)?.listen.len(), 1);
+        plan(&none, &flags(&["0.0.0.0:10809"]), &[], true)?;
         Ok(())
     }
 
     #[test]
     fn refuses_inconsistent_settings() -> anyhow::Result<()> {
         let none = NbdToml::default();
-        let mut authz = flags(&["127.0.0.1:1"]);
-        authz.tls_authz = vec!["a".into()];
-        assert!(plan(&none, &authz, &[]).is_err());
         let volume = crate::volume_spec::parse_volume("name=v,path=p,socket=s,nbd=rw")
             .map_err(anyhow::Error::msg)?;
-        let err = plan(&none, &flags(&[]), &[volume])
+        let err = plan(&none, &flags(&[]), &[volume], false)
             .err()
             .map(|e| e.to_string());
         assert_eq!(
@@ -265,36 +217,27 @@ mod tests {
         );
         let mut many = flags(&["127.0.0.1:1"]);
         many.max_connections = Some(0);
-        assert!(plan(&none, &many, &[]).is_err());
-        assert!(plan(&none, &flags(&["nohost"]), &[]).is_err());
+        assert!(plan(&none, &many, &[], false).is_err());
+        assert!(plan(&none, &flags(&["nohost"]), &[], false).is_err());
         Ok(())
     }
 
     #[test]
     fn reads_the_toml_keys_and_flags_win() -> anyhow::Result<()> {
-        let table: toml::Table = "nbd-listen = [\"127.0.0.1:7\"]\ntls-authz = \"CN=a,O=b\"\n\
-             tls-creds = \"/c\"\nnbd-max-connections = 9\ninsecure = true"
-            .parse()?;
+        let table: toml::Table =
+            "nbd-listen = [\"10.0.0.1:7\"]\nnbd-max-connections = 9\ninsecure = true".parse()?;
         let mut file = NbdToml::default();
         for (key, value) in &table {
             assert!(file.take(key, value).map_err(anyhow::Error::msg)?);
         }
-        assert!(!file
-            .take("control", &toml::Value::String("x".into()))
-            .map_err(anyhow::Error::msg)?);
-        let merged = plan(&file, &NbdArgs::default(), &[])?;
+        let control = toml::Value::String("x".into());
+        assert!(!file.take("control", &control).map_err(anyhow::Error::msg)?);
+        let merged = plan(&file, &NbdArgs::default(), &[], false)?;
         assert_eq!(merged.max_connections, 9);
-        assert_eq!(merged.tls_creds, Some(PathBuf::from("/c")));
-        let peer = ferry_engine::tls::PeerIdentity {
-            distinguished_name: "CN=a,O=b".into(),
-            ..Default::default()
-        };
-        assert!(merged.tls_authz.check(&peer).is_ok());
-        let over = plan(&file, &flags(&["127.0.0.1:8"]), &[])?;
-        assert_eq!(
-            over.listen,
-            vec![ListenAddress::parse("127.0.0.1:8").map_err(anyhow::Error::msg)?]
-        );
+        assert_eq!(merged.listen.len(), 1);
+        let over = plan(&file, &flags(&["127.0.0.1:8"]), &[], false)?;
+        let want = ListenAddress::parse("127.0.0.1:8").map_err(anyhow::Error::msg)?;
+        assert_eq!(over.listen, vec![want]);
         Ok(())
     }
 }

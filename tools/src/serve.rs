@@ -1,26 +1,31 @@
 //! `ferry serve`: gather volume settings (flags over the TOML file), open the volumes,
-//! bind their sockets and the control socket, serve, and shut down cleanly on a signal.
+//! bind their sockets, the control socket, the TCP control listener and the NBD listeners,
+//! serve, and shut down cleanly on a signal.
 
+use std::net::{TcpListener, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use ferry_engine::journal::{Journal, JournalOptions};
-use ferry_engine::Volume;
-use ferry_vhost::ConnectionState;
+use ferry_engine::tls::{TlsAuthz, TlsCredentials};
 use nix::sys::signal::{SigSet, Signal};
 
-use crate::daemon::{Daemon, ServedVolume};
+use crate::control::listener::TcpControl;
+use crate::daemon::Daemon;
 use crate::nbd_serve::{self, NbdArgs, NbdPlan, NbdToml};
+use crate::served_volume::{precheck_socket, OpenedVolume, ServedVolume};
+use crate::volume_claims::Claims;
 use crate::volume_spec::{self, VolumeSpec};
 
 /// Options of `ferry serve`.
 #[derive(clap::Args, Debug, Default)]
 pub struct ServeArgs {
     /// A volume: name=NAME,path=IMG,socket=SOCK[,size=8G][,read-only][,queues=N]
-    /// (path may be an NBD export: nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH)
+    /// (path may be an NBD export: nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH,
+    /// nbds://… or nbds+unix://… over TLS; [,tls-creds=DIR] gives it its own credentials)
     /// [,queues-per-thread=N][,cache=none|writeback][,serial=STR][,offset=B][,length=B][,poll-us=N][,batch=N]
-    /// [,logical-block-size=512|4K|...][,nbd=rw|ro]
+    /// [,logical-block-size=512|4K|...][,nbd=rw|ro] (exported over NBD, see --nbd-listen)
     #[arg(long = "volume", value_name = "SPEC")]
     pub volumes: Vec<String>,
     /// Open a control socket (line-delimited JSON, see docs/control.md).
@@ -34,8 +39,86 @@ pub struct ServeArgs {
     /// Read settings from a TOML file; flags override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Serve the control protocol on TCP as well (other ferry daemons, `ferry ... --control
+    /// ferry://HOST:PORT`), with mutual TLS only: needs --tls-creds; clients are checked
+    /// against --tls-authz. No volume is needed up front with it.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub control_listen: Option<String>,
+    /// TLS credentials in QEMU's x509 layout: ca-cert.pem, server-cert.pem and
+    /// server-key.pem for every listener, client-cert.pem and client-key.pem for outgoing
+    /// connections (the default for nbds:// volumes and migration targets that have no
+    /// tls-creds of their own).
+    #[arg(long, value_name = "DIR")]
+    pub tls_creds: Option<PathBuf>,
+    /// Allow only TLS clients whose certificate carries one of these names (a common name, a
+    /// DNS name, or a whole distinguished name such as CN=a,O=b given alone); repeatable,
+    /// comma-separated. Default: every certificate the CA signed.
+    #[arg(long = "tls-authz", value_name = "NAMES")]
+    pub tls_authz: Vec<String>,
     #[command(flatten)]
     pub nbd: NbdArgs,
+}
+
+/// The TLS options, read and checked before anything is created.
+struct TlsPlan {
+    credentials: Option<Arc<TlsCredentials>>,
+    authz: TlsAuthz,
+    /// The TCP control listener's address, checked to resolve.
+    control_listen: Option<String>,
+}
+
+fn tls_plan(args: &ServeArgs) -> anyhow::Result<TlsPlan> {
+    let authz =
+        TlsAuthz::from_options(&args.tls_authz).map_err(|e| anyhow::anyhow!("--tls-authz: {e}"))?;
+    let credentials = match &args.tls_creds {
+        Some(dir) => Some(Arc::new(TlsCredentials::load(dir)?)),
+        None => None,
+    };
+    if !authz.allows_all() && credentials.is_none() {
+        bail!("--tls-authz needs --tls-creds DIR");
+    }
+    if let Some(address) = &args.control_listen {
+        let Some(credentials) = &credentials else {
+            bail!(
+                "--control-listen {address} needs --tls-creds DIR: the control protocol over \
+                 TCP is served with mutual TLS only"
+            );
+        };
+        credentials.server_config()?;
+        let resolves = address
+            .to_socket_addrs()
+            .with_context(|| format!("--control-listen {address}: expected HOST:PORT"))?;
+        if resolves.count() == 0 {
+            bail!("--control-listen {address}: the host has no address");
+        }
+    }
+    Ok(TlsPlan {
+        credentials,
+        authz,
+        control_listen: args.control_listen.clone(),
+    })
+}
+
+/// Binds the TCP control listener and serves it on its own thread.
+fn start_tcp_control(address: &str, daemon: &Arc<Daemon>, authz: TlsAuthz) -> anyhow::Result<()> {
+    let credentials = daemon
+        .tls
+        .as_ref()
+        .context("--control-listen needs --tls-creds DIR")?;
+    let tls = Arc::new(TcpControl {
+        config: credentials.server_config()?,
+        authz,
+    });
+    let listener = TcpListener::bind(address)
+        .with_context(|| format!("cannot listen on {address} (--control-listen)"))?;
+    let bound = listener.local_addr().context("--control-listen")?;
+    println!("ferry: control protocol on ferry://{bound} (mutual TLS)");
+    let daemon = daemon.clone();
+    std::thread::Builder::new()
+        .name("ferry-control-tcp".into())
+        .spawn(move || crate::control::serve_tcp(listener, daemon, tls))
+        .context("cannot start the control listener thread")?;
+    Ok(())
 }
 
 /// The settings after merging the file and the flags.
@@ -63,8 +146,8 @@ fn demo_plan() -> anyhow::Result<ServePlan> {
 }
 
 fn plan(args: &ServeArgs) -> anyhow::Result<ServePlan> {
-    let no_settings = args.config.is_none() && args.journal.is_none();
-    if args.volumes.is_empty() && no_settings && args.nbd.listen.is_empty() {
+    let listening = args.control_listen.is_some() || !args.nbd.listen.is_empty();
+    if args.volumes.is_empty() && args.config.is_none() && args.journal.is_none() && !listening {
         return demo_plan();
     }
     let mut volumes = Vec::new();
@@ -92,9 +175,10 @@ fn plan(args: &ServeArgs) -> anyhow::Result<ServePlan> {
     if args.journal.is_some() {
         journal = args.journal.clone();
     }
-    let nbd = nbd_serve::plan(&nbd_file, &args.nbd, &volumes)?;
-    // A daemon that serves NBD may start with no volume: exports come at run time.
-    if volumes.is_empty() && nbd.listen.is_empty() {
+    let nbd = nbd_serve::plan(&nbd_file, &args.nbd, &volumes, args.tls_creds.is_some())?;
+    // A daemon with a TCP control listener (or an NBD one) may start empty: other daemons
+    // add volumes.
+    if volumes.is_empty() && args.control_listen.is_none() && nbd.listen.is_empty() {
         bail!("no volumes to serve (give --volume or [[volume]] in --config)");
     }
     Ok(ServePlan {
@@ -134,34 +218,13 @@ fn from_toml(table: &toml::Table, nbd: &mut NbdToml) -> Result<TomlSettings, Str
 /// socket, before anything is created.
 fn check_distinct(volumes: &[VolumeSpec], control: Option<&Path>) -> anyhow::Result<()> {
     for (i, a) in volumes.iter().enumerate() {
-        if let Some(control) = control.filter(|c| same_path(&a.socket, c)) {
-            bail!(
-                "volume {} and --control use the same socket {}",
-                a.engine.name,
-                control.display()
-            );
+        let claims = Claims::of_spec(a);
+        if let Some(conflict) = control.and_then(|c| claims.conflict_with_control(c)) {
+            bail!(conflict);
         }
         for b in &volumes[i + 1..] {
-            if a.engine.name == b.engine.name {
-                bail!("two volumes are named {}", a.engine.name);
-            }
-            if same_path(&a.socket, &b.socket) {
-                bail!(
-                    "volumes {} and {} use the same socket {}",
-                    a.engine.name,
-                    b.engine.name,
-                    a.socket.display()
-                );
-            }
-            if same_path(&a.engine.path, &b.engine.path)
-                && (a.engine.length_bytes.is_none() || b.engine.length_bytes.is_none())
-            {
-                bail!(
-                    "volumes {} and {} use the same image {}",
-                    a.engine.name,
-                    b.engine.name,
-                    a.engine.path.display()
-                );
+            if let Some(conflict) = claims.conflict(&Claims::of_spec(b)) {
+                bail!(conflict);
             }
         }
         if let Some(dir) = a.socket.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -177,19 +240,9 @@ fn check_distinct(volumes: &[VolumeSpec], control: Option<&Path>) -> anyhow::Res
     Ok(())
 }
 
-fn same_path(a: &Path, b: &Path) -> bool {
-    let canon = |p: &Path| {
-        p.canonicalize().unwrap_or_else(|_| {
-            std::env::current_dir()
-                .map(|d| d.join(p))
-                .unwrap_or_else(|_| p.to_path_buf())
-        })
-    };
-    canon(a) == canon(b)
-}
-
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let plan = plan(&args)?;
+    let tls = tls_plan(&args)?;
     check_distinct(&plan.volumes, plan.control.as_deref())?;
     // Signals are taken by the main thread only: block them before any thread starts.
     let mut signals = SigSet::empty();
@@ -204,105 +257,49 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(control) = &plan.control {
         precheck_socket(control)?;
     }
-    let tls_credentials = nbd_serve::load_credentials(&plan.nbd)?;
     let journal_options = match &plan.journal {
         Some(spec) => Some(
             JournalOptions::parse(spec).map_err(|e| anyhow::anyhow!("--journal {spec}: {e}"))?,
         ),
         None => None,
     };
+    let nbd = nbd_serve::server(&plan.nbd, tls.credentials.as_ref(), &tls.authz)?;
     let mut opened = Vec::new();
     for spec in &plan.volumes {
-        let volume = Volume::open(spec.engine.clone())?;
-        ferry_vhost::check_settings(&volume, &spec.device_settings())?;
-        opened.push((spec.clone(), volume));
+        opened.push(OpenedVolume::open(spec, tls.credentials.as_ref())?);
     }
     let journal = match journal_options {
-        Some(options) => {
-            let journal = Journal::open(options).context("cannot open the journal")?;
-            for (_, volume) in &opened {
-                volume.add_observer(journal.observer_for(volume.name()));
-            }
-            Some(journal)
-        }
+        Some(options) => Some(Journal::open(options).context("cannot open the journal")?),
         None => None,
     };
-    // After the journal's observers: the first NBD write is journaled like a guest's.
-    let nbd = nbd_serve::start(&plan.nbd, tls_credentials, &opened)?;
+    let daemon =
+        Arc::new(Daemon::new(journal, plan.control.clone(), tls.credentials).with_nbd(nbd));
     let mut served = Vec::new();
-    let mut listeners = Vec::new();
-    for (spec, volume) in opened {
-        let listener = ferry_vhost::bind_socket(&spec.socket)?;
-        listeners.push(listener);
-        served.push(ServedVolume {
-            volume,
-            socket: spec.socket.clone(),
-            connection: Arc::new(ConnectionState::default()),
-            queues: spec.queues,
-        });
+    for opened in opened {
+        // Exported over NBD here (after the journal's observer: the first NBD write is
+        // journaled like a guest's), before the NBD listeners open.
+        served.push(daemon.add_opened(opened)?);
     }
-    let control_listener = match &plan.control {
-        Some(path) => Some(ferry_vhost::bind_socket(path)?),
-        None => None,
-    };
-    let daemon = Arc::new(Daemon {
-        volumes: served,
-        migrations: ferry_engine::mirror::MigrationRegistry::new(),
-        journal,
-        nbd,
-    });
-    for ((served, listener), spec) in daemon.volumes.iter().zip(listeners).zip(&plan.volumes) {
-        start_volume_thread(served, listener, spec)?;
-        print_attach_hint(spec, &served.volume);
-        if let Some(server) = daemon.nbd.as_ref().filter(|_| spec.nbd.is_some()) {
-            for uri in nbd_serve::export_uris(server, served.volume.name()) {
-                println!("  NBD export: {uri}");
-            }
-        }
+    if let Some(server) = &daemon.nbd {
+        nbd_serve::listen(server, &plan.nbd)?;
     }
-    if let Some(listener) = control_listener {
+    for served in &served {
+        print_attach_hint(served, daemon.nbd.as_deref());
+    }
+    if let Some(path) = &plan.control {
+        let listener = ferry_vhost::bind_socket(path)?;
         let daemon = daemon.clone();
         std::thread::Builder::new()
             .name("ferry-control".into())
             .spawn(move || crate::control::serve(listener, daemon))
             .context("cannot start the control thread")?;
     }
+    if let Some(address) = &tls.control_listen {
+        start_tcp_control(address, &daemon, tls.authz)?;
+    }
     let signal = signals.wait().context("waiting for signals failed")?;
     log::info!("{signal}: finishing requests in flight and shutting down");
     shut_down(&daemon, plan.control.as_deref());
-    Ok(())
-}
-
-fn precheck_socket(path: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::FileTypeExt;
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            bail!("{} exists and is not a socket", path.display());
-        }
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            bail!("socket {} is in use by another process", path.display());
-        }
-    }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if !dir.is_dir() {
-            bail!("socket directory {} does not exist", dir.display());
-        }
-    }
-    Ok(())
-}
-
-fn start_volume_thread(
-    served: &ServedVolume,
-    listener: std::os::unix::net::UnixListener,
-    spec: &VolumeSpec,
-) -> anyhow::Result<()> {
-    let volume = served.volume.clone();
-    let state = served.connection.clone();
-    let settings = spec.device_settings();
-    std::thread::Builder::new()
-        .name(format!("ferry-{}", volume.name()))
-        .spawn(move || ferry_vhost::serve_volume(volume, settings, listener, state))
-        .context("cannot start a volume thread")?;
     Ok(())
 }
 
@@ -314,7 +311,7 @@ fn shut_down(daemon: &Daemon, control: Option<&Path>) {
         server.shutdown();
     }
     let mut guards = Vec::new();
-    for served in &daemon.volumes {
+    for served in daemon.volumes() {
         match served.volume.pause(std::time::Duration::from_secs(30)) {
             Some(guard) => guards.push(guard),
             None => log::error!(
@@ -339,8 +336,9 @@ fn shut_down(daemon: &Daemon, control: Option<&Path>) {
     std::mem::forget(guards);
 }
 
-fn print_attach_hint(spec: &VolumeSpec, volume: &Volume) {
-    let socket = std::fs::canonicalize(&spec.socket).unwrap_or_else(|_| spec.socket.clone());
+fn print_attach_hint(served: &ServedVolume, nbd: Option<&ferry_engine::nbd::NbdServer>) {
+    let volume = &served.volume;
+    let socket = std::fs::canonicalize(&served.socket).unwrap_or_else(|_| served.socket.clone());
     let name = volume.name();
     println!(
         "ferry: serving volume {name} ({} bytes, {}) on {}",
@@ -354,7 +352,12 @@ fn print_attach_hint(spec: &VolumeSpec, volume: &Volume) {
          -chardev socket,id=ferry-{name},path={},reconnect-ms=1000 \\\n  \
          -device vhost-user-blk-pci,chardev=ferry-{name},num-queues={}",
         socket.display(),
-        spec.queues
+        served.queues
     );
     println!("(the memory-backend size must equal the VM's -m size)");
+    if let Some(server) = nbd.filter(|_| served.nbd.is_some()) {
+        for uri in nbd_serve::export_uris(server, name) {
+            println!("  NBD export: {uri}");
+        }
+    }
 }

@@ -2,7 +2,9 @@
 //! `[[volume]]` table in the TOML configuration file, validated into one form.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
+use ferry_engine::tls::TlsCredentials;
 use ferry_engine::{CacheMode, VolumeConfig};
 use ferry_vhost::DeviceSettings;
 
@@ -18,6 +20,9 @@ pub struct VolumeSpec {
     pub batch: u16,
     /// The logical block size the guest sees (`logical-block-size=`).
     pub logical_block_bytes: u32,
+    /// TLS credentials for a volume on an NBD export (`tls-creds=DIR`, QEMU's x509 layout),
+    /// loaded when the volume opens.
+    pub tls_creds: Option<PathBuf>,
     /// Exported over NBD under the volume's name (`nbd=rw|ro`); `None`: not exported.
     pub nbd: Option<NbdExportMode>,
 }
@@ -74,8 +79,33 @@ impl VolumeSpec {
             poll_us: DEFAULT_POLL_US,
             batch: DEFAULT_BATCH,
             logical_block_bytes: ferry_vhost::config::LOGICAL_BLOCK_BYTES_DEFAULT,
+            tls_creds: None,
             nbd: None,
         }
+    }
+
+    /// The engine's settings, with the NBD export's TLS credentials loaded: the volume's own
+    /// `tls-creds=`, or `daemon_tls` (`ferry serve --tls-creds`) for an `nbds://` path without
+    /// them. Credentials make even an `nbd://` connection use TLS, so the daemon's are not
+    /// given to those: a plaintext export stays reachable from a daemon that has credentials.
+    pub fn engine_config(
+        &self,
+        daemon_tls: Option<&Arc<TlsCredentials>>,
+    ) -> anyhow::Result<VolumeConfig> {
+        let wants_tls = ferry_engine::volume::nbd_export::parse_uri(&self.engine.path)
+            .and_then(Result::ok)
+            .is_some_and(|uri| uri.tls);
+        let mut config = self.engine.clone();
+        config.nbd_tls = match &self.tls_creds {
+            Some(dir) => {
+                Some(Arc::new(TlsCredentials::load(dir).map_err(|e| {
+                    anyhow::anyhow!("volume {}: {e}", self.engine.name)
+                })?))
+            }
+            None if wants_tls => daemon_tls.cloned(),
+            None => None,
+        };
+        Ok(config)
     }
 
     /// Sets one `key=value` (or a bare flag such as `read-only`).
@@ -85,6 +115,7 @@ impl VolumeSpec {
             "name" => self.engine.name = need()?.to_string(),
             "path" => self.engine.path = PathBuf::from(need()?),
             "socket" => self.socket = PathBuf::from(need()?),
+            "tls-creds" => self.tls_creds = Some(PathBuf::from(need()?)),
             "size" => self.engine.size_bytes = Some(parse_size(need()?)?),
             "offset" => self.engine.offset_bytes = parse_size(need()?)?,
             "length" => self.engine.length_bytes = Some(parse_size(need()?)?),
@@ -153,6 +184,16 @@ impl VolumeSpec {
         }
         if self.queues_per_thread > self.queues {
             return Err(format!("volume {name}: queues-per-thread exceeds queues"));
+        }
+        let on_nbd = self
+            .engine
+            .path
+            .to_str()
+            .is_some_and(ferry_engine::nbd::ExportUri::has_scheme);
+        if self.tls_creds.is_some() && !on_nbd {
+            return Err(format!(
+                "volume {name}: tls-creds= is for a volume on an NBD export (path=nbds://… or nbd://…)"
+            ));
         }
         // Before anything is created: an image made and then refused would be left behind.
         let block = u64::from(self.logical_block_bytes);
@@ -250,6 +291,20 @@ mod tests {
         let spec = parse_volume("name=a,path=b,socket=c,logical-block-size=4K")?;
         assert_eq!(spec.logical_block_bytes, 4096);
         assert_eq!(spec.device_settings().logical_block_bytes, 4096);
+        Ok(())
+    }
+
+    #[test]
+    fn takes_tls_credentials_for_an_nbd_export_only() -> Result<(), String> {
+        let spec = parse_volume("name=a,path=nbds://h/e,socket=c,tls-creds=/etc/pki/ferry")?;
+        assert_eq!(spec.tls_creds, Some(PathBuf::from("/etc/pki/ferry")));
+        assert_eq!(
+            parse_volume("name=a,path=a.img,socket=c,tls-creds=/etc/pki/ferry").err(),
+            Some(
+                "volume a: tls-creds= is for a volume on an NBD export (path=nbds://… or nbd://…)"
+                    .into()
+            )
+        );
         Ok(())
     }
 

@@ -8,7 +8,7 @@
 //! - [`queue_worker`]: the per-thread loop between virtqueues and the engine.
 //! - [`guest_warnings`]: the rate limit on warnings a guest can cause.
 //! - [`backend`]: the `VhostUserBackend` implementation routing events to workers.
-//! - [`server`]: the socket, one frontend connection after another.
+//! - [`server`]: the socket, one frontend connection after another, until stopped.
 //!
 //! Nothing here touches io_uring: that is the engine's job.
 
@@ -21,4 +21,4 @@ pub mod request;
 pub mod server;
 
 pub use backend::{check_settings, BlockDevice, DeviceSettings};
-pub use server::{bind_socket, serve_volume, BindError, ConnectionState};
+pub use server::{bind_socket, serve_volume, BindError, ConnectionState, ServeStop};

@@ -2,18 +2,19 @@
 //! then accept frontends one after another, each with a fresh device and fresh workers.
 //!
 //! A frontend that disconnects (a VM shut down, or QEMU reconnecting after a daemon
-//! restart) is followed by the next one on the same socket; the volume stays open.
+//! restart) is followed by the next one on the same socket; the volume stays open. The loop
+//! ends only when its [`ServeStop`] is triggered (the daemon removes the volume at run time).
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use ferry_engine::Volume;
 use vhost::vhost_user::Listener;
-use vhost_user_backend::VhostUserDaemon;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
@@ -60,20 +61,94 @@ pub struct ConnectionState {
     pub connections: AtomicU64,
 }
 
-/// Serves `volume` on `listener` until the process exits: one frontend at a time.
+/// Ends a [`serve_volume`] loop from another thread: the listening socket stops accepting
+/// and the frontend attached at that moment, if any, is disconnected (its requests in flight
+/// drain as at any disconnect).
+pub struct ServeStop {
+    /// A duplicate of the loop's listening socket. `shutdown(SHUT_RD)` on a listening unix
+    /// socket wakes a blocked `accept` with `EINVAL` and refuses later connects
+    /// (`ECONNREFUSED`), so the loop cannot take a frontend after the stop.
+    listener: OwnedFd,
+    state: Mutex<StopState>,
+}
+
+#[derive(Default)]
+struct StopState {
+    stopped: bool,
+    /// The frontend being served, to disconnect on a stop.
+    frontend: Option<ShutdownHandle>,
+}
+
+impl ServeStop {
+    /// A stop for a loop that will serve on `listener`.
+    pub fn new(listener: &UnixListener) -> io::Result<Arc<Self>> {
+        Ok(Arc::new(Self {
+            listener: listener.as_fd().try_clone_to_owned()?,
+            state: Mutex::default(),
+        }))
+    }
+
+    /// Stops the loop: no frontend is accepted from now on, and the attached one is
+    /// disconnected. [`serve_volume`] returns once that frontend's requests have drained.
+    pub fn stop(&self) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.stopped = true;
+        if let Err(e) =
+            nix::sys::socket::shutdown(self.listener.as_raw_fd(), nix::sys::socket::Shutdown::Read)
+        {
+            log::warn!("cannot shut the vhost-user listener down: {e}");
+        }
+        if let Some(frontend) = state.frontend.take() {
+            frontend.shutdown();
+        }
+    }
+
+    /// True once [`stop`](Self::stop) was called.
+    pub fn is_stopped(&self) -> bool {
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .stopped
+    }
+
+    /// Records the frontend just accepted; disconnects it at once when a stop came first
+    /// (the stop and the accept raced), so that it never outlives the stop.
+    fn frontend_attached(&self, frontend: Option<ShutdownHandle>) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        match frontend {
+            Some(frontend) if state.stopped => frontend.shutdown(),
+            frontend => state.frontend = frontend,
+        }
+    }
+
+    fn frontend_detached(&self) {
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .frontend = None;
+    }
+}
+
+/// Serves `volume` on `listener`, one frontend at a time, until `stop` is triggered. The
+/// socket file is left in place: its owner removes it.
 pub fn serve_volume(
     volume: Arc<Volume>,
     settings: DeviceSettings,
     listener: UnixListener,
     state: Arc<ConnectionState>,
+    stop: Arc<ServeStop>,
 ) {
     let mut listener = Listener::from(listener);
-    loop {
-        if let Err(e) = serve_one_connection(&volume, &settings, &mut listener, &state) {
+    while !stop.is_stopped() {
+        if let Err(e) = serve_one_connection(&volume, &settings, &mut listener, &state, &stop) {
+            if stop.is_stopped() {
+                break;
+            }
             log::error!("volume {}: {e}", volume.name());
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
     }
+    log::info!("volume {}: serving stopped", volume.name());
 }
 
 fn serve_one_connection(
@@ -81,6 +156,7 @@ fn serve_one_connection(
     settings: &DeviceSettings,
     listener: &mut Listener,
     state: &ConnectionState,
+    stop: &ServeStop,
 ) -> Result<(), String> {
     let device = BlockDevice::new(volume.clone(), settings.clone()).map_err(|e| e.to_string())?;
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
@@ -105,10 +181,12 @@ fn serve_one_connection(
     daemon
         .start(listener)
         .map_err(|e| format!("accepting a frontend failed: {e}"))?;
+    stop.frontend_attached(daemon.shutdown_handle());
     state.connected.store(true, Ordering::SeqCst);
     state.connections.fetch_add(1, Ordering::SeqCst);
     log::info!("volume {}: frontend connected", volume.name());
     let result = daemon.wait();
+    stop.frontend_detached();
     state.connected.store(false, Ordering::SeqCst);
     // Requests still in flight complete before the workers and their rings go away. One
     // that outlives the drain's bound keeps its guest memory snapshot in its worker's slot,
@@ -124,3 +202,6 @@ fn serve_one_connection(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

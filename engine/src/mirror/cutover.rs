@@ -141,6 +141,8 @@ fn open_new_backings(job: &JobShared) -> Result<Option<Vec<Backing>>, MigrationE
             offset_bytes: vm.placement.offset_bytes,
             length_bytes: Some(vm.placement.length_bytes),
             request_block_bytes: old.request_block_bytes,
+            // The target's credentials: the volume is served from it after the switch.
+            nbd_tls: job.options.nbd_tls.clone(),
         };
         let backing = crate::volume::open::open_backing(&config).map_err(|source| {
             MigrationError::OpenNewBacking {

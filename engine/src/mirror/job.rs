@@ -586,8 +586,12 @@ fn open_target(
         }
         DestinationSpec::Nbd(uri) => {
             let request_block_bytes = job_request_block_bytes(volumes, options);
-            let nbd =
-                NbdDestination::connect(uri, options.nbd_request_timeout, request_block_bytes)?;
+            let nbd = NbdDestination::connect(
+                uri,
+                options.nbd_request_timeout,
+                request_block_bytes,
+                options.nbd_tls.clone(),
+            )?;
             (Arc::new(nbd), None)
         }
     };

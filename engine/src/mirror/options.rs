@@ -1,7 +1,10 @@
 //! What the operator can choose for a migration job, with the defaults.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::tls::TlsCredentials;
 
 /// How guest writes reach the target while the copy runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -42,6 +45,10 @@ pub struct MigrationOptions {
     pub drain_timeout: Duration,
     /// How long an NBD request may wait for its reply before the connection counts as lost.
     pub nbd_request_timeout: Duration,
+    /// The TLS credentials for an NBD target (`--tls-creds`): with them the job's connection,
+    /// and the volumes' after the cutover, use TLS whatever the URI's scheme; an `nbds://`
+    /// target needs them.
+    pub nbd_tls: Option<Arc<TlsCredentials>>,
     /// Where to write the layout of a merge; default `TARGET.layout.json` for file targets
     /// and none for NBD targets (the layout is then only in the status).
     pub layout_path: Option<PathBuf>,
@@ -72,6 +79,7 @@ impl Default for MigrationOptions {
             pause_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(60),
             nbd_request_timeout: crate::nbd::REQUEST_TIMEOUT_DEFAULT,
+            nbd_tls: None,
             layout_path: None,
             copy_hold: Duration::ZERO,
         }

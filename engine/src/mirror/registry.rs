@@ -140,6 +140,7 @@ mod tests {
         let target = DestinationSpec::Nbd(ExportUri {
             address: NbdAddress::Unix { socket },
             export: "e".into(),
+            tls: false,
         });
         // Far beyond the test: only the closed connection ends the first start.
         let options = MigrationOptions {

@@ -1,5 +1,6 @@
-//! Where an NBD export is: the server's address and the export's name, and the URIs that
-//! name them (`nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`, as qemu and
+//! Where an NBD export is: the server's address, the export's name and whether TLS is
+//! required, and the URIs that name them (`nbd://HOST[:PORT]/EXPORT`,
+//! `nbd+unix:///EXPORT?socket=PATH`, and `nbds://…` / `nbds+unix://…` for TLS, as qemu and
 //! libnbd write them).
 
 use std::path::PathBuf;
@@ -14,11 +15,18 @@ pub enum NbdAddress {
     Unix { socket: PathBuf },
 }
 
+/// The name a client checks a server's certificate against on a unix socket, which names no
+/// host: the server of a local socket is this host.
+pub const UNIX_TLS_SERVER_NAME: &str = "localhost";
+
 /// An export on a server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExportUri {
     pub address: NbdAddress,
     pub export: String,
+    /// The scheme asks for TLS (`nbds://`, `nbds+unix://`): a connection without it is
+    /// refused. (`nbd://` with credentials given uses TLS too.)
+    pub tls: bool,
 }
 
 /// Why a text is not an NBD URI; the reason only (the caller names the text).
@@ -31,14 +39,28 @@ pub struct UriError {
 impl ExportUri {
     /// True when `text` has one of the NBD schemes (whether or not the rest parses).
     pub fn has_scheme(text: &str) -> bool {
-        text.starts_with("nbd://") || text.starts_with("nbd+unix://")
+        ["nbd://", "nbd+unix://", "nbds://", "nbds+unix://"]
+            .iter()
+            .any(|scheme| text.starts_with(scheme))
     }
 
     /// Parses `nbd://HOST[:PORT]/EXPORT` (IPv6 hosts in brackets) or
-    /// `nbd+unix:///EXPORT?socket=PATH`.
+    /// `nbd+unix:///EXPORT?socket=PATH`, and their TLS forms `nbds://…` and `nbds+unix://…`.
     pub fn parse(text: &str) -> Result<Self, UriError> {
+        let (tls, rest) = match text.strip_prefix("nbds") {
+            Some(rest) => (true, rest),
+            None => (false, text.strip_prefix("nbd").unwrap_or(text)),
+        };
+        let mut uri = Self::parse_plain(rest)?;
+        uri.tls = tls;
+        Ok(uri)
+    }
+
+    /// Parses what follows `nbd` or `nbds`: `://HOST[:PORT]/EXPORT` or
+    /// `+unix:///EXPORT?socket=PATH`.
+    fn parse_plain(text: &str) -> Result<Self, UriError> {
         let bad = |reason| UriError { reason };
-        if let Some(rest) = text.strip_prefix("nbd+unix://") {
+        if let Some(rest) = text.strip_prefix("+unix://") {
             let rest = rest
                 .strip_prefix('/')
                 .ok_or_else(|| bad("expected nbd+unix:///EXPORT?socket=PATH"))?;
@@ -55,10 +77,11 @@ impl ExportUri {
                     socket: PathBuf::from(socket),
                 },
                 export: export.to_string(),
+                tls: false,
             });
         }
         let rest = text
-            .strip_prefix("nbd://")
+            .strip_prefix("://")
             .ok_or_else(|| bad("not an NBD URI"))?;
         let (authority, export) = rest.split_once('/').unwrap_or((rest, ""));
         let (host, port) = split_host_port(authority).ok_or_else(|| bad("bad HOST:PORT"))?;
@@ -68,7 +91,17 @@ impl ExportUri {
         Ok(Self {
             address: NbdAddress::Tcp { host, port },
             export: export.to_string(),
+            tls: false,
         })
+    }
+
+    /// The name the server's certificate must carry: the URI's host (a DNS name or an IP
+    /// address), or [`UNIX_TLS_SERVER_NAME`] on a unix socket.
+    pub fn tls_server_name(&self) -> &str {
+        match &self.address {
+            NbdAddress::Tcp { host, .. } => host,
+            NbdAddress::Unix { .. } => UNIX_TLS_SERVER_NAME,
+        }
     }
 }
 
@@ -92,10 +125,11 @@ fn split_host_port(authority: &str) -> Option<(String, u16)> {
 impl std::fmt::Display for ExportUri {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let export = &self.export;
+        let scheme = if self.tls { "nbds" } else { "nbd" };
         match &self.address {
-            NbdAddress::Tcp { host, port } => write!(f, "nbd://{host}:{port}/{export}"),
+            NbdAddress::Tcp { host, port } => write!(f, "{scheme}://{host}:{port}/{export}"),
             NbdAddress::Unix { socket } => {
-                write!(f, "nbd+unix:///{export}?socket={}", socket.display())
+                write!(f, "{scheme}+unix:///{export}?socket={}", socket.display())
             }
         }
     }
@@ -114,7 +148,8 @@ mod tests {
                     host: "127.0.0.1".into(),
                     port: 10810
                 },
-                export: "disk0".into()
+                export: "disk0".into(),
+                tls: false
             }
         );
         assert_eq!(
@@ -124,7 +159,8 @@ mod tests {
                     host: "host".into(),
                     port: NBD_DEFAULT_PORT
                 },
-                export: "e".into()
+                export: "e".into(),
+                tls: false
             }
         );
         assert_eq!(
@@ -143,10 +179,39 @@ mod tests {
                 address: NbdAddress::Unix {
                     socket: "/tmp/s.sock".into()
                 },
-                export: "disk".into()
+                export: "disk".into(),
+                tls: false
             }
         );
         assert_eq!(uri.to_string(), "nbd+unix:///disk?socket=/tmp/s.sock");
+        assert_eq!(uri.tls_server_name(), UNIX_TLS_SERVER_NAME);
+        Ok(())
+    }
+
+    #[test]
+    fn parses_tls_schemes() -> Result<(), UriError> {
+        let uri = ExportUri::parse("nbds://10.0.0.2:10810/vm1")?;
+        assert_eq!(
+            uri,
+            ExportUri {
+                address: NbdAddress::Tcp {
+                    host: "10.0.0.2".into(),
+                    port: 10810
+                },
+                export: "vm1".into(),
+                tls: true
+            }
+        );
+        assert_eq!(uri.to_string(), "nbds://10.0.0.2:10810/vm1");
+        assert_eq!(uri.tls_server_name(), "10.0.0.2");
+        let uri = ExportUri::parse("nbds+unix:///vm1?socket=/run/n.sock")?;
+        assert!(uri.tls);
+        assert_eq!(uri.to_string(), "nbds+unix:///vm1?socket=/run/n.sock");
+        assert_eq!(
+            ExportUri::parse("nbds://host.example/e")?.tls_server_name(),
+            "host.example"
+        );
+        assert!(ExportUri::has_scheme("nbds://h/e") && ExportUri::has_scheme("nbds+unix:///e"));
         Ok(())
     }
 
@@ -158,6 +223,9 @@ mod tests {
             "nbd://:12/x",
             "nbd://h:notaport/x",
             "nbd://[::1]x/y",
+            "nbds+unix:///disk",
+            "nbds:/h/e",
+            "nbdx://h/e",
             "/dev/sdb",
         ] {
             assert!(

@@ -1,6 +1,7 @@
 //! A blocking NBD client that many threads use at once over one connection: the handshake
-//! with `NBD_OPT_GO` (asking for the export's size constraints, [`super::sizes`]), then
-//! READ/WRITE/FLUSH/TRIM/WRITE_ZEROES with simple replies.
+//! (with `NBD_OPT_STARTTLS` when it has TLS credentials, then `NBD_OPT_GO` asking for the
+//! export's size constraints, [`super::sizes`]), then READ/WRITE/FLUSH/TRIM/WRITE_ZEROES
+//! with simple replies.
 //!
 //! Each request registers a cookie, sends its header (and payload) under the send lock, and
 //! waits for its reply, which one reader thread matches by cookie. When the connection
@@ -24,7 +25,9 @@ use super::protocol::{
     NBD_FLAG_SEND_TRIM, NBD_FLAG_SEND_WRITE_ZEROES, SIMPLE_REPLY_BYTES,
 };
 use super::sizes::{BlockSizes, REQUEST_ALIGN_BYTES};
+use super::tls_stream::ClientTls;
 use super::ExportUri;
+use crate::tls::TlsCredentials;
 
 /// How long a request waits for its reply before the connection is declared lost.
 pub const REQUEST_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
@@ -54,7 +57,7 @@ pub enum ClientError {
 }
 
 /// How a client connects.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ClientOptions {
     /// Bounds the connect, the handshake, and the wait for each reply.
     pub request_timeout: Duration,
@@ -63,6 +66,9 @@ pub struct ClientOptions {
     /// What every request will be whole multiples of (a power of two, at least a sector);
     /// an export whose minimum block size is larger is refused.
     pub request_block_bytes: u64,
+    /// The credentials to connect with: with them the connection uses TLS whatever the
+    /// URI's scheme; without them an `nbds://` URI is refused.
+    pub tls: Option<Arc<TlsCredentials>>,
 }
 
 impl Default for ClientOptions {
@@ -71,6 +77,7 @@ impl Default for ClientOptions {
             request_timeout: REQUEST_TIMEOUT_DEFAULT,
             accept_read_only: false,
             request_block_bytes: REQUEST_ALIGN_BYTES,
+            tls: None,
         }
     }
 }
@@ -110,13 +117,16 @@ pub struct NbdClient {
 }
 
 impl NbdClient {
-    /// Connects to `uri`, negotiates its export with `NBD_OPT_GO`, refuses what `options`
-    /// cannot use (see [`ClientOptions`]), and starts the reply reader.
+    /// Connects to `uri`, upgrades to TLS when `options` has credentials, negotiates its
+    /// export with `NBD_OPT_GO`, refuses what `options` cannot use (see [`ClientOptions`]),
+    /// and starts the reply reader.
     pub fn connect(uri: &ExportUri, options: &ClientOptions) -> Result<Self, ClientError> {
         let timeout = options.request_timeout;
         let connect_err = |source| ClientError::Connect { source };
-        let mut conn = Connection::connect(&uri.address, timeout).map_err(connect_err)?;
-        let info = handshake(&mut conn, &uri.export, timeout)
+        let tls = ClientTls::for_uri(uri, options.tls.as_deref())
+            .map_err(|reason| ClientError::Unusable { reason })?;
+        let conn = Connection::connect(&uri.address, timeout).map_err(connect_err)?;
+        let (conn, info) = handshake(conn, &uri.export, timeout, tls.as_ref())
             .map_err(|reason| ClientError::Handshake { reason })?;
         let unusable =
             if info.transmission_flags & NBD_FLAG_READ_ONLY != 0 && !options.accept_read_only {

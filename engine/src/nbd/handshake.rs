@@ -1,7 +1,10 @@
-//! The client side of the fixed-newstyle handshake: read the greeting, send `NBD_OPT_GO`
-//! asking for the export's size constraints, read the option replies up to the final ACK.
-//! What the server tells is an [`ExportInfo`]; the connection is then in the transmission
-//! phase.
+//! The client side of the fixed-newstyle handshake: read the greeting, upgrade to TLS with
+//! `NBD_OPT_STARTTLS` when the client has credentials, send `NBD_OPT_GO` asking for the
+//! export's size constraints, read the option replies up to the final ACK. What the server
+//! tells is an [`ExportInfo`]; the connection is then in the transmission phase.
+//!
+//! A client that asked for TLS never falls back to plaintext: a server that refuses
+//! `NBD_OPT_STARTTLS` fails the handshake, with the server's reason.
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
@@ -10,10 +13,13 @@ use super::connection::Connection;
 use super::protocol::{
     ClientFlags, ExportRequest, Greeting, Info, OptionHeader, OptionReplyHeader, GREETING_BYTES,
     NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES, NBD_FLAG_FIXED_NEWSTYLE, NBD_FLAG_NO_ZEROES,
-    NBD_INFO_BLOCK_SIZE, NBD_OPT_GO, NBD_REP_ACK, NBD_REP_INFO, NBD_STRING_BYTES_MAX,
+    NBD_INFO_BLOCK_SIZE, NBD_OPT_GO, NBD_OPT_STARTTLS, NBD_REP_ACK, NBD_REP_ERR_BLOCK_SIZE_REQD,
+    NBD_REP_ERR_INVALID, NBD_REP_ERR_POLICY, NBD_REP_ERR_SHUTDOWN, NBD_REP_ERR_TLS_REQD,
+    NBD_REP_ERR_UNKNOWN, NBD_REP_ERR_UNSUP, NBD_REP_INFO, NBD_STRING_BYTES_MAX,
     OPTION_REPLY_BYTES_MAX, OPTION_REPLY_HEADER_BYTES,
 };
 use super::sizes::BlockSizes;
+use super::tls_stream::{ClientTls, TlsStream};
 
 /// What `NBD_OPT_GO` told about the export.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,22 +31,64 @@ pub(crate) struct ExportInfo {
 
 /// The fixed-newstyle handshake up to the transmission phase, all of it within `timeout`
 /// (each read and write is bounded by what is left, so a server that trickles replies
-/// cannot hold it longer); returns what the server told about the export. Leaves the
-/// socket's timeouts set: the caller sets its own.
+/// cannot hold it longer); returns the connection (under TLS when `tls` is given) and what
+/// the server told about the export. Leaves the socket's timeouts set: the caller sets its
+/// own.
 ///
 /// `NBD_OPT_GO` asks for `NBD_INFO_BLOCK_SIZE`, which commits the client to the size
 /// constraints the server sends: a caller that cannot honour them (see
 /// [`BlockSizes::check_usable`]) must end the session ([`Connection::disconnect`]) without
 /// a request.
 pub(crate) fn handshake(
-    conn: &mut Connection,
+    mut conn: Connection,
     export: &str,
     timeout: Duration,
-) -> Result<ExportInfo, String> {
+    tls: Option<&ClientTls>,
+) -> Result<(Connection, ExportInfo), String> {
     let deadline = Deadline {
         at: Instant::now() + timeout,
         timeout,
     };
+    let client_flags = read_greeting(&mut conn, &deadline)?;
+    let mut msg = ClientFlags {
+        flags: client_flags,
+    }
+    .encode()
+    .to_vec();
+    if let Some(tls) = tls {
+        let starttls = OptionHeader {
+            option: NBD_OPT_STARTTLS,
+            len_bytes: 0,
+        };
+        msg.extend_from_slice(&starttls.encode());
+        deadline.bound(&conn)?;
+        conn.write_all(&msg)
+            .map_err(|e| format!("sending NBD_OPT_STARTTLS: {e}"))?;
+        msg.clear();
+        conn = start_tls(conn, tls, &deadline)?;
+    }
+    let data = ExportRequest {
+        export_name: export.to_string(),
+        info_types: vec![NBD_INFO_BLOCK_SIZE],
+    }
+    .encode()
+    .map_err(|_| "the export name is too long")?;
+    let header = OptionHeader {
+        option: NBD_OPT_GO,
+        // The name is at most NBD_STRING_BYTES_MAX bytes, so the length fits.
+        len_bytes: data.len() as u32,
+    };
+    msg.extend_from_slice(&header.encode());
+    msg.extend_from_slice(&data);
+    deadline.bound(&conn)?;
+    conn.write_all(&msg)
+        .map_err(|e| format!("sending NBD_OPT_GO: {e}"))?;
+    let info = read_go_replies(&mut conn, &deadline)?;
+    Ok((conn, info))
+}
+
+/// Reads the server's greeting; returns the client flags to answer it with.
+fn read_greeting(conn: &mut Connection, deadline: &Deadline) -> Result<u32, String> {
     deadline.bound(conn)?;
     let mut greeting = [0u8; GREETING_BYTES];
     conn.read_exact(&mut greeting)
@@ -55,28 +103,42 @@ pub(crate) fn handshake(
     if server_flags & NBD_FLAG_NO_ZEROES != 0 {
         client_flags |= NBD_FLAG_C_NO_ZEROES;
     }
-    let data = ExportRequest {
-        export_name: export.to_string(),
-        info_types: vec![NBD_INFO_BLOCK_SIZE],
+    Ok(client_flags)
+}
+
+/// Reads the reply to `NBD_OPT_STARTTLS` and, when the server accepts, runs the TLS
+/// handshake on the socket. A refusal fails: the client asked for TLS and does not fall
+/// back to plaintext.
+fn start_tls(
+    mut conn: Connection,
+    tls: &ClientTls,
+    deadline: &Deadline,
+) -> Result<Connection, String> {
+    deadline.bound(&conn)?;
+    let (reply, data) = read_option_reply(&mut conn)?;
+    if reply.is_error() {
+        return Err(format!(
+            "the server does not offer TLS: it refused NBD_OPT_STARTTLS ({}): {}",
+            reply_name(reply.reply_type),
+            server_text(&data)
+        ));
     }
-    .encode()
-    .map_err(|_| "the export name is too long")?;
-    let header = OptionHeader {
-        option: NBD_OPT_GO,
-        // The name is at most NBD_STRING_BYTES_MAX bytes, so the length fits.
-        len_bytes: data.len() as u32,
-    };
-    let mut msg = ClientFlags {
-        flags: client_flags,
+    if reply.reply_type != NBD_REP_ACK {
+        return Err(format!(
+            "unexpected reply {} to NBD_OPT_STARTTLS",
+            reply.reply_type
+        ));
     }
-    .encode()
-    .to_vec();
-    msg.extend_from_slice(&header.encode());
-    msg.extend_from_slice(&data);
-    deadline.bound(conn)?;
-    conn.write_all(&msg)
-        .map_err(|e| format!("sending NBD_OPT_GO: {e}"))?;
-    read_go_replies(conn, &deadline)
+    let socket = conn
+        .into_socket()
+        .map_err(|_| "TLS is already on".to_string())?;
+    let stream = TlsStream::handshake(socket, tls, |socket| {
+        let left = deadline.left()?;
+        socket
+            .set_timeouts(Some(left), Some(left))
+            .map_err(|e| format!("setting a socket timeout: {e}"))
+    })?;
+    Ok(Connection::Tls(stream))
 }
 
 /// The deadline of a handshake.
@@ -86,13 +148,18 @@ struct Deadline {
 }
 
 impl Deadline {
-    /// Sets the socket's timeouts to what is left, or fails once nothing is.
-    fn bound(&self, conn: &Connection) -> Result<(), String> {
+    /// What is left, or why nothing is.
+    fn left(&self) -> Result<Duration, String> {
         let left = self.at.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(format!("the handshake took longer than {:?}", self.timeout));
         }
-        conn.set_timeout(Some(left))
+        Ok(left)
+    }
+
+    /// Sets the connection's timeouts to what is left, or fails once nothing is.
+    fn bound(&self, conn: &Connection) -> Result<(), String> {
+        conn.set_timeout(Some(self.left()?))
             .map_err(|e| format!("setting a socket timeout: {e}"))
     }
 }
@@ -121,13 +188,29 @@ fn greeting_read_failure(e: std::io::Error) -> String {
 fn read_go_replies(conn: &mut Connection, deadline: &Deadline) -> Result<ExportInfo, String> {
     let mut export = None;
     let mut block_sizes = BlockSizes::DEFAULT;
+    let mut first = true;
     loop {
         deadline.bound(conn)?;
-        let (reply, data) = read_option_reply(conn)?;
+        let (reply, data) = read_option_reply(conn).map_err(|e| {
+            // TLS 1.3 ends the client's handshake before the server has checked the
+            // client's certificate: a server that refuses it closes the connection here.
+            if first && conn.is_tls() {
+                format!("{e} (the server may have refused this client's certificate)")
+            } else {
+                e
+            }
+        })?;
+        first = false;
+        if reply.reply_type == NBD_REP_ERR_TLS_REQD && !conn.is_tls() {
+            return Err(format!(
+                "the server requires TLS (connect with nbds:// and TLS credentials): {}",
+                server_text(&data)
+            ));
+        }
         if reply.is_error() {
             return Err(format!(
-                "the server refused the export (reply {:#x}): {}",
-                reply.reply_type,
+                "the server refused the export ({}): {}",
+                reply_name(reply.reply_type),
                 server_text(&data)
             ));
         }
@@ -168,6 +251,21 @@ fn read_option_reply(conn: &mut Connection) -> Result<(OptionReplyHeader, Vec<u8
     conn.read_exact(&mut data)
         .map_err(|e| format!("reading an option reply: {e}"))?;
     Ok((reply, data))
+}
+
+/// An option reply's type as messages name it (the protocol's name, and the number).
+fn reply_name(reply_type: u32) -> String {
+    let name = match reply_type {
+        NBD_REP_ERR_UNSUP => "unsupported",
+        NBD_REP_ERR_POLICY => "forbidden by policy",
+        NBD_REP_ERR_INVALID => "invalid",
+        NBD_REP_ERR_TLS_REQD => "TLS required",
+        NBD_REP_ERR_UNKNOWN => "unknown export",
+        NBD_REP_ERR_SHUTDOWN => "shutting down",
+        NBD_REP_ERR_BLOCK_SIZE_REQD => "block size required",
+        _ => "reply",
+    };
+    format!("{name}, {reply_type:#x}")
 }
 
 /// A server's message as it may go into errors, logs and status: at most the protocol's

@@ -4,9 +4,14 @@
 //! - [`protocol`]: every constant and message, with pure encode and decode functions for
 //!   both directions, so that a client and a server share one encoder.
 //! - [`sizes`]: an export's size constraints and the request sizes derived from them.
-//! - [`address`]: where an export is, and the `nbd://` / `nbd+unix://` URIs that name it.
-//! - `connection`: the byte stream (TCP or a unix socket), timeouts and shutdown.
-//! - `handshake`: the client side of the fixed-newstyle handshake (`NBD_OPT_GO`).
+//! - [`address`]: where an export is, and the `nbd://` / `nbd+unix://` URIs that name it
+//!   (`nbds://` / `nbds+unix://` with TLS).
+//! - `connection`: the byte stream (TCP or a unix socket, plain or under TLS), timeouts and
+//!   shutdown.
+//! - `tls_stream`: the client's TLS: credentials and server name per export, the TLS
+//!   handshake, and the blocking TLS stream a sender and a reader thread share.
+//! - `handshake`: the client side of the fixed-newstyle handshake (`NBD_OPT_STARTTLS`,
+//!   `NBD_OPT_GO`).
 //! - [`client`]: a blocking client that many threads share over one connection.
 //! - [`server`]: ferry's NBD server, exporting volumes (TLS, structured replies,
 //!   `base:allocation`, several connections per export).
@@ -21,6 +26,7 @@ pub(crate) mod handshake;
 pub mod protocol;
 pub mod server;
 pub mod sizes;
+pub(crate) mod tls_stream;
 
 pub use address::{ExportUri, NbdAddress, UriError, NBD_DEFAULT_PORT};
 pub use client::{ClientError, ClientOptions, NbdClient, REQUEST_TIMEOUT_DEFAULT};

@@ -1,7 +1,8 @@
-//! Tests of credential loading and of the allow-list, with certificates made by `openssl`.
+//! Tests of credential loading and of the allow-list, with certificates made by `openssl`
+//! (`ferry_test_support::pki`).
 
 use super::*;
-use std::process::Command;
+use ferry_test_support::pki::{Pki, Subject};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -13,80 +14,26 @@ fn error_text<T, E: std::fmt::Display>(result: Result<T, E>) -> Result<String, S
     }
 }
 
-/// Makes a CA, a server pair and a client pair in `dir` with the `openssl` command, the way
-/// an operator would for QEMU (RSA keys, the key usages GnuTLS checks).
+/// Makes a CA, a server pair (`localhost`, `127.0.0.1`) and a client pair named `client_cn`
+/// (also its DNS name) in `dir` in QEMU's layout, with the shared test support's [`Pki`].
+/// Each call makes a CA of its own.
 pub(crate) fn make_credentials(dir: &Path, client_cn: &str) -> TestResult {
-    let run = |args: &[&str]| -> TestResult {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()?;
-        if !out.status.success() {
-            return Err(
-                format!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr)).into(),
-            );
-        }
-        Ok(())
+    let pki = Pki::new("ferry test CA")?;
+    let server = pki.server_credentials("server", &Subject::named("localhost"))?;
+    let client_subject = Subject {
+        common_name: client_cn,
+        dns_names: &[client_cn],
+        ip_addresses: &[],
     };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca-key.pem",
-        "-out",
-        "ca-cert.pem",
-        "-days",
-        "3",
-        "-subj",
-        "/CN=ferry test CA",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-    ])?;
-    for (role, cn, usage) in [
-        ("server", "localhost", "serverAuth"),
-        ("client", client_cn, "clientAuth"),
+    let client = pki.credentials("client", &client_subject)?;
+    for (from, file) in [
+        (&server, CA_CERT_FILE),
+        (&server, SERVER_CERT_FILE),
+        (&server, SERVER_KEY_FILE),
+        (&client, CLIENT_CERT_FILE),
+        (&client, CLIENT_KEY_FILE),
     ] {
-        std::fs::write(
-            dir.join(format!("{role}.ext")),
-            format!(
-                "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n\
-                 extendedKeyUsage={usage}\nsubjectAltName=DNS:{cn},IP:127.0.0.1\n"
-            ),
-        )?;
-        run(&[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            &format!("{role}-key.pem"),
-            "-out",
-            &format!("{role}.csr"),
-            "-subj",
-            &format!("/O=ferry tests/CN={cn}"),
-        ])?;
-        run(&[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{role}.csr"),
-            "-CA",
-            "ca-cert.pem",
-            "-CAkey",
-            "ca-key.pem",
-            "-CAcreateserial",
-            "-out",
-            &format!("{role}-cert.pem"),
-            "-days",
-            "3",
-            "-extfile",
-            &format!("{role}.ext"),
-        ])?;
+        std::fs::copy(from.join(file), dir.join(file))?;
     }
     Ok(())
 }
@@ -150,7 +97,8 @@ fn peer_identity_and_allow_list() -> TestResult {
     let cert = CertificateDer::from_pem_slice(&pem)?;
     let peer = PeerIdentity::of(&cert).ok_or("unparsable certificate")?;
     assert_eq!(peer.common_names, vec!["client1.example".to_string()]);
-    assert_eq!(peer.dns_names, vec!["client1.example".to_string()]);
+    // The test CA gives every certificate `localhost` too.
+    assert_eq!(peer.dns_names, vec!["localhost", "client1.example"]);
     assert_eq!(peer.distinguished_name, "CN=client1.example,O=ferry tests");
     assert_eq!(peer.display_name(), "client1.example");
 
@@ -167,6 +115,23 @@ fn peer_identity_and_allow_list() -> TestResult {
     by_dn.add("CN=client1.example,O=ferry tests")?;
     assert!(by_dn.check(&peer).is_ok());
     assert!(TlsAuthz::parse("a,,b").is_err());
+    Ok(())
+}
+
+#[test]
+fn repeated_options_take_lists_and_whole_distinguished_names() -> TestResult {
+    let peer = PeerIdentity {
+        distinguished_name: "CN=b,O=Example, Inc.".into(),
+        common_names: vec!["b".into()],
+        dns_names: Vec::new(),
+    };
+    let values = ["a,c".to_string(), "CN=b,O=Example, Inc.".to_string()];
+    let authz = TlsAuthz::from_options(&values)?;
+    assert!(authz.check(&peer).is_ok(), "the whole DN is one name");
+    let only_list = TlsAuthz::from_options(&values[..1])?;
+    assert!(only_list.check(&peer).is_err());
+    assert!(TlsAuthz::from_options(&[]).map(|a| a.allows_all())?);
+    assert!(TlsAuthz::from_options(&["a,".to_string()]).is_err());
     Ok(())
 }
 

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::observer::{ObserverList, ObserverSet, WriteObserver};
+use crate::tls::TlsCredentials;
 pub use nbd_export::NbdExport;
 pub use stats::VolumeStats;
 
@@ -51,6 +52,10 @@ pub struct VolumeConfig {
     /// (0, the default: a 512-byte sector). An NBD export that needs larger blocks is
     /// refused unless this covers them.
     pub request_block_bytes: u64,
+    /// The TLS credentials of a volume on an NBD export (`tls-creds=`): with them every
+    /// connection to the export uses TLS, whatever the URI's scheme; an `nbds://` URI
+    /// needs them.
+    pub nbd_tls: Option<Arc<TlsCredentials>>,
 }
 
 impl VolumeConfig {
@@ -64,7 +69,8 @@ impl VolumeConfig {
 /// it in use.
 #[derive(Debug)]
 pub struct Backing {
-    /// The path of a file, or the URI of an NBD export (`nbd://…`, `nbd+unix://…`).
+    /// The path of a file, or the URI of an NBD export (`nbd://…`, `nbd+unix://…`,
+    /// `nbds://…`, `nbds+unix://…`).
     pub path: PathBuf,
     pub kind: BackingKind,
     pub base_offset_bytes: u64,

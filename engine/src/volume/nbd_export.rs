@@ -1,6 +1,7 @@
-//! An NBD export as a volume's backing: where it is, what the server offers (flags and size
-//! constraints: an export whose minimum block size exceeds a sector is refused at open), and
-//! the connections made outside the queues (the probe at open, the flush on shutdown, the
+//! An NBD export as a volume's backing: where it is, how it is reached (plain or over TLS,
+//! with the volume's credentials), what the server offers (flags and size constraints: an
+//! export whose minimum block size exceeds a sector is refused at open), and the
+//! connections made outside the queues (the probe at open, the flush on shutdown, the
 //! mirror copier's reads). Each queue's own connection is made by [`NbdExport::connect`]
 //! and driven by [`super::nbd_queue`].
 
@@ -15,7 +16,9 @@ use crate::nbd::protocol::{
     NBD_FLAG_CAN_MULTI_CONN, NBD_FLAG_READ_ONLY, NBD_FLAG_SEND_FLUSH, NBD_FLAG_SEND_FUA,
     NBD_FLAG_SEND_TRIM, NBD_FLAG_SEND_WRITE_ZEROES,
 };
+use crate::nbd::tls_stream::ClientTls;
 use crate::nbd::{BlockSizes, ClientOptions, ExportUri, NbdClient};
+use crate::tls::TlsCredentials;
 
 /// How long a connection attempt (TCP connect, then the handshake) may take. A queue makes
 /// its attempts on its worker thread, so this also bounds how long one request can stall.
@@ -32,6 +35,11 @@ pub struct NbdExport {
     block_sizes: BlockSizes,
     /// What the volume's requests are whole multiples of (its logical block).
     request_block_bytes: u64,
+    /// The credentials connections present (TLS on every connection when given).
+    credentials: Option<Arc<TlsCredentials>>,
+    /// What every connection's TLS handshake uses, built once so that the queues'
+    /// connections share one configuration (and its session tickets).
+    tls: Option<ClientTls>,
     /// A blocking client for reads outside the queues (a migration away from this export),
     /// connected on first use.
     reader: Mutex<Option<Arc<NbdClient>>>,
@@ -41,6 +49,7 @@ impl std::fmt::Debug for NbdExport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NbdExport")
             .field("uri", &self.uri)
+            .field("tls", &self.tls.is_some())
             .field("size_bytes", &self.size_bytes)
             .field("transmission_flags", &self.transmission_flags)
             .field("block_sizes", &self.block_sizes)
@@ -48,8 +57,9 @@ impl std::fmt::Debug for NbdExport {
     }
 }
 
-/// Parses a volume path that names an NBD export (`nbd://HOST[:PORT]/EXPORT` or
-/// `nbd+unix:///EXPORT?socket=PATH`); `None` for anything else (a file path).
+/// Parses a volume path that names an NBD export (`nbd://HOST[:PORT]/EXPORT`,
+/// `nbd+unix:///EXPORT?socket=PATH`, or `nbds://…` / `nbds+unix://…` over TLS); `None` for
+/// anything else (a file path).
 pub fn parse_uri(path: &Path) -> Option<Result<ExportUri, String>> {
     let text = path.to_str()?;
     if !ExportUri::has_scheme(text) {
@@ -63,10 +73,17 @@ impl NbdExport {
     /// Connects once to learn the export's size, flags and size constraints, then
     /// disconnects. Refuses constraints the volume's requests, whole multiples of
     /// `request_block_bytes`, cannot meet (a larger minimum block size), with a reason that
-    /// names both sizes.
-    pub fn probe(location: &ExportUri, request_block_bytes: u64) -> Result<Self, String> {
+    /// names both sizes. With `credentials` every connection uses TLS (see
+    /// [`ClientOptions::tls`]).
+    pub fn probe(
+        location: &ExportUri,
+        request_block_bytes: u64,
+        credentials: Option<Arc<TlsCredentials>>,
+    ) -> Result<Self, String> {
         let uri = location.to_string();
-        let (conn, info) = open_conn(location)?;
+        let tls = ClientTls::for_uri(location, credentials.as_deref())
+            .map_err(|e| format!("{uri}: {e}"))?;
+        let (conn, info) = open_conn(location, tls.as_ref())?;
         conn.disconnect();
         info.block_sizes
             .check_usable(request_block_bytes)
@@ -97,13 +114,20 @@ impl NbdExport {
             transmission_flags,
             block_sizes,
             request_block_bytes,
+            credentials,
+            tls,
             reader: Mutex::new(None),
         })
     }
 
-    /// The export as a URI (`nbd://…` or `nbd+unix://…`).
+    /// The export as a URI (`nbd://…`, `nbd+unix://…`, `nbds://…` or `nbds+unix://…`).
     pub fn uri(&self) -> &str {
         &self.uri
+    }
+
+    /// True when the connections use TLS.
+    pub fn uses_tls(&self) -> bool {
+        self.tls.is_some()
     }
 
     pub fn size_bytes(&self) -> u64 {
@@ -154,7 +178,7 @@ impl NbdExport {
     /// export whose size, flags or size constraints changed since open (another export now
     /// answers): the queues split and align requests by what the probe learned.
     pub(crate) fn connect(&self) -> Result<Connection, String> {
-        let (conn, info) = open_conn(&self.location)?;
+        let (conn, info) = open_conn(&self.location, self.tls.as_ref())?;
         let was = ExportInfo {
             size_bytes: self.size_bytes,
             transmission_flags: self.transmission_flags,
@@ -216,6 +240,7 @@ impl NbdExport {
             request_timeout: SIDE_REQUEST_TIMEOUT,
             accept_read_only: true,
             request_block_bytes: self.request_block_bytes,
+            tls: self.credentials.clone(),
         };
         let client =
             NbdClient::connect(&self.location, &options).map_err(|e| self.side_error(e))?;
@@ -226,10 +251,13 @@ impl NbdExport {
 }
 
 /// Connects and negotiates the export; returns the connection and what the server told.
-fn open_conn(location: &ExportUri) -> Result<(Connection, ExportInfo), String> {
-    let mut conn = Connection::connect(&location.address, CONNECT_TIMEOUT)
+fn open_conn(
+    location: &ExportUri,
+    tls: Option<&ClientTls>,
+) -> Result<(Connection, ExportInfo), String> {
+    let conn = Connection::connect(&location.address, CONNECT_TIMEOUT)
         .map_err(|e| format!("cannot connect to {location}: {e}"))?;
-    let info = handshake(&mut conn, &location.export, CONNECT_TIMEOUT)
+    let (conn, info) = handshake(conn, &location.export, CONNECT_TIMEOUT, tls)
         .map_err(|e| format!("{location}: NBD handshake: {e}"))?;
     conn.set_timeout(None)
         .map_err(|e| format!("{location}: {e}"))?;
@@ -255,8 +283,9 @@ mod tests {
                 socket: socket.clone(),
             },
             export: "e".into(),
+            tls: false,
         };
-        let reason = NbdExport::probe(&location, 512)
+        let reason = NbdExport::probe(&location, 512, None)
             .err()
             .ok_or("the export was accepted")?;
         assert_eq!(
@@ -272,7 +301,7 @@ mod tests {
         // A volume of 4 KiB logical blocks takes it.
         std::fs::remove_file(&socket)?;
         let server = fake_server(&socket, 1 << 20, vec![block_size_info(4096, 4096, 1 << 20)])?;
-        let export = NbdExport::probe(&location, 4096)?;
+        let export = NbdExport::probe(&location, 4096, None)?;
         assert_eq!(export.block_sizes().block_bytes_min, 4096);
         served(server)?;
         Ok(())

@@ -75,7 +75,12 @@ fn open_nbd(
     };
     let location = parsed
         .map_err(|reason| nbd_err(format!("bad NBD URI {}: {reason}", config.path.display())))?;
-    let export = NbdExport::probe(&location, config.request_block_bytes()).map_err(nbd_err)?;
+    let export = NbdExport::probe(
+        &location,
+        config.request_block_bytes(),
+        config.nbd_tls.clone(),
+    )
+    .map_err(nbd_err)?;
     let len_bytes = slice_len(config, export.size_bytes())?;
     Ok(Backing {
         path: PathBuf::from(export.uri()),

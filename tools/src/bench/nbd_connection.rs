@@ -34,12 +34,8 @@ pub struct Target {
 impl Target {
     /// Parses `nbd://`, `nbd+unix://`, `nbds://` or `nbds+unix://`.
     pub fn parse(text: &str) -> anyhow::Result<Self> {
-        let (plain, tls) = match text.strip_prefix("nbds") {
-            Some(rest) => (format!("nbd{rest}"), true),
-            None => (text.to_string(), false),
-        };
-        let uri = ExportUri::parse(&plain).map_err(|e| anyhow::anyhow!("--nbd {text}: {e}"))?;
-        Ok(Self { uri, tls })
+        let uri = ExportUri::parse(text).map_err(|e| anyhow::anyhow!("--nbd {text}: {e}"))?;
+        Ok(Self { tls: uri.tls, uri })
     }
 }
 

@@ -141,7 +141,7 @@ fn nbd_export(daemon: &Daemon, name: &str) -> Value {
 fn query_volumes(daemon: &Daemon, _: &Value) -> Result<Value, ControlError> {
     use std::sync::atomic::Ordering::SeqCst;
     Ok(daemon
-        .volumes
+        .volumes()
         .iter()
         .map(|v| {
             let backing = v.volume.backing();
@@ -150,6 +150,7 @@ fn query_volumes(daemon: &Daemon, _: &Value) -> Result<Value, ControlError> {
                 "path": backing.path,
                 "backing": if backing.nbd().is_some() { "nbd" } else { "file" },
                 "nbd-block-sizes": backing.nbd().map(|e| e.block_sizes()),
+                "backing-tls": backing.nbd().map(|e| e.uses_tls()),
                 "offset": backing.base_offset_bytes,
                 "size": backing.len_bytes,
                 "socket": v.socket,

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use ferry_engine::mirror::{
     DestinationSpec, MigrationError, MigrationJob, MigrationOptions, MirrorMode,
 };
+use ferry_engine::tls::TlsCredentials;
 use serde_json::{json, Value};
 
 use super::ControlError;
@@ -106,13 +107,40 @@ pub fn migrate_start(daemon: &Daemon, args: &Value) -> Result<Value, ControlErro
         .ok_or_else(|| ControlError::bad_argument("target is missing"))?;
     let target =
         DestinationSpec::parse(target).map_err(|e| ControlError::bad_argument(e.to_string()))?;
-    let options = options(args)?;
+    let mut options = options(args)?;
+    options.nbd_tls = target_tls(daemon, args, &target)?;
     let lookup = |name: &str| daemon.volume(name).map(|v| v.volume.clone());
     let job = daemon
         .migrations
         .start_named(&names, lookup, target, options)
         .map_err(error)?;
     Ok(json!({ "job": job.id() }))
+}
+
+/// The credentials for an NBD target: `tls-creds` (a directory the daemon reads), or the
+/// daemon's own `--tls-creds` for an `nbds://` target. Credentials make an `nbd://`
+/// connection use TLS too, so the daemon's are not given to those.
+fn target_tls(
+    daemon: &Daemon,
+    args: &Value,
+    target: &DestinationSpec,
+) -> Result<Option<Arc<TlsCredentials>>, ControlError> {
+    let wants_tls = matches!(target, DestinationSpec::Nbd(uri) if uri.tls);
+    if args.get("tls-creds").is_some() && matches!(target, DestinationSpec::File(_)) {
+        return Err(ControlError::bad_argument(
+            "tls-creds is for an NBD target (nbds://… or nbd://…)",
+        ));
+    }
+    match args.get("tls-creds") {
+        Some(Value::String(dir)) => TlsCredentials::load(std::path::Path::new(dir))
+            .map(|c| Some(Arc::new(c)))
+            .map_err(|e| ControlError::bad_argument(e.to_string())),
+        Some(_) => Err(ControlError::bad_argument(
+            "tls-creds must be a directory path",
+        )),
+        None if wants_tls => Ok(daemon.tls.clone()),
+        None => Ok(None),
+    }
 }
 
 pub fn query_migrations(daemon: &Daemon, _: &Value) -> Result<Value, ControlError> {

@@ -1,9 +1,8 @@
 //! `ferry journal init|status|retrieve|seal|clear|mark`: a running daemon's journal, through
-//! its control socket. The status is read into the daemon's own [`JournalStatus`], so a field
+//! its control socket or TCP listener. The status is read into the daemon's own [`JournalStatus`], so a field
 //! the daemon renames is an error here, not a silent 0.
 
 use std::io::Write;
-use std::path::Path;
 
 use anyhow::Context;
 use ferry_engine::journal::format::GapInfo;
@@ -14,34 +13,38 @@ use serde_json::json;
 
 use super::EntryFormat;
 use crate::control::journal_commands::RETRIEVE_PAGE_MAX;
-use crate::control_client::{daemon_error, exchange, request};
+use crate::control_client::{daemon_error, ControlClient};
 
-pub fn init(control: &Path, label: &str) -> anyhow::Result<()> {
+pub fn init(control: &ControlClient, label: &str) -> anyhow::Result<()> {
     print_reply(control, "journal-init", json!({ "label": label }))
 }
 
-pub fn seal(control: &Path) -> anyhow::Result<()> {
+pub fn seal(control: &ControlClient) -> anyhow::Result<()> {
     print_reply(control, "journal-seal", json!({}))
 }
 
-pub fn clear(control: &Path) -> anyhow::Result<()> {
+pub fn clear(control: &ControlClient) -> anyhow::Result<()> {
     print_reply(control, "journal-clear", json!({}))
 }
 
-pub fn mark(control: &Path, label: &str) -> anyhow::Result<()> {
+pub fn mark(control: &ControlClient, label: &str) -> anyhow::Result<()> {
     print_reply(control, "journal-mark", json!({ "label": label }))
 }
 
 /// Sends `command` and prints the daemon's reply as it is (pretty JSON).
-fn print_reply(control: &Path, command: &str, arguments: serde_json::Value) -> anyhow::Result<()> {
-    let reply = request(control, command, arguments)?;
+fn print_reply(
+    control: &ControlClient,
+    command: &str,
+    arguments: serde_json::Value,
+) -> anyhow::Result<()> {
+    let reply = control.request(command, arguments)?;
     println!("{}", serde_json::to_string_pretty(&reply)?);
     Ok(())
 }
 
 /// `ferry journal status`: the reply as it is with `--json`, else for a person.
-pub fn status(control: &Path, json: bool) -> anyhow::Result<()> {
-    let reply = request(control, "journal-status", json!({}))?;
+pub fn status(control: &ControlClient, json: bool) -> anyhow::Result<()> {
+    let reply = control.request("journal-status", json!({}))?;
     if json {
         println!("{}", serde_json::to_string(&reply)?);
     } else {
@@ -207,7 +210,7 @@ fn print_entries(
 /// the newest entry the daemon held when the first page was taken, and prints them as they
 /// come (a log of millions of entries never sits whole in either process).
 pub fn retrieve(
-    control: &Path,
+    control: &ControlClient,
     since: u64,
     format: EntryFormat,
     page: usize,
@@ -226,7 +229,7 @@ pub fn retrieve(
     let mut warned = false;
     loop {
         let arguments = json!({ "since_seq": since, "limit": page });
-        let line = exchange(control, "journal-retrieve", arguments)?;
+        let line = control.exchange("journal-retrieve", arguments)?;
         #[derive(serde::Deserialize)]
         struct Reply<'a> {
             #[serde(borrow, rename = "return")]

@@ -1,5 +1,5 @@
 //! `ferry journal ...`: the subcommands, split into `control` of a running daemon's journal
-//! (through its control socket: init, status, retrieve, seal, clear, mark) and `offline`
+//! (through its control socket or TCP listener: init, status, retrieve, seal, clear, mark) and `offline`
 //! tools on media (list, verify, restore, demux, export, format spares).
 
 mod control;
@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use ferry_engine::journal::restore::{RestoreOptions, Until};
 
 use crate::control::journal_commands::RETRIEVE_PAGE_DEFAULT;
+use crate::control_client::ControlArgs;
 
 /// Formats `export` can write.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,23 +107,23 @@ pub enum JournalCommand {
     },
     /// Start a new log on a running daemon's journal.
     Init {
-        #[arg(long)]
-        control: PathBuf,
+        #[command(flatten)]
+        control: ControlArgs,
         #[arg(long)]
         label: String,
     },
     /// Show a running daemon's journal status.
     Status {
-        #[arg(long)]
-        control: PathBuf,
+        #[command(flatten)]
+        control: ControlArgs,
         /// The control socket's JSON reply, for scripts.
         #[arg(long)]
         json: bool,
     },
     /// Fetch log entries from a running daemon's journal.
     Retrieve {
-        #[arg(long)]
-        control: PathBuf,
+        #[command(flatten)]
+        control: ControlArgs,
         #[arg(long, default_value_t = 0)]
         since: u64,
         #[arg(long, value_enum, default_value = "jsonl")]
@@ -133,18 +134,18 @@ pub enum JournalCommand {
     },
     /// Seal the current medium (write its trailer) and continue on the next.
     Seal {
-        #[arg(long)]
-        control: PathBuf,
+        #[command(flatten)]
+        control: ControlArgs,
     },
     /// Drop the daemon's in-memory log.
     Clear {
-        #[arg(long)]
-        control: PathBuf,
+        #[command(flatten)]
+        control: ControlArgs,
     },
     /// Record a named point in the journal.
     Mark {
-        #[arg(long)]
-        control: PathBuf,
+        #[command(flatten)]
+        control: ControlArgs,
         #[arg(long)]
         label: String,
     },
@@ -199,16 +200,16 @@ pub fn run(cmd: JournalCommand) -> anyhow::Result<()> {
             device,
             json,
         } => offline::format(&dir, spares, capacity.as_deref(), &device, json),
-        JournalCommand::Init { control, label } => control::init(&control, &label),
-        JournalCommand::Status { control, json } => control::status(&control, json),
+        JournalCommand::Init { control: c, label } => control::init(&c.client()?, &label),
+        JournalCommand::Status { control: c, json } => control::status(&c.client()?, json),
         JournalCommand::Retrieve {
-            control,
+            control: c,
             since,
             format,
             page,
-        } => control::retrieve(&control, since, format, page),
-        JournalCommand::Seal { control } => control::seal(&control),
-        JournalCommand::Clear { control } => control::clear(&control),
-        JournalCommand::Mark { control, label } => control::mark(&control, &label),
+        } => control::retrieve(&c.client()?, since, format, page),
+        JournalCommand::Seal { control: c } => control::seal(&c.client()?),
+        JournalCommand::Clear { control: c } => control::clear(&c.client()?),
+        JournalCommand::Mark { control: c, label } => control::mark(&c.client()?, &label),
     }
 }

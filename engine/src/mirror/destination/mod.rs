@@ -98,13 +98,14 @@ pub trait Destination: Send + Sync {
 pub enum DestinationSpec {
     /// A local file or block device (created sparse when missing).
     File(PathBuf),
-    /// An NBD export: `nbd://HOST[:PORT]/EXPORT` or `nbd+unix:///EXPORT?socket=PATH`.
+    /// An NBD export: `nbd://HOST[:PORT]/EXPORT` or `nbd+unix:///EXPORT?socket=PATH`, or
+    /// their TLS forms `nbds://…` and `nbds+unix://…`.
     Nbd(ExportUri),
 }
 
 impl DestinationSpec {
-    /// Parses `nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`, or a path
-    /// (optionally `file:PATH`).
+    /// Parses `nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH` (or `nbds://…`,
+    /// `nbds+unix://…`), or a path (optionally `file:PATH`).
     pub fn parse(text: &str) -> Result<Self, DestinationError> {
         let bad = |reason: &str| DestinationError::BadSpec {
             text: text.to_string(),
@@ -116,7 +117,9 @@ impl DestinationSpec {
                 .map_err(|e| bad(e.reason));
         }
         if text.contains("://") {
-            return Err(bad("unknown scheme (use a path, nbd:// or nbd+unix://)"));
+            return Err(bad(
+                "unknown scheme (use a path, nbd://, nbd+unix://, nbds:// or nbds+unix://)",
+            ));
         }
         let path = text.strip_prefix("file:").unwrap_or(text);
         if path.is_empty() {
@@ -149,7 +152,8 @@ mod tests {
                     host: "127.0.0.1".into(),
                     port: 10810
                 },
-                export: "disk0".into()
+                export: "disk0".into(),
+                tls: false
             })
         );
         assert_eq!(
@@ -162,7 +166,8 @@ mod tests {
                 address: NbdAddress::Unix {
                     socket: "/tmp/s.sock".into()
                 },
-                export: "disk".into()
+                export: "disk".into(),
+                tls: false
             })
         );
         Ok(())

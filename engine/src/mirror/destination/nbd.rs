@@ -1,10 +1,13 @@
 //! An NBD export as a migration destination: the blocking [`NbdClient`] behind the
-//! [`Destination`] interface, its errors naming the export as the operator's target.
+//! [`Destination`] interface (over TLS with the job's credentials), its errors naming the
+//! export as the operator's target.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::{Destination, DestinationError};
 use crate::nbd::{BlockSizes, ClientError, ClientOptions, ExportUri, NbdClient};
+use crate::tls::TlsCredentials;
 
 /// An NBD export opened for a mirror.
 pub struct NbdDestination {
@@ -15,17 +18,20 @@ pub struct NbdDestination {
 impl NbdDestination {
     /// Connects to the export and negotiates it. A read-only export is refused (a migration
     /// writes to it), and so is one whose minimum block size exceeds `request_block_bytes`,
-    /// what every request of the job is whole multiples of.
+    /// what every request of the job is whole multiples of. With `tls` the connection uses
+    /// TLS (see [`ClientOptions::tls`]).
     pub fn connect(
         uri: &ExportUri,
         request_timeout: Duration,
         request_block_bytes: u64,
+        tls: Option<Arc<TlsCredentials>>,
     ) -> Result<Self, DestinationError> {
         let name = uri.to_string();
         let options = ClientOptions {
             request_timeout,
             accept_read_only: false,
             request_block_bytes,
+            tls,
         };
         let client = NbdClient::connect(uri, &options).map_err(|e| destination_error(&name, e))?;
         Ok(Self { name, client })
@@ -123,8 +129,9 @@ mod tests {
         let uri = ExportUri {
             address: NbdAddress::Unix { socket },
             export: "e".into(),
+            tls: false,
         };
-        let refused = NbdDestination::connect(&uri, crate::nbd::REQUEST_TIMEOUT_DEFAULT, 512);
+        let refused = NbdDestination::connect(&uri, crate::nbd::REQUEST_TIMEOUT_DEFAULT, 512, None);
         let Err(e @ DestinationError::Unusable { .. }) = refused else {
             return Err(format!("not refused as unusable: {:?}", refused.err()).into());
         };

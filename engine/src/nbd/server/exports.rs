@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::nbd::connection::Connection;
+use crate::nbd::connection::Socket;
 use crate::tls::{PeerIdentity, TlsAuthz};
 use crate::Volume;
 
@@ -71,7 +71,7 @@ struct Attached {
     id: u64,
     slot: u16,
     /// A handle on the connection's socket, to shut it down from another thread.
-    socket: Connection,
+    socket: Socket,
     client: String,
 }
 
@@ -141,7 +141,7 @@ impl Export {
     /// export keeps to shut the connection down.
     pub fn attach(
         self: &Arc<Self>,
-        socket: Connection,
+        socket: Socket,
         client: String,
     ) -> Result<Attachment, AttachRefused> {
         let mut connections = self.lock();
@@ -295,15 +295,15 @@ impl ExportTable {
 }
 
 /// A short name for a client in logs and status: its certificate's name, or its address.
-pub(crate) fn client_name(socket: &Connection, peer: Option<&PeerIdentity>) -> String {
+pub(crate) fn client_name(socket: &Socket, peer: Option<&PeerIdentity>) -> String {
     if let Some(peer) = peer {
         return peer.display_name().to_string();
     }
     match socket {
-        Connection::Tcp(s) => s
+        Socket::Tcp(s) => s
             .peer_addr()
             .map(|a| a.to_string())
             .unwrap_or_else(|_| "tcp client".into()),
-        Connection::Unix(_) => format!("unix client (fd {})", socket.as_raw_fd()),
+        Socket::Unix(_) => format!("unix client (fd {})", socket.as_raw_fd()),
     }
 }

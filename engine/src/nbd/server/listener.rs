@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use super::negotiation::{negotiate, HandshakeEnd};
 use super::transport::Transport;
 use super::{transmission, Shared};
-use crate::nbd::connection::Connection;
+use crate::nbd::connection::Socket;
 
 /// An address to listen on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,15 +127,15 @@ impl Listener {
         }
     }
 
-    fn accept(&self) -> io::Result<Connection> {
+    fn accept(&self) -> io::Result<Socket> {
         match self {
             Self::Tcp(l) => {
                 let (stream, _) = l.accept()?;
                 // Replies are small and latency bound, as requests are.
                 stream.set_nodelay(true)?;
-                Ok(Connection::Tcp(stream))
+                Ok(Socket::Tcp(stream))
             }
-            Self::Unix(l) => Ok(Connection::Unix(l.accept()?.0)),
+            Self::Unix(l) => Ok(Socket::Unix(l.accept()?.0)),
         }
     }
 }
@@ -198,7 +198,7 @@ pub(crate) fn accept_loop(shared: Arc<Shared>, listener: Listener, address: List
 }
 
 /// Negotiates, then serves the transmission phase, of one admitted connection.
-fn serve_connection(shared: &Shared, socket: Connection, admission: super::Admission) {
+fn serve_connection(shared: &Shared, socket: Socket, admission: super::Admission) {
     let deadline = Instant::now() + shared.options.handshake_timeout;
     let mut transport = Transport::plain(socket);
     match negotiate(shared, &mut transport, deadline) {

@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use rustls::ServerConfig;
 
-use crate::nbd::connection::Connection;
+use crate::nbd::connection::Socket;
 use crate::tls::{TlsAuthz, TlsCredentials, TlsError};
 use exports::{Export, ExportTable};
 pub use exports::{ExportConfig, ExportStatus, NBD_QUEUE_INDEX_BASE};
@@ -105,7 +105,7 @@ pub(crate) struct Shared {
     exports: ExportTable,
     stopping: AtomicBool,
     /// Admitted connections (handshakes included) and handles to shut them down.
-    connections: Mutex<Vec<(u64, Connection)>>,
+    connections: Mutex<Vec<(u64, Socket)>>,
     next_connection: AtomicU64,
     refused: AtomicU64,
     listeners: Mutex<Vec<(OwnedFd, ListenAddress)>>,
@@ -116,14 +116,14 @@ impl Shared {
         self.stopping.load(Ordering::Acquire)
     }
 
-    fn lock_connections(&self) -> MutexGuard<'_, Vec<(u64, Connection)>> {
+    fn lock_connections(&self) -> MutexGuard<'_, Vec<(u64, Socket)>> {
         self.connections
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Admits a new connection, or refuses it when the server is at its limit.
-    fn admit(self: &Arc<Self>, socket: &Connection) -> Option<Admission> {
+    fn admit(self: &Arc<Self>, socket: &Socket) -> Option<Admission> {
         let mut connections = self.lock_connections();
         if connections.len() >= self.options.connections_max {
             drop(connections);

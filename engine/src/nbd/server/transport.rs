@@ -16,7 +16,7 @@ use std::time::Duration;
 use nix::sys::socket::{sendmsg, MsgFlags};
 use rustls::{ServerConfig, ServerConnection};
 
-use crate::nbd::connection::Connection;
+use crate::nbd::connection::Socket;
 use crate::tls::PeerIdentity;
 
 /// Encrypted bytes rustls may hold for the socket before it accepts no more plaintext:
@@ -30,7 +30,7 @@ const TLS_PENDING_BYTES_MAX: usize = 256 << 10;
 const TLS_RECV_BYTES: usize = 256 * 1024;
 
 pub(crate) struct Transport {
-    socket: Connection,
+    socket: Socket,
     tls: Option<Box<ServerConnection>>,
     /// Encrypted bytes read from the socket; those from `tls_in_start` to `tls_in_end`
     /// are not yet given to rustls.
@@ -40,7 +40,7 @@ pub(crate) struct Transport {
 }
 
 impl Transport {
-    pub fn plain(socket: Connection) -> Self {
+    pub fn plain(socket: Socket) -> Self {
         Self {
             socket,
             tls: None,
@@ -50,7 +50,7 @@ impl Transport {
         }
     }
 
-    pub fn socket(&self) -> &Connection {
+    pub fn socket(&self) -> &Socket {
         &self.socket
     }
 
@@ -61,12 +61,12 @@ impl Transport {
     /// Bounds the blocking reads and writes of the handshake (`None`: unbounded).
     pub fn set_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         // A zero timeout means "none" to the socket: keep at least a millisecond.
-        self.socket
-            .set_timeout(timeout.map(|t| t.max(Duration::from_millis(1))))
+        let timeout = timeout.map(|t| t.max(Duration::from_millis(1)));
+        self.socket.set_timeouts(timeout, timeout)
     }
 
     pub fn set_nonblocking(&self) -> io::Result<()> {
-        self.socket.set_timeout(None)?;
+        self.socket.set_timeouts(None, None)?;
         self.socket.set_nonblocking(true)
     }
 

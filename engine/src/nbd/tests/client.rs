@@ -19,6 +19,7 @@ fn unix_uri(socket: &std::path::Path, export: &str) -> ExportUri {
             socket: socket.to_path_buf(),
         },
         export: export.to_string(),
+        tls: false,
     }
 }
 

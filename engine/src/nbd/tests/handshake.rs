@@ -37,8 +37,8 @@ fn a_trickling_server_cannot_stretch_the_handshake() -> Result<(), Box<dyn std::
     // The server trickles for ever: only the handshake's own deadline ends it.
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let mut conn = Connection::Unix(ours);
-        let _ = done_tx.send(handshake(&mut conn, "e", Duration::from_secs(1)).is_err());
+        let conn = Connection::Unix(ours);
+        let _ = done_tx.send(handshake(conn, "e", Duration::from_secs(1), None).is_err());
     });
     let failed = done_rx
         .recv_timeout(ferry_test_support::HANG_TIMEOUT)

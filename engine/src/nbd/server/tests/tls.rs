@@ -3,8 +3,10 @@
 //! whose certificate name is not listed.
 
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::sync::Arc;
 
+use ferry_test_support::pki::{Pki, Subject};
 use rustls::{ClientConnection, StreamOwned};
 
 use super::raw_client::{RawClient, Res, TestResult};
@@ -13,17 +15,21 @@ use crate::nbd::protocol::*;
 use crate::nbd::server::ServerOptions;
 use crate::tls::{server_name, TlsAuthz, TlsCredentials};
 
-fn tls_options(dir: &std::path::Path, authz: &str) -> Res<ServerOptions> {
-    ferry_test_support::pki::credentials(dir, "client1")?;
-    Ok(ServerOptions {
-        tls: Some(Arc::new(TlsCredentials::load(dir)?)),
+/// Credentials for both ends (a server pair and a client pair named `client1`, one CA),
+/// and server options requiring them with `authz` (comma-separated; empty: everyone).
+fn tls_options(authz: &str) -> Res<(Pki, PathBuf, ServerOptions)> {
+    let pki = Pki::new("ferry test CA")?;
+    let dir = pki.credentials("both", &Subject::named("client1"))?;
+    let options = ServerOptions {
+        tls: Some(Arc::new(TlsCredentials::load(&dir)?)),
         authz: if authz.is_empty() {
             TlsAuthz::default()
         } else {
             TlsAuthz::parse(authz)?
         },
         ..ServerOptions::default()
-    })
+    };
+    Ok((pki, dir, options))
 }
 
 /// STARTTLS on a raw client, then the rest of the session over TLS.
@@ -41,8 +47,8 @@ fn upgrade(
 
 #[test]
 fn forced_tls_refuses_options_before_starttls_then_serves() -> TestResult {
-    let creds = tempfile::tempdir()?;
-    let f = fixture(MIB, false, tls_options(creds.path(), "")?)?;
+    let (_pki, creds, options) = tls_options("")?;
+    let f = fixture(MIB, false, options)?;
     let mut c = f.client()?;
     assert_eq!(c.option_result(NBD_OPT_LIST, &[])?, NBD_REP_ERR_TLS_REQD);
     let go = ExportRequest {
@@ -53,7 +59,7 @@ fn forced_tls_refuses_options_before_starttls_then_serves() -> TestResult {
         c.option_result(NBD_OPT_GO, &go.encode()?)?,
         NBD_REP_ERR_TLS_REQD
     );
-    let mut c = upgrade(c, creds.path())?;
+    let mut c = upgrade(c, &creds)?;
     assert_eq!(c.option_result(NBD_OPT_STARTTLS, &[])?, NBD_REP_ERR_INVALID);
     c.go("v", true)?;
     c.write(1, 4096, &[6u8; 4096], NBD_CMD_FLAG_FUA)?;
@@ -66,8 +72,8 @@ fn forced_tls_refuses_options_before_starttls_then_serves() -> TestResult {
 
 #[test]
 fn export_name_before_tls_ends_the_session() -> TestResult {
-    let creds = tempfile::tempdir()?;
-    let f = fixture(MIB, false, tls_options(creds.path(), "")?)?;
+    let (_pki, _creds, options) = tls_options("")?;
+    let f = fixture(MIB, false, options)?;
     let mut c = f.client()?;
     c.send_option(NBD_OPT_EXPORT_NAME, b"v")?;
     assert!(is_closed(&mut c.s));
@@ -76,10 +82,10 @@ fn export_name_before_tls_ends_the_session() -> TestResult {
 
 #[test]
 fn a_client_not_in_tls_authz_is_dropped() -> TestResult {
-    let creds = tempfile::tempdir()?;
-    let f = fixture(MIB, false, tls_options(creds.path(), "someone-else")?)?;
+    let (_pki, creds, options) = tls_options("someone-else")?;
+    let f = fixture(MIB, false, options)?;
     let c = f.client()?;
-    let mut c = upgrade(c, creds.path())?;
+    let mut c = upgrade(c, &creds)?;
     assert!(
         c.option(NBD_OPT_LIST, &[]).is_err(),
         "the server answered a refused client"
@@ -89,9 +95,9 @@ fn a_client_not_in_tls_authz_is_dropped() -> TestResult {
 
 #[test]
 fn a_client_in_tls_authz_is_served() -> TestResult {
-    let creds = tempfile::tempdir()?;
-    let f = fixture(MIB, false, tls_options(creds.path(), "nobody,client1")?)?;
-    let mut c = upgrade(f.client()?, creds.path())?;
+    let (_pki, creds, options) = tls_options("nobody,client1")?;
+    let f = fixture(MIB, false, options)?;
+    let mut c = upgrade(f.client()?, &creds)?;
     c.go("v", false)?;
     c.request(NBD_CMD_FLUSH, 0, 3, 0, 0)?;
     assert_eq!(c.simple_reply()?.error, 0);

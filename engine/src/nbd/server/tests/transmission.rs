@@ -19,6 +19,7 @@ fn ferrys_own_client_reads_writes_trims_and_zeroes() -> TestResult {
             socket: f.socket.clone(),
         },
         export: "v".into(),
+        tls: false,
     };
     let c = NbdClient::connect(&uri, &ClientOptions::default())?;
     assert_eq!(c.size_bytes(), 8 * MIB);

@@ -26,6 +26,12 @@
 //!   `NBD_CMD_WRITE_ZEROES` without `NO_HOLE` (the server may deallocate): a discarded range
 //!   of a file volume reads back as zeros and the mirror relies on it, so the NBD path keeps
 //!   that; without `SEND_WRITE_ZEROES` it is `NBD_CMD_TRIM`, else success without effect.
+//! - TLS. An export reached over TLS (`tls.rs`, `link.rs`) keeps all of the above, with the
+//!   TLS session between the queue and the socket: requests are written into the session as
+//!   plaintext and its ciphertext is sent while the socket takes it (`POLLOUT` armed while
+//!   some waits); received ciphertext is decrypted and its plaintext parsed as on a plain
+//!   connection. A TLS error or the server's `close_notify` is a broken connection. The
+//!   plain path does not go through any of it.
 //! - Failure. A server error fails that request with its errno. A broken connection, a
 //!   reply with a bad magic or an unknown handle, a short reply, or no progress at all for
 //!   [`REPLY_TIMEOUT`] while requests are outstanding drop the connection: every request on
@@ -35,7 +41,6 @@
 //!   without a bound.
 
 use std::collections::VecDeque;
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -45,7 +50,6 @@ use nix::sys::socket::{recv, MsgFlags};
 
 use super::queue::slot::{Kind, Slot, ZeroStage};
 use super::NbdExport;
-use crate::nbd::connection::Connection;
 use crate::nbd::protocol::{
     errno_from_wire, RequestHeader, SimpleReply, NBD_CMD_FLAG_FUA, NBD_CMD_FLAG_NO_HOLE,
     NBD_CMD_FLUSH, NBD_CMD_READ, NBD_CMD_TRIM, NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES,
@@ -54,6 +58,11 @@ use crate::nbd::protocol::{
 use crate::reactor::ring::wake_eventfd;
 use crate::reactor::Ring;
 use crate::{IoFailure, IovecArray};
+
+mod link;
+mod tls;
+
+use link::Link;
 
 /// Marks the ring's `user_data` of this module's operations (request slots are below 2^32).
 pub(crate) const NBD_USER_DATA: u64 = 1 << 63;
@@ -126,7 +135,7 @@ enum RxState {
 /// they have completed.
 struct ClosedConn {
     epoch: u64,
-    _conn: Connection,
+    _link: Link,
     /// Its polls still in the kernel.
     polls: u32,
 }
@@ -141,7 +150,7 @@ pub(super) enum Started {
 /// A queue's connection to an NBD export and the commands on it.
 pub(super) struct NbdPath {
     export: Arc<NbdExport>,
-    conn: Option<Connection>,
+    conn: Option<Link>,
     /// Bumped per connection; stale poll completions of an earlier one are ignored.
     epoch: u64,
     retry_after: Option<Instant>,
@@ -297,9 +306,11 @@ impl NbdPath {
         if self.retry_after.is_some_and(|t| Instant::now() < t) {
             return Err(IoFailure::Os(libc::ENOTCONN));
         }
-        match self.export.connect() {
-            Ok(conn) => {
-                self.conn = Some(conn);
+        match self.export.connect().and_then(|conn| {
+            Link::new(conn).map_err(|e| format!("{}: TLS: {e}", self.export.uri()))
+        }) {
+            Ok(link) => {
+                self.conn = Some(link);
                 self.epoch += 1;
                 self.retry_after = None;
                 self.rx_state = RxState::Header;
@@ -329,7 +340,7 @@ impl NbdPath {
         } else {
             libc::POLLOUT
         };
-        let entry = opcode::PollAdd::new(types::Fd(conn.as_raw_fd()), events as u32)
+        let entry = opcode::PollAdd::new(types::Fd(conn.fd()), events as u32)
             .build()
             .user_data(self.user_data(op));
         // SAFETY: a poll refers to no memory of ours. The socket stays open until the poll
@@ -386,12 +397,19 @@ impl NbdPath {
             Ok(()) => self.arm_poll(ring, OP_POLL_IN),
             Err(reason) => self.fail_connection(ring, &reason),
         }
+        // A TLS session may answer what it received (a key update).
+        if self.conn.as_ref().is_some_and(Link::tls_wants_write) {
+            self.send(ring, slots);
+        }
     }
 
     /// Sends as much of the send queue as the socket takes; arms `POLLOUT` for the rest.
     pub(super) fn send(&mut self, ring: &mut Ring, slots: &mut [Slot]) {
+        if self.conn.as_ref().is_some_and(Link::is_tls) {
+            return self.send_tls(ring, slots);
+        }
         while !self.send_queue.is_empty() && !self.poll_out_armed {
-            let Some(fd) = self.conn.as_ref().map(Connection::as_raw_fd) else {
+            let Some(fd) = self.conn.as_ref().map(Link::fd) else {
                 return;
             };
             self.gather_send_iovecs(slots);
@@ -485,9 +503,12 @@ impl NbdPath {
 
     /// Reads what the socket holds and handles every complete reply in it.
     fn receive(&mut self, slots: &mut [Slot]) -> Result<(), String> {
-        let Some(fd) = self.conn.as_ref().map(Connection::as_raw_fd) else {
+        let Some(fd) = self.conn.as_ref().map(Link::fd) else {
             return Ok(());
         };
+        if self.conn.as_ref().is_some_and(Link::is_tls) {
+            return self.receive_tls(slots);
+        }
         let mut rx = std::mem::take(&mut self.rx);
         let mut result = Ok(());
         for _ in 0..RECV_ROUNDS_MAX {
@@ -598,17 +619,17 @@ impl NbdPath {
     /// Ends the connection (`NBD_CMD_DISC`, then shut down): every command on it fails,
     /// and the queue's owner is woken to reap them.
     pub(super) fn close_connection(&mut self, ring: &mut Ring) {
-        let Some(conn) = self.conn.take() else {
+        let Some(mut link) = self.conn.take() else {
             return;
         };
-        conn.disconnect();
+        link.disconnect();
         let polls = u32::from(self.poll_in_armed) + u32::from(self.poll_out_armed);
         if polls > 0 {
             // Its polls still name its descriptor: closed only once they have completed, so
             // that the number is not handed to another file while a poll may look it up.
             self.closed.push(ClosedConn {
                 epoch: self.epoch,
-                _conn: conn,
+                _link: link,
                 polls,
             });
         }
@@ -653,8 +674,8 @@ impl NbdPath {
 
 impl Drop for NbdPath {
     fn drop(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            conn.disconnect();
+        if let Some(mut link) = self.conn.take() {
+            link.disconnect();
         }
     }
 }

@@ -1,0 +1,60 @@
+//! One control connection's requests, over any stream (the unix socket, or TLS over TCP):
+//! read a line within its bounds, run it, write the reply, until the client leaves, says
+//! nothing for too long, or breaks the framing.
+
+use std::io::Write;
+
+use ferry_engine::peer::control_protocol::{
+    class, error_reply, LineDeadlines, LineError, LineReader, TimedRead, REQUEST_BYTES_MAX,
+};
+
+use super::{handle_line, Caller};
+use crate::daemon::Daemon;
+
+/// Serves requests on `stream` until it ends. `deadlines` bound the wait for each request
+/// and each request's arrival (none on the unix socket, whose clients are local).
+pub fn serve_connection<S: TimedRead + Write>(
+    stream: &mut S,
+    daemon: &Daemon,
+    caller: &Caller,
+    deadlines: LineDeadlines,
+) {
+    let mut reader = LineReader::new(REQUEST_BYTES_MAX);
+    loop {
+        let line = match reader.read_line(stream, deadlines) {
+            Ok(Some(line)) => line,
+            Ok(None) => return,
+            Err(LineError::TooLong { .. }) => {
+                let _ = reply(
+                    stream,
+                    &error_reply(class::GENERIC, "request too long", None),
+                );
+                return;
+            }
+            Err(LineError::TimedOut(bound)) => {
+                log::debug!("control: {caller}: closed after {bound:?} without a whole request");
+                return;
+            }
+            Err(e) => {
+                log::debug!("control: {caller}: {e}");
+                return;
+            }
+        };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let answer = handle_line(daemon, caller, &line);
+        if reply(stream, &answer).is_err() {
+            return;
+        }
+    }
+}
+
+/// Writes one reply line and pushes it out (a TLS stream holds written bytes until then).
+pub fn reply<S: Write>(stream: &mut S, text: &str) -> std::io::Result<()> {
+    let mut line = String::with_capacity(text.len() + 1);
+    line.push_str(text);
+    line.push('\n');
+    stream.write_all(line.as_bytes())?;
+    stream.flush()
+}
