@@ -14,10 +14,16 @@ fn bench_json(
     socket: &Path,
     extra: &[&str],
 ) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    bench_target_json(&["--socket", &socket.display().to_string()], extra)
+}
+
+fn bench_target_json(
+    target: &[&str],
+    extra: &[&str],
+) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
     let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
         .arg("bench")
-        .arg("--socket")
-        .arg(socket)
+        .args(target)
         .args(["--json", "--secs", "1", "--ramp", "0"])
         .args(extra)
         .output()?;
@@ -93,5 +99,30 @@ fn bench_measures_qemu_storage_daemon() -> Result<(), Box<dyn std::error::Error>
 
     let v = bench_json(&socket, &["--rw", "read", "--bs", "128K", "--qd", "2"])?;
     check_report(&v, "read", "wait");
+    Ok(())
+}
+
+/// `ferry bench --nbd`: pipelined requests on NBD connections to qemu-nbd.
+#[test]
+fn bench_measures_an_nbd_export() -> Result<(), Box<dyn std::error::Error>> {
+    let dir = memory_dir().or_else(|_| scratch_dir())?;
+    let image = dir.path().join("disk.img");
+    std::fs::write(&image, vec![7u8; IMAGE_BYTES as usize])?;
+    let addr = ferry_test_support::nbd::NbdAddr::Unix(dir.path().join("nbd.sock"));
+    let server = ferry_test_support::nbd::NbdServer::qemu_nbd_clients(&image, "e", &addr, 4)?;
+    let uri = server.uri();
+    let target = ["--nbd", uri.as_str()];
+    let v = bench_target_json(&target, &["--rw", "randrw", "--qd", "32"])?;
+    check_report(&v, "randrw", "wait");
+    assert!(
+        number(&v, "/read_ops") > 0.0 && number(&v, "/write_ops") > 0.0,
+        "{v}"
+    );
+    assert_eq!(v["socket"], uri.as_str());
+    let v = bench_target_json(
+        &target,
+        &["--rw", "write", "--bs", "128K", "--queues", "2", "--poll"],
+    )?;
+    check_report(&v, "write", "poll");
     Ok(())
 }

@@ -14,6 +14,7 @@ pub mod mirror;
 pub mod nbd;
 pub mod observer;
 pub mod peer;
+pub mod poll_window;
 pub mod reactor;
 pub mod tls;
 pub mod units;

@@ -4,8 +4,10 @@
 #![no_main]
 
 use ferry_engine::nbd::protocol::{
-    ClientFlags, ExportRequest, Greeting, Info, InfoBlockSize, InfoExport, OptionHeader,
-    OptionReplyHeader, RequestHeader, SimpleReply,
+    BlockDescriptor, BlockStatusHeader, ClientFlags, ErrorChunk, ExportListEntry,
+    ExportNameReply, ExportRequest, Greeting, Info, InfoBlockSize, InfoExport, InfoText,
+    MetaContextReply, MetaContextRequest, OffsetDataHeader, OptionHeader, OptionReplyHeader,
+    RequestHeader, SimpleReply, StructuredReplyHeader, EXPORT_NAME_REPLY_BYTES,
 };
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
@@ -36,5 +38,35 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     }
     if let Ok(m) = SimpleReply::decode(data) {
         assert_eq!(m.encode()[..], data[..]);
+    }
+    if let Ok(m) = StructuredReplyHeader::decode(data) {
+        assert_eq!(m.encode()[..], data[..]);
+    }
+    if let Ok(m) = OffsetDataHeader::decode(data) {
+        assert_eq!(m.encode().as_ref().map(|b| &b[..]), Some(data));
+    }
+    if let Ok(m) = ErrorChunk::decode(data) {
+        assert_eq!(m.encode()[..], data[..]);
+    }
+    if let Ok(m) = BlockStatusHeader::decode(data) {
+        assert_eq!(m.encode().as_ref().map(|b| &b[..]), Some(data));
+    }
+    if let Ok(m) = BlockDescriptor::decode(data) {
+        assert_eq!(m.encode()[..], data[..]);
+    }
+    if let Ok(m) = ExportNameReply::decode(data) {
+        assert_eq!(m.encode()[..EXPORT_NAME_REPLY_BYTES], data[..]);
+    }
+    if let Ok(m) = MetaContextRequest::decode(data) {
+        assert_eq!(m.encode().ok().as_deref(), Some(data));
+    }
+    if let Ok(m) = MetaContextReply::decode(data) {
+        assert_eq!(m.encode().ok().as_deref(), Some(data));
+    }
+    if let Ok(m) = ExportListEntry::decode(data) {
+        assert_eq!(m.encode().ok().as_deref(), Some(data));
+    }
+    if let Ok(m) = InfoText::decode(data) {
+        assert_eq!(m.encode().ok().as_deref(), Some(data));
     }
 });

@@ -1,17 +1,19 @@
 //! The running daemon's shared state: the served volumes, added and removed while it runs
 //! (the incoming volumes of a move from another host) behind one lock that keeps their
-//! names, sockets and images distinct; the migration jobs; the journal.
+//! names, sockets and images distinct, each exported over NBD when its spec says so; the
+//! migration jobs; the journal; the NBD server.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use ferry_engine::journal::Journal;
 use ferry_engine::mirror::MigrationRegistry;
+use ferry_engine::nbd::{ExportConfig, NbdServer};
 use ferry_engine::tls::TlsCredentials;
 
 use crate::served_volume::{precheck_socket, OpenedVolume, ServedVolume};
 use crate::volume_claims::Claims;
-use crate::volume_spec::VolumeSpec;
+use crate::volume_spec::{NbdExportMode, VolumeSpec};
 
 /// Why a volume could not be added or removed.
 #[derive(Debug, thiserror::Error)]
@@ -52,7 +54,13 @@ pub struct Daemon {
     /// other daemons and the default for connecting to TLS exports (`nbds://` volumes and
     /// migration targets without credentials of their own).
     pub tls: Option<Arc<TlsCredentials>>,
+    /// The NBD server, when `--nbd-listen` was given: volumes with `nbd=` are exported on it
+    /// while they are served.
+    pub nbd: Option<Arc<NbdServer>>,
 }
+
+/// How long removing a volume waits for its NBD clients to end (their requests drain).
+const NBD_EXPORT_REMOVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Daemon {
     pub fn new(
@@ -66,7 +74,14 @@ impl Daemon {
             migrations: MigrationRegistry::new(),
             journal,
             tls,
+            nbd: None,
         }
+    }
+
+    /// The daemon with an NBD server that exports the volumes whose spec says `nbd=`.
+    pub fn with_nbd(mut self, server: Option<Arc<NbdServer>>) -> Self {
+        self.nbd = server;
+        self
     }
 
     /// The table stays consistent through a panic (every change is one push or remove).
@@ -116,6 +131,8 @@ impl Daemon {
         table.starting.retain(|c| c != &claims);
         let served = Arc::new(served?);
         table.served.push(served.clone());
+        drop(table);
+        self.export_over_nbd(&served)?;
         Ok(served)
     }
 
@@ -132,6 +149,8 @@ impl Daemon {
         table.starting.retain(|c| c != &claims);
         let served = Arc::new(served?);
         table.served.push(served.clone());
+        drop(table);
+        self.export_over_nbd(&served)?;
         Ok(served)
     }
 
@@ -186,12 +205,53 @@ impl Daemon {
             }
             table.served.remove(index)
         };
-        // Outside the lock: the drain of an attached frontend takes up to its bound.
+        // Outside the lock: the drains of NBD clients and of an attached frontend take up
+        // to their bounds.
+        self.withdraw_nbd_export(&served);
         served.stop_serving().map_err(|e| VolumeTableError::Stop {
             volume: name.to_string(),
             reason: format!("{e:#}"),
         })?;
         Ok(served)
+    }
+}
+
+impl Daemon {
+    /// Exports a served volume over NBD when its spec says so (and the daemon has an NBD
+    /// server); a volume whose export fails is taken out again.
+    fn export_over_nbd(&self, served: &Arc<ServedVolume>) -> Result<(), VolumeTableError> {
+        let (Some(server), Some(mode)) = (&self.nbd, served.nbd) else {
+            return Ok(());
+        };
+        let name = served.volume.name().to_string();
+        let exported = server.add_export(ExportConfig {
+            name: name.clone(),
+            volume: served.volume.clone(),
+            read_only: mode == NbdExportMode::ReadOnly,
+            description: format!("ferry volume {name}"),
+            clients: None,
+        });
+        if let Err(e) = exported {
+            self.table().served.retain(|v| !Arc::ptr_eq(v, served));
+            let _ = served.stop_serving();
+            return Err(VolumeTableError::Start {
+                volume: name,
+                reason: e.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Withdraws a volume's NBD export, if it has one: its clients are disconnected once
+    /// their requests in flight have drained.
+    fn withdraw_nbd_export(&self, served: &ServedVolume) {
+        let Some(server) = &self.nbd else { return };
+        if served.nbd.is_none() {
+            return;
+        }
+        if let Err(e) = server.remove_export(served.volume.name(), NBD_EXPORT_REMOVE_TIMEOUT) {
+            log::error!("volume {}: {e}", served.volume.name());
+        }
     }
 }
 

@@ -1,6 +1,6 @@
 //! `ferry serve`: gather volume settings (flags over the TOML file), open the volumes,
-//! bind their sockets, the control socket and the TCP control listener, serve, and shut
-//! down cleanly on a signal.
+//! bind their sockets, the control socket, the TCP control listener and the NBD listeners,
+//! serve, and shut down cleanly on a signal.
 
 use std::net::{TcpListener, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -13,6 +13,7 @@ use nix::sys::signal::{SigSet, Signal};
 
 use crate::control::listener::TcpControl;
 use crate::daemon::Daemon;
+use crate::nbd_serve::{self, NbdArgs, NbdPlan, NbdToml};
 use crate::served_volume::{precheck_socket, OpenedVolume, ServedVolume};
 use crate::volume_claims::Claims;
 use crate::volume_spec::{self, VolumeSpec};
@@ -24,7 +25,7 @@ pub struct ServeArgs {
     /// (path may be an NBD export: nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH,
     /// nbds://… or nbds+unix://… over TLS; [,tls-creds=DIR] gives it its own credentials)
     /// [,queues-per-thread=N][,cache=none|writeback][,serial=STR][,offset=B][,length=B][,poll-us=N][,batch=N]
-    /// [,logical-block-size=512|4K|...]
+    /// [,logical-block-size=512|4K|...][,nbd=rw|ro] (exported over NBD, see --nbd-listen)
     #[arg(long = "volume", value_name = "SPEC")]
     pub volumes: Vec<String>,
     /// Open a control socket (line-delimited JSON, see docs/control.md).
@@ -54,6 +55,8 @@ pub struct ServeArgs {
     /// comma-separated. Default: every certificate the CA signed.
     #[arg(long = "tls-authz", value_name = "NAMES")]
     pub tls_authz: Vec<String>,
+    #[command(flatten)]
+    pub nbd: NbdArgs,
 }
 
 /// The TLS options, read and checked before anything is created.
@@ -123,6 +126,7 @@ struct ServePlan {
     volumes: Vec<VolumeSpec>,
     control: Option<PathBuf>,
     journal: Option<String>,
+    nbd: NbdPlan,
 }
 
 /// The built-in demo: a 1 GiB sparse image served in the current directory.
@@ -137,25 +141,27 @@ fn demo_plan() -> anyhow::Result<ServePlan> {
         volumes: vec![spec],
         control: Some(PathBuf::from("ferry-demo.ctl")),
         journal: None,
+        nbd: NbdPlan::default(),
     })
 }
 
 fn plan(args: &ServeArgs) -> anyhow::Result<ServePlan> {
-    let listening = args.control_listen.is_some();
+    let listening = args.control_listen.is_some() || !args.nbd.listen.is_empty();
     if args.volumes.is_empty() && args.config.is_none() && args.journal.is_none() && !listening {
         return demo_plan();
     }
     let mut volumes = Vec::new();
     let mut control = None;
     let mut journal = None;
+    let mut nbd_file = NbdToml::default();
     if let Some(path) = &args.config {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read configuration {}", path.display()))?;
         let table: toml::Table = text
             .parse()
             .with_context(|| format!("{}: invalid TOML", path.display()))?;
-        (volumes, control, journal) =
-            from_toml(&table).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        (volumes, control, journal) = from_toml(&table, &mut nbd_file)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     }
     for text in &args.volumes {
         let spec =
@@ -169,20 +175,23 @@ fn plan(args: &ServeArgs) -> anyhow::Result<ServePlan> {
     if args.journal.is_some() {
         journal = args.journal.clone();
     }
-    // A daemon with a TCP control listener may start empty: other daemons add volumes.
-    if volumes.is_empty() && !listening {
+    let nbd = nbd_serve::plan(&nbd_file, &args.nbd, &volumes, args.tls_creds.is_some())?;
+    // A daemon with a TCP control listener (or an NBD one) may start empty: other daemons
+    // add volumes.
+    if volumes.is_empty() && args.control_listen.is_none() && nbd.listen.is_empty() {
         bail!("no volumes to serve (give --volume or [[volume]] in --config)");
     }
     Ok(ServePlan {
         volumes,
         control,
         journal,
+        nbd,
     })
 }
 
 type TomlSettings = (Vec<VolumeSpec>, Option<PathBuf>, Option<String>);
 
-fn from_toml(table: &toml::Table) -> Result<TomlSettings, String> {
+fn from_toml(table: &toml::Table, nbd: &mut NbdToml) -> Result<TomlSettings, String> {
     let mut volumes = Vec::new();
     let mut control = None;
     let mut journal = None;
@@ -198,6 +207,7 @@ fn from_toml(table: &toml::Table) -> Result<TomlSettings, String> {
                     volumes.push(volume_spec::volume_from_toml(t)?);
                 }
             }
+            (key, value) if nbd.take(key, value)? => {}
             (other, _) => return Err(format!("unknown setting {other:?}")),
         }
     }
@@ -253,6 +263,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let nbd = nbd_serve::server(&plan.nbd, tls.credentials.as_ref(), &tls.authz)?;
     let mut opened = Vec::new();
     for spec in &plan.volumes {
         opened.push(OpenedVolume::open(spec, tls.credentials.as_ref())?);
@@ -261,10 +272,19 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         Some(options) => Some(Journal::open(options).context("cannot open the journal")?),
         None => None,
     };
-    let daemon = Arc::new(Daemon::new(journal, plan.control.clone(), tls.credentials));
+    let daemon =
+        Arc::new(Daemon::new(journal, plan.control.clone(), tls.credentials).with_nbd(nbd));
+    let mut served = Vec::new();
     for opened in opened {
-        let served = daemon.add_opened(opened)?;
-        print_attach_hint(&served);
+        // Exported over NBD here (after the journal's observer: the first NBD write is
+        // journaled like a guest's), before the NBD listeners open.
+        served.push(daemon.add_opened(opened)?);
+    }
+    if let Some(server) = &daemon.nbd {
+        nbd_serve::listen(server, &plan.nbd)?;
+    }
+    for served in &served {
+        print_attach_hint(served, daemon.nbd.as_deref());
     }
     if let Some(path) = &plan.control {
         let listener = ferry_vhost::bind_socket(path)?;
@@ -283,8 +303,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Holds every volume's I/O, waits for requests in flight, syncs, removes the sockets.
+/// Stops the NBD server, holds every volume's I/O, waits for requests in flight, syncs,
+/// removes the sockets.
 fn shut_down(daemon: &Daemon, control: Option<&Path>) {
+    if let Some(server) = &daemon.nbd {
+        // No new NBD connection or request from here; those in flight drain below.
+        server.shutdown();
+    }
     let mut guards = Vec::new();
     for served in daemon.volumes() {
         match served.volume.pause(std::time::Duration::from_secs(30)) {
@@ -311,7 +336,7 @@ fn shut_down(daemon: &Daemon, control: Option<&Path>) {
     std::mem::forget(guards);
 }
 
-fn print_attach_hint(served: &ServedVolume) {
+fn print_attach_hint(served: &ServedVolume, nbd: Option<&ferry_engine::nbd::NbdServer>) {
     let volume = &served.volume;
     let socket = std::fs::canonicalize(&served.socket).unwrap_or_else(|_| served.socket.clone());
     let name = volume.name();
@@ -330,4 +355,9 @@ fn print_attach_hint(served: &ServedVolume) {
         served.queues
     );
     println!("(the memory-backend size must equal the VM's -m size)");
+    if let Some(server) = nbd.filter(|_| served.nbd.is_some()) {
+        for uri in nbd_serve::export_uris(server, name) {
+            println!("  NBD export: {uri}");
+        }
+    }
 }

@@ -14,7 +14,7 @@ use ferry_engine::Volume;
 use ferry_vhost::{ConnectionState, ServeStop};
 
 use crate::volume_claims::Claims;
-use crate::volume_spec::VolumeSpec;
+use crate::volume_spec::{NbdExportMode, VolumeSpec};
 
 /// A volume opened and checked against its device settings, not served yet.
 pub struct OpenedVolume {
@@ -49,6 +49,8 @@ pub struct ServedVolume {
     pub socket: PathBuf,
     pub connection: Arc<ConnectionState>,
     pub queues: u16,
+    /// How the volume is exported over NBD (`nbd=`), if it is.
+    pub nbd: Option<NbdExportMode>,
     /// The volume is its image whole (no `length=`).
     whole_image: bool,
     stop: Arc<ServeStop>,
@@ -88,6 +90,7 @@ impl ServedVolume {
             socket: spec.socket.clone(),
             connection,
             queues: spec.queues,
+            nbd: spec.nbd,
             whole_image: spec.engine.length_bytes.is_none(),
             stop,
             thread: Mutex::new(Some(thread)),

@@ -23,6 +23,15 @@ pub struct VolumeSpec {
     /// TLS credentials for a volume on an NBD export (`tls-creds=DIR`, QEMU's x509 layout),
     /// loaded when the volume opens.
     pub tls_creds: Option<PathBuf>,
+    /// Exported over NBD under the volume's name (`nbd=rw|ro`); `None`: not exported.
+    pub nbd: Option<NbdExportMode>,
+}
+
+/// How a volume is exported over NBD.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NbdExportMode {
+    ReadWrite,
+    ReadOnly,
 }
 
 /// Default longest adaptive busy-poll window, in microseconds (QEMU's `poll-max-ns`
@@ -71,6 +80,7 @@ impl VolumeSpec {
             batch: DEFAULT_BATCH,
             logical_block_bytes: ferry_vhost::config::LOGICAL_BLOCK_BYTES_DEFAULT,
             tls_creds: None,
+            nbd: None,
         }
     }
 
@@ -146,6 +156,14 @@ impl VolumeSpec {
                 ferry_vhost::config::check_logical_block_bytes(bytes)?;
                 self.logical_block_bytes = bytes;
                 self.engine.request_block_bytes = u64::from(bytes);
+            }
+            "nbd" => {
+                self.nbd = match need()? {
+                    "rw" => Some(NbdExportMode::ReadWrite),
+                    "ro" => Some(NbdExportMode::ReadOnly),
+                    "off" | "no" => None,
+                    other => return Err(format!("nbd={other}: expected rw, ro or off")),
+                }
             }
             other => return Err(format!("unknown volume setting {other:?}")),
         }
@@ -305,5 +323,24 @@ mod tests {
         assert!(parse_volume("name=a,path=b,socket=c,logical-block-size=128K").is_err());
         assert!(parse_volume("name=a,path=b,socket=c,logical-block-size=x").is_err());
         assert!(parse_size("99999999999T").is_err());
+        assert_eq!(
+            parse_volume("name=a,path=b,socket=c,nbd=yes").err(),
+            Some("nbd=yes: expected rw, ro or off".into())
+        );
+    }
+
+    #[test]
+    fn parses_the_nbd_export_mode() -> Result<(), String> {
+        assert_eq!(parse_volume("name=a,path=b,socket=c")?.nbd, None);
+        let rw = parse_volume("name=a,path=b,socket=c,nbd=rw")?;
+        assert_eq!(rw.nbd, Some(NbdExportMode::ReadWrite));
+        let ro = parse_volume("name=a,path=b,socket=c,nbd=ro")?;
+        assert_eq!(ro.nbd, Some(NbdExportMode::ReadOnly));
+        let mut table = toml::Table::new();
+        for (k, v) in [("name", "a"), ("path", "b"), ("socket", "c"), ("nbd", "ro")] {
+            table.insert(k.into(), toml::Value::String(v.into()));
+        }
+        assert_eq!(volume_from_toml(&table)?.nbd, Some(NbdExportMode::ReadOnly));
+        Ok(())
     }
 }

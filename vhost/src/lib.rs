@@ -6,7 +6,6 @@
 //! - [`config`]: feature bits and the virtio-blk configuration space.
 //! - [`dirty_log`]: dirty-page logging for the frontend's live migration of the VM.
 //! - [`queue_worker`]: the per-thread loop between virtqueues and the engine.
-//! - [`poll_window`]: the adaptive busy-poll window of a worker.
 //! - [`guest_warnings`]: the rate limit on warnings a guest can cause.
 //! - [`backend`]: the `VhostUserBackend` implementation routing events to workers.
 //! - [`server`]: the socket, one frontend connection after another, until stopped.
@@ -17,7 +16,6 @@ pub mod backend;
 pub mod config;
 pub mod dirty_log;
 pub mod guest_warnings;
-pub mod poll_window;
 pub mod queue_worker;
 pub mod request;
 pub mod server;

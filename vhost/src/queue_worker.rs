@@ -24,9 +24,9 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, Guest
 
 use crate::dirty_log::{self, LogBitmap, LogState, Segment};
 use crate::guest_warnings::GuestWarnings;
-use crate::poll_window::PollWindow;
 use crate::request::action::Device;
 use crate::request::{self, Parsed, Request, RequestAction, Status, ID_BYTES};
+use ferry_engine::poll_window::PollWindow;
 use publication_order::PublicationOrder;
 
 mod publication_order;

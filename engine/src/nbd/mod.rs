@@ -13,6 +13,8 @@
 //! - `handshake`: the client side of the fixed-newstyle handshake (`NBD_OPT_STARTTLS`,
 //!   `NBD_OPT_GO`).
 //! - [`client`]: a blocking client that many threads share over one connection.
+//! - [`server`]: ferry's NBD server, exporting volumes (TLS, structured replies,
+//!   `base:allocation`, several connections per export).
 //!
 //! The non-blocking per-queue client of an NBD-backed volume lives with the volume
 //! (`volume/nbd_queue.rs`) and uses [`protocol`], `connection` and `handshake`.
@@ -22,11 +24,13 @@ pub mod client;
 pub(crate) mod connection;
 pub(crate) mod handshake;
 pub mod protocol;
+pub mod server;
 pub mod sizes;
 pub(crate) mod tls_stream;
 
 pub use address::{ExportUri, NbdAddress, UriError, NBD_DEFAULT_PORT};
 pub use client::{ClientError, ClientOptions, NbdClient, REQUEST_TIMEOUT_DEFAULT};
+pub use server::{ExportConfig, ListenAddress, NbdServer, ServerOptions};
 pub use sizes::BlockSizes;
 
 #[cfg(test)]

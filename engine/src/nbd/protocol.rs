@@ -3,12 +3,20 @@
 //! encodes requests and options and decodes replies; a server does the opposite).
 //!
 //! The layouts follow the NBD protocol (`doc/proto.md` of NetworkBlockDevice/nbd); every
-//! field is big-endian ("network byte order"). Only the fixed-newstyle handshake with
-//! `NBD_OPT_GO` and simple replies are described: ferry negotiates neither structured
-//! replies nor extended headers. Nothing here does I/O, allocates on the transmission
-//! path, or panics on bytes a peer sent: a message that does not fit its layout is a
-//! [`DecodeError`]. `tests/protocol_golden.rs` pins every layout against bytes written out
-//! by hand from the protocol text.
+//! field is big-endian ("network byte order"). The fixed-newstyle handshake and simple
+//! replies are here; what only a server sends is in [`options`] (metadata contexts, export
+//! lists, `NBD_OPT_EXPORT_NAME`'s reply) and [`structured`] (structured reply chunks and
+//! block status). ferry's client negotiates neither structured replies nor extended
+//! headers; its server offers structured replies and no extended headers. Nothing here
+//! does I/O, allocates on the transmission path, or panics on bytes a peer sent: a message
+//! that does not fit its layout is a [`DecodeError`]. `tests/protocol_golden.rs` pins every
+//! layout against bytes written out by hand from the protocol text.
+
+mod options;
+mod structured;
+
+pub use options::*;
+pub use structured::*;
 
 /// The first 8 bytes a server sends: ASCII `NBDMAGIC`.
 pub const NBD_INIT_MAGIC: u64 = 0x4e42_444d_4147_4943;
@@ -634,6 +642,8 @@ pub fn command_name(command: u16) -> &'static str {
         NBD_CMD_TRIM => "trim",
         NBD_CMD_WRITE_ZEROES => "write-zeroes",
         NBD_CMD_DISC => "disconnect",
+        NBD_CMD_BLOCK_STATUS => "block-status",
+        NBD_CMD_CACHE => "cache",
         _ => "request",
     }
 }

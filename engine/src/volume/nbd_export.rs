@@ -154,6 +154,11 @@ impl NbdExport {
         self.transmission_flags & NBD_FLAG_SEND_WRITE_ZEROES != 0
     }
 
+    /// The server says a flush on one connection covers writes completed on every other.
+    pub(crate) fn can_multi_conn(&self) -> bool {
+        self.transmission_flags & NBD_FLAG_CAN_MULTI_CONN != 0
+    }
+
     /// The size constraints the server advertised at open (or the protocol's defaults).
     pub fn block_sizes(&self) -> BlockSizes {
         self.block_sizes

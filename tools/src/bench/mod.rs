@@ -1,8 +1,12 @@
 //! `ferry bench`: a load generator that is a real vhost-user-blk client (through libblkio), so it
-//! measures ferry and any other vhost-user-blk backend alike.
+//! measures ferry and any other vhost-user-blk backend alike; with `--nbd URI` it is an NBD
+//! client instead (one pipelined connection per queue), measuring ferry's NBD server and any
+//! other (qemu-nbd, qemu-storage-daemon) alike.
 
 mod device;
 mod histogram;
+mod nbd_connection;
+mod nbd_workload;
 mod report;
 mod workload;
 
@@ -24,8 +28,15 @@ const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
     /// The vhost-user socket of the backend to measure.
-    #[arg(long)]
-    pub socket: std::path::PathBuf,
+    #[arg(long, required_unless_present = "nbd")]
+    pub socket: Option<std::path::PathBuf>,
+    /// Measure an NBD export instead: nbd://HOST:PORT/EXPORT, nbd+unix:///EXPORT?socket=PATH,
+    /// or nbds:// / nbds+unix:// for TLS (with --tls-creds). Each queue is one connection.
+    #[arg(long, value_name = "URI", conflicts_with_all = ["socket", "queue_size"])]
+    pub nbd: Option<String>,
+    /// TLS credentials for an nbds:// target (ca-cert.pem, client-cert.pem, client-key.pem).
+    #[arg(long, value_name = "DIR", requires = "nbd")]
+    pub tls_creds: Option<std::path::PathBuf>,
     /// Access pattern.
     #[arg(long, value_enum, default_value = "randread")]
     pub rw: Pattern,
@@ -38,7 +49,7 @@ pub struct BenchArgs {
     /// Requests kept in flight per queue.
     #[arg(long, default_value_t = 32)]
     pub qd: usize,
-    /// Number of virtqueues (one client thread each).
+    /// Number of virtqueues, or of NBD connections (one client thread each).
     #[arg(long, default_value_t = 1)]
     pub queues: usize,
     /// Measurement time in seconds.
@@ -162,6 +173,25 @@ fn show_progress(
 /// Runs the benchmark and prints the report.
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     validate(&args)?;
+    let (measured, queue_size, size_bytes) = match &args.nbd {
+        Some(uri) => measure_nbd(&args, uri)?,
+        None => measure_vhost_user(&args)?,
+    };
+    let report = build_report(&args, &measured, queue_size, size_bytes);
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{}", report.human());
+    }
+    Ok(())
+}
+
+/// Measures a vhost-user-blk backend through libblkio.
+fn measure_vhost_user(args: &BenchArgs) -> anyhow::Result<(Measured, u32, u64)> {
+    let socket = args
+        .socket
+        .as_deref()
+        .context("--socket or --nbd is required")?;
     let queue_size = args
         .queue_size
         .unwrap_or_else(|| device::queue_size_for(args.qd, device::QUEUE_SIZE_DEFAULT_MAX));
@@ -170,22 +200,70 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let buffer_bytes = usize::try_from(args.bs)? * args.qd * args.queues;
     let cfg = device::DeviceConfig {
-        socket: &args.socket,
+        socket,
         queues: args.queues,
         poll: args.poll,
         queue_size,
         buffer_bytes,
     };
     let dev = device::open(&cfg)?;
-    let size_bytes = region_bytes(&args, dev.capacity_bytes)?;
-    let measured = measure(&args, dev, size_bytes)?;
-    let report = build_report(&args, &measured, queue_size, size_bytes);
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        println!("{}", report.human());
+    let size_bytes = region_bytes(args, dev.capacity_bytes)?;
+    // `_blkio` keeps the device connected until the queue threads are done.
+    let device::Device {
+        blkio: _blkio,
+        queues,
+        region,
+        ..
+    } = dev;
+    let jobs: Vec<_> = queues
+        .into_iter()
+        .enumerate()
+        .map(|(index, queue)| (queue, queue_job(args, &region, index, size_bytes)))
+        .collect();
+    let measured = measure(args, jobs, |(queue, job), index, phase, counters| {
+        workload::run_queue(queue, job, index, phase, counters).map_err(anyhow::Error::from)
+    })?;
+    Ok((measured, queue_size, size_bytes))
+}
+
+/// Measures an NBD export: one pipelined connection per queue.
+fn measure_nbd(args: &BenchArgs, uri: &str) -> anyhow::Result<(Measured, u32, u64)> {
+    let target = nbd_connection::Target::parse(uri)?;
+    let mut streams = Vec::new();
+    for _ in 0..args.queues {
+        streams.push(nbd_connection::connect(&target, args.tls_creds.as_deref())?);
     }
-    Ok(())
+    let capacity = streams.first().map_or(0, |s| s.size_bytes);
+    let block_min = streams.first().map_or(1, |s| u64::from(s.block_bytes_min));
+    if !args.bs.is_multiple_of(block_min) {
+        bail!(
+            "--bs {} is not a multiple of the export's block size {block_min}",
+            args.bs
+        );
+    }
+    let size_bytes = region_bytes(args, capacity)?;
+    let region_blocks = size_bytes / args.bs;
+    let jobs: Vec<_> = streams
+        .into_iter()
+        .enumerate()
+        .map(|(index, stream)| {
+            let job = nbd_workload::NbdJob {
+                pattern: args.rw,
+                rwmix_read_percent: args.rwmix_read,
+                block_bytes: args.bs,
+                queue_depth: args.qd,
+                first_block: region_blocks / args.queues as u64 * index as u64,
+                region_blocks,
+                poll: args.poll,
+                seed: queue_seed(index),
+            };
+            (stream, job)
+        })
+        .collect();
+    let measured = measure(args, jobs, |(stream, job), _, phase, counters| {
+        nbd_workload::run_connection(stream, job, phase, counters)
+    })?;
+    Ok((measured, 0, size_bytes))
 }
 
 /// Ring slots `qd` requests need at once.
@@ -211,8 +289,13 @@ fn queue_job(
         region_blocks,
         poll: args.poll,
         buffer_addr: region.addr + index * per_queue_bytes,
-        seed: 0x9e37_79b9_7f4a_7c15 ^ (index as u64 + 1).wrapping_mul(0x1234_5678_9abc_def1),
+        seed: queue_seed(index),
     }
+}
+
+/// The random seed of queue `index` (the same for every backend measured).
+fn queue_seed(index: usize) -> u64 {
+    0x9e37_79b9_7f4a_7c15 ^ (index as u64 + 1).wrapping_mul(0x1234_5678_9abc_def1)
 }
 
 /// What the measurement phase produced.
@@ -223,25 +306,22 @@ struct Measured {
     merged: QueueResult,
 }
 
-/// Spawns one thread per queue, ramps, measures, stops and gathers the results.
-fn measure(args: &BenchArgs, dev: device::Device, size_bytes: u64) -> anyhow::Result<Measured> {
-    // `_blkio` keeps the device connected until the queue threads are done.
-    let device::Device {
-        blkio: _blkio,
-        queues,
-        region,
-        ..
-    } = dev;
+/// Spawns one thread per job (`run` drives one queue or connection), ramps, measures,
+/// stops and gathers the results.
+fn measure<J: Send>(
+    args: &BenchArgs,
+    jobs: Vec<J>,
+    run: impl Fn(J, usize, &AtomicU8, &LiveCounters) -> anyhow::Result<QueueResult> + Sync,
+) -> anyhow::Result<Measured> {
     let phase = AtomicU8::new(PHASE_RAMP);
-    let counters: Vec<LiveCounters> = (0..args.queues).map(|_| LiveCounters::default()).collect();
+    let counters: Vec<LiveCounters> = (0..jobs.len()).map(|_| LiveCounters::default()).collect();
     let bar = progress_bar(args.json);
     let (elapsed, cpu, results) = std::thread::scope(|scope| {
         let mut handles = Vec::new();
-        for (index, queue) in queues.into_iter().enumerate() {
-            let job = queue_job(args, &region, index, size_bytes);
-            let (phase, counters) = (&phase, &counters[index]);
+        for (index, job) in jobs.into_iter().enumerate() {
+            let (phase, counters, run) = (&phase, &counters[index], &run);
             handles.push(scope.spawn(move || {
-                let result = workload::run_queue(queue, job, index, phase, counters);
+                let result = run(job, index, phase, counters);
                 if result.is_err() {
                     phase.store(PHASE_STOP, Ordering::Release);
                 }
@@ -298,7 +378,11 @@ fn build_report(args: &BenchArgs, m: &Measured, queue_size: u32, size_bytes: u64
     let (iops, mib_per_sec) = BenchReport::throughput(ops, args.bs, m.elapsed);
     let wall = m.elapsed.as_secs_f64().max(1e-9);
     BenchReport {
-        socket: args.socket.display().to_string(),
+        socket: match (&args.nbd, &args.socket) {
+            (Some(uri), _) => uri.clone(),
+            (None, Some(socket)) => socket.display().to_string(),
+            (None, None) => String::new(),
+        },
         rw: args.rw,
         bs_bytes: args.bs,
         qd: args.qd,

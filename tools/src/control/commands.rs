@@ -37,7 +37,7 @@ const COMMANDS: &[(&str, Handler, &str)] = &[
     (
         "query-volumes",
         Handler::Value(query_volumes),
-        "volumes: path, size, socket, connection, I/O counters",
+        "volumes: path, size, socket, connection, NBD export, I/O counters",
     ),
     (
         "journal-init",
@@ -118,6 +118,26 @@ fn query_commands(_: &Daemon, _: &Value) -> Result<Value, ControlError> {
         .collect())
 }
 
+/// How a volume is exported over NBD (`null`: it is not).
+fn nbd_export(daemon: &Daemon, name: &str) -> Value {
+    let Some(server) = &daemon.nbd else {
+        return Value::Null;
+    };
+    let Some(status) = server.export_status(name) else {
+        return Value::Null;
+    };
+    json!({
+        "export": status.name,
+        "read-only": status.read_only,
+        "tls": server.requires_tls(),
+        "uris": crate::nbd_serve::export_uris(server, name),
+        "fenced": status.fenced,
+        "connections": status.connections,
+        "connections-total": status.connections_total,
+        "clients": status.clients,
+    })
+}
+
 fn query_volumes(daemon: &Daemon, _: &Value) -> Result<Value, ControlError> {
     use std::sync::atomic::Ordering::SeqCst;
     Ok(daemon
@@ -142,6 +162,7 @@ fn query_volumes(daemon: &Daemon, _: &Value) -> Result<Value, ControlError> {
                 "connections": v.connection.connections.load(SeqCst),
                 "write-cache": v.volume.write_cache_enabled(),
                 "stats": v.volume.stats.snapshot(),
+                "nbd": nbd_export(daemon, v.volume.name()),
             })
         })
         .collect())

@@ -7,4 +7,5 @@ pub(crate) mod fake_server;
 mod handshake;
 mod protocol_golden;
 pub(crate) mod qemu_nbd;
+mod server_messages_golden;
 mod tls;

@@ -1,6 +1,7 @@
-//! The adaptive busy-poll window of a queue worker, after QEMU's `poll-max-ns` algorithm.
+//! The adaptive busy-poll window of a worker thread (a vhost-user queue worker, an NBD
+//! server connection), after QEMU's `poll-max-ns` algorithm.
 //!
-//! Waking a thread that sleeps in `epoll_wait` takes a scheduler wake-up and a context
+//! Waking a thread that sleeps in `epoll_wait` or `poll` takes a scheduler wake-up and a context
 //! switch, which can cost more than serving a small request. So after its last piece of
 //! work a worker may spin for a while before sleeping. How long adapts: when the next request
 //! arrived soon after the worker went to sleep (it would have been caught by spinning), the
