@@ -144,10 +144,13 @@ impl OffsetDataHeader {
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let b: [u8; OFFSET_DATA_HEADER_BYTES] = exact(bytes, "NBD_REPLY_TYPE_OFFSET_DATA")?;
         let header = StructuredReplyHeader::decode(&b[..STRUCTURED_REPLY_HEADER_BYTES])?;
-        if header.reply_type != NBD_REPLY_TYPE_OFFSET_DATA || header.len_bytes < 8 {
+        if header.reply_type != NBD_REPLY_TYPE_OFFSET_DATA
+            || header.flags != NBD_REPLY_FLAG_DONE
+            || header.len_bytes < 8
+        {
             return Err(DecodeError::Invalid {
                 what: "NBD_REPLY_TYPE_OFFSET_DATA",
-                reason: "another chunk type, or shorter than its offset",
+                reason: "another chunk type, not the last chunk, or shorter than its offset",
             });
         }
         Ok(Self {
@@ -190,11 +193,14 @@ impl ErrorChunk {
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let b: [u8; ERROR_CHUNK_BYTES] = exact(bytes, "NBD_REPLY_TYPE_ERROR")?;
         let header = StructuredReplyHeader::decode(&b[..STRUCTURED_REPLY_HEADER_BYTES])?;
-        if header.reply_type != NBD_REPLY_TYPE_ERROR || header.len_bytes != 6 || u16_at(&b, 24) != 0
+        if header.reply_type != NBD_REPLY_TYPE_ERROR
+            || header.flags != NBD_REPLY_FLAG_DONE
+            || header.len_bytes != 6
+            || u16_at(&b, 24) != 0
         {
             return Err(DecodeError::Invalid {
                 what: "NBD_REPLY_TYPE_ERROR",
-                reason: "another chunk type, or a message",
+                reason: "another chunk type, not the last chunk, or a message",
             });
         }
         Ok(Self {
@@ -244,12 +250,13 @@ impl BlockStatusHeader {
         let header = StructuredReplyHeader::decode(&b[..STRUCTURED_REPLY_HEADER_BYTES])?;
         let descriptors_bytes = header.len_bytes.wrapping_sub(4);
         if header.reply_type != NBD_REPLY_TYPE_BLOCK_STATUS
+            || header.flags != NBD_REPLY_FLAG_DONE
             || header.len_bytes < 4
             || !descriptors_bytes.is_multiple_of(BLOCK_DESCRIPTOR_BYTES as u32)
         {
             return Err(DecodeError::Invalid {
                 what: "NBD_REPLY_TYPE_BLOCK_STATUS",
-                reason: "another chunk type, or not whole descriptors",
+                reason: "another chunk type, not the last chunk, or not whole descriptors",
             });
         }
         Ok(Self {

@@ -169,6 +169,9 @@ fn structured_read_data_chunk() -> TestResult {
         }
     );
     assert_eq!(header.encode()[..], bytes[..STRUCTURED_REPLY_HEADER_BYTES]);
+    let mut not_last = bytes;
+    not_last[5] = 0;
+    assert!(OffsetDataHeader::decode(&not_last).is_err());
     let too_long = OffsetDataHeader {
         data_len_bytes: u32::MAX - 7,
         ..chunk
@@ -198,6 +201,9 @@ fn structured_error_chunk() -> TestResult {
     let mut with_message = bytes;
     with_message[25] = 1;
     assert!(ErrorChunk::decode(&with_message).is_err());
+    let mut not_last = bytes;
+    not_last[5] = 0;
+    assert!(ErrorChunk::decode(&not_last).is_err());
     Ok(())
 }
 
@@ -233,6 +239,9 @@ fn block_status_chunk_and_descriptors() -> TestResult {
     let mut odd = header;
     odd[19] = 0x15;
     assert!(BlockStatusHeader::decode(&odd).is_err());
+    let mut not_last = header;
+    not_last[5] = 0;
+    assert!(BlockStatusHeader::decode(&not_last).is_err());
     let huge = BlockStatusHeader {
         descriptors: u32::MAX / 8 + 1,
         ..chunk
