@@ -376,8 +376,11 @@ for j in 0 1 2 3; do
     [ "$got" = "$(md5 < /tmp/p$j)" ] || { ok=0; echo "RESULT region_$j=wrong"; }
 done
 echo "RESULT regions_ok=$ok"
-dmesg | grep -i -E 'I/O error|not a head|broken|blk_update_request' | sed 's/^/KERNEL: /'
-echo "RESULT kernel_errors=$(dmesg | grep -c -i -E 'I/O error|not a head|broken|blk_update_request')"
+# A loaded host makes the guest's clock drift under TCG: the kernel then calls the BIOS's TSC
+# "broken", which says nothing about the disk.
+dmesg | grep -v 'TSC found unstable' > /tmp/dmesg
+grep -i -E 'I/O error|not a head|broken|blk_update_request' /tmp/dmesg | sed 's/^/KERNEL: /'
+echo "RESULT kernel_errors=$(grep -c -i -E 'I/O error|not a head|broken|blk_update_request' /tmp/dmesg)"
 "#;
     let opts = GuestOpts {
         reconnect_ms: Some(100),
