@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use ferry_engine::journal::{Journal, JournalOptions};
+use ferry_engine::journal::{DirLock, Journal, JournalOptions};
 use ferry_engine::tls::{TlsAuthz, TlsCredentials};
 use nix::sys::signal::{SigSet, Signal};
 
@@ -163,10 +163,17 @@ fn plan(args: &ServeArgs) -> anyhow::Result<ServePlan> {
         (volumes, control, journal) = from_toml(&table, &mut nbd_file)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     }
+    let mut flag_names = Vec::new();
     for text in &args.volumes {
         let spec =
             volume_spec::parse_volume(text).map_err(|e| anyhow::anyhow!("--volume {text}: {e}"))?;
-        volumes.retain(|v: &VolumeSpec| v.engine.name != spec.engine.name);
+        let name = &spec.engine.name;
+        if flag_names.contains(name) {
+            bail!("two --volume options are named {name}: each volume needs its own name=");
+        }
+        flag_names.push(name.clone());
+        // A flag replaces the configuration file's volume of the same name.
+        volumes.retain(|v: &VolumeSpec| &v.engine.name != name);
         volumes.push(spec);
     }
     if args.control.is_some() {
@@ -204,7 +211,14 @@ fn from_toml(table: &toml::Table, nbd: &mut NbdToml) -> Result<TomlSettings, Str
                     let toml::Value::Table(t) = item else {
                         return Err("[[volume]] entries must be tables".into());
                     };
-                    volumes.push(volume_spec::volume_from_toml(t)?);
+                    let spec = volume_spec::volume_from_toml(t)?;
+                    let name = &spec.engine.name;
+                    if volumes.iter().any(|v: &VolumeSpec| &v.engine.name == name) {
+                        return Err(format!(
+                            "two [[volume]] entries are named {name}: each volume needs its own name"
+                        ));
+                    }
+                    volumes.push(spec);
                 }
             }
             (key, value) if nbd.take(key, value)? => {}
@@ -263,15 +277,24 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    // An existing journal directory is locked before any image is created, so that a
+    // directory another daemon appends to refuses the start with nothing left behind; a
+    // missing one is created and locked when the journal opens.
+    let journal_lock = match &journal_options {
+        Some(options) if options.dir.is_dir() => Some(DirLock::acquire(&options.dir)?),
+        _ => None,
+    };
     let nbd = nbd_serve::server(&plan.nbd, tls.credentials.as_ref(), &tls.authz)?;
     let mut opened = Vec::new();
     for spec in &plan.volumes {
         opened.push(OpenedVolume::open(spec, tls.credentials.as_ref())?);
     }
-    let journal = match journal_options {
-        Some(options) => Some(Journal::open(options).context("cannot open the journal")?),
-        None => None,
+    let journal = match (journal_options, journal_lock) {
+        (Some(options), Some(lock)) => Some(Journal::open_locked(options, lock)),
+        (Some(options), None) => Some(Journal::open(options)),
+        (None, _) => None,
     };
+    let journal = journal.transpose().context("cannot open the journal")?;
     let daemon =
         Arc::new(Daemon::new(journal, plan.control.clone(), tls.credentials).with_nbd(nbd));
     let mut served = Vec::new();
