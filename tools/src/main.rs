@@ -9,6 +9,7 @@ mod migrate_cli;
 mod nbd_serve;
 mod serve;
 mod served_volume;
+mod systemd_notify;
 mod volume_claims;
 mod volume_spec;
 

@@ -15,6 +15,7 @@ use crate::control::listener::TcpControl;
 use crate::daemon::Daemon;
 use crate::nbd_serve::{self, NbdArgs, NbdPlan, NbdToml};
 use crate::served_volume::{precheck_socket, OpenedVolume, ServedVolume};
+use crate::systemd_notify::{notify, Notifier};
 use crate::volume_claims::Claims;
 use crate::volume_spec::{self, VolumeSpec};
 
@@ -255,6 +256,7 @@ fn check_distinct(volumes: &[VolumeSpec], control: Option<&Path>) -> anyhow::Res
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let notifier = Notifier::from_env();
     let plan = plan(&args)?;
     let tls = tls_plan(&args)?;
     check_distinct(&plan.volumes, plan.control.as_deref())?;
@@ -285,6 +287,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         _ => None,
     };
     let nbd = nbd_serve::server(&plan.nbd, tls.credentials.as_ref(), &tls.authz)?;
+    let opening = format!("STATUS=opening {} volume(s)", plan.volumes.len());
+    notify(notifier.as_ref(), &[&opening]);
     let mut opened = Vec::new();
     for spec in &plan.volumes {
         opened.push(OpenedVolume::open(spec, tls.credentials.as_ref())?);
@@ -320,9 +324,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(address) = &tls.control_listen {
         start_tcp_control(address, &daemon, tls.authz)?;
     }
+    // Every socket is bound: QEMU, NBD clients and control clients can connect.
+    let serving = format!("STATUS=serving {} volume(s)", daemon.volumes().len());
+    notify(notifier.as_ref(), &["READY=1", &serving]);
     let signal = signals.wait().context("waiting for signals failed")?;
     log::info!("{signal}: finishing requests in flight and shutting down");
+    let stopping = format!("STATUS={signal}: finishing requests in flight");
+    notify(notifier.as_ref(), &["STOPPING=1", &stopping]);
     shut_down(&daemon, plan.control.as_deref());
+    notify(notifier.as_ref(), &["STATUS=stopped"]);
     Ok(())
 }
 
