@@ -328,7 +328,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let serving = format!("STATUS=serving {} volume(s)", daemon.volumes().len());
     notify(notifier.as_ref(), &["READY=1", &serving]);
     let signal = signals.wait().context("waiting for signals failed")?;
-    log::info!("{signal}: finishing requests in flight and shutting down");
+    log::info!(signal = signal.as_str(); "{signal}: finishing requests in flight and shutting down");
     let stopping = format!("STATUS={signal}: finishing requests in flight");
     notify(notifier.as_ref(), &["STOPPING=1", &stopping]);
     shut_down(&daemon, plan.control.as_deref());
