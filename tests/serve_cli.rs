@@ -7,7 +7,6 @@ mod support;
 
 use anyhow::{bail, ensure, Context as _, Result};
 use nix::sys::signal::Signal;
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -19,54 +18,7 @@ const STATE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound on the daemon's clean exit after SIGTERM.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Names and sizes of the files in `dir`.
-fn listing(dir: &Path) -> Result<BTreeMap<String, u64>> {
-    let mut files = BTreeMap::new();
-    for entry in std::fs::read_dir(dir).context("list dir")? {
-        let entry = entry.context("dir entry")?;
-        let len = entry.metadata().context("stat")?.len();
-        files.insert(entry.file_name().to_string_lossy().into_owned(), len);
-    }
-    Ok(files)
-}
-
-/// Runs `ferry serve ARGS`, which must fail with one line on stderr naming `expect`, and must
-/// leave `dir` as it was.
-fn refused(dir: &Path, args: &[String], expect: &str) -> Result<String> {
-    let before = listing(dir)?;
-    let mut full = vec!["serve".to_string()];
-    full.extend_from_slice(args);
-    let out = ferry::run(&full, Some(dir), ferry::COMMAND_TIMEOUT)?;
-    ensure!(
-        !out.status.success(),
-        "ferry serve {args:?} succeeded; stderr:\n{}",
-        out.stderr
-    );
-    let stderr = out.stderr.trim();
-    ensure!(
-        stderr.lines().count() == 1 && stderr.starts_with("ferry: "),
-        "ferry serve {args:?}: expected one error line, got:\n{stderr}"
-    );
-    ensure!(
-        stderr.contains(expect),
-        "ferry serve {args:?}: error does not mention {expect:?}: {stderr}"
-    );
-    let after = listing(dir)?;
-    ensure!(
-        before == after,
-        "ferry serve {args:?} changed the directory: {before:?} -> {after:?}"
-    );
-    eprintln!("refused as expected: {stderr}");
-    Ok(stderr.to_string())
-}
-
-fn vol(dir: &Path, name: &str, image: &str, socket: &str, rest: &str) -> [String; 2] {
-    ferry::volume_args(&format!(
-        "name={name},path={},socket={}{rest}",
-        ferry::path_str(dir, image),
-        ferry::path_str(dir, socket)
-    ))
-}
+use support::ferry::{refused, vol};
 
 #[test]
 fn refuses_missing_image_without_size() -> Result<()> {

@@ -2,7 +2,8 @@
 //! sockets), one-shot commands with a time bound, and `ferry query` against a control socket.
 
 use super::daemon::{Daemon, START_TIMEOUT};
-use anyhow::{bail, Context as _, Result};
+use anyhow::{bail, ensure, Context as _, Result};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -112,4 +113,53 @@ pub fn query_volume(control: &Path, name: &str) -> Result<serde_json::Value> {
 /// A path inside `dir`, as a `String` for `--volume` specs.
 pub fn path_str(dir: &Path, name: &str) -> String {
     dir.join(name).display().to_string()
+}
+
+/// Names and sizes of the files in `dir`.
+pub fn listing(dir: &Path) -> Result<BTreeMap<String, u64>> {
+    let mut files = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).context("list dir")? {
+        let entry = entry.context("dir entry")?;
+        let len = entry.metadata().context("stat")?.len();
+        files.insert(entry.file_name().to_string_lossy().into_owned(), len);
+    }
+    Ok(files)
+}
+
+/// Runs `ferry serve ARGS`, which must fail with one line on stderr naming `expect`, and must
+/// leave `dir` as it was.
+pub fn refused(dir: &Path, args: &[String], expect: &str) -> Result<String> {
+    let before = listing(dir)?;
+    let mut full = vec!["serve".to_string()];
+    full.extend_from_slice(args);
+    let out = run(&full, Some(dir), COMMAND_TIMEOUT)?;
+    ensure!(
+        !out.status.success(),
+        "ferry serve {args:?} succeeded; stderr:\n{}",
+        out.stderr
+    );
+    let stderr = out.stderr.trim();
+    ensure!(
+        stderr.lines().count() == 1 && stderr.starts_with("ferry: "),
+        "ferry serve {args:?}: expected one error line, got:\n{stderr}"
+    );
+    ensure!(
+        stderr.contains(expect),
+        "ferry serve {args:?}: error does not mention {expect:?}: {stderr}"
+    );
+    let after = listing(dir)?;
+    ensure!(
+        before == after,
+        "ferry serve {args:?} changed the directory: {before:?} -> {after:?}"
+    );
+    eprintln!("refused as expected: {stderr}");
+    Ok(stderr.to_string())
+}
+
+pub fn vol(dir: &Path, name: &str, image: &str, socket: &str, rest: &str) -> [String; 2] {
+    volume_args(&format!(
+        "name={name},path={},socket={}{rest}",
+        path_str(dir, image),
+        path_str(dir, socket)
+    ))
 }

@@ -5,10 +5,12 @@ mod control;
 mod control_client;
 mod daemon;
 mod journal_cli;
+mod logging;
 mod migrate_cli;
 mod nbd_serve;
 mod serve;
 mod served_volume;
+mod systemd_notify;
 mod volume_claims;
 mod volume_spec;
 
@@ -18,6 +20,10 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "ferry", version, about)]
 struct Cli {
+    /// The log on stderr: text, or one JSON object per line for log shippers (time, level,
+    /// target, module, thread, message, fields). RUST_LOG filters it (default: info).
+    #[arg(long, value_enum, global = true, default_value_t = logging::LogFormat::Text)]
+    log_format: logging::LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -39,10 +45,8 @@ enum Command {
 }
 
 fn main() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_timestamp_millis()
-        .init();
     let cli = Cli::parse();
+    logging::init(cli.log_format);
     let result = match cli.command {
         None => serve::run(serve::ServeArgs::default()),
         Some(Command::Serve(args)) => serve::run(args),

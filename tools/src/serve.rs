@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use ferry_engine::journal::{Journal, JournalOptions};
+use ferry_engine::journal::{DirLock, Journal, JournalOptions};
 use ferry_engine::tls::{TlsAuthz, TlsCredentials};
 use nix::sys::signal::{SigSet, Signal};
 
@@ -15,6 +15,7 @@ use crate::control::listener::TcpControl;
 use crate::daemon::Daemon;
 use crate::nbd_serve::{self, NbdArgs, NbdPlan, NbdToml};
 use crate::served_volume::{precheck_socket, OpenedVolume, ServedVolume};
+use crate::systemd_notify::{notify, Notifier};
 use crate::volume_claims::Claims;
 use crate::volume_spec::{self, VolumeSpec};
 
@@ -163,10 +164,17 @@ fn plan(args: &ServeArgs) -> anyhow::Result<ServePlan> {
         (volumes, control, journal) = from_toml(&table, &mut nbd_file)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     }
+    let mut flag_names = Vec::new();
     for text in &args.volumes {
         let spec =
             volume_spec::parse_volume(text).map_err(|e| anyhow::anyhow!("--volume {text}: {e}"))?;
-        volumes.retain(|v: &VolumeSpec| v.engine.name != spec.engine.name);
+        let name = &spec.engine.name;
+        if flag_names.contains(name) {
+            bail!("two --volume options are named {name}: each volume needs its own name=");
+        }
+        flag_names.push(name.clone());
+        // A flag replaces the configuration file's volume of the same name.
+        volumes.retain(|v: &VolumeSpec| &v.engine.name != name);
         volumes.push(spec);
     }
     if args.control.is_some() {
@@ -204,7 +212,14 @@ fn from_toml(table: &toml::Table, nbd: &mut NbdToml) -> Result<TomlSettings, Str
                     let toml::Value::Table(t) = item else {
                         return Err("[[volume]] entries must be tables".into());
                     };
-                    volumes.push(volume_spec::volume_from_toml(t)?);
+                    let spec = volume_spec::volume_from_toml(t)?;
+                    let name = &spec.engine.name;
+                    if volumes.iter().any(|v: &VolumeSpec| &v.engine.name == name) {
+                        return Err(format!(
+                            "two [[volume]] entries are named {name}: each volume needs its own name"
+                        ));
+                    }
+                    volumes.push(spec);
                 }
             }
             (key, value) if nbd.take(key, value)? => {}
@@ -241,6 +256,7 @@ fn check_distinct(volumes: &[VolumeSpec], control: Option<&Path>) -> anyhow::Res
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let notifier = Notifier::from_env();
     let plan = plan(&args)?;
     let tls = tls_plan(&args)?;
     check_distinct(&plan.volumes, plan.control.as_deref())?;
@@ -263,15 +279,26 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    // An existing journal directory is locked before any image is created, so that a
+    // directory another daemon appends to refuses the start with nothing left behind; a
+    // missing one is created and locked when the journal opens.
+    let journal_lock = match &journal_options {
+        Some(options) if options.dir.is_dir() => Some(DirLock::acquire(&options.dir)?),
+        _ => None,
+    };
     let nbd = nbd_serve::server(&plan.nbd, tls.credentials.as_ref(), &tls.authz)?;
+    let opening = format!("STATUS=opening {} volume(s)", plan.volumes.len());
+    notify(notifier.as_ref(), &[&opening]);
     let mut opened = Vec::new();
     for spec in &plan.volumes {
         opened.push(OpenedVolume::open(spec, tls.credentials.as_ref())?);
     }
-    let journal = match journal_options {
-        Some(options) => Some(Journal::open(options).context("cannot open the journal")?),
-        None => None,
+    let journal = match (journal_options, journal_lock) {
+        (Some(options), Some(lock)) => Some(Journal::open_locked(options, lock)),
+        (Some(options), None) => Some(Journal::open(options)),
+        (None, _) => None,
     };
+    let journal = journal.transpose().context("cannot open the journal")?;
     let daemon =
         Arc::new(Daemon::new(journal, plan.control.clone(), tls.credentials).with_nbd(nbd));
     let mut served = Vec::new();
@@ -297,9 +324,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(address) = &tls.control_listen {
         start_tcp_control(address, &daemon, tls.authz)?;
     }
+    // Every socket is bound: QEMU, NBD clients and control clients can connect.
+    let serving = format!("STATUS=serving {} volume(s)", daemon.volumes().len());
+    notify(notifier.as_ref(), &["READY=1", &serving]);
     let signal = signals.wait().context("waiting for signals failed")?;
-    log::info!("{signal}: finishing requests in flight and shutting down");
+    log::info!(signal = signal.as_str(); "{signal}: finishing requests in flight and shutting down");
+    let stopping = format!("STATUS={signal}: finishing requests in flight");
+    notify(notifier.as_ref(), &["STOPPING=1", &stopping]);
     shut_down(&daemon, plan.control.as_deref());
+    notify(notifier.as_ref(), &["STATUS=stopped"]);
     Ok(())
 }
 

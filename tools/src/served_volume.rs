@@ -13,7 +13,7 @@ use ferry_engine::tls::TlsCredentials;
 use ferry_engine::Volume;
 use ferry_vhost::{ConnectionState, ServeStop};
 
-use crate::volume_claims::Claims;
+use crate::volume_claims::{Claims, FileIdentity, ImageRange};
 use crate::volume_spec::{NbdExportMode, VolumeSpec};
 
 /// A volume opened and checked against its device settings, not served yet.
@@ -51,8 +51,9 @@ pub struct ServedVolume {
     pub queues: u16,
     /// How the volume is exported over NBD (`nbd=`), if it is.
     pub nbd: Option<NbdExportMode>,
-    /// The volume is its image whole (no `length=`).
-    whole_image: bool,
+    /// The volume runs to its image's end (no `length=`): it claims bytes the image may
+    /// grow.
+    to_image_end: bool,
     stop: Arc<ServeStop>,
     /// The serving thread, until [`ServedVolume::stop_serving`] joins it.
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -91,7 +92,7 @@ impl ServedVolume {
             connection,
             queues: spec.queues,
             nbd: spec.nbd,
-            whole_image: spec.engine.length_bytes.is_none(),
+            to_image_end: spec.engine.length_bytes.is_none(),
             stop,
             thread: Mutex::new(Some(thread)),
         })
@@ -100,11 +101,26 @@ impl ServedVolume {
     /// What the volume holds for itself alone; its image is the one it is served from now
     /// (a migration's cutover changes it).
     pub fn claims(&self) -> Claims {
+        let backing = self.volume.backing();
+        let identity = match backing.file() {
+            Some(image) => image.file.metadata().ok().map(|m| FileIdentity::of(&m)),
+            None => None,
+        };
+        let start_bytes = backing.base_offset_bytes;
         Claims {
             name: self.volume.name().to_string(),
             socket: self.socket.clone(),
-            image: self.volume.backing().path.clone(),
-            whole_image: self.whole_image,
+            image: ImageRange {
+                path: backing.path.clone(),
+                identity,
+                start_bytes,
+                end_bytes: if self.to_image_end {
+                    u64::MAX
+                } else {
+                    start_bytes.saturating_add(backing.len_bytes)
+                },
+                read_only: self.volume.read_only(),
+            },
         }
     }
 

@@ -45,6 +45,11 @@ pub enum JournalError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "journal directory {path} is in use by another process ({}); stop it or give \
+         another dir=", holder.map_or("pid unknown".to_string(), |pid| format!("pid {pid}"))
+    )]
+    InUse { path: PathBuf, holder: Option<u32> },
     #[error("journal medium {path}: {step}: {source}")]
     Medium {
         path: PathBuf,

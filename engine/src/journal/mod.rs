@@ -7,6 +7,7 @@ pub mod checksum;
 pub mod commit_ring;
 pub mod demux;
 pub mod device;
+pub mod dir_lock;
 pub mod direct;
 pub mod entry;
 pub mod error;
@@ -28,6 +29,7 @@ pub mod writer;
 #[cfg(test)]
 mod tests;
 
+pub use dir_lock::DirLock;
 pub use entry::{render_csv, render_jsonl, LogEntry};
 pub use error::{FormatError, JournalError};
 pub use options::{Committer, JournalMode, JournalOptions, MappedAppends, MediumCache, OnFull};

@@ -17,15 +17,21 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+mod request;
+pub use request::{
+    parse_request, Request, RequestError, ARGUMENTS_BYTES_MAX, COMMAND_BYTES_MAX, ID_BYTES_MAX,
+};
+
 /// The longest request line a daemon accepts; a longer one closes the connection.
 pub const REQUEST_BYTES_MAX: usize = 1 << 20;
 
-/// A daemon's bounds on a TCP control connection, so that a client that connects and says
-/// nothing (or trickles a request) cannot hold one of the connection slots for ever: the
-/// TLS handshake, the wait for the next request, and a request from its first byte on.
+/// A daemon's bounds on a control connection, so that a client that connects and says
+/// nothing, trickles a request or never reads its replies cannot hold one of the
+/// connection slots for ever: the TLS handshake (TCP only), the wait for the next request,
+/// a request from its first byte on, and the write of each reply.
 pub const TCP_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
-pub const TCP_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Error classes of replies the framing and the listeners produce (commands add their own).
 pub mod class {

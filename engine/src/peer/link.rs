@@ -19,7 +19,7 @@ use serde_json::Value;
 use super::address::ControlAddress;
 use super::control_protocol::{
     parse_reply, reply_id, request_line, LineDeadlines, LineError, LineReader, RemoteError,
-    TCP_IDLE_TIMEOUT,
+    IDLE_TIMEOUT,
 };
 use super::transport::{describe_io_error, ClientStream, TransportError};
 use crate::tls::TlsCredentials;
@@ -45,7 +45,7 @@ impl Default for LinkOptions {
             handshake_timeout: Duration::from_secs(10),
             reply_timeout: Some(Duration::from_secs(30)),
             reply_bytes_max: 16 << 20,
-            reuse_idle_max: TCP_IDLE_TIMEOUT.saturating_sub(Duration::from_secs(30)),
+            reuse_idle_max: IDLE_TIMEOUT.saturating_sub(Duration::from_secs(30)),
         }
     }
 }

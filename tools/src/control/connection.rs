@@ -1,6 +1,6 @@
 //! One control connection's requests, over any stream (the unix socket, or TLS over TCP):
 //! read a line within its bounds, run it, write the reply, until the client leaves, says
-//! nothing for too long, or breaks the framing.
+//! nothing for too long, stops reading its replies, or breaks the framing.
 
 use std::io::Write;
 
@@ -24,11 +24,14 @@ pub fn serve_connection<S: TimedRead + Write>(
         let line = match reader.read_line(stream, deadlines) {
             Ok(Some(line)) => line,
             Ok(None) => return,
-            Err(LineError::TooLong { .. }) => {
-                let _ = reply(
-                    stream,
-                    &error_reply(class::GENERIC, "request too long", None),
-                );
+            Err(LineError::TooLong { bytes_max }) => {
+                let desc = format!("request too long (at most {bytes_max} bytes a line)");
+                let _ = reply(stream, &error_reply(class::GENERIC, &desc, None));
+                return;
+            }
+            Err(LineError::NotUtf8) => {
+                let desc = "a request line that is not UTF-8";
+                let _ = reply(stream, &error_reply(class::GENERIC, desc, None));
                 return;
             }
             Err(LineError::TimedOut(bound)) => {

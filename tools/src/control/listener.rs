@@ -1,7 +1,8 @@
 //! Accepting control connections: on the unix control socket, and on the TCP control
 //! listener, where every client completes a TLS 1.3 handshake with a certificate the CA
 //! signed and passes `--tls-authz` before its first request is read. Each listener serves a
-//! bounded number of connections at once, each on its own thread.
+//! bounded number of connections at once, each on its own thread, within the same time
+//! bounds on both listeners.
 
 use std::io::Read;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_engine::peer::control_protocol::{
-    class, error_reply, LineDeadlines, TCP_HANDSHAKE_TIMEOUT, TCP_IDLE_TIMEOUT, TCP_REQUEST_TIMEOUT,
+    class, error_reply, LineDeadlines, IDLE_TIMEOUT, REQUEST_TIMEOUT, TCP_HANDSHAKE_TIMEOUT,
 };
 use ferry_engine::peer::transport::{accept_tls, AcceptError, ServerTlsStream};
 use ferry_engine::tls::TlsAuthz;
@@ -30,6 +31,17 @@ const CONNECTIONS_MAX: usize = 64;
 const LINGER: Duration = Duration::from_secs(1);
 /// Bytes drained from a refused client at most.
 const LINGER_BYTES_MAX: usize = 1 << 20;
+
+/// The bounds on every control connection's requests, on both listeners: a client that
+/// says nothing, or trickles a request, is closed.
+const CONNECTION_DEADLINES: LineDeadlines = LineDeadlines {
+    first_byte: Some(IDLE_TIMEOUT),
+    whole_line: Some(REQUEST_TIMEOUT),
+};
+
+/// How long a listener waits after a failed accept that may repeat at once (out of file
+/// descriptors or memory), so that it does not spin while the condition lasts.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// The connections a listener serves now.
 #[derive(Default)]
@@ -57,6 +69,17 @@ impl Drop for Slot {
     }
 }
 
+fn pause_after_accept_error(e: &std::io::Error) {
+    let lasting = matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    );
+    if lasting {
+        log::warn!("control: cannot accept a connection: {e}");
+        std::thread::sleep(ACCEPT_ERROR_PAUSE);
+    }
+}
+
 fn spawn_connection(run: impl FnOnce() + Send + 'static) {
     let spawned = std::thread::Builder::new()
         .name("ferry-control".into())
@@ -70,21 +93,30 @@ fn spawn_connection(run: impl FnOnce() + Send + 'static) {
 pub fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
     let slots = Arc::new(Slots::default());
     for stream in listener.incoming() {
-        let Ok(mut stream) = stream else { continue };
+        let mut stream = match stream {
+            Ok(stream) => stream,
+            Err(e) => {
+                pause_after_accept_error(&e);
+                continue;
+            }
+        };
         let Some(slot) = Slots::take(&slots) else {
+            // Never blocks the accept loop: the refusal fits an empty socket buffer, and a
+            // client that cannot take it is closed all the same.
             let busy = error_reply(class::BUSY, "too many control connections", None);
-            let _ = reply(&mut stream, &busy);
+            if stream.set_nonblocking(true).is_ok() {
+                let _ = reply(&mut stream, &busy);
+            }
             continue;
         };
         let daemon = daemon.clone();
         spawn_connection(move || {
             let _slot = slot;
-            serve_connection(
-                &mut stream,
-                &daemon,
-                &Caller::Local,
-                LineDeadlines::default(),
-            );
+            if let Err(e) = stream.set_write_timeout(Some(REQUEST_TIMEOUT)) {
+                log::warn!("control: {e}");
+                return;
+            }
+            serve_connection(&mut stream, &daemon, &Caller::Local, CONNECTION_DEADLINES);
         });
     }
 }
@@ -101,7 +133,13 @@ pub struct TcpControl {
 pub fn serve_tcp(listener: TcpListener, daemon: Arc<Daemon>, tls: Arc<TcpControl>) {
     let slots = Arc::new(Slots::default());
     for socket in listener.incoming() {
-        let Ok(socket) = socket else { continue };
+        let socket = match socket {
+            Ok(socket) => socket,
+            Err(e) => {
+                pause_after_accept_error(&e);
+                continue;
+            }
+        };
         let Some(slot) = Slots::take(&slots) else {
             log::warn!("control: too many TCP control connections, one refused");
             continue;
@@ -136,7 +174,7 @@ fn serve_tls_client(socket: TcpStream, daemon: &Daemon, tls: &TcpControl) {
             return;
         }
     };
-    if let Err(e) = stream.sock.set_write_timeout(Some(TCP_REQUEST_TIMEOUT)) {
+    if let Err(e) = stream.sock.set_write_timeout(Some(REQUEST_TIMEOUT)) {
         log::warn!("control: {address}: {e}");
         return;
     }
@@ -151,11 +189,7 @@ fn serve_tls_client(socket: TcpStream, daemon: &Daemon, tls: &TcpControl) {
     }
     let caller = Caller::Remote { address, identity };
     log::info!("control: {caller} connected");
-    let deadlines = LineDeadlines {
-        first_byte: Some(TCP_IDLE_TIMEOUT),
-        whole_line: Some(TCP_REQUEST_TIMEOUT),
-    };
-    serve_connection(&mut stream, daemon, &caller, deadlines);
+    serve_connection(&mut stream, daemon, &caller, CONNECTION_DEADLINES);
     close(&mut stream, address);
 }
 

@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 
 use ferry_engine::peer::control_protocol::{self, class};
 use ferry_engine::tls::PeerIdentity;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::daemon::Daemon;
 
@@ -67,28 +67,15 @@ impl ControlError {
 
 /// Parses and executes one request line, returning the reply line's JSON text.
 pub fn handle_line(daemon: &Daemon, caller: &Caller, line: &str) -> String {
-    let request: Value = match serde_json::from_str(line) {
-        Ok(v) => v,
-        Err(e) => {
-            return control_protocol::error_reply(
-                class::GENERIC,
-                &format!("invalid JSON: {e}"),
-                None,
-            )
-        }
+    let request = match control_protocol::parse_request(line) {
+        Ok(request) => request,
+        Err(e) => return control_protocol::error_reply(class::GENERIC, &e.to_string(), None),
     };
-    let Some(command) = request.get("command").and_then(Value::as_str) else {
-        return control_protocol::error_reply(class::GENERIC, "missing \"command\"", None);
-    };
-    let arguments = request
-        .get("arguments")
-        .cloned()
-        .unwrap_or_else(|| json!({}));
-    let id = request.get("id");
+    let (command, id) = (request.command.as_str(), request.id.as_ref());
     if let Caller::Remote { .. } = caller {
         log::debug!("control: {caller}: {command}");
     }
-    match commands::dispatch(daemon, command, &arguments) {
+    match commands::dispatch(daemon, command, &request.arguments) {
         Ok(commands::Reply::Value(value)) => {
             let mut answer = json!({ "return": value });
             if let Some(id) = id {

@@ -82,11 +82,24 @@ fn names_sockets_and_images_stay_distinct() -> TestResult {
     same_image.engine.path = a.engine.path.clone();
     let mut on_control = spec(dir.path(), "e", "")?;
     on_control.socket = control;
+    // The served image through a hard link, a slice of it: the same bytes.
+    let link = dir.path().join("link.img");
+    std::fs::hard_link(&a.engine.path, &link)?;
+    let mut via_link = spec(dir.path(), "f", "")?;
+    via_link.engine.path = link.clone();
+    via_link.engine.size_bytes = None;
+    let mut slice = via_link.clone();
+    slice.engine.name = "g".into();
+    slice.socket = dir.path().join("g.sock");
+    slice.engine.offset_bytes = 4096;
+    slice.engine.length_bytes = Some(4096);
     for (spec, needle) in [
         (&same_name, "two volumes are named a"),
         (&same_socket, "same socket"),
         (&same_image, "same image"),
         (&on_control, "--control"),
+        (&via_link, "overlapping"),
+        (&slice, "overlapping"),
     ] {
         match daemon.add_volume(spec) {
             Err(VolumeTableError::Conflict(message)) => {
@@ -95,7 +108,7 @@ fn names_sockets_and_images_stay_distinct() -> TestResult {
             Err(e) => return Err(format!("{}: unexpected error {e}", spec.engine.name).into()),
             Ok(_) => return Err(format!("{} was added", spec.engine.name).into()),
         }
-        if spec.engine.path != a.engine.path {
+        if spec.engine.path != a.engine.path && spec.engine.path != link {
             assert!(
                 !spec.engine.path.exists(),
                 "a refused volume creates no image"

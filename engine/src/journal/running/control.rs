@@ -11,6 +11,7 @@ use super::{
     Appender, Journal, JournalState, JournalStatus, MarkResult, SealResult, Shared,
     JOURNAL_STREAM_ID,
 };
+use crate::journal::dir_lock::DirLock;
 use crate::journal::error::JournalError;
 use crate::journal::format::{GapInfo, Op};
 use crate::journal::memory_log::LogSnapshot;
@@ -30,7 +31,19 @@ fn resolve_committer(options: &JournalOptions) -> Committer {
 
 impl Journal {
     /// Opens (creating or recovering) the journal in `options.dir` and starts its writer.
+    /// Refused while another process holds the directory.
     pub fn open(options: JournalOptions) -> Result<Arc<Journal>, JournalError> {
+        let lock = DirLock::acquire(&options.dir)?;
+        Self::open_locked(options, lock)
+    }
+
+    /// [`Journal::open`] on a directory the caller has locked already (a daemon locks it
+    /// before it creates anything else, so that a refusal leaves nothing behind).
+    pub fn open_locked(
+        options: JournalOptions,
+        lock: DirLock,
+    ) -> Result<Arc<Journal>, JournalError> {
+        debug_assert_eq!(lock.dir(), options.dir, "the lock is on another directory");
         options.validate()?;
         let rec = recover(&options.dir)?;
         let lends_tail = options.maps_media() && dir_is_memory_backed(&options.dir);
@@ -65,6 +78,7 @@ impl Journal {
             shared,
             thread: Mutex::new(Some(thread)),
             recovered_torn_tail: rec.torn_tail,
+            dir_lock: Mutex::new(Some(lock)),
         }))
     }
 
@@ -228,12 +242,20 @@ impl Journal {
         if let Err(e) = app.writer.store_catalog() {
             log::error!("journal: cannot record the close in the catalog: {e}");
         }
+        // Nothing more is appended: the directory is free for the next holder.
+        if let Ok(mut lock) = self.dir_lock.lock() {
+            lock.take();
+        }
     }
 
     /// Test hook: stops the writer thread without writing what is pending or sealing,
     /// as a crash would (held guest writes are released as failed).
     #[doc(hidden)]
     pub fn crash_for_test(&self) {
+        // A crashed process's flock is gone with it: a test reopens the directory.
+        if let Ok(mut lock) = self.dir_lock.lock() {
+            lock.take();
+        }
         let mut st = self.shared.lock();
         st.batch.clear();
         st.records.clear();

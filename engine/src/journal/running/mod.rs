@@ -29,6 +29,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use super::dir_lock::DirLock;
 use super::options::{Committer, JournalOptions};
 use super::recovery::RecoveredTail;
 use super::writer::{MediumWriter, Prologue};
@@ -140,4 +141,7 @@ pub struct Journal {
     shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<()>>>,
     recovered_torn_tail: Option<RecoveredTail>,
+    /// Held until [`Journal::close`] (or [`Journal::crash_for_test`], which releases it as
+    /// a crash would): no other process appends to the directory meanwhile.
+    dir_lock: Mutex<Option<DirLock>>,
 }

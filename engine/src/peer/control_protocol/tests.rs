@@ -168,3 +168,62 @@ fn silence_and_a_line_that_stops_halfway_time_out() -> Result<(), Box<dyn std::e
     assert_eq!(reader.read_line(&mut near, deadlines)?, None);
     Ok(())
 }
+
+#[test]
+fn a_request_is_read_apart_with_its_defaults() {
+    let request = parse_request(r#"{"command": "query-volumes", "id": [7, "x"]}"#);
+    assert_eq!(
+        request,
+        Ok(Request {
+            command: "query-volumes".into(),
+            arguments: json!({}),
+            id: Some(json!([7, "x"])),
+        })
+    );
+    let with_arguments = parse_request(r#"{"arguments": {"volume": "a"}, "command": "c"}"#);
+    assert_eq!(
+        with_arguments.map(|r| r.arguments),
+        Ok(json!({ "volume": "a" }))
+    );
+    let null_arguments = parse_request(r#"{"command": "c", "arguments": null}"#);
+    assert_eq!(null_arguments.map(|r| r.arguments), Ok(json!({})));
+    let line = request_line("migrate-start", &json!({ "volumes": ["a"] }), Some(3));
+    let parsed = parse_request(line.trim_end());
+    assert_eq!(
+        parsed.map(|r| (r.command, r.id)),
+        Ok(("migrate-start".into(), Some(json!(3))))
+    );
+}
+
+#[test]
+fn malformed_and_oversized_requests_are_refused_with_their_reason() {
+    let refused = |line: &str| parse_request(line).err();
+    assert!(matches!(
+        refused("{\"command\": "),
+        Some(RequestError::Json(_))
+    ));
+    assert!(matches!(refused("not json"), Some(RequestError::Json(_))));
+    assert_eq!(refused("[1, 2, 3]"), Some(RequestError::NotAnObject));
+    assert_eq!(refused("\"command\""), Some(RequestError::NotAnObject));
+    assert_eq!(refused("{}"), Some(RequestError::MissingCommand));
+    assert_eq!(refused(r#"{"command": 7}"#), Some(RequestError::BadCommand));
+    let long_name = format!(r#"{{"command": "{}"}}"#, "x".repeat(COMMAND_BYTES_MAX + 1));
+    assert_eq!(refused(&long_name), Some(RequestError::BadCommand));
+    assert_eq!(
+        refused(r#"{"command": "c", "arguments": [1]}"#),
+        Some(RequestError::ArgumentsNotAnObject)
+    );
+    let zeros = vec!["0"; ARGUMENTS_BYTES_MAX].join(",");
+    let big = format!(r#"{{"command": "c", "arguments": {{"a": [{zeros}]}}}}"#);
+    assert_eq!(refused(&big), Some(RequestError::ArgumentsTooLong));
+    let big_id = format!(
+        r#"{{"command": "c", "id": "{}"}}"#,
+        "i".repeat(ID_BYTES_MAX)
+    );
+    assert_eq!(refused(&big_id), Some(RequestError::IdTooLong));
+    let duplicate = refused(r#"{"command": "a", "command": "b"}"#);
+    assert!(
+        matches!(duplicate, Some(RequestError::Json(_))),
+        "{duplicate:?}"
+    );
+}
