@@ -61,7 +61,11 @@ fn concurrent_queues_append_through_the_tail_across_marks_seals_and_full_media()
         for w in workers {
             w.join().map_err(|_| "a writer thread panicked")??;
         }
+        // An async journal makes the last writes durable in its own time: a mark waits for
+        // everything before it.
+        let last = journal.mark("end")?;
         let status = journal.status();
+        assert!(status.durable_seq >= last.seq, "{status:#?}");
         assert_eq!(status.appends, Some(AppendPath::Mapped), "{status:#?}");
         // How many depends on timing: after every seal and rotation records go to the
         // writer until it has opened the next medium and lends its tail again.
