@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use ferry_engine::journal::Journal;
 use ferry_engine::tls::TlsCredentials;
 use ferry_engine::Volume;
-use ferry_vhost::{ConnectionState, ServeStop};
+use ferry_vhost::{ConnectionState, DeviceGate, ServeStop, Serving};
 
 use crate::volume_claims::Claims;
 use crate::volume_spec::{NbdExportMode, VolumeSpec};
@@ -51,6 +51,9 @@ pub struct ServedVolume {
     pub queues: u16,
     /// How the volume is exported over NBD (`nbd=`), if it is.
     pub nbd: Option<NbdExportMode>,
+    /// Whether its device may take requests (closed for an incoming volume until it is
+    /// handed over, and on the source of a move once it has been).
+    pub gate: Arc<DeviceGate>,
     /// The volume is its image whole (no `length=`).
     whole_image: bool,
     stop: Arc<ServeStop>,
@@ -60,8 +63,13 @@ pub struct ServedVolume {
 
 impl ServedVolume {
     /// Serves an opened volume: adds the journal's observer (every guest write of every
-    /// volume is journaled), binds the socket and starts the thread accepting frontends.
-    pub fn start(opened: OpenedVolume, journal: Option<&Arc<Journal>>) -> anyhow::Result<Self> {
+    /// volume is journaled), binds the socket and starts the thread accepting frontends,
+    /// whose requests `gate` admits.
+    pub fn start(
+        opened: OpenedVolume,
+        journal: Option<&Arc<Journal>>,
+        gate: Arc<DeviceGate>,
+    ) -> anyhow::Result<Self> {
         let OpenedVolume { spec, volume } = opened;
         if let Some(journal) = journal {
             volume.add_observer(journal.observer_for(volume.name()));
@@ -70,13 +78,17 @@ impl ServedVolume {
         let stop = ServeStop::new(&listener).context("cannot start a volume thread")?;
         let connection = Arc::new(ConnectionState::default());
         let thread = {
-            let (volume, connection, stop) = (volume.clone(), connection.clone(), stop.clone());
+            let serving = Serving {
+                listener,
+                state: connection.clone(),
+                stop: stop.clone(),
+                gate: gate.clone(),
+            };
+            let volume = volume.clone();
             let settings = spec.device_settings();
             std::thread::Builder::new()
                 .name(format!("ferry-{}", volume.name()))
-                .spawn(move || {
-                    ferry_vhost::serve_volume(volume, settings, listener, connection, stop)
-                })
+                .spawn(move || ferry_vhost::serve_volume(volume, settings, serving))
         };
         let thread = match thread {
             Ok(thread) => thread,
@@ -91,6 +103,7 @@ impl ServedVolume {
             connection,
             queues: spec.queues,
             nbd: spec.nbd,
+            gate,
             whole_image: spec.engine.length_bytes.is_none(),
             stop,
             thread: Mutex::new(Some(thread)),
