@@ -10,6 +10,7 @@
 //! The destination is only ever activated after every job has handed off, so it never
 //! serves a disk the source could still write or one that is not complete.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -65,7 +66,8 @@ struct Outcome {
 pub struct HandOff {
     peer: String,
     link: PeerLink,
-    lease: Duration,
+    /// The destination's lease (the shortest it named), in milliseconds.
+    lease_ms: AtomicU64,
     moving: Mutex<Vec<Moving>>,
     outcome: Mutex<Outcome>,
 }
@@ -123,7 +125,7 @@ impl HandOff {
         let handoff = Arc::new(Self {
             peer,
             link,
-            lease: daemon.incoming_options.lease,
+            lease_ms: AtomicU64::new(u64::MAX),
             moving: Mutex::new(Vec::new()),
             outcome: Mutex::new(Outcome::default()),
         });
@@ -181,6 +183,9 @@ impl HandOff {
                 )
                 .map_err(peer_error)?;
             prepared.push(remote.clone());
+            if let Some(ms) = reply.get("lease-ms").and_then(Value::as_u64) {
+                self.lease_ms.fetch_min(ms, Ordering::Relaxed);
+            }
             let port = reply
                 .get("nbd-port")
                 .and_then(Value::as_u64)
@@ -199,6 +204,8 @@ impl HandOff {
                 .map_err(|e| ControlError::new("MigrationError", e.to_string()))?;
             let mut options = request.options.clone();
             options.hand_off = true;
+            // The destination has just created the image sparse: holes stay holes.
+            options.target_known_zero = true;
             options.auto_cutover = false;
             options.nbd_tls = daemon.tls.clone();
             let job = daemon
@@ -220,6 +227,14 @@ impl HandOff {
             });
         }
         Ok(())
+    }
+
+    /// The destination's lease, or this daemon's own when it named none.
+    fn lease(&self) -> Duration {
+        match self.lease_ms.load(Ordering::Relaxed) {
+            u64::MAX => crate::incoming::IncomingOptions::default().lease,
+            ms => Duration::from_millis(ms),
+        }
     }
 
     fn lock_moving(&self) -> std::sync::MutexGuard<'_, Vec<Moving>> {
@@ -279,7 +294,8 @@ impl HandOff {
             .iter()
             .map(|m| m.remote.clone())
             .collect();
-        let mut renewed = Instant::now();
+        // The first pass renews at once, so the destination's state shows from the start.
+        let mut renewed: Option<Instant> = None;
         let mut renew_failing_since: Option<Instant> = None;
         loop {
             if let Some(reason) = self.failure() {
@@ -291,14 +307,14 @@ impl HandOff {
                 self.hand_over(&remotes);
                 return;
             }
-            if renewed.elapsed() >= self.lease / 3 {
-                renewed = Instant::now();
+            if renewed.is_none_or(|at| at.elapsed() >= self.lease() / 3) {
+                renewed = Some(Instant::now());
                 match self.renew() {
                     Ok(()) => renew_failing_since = None,
                     Err(e) => {
                         let since = *renew_failing_since.get_or_insert_with(Instant::now);
                         log::warn!("{e}");
-                        if since.elapsed() >= self.lease {
+                        if since.elapsed() >= self.lease() {
                             let reason = format!("the destination is unreachable: {e}");
                             self.fail_jobs(&reason);
                             self.unwind(&remotes, &reason);
@@ -458,7 +474,7 @@ impl HandOff {
     /// Activates one incoming volume. A refusal means it was not activated; a lost reply
     /// is retried (activation is idempotent) for as long as the lease lasts.
     fn activate(&self, remote: &str) -> Result<(), Activation> {
-        let deadline = Instant::now() + self.lease;
+        let deadline = Instant::now() + self.lease();
         loop {
             match self
                 .link

@@ -379,7 +379,10 @@ impl MigrationJob {
         for vm in &s.volumes {
             let planned = match (vm.source.lock(), vm.table.lock()) {
                 (Ok(source), Ok(mut table)) => match source.as_ref() {
-                    Some(source) => super::copier::plan(&mut table, source, s.target.known_zero()),
+                    Some(source) => {
+                        let known_zero = s.target.known_zero() || s.options.target_known_zero;
+                        super::copier::plan(&mut table, source, known_zero)
+                    }
                     None => Ok(0),
                 },
                 _ => Ok(0),

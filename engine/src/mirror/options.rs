@@ -40,6 +40,10 @@ pub struct MigrationOptions {
     /// ([`MigrationJob::hand_off`](super::MigrationJob::hand_off)): the volumes are never
     /// switched to the target, and a cutover is refused.
     pub hand_off: bool,
+    /// The target is known to read as zeros wherever nothing was written (an incoming
+    /// volume its host has just created sparse), so holes of the source are not copied,
+    /// as for a file target the job creates itself.
+    pub target_known_zero: bool,
     /// The job is ready when at most this many bytes are left to copy; `None`: 0 in
     /// `active` mode, 4 MiB in `background` mode (drained during the cutover pause).
     pub ready_pending_bytes_max: Option<u64>,
@@ -80,6 +84,7 @@ impl Default for MigrationOptions {
             mirror_threads_remote: 8,
             auto_cutover: false,
             hand_off: false,
+            target_known_zero: false,
             ready_pending_bytes_max: None,
             pause_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(60),

@@ -1,0 +1,513 @@
+//! Moving a volume to another host (`docs/migration.md`, "Across hosts"): two `ferry serve`
+//! daemons, each in its own network namespace joined by a veth pair, with certificates of
+//! a test CA. The destination's side alone (`incoming-*` commands sent by the `ferry`
+//! command line as the source's certificate, data written by `qemu-io` over NBD with
+//! TLS, libblkio on the incoming socket): a device started before activation waits and
+//! then serves the data, the source's export is fenced at activation, a device never
+//! activated is refused, a lease not renewed and an abandon leave nothing behind, and
+//! refusals are one line. Then the whole move driven by the source: `ferry migrate start
+//! --target ferry://…` while a libblkio client writes on the source, the client
+//! disconnecting (the device stop), the destination serving every byte.
+
+#[path = "support/mod.rs"]
+mod support;
+
+use anyhow::{ensure, Context as _, Result};
+use ferry_test_support::netns::{Host, Network};
+use ferry_test_support::pki::{Pki, Subject};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+use support::blkio_client::{BlkioClient, BlkioOpts, Op};
+use support::daemon::{Daemon, START_TIMEOUT};
+use support::ferry_cli::CliOutput;
+use support::wait::{tcp_listening_in, unix_listening_in, wait_until, HANG_TIMEOUT};
+
+/// The TCP control port and the NBD port of the destination (in its own namespace).
+const CONTROL_PORT: u16 = 7000;
+const NBD_PORT: u16 = 10809;
+const MIB: usize = 1 << 20;
+/// The source volume's size.
+const VOLUME_BYTES: u64 = 32 << 20;
+
+fn path_str(path: &Path) -> Result<&str> {
+    path.to_str()
+        .with_context(|| format!("{} is not UTF-8", path.display()))
+}
+
+/// `ferry ARGS` run in `host` (or here, for `None`), to its end.
+fn ferry_in(host: Option<&Host>, args: &[&str]) -> Result<CliOutput> {
+    let mut command = match host {
+        Some(host) => host.command(support::ferry_bin()),
+        None => Command::new(support::ferry_bin()),
+    };
+    let out = command
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("run ferry {args:?}"))?;
+    Ok(CliOutput {
+        args: args.iter().map(|s| s.to_string()).collect(),
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+/// What the destination daemon is started with besides its listeners.
+struct DestinationOptions {
+    lease_s: u64,
+    start_wait_s: u64,
+}
+
+impl Default for DestinationOptions {
+    fn default() -> Self {
+        Self {
+            lease_s: 600,
+            start_wait_s: 600,
+        }
+    }
+}
+
+/// Host A (10.77.0.1) serves `vm1` with a unix control socket and its own credentials
+/// (certificate `ferry-a`); host B (10.77.0.2) serves no volume, with the TCP control
+/// listener and an NBD listener, allowing `ferry-a` only.
+struct TwoHosts {
+    // Fields drop in order: the daemons before their network and their files.
+    daemon_a: Daemon,
+    daemon_b: Daemon,
+    network: Network,
+    pki: Pki,
+    creds_a: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl TwoHosts {
+    fn start(options: DestinationOptions) -> Result<Option<Self>> {
+        let Some(network) =
+            support::require_ok("network namespaces (root, iproute2)", Network::new(2))
+        else {
+            return Ok(None);
+        };
+        let pki = Pki::new("ferry test CA")?;
+        let (a, b) = (network.host(0), network.host(1));
+        let address_a = a.address.to_string();
+        let address_b = b.address.to_string();
+        let creds_a = pki.credentials(
+            "a",
+            &Subject {
+                common_name: "ferry-a",
+                ip_addresses: &[&address_a],
+                ..Subject::default()
+            },
+        )?;
+        let creds_b = pki.credentials(
+            "b",
+            &Subject {
+                common_name: "ferry-b",
+                ip_addresses: &[&address_b],
+                ..Subject::default()
+            },
+        )?;
+        let dir = support::scratch_dir()?;
+        let control_a = dir.path().join("a.ctl");
+        let mut command = a.command(support::ferry_bin());
+        command
+            .arg("serve")
+            .arg("--volume")
+            .arg(format!(
+                "name=vm1,path={},socket={},size={VOLUME_BYTES}",
+                dir.path().join("a.img").display(),
+                dir.path().join("a.sock").display()
+            ))
+            .arg("--control")
+            .arg(&control_a)
+            .arg("--tls-creds")
+            .arg(&creds_a)
+            .env("RUST_LOG", "info");
+        let mut daemon_a = Daemon::spawn("ferry-a", command)?;
+        let pid = daemon_a.pid();
+        daemon_a.wait_ready("its control socket", START_TIMEOUT, || {
+            unix_listening_in(pid, &control_a)
+        })?;
+        let mut command = b.command(support::ferry_bin());
+        command
+            .arg("serve")
+            .arg("--control")
+            .arg(dir.path().join("b.ctl"))
+            .arg("--control-listen")
+            .arg(format!("{address_b}:{CONTROL_PORT}"))
+            .arg("--nbd-listen")
+            .arg(format!("{address_b}:{NBD_PORT}"))
+            .arg("--tls-creds")
+            .arg(&creds_b)
+            .arg("--tls-authz")
+            .arg("ferry-a")
+            .arg("--incoming-lease")
+            .arg(options.lease_s.to_string())
+            .arg("--incoming-start-wait")
+            .arg(options.start_wait_s.to_string())
+            .env("RUST_LOG", "info");
+        let mut daemon_b = Daemon::spawn("ferry-b", command)?;
+        let pid = daemon_b.pid();
+        daemon_b.wait_ready(&format!("TCP port {CONTROL_PORT}"), START_TIMEOUT, || {
+            tcp_listening_in(pid, CONTROL_PORT) && tcp_listening_in(pid, NBD_PORT)
+        })?;
+        Ok(Some(Self {
+            daemon_a,
+            daemon_b,
+            network,
+            pki,
+            creds_a,
+            dir,
+        }))
+    }
+
+    fn host_a(&self) -> &Host {
+        self.network.host(0)
+    }
+
+    fn url_b(&self) -> String {
+        format!("ferry://{}:{CONTROL_PORT}", self.network.host(1).address)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// `ferry query` of B's TCP listener from host A with `creds` (A's by default).
+    fn query_b(&self, creds: Option<&Path>, command: &str, arguments: &Value) -> Result<CliOutput> {
+        let url = self.url_b();
+        let creds = path_str(creds.unwrap_or(&self.creds_a))?.to_string();
+        let arguments = arguments.to_string();
+        ferry_in(
+            Some(self.host_a()),
+            &[
+                "query",
+                "--control",
+                &url,
+                "--tls-creds",
+                &creds,
+                command,
+                "--arguments",
+                &arguments,
+            ],
+        )
+    }
+
+    /// `command` on B's unix control socket (as the local operator).
+    fn local_b(&self, command: &str) -> Result<Value> {
+        support::ferry::query(&self.path("b.ctl"), command)
+    }
+
+    fn prepare(&self, name: &str) -> Result<Value> {
+        self.query_b(
+            None,
+            "incoming-prepare",
+            &json!({
+                "name": name,
+                "size": 16 << 20,
+                "path": self.path(&format!("{name}.img")),
+                "socket": self.path(&format!("{name}.sock")),
+            }),
+        )?
+        .ok()?
+        .json()
+    }
+
+    /// `qemu-io -c COMMAND` on B's export `name` from host A, over TLS with A's certificate.
+    fn qemu_io_b(&self, name: &str, command: &str) -> Result<std::process::Output> {
+        let address_b = self.network.host(1).address;
+        self.host_a()
+            .command("qemu-io")
+            .arg("--object")
+            .arg(format!(
+                "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+                path_str(&self.creds_a)?
+            ))
+            .arg("--image-opts")
+            .arg(format!(
+                "driver=nbd,server.type=inet,server.host={address_b},server.port={NBD_PORT},export={name},tls-creds=tls0"
+            ))
+            .arg("-c")
+            .arg(command)
+            .stdin(Stdio::null())
+            .output()
+            .context("run qemu-io")
+    }
+
+    fn incoming_state(&self, name: &str) -> Result<Option<String>> {
+        let list = self.local_b("query-incoming")?;
+        Ok(list
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|v| v["name"] == name)
+            .and_then(|v| v["state"].as_str().map(str::to_string)))
+    }
+}
+
+fn require_tools() -> bool {
+    support::require::require("qemu-io", support::require::command_available("qemu-io"))
+}
+
+fn read_op(offset_bytes: u64, len_bytes: usize) -> Op {
+    Op::Read {
+        offset_bytes,
+        len_bytes,
+        buf_offset: 0,
+    }
+}
+
+#[test]
+fn an_incoming_volume_serves_its_device_only_once_activated_and_fences_its_source() -> Result<()> {
+    if !require_tools() {
+        return Ok(());
+    }
+    let Some(hosts) = TwoHosts::start(DestinationOptions::default())? else {
+        return Ok(());
+    };
+    let prepared = hosts.prepare("vm1")?;
+    let address_b = hosts.network.host(1).address;
+    assert_eq!(
+        prepared["uri"],
+        json!(format!("nbds://{address_b}:{NBD_PORT}/vm1"))
+    );
+    // The source writes over NBD with TLS (its own certificate, which the export allows).
+    let out = hosts.qemu_io_b("vm1", "write -P 0x5a 0 1M")?;
+    ensure!(
+        out.status.success(),
+        "qemu-io write: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A device started before activation: its read waits behind the gate.
+    let mut client = BlkioClient::connect(&hosts.path("vm1.sock"), &BlkioOpts::default())?;
+    client.submit_batches(&[vec![read_op(0, MIB)]])?;
+    let early = client.reap_batches(&[1], Duration::from_millis(500))?;
+    assert_eq!(early, vec![vec![None]], "served before activation");
+    assert_eq!(hosts.incoming_state("vm1")?.as_deref(), Some("incoming"));
+    hosts
+        .query_b(None, "incoming-activate", &json!({ "name": "vm1" }))?
+        .ok()?;
+    let mut results = vec![vec![None]];
+    client.reap_until(&mut results, 1, HANG_TIMEOUT)?;
+    assert_eq!(
+        results,
+        vec![vec![Some(0)]],
+        "the read completes once activated"
+    );
+    support::compare_bytes("incoming vm1", &client.buf()[..MIB], &vec![0x5a; MIB])?;
+    assert_eq!(hosts.incoming_state("vm1")?.as_deref(), Some("active"));
+    // The source's export is fenced: its writes no longer land.
+    let out = hosts.qemu_io_b("vm1", "write -P 0x33 0 4k")?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() || text.contains("failed") || text.contains("error"),
+        "a write after activation went through: {text}"
+    );
+    let data = client.read_all(0, 4096, 4096)?;
+    support::compare_bytes("after the fence", &data, &[0x5a; 4096])?;
+    // Abandoning an active volume is refused: it serves the VM now.
+    hosts
+        .query_b(None, "incoming-abandon", &json!({ "name": "vm1" }))?
+        .expect_error("is active")?;
+    Ok(())
+}
+
+#[test]
+fn a_device_started_and_never_activated_is_refused_after_its_bound() -> Result<()> {
+    let options = DestinationOptions {
+        start_wait_s: 1,
+        ..DestinationOptions::default()
+    };
+    let Some(hosts) = TwoHosts::start(options)? else {
+        return Ok(());
+    };
+    hosts.prepare("vm1")?;
+    let mut client = BlkioClient::connect(&hosts.path("vm1.sock"), &BlkioOpts::default())?;
+    client.submit_batches(&[vec![read_op(0, 4096)]])?;
+    // The frontend is disconnected after the bound: the volume shows no connection.
+    wait_until("the frontend refused", HANG_TIMEOUT, || {
+        let volumes = hosts.local_b("query-volumes")?;
+        Ok(volumes[0]["connected"] == json!(false) && volumes[0]["connections"] == json!(1))
+    })?;
+    // The read never succeeds (libblkio may report the lost connection as an error).
+    if let Ok(results) = client.reap_batches(&[1], Duration::from_millis(100)) {
+        ensure!(
+            results[0][0].is_none_or(|r| r != 0),
+            "a read was served before activation"
+        );
+    }
+    assert!(hosts.daemon_b.log().contains("refused after"));
+    Ok(())
+}
+
+#[test]
+fn a_lease_not_renewed_an_abandon_and_every_refusal_leave_nothing_behind() -> Result<()> {
+    let options = DestinationOptions {
+        lease_s: 1,
+        ..DestinationOptions::default()
+    };
+    let Some(hosts) = TwoHosts::start(options)? else {
+        return Ok(());
+    };
+    let image = hosts.path("vm1.img");
+    let socket = hosts.path("vm1.sock");
+    hosts.prepare("vm1")?;
+    assert!(image.is_file() && unix_listening_in(hosts.daemon_b.pid(), &socket));
+    wait_until("the lease to run out", HANG_TIMEOUT, || {
+        Ok(hosts.incoming_state("vm1")?.as_deref() == Some("abandoned"))
+    })?;
+    assert!(!image.exists(), "the image it created is deleted");
+    assert!(!socket.exists(), "the socket is removed");
+    assert_eq!(hosts.local_b("query-volumes")?, json!([]));
+    // A retry starts clean; an explicit abandon removes it too.
+    hosts.prepare("vm1")?;
+    hosts
+        .query_b(None, "incoming-abandon", &json!({ "name": "vm1" }))?
+        .ok()?;
+    assert!(!image.exists() && !socket.exists());
+
+    // Refusals, each one line, each leaving nothing.
+    let data = hosts.path("data.img");
+    std::fs::write(&data, b"keep me")?;
+    let refused = hosts.query_b(
+        None,
+        "incoming-prepare",
+        &json!({ "name": "x", "size": 1 << 20, "path": data, "socket": hosts.path("x.sock") }),
+    )?;
+    refused.expect_error("is not an empty file")?;
+    assert_eq!(std::fs::read(&data)?, b"keep me");
+    let refused = hosts.query_b(
+        None,
+        "incoming-prepare",
+        &json!({ "name": "x", "size": 1 << 20, "path": hosts.path("x.img"),
+                 "socket": hosts.path("missing/x.sock") }),
+    )?;
+    refused.expect_error("does not exist")?;
+    assert!(!hosts.path("x.img").exists(), "no image after a failure");
+    // A certificate of another CA is refused before any command.
+    let other = Pki::new("another CA")?;
+    let stranger = other.credentials(
+        "stranger",
+        &Subject {
+            common_name: "ferry-a",
+            ..Subject::default()
+        },
+    )?;
+    hosts.pki.trust_in(&stranger)?;
+    let refused = hosts.query_b(
+        Some(&stranger),
+        "incoming-prepare",
+        &json!({ "name": "x", "size": 1 << 20, "path": hosts.path("x.img"), "socket": hosts.path("x.sock") }),
+    )?;
+    let line = refused.expect_error("")?;
+    assert_eq!(line.lines().count(), 1, "{line}");
+    assert!(!hosts.path("x.img").exists());
+    assert_eq!(hosts.local_b("query-volumes")?, json!([]));
+    Ok(())
+}
+
+/// The source's data: a pattern in the first 8 MiB written before the move, and one
+/// written during it over the first MiB and at 20 MiB.
+fn expected_after_writes() -> Vec<u8> {
+    let mut image = vec![0u8; VOLUME_BYTES as usize];
+    image[..8 * MIB].copy_from_slice(&support::pattern(1, 8 * MIB));
+    image[..MIB].copy_from_slice(&support::pattern(2, MIB));
+    image[20 * MIB..21 * MIB].copy_from_slice(&support::pattern(3, MIB));
+    image
+}
+
+#[test]
+fn a_volume_moves_to_another_host_when_its_frontend_stops() -> Result<()> {
+    let Some(hosts) = TwoHosts::start(DestinationOptions::default())? else {
+        return Ok(());
+    };
+    let opts = BlkioOpts {
+        buf_bytes: 8 * MIB,
+        ..BlkioOpts::default()
+    };
+    let mut client = BlkioClient::connect(&hosts.path("a.sock"), &opts)?;
+    client.write_all(0, &support::pattern(1, 8 * MIB), 256 << 10)?;
+    let control_a = hosts.path("a.ctl");
+    let target = format!("{}/vm1", hosts.url_b());
+    let b_image = hosts.path("b-vm1.img");
+    let b_socket = hosts.path("b-vm1.sock");
+    let started = ferry_in(
+        None,
+        &[
+            "migrate",
+            "start",
+            "--control",
+            path_str(&control_a)?,
+            "--volume",
+            "vm1",
+            "--target",
+            &target,
+            "--path",
+            path_str(&b_image)?,
+            "--socket",
+            path_str(&b_socket)?,
+            "--json",
+        ],
+    )?
+    .ok()?
+    .json()?;
+    let job = started["job"].as_u64().context("job id")?;
+    // Guest writes during the copy, mirrored to B.
+    client.write_all(0, &support::pattern(2, MIB), 64 << 10)?;
+    client.write_all(20 * MIB as u64, &support::pattern(3, MIB), 64 << 10)?;
+    client.flush()?;
+    let status = |id: u64| -> Result<Value> {
+        let all = support::ferry::query(&control_a, "query-migrations")?;
+        all.as_array()
+            .and_then(|l| l.iter().find(|s| s["id"] == json!(id)).cloned())
+            .context("the job is listed")
+    };
+    // Ready, both ends shown: the destination's incoming volume is waiting.
+    wait_until("the job to be ready", HANG_TIMEOUT, || {
+        let s = status(job)?;
+        Ok(s["state"] == "ready" && s["cross-host"]["incoming"]["state"] == "incoming")
+    })?;
+    let ready = status(job)?;
+    assert!(
+        ready["total_bytes"].as_u64() < Some(VOLUME_BYTES),
+        "holes are not copied: {ready}"
+    );
+    // The device stops: the frontend disconnects.
+    drop(client);
+    wait_until("the hand-off", HANG_TIMEOUT, || {
+        let s = status(job)?;
+        ensure!(
+            s["state"] != "failed" && s["state"] != "cancelled",
+            "the move failed: {s}"
+        );
+        Ok(s["state"] == "completed")
+    })?;
+    let done = status(job)?;
+    assert_eq!(done["handed_off"], json!(true), "{done}");
+    assert_eq!(done["cross-host"]["incoming"]["state"], "active", "{done}");
+    // The source refuses to serve again: its device waits, then is refused.
+    let text = ferry_in(
+        None,
+        &["migrate", "status", "--control", path_str(&control_a)?],
+    )?
+    .ok()?
+    .stdout;
+    assert!(text.contains("handed off"), "{text}");
+    // Every byte on B, through its device and in its image; A's image untouched.
+    let expected = expected_after_writes();
+    let mut reader = BlkioClient::connect(&b_socket, &opts)?;
+    for (i, piece) in expected.chunks(8 * MIB).enumerate() {
+        let data = reader.read_all((i * 8 * MIB) as u64, piece.len(), MIB)?;
+        support::compare_bytes(&format!("B's device, piece {i}"), &data, piece)?;
+    }
+    drop(reader);
+    support::compare_image(&b_image, 0, &expected)?;
+    support::compare_image(&hosts.path("a.img"), 0, &expected)?;
+    let _ = &hosts.daemon_a;
+    Ok(())
+}
