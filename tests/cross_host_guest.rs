@@ -1,0 +1,201 @@
+//! A running VM moves to another host with its disk: a QEMU TCG guest in host A's network
+//! namespace writes and verifies a checksummed pattern on its ferry disk without pause;
+//! `ferry migrate start --target ferry://B…` copies the disk into an incoming volume on
+//! host B; a destination QEMU in B's namespace, started with `-incoming` on the incoming
+//! volume's socket, receives the VM through QMP `migrate` over TCP between the
+//! namespaces; the source QEMU's device stop hands the disk over, and the guest goes on
+//! writing on B. Every slot the guest wrote is checked in the guest and in B's image.
+
+#[path = "support/mod.rs"]
+mod support;
+
+use anyhow::{ensure, Result};
+use serde_json::json;
+use std::path::Path;
+use std::time::Duration;
+use support::guest::{Guest, GuestOpts, RunningGuest};
+use support::qmp::Qmp;
+use support::two_hosts::{DestinationOptions, TwoHosts};
+use support::wait::{wait_until, HANG_TIMEOUT};
+
+/// The guest writes slot `n % SLOTS` (1 MiB each, from the disk's start) at iteration n.
+const SLOTS: u64 = 8;
+const SLOT_BYTES: usize = 1 << 20;
+const GUEST_MEM_MIB: u32 = 256;
+const MIGRATION_PORT: u16 = 4444;
+const MIGRATE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The pattern of iteration `n`: what busybox prints for `seq FIRST 999999999 | head -c`.
+fn slot_pattern(n: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(SLOT_BYTES + 16);
+    let mut k = n * 100_000 + 1;
+    while out.len() < SLOT_BYTES {
+        out.extend_from_slice(format!("{k}\n").as_bytes());
+        k += 1;
+    }
+    out.truncate(SLOT_BYTES);
+    out
+}
+
+/// The guest's script: a background loop writes iteration n's pattern into its slot with
+/// O_DIRECT, reads it back and checks its md5; "go" on the console stops it, and every
+/// slot is checked against the last pattern written to it.
+fn script() -> String {
+    format!(
+        r#"
+md5() {{ md5sum | cut -d' ' -f1; }}
+pat() {{ seq $(( $1 * 100000 + 1 )) 999999999 | head -c {SLOT_BYTES}; }}
+loop() {{
+  n=0; bad=0
+  while [ ! -e /tmp/stop ]; do
+    s=$((n % {SLOTS}))
+    pat $n > /tmp/w
+    dd if=/tmp/w of=/dev/vda bs=64k seek=$((s * 16)) oflag=direct 2>/dev/null || echo "RESULT write_failed=$n"
+    r=$(dd if=/dev/vda bs=64k skip=$((s * 16)) count=16 iflag=direct 2>/dev/null | md5)
+    [ "$r" = "$(md5 < /tmp/w)" ] || {{ bad=$((bad+1)); echo "RESULT bad_at=$n"; }}
+    n=$((n+1))
+    echo "$n $bad" > /tmp/count
+    echo "ITERATION $n"
+  done
+}}
+loop &
+pid=$!
+read -r go < /dev/console
+touch /tmp/stop
+wait $pid
+read n bad < /tmp/count
+echo "RESULT iterations=$n bad=$bad"
+ok=1
+for s in $(seq 0 $(({SLOTS} - 1))); do
+  if [ $n -gt $s ]; then
+    k=$(( s + {SLOTS} * ((n - 1 - s) / {SLOTS}) ))
+    r=$(dd if=/dev/vda bs=64k skip=$((s * 16)) count=16 iflag=direct 2>/dev/null | md5)
+    [ "$r" = "$(pat $k | md5)" ] || {{ ok=0; echo "RESULT slot_bad=$s"; }}
+  fi
+done
+echo "RESULT slots_ok=$ok"
+"#
+    )
+}
+
+/// The last `ITERATION n` printed whole on a console (0 if none).
+fn last_iteration(console: &str) -> u64 {
+    let complete = console.rfind('\n').map_or("", |end| &console[..end]);
+    complete
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix("ITERATION ")?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn guest_opts(namespace: &str, qmp: &Path, incoming: Option<&str>) -> GuestOpts {
+    let mut extra_args = vec![
+        "-qmp".to_string(),
+        format!("unix:{},server=on,wait=off", qmp.display()),
+    ];
+    if let Some(uri) = incoming {
+        extra_args.extend(["-incoming".to_string(), uri.to_string()]);
+    }
+    GuestOpts {
+        mem_mib: GUEST_MEM_MIB,
+        extra_args,
+        namespace: Some(namespace.to_string()),
+        ..GuestOpts::default()
+    }
+}
+
+/// Starts the source guest on A and waits until it has written a few slots.
+fn start_source(hosts: &TwoHosts) -> Result<(RunningGuest, Qmp)> {
+    let qmp = hosts.path("qmp-a.sock");
+    let opts = guest_opts(&hosts.host_a().namespace, &qmp, None);
+    let mut guest = Guest::spawn(&hosts.path("a.sock"), &script(), &opts)?;
+    guest.wait_for("ITERATION 2\n", opts.timeout)?;
+    let qmp = Qmp::connect(&qmp, Duration::from_secs(30))?;
+    Ok((guest, qmp))
+}
+
+/// Checks B's image: every slot holds the last pattern the guest wrote to it.
+fn check_slots(image: &Path, iterations: u64) -> Result<()> {
+    for slot in 0..SLOTS.min(iterations) {
+        let last = slot + SLOTS * ((iterations - 1 - slot) / SLOTS);
+        let at = slot * SLOT_BYTES as u64;
+        let data = support::images::read_range(image, at, SLOT_BYTES)?;
+        support::compare_bytes(
+            &format!("slot {slot} (iteration {last})"),
+            &data,
+            &slot_pattern(last),
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn a_running_vm_moves_to_another_host_with_its_disk() -> Result<()> {
+    let options = DestinationOptions {
+        start_wait_s: 60,
+        ..DestinationOptions::default()
+    };
+    let Some(hosts) = TwoHosts::start(options)? else {
+        return Ok(());
+    };
+    let (mut source, mut source_qmp) = start_source(&hosts)?;
+    let job = hosts.migrate_to_b(&[])?;
+    wait_until("the disk in sync", HANG_TIMEOUT, || {
+        Ok(hosts.job_status(job)?["state"] == "ready")
+    })?;
+    // The destination QEMU, attached to the incoming volume's socket, waits for the VM.
+    let address_b = hosts.network.host(1).address;
+    let incoming = format!("tcp:{address_b}:{MIGRATION_PORT}");
+    let qmp_b = hosts.path("qmp-b.sock");
+    let dest_opts = guest_opts(&hosts.network.host(1).namespace, &qmp_b, Some(&incoming));
+    let mut dest = Guest::spawn(&hosts.path("b-vm1.sock"), &script(), &dest_opts)?;
+    let _dest_qmp = Qmp::connect(&qmp_b, Duration::from_secs(30))?;
+    source_qmp.execute("migrate-set-parameters", json!({"downtime-limit": 2000}))?;
+    source_qmp.migrate(&incoming)?;
+    let info = source_qmp.wait_migration(MIGRATE_TIMEOUT)?;
+    let on_source = last_iteration(&source.console());
+    wait_until("the hand-off", HANG_TIMEOUT, || {
+        let s = hosts.job_status(job)?;
+        ensure!(
+            !matches!(s["state"].as_str(), Some("failed" | "cancelled")),
+            "the move failed: {s}"
+        );
+        Ok(s["state"] == "completed")
+    })?;
+    let status = hosts.job_status(job)?;
+    ensure!(status["handed_off"] == json!(true), "{status}");
+    ensure!(
+        status["cross-host"]["incoming"]["state"] == "active",
+        "{status}"
+    );
+    // The guest goes on writing on B.
+    dest.wait_for(&format!("ITERATION {}\n", on_source + 3), MIGRATE_TIMEOUT)?;
+    drop(source_qmp);
+    source.kill();
+    dest.send_line("go")?;
+    let out = dest.wait(dest_opts.timeout)?;
+    out.ensure_success()?;
+    ensure!(
+        out.result("bad")? == "0",
+        "a read-back differed\n{}",
+        out.tail()
+    );
+    ensure!(
+        out.result("slots_ok")? == "1",
+        "a slot is wrong\n{}",
+        out.tail()
+    );
+    ensure!(
+        !out.results().contains_key("write_failed"),
+        "a guest write failed\n{}",
+        out.tail()
+    );
+    let iterations: u64 = out.result("iterations")?.parse()?;
+    ensure!(iterations > on_source, "the guest wrote nothing on B");
+    check_slots(&hosts.path("b-vm1.img"), iterations)?;
+    eprintln!(
+        "moved after {on_source} iterations on A, {iterations} in all; migration: {}",
+        info["downtime"]
+    );
+    Ok(())
+}
