@@ -284,3 +284,30 @@ fn a_volume_moves_to_another_host_when_its_frontend_stops() -> Result<()> {
     let _ = &hosts.daemon_a;
     Ok(())
 }
+
+#[test]
+fn a_destination_that_refuses_the_source_certificate_fails_the_start_in_one_line() -> Result<()> {
+    let options = DestinationOptions {
+        authz: "someone-else",
+        ..DestinationOptions::default()
+    };
+    let Some(hosts) = TwoHosts::start(options)? else {
+        return Ok(());
+    };
+    let mut client = BlkioClient::connect(&hosts.path("a.sock"), &BlkioOpts::default())?;
+    client.write_all(0, &support::pattern(7, MIB), 64 << 10)?;
+    let image = hosts.path("b-vm1.img");
+    let refused = hosts.start_migration(&image, &[])?;
+    let line = refused.expect_error("peer ferry://")?;
+    assert_eq!(line.lines().count(), 1, "{line}");
+    // No job, nothing on B, and the volume serves on.
+    let jobs = support::ferry::query(&hosts.path("a.ctl"), "query-migrations")?;
+    assert_eq!(jobs, json!([]));
+    assert!(!image.exists());
+    assert_eq!(hosts.local_b("query-volumes")?, json!([]));
+    client.write_all(MIB as u64, &support::pattern(8, MIB), 64 << 10)?;
+    let data = client.read_all(0, 2 * MIB, MIB)?;
+    support::compare_bytes("vm1", &data[..MIB], &support::pattern(7, MIB))?;
+    support::compare_bytes("vm1", &data[MIB..], &support::pattern(8, MIB))?;
+    Ok(())
+}

@@ -5,13 +5,18 @@
 //! volume's socket, receives the VM through QMP `migrate` over TCP between the
 //! namespaces; the source QEMU's device stop hands the disk over, and the guest goes on
 //! writing on B. Every slot the guest wrote is checked in the guest and in B's image.
+//!
+//! And the moves that fail (the destination killed or its link down mid-copy, its disk
+//! full, the VM's migration cancelled): the guest goes on on its source with no error and
+//! every slot right, the job ends with a reason, and B keeps nothing.
 
 #[path = "support/mod.rs"]
 mod support;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context as _, Result};
 use serde_json::json;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 use support::guest::{Guest, GuestOpts, RunningGuest};
 use support::qmp::Qmp;
@@ -198,4 +203,217 @@ fn a_running_vm_moves_to_another_host_with_its_disk() -> Result<()> {
         info["downtime"]
     );
     Ok(())
+}
+
+/// A small tmpfs (the destination's disk that fills up), mounted in the destination
+/// daemon's own mount namespace: `ip netns exec` gives each process one, and this
+/// machine's root mount is private, so a mount made here would not reach it. It goes
+/// with the daemon.
+struct SmallDisk {
+    path: PathBuf,
+    pid: u32,
+}
+
+impl SmallDisk {
+    fn mount_in(pid: u32, path: PathBuf, size: &str) -> Result<Self> {
+        std::fs::create_dir_all(&path)?;
+        let disk = Self { path, pid };
+        let mount = format!("size={size}");
+        let out = Command::new("nsenter")
+            .arg("-t")
+            .arg(pid.to_string())
+            .arg("-m")
+            .args(["mount", "-t", "tmpfs", "-o", &mount, "tmpfs"])
+            .arg(&disk.path)
+            .output()
+            .context("run nsenter mount")?;
+        ensure!(
+            out.status.success(),
+            "mount the small disk: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(disk)
+    }
+
+    /// True when the disk (as the daemon sees it) holds any file.
+    fn holds_files(&self) -> Result<bool> {
+        let out = Command::new("nsenter")
+            .arg("-t")
+            .arg(self.pid.to_string())
+            .arg("-m")
+            .args(["ls", "-A"])
+            .arg(&self.path)
+            .output()
+            .context("run nsenter ls")?;
+        ensure!(out.status.success(), "ls the small disk");
+        Ok(!out.stdout.is_empty())
+    }
+}
+
+/// What goes wrong during a move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// The destination daemon is killed (SIGKILL) during the copy.
+    DestinationKilled,
+    /// The destination's link goes down during the copy.
+    LinkDown,
+    /// The destination's image fills its disk.
+    DestinationFull,
+    /// The VM's migration is cancelled (QMP `migrate_cancel`) once the disk is in sync.
+    VmMigrationCancelled,
+}
+
+/// Waits until the job has copied something and is still copying.
+fn wait_mid_copy(hosts: &TwoHosts, job: u64) -> Result<()> {
+    wait_until("the copy under way", HANG_TIMEOUT, || {
+        let s = hosts.job_status(job)?;
+        ensure!(s["state"] == "copying", "the job is not copying: {s}");
+        Ok(s["copied_bytes"].as_u64() > Some(0))
+    })
+}
+
+/// Starts a destination QEMU and a VM migration slow enough never to end, waits until
+/// QEMU logs dirty pages (the source device is told at the migration's setup), then
+/// cancels it.
+fn cancel_vm_migration(hosts: &TwoHosts, qmp: &mut Qmp) -> Result<RunningGuest> {
+    let address_b = hosts.network.host(1).address;
+    let incoming = format!("tcp:{address_b}:{MIGRATION_PORT}");
+    let qmp_b = hosts.path("qmp-b.sock");
+    let opts = guest_opts(&hosts.network.host(1).namespace, &qmp_b, Some(&incoming));
+    let dest = Guest::spawn(&hosts.path("b-vm1.sock"), &script(), &opts)?;
+    drop(Qmp::connect(&qmp_b, Duration::from_secs(30))?);
+    qmp.execute(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": 1 << 20, "downtime-limit": 1}),
+    )?;
+    qmp.migrate(&incoming)?;
+    wait_until("the VM migration under way", HANG_TIMEOUT, || {
+        let info = qmp.execute("query-migrate", json!({}))?;
+        Ok(info["status"] == "active" && info["ram"]["transferred"].as_u64() > Some(0))
+    })?;
+    qmp.execute("migrate_cancel", json!({}))?;
+    Ok(dest)
+}
+
+/// A move that fails at `failure`: the job ends failed or cancelled with a reason, the
+/// guest goes on on A with no error and every slot right, and what B still runs holds no
+/// incoming volume and no image.
+fn a_failed_move_leaves_the_vm_on_its_source(failure: Failure) -> Result<()> {
+    let options = DestinationOptions {
+        // The link-down case relies on B's own lease: A cannot reach it to abandon.
+        lease_s: if failure == Failure::LinkDown { 3 } else { 600 },
+        start_wait_s: 60,
+        ..DestinationOptions::default()
+    };
+    let Some(mut hosts) = TwoHosts::start(options)? else {
+        return Ok(());
+    };
+    let (mut source, mut qmp) = start_source(&hosts)?;
+    // Every slot written once: the copy has 8 MiB to do.
+    source.wait_for(&format!("ITERATION {SLOTS}\n"), MIGRATE_TIMEOUT)?;
+    let small = match failure {
+        Failure::DestinationFull => Some(SmallDisk::mount_in(
+            hosts.daemon_b.pid(),
+            hosts.path("small"),
+            "2M",
+        )?),
+        _ => None,
+    };
+    let image = match &small {
+        Some(disk) => disk.path.join("vm1.img"),
+        None => hosts.path("b-vm1.img"),
+    };
+    let slow: &[&str] = match failure {
+        Failure::DestinationKilled | Failure::LinkDown => &["--max-speed", "256K"],
+        _ => &[],
+    };
+    let job = hosts.migrate_to_b_at(&image, slow)?;
+    let mut dest = None;
+    match failure {
+        Failure::DestinationKilled => {
+            wait_mid_copy(&hosts, job)?;
+            hosts.daemon_b.kill();
+        }
+        Failure::LinkDown => {
+            wait_mid_copy(&hosts, job)?;
+            hosts.network.host(1).set_link(false)?;
+        }
+        Failure::DestinationFull => {}
+        Failure::VmMigrationCancelled => {
+            wait_until("the disk in sync", HANG_TIMEOUT, || {
+                Ok(hosts.job_status(job)?["state"] == "ready")
+            })?;
+            dest = Some(cancel_vm_migration(&hosts, &mut qmp)?);
+        }
+    }
+    let failed = wait_until("the move to fail", MIGRATE_TIMEOUT, || {
+        let state = hosts.job_status(job)?["state"].clone();
+        Ok(state == "failed" || state == "cancelled")
+    });
+    failed.with_context(|| format!("job: {:?}", hosts.job_status(job)))?;
+    let status = hosts.job_status(job)?;
+    ensure!(status["error"].is_string(), "no reason given: {status}");
+    eprintln!(
+        "{failure:?}: job {} {}: {}",
+        job, status["state"], status["error"]
+    );
+    if failure == Failure::LinkDown {
+        hosts.network.host(1).set_link(true)?;
+    }
+    if failure != Failure::DestinationKilled {
+        wait_until("B to hold no incoming volume", HANG_TIMEOUT, || {
+            Ok(hosts.local_b("query-volumes")? == json!([]))
+        })?;
+        let left = match &small {
+            Some(disk) => disk.holds_files()?,
+            None => image.exists(),
+        };
+        ensure!(!left, "B left its image {}", image.display());
+    }
+    drop(dest);
+    // The guest goes on on A: more iterations, then every slot checked.
+    let now = last_iteration(&source.console());
+    source.wait_for(&format!("ITERATION {}\n", now + 2), MIGRATE_TIMEOUT)?;
+    drop(qmp);
+    source.send_line("go")?;
+    let out = source.wait(Duration::from_secs(120))?;
+    out.ensure_success()?;
+    ensure!(
+        out.result("bad")? == "0",
+        "a read-back differed\n{}",
+        out.tail()
+    );
+    ensure!(
+        out.result("slots_ok")? == "1",
+        "a slot is wrong\n{}",
+        out.tail()
+    );
+    ensure!(
+        !out.results().contains_key("write_failed"),
+        "a guest write failed\n{}",
+        out.tail()
+    );
+    let iterations: u64 = out.result("iterations")?.parse()?;
+    check_slots(&hosts.path("a.img"), iterations)?;
+    Ok(())
+}
+
+#[test]
+fn the_destination_killed_mid_copy_leaves_the_vm_on_its_source() -> Result<()> {
+    a_failed_move_leaves_the_vm_on_its_source(Failure::DestinationKilled)
+}
+
+#[test]
+fn the_link_down_mid_copy_leaves_the_vm_on_its_source() -> Result<()> {
+    a_failed_move_leaves_the_vm_on_its_source(Failure::LinkDown)
+}
+
+#[test]
+fn the_destination_out_of_space_leaves_the_vm_on_its_source() -> Result<()> {
+    a_failed_move_leaves_the_vm_on_its_source(Failure::DestinationFull)
+}
+
+#[test]
+fn a_cancelled_vm_migration_leaves_the_vm_on_its_source() -> Result<()> {
+    a_failed_move_leaves_the_vm_on_its_source(Failure::VmMigrationCancelled)
 }

@@ -50,6 +50,8 @@ pub fn ferry_in(host: Option<&Host>, args: &[&str]) -> Result<CliOutput> {
 pub struct DestinationOptions {
     pub lease_s: u64,
     pub start_wait_s: u64,
+    /// B's `--tls-authz`.
+    pub authz: &'static str,
 }
 
 impl Default for DestinationOptions {
@@ -57,6 +59,7 @@ impl Default for DestinationOptions {
         Self {
             lease_s: 600,
             start_wait_s: 600,
+            authz: "ferry-a",
         }
     }
 }
@@ -134,7 +137,7 @@ impl TwoHosts {
             .arg("--tls-creds")
             .arg(&creds_b)
             .arg("--tls-authz")
-            .arg("ferry-a")
+            .arg(options.authz)
             .arg("--incoming-lease")
             .arg(options.lease_s.to_string())
             .arg("--incoming-start-wait")
@@ -246,9 +249,22 @@ impl TwoHosts {
     /// `ferry migrate start` of `vm1` on A to B (image `b-vm1.img`, socket `b-vm1.sock` in
     /// the test's directory) with `extra` options; the job's id.
     pub fn migrate_to_b(&self, extra: &[&str]) -> Result<u64> {
+        self.migrate_to_b_at(&self.path("b-vm1.img"), extra)
+    }
+
+    /// [`migrate_to_b`](Self::migrate_to_b) with B's image at `image`.
+    pub fn migrate_to_b_at(&self, image: &Path, extra: &[&str]) -> Result<u64> {
+        let started = self.start_migration(image, extra)?.ok()?.json()?;
+        started["job"]
+            .as_u64()
+            .context("migrate start names its job")
+    }
+
+    /// `ferry migrate start` of `vm1` to B as it ended.
+    pub fn start_migration(&self, image: &Path, extra: &[&str]) -> Result<CliOutput> {
         let control_a = self.path("a.ctl");
         let target = format!("{}/vm1", self.url_b());
-        let (image, socket) = (self.path("b-vm1.img"), self.path("b-vm1.sock"));
+        let socket = self.path("b-vm1.sock");
         let mut args = vec![
             "migrate",
             "start",
@@ -259,16 +275,13 @@ impl TwoHosts {
             "--target",
             &target,
             "--path",
-            path_str(&image)?,
+            path_str(image)?,
             "--socket",
             path_str(&socket)?,
             "--json",
         ];
         args.extend_from_slice(extra);
-        let started = ferry_in(None, &args)?.ok()?.json()?;
-        started["job"]
-            .as_u64()
-            .context("migrate start names its job")
+        ferry_in(None, &args)
     }
 
     /// Job `id`'s status on A.

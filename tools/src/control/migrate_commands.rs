@@ -211,6 +211,10 @@ pub fn query_migrations(daemon: &Daemon, _: &Value) -> Result<Value, ControlErro
 fn reconcile(status: &mut Value, cross: &Value) {
     let handed_off = cross["handed-off"].as_bool().unwrap_or(false);
     status["handed_off"] = Value::Bool(handed_off);
+    if status["error"].is_null() && !cross["error"].is_null() {
+        // Cancelled by the move (the VM's migration cancelled, the destination gone).
+        status["error"] = cross["error"].clone();
+    }
     if status["state"] != "completed" || handed_off {
         return;
     }
