@@ -17,9 +17,7 @@ use ferry_test_support::pki::{Pki, Subject};
 use serde_json::{json, Value};
 use std::time::Duration;
 use support::blkio_client::{BlkioClient, BlkioOpts, Op};
-use support::two_hosts::{
-    ferry_in, path_str, DestinationOptions, TwoHosts, MIB, NBD_PORT, VOLUME_BYTES,
-};
+use support::two_hosts::{ferry_in, path_str, HostOptions, TwoHosts, MIB, NBD_PORT, VOLUME_BYTES};
 use support::wait::{unix_listening_in, wait_until, HANG_TIMEOUT};
 
 fn require_tools() -> bool {
@@ -39,7 +37,7 @@ fn an_incoming_volume_serves_its_device_only_once_activated_and_fences_its_sourc
     if !require_tools() {
         return Ok(());
     }
-    let Some(hosts) = TwoHosts::start(DestinationOptions::default())? else {
+    let Some(hosts) = TwoHosts::start(HostOptions::default())? else {
         return Ok(());
     };
     let prepared = hosts.prepare("vm1")?;
@@ -92,9 +90,9 @@ fn an_incoming_volume_serves_its_device_only_once_activated_and_fences_its_sourc
 
 #[test]
 fn a_device_started_and_never_activated_is_refused_after_its_bound() -> Result<()> {
-    let options = DestinationOptions {
+    let options = HostOptions {
         start_wait_s: 1,
-        ..DestinationOptions::default()
+        ..HostOptions::default()
     };
     let Some(hosts) = TwoHosts::start(options)? else {
         return Ok(());
@@ -120,9 +118,9 @@ fn a_device_started_and_never_activated_is_refused_after_its_bound() -> Result<(
 
 #[test]
 fn a_lease_not_renewed_an_abandon_and_every_refusal_leave_nothing_behind() -> Result<()> {
-    let options = DestinationOptions {
+    let options = HostOptions {
         lease_s: 1,
-        ..DestinationOptions::default()
+        ..HostOptions::default()
     };
     let Some(hosts) = TwoHosts::start(options)? else {
         return Ok(());
@@ -196,7 +194,7 @@ fn expected_after_writes() -> Vec<u8> {
 
 #[test]
 fn a_volume_moves_to_another_host_when_its_frontend_stops() -> Result<()> {
-    let Some(hosts) = TwoHosts::start(DestinationOptions::default())? else {
+    let Some(hosts) = TwoHosts::start(HostOptions::default())? else {
         return Ok(());
     };
     let opts = BlkioOpts {
@@ -287,9 +285,9 @@ fn a_volume_moves_to_another_host_when_its_frontend_stops() -> Result<()> {
 
 #[test]
 fn a_destination_that_refuses_the_source_certificate_fails_the_start_in_one_line() -> Result<()> {
-    let options = DestinationOptions {
+    let options = HostOptions {
         authz: "someone-else",
-        ..DestinationOptions::default()
+        ..HostOptions::default()
     };
     let Some(hosts) = TwoHosts::start(options)? else {
         return Ok(());
@@ -309,5 +307,138 @@ fn a_destination_that_refuses_the_source_certificate_fails_the_start_in_one_line
     let data = client.read_all(0, 2 * MIB, MIB)?;
     support::compare_bytes("vm1", &data[..MIB], &support::pattern(7, MIB))?;
     support::compare_bytes("vm1", &data[MIB..], &support::pattern(8, MIB))?;
+    Ok(())
+}
+
+#[test]
+fn two_volumes_of_one_vm_move_together_and_are_activated_only_when_both_stopped() -> Result<()> {
+    let options = HostOptions {
+        second_volume: true,
+        ..HostOptions::default()
+    };
+    let Some(hosts) = TwoHosts::start(options)? else {
+        return Ok(());
+    };
+    let mut first = BlkioClient::connect(&hosts.path("a.sock"), &BlkioOpts::default())?;
+    let mut second = BlkioClient::connect(&hosts.path("a2.sock"), &BlkioOpts::default())?;
+    first.write_all(0, &support::pattern(11, MIB), 64 << 10)?;
+    second.write_all(MIB as u64, &support::pattern(12, MIB), 64 << 10)?;
+    let control_a = hosts.path("a.ctl");
+    let template = hosts.path("b-{name}.img");
+    let sockets = hosts.path("b-{name}.sock");
+    let started = ferry_in(
+        None,
+        &[
+            "migrate",
+            "start",
+            "--control",
+            path_str(&control_a)?,
+            "--volume",
+            "vm1",
+            "--volume",
+            "vm2",
+            "--target",
+            &hosts.url_b(),
+            "--path",
+            path_str(&template)?,
+            "--socket",
+            path_str(&sockets)?,
+            "--json",
+        ],
+    )?
+    .ok()?
+    .json()?;
+    let jobs: Vec<u64> = started["jobs"]
+        .as_array()
+        .context("the jobs of the move")?
+        .iter()
+        .filter_map(Value::as_u64)
+        .collect();
+    assert_eq!(jobs.len(), 2, "{started}");
+    wait_until("both in sync", HANG_TIMEOUT, || {
+        let mut ready = true;
+        for &job in &jobs {
+            ready &= hosts.job_status(job)?["state"] == "ready";
+        }
+        Ok(ready)
+    })?;
+    // One device stops: nothing is activated while the other still runs.
+    drop(first);
+    second.write_all(2 * MIB as u64, &support::pattern(13, MIB), 64 << 10)?;
+    for name in ["vm1", "vm2"] {
+        assert_eq!(hosts.incoming_state(name)?.as_deref(), Some("incoming"));
+    }
+    drop(second);
+    wait_until("the hand-off", HANG_TIMEOUT, || {
+        let mut done = true;
+        for &job in &jobs {
+            let s = hosts.job_status(job)?;
+            ensure!(s["state"] != "failed" && s["state"] != "cancelled", "{s}");
+            done &= s["state"] == "completed" && s["handed_off"] == json!(true);
+        }
+        Ok(done)
+    })?;
+    for name in ["vm1", "vm2"] {
+        assert_eq!(hosts.incoming_state(name)?.as_deref(), Some("active"));
+    }
+    support::compare_image(&hosts.path("b-vm1.img"), 0, &support::pattern(11, MIB))?;
+    support::compare_image(
+        &hosts.path("b-vm2.img"),
+        MIB as u64,
+        &support::pattern(12, MIB),
+    )?;
+    support::compare_image(
+        &hosts.path("b-vm2.img"),
+        2 * MIB as u64,
+        &support::pattern(13, MIB),
+    )?;
+    Ok(())
+}
+
+#[test]
+fn a_cancelled_move_abandons_the_destination_and_a_retry_starts_clean() -> Result<()> {
+    let Some(hosts) = TwoHosts::start(HostOptions::default())? else {
+        return Ok(());
+    };
+    let mut client = BlkioClient::connect(&hosts.path("a.sock"), &BlkioOpts::default())?;
+    client.write_all(0, &support::pattern(21, MIB), 64 << 10)?;
+    let job = hosts.migrate_to_b(&["--max-speed", "64K"])?;
+    let control_a = hosts.path("a.ctl");
+    let job_arg = job.to_string();
+    ferry_in(
+        None,
+        &[
+            "migrate",
+            "cancel",
+            "--control",
+            path_str(&control_a)?,
+            "--job",
+            &job_arg,
+        ],
+    )?
+    .ok()?;
+    wait_until("B to drop the incoming volume", HANG_TIMEOUT, || {
+        Ok(hosts.incoming_state("vm1")?.as_deref() == Some("abandoned"))
+    })?;
+    assert!(!hosts.path("b-vm1.img").exists());
+    assert_eq!(hosts.job_status(job)?["state"], "cancelled");
+    // The volume serves on, and the move starts again from nothing.
+    client.write_all(MIB as u64, &support::pattern(22, MIB), 64 << 10)?;
+    let retry = hosts.migrate_to_b(&[])?;
+    wait_until("the retry in sync", HANG_TIMEOUT, || {
+        Ok(hosts.job_status(retry)?["state"] == "ready")
+    })?;
+    drop(client);
+    wait_until("the hand-off", HANG_TIMEOUT, || {
+        let s = hosts.job_status(retry)?;
+        ensure!(s["state"] != "failed" && s["state"] != "cancelled", "{s}");
+        Ok(s["handed_off"] == json!(true))
+    })?;
+    support::compare_image(&hosts.path("b-vm1.img"), 0, &support::pattern(21, MIB))?;
+    support::compare_image(
+        &hosts.path("b-vm1.img"),
+        MIB as u64,
+        &support::pattern(22, MIB),
+    )?;
     Ok(())
 }

@@ -20,7 +20,7 @@ use std::process::Command;
 use std::time::Duration;
 use support::guest::{Guest, GuestOpts, RunningGuest};
 use support::qmp::Qmp;
-use support::two_hosts::{DestinationOptions, TwoHosts};
+use support::two_hosts::{HostOptions, TwoHosts};
 use support::wait::{wait_until, HANG_TIMEOUT};
 
 /// The guest writes slot `n % SLOTS` (1 MiB each, from the disk's start) at iteration n.
@@ -136,9 +136,9 @@ fn check_slots(image: &Path, iterations: u64) -> Result<()> {
 
 #[test]
 fn a_running_vm_moves_to_another_host_with_its_disk() -> Result<()> {
-    let options = DestinationOptions {
+    let options = HostOptions {
         start_wait_s: 60,
-        ..DestinationOptions::default()
+        ..HostOptions::default()
     };
     let Some(hosts) = TwoHosts::start(options)? else {
         return Ok(());
@@ -299,11 +299,11 @@ fn cancel_vm_migration(hosts: &TwoHosts, qmp: &mut Qmp) -> Result<RunningGuest> 
 /// guest goes on on A with no error and every slot right, and what B still runs holds no
 /// incoming volume and no image.
 fn a_failed_move_leaves_the_vm_on_its_source(failure: Failure) -> Result<()> {
-    let options = DestinationOptions {
+    let options = HostOptions {
         // The link-down case relies on B's own lease: A cannot reach it to abandon.
         lease_s: if failure == Failure::LinkDown { 3 } else { 600 },
         start_wait_s: 60,
-        ..DestinationOptions::default()
+        ..HostOptions::default()
     };
     let Some(mut hosts) = TwoHosts::start(options)? else {
         return Ok(());

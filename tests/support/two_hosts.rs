@@ -46,20 +46,23 @@ pub fn ferry_in(host: Option<&Host>, args: &[&str]) -> Result<CliOutput> {
     })
 }
 
-/// What the destination daemon is started with besides its listeners.
-pub struct DestinationOptions {
+/// What the daemons are started with besides their listeners.
+pub struct HostOptions {
+    /// A also serves `vm2` (16 MiB, socket `a2.sock`).
+    pub second_volume: bool,
     pub lease_s: u64,
     pub start_wait_s: u64,
     /// B's `--tls-authz`.
     pub authz: &'static str,
 }
 
-impl Default for DestinationOptions {
+impl Default for HostOptions {
     fn default() -> Self {
         Self {
             lease_s: 600,
             start_wait_s: 600,
             authz: "ferry-a",
+            second_volume: false,
         }
     }
 }
@@ -78,7 +81,7 @@ pub struct TwoHosts {
 }
 
 impl TwoHosts {
-    pub fn start(options: DestinationOptions) -> Result<Option<Self>> {
+    pub fn start(options: HostOptions) -> Result<Option<Self>> {
         let Some(network) =
             super::require_ok("network namespaces (root, iproute2)", Network::new(2))
         else {
@@ -115,6 +118,7 @@ impl TwoHosts {
                 dir.path().join("a.img").display(),
                 dir.path().join("a.sock").display()
             ))
+            .args(second_volume(&options, dir.path()))
             .arg("--control")
             .arg(&control_a)
             .arg("--tls-creds")
@@ -291,4 +295,20 @@ impl TwoHosts {
             .and_then(|l| l.iter().find(|s| s["id"] == json!(id)).cloned())
             .context("the job is listed")
     }
+}
+
+/// `--volume` for A's second volume, when asked for.
+fn second_volume(options: &HostOptions, dir: &Path) -> Vec<String> {
+    if !options.second_volume {
+        return Vec::new();
+    }
+    vec![
+        "--volume".into(),
+        format!(
+            "name=vm2,path={},socket={},size={}",
+            dir.join("a2.img").display(),
+            dir.join("a2.sock").display(),
+            16 << 20
+        ),
+    ]
 }
