@@ -323,8 +323,13 @@ impl HandOff {
                     }
                 }
             }
-            let gate = self.lock_moving().first().map(|m| m.gate.clone());
-            if let Some(gate) = gate {
+            // Sleep on a device still running (one that stopped would wake at once).
+            let running = self
+                .lock_moving()
+                .iter()
+                .find(|m| m.gate.events().closed_by_stop.is_none())
+                .map(|m| m.gate.clone());
+            if let Some(gate) = running {
                 gate.wait_closed_by_stop(TICK);
             }
         }

@@ -480,3 +480,6 @@ pub fn start_lease_keeper(daemon: &Arc<Daemon>) -> std::io::Result<()> {
         })
         .map(drop)
 }
+
+#[cfg(test)]
+mod tests;
