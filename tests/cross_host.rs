@@ -7,7 +7,10 @@
 //! activated is refused, a lease not renewed and an abandon leave nothing behind, and
 //! refusals are one line. Then the whole move driven by the source: `ferry migrate start
 //! --target ferry://…` while a libblkio client writes on the source, the client
-//! disconnecting (the device stop), the destination serving every byte.
+//! disconnecting (the device stop), the destination serving every byte; two volumes
+//! moving together; a cancelled move and its clean retry; a destination refusing the
+//! source's certificate; a background copy converging over a link limited with `tc tbf`
+//! under steady writes.
 
 #[path = "support/mod.rs"]
 mod support;
@@ -17,6 +20,7 @@ use ferry_test_support::pki::{Pki, Subject};
 use serde_json::{json, Value};
 use std::time::Duration;
 use support::blkio_client::{BlkioClient, BlkioOpts, Op};
+use support::pattern_writer::{PatternWriter, WriterConfig};
 use support::two_hosts::{ferry_in, path_str, HostOptions, TwoHosts, MIB, NBD_PORT, VOLUME_BYTES};
 use support::wait::{unix_listening_in, wait_until, HANG_TIMEOUT};
 
@@ -440,5 +444,54 @@ fn a_cancelled_move_abandons_the_destination_and_a_retry_starts_clean() -> Resul
         MIB as u64,
         &support::pattern(22, MIB),
     )?;
+    Ok(())
+}
+
+#[test]
+fn a_background_copy_converges_over_a_slow_link_under_steady_writes() -> Result<()> {
+    let Some(hosts) = TwoHosts::start(HostOptions::default())? else {
+        return Ok(());
+    };
+    let opts = BlkioOpts {
+        buf_bytes: 8 * MIB,
+        ..BlkioOpts::default()
+    };
+    let mut initial = vec![0u8; VOLUME_BYTES as usize];
+    let mut client = BlkioClient::connect(&hosts.path("a.sock"), &opts)?;
+    for i in 0..2 {
+        let data = support::pattern(30 + i, 8 * MIB);
+        client.write_all(i * 8 * MIB as u64, &data, MIB)?;
+        initial[i as usize * 8 * MIB..(i as usize + 1) * 8 * MIB].copy_from_slice(&data);
+    }
+    drop(client);
+    // A sends at 80 Mbit/s; the writer dirties well under that, at a steady pace.
+    hosts.host_a().limit_rate(80_000_000)?;
+    let writer = PatternWriter::spawn(
+        &hosts.path("a.sock"),
+        initial,
+        WriterConfig {
+            seed: 31,
+            inflight: 4,
+            write_bytes_max: 64 << 10,
+            pace: Duration::from_millis(50),
+            window_bytes: None,
+        },
+    )?;
+    let job = hosts.migrate_to_b(&["--mode", "background"])?;
+    wait_until("the copy to converge", HANG_TIMEOUT, || {
+        let s = hosts.job_status(job)?;
+        ensure!(s["state"] == "copying" || s["state"] == "ready", "{s}");
+        Ok(s["state"] == "ready")
+    })?;
+    writer.wait_more(5, HANG_TIMEOUT)?;
+    // The writer's disconnect is the device stop.
+    let report = writer.stop()?;
+    report.ensure_no_error()?;
+    wait_until("the hand-off", HANG_TIMEOUT, || {
+        let s = hosts.job_status(job)?;
+        ensure!(s["state"] != "failed" && s["state"] != "cancelled", "{s}");
+        Ok(s["handed_off"] == json!(true))
+    })?;
+    support::compare_image(&hosts.path("b-vm1.img"), 0, &report.model)?;
     Ok(())
 }
