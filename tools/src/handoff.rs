@@ -455,10 +455,21 @@ impl HandOff {
         let jobs: Vec<Arc<MigrationJob>> =
             self.lock_moving().iter().map(|m| m.job.clone()).collect();
         let deadline = Instant::now() + READY_WAIT_MAX;
+        let mut renewed = Instant::now();
         for job in &jobs {
             loop {
                 let left = deadline.saturating_duration_since(Instant::now());
-                let state = job.wait_for(|s| s != MigrationState::Copying, left);
+                let state = job.wait_for(|s| s != MigrationState::Copying, left.min(TICK));
+                if state == MigrationState::Copying && !left.is_zero() {
+                    // The destination's leases run on while the copy catches up.
+                    if renewed.elapsed() >= self.lease() / 3 {
+                        renewed = Instant::now();
+                        if let Err(e) = self.renew() {
+                            log::warn!("{e}");
+                        }
+                    }
+                    continue;
+                }
                 if state != MigrationState::Ready {
                     return Err(format!(
                         "job {} is {state}, not ready, at the hand-off",
