@@ -199,8 +199,9 @@ fn a_running_vm_moves_to_another_host_with_its_disk() -> Result<()> {
     ensure!(iterations > on_source, "the guest wrote nothing on B");
     check_slots(&hosts.path("b-vm1.img"), iterations)?;
     eprintln!(
-        "moved after {on_source} iterations on A, {iterations} in all; migration: {}",
-        info["downtime"]
+        "moved after {on_source} iterations on A, {iterations} in all; QEMU's downtime {} ms, \
+         the disk's hand-off {} ms (guest I/O held {} us)",
+        info["downtime"], status["cross-host"]["hand-off-ms"], status["cutover_pause_us"]
     );
     Ok(())
 }

@@ -57,6 +57,9 @@ enum Activation {
 #[derive(Debug, Clone, Default)]
 struct Outcome {
     handed_off: bool,
+    /// From the devices' stop seen to the destination's last activation: how long a
+    /// destination VM's first disk request can wait for the hand-off.
+    hand_off_ms: Option<u64>,
     error: Option<String>,
     /// When set, the gates stay closed: the destination may have activated.
     uncertain: bool,
@@ -260,6 +263,7 @@ impl HandOff {
             "remote-volume": m.remote,
             "jobs": moving.iter().map(|m| m.job.id()).collect::<Vec<_>>(),
             "handed-off": outcome.handed_off,
+            "hand-off-ms": outcome.hand_off_ms,
             "error": outcome.error,
             "outcome-uncertain": outcome.uncertain,
             "incoming": m.remote_status,
@@ -403,6 +407,7 @@ impl HandOff {
     /// Every device has stopped (the gates closed themselves): settle every job, then
     /// activate every incoming volume.
     fn hand_over(&self, remotes: &[String]) {
+        let began = Instant::now();
         let causes: Vec<Option<StopCause>> = self
             .lock_moving()
             .iter()
@@ -445,8 +450,13 @@ impl HandOff {
                 }
             }
         }
-        self.lock_outcome().handed_off = true;
-        log::info!("volumes handed off to {}", self.peer);
+        let took = began.elapsed();
+        {
+            let mut outcome = self.lock_outcome();
+            outcome.handed_off = true;
+            outcome.hand_off_ms = Some(took.as_millis() as u64);
+        }
+        log::info!("volumes handed off to {} in {took:?}", self.peer);
     }
 
     /// Hands every job off (copies the rest, flushes), each once it is ready: a device
