@@ -236,33 +236,19 @@ fn a_volume_moves_to_another_host_when_its_frontend_stops() -> Result<()> {
     client.write_all(0, &support::pattern(2, MIB), 64 << 10)?;
     client.write_all(20 * MIB as u64, &support::pattern(3, MIB), 64 << 10)?;
     client.flush()?;
-    let status = |id: u64| -> Result<Value> {
-        let all = support::ferry::query(&control_a, "query-migrations")?;
-        all.as_array()
-            .and_then(|l| l.iter().find(|s| s["id"] == json!(id)).cloned())
-            .context("the job is listed")
-    };
     // Ready, both ends shown: the destination's incoming volume is waiting.
-    wait_until("the job to be ready", HANG_TIMEOUT, || {
-        let s = status(job)?;
-        Ok(s["state"] == "ready" && s["cross-host"]["incoming"]["state"] == "incoming")
+    hosts.wait_ready(job)?;
+    wait_until("the destination's state", HANG_TIMEOUT, || {
+        Ok(hosts.job_status(job)?["cross-host"]["incoming"]["state"] == "incoming")
     })?;
-    let ready = status(job)?;
+    let ready = hosts.job_status(job)?;
     assert!(
         ready["total_bytes"].as_u64() < Some(VOLUME_BYTES),
         "holes are not copied: {ready}"
     );
     // The device stops: the frontend disconnects.
     drop(client);
-    wait_until("the hand-off", HANG_TIMEOUT, || {
-        let s = status(job)?;
-        ensure!(
-            s["state"] != "failed" && s["state"] != "cancelled",
-            "the move failed: {s}"
-        );
-        Ok(s["state"] == "completed")
-    })?;
-    let done = status(job)?;
+    let done = hosts.wait_handed_off(job)?;
     assert_eq!(done["handed_off"], json!(true), "{done}");
     assert_eq!(done["cross-host"]["incoming"]["state"], "active", "{done}");
     // The source refuses to serve again: its device waits, then is refused.
@@ -359,13 +345,9 @@ fn two_volumes_of_one_vm_move_together_and_are_activated_only_when_both_stopped(
         .filter_map(Value::as_u64)
         .collect();
     assert_eq!(jobs.len(), 2, "{started}");
-    wait_until("both in sync", HANG_TIMEOUT, || {
-        let mut ready = true;
-        for &job in &jobs {
-            ready &= hosts.job_status(job)?["state"] == "ready";
-        }
-        Ok(ready)
-    })?;
+    for &job in &jobs {
+        hosts.wait_ready(job)?;
+    }
     // One device stops: nothing is activated while the other still runs.
     drop(first);
     second.write_all(2 * MIB as u64, &support::pattern(13, MIB), 64 << 10)?;
@@ -373,15 +355,9 @@ fn two_volumes_of_one_vm_move_together_and_are_activated_only_when_both_stopped(
         assert_eq!(hosts.incoming_state(name)?.as_deref(), Some("incoming"));
     }
     drop(second);
-    wait_until("the hand-off", HANG_TIMEOUT, || {
-        let mut done = true;
-        for &job in &jobs {
-            let s = hosts.job_status(job)?;
-            ensure!(s["state"] != "failed" && s["state"] != "cancelled", "{s}");
-            done &= s["state"] == "completed" && s["handed_off"] == json!(true);
-        }
-        Ok(done)
-    })?;
+    for &job in &jobs {
+        hosts.wait_handed_off(job)?;
+    }
     for name in ["vm1", "vm2"] {
         assert_eq!(hosts.incoming_state(name)?.as_deref(), Some("active"));
     }
@@ -429,15 +405,9 @@ fn a_cancelled_move_abandons_the_destination_and_a_retry_starts_clean() -> Resul
     // The volume serves on, and the move starts again from nothing.
     client.write_all(MIB as u64, &support::pattern(22, MIB), 64 << 10)?;
     let retry = hosts.migrate_to_b(&[])?;
-    wait_until("the retry in sync", HANG_TIMEOUT, || {
-        Ok(hosts.job_status(retry)?["state"] == "ready")
-    })?;
+    hosts.wait_ready(retry)?;
     drop(client);
-    wait_until("the hand-off", HANG_TIMEOUT, || {
-        let s = hosts.job_status(retry)?;
-        ensure!(s["state"] != "failed" && s["state"] != "cancelled", "{s}");
-        Ok(s["handed_off"] == json!(true))
-    })?;
+    hosts.wait_handed_off(retry)?;
     support::compare_image(&hosts.path("b-vm1.img"), 0, &support::pattern(21, MIB))?;
     support::compare_image(
         &hosts.path("b-vm1.img"),
@@ -487,11 +457,7 @@ fn a_background_copy_converges_over_a_slow_link_under_steady_writes() -> Result<
     // The writer's disconnect is the device stop.
     let report = writer.stop()?;
     report.ensure_no_error()?;
-    wait_until("the hand-off", HANG_TIMEOUT, || {
-        let s = hosts.job_status(job)?;
-        ensure!(s["state"] != "failed" && s["state"] != "cancelled", "{s}");
-        Ok(s["handed_off"] == json!(true))
-    })?;
+    hosts.wait_handed_off(job)?;
     support::compare_image(&hosts.path("b-vm1.img"), 0, &report.model)?;
     Ok(())
 }

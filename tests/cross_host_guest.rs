@@ -18,7 +18,7 @@ use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
-use support::guest::{Guest, GuestOpts, RunningGuest};
+use support::guest::{Guest, GuestOpts, GuestOutput, RunningGuest};
 use support::qmp::Qmp;
 use support::two_hosts::{HostOptions, TwoHosts};
 use support::wait::{wait_until, HANG_TIMEOUT};
@@ -119,7 +119,29 @@ fn start_source(hosts: &TwoHosts) -> Result<(RunningGuest, Qmp)> {
     Ok((guest, qmp))
 }
 
-/// Checks B's image: every slot holds the last pattern the guest wrote to it.
+/// The guest's own checks (every read-back and every slot right, no write failed) and
+/// its iterations in all.
+fn checked_iterations(out: &GuestOutput) -> Result<u64> {
+    out.ensure_success()?;
+    ensure!(
+        out.result("bad")? == "0",
+        "a read-back differed\n{}",
+        out.tail()
+    );
+    ensure!(
+        out.result("slots_ok")? == "1",
+        "a slot is wrong\n{}",
+        out.tail()
+    );
+    ensure!(
+        !out.results().contains_key("write_failed"),
+        "a guest write failed\n{}",
+        out.tail()
+    );
+    Ok(out.result("iterations")?.parse()?)
+}
+
+/// Checks an image: every slot holds the last pattern the guest wrote to it.
 fn check_slots(image: &Path, iterations: u64) -> Result<()> {
     for slot in 0..SLOTS.min(iterations) {
         let last = slot + SLOTS * ((iterations - 1 - slot) / SLOTS);
@@ -145,9 +167,7 @@ fn a_running_vm_moves_to_another_host_with_its_disk() -> Result<()> {
     };
     let (mut source, mut source_qmp) = start_source(&hosts)?;
     let job = hosts.migrate_to_b(&[])?;
-    wait_until("the disk in sync", HANG_TIMEOUT, || {
-        Ok(hosts.job_status(job)?["state"] == "ready")
-    })?;
+    hosts.wait_ready(job)?;
     // The destination QEMU, attached to the incoming volume's socket, waits for the VM.
     let address_b = hosts.network.host(1).address;
     let incoming = format!("tcp:{address_b}:{MIGRATION_PORT}");
@@ -159,16 +179,7 @@ fn a_running_vm_moves_to_another_host_with_its_disk() -> Result<()> {
     source_qmp.migrate(&incoming)?;
     let info = source_qmp.wait_migration(MIGRATE_TIMEOUT)?;
     let on_source = last_iteration(&source.console());
-    wait_until("the hand-off", HANG_TIMEOUT, || {
-        let s = hosts.job_status(job)?;
-        ensure!(
-            !matches!(s["state"].as_str(), Some("failed" | "cancelled")),
-            "the move failed: {s}"
-        );
-        Ok(s["state"] == "completed")
-    })?;
-    let status = hosts.job_status(job)?;
-    ensure!(status["handed_off"] == json!(true), "{status}");
+    let status = hosts.wait_handed_off(job)?;
     ensure!(
         status["cross-host"]["incoming"]["state"] == "active",
         "{status}"
@@ -179,23 +190,7 @@ fn a_running_vm_moves_to_another_host_with_its_disk() -> Result<()> {
     source.kill();
     dest.send_line("go")?;
     let out = dest.wait(dest_opts.timeout)?;
-    out.ensure_success()?;
-    ensure!(
-        out.result("bad")? == "0",
-        "a read-back differed\n{}",
-        out.tail()
-    );
-    ensure!(
-        out.result("slots_ok")? == "1",
-        "a slot is wrong\n{}",
-        out.tail()
-    );
-    ensure!(
-        !out.results().contains_key("write_failed"),
-        "a guest write failed\n{}",
-        out.tail()
-    );
-    let iterations: u64 = out.result("iterations")?.parse()?;
+    let iterations = checked_iterations(&out)?;
     ensure!(iterations > on_source, "the guest wrote nothing on B");
     check_slots(&hosts.path("b-vm1.img"), iterations)?;
     eprintln!(
@@ -341,9 +336,7 @@ fn a_failed_move_leaves_the_vm_on_its_source(failure: Failure) -> Result<()> {
         }
         Failure::DestinationFull => {}
         Failure::VmMigrationCancelled => {
-            wait_until("the disk in sync", HANG_TIMEOUT, || {
-                Ok(hosts.job_status(job)?["state"] == "ready")
-            })?;
+            hosts.wait_ready(job)?;
             dest = Some(cancel_vm_migration(&hosts, &mut qmp)?);
         }
     }
@@ -378,23 +371,7 @@ fn a_failed_move_leaves_the_vm_on_its_source(failure: Failure) -> Result<()> {
     drop(qmp);
     source.send_line("go")?;
     let out = source.wait(Duration::from_secs(120))?;
-    out.ensure_success()?;
-    ensure!(
-        out.result("bad")? == "0",
-        "a read-back differed\n{}",
-        out.tail()
-    );
-    ensure!(
-        out.result("slots_ok")? == "1",
-        "a slot is wrong\n{}",
-        out.tail()
-    );
-    ensure!(
-        !out.results().contains_key("write_failed"),
-        "a guest write failed\n{}",
-        out.tail()
-    );
-    let iterations: u64 = out.result("iterations")?.parse()?;
+    let iterations = checked_iterations(&out)?;
     check_slots(&hosts.path("a.img"), iterations)?;
     Ok(())
 }

@@ -288,6 +288,36 @@ impl TwoHosts {
         ferry_in(None, &args)
     }
 
+    /// Waits until job `id` is `ready` (failing at once if it ends).
+    pub fn wait_ready(&self, id: u64) -> Result<()> {
+        super::wait::wait_until(
+            &format!("job {id} ready"),
+            super::wait::HANG_TIMEOUT,
+            || {
+                let s = self.job_status(id)?;
+                anyhow::ensure!(!is_over(&s), "job {id} ended: {s}");
+                Ok(s["state"] == "ready")
+            },
+        )
+    }
+
+    /// Waits until job `id` has handed its volume off (failing at once if it fails).
+    pub fn wait_handed_off(&self, id: u64) -> Result<Value> {
+        super::wait::wait_until(
+            &format!("job {id} handed off"),
+            super::wait::HANG_TIMEOUT,
+            || {
+                let s = self.job_status(id)?;
+                anyhow::ensure!(
+                    s["state"] != "failed" && s["state"] != "cancelled",
+                    "the move failed: {s}"
+                );
+                Ok(s["state"] == "completed" && s["handed_off"] == json!(true))
+            },
+        )?;
+        self.job_status(id)
+    }
+
     /// Job `id`'s status on A.
     pub fn job_status(&self, id: u64) -> Result<Value> {
         let all = super::ferry::query(&self.path("a.ctl"), "query-migrations")?;
@@ -311,4 +341,12 @@ fn second_volume(options: &HostOptions, dir: &Path) -> Vec<String> {
             16 << 20
         ),
     ]
+}
+
+/// True once a job has ended.
+fn is_over(status: &Value) -> bool {
+    matches!(
+        status["state"].as_str(),
+        Some("completed" | "failed" | "cancelled")
+    )
 }
