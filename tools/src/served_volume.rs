@@ -125,6 +125,7 @@ impl ServedVolume {
     /// once its requests in flight have drained, the thread is joined, the image flushed and
     /// the socket file removed. The volume itself stays open while others hold it.
     pub fn stop_serving(&self) -> anyhow::Result<()> {
+        self.gate.shut();
         self.stop.stop();
         let thread = self
             .thread

@@ -50,6 +50,8 @@ struct GateState {
     events: GateEvents,
     /// The frontend attached now, to refuse when its wait for the gate runs out.
     frontend: Option<ShutdownHandle>,
+    /// The volume is no longer served: a device waiting for the gate is refused at once.
+    shut: bool,
 }
 
 /// A volume's gate, shared by its serving loop, its devices and the daemon.
@@ -151,6 +153,14 @@ impl DeviceGate {
         self.changed.notify_all();
     }
 
+    /// The volume stops being served: a device waiting for the gate gives up now rather
+    /// than at the end of its wait, so that the serving loop ends without that delay.
+    pub fn shut(&self) {
+        let mut state = self.lock();
+        state.shut = true;
+        self.changed.notify_all();
+    }
+
     pub(crate) fn frontend_attached(&self, frontend: Option<ShutdownHandle>) {
         self.lock().frontend = frontend;
     }
@@ -169,6 +179,9 @@ impl DeviceGate {
         let deadline = Instant::now() + self.wait_max;
         let mut state = self.lock();
         while state.closed_because.is_some() {
+            if state.shut {
+                return false;
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 let reason = state.closed_because.clone().unwrap_or_default();
@@ -235,5 +248,16 @@ mod tests {
         assert!(!gate.admit());
         gate.open();
         assert!(gate.admit());
+    }
+
+    #[test]
+    fn a_shut_gate_refuses_a_waiting_device_at_once() {
+        let gate = Arc::new(DeviceGate::new_closed("incoming", Duration::from_secs(600)));
+        let waiter = {
+            let gate = gate.clone();
+            std::thread::spawn(move || gate.admit())
+        };
+        gate.shut();
+        assert!(waiter.join().is_ok_and(|admitted| !admitted));
     }
 }
