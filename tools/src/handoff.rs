@@ -32,7 +32,10 @@ pub const REMOTE_SOCKET_DEFAULT: &str = "/run/ferry/{name}.sock";
 /// How often the destination's leases are renewed and its state read, and the longest
 /// the hand-off thread sleeps between looks at the jobs.
 const TICK: Duration = Duration::from_millis(50);
-/// How long a device stopped before its job is `ready` waits for the copy to catch up.
+/// How long a device stopped before its job is `ready` waits for the copy to catch up. At
+/// a VM migration's switchover the bound is the destination's `--incoming-start-wait`
+/// instead, when shorter: past it the destination VM's device has been refused, and the
+/// VM is better resumed on the source than handed a disk nobody serves.
 const READY_WAIT_MAX: Duration = Duration::from_secs(120);
 
 /// One volume moving.
@@ -71,6 +74,8 @@ pub struct HandOff {
     link: PeerLink,
     /// The destination's lease (the shortest it named), in milliseconds.
     lease_ms: AtomicU64,
+    /// How long the destination's devices wait for an activation, in milliseconds.
+    start_wait_ms: AtomicU64,
     moving: Mutex<Vec<Moving>>,
     outcome: Mutex<Outcome>,
 }
@@ -129,6 +134,7 @@ impl HandOff {
             peer,
             link,
             lease_ms: AtomicU64::new(u64::MAX),
+            start_wait_ms: AtomicU64::new(u64::MAX),
             moving: Mutex::new(Vec::new()),
             outcome: Mutex::new(Outcome::default()),
         });
@@ -188,6 +194,9 @@ impl HandOff {
             prepared.push(remote.clone());
             if let Some(ms) = reply.get("lease-ms").and_then(Value::as_u64) {
                 self.lease_ms.fetch_min(ms, Ordering::Relaxed);
+            }
+            if let Some(ms) = reply.get("start-wait-ms").and_then(Value::as_u64) {
+                self.start_wait_ms.fetch_min(ms, Ordering::Relaxed);
             }
             let port = reply
                 .get("nbd-port")
@@ -414,7 +423,12 @@ impl HandOff {
             .map(|m| m.gate.events().closed_by_stop)
             .collect();
         log::info!("hand-off to {}: devices stopped ({causes:?})", self.peer);
-        if let Err(reason) = self.settle() {
+        let vm_migrating = causes.contains(&Some(StopCause::RingsStoppedWhileLogging));
+        let ready_wait = match self.start_wait_ms.load(Ordering::Relaxed) {
+            ms if vm_migrating && ms != u64::MAX => READY_WAIT_MAX.min(Duration::from_millis(ms)),
+            _ => READY_WAIT_MAX,
+        };
+        if let Err(reason) = self.settle(ready_wait) {
             self.fail_jobs(&reason);
             self.unwind(remotes, &reason);
             return;
@@ -461,10 +475,10 @@ impl HandOff {
 
     /// Hands every job off (copies the rest, flushes), each once it is ready: a device
     /// that stopped during the copy leaves nothing more to dirty, so the copy catches up.
-    fn settle(&self) -> Result<(), String> {
+    fn settle(&self, ready_wait: Duration) -> Result<(), String> {
         let jobs: Vec<Arc<MigrationJob>> =
             self.lock_moving().iter().map(|m| m.job.clone()).collect();
-        let deadline = Instant::now() + READY_WAIT_MAX;
+        let deadline = Instant::now() + ready_wait;
         let mut renewed = Instant::now();
         for job in &jobs {
             loop {

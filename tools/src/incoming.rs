@@ -267,6 +267,7 @@ impl Daemon {
             "uri": uri,
             "nbd-port": port,
             "lease-ms": self.incoming_options.lease.as_millis() as u64,
+            "start-wait-ms": self.incoming_options.start_wait.as_millis() as u64,
         }))
     }
 
