@@ -397,9 +397,17 @@ impl HandOff {
             .map(|m| m.remote.clone())
             .collect();
         for remote in remotes {
-            let status = self
+            let status = match self
                 .link
-                .call("incoming-status", &json!({ "name": remote }))?;
+                .call("incoming-status", &json!({ "name": remote }))
+            {
+                Ok(status) => status,
+                // The destination does not have it (any more): as good as abandoned.
+                Err(PeerError::Refused { class, desc, .. }) if class == "NotFound" => {
+                    json!({ "name": remote, "state": "abandoned", "reason": desc })
+                }
+                Err(e) => return Err(e),
+            };
             let abandoned = status.get("state").and_then(Value::as_str) == Some("abandoned");
             if let Some(m) = self.lock_moving().iter_mut().find(|m| m.remote == remote) {
                 if abandoned {

@@ -395,7 +395,8 @@ impl Daemon {
         }
     }
 
-    /// Removes an incoming volume (not active) and its image.
+    /// Removes an incoming volume (not active) and its image; it shows as abandoned once
+    /// both are gone.
     fn abandon(&self, name: &str, reason: &str) -> Result<(), ControlError> {
         let incoming = {
             let mut table = self.incoming_table();
@@ -406,9 +407,7 @@ impl Daemon {
                 .ok_or_else(|| {
                     ControlError::new("NotFound", format!("no incoming volume {name}"))
                 })?;
-            let incoming = table.live.remove(index);
-            table.ended(name, reason.to_string());
-            incoming
+            table.live.remove(index)
         };
         let image = incoming.served.volume.backing().path.clone();
         let removed = self.remove_volume(name);
@@ -420,6 +419,7 @@ impl Daemon {
         if let Err(e) = cleaned {
             log::error!("incoming volume {name}: {}: {e}", image.display());
         }
+        self.incoming_table().ended(name, reason.to_string());
         log::warn!("incoming volume {name} abandoned: {reason}");
         removed
             .map(drop)
