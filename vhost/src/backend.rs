@@ -3,7 +3,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ferry_engine::{EngineError, Volume, VolumeQueue};
@@ -74,7 +74,7 @@ struct Inner {
     kicked_rings: AtomicU64,
     stopped_rings: AtomicU64,
     /// The frontend logged dirty pages when it last set its features.
-    was_logging: std::sync::atomic::AtomicBool,
+    was_logging: AtomicBool,
     /// The consumer ends of the exit events handed to vhost-user-backend, which turns each
     /// into a raw descriptor for its epoll and never closes it (0.24): closed by
     /// [`BlockDevice::close_exit_events`] when the connection is over.
@@ -158,7 +158,7 @@ impl BlockDevice {
                 gate,
                 kicked_rings: AtomicU64::new(0),
                 stopped_rings: AtomicU64::new(0),
-                was_logging: std::sync::atomic::AtomicBool::new(false),
+                was_logging: AtomicBool::new(false),
                 exit_consumers: Mutex::new(Vec::new()),
             }),
         })
