@@ -251,6 +251,8 @@ fn a_volume_moves_to_another_host_when_its_frontend_stops() -> Result<()> {
     // The device stops: the frontend disconnects.
     drop(client);
     let done = hosts.wait_handed_off(job)?;
+    let volumes_a = support::ferry::query(&hosts.path("a.ctl"), "query-volumes")?;
+    assert_eq!(volumes_a[0]["gate-open"], json!(false), "A serves no more");
     assert_eq!(done["handed_off"], json!(true), "{done}");
     assert_eq!(done["cross-host"]["incoming"]["state"], "active", "{done}");
     // The source refuses to serve again: its device waits, then is refused.

@@ -202,6 +202,7 @@ fn query_volumes(daemon: &Daemon, _: &Value) -> Result<Value, ControlError> {
                 "write-cache": v.volume.write_cache_enabled(),
                 "stats": v.volume.stats.snapshot(),
                 "nbd": nbd_export(daemon, v.volume.name()),
+                "gate-open": v.gate.is_open(),
             })
         })
         .collect())
