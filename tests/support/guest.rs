@@ -37,6 +37,8 @@ pub struct GuestOpts {
     pub extra_cmdline: String,
     /// Further QEMU arguments (e.g. `-qmp unix:PATH,server=on,wait=off`, `-incoming URI`).
     pub extra_args: Vec<String>,
+    /// The network namespace QEMU runs in (`ip netns exec`), for a host of a test network.
+    pub namespace: Option<String>,
 }
 
 impl Default for GuestOpts {
@@ -50,6 +52,7 @@ impl Default for GuestOpts {
             extra_sockets: Vec::new(),
             extra_cmdline: String::new(),
             extra_args: Vec::new(),
+            namespace: None,
         }
     }
 }
@@ -183,7 +186,14 @@ impl Guest {
 }
 
 fn qemu_command(socket: &Path, kernel: &Path, initrd: &Path, opts: &GuestOpts) -> Command {
-    let mut cmd = Command::new("qemu-system-x86_64");
+    let mut cmd = match &opts.namespace {
+        Some(namespace) => {
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", namespace, "qemu-system-x86_64"]);
+            cmd
+        }
+        None => Command::new("qemu-system-x86_64"),
+    };
     let mem = opts.mem_mib;
     cmd.args([
         "-accel",

@@ -14,6 +14,7 @@ pub mod guest;
 pub mod initramfs;
 pub mod pattern_writer;
 pub mod qmp;
+pub mod two_hosts;
 
 // Not every test file uses every re-export either.
 #[allow(unused_imports)]

@@ -9,7 +9,11 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use ferry_engine::journal::Journal;
 use ferry_engine::mirror::MigrationRegistry;
 use ferry_engine::nbd::{ExportConfig, NbdServer};
-use ferry_engine::tls::TlsCredentials;
+use ferry_engine::tls::{TlsAuthz, TlsCredentials};
+use ferry_vhost::DeviceGate;
+
+use crate::handoff::HandOff;
+use crate::incoming::{IncomingOptions, IncomingTable};
 
 use crate::served_volume::{precheck_socket, OpenedVolume, ServedVolume};
 use crate::volume_claims::Claims;
@@ -57,6 +61,19 @@ pub struct Daemon {
     /// The NBD server, when `--nbd-listen` was given: volumes with `nbd=` are exported on it
     /// while they are served.
     pub nbd: Option<Arc<NbdServer>>,
+    /// Volumes moving in from other hosts (`incoming-*`), and their bounds.
+    pub(crate) incoming: Mutex<IncomingTable>,
+    pub incoming_options: IncomingOptions,
+    /// Moves of volumes to other hosts started here (each with its migration jobs).
+    pub handoffs: Mutex<Vec<Arc<HandOff>>>,
+}
+
+/// How an added volume's device and NBD export admit their clients.
+pub struct Admission {
+    /// The volume's gate (open for an ordinary volume).
+    pub gate: Arc<DeviceGate>,
+    /// Only these clients may use its NBD export (`None`: whoever the server admits).
+    pub nbd_clients: Option<TlsAuthz>,
 }
 
 /// How long removing a volume waits for its NBD clients to end (their requests drain).
@@ -75,13 +92,37 @@ impl Daemon {
             journal,
             tls,
             nbd: None,
+            incoming: Mutex::default(),
+            handoffs: Mutex::default(),
+            incoming_options: IncomingOptions::default(),
         }
+    }
+
+    /// The daemon with these bounds on incoming volumes.
+    pub fn with_incoming_options(mut self, options: IncomingOptions) -> Self {
+        self.incoming_options = options;
+        self
+    }
+
+    /// A gate for an ordinary volume: open, and bounded like an incoming volume's.
+    pub fn open_gate(&self) -> Arc<DeviceGate> {
+        Arc::new(DeviceGate::new_open(self.incoming_options.start_wait))
     }
 
     /// The daemon with an NBD server that exports the volumes whose spec says `nbd=`.
     pub fn with_nbd(mut self, server: Option<Arc<NbdServer>>) -> Self {
         self.nbd = server;
         self
+    }
+
+    /// The move to another host that job `id` belongs to, if any.
+    pub fn handoff_of(&self, id: u64) -> Option<Arc<HandOff>> {
+        self.handoffs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .find(|h| h.job_ids().contains(&id))
+            .cloned()
     }
 
     /// The table stays consistent through a panic (every change is one push or remove).
@@ -106,18 +147,18 @@ impl Daemon {
     /// line is served. Refused when it would share a name, socket or image with another
     /// volume; on any failure nothing of it is left (no socket, no table entry, and no image
     /// when the attempt created it).
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "no control command adds volumes yet")
-    )]
-    pub fn add_volume(&self, spec: &VolumeSpec) -> Result<Arc<ServedVolume>, VolumeTableError> {
+    pub fn add_volume(
+        &self,
+        spec: &VolumeSpec,
+        admission: Admission,
+    ) -> Result<Arc<ServedVolume>, VolumeTableError> {
         let claims = self.reserve(Claims::of_spec(spec))?;
         let image = &spec.engine.path;
         let image_existed = std::fs::symlink_metadata(image).is_ok();
         let opened = precheck_socket(&spec.socket)
             .and_then(|()| OpenedVolume::open(spec, self.tls.as_ref()));
         let served = opened
-            .and_then(|opened| ServedVolume::start(opened, self.journal.as_ref()))
+            .and_then(|opened| ServedVolume::start(opened, self.journal.as_ref(), admission.gate))
             .map_err(|e| {
                 if !image_existed && image.is_file() {
                     let _ = std::fs::remove_file(image);
@@ -132,14 +173,15 @@ impl Daemon {
         let served = Arc::new(served?);
         table.served.push(served.clone());
         drop(table);
-        self.export_over_nbd(&served)?;
+        self.export_over_nbd(&served, admission.nbd_clients)?;
         Ok(served)
     }
 
     /// Serves a volume opened beforehand (the command line's, opened before the journal).
     pub fn add_opened(&self, opened: OpenedVolume) -> Result<Arc<ServedVolume>, VolumeTableError> {
         let claims = self.reserve(Claims::of_spec(opened.spec()))?;
-        let served = ServedVolume::start(opened, self.journal.as_ref()).map_err(|e| {
+        let gate = self.open_gate();
+        let served = ServedVolume::start(opened, self.journal.as_ref(), gate).map_err(|e| {
             VolumeTableError::Start {
                 volume: claims.name.clone(),
                 reason: format!("{e:#}"),
@@ -150,7 +192,7 @@ impl Daemon {
         let served = Arc::new(served?);
         table.served.push(served.clone());
         drop(table);
-        self.export_over_nbd(&served)?;
+        self.export_over_nbd(&served, None)?;
         Ok(served)
     }
 
@@ -182,10 +224,6 @@ impl Daemon {
     /// attached, is disconnected after its requests in flight drain, and its socket file is
     /// removed. The image stays (deleting it is the caller's choice). Refused while the
     /// volume is in a migration job that has not ended.
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "no control command removes volumes yet")
-    )]
     pub fn remove_volume(&self, name: &str) -> Result<Arc<ServedVolume>, VolumeTableError> {
         let served = {
             let mut table = self.table();
@@ -219,7 +257,11 @@ impl Daemon {
 impl Daemon {
     /// Exports a served volume over NBD when its spec says so (and the daemon has an NBD
     /// server); a volume whose export fails is taken out again.
-    fn export_over_nbd(&self, served: &Arc<ServedVolume>) -> Result<(), VolumeTableError> {
+    fn export_over_nbd(
+        &self,
+        served: &Arc<ServedVolume>,
+        clients: Option<TlsAuthz>,
+    ) -> Result<(), VolumeTableError> {
         let (Some(server), Some(mode)) = (&self.nbd, served.nbd) else {
             return Ok(());
         };
@@ -229,7 +271,7 @@ impl Daemon {
             volume: served.volume.clone(),
             read_only: mode == NbdExportMode::ReadOnly,
             description: format!("ferry volume {name}"),
-            clients: None,
+            clients,
         });
         if let Err(e) = exported {
             self.table().served.retain(|v| !Arc::ptr_eq(v, served));

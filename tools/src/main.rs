@@ -4,6 +4,8 @@ mod bench;
 mod control;
 mod control_client;
 mod daemon;
+mod handoff;
+mod incoming;
 mod journal_cli;
 mod logging;
 mod migrate_cli;

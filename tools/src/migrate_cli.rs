@@ -15,13 +15,24 @@ pub enum MigrateCommand {
     Start {
         #[command(flatten)]
         control: ControlArgs,
-        /// A volume to migrate; several volumes are merged into one target.
+        /// A volume to migrate; several volumes are merged into one target (or, to another
+        /// host, move together: all in sync before any is activated there).
         #[arg(long = "volume", required = true)]
         volumes: Vec<String>,
         /// PATH (file or block device), nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH,
-        /// or over TLS nbds://HOST:PORT/EXPORT or nbds+unix:///EXPORT?socket=PATH.
+        /// or over TLS nbds://HOST:PORT/EXPORT or nbds+unix:///EXPORT?socket=PATH; or
+        /// ferry://HOST:PORT[/NAME], another host's ferry daemon, to which the volumes move
+        /// with their VM (see docs/migration.md).
         #[arg(long)]
         target: String,
+        /// With a ferry:// target: the image on the destination host ({name}: the volume's
+        /// name there; default /var/lib/ferry/{name}.img).
+        #[arg(long)]
+        path: Option<String>,
+        /// With a ferry:// target: the vhost-user socket on the destination host (default
+        /// /run/ferry/{name}.sock).
+        #[arg(long)]
+        socket: Option<String>,
         /// TLS credentials for an NBD target, in QEMU's x509 layout (ca-cert.pem,
         /// client-cert.pem, client-key.pem), a directory the daemon reads (on its host): the
         /// job's connections use TLS (an nbd:// target's too). Default for nbds:// targets:
@@ -113,6 +124,8 @@ pub fn run(cmd: MigrateCommand) -> anyhow::Result<()> {
             control,
             volumes,
             target,
+            path,
+            socket,
             target_tls_creds,
             mode,
             max_speed,
@@ -126,6 +139,11 @@ pub fn run(cmd: MigrateCommand) -> anyhow::Result<()> {
             }
             if let Some(ms) = copy_hold_ms {
                 args["copy-hold-ms"] = json!(ms);
+            }
+            for (key, value) in [("path", path), ("socket", socket)] {
+                if let Some(value) = value {
+                    args[key] = json!(value);
+                }
             }
             if let Some(speed) = max_speed {
                 args["max-speed"] =
@@ -277,6 +295,20 @@ fn describe(s: &Value) -> String {
             ", NBD block {min} B, max payload {max}{}",
             if sizes["advertised"] == json!(false) {
                 " (defaults)"
+            } else {
+                ""
+            }
+        ));
+    }
+    let cross = &s["cross-host"];
+    if cross.is_object() {
+        line.push_str(&format!(
+            ", destination {} volume {} {}{}",
+            cross["peer"].as_str().unwrap_or("?"),
+            cross["remote-volume"].as_str().unwrap_or("?"),
+            cross["incoming"]["state"].as_str().unwrap_or("unknown"),
+            if cross["handed-off"] == json!(true) {
+                ", handed off"
             } else {
                 ""
             }

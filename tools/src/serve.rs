@@ -5,6 +5,7 @@
 use std::net::{TcpListener, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use ferry_engine::journal::{DirLock, Journal, JournalOptions};
@@ -13,6 +14,7 @@ use nix::sys::signal::{SigSet, Signal};
 
 use crate::control::listener::TcpControl;
 use crate::daemon::Daemon;
+use crate::incoming::IncomingOptions;
 use crate::nbd_serve::{self, NbdArgs, NbdPlan, NbdToml};
 use crate::served_volume::{precheck_socket, OpenedVolume, ServedVolume};
 use crate::systemd_notify::{notify, Notifier};
@@ -58,6 +60,14 @@ pub struct ServeArgs {
     pub tls_authz: Vec<String>,
     #[command(flatten)]
     pub nbd: NbdArgs,
+    /// An incoming volume (a move from another host) not renewed by its source for this
+    /// many seconds is abandoned, its image deleted.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub incoming_lease: u64,
+    /// How long a device started before its volume is handed over waits for the hand-off
+    /// before it is refused, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    pub incoming_start_wait: u64,
 }
 
 /// The TLS options, read and checked before anything is created.
@@ -299,8 +309,16 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         (None, _) => None,
     };
     let journal = journal.transpose().context("cannot open the journal")?;
-    let daemon =
-        Arc::new(Daemon::new(journal, plan.control.clone(), tls.credentials).with_nbd(nbd));
+    let incoming = IncomingOptions {
+        lease: Duration::from_secs(args.incoming_lease.max(1)),
+        start_wait: Duration::from_secs(args.incoming_start_wait),
+    };
+    let daemon = Arc::new(
+        Daemon::new(journal, plan.control.clone(), tls.credentials)
+            .with_nbd(nbd)
+            .with_incoming_options(incoming),
+    );
+    crate::incoming::start_lease_keeper(&daemon).context("cannot start the lease thread")?;
     let mut served = Vec::new();
     for opened in opened {
         // Exported over NBD here (after the journal's observer: the first NBD write is

@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use ferry_engine::journal::Journal;
 use ferry_engine::tls::TlsCredentials;
 use ferry_engine::Volume;
-use ferry_vhost::{ConnectionState, ServeStop};
+use ferry_vhost::{ConnectionState, DeviceGate, ServeStop, Serving};
 
 use crate::volume_claims::{Claims, FileIdentity, ImageRange};
 use crate::volume_spec::{NbdExportMode, VolumeSpec};
@@ -54,6 +54,9 @@ pub struct ServedVolume {
     /// The volume runs to its image's end (no `length=`): it claims bytes the image may
     /// grow.
     to_image_end: bool,
+    /// Whether its device may take requests (closed for an incoming volume until it is
+    /// handed over, and on the source of a move once it has been).
+    pub gate: Arc<DeviceGate>,
     stop: Arc<ServeStop>,
     /// The serving thread, until [`ServedVolume::stop_serving`] joins it.
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -61,8 +64,13 @@ pub struct ServedVolume {
 
 impl ServedVolume {
     /// Serves an opened volume: adds the journal's observer (every guest write of every
-    /// volume is journaled), binds the socket and starts the thread accepting frontends.
-    pub fn start(opened: OpenedVolume, journal: Option<&Arc<Journal>>) -> anyhow::Result<Self> {
+    /// volume is journaled), binds the socket and starts the thread accepting frontends,
+    /// whose requests `gate` admits.
+    pub fn start(
+        opened: OpenedVolume,
+        journal: Option<&Arc<Journal>>,
+        gate: Arc<DeviceGate>,
+    ) -> anyhow::Result<Self> {
         let OpenedVolume { spec, volume } = opened;
         if let Some(journal) = journal {
             volume.add_observer(journal.observer_for(volume.name()));
@@ -71,13 +79,17 @@ impl ServedVolume {
         let stop = ServeStop::new(&listener).context("cannot start a volume thread")?;
         let connection = Arc::new(ConnectionState::default());
         let thread = {
-            let (volume, connection, stop) = (volume.clone(), connection.clone(), stop.clone());
+            let serving = Serving {
+                listener,
+                state: connection.clone(),
+                stop: stop.clone(),
+                gate: gate.clone(),
+            };
+            let volume = volume.clone();
             let settings = spec.device_settings();
             std::thread::Builder::new()
                 .name(format!("ferry-{}", volume.name()))
-                .spawn(move || {
-                    ferry_vhost::serve_volume(volume, settings, listener, connection, stop)
-                })
+                .spawn(move || ferry_vhost::serve_volume(volume, settings, serving))
         };
         let thread = match thread {
             Ok(thread) => thread,
@@ -92,6 +104,7 @@ impl ServedVolume {
             connection,
             queues: spec.queues,
             nbd: spec.nbd,
+            gate,
             to_image_end: spec.engine.length_bytes.is_none(),
             stop,
             thread: Mutex::new(Some(thread)),
@@ -128,6 +141,7 @@ impl ServedVolume {
     /// once its requests in flight have drained, the thread is joined, the image flushed and
     /// the socket file removed. The volume itself stays open while others hold it.
     pub fn stop_serving(&self) -> anyhow::Result<()> {
+        self.gate.shut();
         self.stop.stop();
         let thread = self
             .thread

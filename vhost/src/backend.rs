@@ -3,6 +3,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ferry_engine::{EngineError, Volume, VolumeQueue};
@@ -16,6 +17,7 @@ use vmm_sys_util::event::{
 
 use crate::config;
 use crate::dirty_log::{LogBitmap, LogState};
+use crate::gate::{DeviceGate, StopCause};
 use crate::queue_worker::{GuestMemory, QueueWorker, Vring, WorkerSettings};
 use crate::request::ID_BYTES;
 
@@ -63,6 +65,16 @@ struct Inner {
     settings: DeviceSettings,
     workers: Vec<Mutex<QueueWorker>>,
     log: LogState,
+    /// The volume's gate: requests are taken only while it is open.
+    gate: Arc<DeviceGate>,
+    /// The rings kicked since the connection began and those stopped (`GET_VRING_BASE`)
+    /// since the frontend last set its features, one bit per queue (`QUEUES_MAX` is 64):
+    /// every kicked ring stopped is the device stopped. (QEMU stops only the rings the
+    /// guest set up, and a guest may use fewer rings than the device offers.)
+    kicked_rings: AtomicU64,
+    stopped_rings: AtomicU64,
+    /// The frontend logged dirty pages when it last set its features.
+    was_logging: AtomicBool,
     /// The consumer ends of the exit events handed to vhost-user-backend, which turns each
     /// into a raw descriptor for its epoll and never closes it (0.24): closed by
     /// [`BlockDevice::close_exit_events`] when the connection is over.
@@ -95,7 +107,11 @@ pub fn check_settings(volume: &Volume, settings: &DeviceSettings) -> Result<(), 
 
 impl BlockDevice {
     /// Creates the device and one engine queue (one io_uring) per worker thread.
-    pub fn new(volume: Arc<Volume>, settings: DeviceSettings) -> Result<Self, EngineError> {
+    pub fn new(
+        volume: Arc<Volume>,
+        settings: DeviceSettings,
+        gate: Arc<DeviceGate>,
+    ) -> Result<Self, EngineError> {
         check_settings(&volume, &settings)?;
         let queues = settings.queues.clamp(1, QUEUES_MAX);
         let per_thread = settings
@@ -139,6 +155,10 @@ impl BlockDevice {
                 },
                 workers,
                 log,
+                gate,
+                kicked_rings: AtomicU64::new(0),
+                stopped_rings: AtomicU64::new(0),
+                was_logging: AtomicBool::new(false),
                 exit_consumers: Mutex::new(Vec::new()),
             }),
         })
@@ -192,6 +212,42 @@ impl BlockDevice {
         }
     }
 
+    /// Records the rings of worker `thread` as kicked (one load once they are).
+    fn ring_kicked(&self, thread: usize) {
+        let queues = u64::from(self.inner.settings.queues);
+        let per = u64::from(self.inner.settings.queues_per_thread);
+        let first = thread as u64 * per;
+        let count = per.min(queues.saturating_sub(first));
+        if count == 0 {
+            return;
+        }
+        let mask = (u64::MAX >> (64 - count)) << first;
+        if self.inner.kicked_rings.load(Ordering::Relaxed) & mask != mask {
+            self.inner.kicked_rings.fetch_or(mask, Ordering::SeqCst);
+        }
+    }
+
+    /// Records a ring stopped (its requests drained); once every ring of the device has
+    /// stopped while the frontend logs dirty pages, the frontend is at the switchover of a
+    /// VM migration, and the gate is told before the last `GET_VRING_BASE` is answered.
+    fn ring_stopped(&self, queue_index: u32) {
+        let queues = u32::from(self.inner.settings.queues);
+        if queue_index >= queues {
+            return;
+        }
+        let stopped = self
+            .inner
+            .stopped_rings
+            .fetch_or(1 << queue_index, Ordering::SeqCst)
+            | (1 << queue_index);
+        let kicked = self.inner.kicked_rings.load(Ordering::SeqCst);
+        if kicked & !stopped == 0 && self.inner.log.is_active() {
+            self.inner
+                .gate
+                .device_stopped(StopCause::RingsStoppedWhileLogging);
+        }
+    }
+
     /// Waits for every request in flight on every worker and completes it to the guest.
     pub fn drain_all(&self) {
         for thread in 0..self.inner.workers.len() {
@@ -222,6 +278,14 @@ impl VhostUserBackend for BlockDevice {
         // LOG_ALL on: the frontend is migrating the VM and has sent its log (SET_LOG_BASE,
         // installed into the regions' bitmaps by vhost-user-backend); LOG_ALL off: done.
         self.inner.log.set_acked_features(features);
+        // Features are set when the frontend starts the device: no ring is stopped then.
+        self.inner.stopped_rings.store(0, Ordering::SeqCst);
+        let logging = self.inner.log.is_active();
+        if self.inner.was_logging.swap(logging, Ordering::SeqCst) && !logging {
+            // Logging off while the device runs: the VM's migration ended before its
+            // switchover (cancelled or failed), or it never stopped this device.
+            self.inner.gate.logging_abandoned();
+        }
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -296,17 +360,26 @@ impl VhostUserBackend for BlockDevice {
         if thread < self.inner.workers.len() {
             self.worker(thread).drain();
         }
+        self.ring_stopped(queue_index);
         Ok(())
     }
 
     fn handle_event(
         &self,
-        _device_event: u16,
+        device_event: u16,
         _evset: EventSet,
         vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
-        if thread_id < self.inner.workers.len() {
+        if thread_id >= self.inner.workers.len() {
+            return Ok(());
+        }
+        if device_event < self.inner.settings.queues_per_thread {
+            self.ring_kicked(thread_id);
+        }
+        // A closed gate holds the device's requests (bounded, then the frontend is
+        // refused) before any of them is taken from the rings.
+        if self.inner.gate.admit() {
             self.worker(thread_id).run(vrings);
         }
         Ok(())

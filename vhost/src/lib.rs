@@ -5,6 +5,8 @@
 //!   one action for it ([`request::action`]): submit an engine operation, or answer now.
 //! - [`config`]: feature bits and the virtio-blk configuration space.
 //! - [`dirty_log`]: dirty-page logging for the frontend's live migration of the VM.
+//! - [`gate`]: whether a volume's device may take requests (the hand-off of a move to
+//!   another host).
 //! - [`queue_worker`]: the per-thread loop between virtqueues and the engine.
 //! - [`guest_warnings`]: the rate limit on warnings a guest can cause.
 //! - [`backend`]: the `VhostUserBackend` implementation routing events to workers.
@@ -15,10 +17,12 @@
 pub mod backend;
 pub mod config;
 pub mod dirty_log;
+pub mod gate;
 pub mod guest_warnings;
 pub mod queue_worker;
 pub mod request;
 pub mod server;
 
 pub use backend::{check_settings, BlockDevice, DeviceSettings};
-pub use server::{bind_socket, serve_volume, BindError, ConnectionState, ServeStop};
+pub use gate::{DeviceGate, GateEvents, StopCause};
+pub use server::{bind_socket, serve_volume, BindError, ConnectionState, ServeStop, Serving};

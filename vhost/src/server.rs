@@ -19,6 +19,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::backend::{BlockDevice, DeviceSettings};
+use crate::gate::{DeviceGate, StopCause};
 
 /// Errors of binding a volume's socket (operator errors, reported before serving).
 #[derive(Debug, thiserror::Error)]
@@ -129,18 +130,28 @@ impl ServeStop {
     }
 }
 
-/// Serves `volume` on `listener`, one frontend at a time, until `stop` is triggered. The
-/// socket file is left in place: its owner removes it.
-pub fn serve_volume(
-    volume: Arc<Volume>,
-    settings: DeviceSettings,
-    listener: UnixListener,
-    state: Arc<ConnectionState>,
-    stop: Arc<ServeStop>,
-) {
+/// What one volume's serving loop works with besides its volume and settings.
+pub struct Serving {
+    pub listener: UnixListener,
+    pub state: Arc<ConnectionState>,
+    pub stop: Arc<ServeStop>,
+    pub gate: Arc<DeviceGate>,
+}
+
+/// Serves `volume` on its listener, one frontend at a time, until `stop` is triggered, each
+/// frontend's requests admitted by the gate. The socket file is left in place: its owner
+/// removes it.
+pub fn serve_volume(volume: Arc<Volume>, settings: DeviceSettings, serving: Serving) {
+    let Serving {
+        listener,
+        state,
+        stop,
+        gate,
+    } = serving;
     let mut listener = Listener::from(listener);
     while !stop.is_stopped() {
-        if let Err(e) = serve_one_connection(&volume, &settings, &mut listener, &state, &stop) {
+        let served = serve_one_connection(&volume, &settings, &mut listener, &state, &stop, &gate);
+        if let Err(e) = served {
             if stop.is_stopped() {
                 break;
             }
@@ -157,8 +168,10 @@ fn serve_one_connection(
     listener: &mut Listener,
     state: &ConnectionState,
     stop: &ServeStop,
+    gate: &Arc<DeviceGate>,
 ) -> Result<(), String> {
-    let device = BlockDevice::new(volume.clone(), settings.clone()).map_err(|e| e.to_string())?;
+    let device = BlockDevice::new(volume.clone(), settings.clone(), gate.clone())
+        .map_err(|e| e.to_string())?;
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let mut daemon = VhostUserDaemon::new(format!("ferry-{}", volume.name()), device.clone(), mem)
         .map_err(|e| format!("cannot create vhost-user daemon: {e}"))?;
@@ -182,17 +195,21 @@ fn serve_one_connection(
         .start(listener)
         .map_err(|e| format!("accepting a frontend failed: {e}"))?;
     stop.frontend_attached(daemon.shutdown_handle());
+    gate.frontend_attached(daemon.shutdown_handle());
     state.connected.store(true, Ordering::SeqCst);
     state.connections.fetch_add(1, Ordering::SeqCst);
     log::info!("volume {}: frontend connected", volume.name());
     let result = daemon.wait();
     stop.frontend_detached();
+    gate.frontend_detached();
     state.connected.store(false, Ordering::SeqCst);
     // Requests still in flight complete before the workers and their rings go away. One
     // that outlives the drain's bound keeps its guest memory snapshot in its worker's slot,
     // and the worker drops its engine queue (which waits for the kernel) before that
     // snapshot (`QueueWorker`'s drop order), when the last clone of `device` goes.
     device.drain_all();
+    // Every request of the frontend has completed: a hand-off armed on the gate may go on.
+    gate.device_stopped(StopCause::FrontendGone);
     drop(resume_wakers);
     drop(daemon);
     device.close_exit_events();

@@ -1,4 +1,6 @@
 //! Cutover: hold guest I/O, copy what is left, flush the target, switch the volumes over.
+//! A hand-off ends the same way without the switch: the volumes stay on their source, and
+//! the host the target is on takes over from there.
 //!
 //! Each volume gets a new [`Backing`] on its slice of the target (a file, a block device or
 //! an NBD export, whose slice each queue then reaches over a connection of its own) and the
@@ -17,9 +19,19 @@ use crate::volume::{Backing, PauseGuard, VolumeConfig};
 /// How often the cutover looks whether the copier has drained the last chunks.
 const DRAIN_POLL: Duration = Duration::from_micros(200);
 
-/// Cuts over a `ready` job. On an error before the switch the guest resumes on its source;
-/// the job goes back to `ready` (pause or drain timeout) or to `failed` (target error).
-pub(crate) fn run(job: &Arc<JobShared>) -> Result<CutoverReport, MigrationError> {
+/// How a job ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ending {
+    /// The volumes switch to the target.
+    Switch,
+    /// The volumes stay on their source; the target is complete when the job ends.
+    HandOff,
+}
+
+/// Cuts over (or hands off) a `ready` job. On an error before the switch the guest resumes
+/// on its source; the job goes back to `ready` (pause or drain timeout) or to `failed`
+/// (target error).
+pub(crate) fn run(job: &Arc<JobShared>, ending: Ending) -> Result<CutoverReport, MigrationError> {
     let state = job.state();
     if state.is_terminal() {
         return Err(MigrationError::Ended {
@@ -31,7 +43,7 @@ pub(crate) fn run(job: &Arc<JobShared>) -> Result<CutoverReport, MigrationError>
             state: state.to_string(),
         });
     }
-    let result = switch(job);
+    let result = switch(job, ending);
     job.unthrottled.store(false, Ordering::Release);
     if result.is_err() {
         job.transition(MigrationState::CuttingOver, MigrationState::Ready);
@@ -39,8 +51,11 @@ pub(crate) fn run(job: &Arc<JobShared>) -> Result<CutoverReport, MigrationError>
     result
 }
 
-fn switch(job: &Arc<JobShared>) -> Result<CutoverReport, MigrationError> {
-    let new_backings = open_new_backings(job)?;
+fn switch(job: &Arc<JobShared>, ending: Ending) -> Result<CutoverReport, MigrationError> {
+    let new_backings = match ending {
+        Ending::Switch => open_new_backings(job)?,
+        Ending::HandOff => None,
+    };
     job.unthrottled.store(true, Ordering::Release);
     // Flush the bulk of the copy while the guest still runs, so that the flush inside the
     // pause only writes back what changed in the last moments (the pause is the cost the
@@ -78,6 +93,7 @@ fn switch(job: &Arc<JobShared>) -> Result<CutoverReport, MigrationError> {
         pause_us: 0,
         drained_bytes: job.counters.copied_bytes.load(Ordering::Relaxed) - copied_before,
         switched,
+        handed_off: ending == Ending::HandOff,
     };
     // Detach while the guest is still held, so no write escapes the mirror before the switch.
     job.end(MigrationState::Completed, None, Some(report.clone()));

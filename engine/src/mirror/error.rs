@@ -50,6 +50,10 @@ pub enum MigrationError {
         #[source]
         source: crate::EngineError,
     },
+    #[error("job {job} moves its volumes to another host: it ends by its hand-off, not a cutover")]
+    HandOffOnly { job: u64 },
+    #[error("job {job} cuts over: it has no hand-off")]
+    NoHandOff { job: u64 },
     #[error("unknown migration job {0}")]
     UnknownJob(u64),
 }

@@ -379,7 +379,10 @@ impl MigrationJob {
         for vm in &s.volumes {
             let planned = match (vm.source.lock(), vm.table.lock()) {
                 (Ok(source), Ok(mut table)) => match source.as_ref() {
-                    Some(source) => super::copier::plan(&mut table, source, s.target.known_zero()),
+                    Some(source) => {
+                        let known_zero = s.target.known_zero() || s.options.target_known_zero;
+                        super::copier::plan(&mut table, source, known_zero)
+                    }
                     None => Ok(0),
                 },
                 _ => Ok(0),
@@ -454,7 +457,21 @@ impl MigrationJob {
 
     /// Switches the volumes to the target; only when the job is `ready`.
     pub fn cutover(&self) -> Result<CutoverReport, MigrationError> {
-        super::cutover::run(&self.shared)
+        if self.shared.options.hand_off {
+            return Err(MigrationError::HandOffOnly { job: self.id() });
+        }
+        super::cutover::run(&self.shared, super::cutover::Ending::Switch)
+    }
+
+    /// Ends a `ready` job that hands off (`MigrationOptions::hand_off`): holds guest I/O,
+    /// copies what is left, flushes the target and detaches, leaving the volumes on their
+    /// source, untouched. The caller has stopped the volumes' guests for good before, so
+    /// that once this returns every write they completed is on the target.
+    pub fn hand_off(&self) -> Result<CutoverReport, MigrationError> {
+        if !self.shared.options.hand_off {
+            return Err(MigrationError::NoHandOff { job: self.id() });
+        }
+        super::cutover::run(&self.shared, super::cutover::Ending::HandOff)
     }
 
     /// Stops the job before cutover: the guest stays on its source, which the job never wrote.
@@ -539,6 +556,7 @@ impl MigrationJob {
             converging: rates.converging,
             cutover_pause_us: report.as_ref().map(|r| r.pause_us),
             switched: report.as_ref().is_some_and(|r| r.switched),
+            handed_off: report.as_ref().is_some_and(|r| r.handed_off),
             error,
             elapsed_ms: s.started.elapsed().as_millis() as u64,
         }

@@ -36,6 +36,14 @@ pub struct MigrationOptions {
     pub mirror_threads_remote: usize,
     /// Cut over by itself as soon as the job is ready.
     pub auto_cutover: bool,
+    /// The job ends by handing its volumes over to the host its target is on
+    /// ([`MigrationJob::hand_off`](super::MigrationJob::hand_off)): the volumes are never
+    /// switched to the target, and a cutover is refused.
+    pub hand_off: bool,
+    /// The target is known to read as zeros wherever nothing was written (an incoming
+    /// volume its host has just created sparse), so holes of the source are not copied,
+    /// as for a file target the job creates itself.
+    pub target_known_zero: bool,
     /// The job is ready when at most this many bytes are left to copy; `None`: 0 in
     /// `active` mode, 4 MiB in `background` mode (drained during the cutover pause).
     pub ready_pending_bytes_max: Option<u64>,
@@ -75,6 +83,8 @@ impl Default for MigrationOptions {
             mirror_threads: 2,
             mirror_threads_remote: 8,
             auto_cutover: false,
+            hand_off: false,
+            target_known_zero: false,
             ready_pending_bytes_max: None,
             pause_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(60),
@@ -108,6 +118,9 @@ impl MigrationOptions {
                 "copy chunk {} must be a multiple of the granularity {g}",
                 self.copy_chunk_bytes
             ));
+        }
+        if self.hand_off && self.auto_cutover {
+            return Err("a job that hands off does not cut over by itself".into());
         }
         if self.copy_threads == 0 || self.mirror_threads == 0 || self.mirror_threads_remote == 0 {
             return Err("copy_threads and mirror_threads must be at least 1".into());

@@ -80,6 +80,8 @@ pub struct MigrationStatus {
     /// True when the volumes now run on the target (file targets); false for NBD targets,
     /// where cutover stops mirroring and the volumes stay on their source.
     pub switched: bool,
+    /// True when the job ended by handing its volumes over to another host.
+    pub handed_off: bool,
     /// Why the job failed.
     pub error: Option<String>,
     pub elapsed_ms: u64,
@@ -93,4 +95,6 @@ pub struct CutoverReport {
     pub drained_bytes: u64,
     /// See [`MigrationStatus::switched`].
     pub switched: bool,
+    /// See [`MigrationStatus::handed_off`].
+    pub handed_off: bool,
 }

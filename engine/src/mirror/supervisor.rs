@@ -38,7 +38,7 @@ pub(crate) fn run(job: Arc<JobShared>) {
             log::info!("migration job {} is ready for cutover", job.id);
         }
         if job.options.auto_cutover && job.state() == MigrationState::Ready {
-            if let Err(e) = super::cutover::run(&job) {
+            if let Err(e) = super::cutover::run(&job, super::cutover::Ending::Switch) {
                 log::warn!("migration job {}: automatic cutover failed: {e}", job.id);
             }
         }

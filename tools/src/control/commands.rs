@@ -5,15 +5,17 @@ use serde_json::{json, Value};
 
 use super::journal_commands as jr;
 use super::migrate_commands as mig;
-use super::ControlError;
+use super::{Caller, ControlError};
 use crate::daemon::Daemon;
 
 /// A command's implementation: most build a JSON value; a few whose replies can be large
-/// (`journal-retrieve`) write the JSON text of their `return` value directly.
+/// (`journal-retrieve`) write the JSON text of their `return` value directly; those
+/// between daemons (`incoming-*`) also need to know who called.
 #[derive(Clone, Copy)]
 pub enum Handler {
     Value(fn(&Daemon, &Value) -> Result<Value, ControlError>),
     Text(fn(&Daemon, &Value) -> Result<String, ControlError>),
+    Caller(fn(&Daemon, &Caller, &Value) -> Result<Value, ControlError>),
 }
 
 /// A command's result: a JSON value, or the JSON text of one.
@@ -94,12 +96,45 @@ const COMMANDS: &[(&str, Handler, &str)] = &[
         Handler::Value(mig::migrate_set_speed),
         "change a job's copy speed limit (bytes/s, 0: none)",
     ),
+    (
+        "incoming-prepare",
+        Handler::Caller(Daemon::incoming_prepare),
+        "prepare a volume moving in from the caller's host: image, socket, NBD export for it",
+    ),
+    (
+        "incoming-status",
+        Handler::Caller(Daemon::incoming_status),
+        "an incoming volume's state (renews its lease)",
+    ),
+    (
+        "incoming-activate",
+        Handler::Caller(Daemon::incoming_activate),
+        "fence the source's export and let the volume's device serve",
+    ),
+    (
+        "incoming-abandon",
+        Handler::Caller(Daemon::incoming_abandon),
+        "remove an incoming volume not activated yet, with its image",
+    ),
+    (
+        "query-incoming",
+        Handler::Value(query_incoming),
+        "incoming volumes and those abandoned lately",
+    ),
 ];
 
-pub fn dispatch(daemon: &Daemon, command: &str, arguments: &Value) -> Result<Reply, ControlError> {
+pub fn dispatch(
+    daemon: &Daemon,
+    caller: &Caller,
+    command: &str,
+    arguments: &Value,
+) -> Result<Reply, ControlError> {
     match COMMANDS.iter().find(|(name, _, _)| *name == command) {
         Some((_, Handler::Value(handler), _)) => handler(daemon, arguments).map(Reply::Value),
         Some((_, Handler::Text(handler), _)) => handler(daemon, arguments).map(Reply::Text),
+        Some((_, Handler::Caller(handler), _)) => {
+            handler(daemon, caller, arguments).map(Reply::Value)
+        }
         None => Err(ControlError::new(
             "CommandNotFound",
             format!("unknown command {command:?} (see query-commands)"),
@@ -109,6 +144,10 @@ pub fn dispatch(daemon: &Daemon, command: &str, arguments: &Value) -> Result<Rep
 
 fn query_version(_: &Daemon, _: &Value) -> Result<Value, ControlError> {
     Ok(json!({ "version": env!("CARGO_PKG_VERSION") }))
+}
+
+fn query_incoming(daemon: &Daemon, _: &Value) -> Result<Value, ControlError> {
+    Ok(daemon.incoming_list())
 }
 
 fn query_commands(_: &Daemon, _: &Value) -> Result<Value, ControlError> {
@@ -163,6 +202,7 @@ fn query_volumes(daemon: &Daemon, _: &Value) -> Result<Value, ControlError> {
                 "write-cache": v.volume.write_cache_enabled(),
                 "stats": v.volume.stats.snapshot(),
                 "nbd": nbd_export(daemon, v.volume.name()),
+                "gate-open": v.gate.is_open(),
             })
         })
         .collect())

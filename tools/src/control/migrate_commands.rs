@@ -11,6 +11,8 @@ use serde_json::{json, Value};
 
 use super::ControlError;
 use crate::daemon::Daemon;
+use crate::handoff::{HandOff, MoveRequest};
+use ferry_engine::peer::FerryUrl;
 
 fn error(e: MigrationError) -> ControlError {
     let class = match e {
@@ -105,6 +107,9 @@ pub fn migrate_start(daemon: &Daemon, args: &Value) -> Result<Value, ControlErro
         .get("target")
         .and_then(Value::as_str)
         .ok_or_else(|| ControlError::bad_argument("target is missing"))?;
+    if target.starts_with(ferry_engine::peer::address::SCHEME) {
+        return move_to_host(daemon, names, target, args);
+    }
     let target =
         DestinationSpec::parse(target).map_err(|e| ControlError::bad_argument(e.to_string()))?;
     let mut options = options(args)?;
@@ -143,9 +148,82 @@ fn target_tls(
     }
 }
 
+/// `migrate-start` to `ferry://HOST:PORT[/NAME]`: the volumes move to the daemon there
+/// (see `crate::handoff`).
+fn move_to_host(
+    daemon: &Daemon,
+    volumes: Vec<String>,
+    target: &str,
+    args: &Value,
+) -> Result<Value, ControlError> {
+    let url = FerryUrl::parse(target).map_err(ControlError::bad_argument)?;
+    if args.get("tls-creds").is_some() {
+        return Err(ControlError::bad_argument(
+            "a ferry:// target is reached with the daemon's own --tls-creds",
+        ));
+    }
+    let text = |key: &str| match args.get(key) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(ControlError::bad_argument(format!("{key} must be a path"))),
+    };
+    let request = MoveRequest {
+        volumes,
+        target: url,
+        path: text("path")?,
+        socket: text("socket")?,
+        options: options(args)?,
+    };
+    if request.options.auto_cutover {
+        return Err(ControlError::bad_argument(
+            "a move to another host ends by its hand-off, not a cutover (no auto-cutover)",
+        ));
+    }
+    let handoff = HandOff::start(daemon, request)?;
+    let jobs = handoff.job_ids();
+    daemon
+        .handoffs
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(handoff);
+    Ok(json!({ "job": jobs.first(), "jobs": jobs }))
+}
+
 pub fn query_migrations(daemon: &Daemon, _: &Value) -> Result<Value, ControlError> {
-    serde_json::to_value(daemon.migrations.statuses())
-        .map_err(|e| ControlError::new("GenericError", e.to_string()))
+    let statuses = daemon.migrations.statuses();
+    let mut list = Vec::with_capacity(statuses.len());
+    for status in statuses {
+        let id = status.id;
+        let mut value = serde_json::to_value(status)
+            .map_err(|e| ControlError::new("GenericError", e.to_string()))?;
+        if let Some(cross) = daemon.handoff_of(id).and_then(|h| h.describe(id)) {
+            reconcile(&mut value, &cross);
+            value["cross-host"] = cross;
+        }
+        list.push(value);
+    }
+    Ok(Value::Array(list))
+}
+
+/// A job of a move to another host is over only when the move is: `completed` (its data
+/// all on the destination) reads `cutting-over` until the destination has activated, and
+/// `failed` when the activation failed; `handed-off` is the move's.
+fn reconcile(status: &mut Value, cross: &Value) {
+    let handed_off = cross["handed-off"].as_bool().unwrap_or(false);
+    status["handed_off"] = Value::Bool(handed_off);
+    if status["error"].is_null() && !cross["error"].is_null() {
+        // Cancelled by the move (the VM's migration cancelled, the destination gone).
+        status["error"] = cross["error"].clone();
+    }
+    if status["state"] != "completed" || handed_off {
+        return;
+    }
+    if cross["error"].is_null() {
+        status["state"] = json!("cutting-over");
+    } else {
+        status["state"] = json!("failed");
+        status["error"] = cross["error"].clone();
+    }
 }
 
 pub fn migrate_cutover(daemon: &Daemon, args: &Value) -> Result<Value, ControlError> {

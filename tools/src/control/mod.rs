@@ -75,7 +75,7 @@ pub fn handle_line(daemon: &Daemon, caller: &Caller, line: &str) -> String {
     if let Caller::Remote { .. } = caller {
         log::debug!("control: {caller}: {command}");
     }
-    match commands::dispatch(daemon, command, &request.arguments) {
+    match commands::dispatch(daemon, caller, command, &request.arguments) {
         Ok(commands::Reply::Value(value)) => {
             let mut answer = json!({ "return": value });
             if let Some(id) = id {

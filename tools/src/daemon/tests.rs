@@ -22,6 +22,14 @@ fn spec(dir: &Path, name: &str, extra: &str) -> Result<VolumeSpec, String> {
     ))
 }
 
+/// An ordinary volume's admission: its gate open, its export open to every client.
+fn open(daemon: &Daemon) -> Admission {
+    Admission {
+        gate: daemon.open_gate(),
+        nbd_clients: None,
+    }
+}
+
 fn wait_for(what: &str, condition: impl Fn() -> bool) -> TestResult {
     let deadline = Instant::now() + HANG_TIMEOUT;
     while !condition() {
@@ -38,7 +46,7 @@ fn a_volume_added_at_run_time_is_served_and_removed_cleanly() -> TestResult {
     let dir = tempfile::tempdir()?;
     let daemon = Daemon::new(None, None, None);
     let a = spec(dir.path(), "a", "")?;
-    let served = daemon.add_volume(&a)?;
+    let served = daemon.add_volume(&a, open(&daemon))?;
     assert_eq!(daemon.volumes().len(), 1);
     assert!(daemon.volume("a").is_some());
     assert_eq!(served.volume.size_bytes(), 1 << 20);
@@ -58,7 +66,7 @@ fn a_volume_added_at_run_time_is_served_and_removed_cleanly() -> TestResult {
     assert_eq!(std::io::Read::read(&mut frontend, &mut byte)?, 0);
 
     // The name, socket and image are free again.
-    daemon.add_volume(&a)?;
+    daemon.add_volume(&a, open(&daemon))?;
     UnixStream::connect(&a.socket)?;
     assert!(matches!(
         daemon.remove_volume("nope"),
@@ -73,7 +81,7 @@ fn names_sockets_and_images_stay_distinct() -> TestResult {
     let control = dir.path().join("ctl");
     let daemon = Daemon::new(None, Some(control.clone()), None);
     let a = spec(dir.path(), "a", "")?;
-    daemon.add_volume(&a)?;
+    daemon.add_volume(&a, open(&daemon))?;
     let mut same_name = spec(dir.path(), "b", "")?;
     same_name.engine.name = "a".into();
     let mut same_socket = spec(dir.path(), "c", "")?;
@@ -101,7 +109,7 @@ fn names_sockets_and_images_stay_distinct() -> TestResult {
         (&via_link, "overlapping"),
         (&slice, "overlapping"),
     ] {
-        match daemon.add_volume(spec) {
+        match daemon.add_volume(spec, open(&daemon)) {
             Err(VolumeTableError::Conflict(message)) => {
                 assert!(message.contains(needle), "{message:?} lacks {needle:?}")
             }
@@ -129,7 +137,7 @@ fn a_volume_that_fails_to_start_leaves_nothing_behind() -> TestResult {
     let mut bad = spec(dir.path(), "bad", "")?;
     bad.engine.size_bytes = Some((1 << 20) + 512);
     bad.logical_block_bytes = 4096;
-    let error = match daemon.add_volume(&bad) {
+    let error = match daemon.add_volume(&bad, open(&daemon)) {
         Err(VolumeTableError::Start { volume, reason }) if volume == "bad" => reason,
         Err(e) => return Err(format!("unexpected error {e}").into()),
         Ok(_) => return Err("a volume with a bad block size was added".into()),
@@ -142,13 +150,13 @@ fn a_volume_that_fails_to_start_leaves_nothing_behind() -> TestResult {
     let mut missing_dir = spec(dir.path(), "m", "")?;
     missing_dir.socket = dir.path().join("no-such-dir/m.sock");
     assert!(matches!(
-        daemon.add_volume(&missing_dir),
+        daemon.add_volume(&missing_dir, open(&daemon)),
         Err(VolumeTableError::Start { .. })
     ));
     assert!(!missing_dir.engine.path.exists());
     // Neither failure keeps its name reserved.
-    daemon.add_volume(&spec(dir.path(), "bad", "")?)?;
-    daemon.add_volume(&spec(dir.path(), "m", "")?)?;
+    daemon.add_volume(&spec(dir.path(), "bad", "")?, open(&daemon))?;
+    daemon.add_volume(&spec(dir.path(), "m", "")?, open(&daemon))?;
     assert_eq!(daemon.volumes().len(), 2);
     Ok(())
 }
@@ -157,7 +165,7 @@ fn a_volume_that_fails_to_start_leaves_nothing_behind() -> TestResult {
 fn a_volume_in_a_running_migration_is_not_removed() -> TestResult {
     let dir = tempfile::tempdir()?;
     let daemon = Daemon::new(None, None, None);
-    let a = daemon.add_volume(&spec(dir.path(), "a", "")?)?;
+    let a = daemon.add_volume(&spec(dir.path(), "a", "")?, open(&daemon))?;
     let target = ferry_engine::mirror::DestinationSpec::parse(
         &dir.path().join("target.img").display().to_string(),
     )?;

@@ -39,7 +39,13 @@ fn serve() -> Result<Served, Box<dyn std::error::Error>> {
     let stop = ServeStop::new(&listener)?;
     let thread = {
         let (state, stop) = (state.clone(), stop.clone());
-        std::thread::spawn(move || serve_volume(volume, settings, listener, state, stop))
+        let serving = Serving {
+            listener,
+            state,
+            stop,
+            gate: Arc::new(DeviceGate::new_open(Duration::from_secs(10))),
+        };
+        std::thread::spawn(move || serve_volume(volume, settings, serving))
     };
     Ok(Served {
         _dir: dir,
