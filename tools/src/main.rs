@@ -6,6 +6,7 @@ mod control_client;
 mod daemon;
 mod journal_cli;
 mod logging;
+mod metrics;
 mod migrate_cli;
 mod nbd_serve;
 mod serve;
