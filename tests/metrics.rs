@@ -16,15 +16,6 @@ use support::daemon::{Daemon, START_TIMEOUT};
 use support::ferry;
 use support::wait::{wait_until, HANG_TIMEOUT};
 
-/// The port in `ferry: metrics on http://HOST:PORT/metrics`.
-fn announced_port(log: &str) -> Option<u16> {
-    log.lines()
-        .find_map(|line| line.strip_prefix("ferry: metrics on http://"))
-        .and_then(|rest| rest.split('/').next())
-        .and_then(|address| address.rsplit(':').next())
-        .and_then(|port| port.parse().ok())
-}
-
 /// `GET /metrics`: the status line, the headers and the body.
 fn scrape(port: u16, accept: Option<&str>) -> Result<(String, String)> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).context("connect")?;
@@ -75,7 +66,7 @@ fn a_scrape_during_io_passes_promtool_and_counts_the_requests() -> Result<()> {
     let mut daemon = Daemon::spawn_listening("ferry-serve", command, &socket)?;
     let mut port = None;
     wait_until("the metrics line", START_TIMEOUT, || {
-        port = announced_port(&daemon.log());
+        port = ferry::announced_port(&daemon.log(), "ferry: metrics on http://");
         Ok(port.is_some())
     })?;
     let port = port.context("no port")?;
