@@ -126,6 +126,19 @@ fn a_scrape_during_io_passes_promtool_and_counts_the_requests() -> Result<()> {
     ensure!((16.0..=32.0).contains(&writes), "writes {writes}");
     ensure!(bytes >= f64::from(1 << 20), "bytes {bytes}");
     ensure!(sample(&body, r#"ferry_volume_frontend_connected{volume="vm1"}"#)? == 1.0);
+    let in_flight = sample(&body, r#"ferry_volume_requests_in_flight{volume="vm1"}"#)?;
+    ensure!((0.0..=16.0).contains(&in_flight), "in flight {in_flight}");
+    for kind in [
+        "read",
+        "write",
+        "flush",
+        "discard",
+        "write_zeroes",
+        "refused",
+    ] {
+        let series = format!(r#"ferry_volume_errors_total{{volume="vm1",kind="{kind}"}}"#);
+        ensure!(sample(&body, &series)? == 0.0, "{series}");
+    }
     ensure!(sample(&body, "ferry_journal_records_total")? >= 16.0);
 
     // A later scrape in OpenMetrics counts every write.

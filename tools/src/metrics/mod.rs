@@ -77,10 +77,17 @@ impl Collector for DaemonCollector {
     }
 }
 
-/// Per volume: requests and bytes by operation, failed requests, the frontend, the size.
+/// Per volume: requests and bytes by operation, failed requests by kind, requests in
+/// flight, the frontend, the size.
 fn encode_volumes(daemon: &Daemon, encoder: &mut DescriptorEncoder) -> fmt::Result {
-    let (mut ops, mut bytes, mut errors, mut connected, mut size) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut ops, mut bytes, mut errors, mut inflight, mut connected, mut size) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
     for served in daemon.volumes() {
         let name = served.volume.name().to_string();
         let s = served.volume.stats.snapshot();
@@ -101,8 +108,19 @@ fn encode_volumes(daemon: &Daemon, encoder: &mut DescriptorEncoder) -> fmt::Resu
                 bytes.push(counter(by_op(op), len));
             }
         }
+        for (kind, count) in [
+            ("read", s.read_errors),
+            ("write", s.write_errors),
+            ("flush", s.flush_errors),
+            ("discard", s.discard_errors),
+            ("write_zeroes", s.write_zeroes_errors),
+            ("refused", s.refused),
+        ] {
+            let labels = vec![("volume", name.clone()), ("kind", kind.to_string())];
+            errors.push(counter(labels, count));
+        }
         let volume = vec![("volume", name.clone())];
-        errors.push(counter(volume.clone(), s.errors));
+        inflight.push(gauge(volume.clone(), as_gauge(served.volume.inflight())));
         let attached = served
             .connection
             .connected
@@ -127,9 +145,16 @@ fn encode_volumes(daemon: &Daemon, encoder: &mut DescriptorEncoder) -> fmt::Resu
     family(
         encoder,
         "volume_errors",
-        "Requests that completed with an error",
+        "Requests that failed, by operation (refused: the device refused them before the engine)",
         None,
         errors,
+    )?;
+    family(
+        encoder,
+        "volume_requests_in_flight",
+        "Requests submitted and not yet completed, all queues",
+        None,
+        inflight,
     )?;
     family(
         encoder,
