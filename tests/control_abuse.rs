@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use support::blkio_client::{BlkioClient, BlkioOpts};
 use support::daemon::{Daemon, START_TIMEOUT};
+use support::ferry;
 use support::pki::{Pki, Subject};
 use support::wait::{wait_until, HANG_TIMEOUT};
 
@@ -65,7 +66,7 @@ impl Served {
         daemon.wait_listening(&control, START_TIMEOUT)?;
         let mut port = None;
         wait_until("the control listener's line", START_TIMEOUT, || {
-            port = announced_port(&daemon.log());
+            port = ferry::announced_port(&daemon.log(), "ferry: control protocol on ferry://");
             Ok(port.is_some())
         })?;
         let blkio = BlkioClient::connect(&socket, &BlkioOpts::default())?;
@@ -127,23 +128,8 @@ impl Served {
     }
 
     fn rss_kib(&self) -> Result<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.daemon.pid()))?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .context("no VmRSS in /proc/PID/status")
+        self.daemon.rss_kib()
     }
-}
-
-/// The port in `ferry: control protocol on ferry://HOST:PORT (mutual TLS)`.
-fn announced_port(log: &str) -> Option<u16> {
-    log.lines()
-        .find_map(|line| line.strip_prefix("ferry: control protocol on ferry://"))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|address| address.rsplit(':').next())
-        .and_then(|port| port.parse().ok())
 }
 
 /// The next reply line, `None` at the end of the stream (or a reset, how a TCP connection
@@ -302,25 +288,9 @@ fn tcp_flood(port: u16) -> Result<Vec<TcpStream>> {
     Ok(streams)
 }
 
-/// Raises this process's soft limit on open files to its hard limit; returns the limit.
-fn raise_open_files_limit() -> Result<u64> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one rlimit into the struct on this stack frame.
-    let got = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
-    ensure!(got == 0, "getrlimit: {}", std::io::Error::last_os_error());
-    limit.rlim_cur = limit.rlim_max;
-    // SAFETY: setrlimit reads the struct on this stack frame.
-    let set = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
-    ensure!(set == 0, "setrlimit: {}", std::io::Error::last_os_error());
-    Ok(limit.rlim_cur)
-}
-
 #[test]
 fn abusive_control_clients_leave_the_daemon_and_its_guest_served() -> Result<()> {
-    let files = raise_open_files_limit()?;
+    let files = support::limits::raise_open_files_limit()?;
     let enough = format!("{} open files (ulimit -n)", 2 * FLOOD_CONNECTIONS + 256);
     if !support::require(&enough, files >= 2 * FLOOD_CONNECTIONS as u64 + 256) {
         return Ok(());

@@ -299,7 +299,7 @@ fn loopback(authz: &str) -> Result<Loopback> {
     let daemon = Daemon::spawn("ferry-serve", command)?;
     let mut port = None;
     support::wait::wait_until("the control listener's line", START_TIMEOUT, || {
-        port = announced_port(&daemon.log());
+        port = support::ferry::announced_port(&daemon.log(), "ferry: control protocol on ferry://");
         Ok(port.is_some())
     })
     .with_context(|| format!("log of ferry serve:\n{}", daemon.log()))?;
@@ -313,15 +313,6 @@ fn loopback(authz: &str) -> Result<Loopback> {
         pki,
         _dir: dir,
     })
-}
-
-/// The port in `ferry: control protocol on ferry://HOST:PORT (mutual TLS)`.
-fn announced_port(log: &str) -> Option<u16> {
-    log.lines()
-        .find_map(|line| line.strip_prefix("ferry: control protocol on ferry://"))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|address| address.rsplit(':').next())
-        .and_then(|port| port.parse().ok())
 }
 
 #[test]

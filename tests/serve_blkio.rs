@@ -442,7 +442,23 @@ fn expect_errors(served: &Served, client: &mut BlkioClient, bad: &[Op]) -> Resul
     for (op, ret) in bad.iter().zip(&results) {
         ensure!(*ret < 0, "{op:?} got ret {ret}, expected an error");
     }
-    let errors_after = served.stats()?["errors"].as_u64().unwrap_or(0);
+    let stats = served.stats()?;
+    let errors_after = stats["errors"].as_u64().unwrap_or(0);
+    let by_kind: u64 = [
+        "read_errors",
+        "write_errors",
+        "flush_errors",
+        "discard_errors",
+        "write_zeroes_errors",
+        "refused",
+    ]
+    .iter()
+    .map(|kind| stats[kind].as_u64().unwrap_or(0))
+    .sum();
+    ensure!(
+        by_kind == errors_after,
+        "errors by kind add up to {by_kind}, not {errors_after}: {stats}"
+    );
     ensure!(
         errors_after >= errors_before + bad.len() as u64,
         "the daemon counted {} errors for {} bad requests",

@@ -92,6 +92,18 @@ impl Daemon {
         self.child.id()
     }
 
+    /// The process's resident memory, in KiB (`VmRSS` of `/proc/PID/status`).
+    pub fn rss_kib(&self) -> Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .context("read /proc/PID/status")?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .context("no VmRSS in /proc/PID/status")
+    }
+
     /// True while the process has not exited.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))

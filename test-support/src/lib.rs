@@ -4,6 +4,7 @@
 
 pub mod daemon;
 pub mod images;
+pub mod limits;
 pub mod loop_device;
 pub mod nbd;
 pub mod netns;

@@ -209,23 +209,6 @@ fn never_readers(port: u16, count: usize) -> Result<Vec<Raw>> {
 /// Connections opened at once by the flood.
 const FLOOD_CONNECTIONS: u64 = 2000;
 
-/// Raises this process's soft limit on open files to its hard limit (the flood holds
-/// [`FLOOD_CONNECTIONS`] sockets at once); returns the limit.
-fn raise_open_files_limit() -> Result<u64> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one rlimit into the struct on this stack frame.
-    let got = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
-    ensure!(got == 0, "getrlimit: {}", std::io::Error::last_os_error());
-    limit.rlim_cur = limit.rlim_max;
-    // SAFETY: setrlimit reads the struct on this stack frame.
-    let set = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
-    ensure!(set == 0, "setrlimit: {}", std::io::Error::last_os_error());
-    Ok(limit.rlim_cur)
-}
-
 /// Opens `count` connections at once; returns them and how many were served a greeting.
 fn flood(port: u16, count: usize) -> Result<(Vec<TcpStream>, usize)> {
     let mut streams = Vec::with_capacity(count);
@@ -245,7 +228,7 @@ fn flood(port: u16, count: usize) -> Result<(Vec<TcpStream>, usize)> {
 
 #[test]
 fn hostile_clients_change_nothing_and_leave_others_served() -> Result<()> {
-    let files = raise_open_files_limit()?;
+    let files = support::limits::raise_open_files_limit()?;
     let enough = format!("{} open files (ulimit -n)", FLOOD_CONNECTIONS + 256);
     if !support::require(&enough, files >= FLOOD_CONNECTIONS + 256) {
         return Ok(());

@@ -72,13 +72,7 @@ impl Ferry {
 
     /// The daemon's resident memory, in KiB.
     pub fn rss_kib(&self) -> Result<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.daemon.pid()))?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .context("no VmRSS in /proc/PID/status")
+        self.daemon.rss_kib()
     }
 }
 

@@ -163,3 +163,13 @@ pub fn vol(dir: &Path, name: &str, image: &str, socket: &str, rest: &str) -> [St
         path_str(dir, socket)
     ))
 }
+
+/// The port of the address `ferry serve` announces on the line starting with `prefix` (such
+/// as `ferry: control protocol on ferry://` or `ferry: metrics on http://`), once printed.
+pub fn announced_port(log: &str, prefix: &str) -> Option<u16> {
+    log.lines()
+        .find_map(|line| line.strip_prefix(prefix))
+        .and_then(|rest| rest.split(['/', ' ']).next())
+        .and_then(|address| address.rsplit(':').next())
+        .and_then(|port| port.parse().ok())
+}

@@ -22,7 +22,9 @@ pub use ferry_test_support::{
     compare_bytes, compare_image, create_image, pattern, require_ok, scratch_dir, Rng,
 };
 #[allow(unused_imports)]
-pub use ferry_test_support::{daemon, images, loop_device, nbd, pki, require, vhost_user, wait};
+pub use ferry_test_support::{
+    daemon, images, limits, loop_device, nbd, pki, require, vhost_user, wait,
+};
 
 /// The `ferry` binary built for this test run.
 pub fn ferry_bin() -> &'static str {

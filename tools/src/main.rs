@@ -8,6 +8,7 @@ mod handoff;
 mod incoming;
 mod journal_cli;
 mod logging;
+mod metrics;
 mod migrate_cli;
 mod nbd_serve;
 mod serve;

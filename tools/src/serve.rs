@@ -58,6 +58,11 @@ pub struct ServeArgs {
     /// comma-separated. Default: every certificate the CA signed.
     #[arg(long = "tls-authz", value_name = "NAMES")]
     pub tls_authz: Vec<String>,
+    /// Serve Prometheus metrics (OpenMetrics text) on http://HOST:PORT/metrics: per volume
+    /// the requests, bytes and errors, the journal's records and lag, migration progress.
+    /// Plaintext: bind it to loopback or a management network.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_listen: Option<String>,
     #[command(flatten)]
     pub nbd: NbdArgs,
     /// An incoming volume (a move from another host) not renewed by its source for this
@@ -341,6 +346,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(address) = &tls.control_listen {
         start_tcp_control(address, &daemon, tls.authz)?;
+    }
+    if let Some(address) = &args.metrics_listen {
+        let bound = crate::metrics::http::start(address, crate::metrics::registry(&daemon))?;
+        println!("ferry: metrics on http://{bound}/metrics");
     }
     // Every socket is bound: QEMU, NBD clients and control clients can connect.
     let serving = format!("STATUS=serving {} volume(s)", daemon.volumes().len());

@@ -406,11 +406,7 @@ impl QueueWorker {
         if status != Status::Ok {
             // A request the device refused (malformed, not in whole blocks, unsupported)
             // counts among the volume's errors like one that failed in the engine.
-            self.engine
-                .volume()
-                .stats
-                .errors
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.engine.volume().stats.count_refused();
         }
         if mem.write_obj(status as u8, status_addr).is_err() {
             self.guest_warnings.warn(

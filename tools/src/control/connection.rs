@@ -12,7 +12,8 @@ use super::{handle_line, Caller};
 use crate::daemon::Daemon;
 
 /// Serves requests on `stream` until it ends. `deadlines` bound the wait for each request
-/// and each request's arrival (none on the unix socket, whose clients are local).
+/// and each request's arrival; the caller bounds each reply's write (the socket's write
+/// timeout), so that a client that never reads is closed too.
 pub fn serve_connection<S: TimedRead + Write>(
     stream: &mut S,
     daemon: &Daemon,

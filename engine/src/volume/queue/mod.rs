@@ -358,6 +358,14 @@ impl VolumeQueue {
         let s = &self.volume.stats;
         if !ok {
             s.errors.fetch_add(1, Relaxed);
+            let by_kind = match slot.kind() {
+                Kind::Read => &s.read_errors,
+                Kind::Write => &s.write_errors,
+                Kind::Flush => &s.flush_errors,
+                Kind::Zero { .. } if slot.is_discard() => &s.discard_errors,
+                Kind::Zero { .. } => &s.write_zeroes_errors,
+            };
+            by_kind.fetch_add(1, Relaxed);
             return;
         }
         let bytes = slot.total_bytes();
