@@ -12,7 +12,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use super::job::JobShared;
 use super::options::MirrorMode;
-use crate::observer::{ObserverTicket, WriteEvent, WriteKind, WriteObserver};
+use crate::observer::{Observed, ObserverTicket, WriteEvent, WriteKind, WriteObserver};
 
 /// What a mirror worker does to the target for one guest request.
 pub(crate) enum MirrorOp {
@@ -50,18 +50,18 @@ pub(crate) struct MirrorQueue {
 
 impl MirrorQueue {
     /// Queues an op; hands the ticket back when the queue is closed.
-    fn push(&self, op: MirrorOp, ticket: ObserverTicket) -> Option<ObserverTicket> {
+    fn push(&self, op: MirrorOp, ticket: ObserverTicket) -> Observed {
         let Ok(mut inner) = self.inner.lock() else {
-            return Some(ticket);
+            return Observed::Done(ticket);
         };
         if inner.closed {
-            return Some(ticket);
+            return Observed::Done(ticket);
         }
         inner.ops.push_back((op, ticket));
         if inner.sleepers > 0 {
             self.ready.notify_one();
         }
-        None
+        Observed::Held
     }
 
     /// Moves up to [`OPS_PER_TAKE`] ops into `out` (empty), waiting for one; false once the
@@ -122,10 +122,10 @@ pub(crate) struct MirrorObserver {
 }
 
 impl WriteObserver for MirrorObserver {
-    fn observe(&self, event: &WriteEvent<'_>, ticket: ObserverTicket) -> Option<ObserverTicket> {
+    fn observe(&self, event: &WriteEvent<'_>, ticket: ObserverTicket) -> Observed {
         let job = &self.job;
         if !job.mirroring() {
-            return Some(ticket);
+            return Observed::Done(ticket);
         }
         let vm = &job.volumes[self.volume_index];
         let active = job.options.mode == MirrorMode::Active;
@@ -137,7 +137,7 @@ impl WriteObserver for MirrorObserver {
             job.counters.add_dirtied(newly);
         }
         if !active {
-            return Some(ticket);
+            return Observed::Done(ticket);
         }
         let target_offset = vm.placement.offset_bytes + event.offset_bytes;
         let op = match event.kind {
