@@ -1,18 +1,29 @@
 //! The mirror's write observer and the workers that write mirrored guest writes to the target.
 //!
-//! In `background` mode a guest write only marks its chunks dirty. In `active` mode the
-//! observer copies the write's data, keeps the guest's [`ObserverTicket`] and queues the
-//! write for a mirror worker, which writes it to the target and then releases the guest.
-//! Tickets are always completed with `ok = true`: the source write is what the guest
-//! depends on, and a target that fails only fails the job. The queue is bounded by the
-//! guest itself: it holds at most one entry per guest request in flight.
+//! In `background` mode a guest write only marks its chunks dirty. In `active` mode every
+//! guest write also reaches the target before the guest sees it complete:
+//! - a write of data to a local file or block device target is a *leg* of the guest's
+//!   request ([`Observed::Leg`]): the volume's queue writes the guest's buffers to the target
+//!   on its own ring beside the source write, and reports back in `leg_done`;
+//! - everything else (writes to an NBD target, discards, write-zeroes, flushes) is copied
+//!   and queued, with the guest's [`ObserverTicket`], for a mirror worker, which writes it
+//!   to the target and then releases the guest.
+//!
+//! The guest's write never fails for the target's sake: the source write is what the guest
+//! depends on, and a target that fails only fails the job (tickets complete with
+//! `ok = true`, a failed leg fails the job). The workers' queue is bounded by the guest
+//! itself: it holds at most one entry per guest request in flight.
+//!
+//! Either way, a write observed while the copier is copying its chunk marks the chunk dirty
+//! (`dirty_bitmap`), so the copier's older data never has the last word on the target.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
 
 use super::job::JobShared;
 use super::options::MirrorMode;
-use crate::observer::{Observed, ObserverTicket, WriteEvent, WriteKind, WriteObserver};
+use crate::observer::{LegTarget, Observed, ObserverTicket, WriteEvent, WriteKind, WriteObserver};
+use crate::IoFailure;
 
 /// What a mirror worker does to the target for one guest request.
 pub(crate) enum MirrorOp {
@@ -140,6 +151,20 @@ impl WriteObserver for MirrorObserver {
             return Observed::Done(ticket);
         }
         let target_offset = vm.placement.offset_bytes + event.offset_bytes;
+        if event.kind == WriteKind::Write {
+            if let Some(file) = job.target.local_file() {
+                if !job.begin_target_write() {
+                    // The job has ended: the source write is all the guest needs.
+                    return Observed::Done(ticket);
+                }
+                let target = LegTarget {
+                    fd: file.fd,
+                    offset_bytes: target_offset,
+                    memory_backed: file.memory_backed,
+                };
+                return Observed::Leg(ticket, target);
+            }
+        }
         let op = match event.kind {
             WriteKind::Write => {
                 let mut data = Vec::with_capacity(event.len_bytes as usize);
@@ -163,6 +188,20 @@ impl WriteObserver for MirrorObserver {
             WriteKind::Flush => MirrorOp::Flush,
         };
         job.queue.push(op, ticket)
+    }
+
+    /// The leg's target write is over (counted by `begin_target_write` in `observe`); a
+    /// failed one fails the job, as a failed mirror worker write does.
+    fn leg_done(&self, event: &WriteEvent<'_>, failure: Option<IoFailure>) {
+        let job = &self.job;
+        match failure {
+            None => job.counters.add_mirrored(event.len_bytes),
+            Some(failure) => job.fail(format!(
+                "mirroring a guest write of volume {} at offset {} ({} bytes): {failure}",
+                event.volume, event.offset_bytes, event.len_bytes
+            )),
+        }
+        job.end_target_write();
     }
 
     fn source_done(&self, event: &WriteEvent<'_>) {

@@ -10,6 +10,7 @@
 pub mod file;
 pub mod nbd;
 
+use std::os::fd::RawFd;
 use std::path::PathBuf;
 
 use crate::nbd::{BlockSizes, ExportUri};
@@ -91,6 +92,20 @@ pub trait Destination: Send + Sync {
     fn block_sizes(&self) -> Option<BlockSizes> {
         None
     }
+    /// The descriptor of a local file or block device that a volume's queue may write
+    /// mirrored guest writes to itself (`None` for other destinations). It stays open for as
+    /// long as the destination does.
+    fn local_file(&self) -> Option<LocalFile> {
+        None
+    }
+}
+
+/// A destination's open local file, as a volume queue writes to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalFile {
+    pub fd: RawFd,
+    /// The file lives in memory (tmpfs): its writes never wait for a device.
+    pub memory_backed: bool,
 }
 
 /// A destination as the operator names it.
