@@ -19,7 +19,9 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
+use super::destination::OwnedWrite;
 use super::job::JobShared;
 use super::options::MirrorMode;
 use crate::observer::{LegTarget, Observed, ObserverTicket, WriteEvent, WriteKind, WriteObserver};
@@ -51,6 +53,18 @@ struct QueueInner {
 /// The most ops a mirror worker takes under one lock; other workers take the rest.
 const OPS_PER_TAKE: usize = 16;
 
+/// How long an idle worker waits for ops before it looks for overdue pipelined writes.
+const IDLE_WAIT: Duration = Duration::from_millis(500);
+
+/// What [`MirrorQueue::take`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Take {
+    Taken,
+    /// Nothing within the wait.
+    Idle,
+    Closed,
+}
+
 /// Guest writes waiting for a mirror worker. Once closed it takes nothing more, so that no
 /// ticket can be left behind by workers that have stopped.
 #[derive(Default)]
@@ -75,36 +89,44 @@ impl MirrorQueue {
         Observed::Held
     }
 
-    /// Moves up to [`OPS_PER_TAKE`] ops into `out` (empty), waiting for one; false once the
-    /// queue is closed and empty. With `spread`, takes only a fair share when other workers
-    /// wait and wakes one for the rest.
-    fn take(&self, out: &mut Vec<(MirrorOp, ObserverTicket)>, spread: bool) -> bool {
+    /// Moves up to [`OPS_PER_TAKE`] ops into `out` (empty), waiting for one at most `wait`.
+    /// With `spread`, takes only a fair share when other workers wait and wakes one for the
+    /// rest.
+    fn take(
+        &self,
+        out: &mut Vec<(MirrorOp, ObserverTicket)>,
+        spread: bool,
+        wait: Duration,
+    ) -> Take {
         let Ok(mut inner) = self.inner.lock() else {
-            return false;
+            return Take::Closed;
         };
         loop {
             if !inner.ops.is_empty() {
-                // Over a remote target (`spread`) a fair share when other workers wait, so
-                // that the queued writes wait their round trips at once, not one after
-                // another on one worker; the rest goes to a woken worker. A local target's
-                // writes are quick: one worker takes many (fewer locks and wake-ups).
+                // Over a remote target whose writes each wait on a worker (`spread`), a fair
+                // share when other workers wait, so that the queued writes wait their round
+                // trips at once, not one after another on one worker; the rest goes to a
+                // woken worker. Otherwise one worker takes many (fewer locks and wake-ups).
                 let n = ops_to_take(inner.ops.len(), inner.sleepers, spread);
                 out.extend(inner.ops.drain(..n));
                 if spread && !inner.ops.is_empty() && inner.sleepers > 0 {
                     self.ready.notify_one();
                 }
-                return true;
+                return Take::Taken;
             }
             if inner.closed {
-                return false;
+                return Take::Closed;
             }
             inner.sleepers += 1;
-            let woken = self.ready.wait(inner);
-            let Ok(woken) = woken else {
-                return false;
+            let woken = self.ready.wait_timeout(inner, wait);
+            let Ok((woken, timeout)) = woken else {
+                return Take::Closed;
             };
             inner = woken;
             inner.sleepers -= 1;
+            if timeout.timed_out() && inner.ops.is_empty() && !inner.closed {
+                return Take::Idle;
+            }
         }
     }
 
@@ -212,18 +234,72 @@ impl WriteObserver for MirrorObserver {
     }
 }
 
-/// A mirror worker: writes queued guest writes to the target and releases the guest.
+/// A mirror worker: writes queued guest writes to the target and releases the guest. To a
+/// target that pipelines writes (NBD) the worker sends the writes of what it took as one
+/// batch and goes on: each guest write is released by its reply, on the connection's
+/// reader thread. Other ops wait on the worker, after the batch before them has been sent.
 pub(crate) fn run_mirror_worker(job: Arc<JobShared>) {
     let mut ops = Vec::with_capacity(OPS_PER_TAKE);
-    let spread = job.target.is_remote();
-    while job.queue.take(&mut ops, spread) {
+    let pipelined = job.target.pipelines_writes();
+    let spread = job.target.is_remote() && !pipelined;
+    let mut batch: Vec<OwnedWrite> = Vec::with_capacity(OPS_PER_TAKE);
+    loop {
+        match job.queue.take(&mut ops, spread, IDLE_WAIT) {
+            Take::Closed => break,
+            Take::Idle => {
+                job.target.expire_overdue();
+                continue;
+            }
+            Take::Taken => {}
+        }
         for (op, ticket) in ops.drain(..) {
-            mirror_one(&job, &op);
-            // Released one by one: over a slow target (NBD) the first of the batch would
-            // otherwise wait for the writes of all the others.
-            ticket.complete(true);
+            match op {
+                MirrorOp::Write { offset_bytes, data } if pipelined => {
+                    pipeline_one(&job, &mut batch, offset_bytes, data, ticket);
+                }
+                op => {
+                    job.target.send_writes(&mut batch);
+                    mirror_one(&job, &op);
+                    // Released one by one: over a slow target (NBD) the first of the batch
+                    // would otherwise wait for the writes of all the others.
+                    ticket.complete(true);
+                }
+            }
+        }
+        job.target.send_writes(&mut batch);
+        if pipelined {
+            job.target.expire_overdue();
         }
     }
+}
+
+/// Adds a guest write to the batch to send, counted as a target write until it ends; the
+/// guest is released when it has (or at once, when the job has ended).
+fn pipeline_one(
+    job: &Arc<JobShared>,
+    batch: &mut Vec<OwnedWrite>,
+    offset_bytes: u64,
+    data: Vec<u8>,
+    ticket: ObserverTicket,
+) {
+    if !job.begin_target_write() {
+        ticket.complete(true); // the job has ended: the source write is all the guest needs
+        return;
+    }
+    let (len_bytes, job) = (data.len() as u64, job.clone());
+    let done = Box::new(move |result: Result<(), super::DestinationError>| {
+        match result {
+            Ok(()) => job.counters.add_mirrored(len_bytes),
+            Err(e) => job.fail(format!("mirroring a guest write: {e}")),
+        }
+        job.end_target_write();
+        ticket.complete(true);
+    });
+    batch.push(OwnedWrite {
+        offset_bytes,
+        data,
+        done,
+    });
 }
 
 /// Writes one queued guest write to the target; a failure fails the job, not the guest.
