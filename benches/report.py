@@ -2,7 +2,7 @@
 """report.py: turns compare.sh's raw runs (ferry bench and fio JSON) into results.json and an
 IOPS-by-queue-depth plot (gnuplot), and writes docs/BENCHMARKS.md: benches/report-template.md
 with its {{markers}} replaced by the comparison's commands and tables (medians, min..max
-spread, ratios), the tables benches/migration.sh and benches/journal.sh left beside
+spread, ratios), the tables benches/migration.sh, benches/mirror_cost.sh and benches/journal.sh left beside
 results.json, and the machine. Python 3 standard library only."""
 
 import argparse
@@ -301,7 +301,7 @@ def main():
         plotted = plot(summary, a.plot)
     os.makedirs(os.path.dirname(os.path.abspath(a.markdown)), exist_ok=True)
     rel = os.path.relpath(a.plot, os.path.dirname(os.path.abspath(a.markdown))) if plotted else None
-    # The tables benches/migration.sh and benches/journal.sh wrote beside results.json, and
+    # The tables benches/migration.sh, mirror_cost.sh and journal.sh wrote beside results.json, and
     # the hand-written rest of the report from the template.
     out_dir = os.path.dirname(os.path.abspath(a.json))
     with open(a.template) as f:
@@ -310,6 +310,7 @@ def main():
         "compare_reproduce": compare_reproduce(machine),
         "compare_tables": compare_tables(machine, summary, ratio_rows, rel),
         "migration_table": section(out_dir, "migration-table.md", "migration.sh"),
+        "mirror_cost_table": section(out_dir, "mirror-cost.md", "mirror_cost.sh"),
         "journal_table": section(out_dir, "journal-table.md", "journal.sh"),
         "machine": machine_table(machine),
     }

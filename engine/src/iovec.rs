@@ -51,6 +51,25 @@ impl IovecArray {
     pub fn total_bytes(&self) -> u64 {
         iovec_bytes(&self.0)
     }
+
+    /// Drops `done` transferred bytes from the front of `self[*start..]`: whole iovecs by
+    /// moving `*start` past them, part of one by shortening it.
+    #[inline]
+    pub fn advance(&mut self, start: &mut usize, mut done: usize) {
+        while done > 0 && *start < self.0.len() {
+            let iov = &mut self.0[*start];
+            if done >= iov.iov_len {
+                done -= iov.iov_len;
+                *start += 1;
+            } else {
+                // SAFETY: `done < iov_len`, so the advanced pointer stays inside the same
+                // buffer; nothing is dereferenced here.
+                iov.iov_base = unsafe { iov.iov_base.cast::<u8>().add(done) }.cast();
+                iov.iov_len -= done;
+                done = 0;
+            }
+        }
+    }
 }
 
 impl Deref for IovecArray {

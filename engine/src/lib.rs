@@ -25,7 +25,7 @@ pub mod testing;
 
 pub use error::{EngineError, IoFailure};
 pub use iovec::IovecArray;
-pub use observer::{ObserverTicket, WriteEvent, WriteKind, WriteObserver};
+pub use observer::{LegTarget, Observed, ObserverTicket, WriteEvent, WriteKind, WriteObserver};
 pub use volume::queue::{BlockOp, Completion, VolumeQueue};
 pub use volume::stats::VolumeStats;
 pub use volume::{CacheMode, Volume, VolumeConfig};

@@ -1,13 +1,19 @@
 //! The hook through which a migration mirror or the journal sees every guest write.
 //!
 //! A volume with no observers pays one branch per write for this hook. An observer
-//! that must hold the guest's completion back (an `active` mirror, a `sync` journal)
-//! keeps the [`ObserverTicket`] it is handed and completes it later, from any
-//! thread; one that needs no wait hands the ticket straight back.
+//! that must hold the guest's completion back (a `sync` journal, an `active` mirror to an
+//! NBD export) keeps the [`ObserverTicket`] it is handed and completes it later, from any
+//! thread; one that needs no wait hands the ticket straight back. An observer that only
+//! needs the write's data written to a local file as well (an `active` mirror to a file)
+//! asks for a *leg* instead ([`Observed::Leg`]): the queue writes the guest's own buffers
+//! to that file on its own ring, beside the volume's own I/O, with no copy and no other
+//! thread, and the guest's request completes when both have.
 
+use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex};
 
 use crate::volume::completion_sink::CompletionSink;
+use crate::IoFailure;
 
 /// What a guest did to a byte range of a volume.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,13 +81,45 @@ impl WriteEvent<'_> {
     }
 }
 
+/// A local file that a write's data also goes to, written by the volume's queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LegTarget {
+    /// An open descriptor of the file, writable. It must stay open for as long as the
+    /// observer that names it lives: the queue keeps the observer until the leg has ended.
+    pub fd: RawFd,
+    /// Where in the file the write's first byte goes.
+    pub offset_bytes: u64,
+    /// The file never waits for a device (tmpfs): its writes are made inline, without the
+    /// ring, whose buffered writes would wait for a kernel worker thread.
+    pub memory_backed: bool,
+}
+
+/// What an observer wants done about the write it was shown.
+pub enum Observed {
+    /// Nothing to wait for: the ticket handed in comes back.
+    Done(ObserverTicket),
+    /// The observer keeps the ticket and completes it later.
+    Held,
+    /// The ticket comes back, and the queue writes the write's data to `target` as well
+    /// (only for [`WriteKind::Write`]); the guest's request completes when that write has,
+    /// and [`WriteObserver::leg_done`] reports how it went. A failed leg never fails the
+    /// guest's request: the source write is what the guest depends on.
+    Leg(ObserverTicket, LegTarget),
+}
+
 /// Something that must see every write of a volume: a migration mirror, the journal.
 pub trait WriteObserver: Send + Sync {
-    /// Sees a write as it is submitted, before the volume's own I/O is queued. Return
-    /// `Some(ticket)` (the ticket handed in) if the guest need not wait for this observer;
-    /// keep it and return `None` to hold the guest's completion until
-    /// [`ObserverTicket::complete`] is called. A dropped ticket completes as a failure.
-    fn observe(&self, event: &WriteEvent<'_>, ticket: ObserverTicket) -> Option<ObserverTicket>;
+    /// Sees a write as it is submitted, before the volume's own I/O is queued: hand the
+    /// ticket back ([`Observed::Done`]) if the guest need not wait for this observer, keep
+    /// it ([`Observed::Held`]) to hold the guest's completion until
+    /// [`ObserverTicket::complete`] is called, or ask for a leg ([`Observed::Leg`]). A
+    /// dropped ticket completes as a failure.
+    fn observe(&self, event: &WriteEvent<'_>, ticket: ObserverTicket) -> Observed;
+
+    /// Called on the queue's thread once the leg asked for in [`observe`](Self::observe)
+    /// has ended: the same range, an empty `data`, and the leg's failure if it failed.
+    /// Called exactly once per leg. The default does nothing.
+    fn leg_done(&self, _event: &WriteEvent<'_>, _failure: Option<IoFailure>) {}
 
     /// Called once the volume's own I/O of a write, discard or write-zeroes that this
     /// observer saw in [`observe`](Self::observe) has finished (successfully or not), with

@@ -144,12 +144,19 @@ fn take_work(
     None
 }
 
-/// Holds a copy between its read and its write for `copy_hold` (zero unless a test asks).
+/// Holds a copy between its read and its write for `copy_hold` (zero unless a test asks),
+/// read again on every poll so that a test can release a held copy by lowering it.
 fn hold(job: &JobShared) {
-    let hold = Duration::from_micros(job.copy_hold_us.load(Ordering::Acquire));
-    let deadline = std::time::Instant::now() + hold;
-    while !hold.is_zero() && std::time::Instant::now() < deadline && !job.stopped() {
-        std::thread::sleep(Duration::from_millis(1).min(hold));
+    let held_since = std::time::Instant::now();
+    while !job.stopped() {
+        let hold = Duration::from_micros(job.copy_hold_us.load(Ordering::Acquire));
+        let Some(left) = hold
+            .checked_sub(held_since.elapsed())
+            .filter(|l| !l.is_zero())
+        else {
+            return;
+        };
+        std::thread::sleep(Duration::from_millis(1).min(left));
     }
 }
 

@@ -215,6 +215,12 @@ impl ChunkTable {
     pub fn has_unsettled(&self) -> bool {
         !self.unsettled.is_empty()
     }
+
+    /// True while a copier is copying chunk `c`.
+    #[cfg(test)]
+    pub(crate) fn is_copying(&self, c: u64) -> bool {
+        self.copying.get(c)
+    }
 }
 
 #[cfg(test)]

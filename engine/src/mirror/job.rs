@@ -100,7 +100,8 @@ pub struct JobShared {
     /// `MigrationOptions::copy_hold` in microseconds, changeable while the job runs.
     pub(crate) copy_hold_us: AtomicU64,
     pub(crate) throttle: Throttle,
-    /// Target writes under way (copier and mirror); `cancel` waits for them to end.
+    /// Target writes under way (copier, mirror workers and legs); `cancel` waits for them
+    /// to end.
     pub(crate) target_writes: AtomicUsize,
     pub(crate) queue: MirrorQueue,
     pub(crate) observers: Mutex<Vec<(usize, Arc<dyn WriteObserver>)>>,
@@ -161,14 +162,28 @@ impl JobShared {
     /// [`quiesce`](Self::quiesce) can wait until nothing more lands on the target: either
     /// this sees `stop`, or `quiesce` sees the count (both sequentially consistent).
     pub(crate) fn write_target<T>(&self, write: impl FnOnce() -> T) -> Option<T> {
+        if !self.begin_target_write() {
+            return None;
+        }
+        let result = write();
+        self.end_target_write();
+        Some(result)
+    }
+
+    /// Counts a target write about to start elsewhere (a leg on a volume queue's ring);
+    /// false, and nothing counted, when the job has ended. Every `true` is matched by one
+    /// [`end_target_write`](Self::end_target_write) once the write is over.
+    pub(crate) fn begin_target_write(&self) -> bool {
         self.target_writes.fetch_add(1, Ordering::SeqCst);
-        let result = if self.stop.load(Ordering::SeqCst) {
-            None
-        } else {
-            Some(write())
-        };
+        if self.stop.load(Ordering::SeqCst) {
+            self.target_writes.fetch_sub(1, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    pub(crate) fn end_target_write(&self) {
         self.target_writes.fetch_sub(1, Ordering::SeqCst);
-        result
     }
 
     /// After the job ended: waits until no target write is under way, `timeout` at most;
@@ -425,6 +440,12 @@ impl MigrationJob {
         self.shared.id
     }
 
+    /// The job's shared state, for tests that look at its chunk tables.
+    #[cfg(test)]
+    pub(crate) fn shared(&self) -> &Arc<JobShared> {
+        &self.shared
+    }
+
     pub fn state(&self) -> MigrationState {
         self.shared.state()
     }
@@ -448,7 +469,8 @@ impl MigrationJob {
         self.shared.throttle.set(bytes_per_s);
     }
 
-    /// Changes how long each copy is held between its read and its write (tests of races).
+    /// Changes how long each copy is held between its read and its write (tests of races);
+    /// a copy held now is released as soon as it has been held for the new duration.
     pub fn set_copy_hold(&self, hold: Duration) {
         self.shared
             .copy_hold_us

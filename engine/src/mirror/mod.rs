@@ -24,6 +24,9 @@ pub mod status;
 pub mod supervisor;
 pub mod throttle;
 
+#[cfg(test)]
+mod tests;
+
 pub use destination::{Destination, DestinationError, DestinationSpec};
 pub use error::MigrationError;
 pub use job::MigrationJob;

@@ -1,18 +1,31 @@
 //! The mirror's write observer and the workers that write mirrored guest writes to the target.
 //!
-//! In `background` mode a guest write only marks its chunks dirty. In `active` mode the
-//! observer copies the write's data, keeps the guest's [`ObserverTicket`] and queues the
-//! write for a mirror worker, which writes it to the target and then releases the guest.
-//! Tickets are always completed with `ok = true`: the source write is what the guest
-//! depends on, and a target that fails only fails the job. The queue is bounded by the
-//! guest itself: it holds at most one entry per guest request in flight.
+//! In `background` mode a guest write only marks its chunks dirty. In `active` mode every
+//! guest write also reaches the target before the guest sees it complete:
+//! - a write of data to a local file or block device target is a *leg* of the guest's
+//!   request ([`Observed::Leg`]): the volume's queue writes the guest's buffers to the target
+//!   on its own ring beside the source write, and reports back in `leg_done`;
+//! - everything else (writes to an NBD target, discards, write-zeroes, flushes) is copied
+//!   and queued, with the guest's [`ObserverTicket`], for a mirror worker, which writes it
+//!   to the target and then releases the guest.
+//!
+//! The guest's write never fails for the target's sake: the source write is what the guest
+//! depends on, and a target that fails only fails the job (tickets complete with
+//! `ok = true`, a failed leg fails the job). The workers' queue is bounded by the guest
+//! itself: it holds at most one entry per guest request in flight.
+//!
+//! Either way, a write observed while the copier is copying its chunk marks the chunk dirty
+//! (`dirty_bitmap`), so the copier's older data never has the last word on the target.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
+use super::destination::OwnedWrite;
 use super::job::JobShared;
 use super::options::MirrorMode;
-use crate::observer::{ObserverTicket, WriteEvent, WriteKind, WriteObserver};
+use crate::observer::{LegTarget, Observed, ObserverTicket, WriteEvent, WriteKind, WriteObserver};
+use crate::IoFailure;
 
 /// What a mirror worker does to the target for one guest request.
 pub(crate) enum MirrorOp {
@@ -40,6 +53,18 @@ struct QueueInner {
 /// The most ops a mirror worker takes under one lock; other workers take the rest.
 const OPS_PER_TAKE: usize = 16;
 
+/// How long an idle worker waits for ops before it looks for overdue pipelined writes.
+const IDLE_WAIT: Duration = Duration::from_millis(500);
+
+/// What [`MirrorQueue::take`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Take {
+    Taken,
+    /// Nothing within the wait.
+    Idle,
+    Closed,
+}
+
 /// Guest writes waiting for a mirror worker. Once closed it takes nothing more, so that no
 /// ticket can be left behind by workers that have stopped.
 #[derive(Default)]
@@ -50,50 +75,58 @@ pub(crate) struct MirrorQueue {
 
 impl MirrorQueue {
     /// Queues an op; hands the ticket back when the queue is closed.
-    fn push(&self, op: MirrorOp, ticket: ObserverTicket) -> Option<ObserverTicket> {
+    fn push(&self, op: MirrorOp, ticket: ObserverTicket) -> Observed {
         let Ok(mut inner) = self.inner.lock() else {
-            return Some(ticket);
+            return Observed::Done(ticket);
         };
         if inner.closed {
-            return Some(ticket);
+            return Observed::Done(ticket);
         }
         inner.ops.push_back((op, ticket));
         if inner.sleepers > 0 {
             self.ready.notify_one();
         }
-        None
+        Observed::Held
     }
 
-    /// Moves up to [`OPS_PER_TAKE`] ops into `out` (empty), waiting for one; false once the
-    /// queue is closed and empty. With `spread`, takes only a fair share when other workers
-    /// wait and wakes one for the rest.
-    fn take(&self, out: &mut Vec<(MirrorOp, ObserverTicket)>, spread: bool) -> bool {
+    /// Moves up to [`OPS_PER_TAKE`] ops into `out` (empty), waiting for one at most `wait`.
+    /// With `spread`, takes only a fair share when other workers wait and wakes one for the
+    /// rest.
+    fn take(
+        &self,
+        out: &mut Vec<(MirrorOp, ObserverTicket)>,
+        spread: bool,
+        wait: Duration,
+    ) -> Take {
         let Ok(mut inner) = self.inner.lock() else {
-            return false;
+            return Take::Closed;
         };
         loop {
             if !inner.ops.is_empty() {
-                // Over a remote target (`spread`) a fair share when other workers wait, so
-                // that the queued writes wait their round trips at once, not one after
-                // another on one worker; the rest goes to a woken worker. A local target's
-                // writes are quick: one worker takes many (fewer locks and wake-ups).
+                // Over a remote target whose writes each wait on a worker (`spread`), a fair
+                // share when other workers wait, so that the queued writes wait their round
+                // trips at once, not one after another on one worker; the rest goes to a
+                // woken worker. Otherwise one worker takes many (fewer locks and wake-ups).
                 let n = ops_to_take(inner.ops.len(), inner.sleepers, spread);
                 out.extend(inner.ops.drain(..n));
                 if spread && !inner.ops.is_empty() && inner.sleepers > 0 {
                     self.ready.notify_one();
                 }
-                return true;
+                return Take::Taken;
             }
             if inner.closed {
-                return false;
+                return Take::Closed;
             }
             inner.sleepers += 1;
-            let woken = self.ready.wait(inner);
-            let Ok(woken) = woken else {
-                return false;
+            let woken = self.ready.wait_timeout(inner, wait);
+            let Ok((woken, timeout)) = woken else {
+                return Take::Closed;
             };
             inner = woken;
             inner.sleepers -= 1;
+            if timeout.timed_out() && inner.ops.is_empty() && !inner.closed {
+                return Take::Idle;
+            }
         }
     }
 
@@ -122,10 +155,10 @@ pub(crate) struct MirrorObserver {
 }
 
 impl WriteObserver for MirrorObserver {
-    fn observe(&self, event: &WriteEvent<'_>, ticket: ObserverTicket) -> Option<ObserverTicket> {
+    fn observe(&self, event: &WriteEvent<'_>, ticket: ObserverTicket) -> Observed {
         let job = &self.job;
         if !job.mirroring() {
-            return Some(ticket);
+            return Observed::Done(ticket);
         }
         let vm = &job.volumes[self.volume_index];
         let active = job.options.mode == MirrorMode::Active;
@@ -137,9 +170,23 @@ impl WriteObserver for MirrorObserver {
             job.counters.add_dirtied(newly);
         }
         if !active {
-            return Some(ticket);
+            return Observed::Done(ticket);
         }
         let target_offset = vm.placement.offset_bytes + event.offset_bytes;
+        if event.kind == WriteKind::Write {
+            if let Some(file) = job.target.local_file() {
+                if !job.begin_target_write() {
+                    // The job has ended: the source write is all the guest needs.
+                    return Observed::Done(ticket);
+                }
+                let target = LegTarget {
+                    fd: file.fd,
+                    offset_bytes: target_offset,
+                    memory_backed: file.memory_backed,
+                };
+                return Observed::Leg(ticket, target);
+            }
+        }
         let op = match event.kind {
             WriteKind::Write => {
                 let mut data = Vec::with_capacity(event.len_bytes as usize);
@@ -165,6 +212,20 @@ impl WriteObserver for MirrorObserver {
         job.queue.push(op, ticket)
     }
 
+    /// The leg's target write is over (counted by `begin_target_write` in `observe`); a
+    /// failed one fails the job, as a failed mirror worker write does.
+    fn leg_done(&self, event: &WriteEvent<'_>, failure: Option<IoFailure>) {
+        let job = &self.job;
+        match failure {
+            None => job.counters.add_mirrored(event.len_bytes),
+            Some(failure) => job.fail(format!(
+                "mirroring a guest write of volume {} at offset {} ({} bytes): {failure}",
+                event.volume, event.offset_bytes, event.len_bytes
+            )),
+        }
+        job.end_target_write();
+    }
+
     fn source_done(&self, event: &WriteEvent<'_>) {
         let vm = &self.job.volumes[self.volume_index];
         if let Ok(mut table) = vm.table.lock() {
@@ -173,18 +234,72 @@ impl WriteObserver for MirrorObserver {
     }
 }
 
-/// A mirror worker: writes queued guest writes to the target and releases the guest.
+/// A mirror worker: writes queued guest writes to the target and releases the guest. To a
+/// target that pipelines writes (NBD) the worker sends the writes of what it took as one
+/// batch and goes on: each guest write is released by its reply, on the connection's
+/// reader thread. Other ops wait on the worker, after the batch before them has been sent.
 pub(crate) fn run_mirror_worker(job: Arc<JobShared>) {
     let mut ops = Vec::with_capacity(OPS_PER_TAKE);
-    let spread = job.target.is_remote();
-    while job.queue.take(&mut ops, spread) {
+    let pipelined = job.target.pipelines_writes();
+    let spread = job.target.is_remote() && !pipelined;
+    let mut batch: Vec<OwnedWrite> = Vec::with_capacity(OPS_PER_TAKE);
+    loop {
+        match job.queue.take(&mut ops, spread, IDLE_WAIT) {
+            Take::Closed => break,
+            Take::Idle => {
+                job.target.expire_overdue();
+                continue;
+            }
+            Take::Taken => {}
+        }
         for (op, ticket) in ops.drain(..) {
-            mirror_one(&job, &op);
-            // Released one by one: over a slow target (NBD) the first of the batch would
-            // otherwise wait for the writes of all the others.
-            ticket.complete(true);
+            match op {
+                MirrorOp::Write { offset_bytes, data } if pipelined => {
+                    pipeline_one(&job, &mut batch, offset_bytes, data, ticket);
+                }
+                op => {
+                    job.target.send_writes(&mut batch);
+                    mirror_one(&job, &op);
+                    // Released one by one: over a slow target (NBD) the first of the batch
+                    // would otherwise wait for the writes of all the others.
+                    ticket.complete(true);
+                }
+            }
+        }
+        job.target.send_writes(&mut batch);
+        if pipelined {
+            job.target.expire_overdue();
         }
     }
+}
+
+/// Adds a guest write to the batch to send, counted as a target write until it ends; the
+/// guest is released when it has (or at once, when the job has ended).
+fn pipeline_one(
+    job: &Arc<JobShared>,
+    batch: &mut Vec<OwnedWrite>,
+    offset_bytes: u64,
+    data: Vec<u8>,
+    ticket: ObserverTicket,
+) {
+    if !job.begin_target_write() {
+        ticket.complete(true); // the job has ended: the source write is all the guest needs
+        return;
+    }
+    let (len_bytes, job) = (data.len() as u64, job.clone());
+    let done = Box::new(move |result: Result<(), super::DestinationError>| {
+        match result {
+            Ok(()) => job.counters.add_mirrored(len_bytes),
+            Err(e) => job.fail(format!("mirroring a guest write: {e}")),
+        }
+        job.end_target_write();
+        ticket.complete(true);
+    });
+    batch.push(OwnedWrite {
+        offset_bytes,
+        data,
+        done,
+    });
 }
 
 /// Writes one queued guest write to the target; a failure fails the job, not the guest.

@@ -31,8 +31,10 @@ pub struct MigrationOptions {
     pub copy_threads: usize,
     /// Threads that write mirrored guest writes to a local target (`active` mode).
     pub mirror_threads: usize,
-    /// The same for a remote (NBD) target, where each write waits a network round trip:
-    /// more threads keep more of the guest's writes in flight.
+    /// The same for a remote (NBD) target. Its writes are pipelined (a worker sends a batch
+    /// and goes on; the replies release the guest), so few threads keep all the guest's
+    /// writes in flight; its discards, write-zeroes and flushes each wait a round trip on a
+    /// worker, so more than one keeps a flush from holding up the writes behind it.
     pub mirror_threads_remote: usize,
     /// Cut over by itself as soon as the job is ready.
     pub auto_cutover: bool,
@@ -81,7 +83,7 @@ impl Default for MigrationOptions {
             copy_chunk_bytes: COPY_CHUNK_BYTES_DEFAULT,
             copy_threads: 4,
             mirror_threads: 2,
-            mirror_threads_remote: 8,
+            mirror_threads_remote: 2,
             auto_cutover: false,
             hand_off: false,
             target_known_zero: false,

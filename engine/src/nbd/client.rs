@@ -4,9 +4,12 @@
 //! with simple replies.
 //!
 //! Each request registers a cookie, sends its header (and payload) under the send lock, and
-//! waits for its reply, which one reader thread matches by cookie. When the connection
-//! breaks (or a reply does not come within the request timeout), every waiting and later
-//! request fails with [`ClientError::Disconnected`]. Requests larger than the export takes
+//! waits for its reply, which one reader thread matches by cookie. Writes can also be
+//! pipelined ([`NbdClient::send_writes`]): a batch goes out in one send, and each write's
+//! callback runs on the reader thread when its reply comes, so a caller keeps many writes
+//! in flight without a thread waiting on each. When the connection breaks (or a reply does
+//! not come within the request timeout), every waiting and later request fails with
+//! [`ClientError::Disconnected`]. Requests larger than the export takes
 //! are split; a range not aligned to its minimum block size is refused before it is sent.
 
 use std::collections::HashMap;
@@ -15,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::connection::Connection;
 use super::handshake::handshake;
@@ -90,9 +93,55 @@ enum ReplyFailure {
     Lost(String),
 }
 
+/// What runs when a pipelined write has ended: on the reader thread when its reply comes,
+/// or on the thread that finds the connection lost.
+pub type WriteDone = Box<dyn FnOnce(Result<(), ClientError>) + Send>;
+
+/// A write to send without waiting for it ([`NbdClient::send_writes`]).
+pub struct PipelinedWrite<'a> {
+    pub offset_bytes: u64,
+    pub data: &'a [u8],
+    pub done: WriteDone,
+}
+
 struct Waiter {
     read_len: usize,
-    tx: SyncSender<Reply>,
+    to: ReplyTo,
+}
+
+/// Where a reply goes.
+enum ReplyTo {
+    /// A thread waiting in [`NbdClient::request`] (its own deadline).
+    Waiting(SyncSender<Reply>),
+    /// A pipelined write: its callback, and when it was sent (for
+    /// [`NbdClient::expire_overdue`]).
+    Call {
+        done: WriteDone,
+        offset_bytes: u64,
+        sent_at: Instant,
+    },
+}
+
+impl Waiter {
+    /// Hands the reply to whoever waits for it. Call without the pending lock held: a
+    /// callback may use the client.
+    fn deliver(self, reply: Reply) {
+        match self.to {
+            ReplyTo::Waiting(tx) => {
+                let _ = tx.try_send(reply);
+            }
+            ReplyTo::Call {
+                done, offset_bytes, ..
+            } => done(reply.map(drop).map_err(|failure| match failure {
+                ReplyFailure::Errno(errno) => ClientError::Refused {
+                    op: command_name(NBD_CMD_WRITE),
+                    offset_bytes,
+                    errno,
+                },
+                ReplyFailure::Lost(reason) => ClientError::Disconnected { reason },
+            })),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -321,6 +370,89 @@ impl NbdClient {
         })
     }
 
+    /// Sends `writes` (drained) as one batch, in one send, without waiting: each one's
+    /// `done` runs once its reply comes (on the reader thread) or the connection is lost.
+    /// A write the export cannot take in one request (past its maximum payload, or not
+    /// aligned to its minimum block size) is written as [`write_at`](Self::write_at) would,
+    /// waiting, and its `done` runs here.
+    pub fn send_writes(&self, writes: &mut Vec<PipelinedWrite<'_>>) {
+        let max = self.block_sizes.request_bytes_max();
+        let mut batch = Vec::new();
+        let mut registered: Vec<(u64, Waiter)> = Vec::with_capacity(writes.len());
+        let sent_at = Instant::now();
+        for write in writes.drain(..) {
+            let len = write.data.len() as u64;
+            if len > max || len == 0 || !self.block_sizes.is_aligned(write.offset_bytes, len) {
+                let result = self.write_at(write.offset_bytes, write.data);
+                (write.done)(result);
+                continue;
+            }
+            let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
+            let header = RequestHeader {
+                flags: 0,
+                command: NBD_CMD_WRITE,
+                cookie,
+                offset_bytes: write.offset_bytes,
+                len_bytes: len as u32,
+            }
+            .encode();
+            batch.extend_from_slice(&header);
+            batch.extend_from_slice(write.data);
+            let to = ReplyTo::Call {
+                done: write.done,
+                offset_bytes: write.offset_bytes,
+                sent_at,
+            };
+            registered.push((cookie, Waiter { read_len: 0, to }));
+        }
+        let requests = registered.len();
+        if requests == 0 {
+            return;
+        }
+        let refused = match self.pending.lock() {
+            Ok(mut pending) => match &pending.dead {
+                Some(reason) => Some(reason.clone()),
+                None => {
+                    pending.waiters.extend(registered.drain(..));
+                    None
+                }
+            },
+            Err(_) => Some("state lock poisoned".to_string()),
+        };
+        if let Some(reason) = refused {
+            for (_, waiter) in registered {
+                waiter.deliver(Err(ReplyFailure::Lost(reason.clone())));
+            }
+            return;
+        }
+        let sent = match self.send.lock() {
+            Ok(mut conn) => conn.write_all(&batch),
+            Err(_) => Err(std::io::Error::other("send lock poisoned")),
+        };
+        if let Err(e) = sent {
+            self.kill(format!("sending {requests} pipelined WRITE requests: {e}"));
+        }
+    }
+
+    /// Declares the connection lost when a pipelined write has waited longer than the
+    /// request timeout for its reply (a waiting request watches its own deadline; a
+    /// pipelined one has nobody waiting, so its sender calls this now and then).
+    pub fn expire_overdue(&self) {
+        let overdue = match self.pending.lock() {
+            Ok(pending) => pending.waiters.values().any(|w| match &w.to {
+                ReplyTo::Call { sent_at, .. } => sent_at.elapsed() > self.request_timeout,
+                ReplyTo::Waiting(_) => false,
+            }),
+            Err(_) => false,
+        };
+        if overdue {
+            self.kill(format!(
+                "no reply to a pipelined WRITE within {:?}",
+                self.request_timeout
+            ));
+        }
+    }
+
     fn register(&self, cookie: u64, read_len: usize) -> Result<Receiver<Reply>, ClientError> {
         let (tx, rx) = sync_channel(1);
         let mut pending = self
@@ -330,7 +462,8 @@ impl NbdClient {
         if let Some(reason) = &pending.dead {
             return Err(lost(reason));
         }
-        pending.waiters.insert(cookie, Waiter { read_len, tx });
+        let to = ReplyTo::Waiting(tx);
+        pending.waiters.insert(cookie, Waiter { read_len, to });
         Ok(rx)
     }
 
@@ -381,7 +514,11 @@ impl Drop for NbdClient {
             conn.shutdown();
         }
         if let Ok(mut reader) = self.reader.lock() {
-            if let Some(handle) = reader.take() {
+            // The last owner may be a pipelined write's callback, run by the reader itself:
+            // it ends on its own once the socket is shut down.
+            let handle = reader.take();
+            if let Some(handle) = handle.filter(|h| h.thread().id() != std::thread::current().id())
+            {
                 let _ = handle.join();
             }
         }
@@ -406,7 +543,7 @@ fn fail_all(pending: &Mutex<Pending>, reason: String) {
         Err(_) => return,
     };
     for (_, waiter) in waiters {
-        let _ = waiter.tx.try_send(Err(ReplyFailure::Lost(reason.clone())));
+        waiter.deliver(Err(ReplyFailure::Lost(reason.clone())));
     }
 }
 
@@ -429,17 +566,15 @@ fn read_replies(mut conn: Connection, pending: &Mutex<Pending>) {
             break format!("reply for unknown handle {}", reply.cookie);
         };
         if reply.error != 0 {
-            let _ = waiter.tx.try_send(Err(ReplyFailure::Errno(reply.error)));
+            waiter.deliver(Err(ReplyFailure::Errno(reply.error)));
             continue;
         }
         let mut data = vec![0u8; waiter.read_len];
         if let Err(e) = conn.read_exact(&mut data) {
-            let _ = waiter
-                .tx
-                .try_send(Err(ReplyFailure::Lost(format!("reading data: {e}"))));
+            waiter.deliver(Err(ReplyFailure::Lost(format!("reading data: {e}"))));
             break format!("reading read data: {e}");
         }
-        let _ = waiter.tx.try_send(Ok(data));
+        waiter.deliver(Ok(data));
     };
     fail_all(pending, reason);
     conn.shutdown();

@@ -29,7 +29,9 @@ pub mod sizes;
 pub(crate) mod tls_stream;
 
 pub use address::{ExportUri, NbdAddress, UriError, NBD_DEFAULT_PORT};
-pub use client::{ClientError, ClientOptions, NbdClient, REQUEST_TIMEOUT_DEFAULT};
+pub use client::{
+    ClientError, ClientOptions, NbdClient, PipelinedWrite, WriteDone, REQUEST_TIMEOUT_DEFAULT,
+};
 pub use server::{ExportConfig, ListenAddress, NbdServer, ServerOptions};
 pub use sizes::BlockSizes;
 

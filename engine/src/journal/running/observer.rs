@@ -8,21 +8,21 @@ use super::state::WriterState;
 use super::{Appender, Journal, JournalState, ASYNC_GATHER_BYTES};
 use crate::journal::format::{Op, FLAG_UNMAP};
 use crate::journal::options::JournalMode;
-use crate::observer::{ObserverTicket, WriteEvent, WriteKind, WriteObserver};
+use crate::observer::{Observed, ObserverTicket, WriteEvent, WriteKind, WriteObserver};
 
 /// With queue-thread commits, how many times one queue thread commits what others left
 /// pending before it hands the rest to the writer thread and goes back to its own queue.
 const INLINE_COMMIT_ROUNDS: usize = 4;
 
 impl WriteObserver for Journal {
-    fn observe(&self, event: &WriteEvent<'_>, ticket: ObserverTicket) -> Option<ObserverTicket> {
+    fn observe(&self, event: &WriteEvent<'_>, ticket: ObserverTicket) -> Observed {
         let mut st = self.shared.lock();
         if st.phase == JournalState::Stopped || st.writer.is_stopping() {
             if st.gap_open.is_none() {
                 st.gap_open = Some(st.next_seq);
             }
             st.next_seq += 1;
-            return Some(ticket);
+            return Observed::Done(ticket);
         }
         let (op, flags) = match event.kind {
             WriteKind::Write => (Op::Write, 0),
@@ -45,7 +45,7 @@ impl WriteObserver for Journal {
             st.push(header, 0, |_| {})
         };
         if durable {
-            return Some(ticket);
+            return Observed::Done(ticket);
         }
         let options = &self.shared.options;
         let hold = match options.mode {
@@ -70,9 +70,9 @@ impl WriteObserver for Journal {
         }
         if hold {
             st.tickets.push(ticket);
-            None
+            Observed::Held
         } else {
-            Some(ticket)
+            Observed::Done(ticket)
         }
     }
 

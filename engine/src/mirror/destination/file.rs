@@ -4,7 +4,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use super::{Destination, DestinationError};
+use super::{Destination, DestinationError, LocalFile};
 
 /// The largest single write of zeros when `fallocate` cannot zero a range.
 const ZERO_WRITE_BYTES_MAX: usize = 1 << 20;
@@ -18,6 +18,8 @@ pub struct FileDestination {
     is_block_device: bool,
     /// Created by this open, so every byte not written reads as zero.
     created: bool,
+    /// The file lives on tmpfs or ramfs.
+    memory_backed: bool,
     dev: u64,
     ino: u64,
     rdev: u64,
@@ -55,12 +57,14 @@ impl FileDestination {
             });
         }
         let size_bytes = crate::volume::open::image_len(&file).map_err(open_err)?;
+        let memory_backed = !is_block_device && crate::volume::open::is_memory_backed(&file);
         Ok(Self {
             path: path.to_path_buf(),
             file,
             size_bytes,
             is_block_device,
             created,
+            memory_backed,
             dev: meta.dev(),
             ino: meta.ino(),
             rdev: meta.rdev(),
@@ -176,6 +180,13 @@ impl Destination for FileDestination {
 
     fn known_zero(&self) -> bool {
         self.created && !self.is_block_device
+    }
+
+    fn local_file(&self) -> Option<LocalFile> {
+        Some(LocalFile {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&self.file),
+            memory_backed: self.memory_backed,
+        })
     }
 }
 

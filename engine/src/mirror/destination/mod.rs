@@ -10,6 +10,7 @@
 pub mod file;
 pub mod nbd;
 
+use std::os::fd::RawFd;
 use std::path::PathBuf;
 
 use crate::nbd::{BlockSizes, ExportUri};
@@ -91,6 +92,44 @@ pub trait Destination: Send + Sync {
     fn block_sizes(&self) -> Option<BlockSizes> {
         None
     }
+    /// True when [`send_writes`](Self::send_writes) keeps writes in flight without a thread
+    /// waiting on each (an NBD export).
+    fn pipelines_writes(&self) -> bool {
+        false
+    }
+    /// Sends `writes` (drained) without waiting for them where the destination can (see
+    /// [`pipelines_writes`](Self::pipelines_writes)); each one's `done` runs once its write
+    /// has ended, on whichever thread sees the end. The default writes them one by one.
+    fn send_writes(&self, writes: &mut Vec<OwnedWrite>) {
+        for write in writes.drain(..) {
+            let result = self.write_at(write.offset_bytes, &write.data);
+            (write.done)(result);
+        }
+    }
+    /// Fails the destination when a write sent by [`send_writes`](Self::send_writes) has
+    /// waited too long to end; its sender calls this now and then.
+    fn expire_overdue(&self) {}
+    /// The descriptor of a local file or block device that a volume's queue may write
+    /// mirrored guest writes to itself (`None` for other destinations). It stays open for as
+    /// long as the destination does.
+    fn local_file(&self) -> Option<LocalFile> {
+        None
+    }
+}
+
+/// A write handed to [`Destination::send_writes`], and what to run once it has ended.
+pub struct OwnedWrite {
+    pub offset_bytes: u64,
+    pub data: Vec<u8>,
+    pub done: Box<dyn FnOnce(Result<(), DestinationError>) + Send>,
+}
+
+/// A destination's open local file, as a volume queue writes to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalFile {
+    pub fd: RawFd,
+    /// The file lives in memory (tmpfs): its writes never wait for a device.
+    pub memory_backed: bool,
 }
 
 /// A destination as the operator names it.

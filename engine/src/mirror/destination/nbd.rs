@@ -5,13 +5,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Destination, DestinationError};
-use crate::nbd::{BlockSizes, ClientError, ClientOptions, ExportUri, NbdClient};
+use super::{Destination, DestinationError, OwnedWrite};
+use crate::nbd::{BlockSizes, ClientError, ClientOptions, ExportUri, NbdClient, PipelinedWrite};
 use crate::tls::TlsCredentials;
 
 /// An NBD export opened for a mirror.
 pub struct NbdDestination {
-    name: String,
+    name: Arc<str>,
     client: NbdClient,
 }
 
@@ -34,7 +34,10 @@ impl NbdDestination {
             tls,
         };
         let client = NbdClient::connect(uri, &options).map_err(|e| destination_error(&name, e))?;
-        Ok(Self { name, client })
+        Ok(Self {
+            name: name.into(),
+            client,
+        })
     }
 
     fn err(&self, e: ClientError) -> DestinationError {
@@ -65,7 +68,7 @@ fn destination_error(target: &str, e: ClientError) -> DestinationError {
 
 impl Destination for NbdDestination {
     fn describe(&self) -> String {
-        self.name.clone()
+        self.name.to_string()
     }
 
     fn size_bytes(&self) -> u64 {
@@ -101,6 +104,36 @@ impl Destination for NbdDestination {
 
     fn is_remote(&self) -> bool {
         true
+    }
+
+    fn pipelines_writes(&self) -> bool {
+        true
+    }
+
+    fn send_writes(&self, writes: &mut Vec<OwnedWrite>) {
+        let mut pipelined: Vec<PipelinedWrite<'_>> = writes
+            .iter_mut()
+            .map(|write| {
+                let done = std::mem::replace(&mut write.done, Box::new(|_| {}));
+                let name = self.name.clone();
+                PipelinedWrite {
+                    offset_bytes: write.offset_bytes,
+                    data: &write.data,
+                    done: Box::new(move |result| {
+                        done(result.map_err(|e| destination_error(&name, e)))
+                    }),
+                }
+            })
+            .collect();
+        self.client.send_writes(&mut pipelined);
+        drop(pipelined);
+        // Sent: the data is in the connection's hands (a pipelined write's bytes are copied
+        // into its batch before `send_writes` returns).
+        writes.clear();
+    }
+
+    fn expire_overdue(&self) {
+        self.client.expire_overdue();
     }
 
     fn close(&self) {

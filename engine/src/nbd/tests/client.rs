@@ -275,3 +275,108 @@ fn talks_to_qemu_nbd() -> TestResult {
     assert_eq!(std::fs::read(&image)?[(1 << 20) + 1], 2);
     Ok(())
 }
+
+/// Pipelined writes: one batch, each write's callback told of its own reply (a write past
+/// the end refused by the server, the others written).
+#[test]
+fn pipelined_writes_each_hear_their_reply() -> TestResult {
+    use super::super::PipelinedWrite;
+    use std::sync::mpsc::channel;
+    let dir = tempfile::tempdir()?;
+    let (image, socket) = (dir.path().join("e.img"), dir.path().join("s"));
+    std::fs::write(&image, vec![0u8; 1 << 20])?;
+    let _server = serve(&image, &socket)?;
+    let c = connect(&unix_uri(&socket, "e"))?;
+    let (tx, rx) = channel();
+    let data: Vec<Vec<u8>> = (0..8u8).map(|i| vec![i + 1; 4096]).collect();
+    let mut writes: Vec<PipelinedWrite<'_>> = data
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let tx = tx.clone();
+            PipelinedWrite {
+                offset_bytes: i as u64 * 8192,
+                data: d,
+                done: Box::new(move |r: Result<(), ClientError>| {
+                    let _ = tx.send((i, r.map_err(|e| e.to_string())));
+                }),
+            }
+        })
+        .collect();
+    let past_end = vec![9u8; 512];
+    writes.push(PipelinedWrite {
+        offset_bytes: 1 << 20,
+        data: &past_end,
+        done: Box::new(move |r: Result<(), ClientError>| {
+            let _ = tx.send((99, r.map_err(|e| e.to_string())));
+        }),
+    });
+    c.send_writes(&mut writes);
+    assert!(writes.is_empty());
+    let mut results: Vec<_> = (0..9)
+        .map(|_| rx.recv_timeout(ferry_test_support::wait::HANG_TIMEOUT))
+        .collect::<Result<_, _>>()?;
+    results.sort_by_key(|r| r.0);
+    for (i, result) in results.iter().take(8).enumerate() {
+        assert_eq!(result, &(i, Ok(())));
+    }
+    let (tag, refused) = &results[8];
+    assert_eq!(*tag, 99);
+    assert!(
+        refused.as_ref().is_err_and(|e| e.contains("refused write")),
+        "{refused:?}"
+    );
+    c.flush()?;
+    let image = std::fs::read(&image)?;
+    for (i, d) in data.iter().enumerate() {
+        assert_eq!(&image[i * 8192..i * 8192 + 4096], &d[..]);
+    }
+    Ok(())
+}
+
+/// A pipelined write whose reply never comes (the server SIGSTOPped) fails the connection
+/// once its sender looks for overdue writes after the request timeout; its callback hears
+/// of the lost connection.
+#[test]
+fn an_overdue_pipelined_write_fails_the_connection() -> TestResult {
+    use super::super::PipelinedWrite;
+    use std::sync::mpsc::channel;
+    let dir = tempfile::tempdir()?;
+    let (image, socket) = (dir.path().join("e.img"), dir.path().join("s"));
+    std::fs::write(&image, vec![0u8; 1 << 20])?;
+    let server = serve(&image, &socket)?;
+    let options = ClientOptions {
+        request_timeout: Duration::from_millis(200),
+        ..ClientOptions::default()
+    };
+    let c = NbdClient::connect(&unix_uri(&socket, "e"), &options)?;
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(server.daemon.pid())?);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP)?;
+    let (tx, rx) = channel();
+    let data = vec![1u8; 4096];
+    c.send_writes(&mut vec![PipelinedWrite {
+        offset_bytes: 0,
+        data: &data,
+        done: Box::new(move |r: Result<(), ClientError>| {
+            let _ = tx.send(r);
+        }),
+    }]);
+    let mut outcome = None;
+    let waited = ferry_test_support::wait::wait_until(
+        "the overdue write's callback",
+        ferry_test_support::wait::HANG_TIMEOUT,
+        || {
+            c.expire_overdue();
+            outcome = rx.try_recv().ok();
+            Ok(outcome.is_some())
+        },
+    );
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT)?;
+    waited?;
+    assert!(
+        matches!(outcome, Some(Err(ClientError::Disconnected { .. }))),
+        "{outcome:?}"
+    );
+    assert!(c.is_dead());
+    Ok(())
+}

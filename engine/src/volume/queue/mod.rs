@@ -5,11 +5,12 @@
 //! allocated once) keyed by the ring's `user_data`. A slot owns a copy of the caller's iovec
 //! array and is released only when every part of the request has ended: the volume's own
 //! I/O (on a file, `file_io.rs`: inline or ring operations, continued after a short
-//! transfer; on NBD, the queue's [`super::nbd_queue`] connection) and any write held back by
-//! an observer (`observers.rs`). The end of the volume's own I/O always goes through
-//! `VolumeQueue::source_done`.
+//! transfer; on NBD, the queue's [`super::nbd_queue`] connection), any write held back by
+//! an observer (`observers.rs`), and the write's *leg* to an observer's file (`leg.rs`).
+//! The end of the volume's own I/O always goes through `VolumeQueue::source_done`.
 
 mod file_io;
+mod leg;
 mod observers;
 mod path;
 pub(super) mod slot;
@@ -27,6 +28,7 @@ use super::Volume;
 use crate::observer::ObserverList;
 use crate::reactor::Ring;
 use crate::{EngineError, IoFailure};
+use leg::LEG_USER_DATA;
 use path::{PathSnapshot, RetiredBackings};
 use slot::{Kind, Slot};
 
@@ -216,6 +218,10 @@ impl VolumeQueue {
         } else {
             self.start_op(slot_index);
         }
+        // After the volume's own I/O, so that its ring operation is queued first.
+        if self.slots[slot_index as usize].leg_mut().is_armed() {
+            self.start_leg(slot_index);
+        }
         Ok(())
     }
 
@@ -285,6 +291,10 @@ impl VolumeQueue {
                 if let Some(nbd) = &mut self.nbd {
                     nbd.on_completion(&mut self.ring, user_data, &mut self.slots);
                 }
+                continue;
+            }
+            if user_data & LEG_USER_DATA != 0 {
+                self.on_leg_completion(user_data, result);
                 continue;
             }
             self.on_ring_completion(user_data as u32, result);

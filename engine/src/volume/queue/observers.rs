@@ -4,7 +4,8 @@
 
 use super::{BlockOp, VolumeQueue};
 use crate::iovec::iovec_bytes;
-use crate::observer::{ObserverList, ObserverTicket, WriteEvent, WriteKind};
+use crate::observer::{Observed, ObserverList, ObserverTicket, WriteEvent, WriteKind};
+use crate::IoFailure;
 
 /// What the observers of a request saw, kept to tell them when the volume's own I/O ends.
 pub(super) struct ObservedWrite {
@@ -15,8 +16,9 @@ pub(super) struct ObservedWrite {
 }
 
 impl VolumeQueue {
-    /// Shows a taken request to every observer; an observer that keeps the ticket adds a
-    /// part the request waits for.
+    /// Shows a taken request to every observer; an observer that keeps the ticket, or asks
+    /// for a leg (started by `submit` once the volume's own I/O is), adds a part the request
+    /// waits for.
     pub(super) fn notify_observers(&mut self, slot_index: u32, op: &BlockOp<'_>) {
         let (kind, offset_bytes, len_bytes, data): (_, _, _, &[libc::iovec]) = match *op {
             BlockOp::Read { .. } => return,
@@ -51,16 +53,27 @@ impl VolumeQueue {
         if self.observers_to_tell.is_none() {
             self.observers_to_tell = Some(self.path.observers.clone());
         }
-        for observer in self.path.observers.iter() {
+        let observers = self.path.observers.clone();
+        for observer in observers.iter() {
             let ticket = ObserverTicket::new(self.sink.clone(), slot_index);
             match observer.observe(&event, ticket) {
-                Some(handed_back) => handed_back.disarm(),
-                None => self.slots[slot_index as usize].hold_for_observer(),
+                Observed::Done(handed_back) => handed_back.disarm(),
+                Observed::Held => self.slots[slot_index as usize].hold_for_observer(),
+                Observed::Leg(handed_back, target) => {
+                    handed_back.disarm();
+                    let slot = &mut self.slots[slot_index as usize];
+                    if slot.leg_mut().arm(observer, target, &event) {
+                        slot.hold_for_observer();
+                    } else {
+                        log::error!("volume {}: a second leg for one request", event.volume);
+                        observer.leg_done(&event, Some(IoFailure::Busy));
+                    }
+                }
             }
         }
         if kind != WriteKind::Flush {
             self.slots[slot_index as usize].set_observed(ObservedWrite {
-                observers: self.path.observers.clone(),
+                observers,
                 kind,
                 offset_bytes,
                 len_bytes,

@@ -7,6 +7,7 @@
 
 use std::os::fd::RawFd;
 
+use super::leg::Leg;
 use super::observers::ObservedWrite;
 use super::path::PathSnapshot;
 use super::BlockOp;
@@ -45,7 +46,8 @@ pub(in crate::volume) struct Slot {
     kind: Kind,
     /// A discard (counted apart from write-zeroes, which share `Kind::Zero`).
     discard: bool,
-    /// Parts outstanding: the volume's own I/O (1 until it ends) plus held observer tickets.
+    /// Parts outstanding: the volume's own I/O (1 until it ends) plus held observer tickets
+    /// and the leg.
     parts_pending: u32,
     /// A ring operation of this slot is in the kernel.
     ring_busy: bool,
@@ -65,6 +67,8 @@ pub(in crate::volume) struct Slot {
     dsync: bool,
     /// The observers that saw this write, told when the volume's own I/O ends.
     observed: Option<ObservedWrite>,
+    /// The write made to an observer's file as well (`leg.rs`).
+    leg: Leg,
 }
 
 impl Slot {
@@ -84,6 +88,7 @@ impl Slot {
             fd: -1,
             dsync: false,
             observed: None,
+            leg: Leg::new(segments_max),
         }
     }
 
@@ -242,19 +247,8 @@ impl Slot {
 
     /// Drops `done` transferred bytes from the front of the iovecs.
     #[inline]
-    pub(in crate::volume) fn advance(&mut self, mut done: usize) {
-        while done > 0 && self.iov_start < self.iovecs.len() {
-            let iov = &mut self.iovecs[self.iov_start];
-            if done >= iov.iov_len {
-                done -= iov.iov_len;
-                self.iov_start += 1;
-            } else {
-                // SAFETY: `done < iov_len`, so the advanced pointer stays inside the same buffer.
-                iov.iov_base = unsafe { iov.iov_base.cast::<u8>().add(done) }.cast();
-                iov.iov_len -= done;
-                done = 0;
-            }
-        }
+    pub(in crate::volume) fn advance(&mut self, done: usize) {
+        self.iovecs.advance(&mut self.iov_start, done);
     }
 
     /// Counts `bytes` of the range as done (at most what remains) and moves the file
@@ -336,6 +330,11 @@ impl Slot {
     #[inline]
     pub(super) fn take_observed(&mut self) -> Option<ObservedWrite> {
         self.observed.take()
+    }
+
+    #[inline]
+    pub(super) fn leg_mut(&mut self) -> &mut Leg {
+        &mut self.leg
     }
 }
 
