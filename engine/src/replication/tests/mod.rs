@@ -1,0 +1,2 @@
+mod frame_golden;
+mod receiver;
