@@ -12,7 +12,7 @@
 
 use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::checkpoint::{Checkpoint, CheckpointError};
@@ -187,64 +187,16 @@ impl Receiver {
     }
 
     /// Serves one connection from the primary until it ends. The receiver first says where it
-    /// stands (an acknowledgment), so the primary resumes after the durable sequence.
-    pub fn serve(&mut self, stream: impl Read + Write) -> Result<(), ReceiverError> {
-        let result = self.serve_inner(stream);
+    /// stands (an acknowledgment), so the primary resumes after the durable sequence. Frames
+    /// are read without holding the receiver, so a promotion or a status call never waits for
+    /// a silent peer; once the group is promoted, the connection's next batch is refused.
+    pub fn serve(shared: &Mutex<Receiver>, stream: impl Read + Write) -> Result<(), ReceiverError> {
+        let result = serve_connection(shared, stream);
         if let Err(e) = &result {
             let message = e.to_string();
-            self.publish(|s| s.last_error = Some(message));
+            lock(shared).publish(|s| s.last_error = Some(message));
         }
         result
-    }
-
-    fn serve_inner(&mut self, stream: impl Read + Write) -> Result<(), ReceiverError> {
-        if self.checkpoint.promoted {
-            return Err(ReceiverError::Promoted {
-                dir: self.dir.clone(),
-            });
-        }
-        let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, stream);
-        self.send_ack(reader.get_mut())?;
-        let mut buf = Vec::new();
-        let mut batch = Batch::default();
-        loop {
-            let read = read_frame(&mut reader, &mut buf);
-            let record = match read {
-                Ok(Some(Frame::Record(r))) => r,
-                Ok(None) => return self.commit(&mut batch, reader.get_mut()),
-                Ok(Some(Frame::Ack(_))) => {
-                    self.commit(&mut batch, reader.get_mut())?;
-                    return Err(ReceiverError::Refused {
-                        seq: 0,
-                        reason: "the primary sent an acknowledgment".into(),
-                    });
-                }
-                Err(e) => {
-                    // Records before the bad frame were sound; they are kept and acknowledged.
-                    self.commit(&mut batch, reader.get_mut())?;
-                    return Err(e.into());
-                }
-            };
-            let expected = self.durable_seq() + batch.records.len() as u64 + 1;
-            let refusal = if record.seq != expected {
-                Some(format!("out of order (expected record {expected})"))
-            } else {
-                self.replicas.refusal(&record).map(str::to_owned)
-            };
-            if let Some(reason) = refusal {
-                self.commit(&mut batch, reader.get_mut())?;
-                return Err(ReceiverError::Refused {
-                    seq: record.seq,
-                    reason,
-                });
-            }
-            batch.frames.extend_from_slice(&buf);
-            batch.frame_lens.push(buf.len());
-            batch.records.push(record);
-            if reader.buffer().is_empty() || batch.frames.len() >= BATCH_BYTES_MAX {
-                self.commit(&mut batch, reader.get_mut())?;
-            }
-        }
     }
 
     /// Logs the batch durably, acknowledges it, applies it, and acknowledges the application.
@@ -252,6 +204,7 @@ impl Receiver {
         let Some(first) = batch.records.first().map(|r| r.seq) else {
             return Ok(());
         };
+        self.check_not_promoted()?;
         self.log.append(first, &batch.frames, &batch.frame_lens)?;
         let bytes = batch.frames.len() as u64;
         let count = batch.records.len() as u64;
@@ -297,6 +250,15 @@ impl Receiver {
         self.checkpoint.applied_seq = seq;
         self.checkpoint.store(&self.dir.join(CHECKPOINT_FILE))?;
         self.publish(|_| {});
+        Ok(())
+    }
+
+    fn check_not_promoted(&self) -> Result<(), ReceiverError> {
+        if self.checkpoint.promoted {
+            return Err(ReceiverError::Promoted {
+                dir: self.dir.clone(),
+            });
+        }
         Ok(())
     }
 
@@ -359,6 +321,63 @@ impl Receiver {
                     reason: "no such mark in the DR log".into(),
                 })
             }
+        }
+    }
+}
+
+fn lock(shared: &Mutex<Receiver>) -> MutexGuard<'_, Receiver> {
+    shared.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn serve_connection(
+    shared: &Mutex<Receiver>,
+    stream: impl Read + Write,
+) -> Result<(), ReceiverError> {
+    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, stream);
+    {
+        let rx = lock(shared);
+        rx.check_not_promoted()?;
+        rx.send_ack(reader.get_mut())?;
+    }
+    let mut buf = Vec::new();
+    let mut batch = Batch::default();
+    loop {
+        let read = read_frame(&mut reader, &mut buf);
+        let mut rx = lock(shared);
+        let record = match read {
+            Ok(Some(Frame::Record(r))) => r,
+            Ok(None) => return rx.commit(&mut batch, reader.get_mut()),
+            Ok(Some(Frame::Ack(_))) => {
+                rx.commit(&mut batch, reader.get_mut())?;
+                return Err(ReceiverError::Refused {
+                    seq: 0,
+                    reason: "the primary sent an acknowledgment".into(),
+                });
+            }
+            Err(e) => {
+                // Records before the bad frame were sound; they are kept and acknowledged.
+                rx.commit(&mut batch, reader.get_mut())?;
+                return Err(e.into());
+            }
+        };
+        let expected = rx.durable_seq() + batch.records.len() as u64 + 1;
+        let refusal = if record.seq != expected {
+            Some(format!("out of order (expected record {expected})"))
+        } else {
+            rx.replicas.refusal(&record).map(str::to_owned)
+        };
+        if let Some(reason) = refusal {
+            rx.commit(&mut batch, reader.get_mut())?;
+            return Err(ReceiverError::Refused {
+                seq: record.seq,
+                reason,
+            });
+        }
+        batch.frames.extend_from_slice(&buf);
+        batch.frame_lens.push(buf.len());
+        batch.records.push(record);
+        if reader.buffer().is_empty() || batch.frames.len() >= BATCH_BYTES_MAX {
+            rx.commit(&mut batch, reader.get_mut())?;
         }
     }
 }

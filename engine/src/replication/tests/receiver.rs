@@ -54,6 +54,14 @@ fn acks(out: &[u8]) -> Vec<Ack> {
     acks
 }
 
+fn locked(rx: &std::sync::Mutex<Receiver>) -> std::sync::MutexGuard<'_, Receiver> {
+    rx.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn status(rx: &std::sync::Mutex<Receiver>) -> crate::replication::ReceiverStatus {
+    locked(rx).status()
+}
+
 fn specs(dir: &Path) -> Vec<ReplicaSpec> {
     (0..2)
         .map(|i| ReplicaSpec {
@@ -109,9 +117,9 @@ fn replicas(dir: &Path) -> Vec<Vec<u8>> {
 #[test]
 fn logs_acknowledges_and_applies_in_order() -> Result<(), ReceiverError> {
     let dir = tempfile::tempdir().map_err(ReadFrameError::Io)?;
-    let mut rx = Receiver::open(dir.path(), &specs(dir.path()))?;
+    let rx = std::sync::Mutex::new(Receiver::open(dir.path(), &specs(dir.path()))?);
     let mut p = peer(encode((1..=40).map(record)));
-    rx.serve(&mut p)?;
+    Receiver::serve(&rx, &mut p)?;
     let acks = acks(&p.output);
     assert_eq!(
         (acks[0].durable_seq, acks[0].applied_seq),
@@ -121,13 +129,13 @@ fn logs_acknowledges_and_applies_in_order() -> Result<(), ReceiverError> {
     let last = acks.last().copied();
     assert_eq!(last.map(|a| (a.durable_seq, a.applied_seq)), Some((40, 40)));
     assert_eq!(replicas(dir.path()), model(40));
-    assert_eq!(rx.status().records_received, 40);
+    assert_eq!(status(&rx).records_received, 40);
     // A second connection resumes after 40 and refuses a replay of old records.
     let mut p = peer(encode((41..=50).map(record)));
-    rx.serve(&mut p)?;
+    Receiver::serve(&rx, &mut p)?;
     assert_eq!(replicas(dir.path()), model(50));
     let mut replay = peer(encode((45..=46).map(record)));
-    let err = rx.serve(&mut replay).expect_err("replay refused");
+    let err = Receiver::serve(&rx, &mut replay).expect_err("replay refused");
     assert!(
         err.to_string()
             .contains("refusing record 45: out of order (expected record 51)"),
@@ -140,28 +148,23 @@ fn logs_acknowledges_and_applies_in_order() -> Result<(), ReceiverError> {
 #[test]
 fn refuses_garbage_with_nothing_applied() -> Result<(), ReceiverError> {
     let dir = tempfile::tempdir().map_err(ReadFrameError::Io)?;
-    let mut rx = Receiver::open(dir.path(), &specs(dir.path()))?;
+    let rx = std::sync::Mutex::new(Receiver::open(dir.path(), &specs(dir.path()))?);
     let garbage: Vec<u8> = (0..5000u32).map(|i| (i * 31 + 7) as u8).collect();
-    let err = rx.serve(&mut peer(garbage)).expect_err("garbage refused");
+    let err = Receiver::serve(&rx, &mut peer(garbage)).expect_err("garbage refused");
     assert!(matches!(
         err,
         ReceiverError::Frame(ReadFrameError::Frame(FrameError::BadMagic { .. }))
     ));
-    assert!(rx
-        .status()
+    assert!(status(&rx)
         .last_error
         .is_some_and(|e| e.contains("not a replication frame")));
     let mut bad_crc = encode([record(1)]);
     bad_crc[100] ^= 1;
-    let err = rx
-        .serve(&mut peer(bad_crc))
-        .expect_err("bad checksum refused");
+    let err = Receiver::serve(&rx, &mut peer(bad_crc)).expect_err("bad checksum refused");
     assert!(err.to_string().contains("bad frame checksum"), "{err}");
     let mut truncated = encode([record(1)]);
     truncated.truncate(1000);
-    let err = rx
-        .serve(&mut peer(truncated))
-        .expect_err("truncated refused");
+    let err = Receiver::serve(&rx, &mut peer(truncated)).expect_err("truncated refused");
     assert!(err.to_string().contains("ended inside a frame"), "{err}");
     let outside = Record {
         seq: 1,
@@ -172,9 +175,7 @@ fn refuses_garbage_with_nothing_applied() -> Result<(), ReceiverError> {
             data: vec![1; 4096],
         },
     };
-    let err = rx
-        .serve(&mut peer(encode([outside])))
-        .expect_err("outside refused");
+    let err = Receiver::serve(&rx, &mut peer(encode([outside]))).expect_err("outside refused");
     assert!(
         err.to_string().contains("beyond the end of the replica"),
         "{err}"
@@ -183,9 +184,7 @@ fn refuses_garbage_with_nothing_applied() -> Result<(), ReceiverError> {
         volume_index: 2,
         ..record(1)
     };
-    let err = rx
-        .serve(&mut peer(encode([other])))
-        .expect_err("unknown volume refused");
+    let err = Receiver::serve(&rx, &mut peer(encode([other]))).expect_err("unknown volume refused");
     assert!(
         err.to_string().contains("no volume with this index"),
         "{err}"
@@ -203,14 +202,14 @@ fn refuses_garbage_with_nothing_applied() -> Result<(), ReceiverError> {
 #[test]
 fn keeps_sound_records_before_a_corrupt_one() -> Result<(), ReceiverError> {
     let dir = tempfile::tempdir().map_err(ReadFrameError::Io)?;
-    let mut rx = Receiver::open(dir.path(), &specs(dir.path()))?;
+    let rx = std::sync::Mutex::new(Receiver::open(dir.path(), &specs(dir.path()))?);
     let mut bytes = encode((1..=3).map(record));
     let good_len = bytes.len();
     bytes.extend(encode([record(4)]));
     bytes[good_len + 200] ^= 0x40;
-    let err = rx.serve(&mut peer(bytes)).expect_err("record 4 refused");
+    let err = Receiver::serve(&rx, &mut peer(bytes)).expect_err("record 4 refused");
     assert!(err.to_string().contains("sequence 4"), "{err}");
-    assert_eq!(rx.status().applied_seq, 3);
+    assert_eq!(status(&rx).applied_seq, 3);
     assert_eq!(replicas(dir.path()), model(3));
     Ok(())
 }
@@ -220,8 +219,8 @@ fn reopening_applies_the_log_past_the_checkpoint_and_cuts_a_torn_tail() -> Resul
 {
     let dir = tempfile::tempdir().map_err(ReadFrameError::Io)?;
     {
-        let mut rx = Receiver::open(dir.path(), &specs(dir.path()))?;
-        rx.serve(&mut peer(encode((1..=10).map(record))))?;
+        let rx = std::sync::Mutex::new(Receiver::open(dir.path(), &specs(dir.path()))?);
+        Receiver::serve(&rx, &mut peer(encode((1..=10).map(record))))?;
     }
     // A crash after records 11..=30 were logged (and acknowledged) but before they were
     // applied, in the middle of appending record 31.
@@ -239,10 +238,10 @@ fn reopening_applies_the_log_past_the_checkpoint_and_cuts_a_torn_tail() -> Resul
             .map_err(ReadFrameError::Io)?;
     }
     assert_eq!(replicas(dir.path()), model(10));
-    let mut rx = Receiver::open(dir.path(), &specs(dir.path()))?;
-    assert_eq!((rx.status().durable_seq, rx.status().applied_seq), (30, 30));
+    let rx = std::sync::Mutex::new(Receiver::open(dir.path(), &specs(dir.path()))?);
+    assert_eq!((status(&rx).durable_seq, status(&rx).applied_seq), (30, 30));
     assert_eq!(replicas(dir.path()), model(30));
-    rx.serve(&mut peer(encode((31..=35).map(record))))?;
+    Receiver::serve(&rx, &mut peer(encode((31..=35).map(record))))?;
     assert_eq!(replicas(dir.path()), model(35));
     Ok(())
 }
@@ -250,38 +249,40 @@ fn reopening_applies_the_log_past_the_checkpoint_and_cuts_a_torn_tail() -> Resul
 #[test]
 fn promotes_to_a_point_and_then_refuses_the_stream() -> Result<(), ReceiverError> {
     let dir = tempfile::tempdir().map_err(ReadFrameError::Io)?;
-    let mut rx = Receiver::open(dir.path(), &specs(dir.path()))?;
-    rx.serve(&mut peer(encode((1..=5).map(record))))?;
+    let rx = std::sync::Mutex::new(Receiver::open(dir.path(), &specs(dir.path()))?);
+    Receiver::serve(&rx, &mut peer(encode((1..=5).map(record))))?;
     let mark = Record {
         seq: 6,
         volume_index: 0,
         timestamp_ns: 6,
         op: RecordOp::Mark { label: "m1".into() },
     };
-    rx.serve(&mut peer(encode([mark])))?;
-    let err = rx
+    Receiver::serve(&rx, &mut peer(encode([mark])))?;
+    let err = locked(&rx)
         .promote(&PromotePoint::Seq(3))
         .expect_err("behind the replicas");
     assert!(err.to_string().contains("keeps no undo"), "{err}");
-    let err = rx
+    let err = locked(&rx)
         .promote(&PromotePoint::Seq(99))
         .expect_err("past the log");
     assert!(
         err.to_string().contains("the DR log ends at record 6"),
         "{err}"
     );
-    assert_eq!(rx.promote(&PromotePoint::Mark("m1".into()))?, 6);
-    assert!(rx.status().promoted);
-    let err = rx
-        .serve(&mut peer(encode([Record {
+    assert_eq!(locked(&rx).promote(&PromotePoint::Mark("m1".into()))?, 6);
+    assert!(status(&rx).promoted);
+    let err = Receiver::serve(
+        &rx,
+        &mut peer(encode([Record {
             seq: 7,
             ..record(7)
-        }])))
-        .expect_err("promoted");
+        }])),
+    )
+    .expect_err("promoted");
     assert!(matches!(err, ReceiverError::Promoted { .. }));
     drop(rx);
-    let rx = Receiver::open(dir.path(), &specs(dir.path()))?;
-    assert!(rx.status().promoted, "promotion survives a restart");
+    let rx = std::sync::Mutex::new(Receiver::open(dir.path(), &specs(dir.path()))?);
+    assert!(status(&rx).promoted, "promotion survives a restart");
     assert_eq!(replicas(dir.path()), model(5));
     assert_eq!("seq:12".parse(), Ok(PromotePoint::Seq(12)));
     assert!("seq:x".parse::<PromotePoint>().is_err());
