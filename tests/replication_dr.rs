@@ -385,3 +385,124 @@ fn replicas_follow_the_stream_refuse_bad_input_survive_a_crash_and_promote() -> 
     );
     Ok(())
 }
+
+/// A sequence-stamped 4 KiB block: write `seq` of the workload.
+fn stamped(seq: u64) -> Vec<u8> {
+    let mut data = vec![(seq % 251) as u8 + 1; BLOCK_BYTES];
+    data[..8].copy_from_slice(&seq.to_le_bytes());
+    data
+}
+
+/// The whole primary side: `ferry replicate start` on A's daemon (volumes vm1 and vm2, with
+/// data written before, which the initial copy carries), a libblkio client writing a
+/// sequence-stamped pattern on both while they replicate, the group acknowledged and applied,
+/// then promoted on B: the replicas serve exactly A's images.
+#[test]
+fn a_primary_replicates_a_group_written_by_libblkio_and_the_dr_site_promotes_it() -> Result<()> {
+    let options = HostOptions {
+        second_volume: true,
+        ..HostOptions::default()
+    };
+    let Some(hosts) = TwoHosts::start(options)? else {
+        return Ok(());
+    };
+    let opts = BlkioOpts {
+        buf_bytes: 1 << 20,
+        ..BlkioOpts::default()
+    };
+    let mut vm1 = BlkioClient::connect(&hosts.path("a.sock"), &opts)?;
+    let mut vm2 = BlkioClient::connect(&hosts.path("a2.sock"), &opts)?;
+    vm1.write_all(3 << 20, &vec![0x11; 1 << 20], 64 << 10)?;
+    vm2.write_all(5 << 20, &vec![0x22; 512 << 10], 64 << 10)?;
+    std::fs::create_dir(hosts.path("dr")).context("dr directory")?;
+    let dr = path_str(&hosts.path("dr"))?.to_string();
+    let control_a = path_str(&hosts.path("a.ctl"))?.to_string();
+    let url = hosts.url_b();
+    let start = support::two_hosts::ferry_in(
+        Some(hosts.host_a()),
+        &[
+            "replicate",
+            "start",
+            "--control",
+            &control_a,
+            "--volume",
+            "vm1",
+            "--volume",
+            "vm2",
+            "--to",
+            &url,
+            "--group",
+            "g",
+            "--path-prefix",
+            &dr,
+            "--socket-prefix",
+            &dr,
+        ],
+    )?;
+    ensure!(start.status.success(), "replicate start: {}", start.stderr);
+    // The guest's writes: each block stamped with its place in the order, alternating volumes,
+    // later ones overwriting earlier ones, a flush every 50.
+    for seq in 1..=600u64 {
+        let block = (seq * 13) % 512;
+        let client = if seq % 2 == 0 { &mut vm1 } else { &mut vm2 };
+        client.write_all(block * BLOCK_BYTES as u64, &stamped(seq), BLOCK_BYTES)?;
+        if seq.is_multiple_of(50) {
+            client.flush()?;
+        }
+    }
+    let status_a = || -> Result<Value> {
+        let out = support::two_hosts::ferry_in(
+            Some(hosts.host_a()),
+            &[
+                "replicate",
+                "status",
+                "--control",
+                &control_a,
+                "--group",
+                "g",
+                "--json",
+            ],
+        )?;
+        ensure!(out.status.success(), "status: {}", out.stderr);
+        let v: Value = serde_json::from_str(&out.stdout)?;
+        Ok(v[0].clone())
+    };
+    let applied = support::wait::wait_until("the group applied at the DR site", TIMEOUT, || {
+        let s = status_a()?;
+        ensure!(s["state"] != "degraded", "degraded: {s}");
+        Ok(s["state"] == "replicating"
+            && s["numbered-seq"].as_u64() > Some(0)
+            && s["applied-seq"] == s["numbered-seq"])
+    });
+    if let Err(e) = applied {
+        bail!("{e:#}: primary {}", status_a()?);
+    }
+    let s = status_a()?;
+    assert_eq!(s["lag-records"], 0, "{s}");
+    let creds = path_str(&hosts.creds_a)?.to_string();
+    let out = support::two_hosts::ferry_in(
+        Some(hosts.host_a()),
+        &[
+            "replicate",
+            "promote",
+            "--control",
+            &url,
+            "--tls-creds",
+            &creds,
+            "--group",
+            "g",
+        ],
+    )?;
+    ensure!(out.status.success(), "promote: {}", out.stderr);
+    for (name, image, size) in [("vm1", "a.img", 32usize << 20), ("vm2", "a2.img", 16 << 20)] {
+        let primary = std::fs::read(hosts.path(image))?;
+        let opts = BlkioOpts {
+            buf_bytes: size,
+            ..BlkioOpts::default()
+        };
+        let mut replica = BlkioClient::connect(&hosts.path(&format!("dr/{name}.sock")), &opts)?;
+        let served = replica.read_all(0, size, 1 << 20)?;
+        support::compare_bytes(name, &served, &primary)?;
+    }
+    Ok(())
+}

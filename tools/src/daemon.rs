@@ -15,6 +15,7 @@ use ferry_vhost::DeviceGate;
 use crate::handoff::HandOff;
 use crate::incoming::{IncomingOptions, IncomingTable};
 use crate::replica_groups::ReplicaGroups;
+use crate::replication_primary::PrimaryGroup;
 
 use crate::served_volume::{precheck_socket, OpenedVolume, ServedVolume};
 use crate::volume_claims::Claims;
@@ -69,6 +70,8 @@ pub struct Daemon {
     pub handoffs: Mutex<Vec<Arc<HandOff>>>,
     /// Replication groups received here from their primaries (`replicate-*`).
     pub(crate) replica_groups: Mutex<ReplicaGroups>,
+    /// Replication groups whose volumes are served here (`replicate-start`).
+    pub(crate) primary_groups: Mutex<Vec<Arc<PrimaryGroup>>>,
 }
 
 /// How an added volume's device and NBD export admit their clients.
@@ -98,6 +101,7 @@ impl Daemon {
             incoming: Mutex::default(),
             handoffs: Mutex::default(),
             replica_groups: Mutex::default(),
+            primary_groups: Mutex::default(),
             incoming_options: IncomingOptions::default(),
         }
     }

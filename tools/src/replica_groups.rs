@@ -254,13 +254,23 @@ impl Daemon {
         Ok(served)
     }
 
-    /// `replicate-status`: every group received here, or the one named `group`.
+    /// `replicate-status`: every group replicated from here or received here, or the one
+    /// named `group`.
     pub fn replicate_status(&self, args: &Value) -> Result<Value, ControlError> {
         if let Some(name) = args.get("group").and_then(Value::as_str) {
+            if let Some(group) = self.primary_groups().iter().find(|g| g.name == name) {
+                return Ok(group.describe());
+            }
             return Ok(self.replica_group(name)?.describe());
         }
+        let primaries: Vec<Value> = self.primary_groups().iter().map(|g| g.describe()).collect();
         let groups = self.replica_groups().groups.clone();
-        Ok(Value::Array(groups.iter().map(|g| g.describe()).collect()))
+        Ok(Value::Array(
+            primaries
+                .into_iter()
+                .chain(groups.iter().map(|g| g.describe()))
+                .collect(),
+        ))
     }
 
     /// `replicate-promote`: stops applying, rolls the replicas to `at` (`latest`, `seq:N`,

@@ -117,6 +117,16 @@ const COMMANDS: &[(&str, Handler, &str)] = &[
         "remove an incoming volume not activated yet, with its image",
     ),
     (
+        "replicate-start",
+        Handler::Value(Daemon::replicate_start),
+        "replicate volumes to another ferry (to: ferry://HOST:PORT) as a group",
+    ),
+    (
+        "replicate-stop",
+        Handler::Value(Daemon::replicate_stop),
+        "stop replicating a group from here",
+    ),
+    (
         "replicate-receive",
         Handler::Caller(Daemon::replicate_receive),
         "receive a replication group here: its DR log in dir, replicas served behind closed gates",
