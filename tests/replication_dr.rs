@@ -393,18 +393,15 @@ fn stamped(seq: u64) -> Vec<u8> {
     data
 }
 
-/// The whole primary side: `ferry replicate start` on A's daemon (volumes vm1 and vm2, with
-/// data written before, which the initial copy carries), a libblkio client writing a
-/// sequence-stamped pattern on both while they replicate, the group acknowledged and applied,
-/// then promoted on B: the replicas serve exactly A's images.
-#[test]
-fn a_primary_replicates_a_group_written_by_libblkio_and_the_dr_site_promotes_it() -> Result<()> {
+/// Two hosts with `vm1` and `vm2` on A, and libblkio clients on both volumes, with data
+/// written before replication starts (the initial copy carries it).
+fn primary_with_data() -> Result<Option<(TwoHosts, BlkioClient, BlkioClient)>> {
     let options = HostOptions {
         second_volume: true,
         ..HostOptions::default()
     };
     let Some(hosts) = TwoHosts::start(options)? else {
-        return Ok(());
+        return Ok(None);
     };
     let opts = BlkioOpts {
         buf_bytes: 1 << 20,
@@ -414,6 +411,11 @@ fn a_primary_replicates_a_group_written_by_libblkio_and_the_dr_site_promotes_it(
     let mut vm2 = BlkioClient::connect(&hosts.path("a2.sock"), &opts)?;
     vm1.write_all(3 << 20, &vec![0x11; 1 << 20], 64 << 10)?;
     vm2.write_all(5 << 20, &vec![0x22; 512 << 10], 64 << 10)?;
+    Ok(Some((hosts, vm1, vm2)))
+}
+
+/// `ferry replicate start` of vm1 and vm2 on A to B as group `g`.
+fn start_replication(hosts: &TwoHosts) -> Result<()> {
     std::fs::create_dir(hosts.path("dr")).context("dr directory")?;
     let dr = path_str(&hosts.path("dr"))?.to_string();
     let control_a = path_str(&hosts.path("a.ctl"))?.to_string();
@@ -440,46 +442,69 @@ fn a_primary_replicates_a_group_written_by_libblkio_and_the_dr_site_promotes_it(
         ],
     )?;
     ensure!(start.status.success(), "replicate start: {}", start.stderr);
-    // The guest's writes: each block stamped with its place in the order, alternating volumes,
-    // later ones overwriting earlier ones, a flush every 50.
-    for seq in 1..=600u64 {
+    Ok(())
+}
+
+/// The guest's writes `seqs`: each block stamped with its place in the order, alternating
+/// volumes, later ones overwriting earlier ones, a flush every 50.
+fn write_pattern(
+    vm1: &mut BlkioClient,
+    vm2: &mut BlkioClient,
+    seqs: std::ops::RangeInclusive<u64>,
+) -> Result<()> {
+    for seq in seqs {
         let block = (seq * 13) % 512;
-        let client = if seq % 2 == 0 { &mut vm1 } else { &mut vm2 };
+        let client = if seq % 2 == 0 { &mut *vm1 } else { &mut *vm2 };
         client.write_all(block * BLOCK_BYTES as u64, &stamped(seq), BLOCK_BYTES)?;
         if seq.is_multiple_of(50) {
             client.flush()?;
         }
     }
-    let status_a = || -> Result<Value> {
-        let out = support::two_hosts::ferry_in(
-            Some(hosts.host_a()),
-            &[
-                "replicate",
-                "status",
-                "--control",
-                &control_a,
-                "--group",
-                "g",
-                "--json",
-            ],
-        )?;
-        ensure!(out.status.success(), "status: {}", out.stderr);
-        let v: Value = serde_json::from_str(&out.stdout)?;
-        Ok(v[0].clone())
-    };
+    Ok(())
+}
+
+/// `ferry replicate status` of group `g` on A.
+fn primary_status(hosts: &TwoHosts) -> Result<Value> {
+    let control_a = path_str(&hosts.path("a.ctl"))?.to_string();
+    let out = support::two_hosts::ferry_in(
+        Some(hosts.host_a()),
+        &[
+            "replicate",
+            "status",
+            "--control",
+            &control_a,
+            "--group",
+            "g",
+            "--json",
+        ],
+    )?;
+    ensure!(out.status.success(), "status: {}", out.stderr);
+    let v: Value = serde_json::from_str(&out.stdout)?;
+    Ok(v[0].clone())
+}
+
+/// Waits until every record numbered on A is applied on B, with nothing degraded.
+fn wait_applied(hosts: &TwoHosts) -> Result<()> {
     let applied = support::wait::wait_until("the group applied at the DR site", TIMEOUT, || {
-        let s = status_a()?;
+        let s = primary_status(hosts)?;
         ensure!(s["state"] != "degraded", "degraded: {s}");
         Ok(s["state"] == "replicating"
             && s["numbered-seq"].as_u64() > Some(0)
             && s["applied-seq"] == s["numbered-seq"])
     });
     if let Err(e) = applied {
-        bail!("{e:#}: primary {}", status_a()?);
+        bail!("{e:#}: primary {}", primary_status(hosts)?);
     }
-    let s = status_a()?;
+    let s = primary_status(hosts)?;
     assert_eq!(s["lag-records"], 0, "{s}");
+    Ok(())
+}
+
+/// Promotes `g` on B (from A, with A's certificate) and checks that libblkio on the
+/// replicas' sockets reads exactly A's images.
+fn promote_and_compare(hosts: &TwoHosts) -> Result<()> {
     let creds = path_str(&hosts.creds_a)?.to_string();
+    let url = hosts.url_b();
     let out = support::two_hosts::ferry_in(
         Some(hosts.host_a()),
         &[
@@ -505,4 +530,34 @@ fn a_primary_replicates_a_group_written_by_libblkio_and_the_dr_site_promotes_it(
         support::compare_bytes(name, &served, &primary)?;
     }
     Ok(())
+}
+
+/// The whole primary side: `ferry replicate start` on A's daemon, a libblkio client writing
+/// a sequence-stamped pattern on both volumes while they replicate, the group acknowledged
+/// and applied, then promoted on B: the replicas serve exactly A's images.
+#[test]
+fn a_primary_replicates_a_group_written_by_libblkio_and_the_dr_site_promotes_it() -> Result<()> {
+    let Some((hosts, mut vm1, mut vm2)) = primary_with_data()? else {
+        return Ok(());
+    };
+    start_replication(&hosts)?;
+    write_pattern(&mut vm1, &mut vm2, 1..=600)?;
+    wait_applied(&hosts)?;
+    promote_and_compare(&hosts)
+}
+
+/// The DR daemon killed (SIGKILL) while the guest writes and the primary ships, then
+/// restarted: the primary reconnects, has the group received again (the log re-applied) and
+/// resumes after the DR site's durable record; promoted, the replicas equal the primary.
+#[test]
+fn the_primary_resumes_after_the_dr_daemon_is_killed_mid_stream() -> Result<()> {
+    let Some((mut hosts, mut vm1, mut vm2)) = primary_with_data()? else {
+        return Ok(());
+    };
+    start_replication(&hosts)?;
+    write_pattern(&mut vm1, &mut vm2, 1..=300)?;
+    hosts.crash_and_restart_b()?;
+    write_pattern(&mut vm1, &mut vm2, 301..=600)?;
+    wait_applied(&hosts)?;
+    promote_and_compare(&hosts)
 }

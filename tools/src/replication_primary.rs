@@ -211,7 +211,7 @@ impl Daemon {
                 let group = group.clone();
                 std::thread::Builder::new()
                     .name(format!("repl-ship-{group}"))
-                    .spawn(move || ship(&sequencer, &address, tls.as_deref(), &group))
+                    .spawn(move || ship(&sequencer, &address, tls.as_deref(), &group, &receive))
             });
         if let Err(e) = spawned {
             entry.stop();
@@ -317,6 +317,7 @@ fn ship(
     address: &ControlAddress,
     tls: Option<&ferry_engine::tls::TlsCredentials>,
     group: &str,
+    receive: &Value,
 ) {
     let config = match tls.map(|t| t.client_config()).transpose() {
         Ok(config) => config,
@@ -326,7 +327,7 @@ fn ship(
         }
     };
     while !sequencer.is_stopped() {
-        match ship_once(sequencer, address, config.as_ref(), group) {
+        match ship_once(sequencer, address, config.as_ref(), group, receive) {
             Ok(()) => return,
             Err(e) => {
                 log::warn!("replication group {group}: {e}");
@@ -342,23 +343,14 @@ fn ship_once(
     address: &ControlAddress,
     config: Option<&Arc<rustls::ClientConfig>>,
     group: &str,
+    receive: &Value,
 ) -> Result<(), String> {
     let mut conn = ClientStream::connect(address, config, CONNECT_TIMEOUT, CONNECT_TIMEOUT)
         .map_err(|e| e.to_string())?;
     let io = |e: std::io::Error| format!("the stream to {address}: {e}");
-    let request = json!({ "command": "replicate-stream", "arguments": { "group": group } });
-    conn.write_all(format!("{request}\n").as_bytes())
-        .map_err(io)?;
-    conn.flush().map_err(io)?;
-    let reply = read_line(&mut conn).map_err(io)?;
-    let reply: Value =
-        serde_json::from_slice(&reply).map_err(|e| format!("replicate-stream reply: {e}"))?;
-    if reply.get("return").is_none() {
-        return Err(format!(
-            "the DR site refused the stream: {}",
-            reply["error"]["desc"]
-        ));
-    }
+    // A DR daemon restarted since learns the group again from this (its log re-applied).
+    request_on(&mut conn, "replicate-receive", receive)?;
+    request_on(&mut conn, "replicate-stream", &json!({ "group": group }))?;
     let first = read_ack(&mut conn)?;
     if !sequencer.resume_after(first.durable_seq) {
         let reason = format!(
@@ -394,6 +386,25 @@ fn ship_once(
         }
     }
     Ok(())
+}
+
+/// Sends one control request on the stream and reads its reply line.
+fn request_on(conn: &mut ClientStream, command: &str, arguments: &Value) -> Result<Value, String> {
+    let io = |e: std::io::Error| format!("{command}: {e}");
+    let request = json!({ "command": command, "arguments": arguments });
+    conn.write_all(format!("{request}\n").as_bytes())
+        .map_err(io)?;
+    conn.flush().map_err(io)?;
+    let reply = read_line(conn).map_err(io)?;
+    let reply: Value =
+        serde_json::from_slice(&reply).map_err(|e| format!("{command} reply: {e}"))?;
+    match reply.get("return") {
+        Some(value) => Ok(value.clone()),
+        None => Err(format!(
+            "the DR site refused {command}: {}",
+            reply["error"]["desc"]
+        )),
+    }
 }
 
 fn read_line(conn: &mut ClientStream) -> std::io::Result<Vec<u8>> {
