@@ -1,12 +1,14 @@
-//! Replication's DR side between two hosts (`docs/replication.md`): `ferry serve` daemon B in
-//! its own network namespace receives a group of two replicas (`replicate-receive`); the
-//! primary's stream comes from host A over mutual TLS (this test, as the primary, sends
-//! sequence-stamped records with ferry's engine encoder, since the primary's shipping
-//! observer is not built yet). Checked: every acknowledged record is applied in order; a
-//! garbage stream and a bad-checksum stream are refused with nothing applied; after B is
-//! killed (SIGKILL) with records logged and restarted, the replicas equal the primary after
-//! some N (a prefix of the write order) and promotion to the latest record serves exactly
-//! the primary's state to a libblkio client on the replicas' sockets, whose gates were closed.
+//! Replication to a DR site between two hosts (`docs/replication.md`): `ferry serve` daemons
+//! A and B, each in its own network namespace, over mutual TLS. The DR side alone (this test
+//! plays the primary with the engine's encoder): records applied in order; garbage,
+//! bad-checksum and replayed streams refused with nothing applied; B killed (SIGKILL) with
+//! records logged, its replicas a prefix of the write order, its log re-applied on restart;
+//! promotion serving exactly the primary's state to libblkio on the replicas' sockets, whose
+//! gates were closed until then. Then the whole thing driven by `ferry replicate start` on
+//! A with a libblkio client writing a sequence-stamped pattern on two volumes: replicas
+//! equal to the primary after promotion, also when B is killed between the writes and
+//! restarted, and a group promoted while records are still on a slow link is a prefix of the
+//! guest's writes across both volumes.
 
 #[path = "support/mod.rs"]
 mod support;
@@ -560,4 +562,92 @@ fn the_primary_resumes_after_the_dr_daemon_is_killed_mid_stream() -> Result<()> 
     write_pattern(&mut vm1, &mut vm2, 301..=600)?;
     wait_applied(&hosts)?;
     promote_and_compare(&hosts)
+}
+
+/// The guest's writes in the mid-stream test.
+const WRITES: u64 = 1000;
+
+/// The N for which `replicas` (the two volumes' first 2 MiB, where the pattern writes, on
+/// volumes that held nothing before) equal the primary after writes `1..=N`, if any.
+fn prefix_of_pattern(replicas: &[Vec<u8>; 2], last: u64) -> Option<u64> {
+    let mut vols = [vec![0u8; 2 << 20], vec![0u8; 2 << 20]];
+    let mut found = (vols == *replicas).then_some(0);
+    for seq in 1..=last {
+        let at = ((seq * 13) % 512) as usize * BLOCK_BYTES;
+        let vol = &mut vols[if seq % 2 == 0 { 0 } else { 1 }];
+        vol[at..at + BLOCK_BYTES].copy_from_slice(&stamped(seq));
+        if vols == *replicas {
+            found = Some(seq);
+        }
+    }
+    found
+}
+
+/// Unplanned failover in the middle of the stream: B promotes the group while the primary
+/// still ships the guest's latest writes over a link slower than they are written. The replica set equals the primary's state after
+/// some N of the guest's writes (a prefix of the group's write order across both volumes).
+#[test]
+fn a_group_promoted_mid_stream_is_a_prefix_of_the_write_order() -> Result<()> {
+    let options = HostOptions {
+        second_volume: true,
+        ..HostOptions::default()
+    };
+    let Some(hosts) = TwoHosts::start(options)? else {
+        return Ok(());
+    };
+    let opts = BlkioOpts {
+        buf_bytes: 1 << 20,
+        ..BlkioOpts::default()
+    };
+    let mut vm1 = BlkioClient::connect(&hosts.path("a.sock"), &opts)?;
+    let mut vm2 = BlkioClient::connect(&hosts.path("a2.sock"), &opts)?;
+    start_replication(&hosts)?;
+    // The stream flowing, then a link slower than the guest's writes, so records are still
+    // on their way at promotion.
+    write_pattern(&mut vm1, &mut vm2, 1..=100)?;
+    support::wait::wait_until("the first records applied", TIMEOUT, || {
+        Ok(primary_status(&hosts)?["applied-seq"].as_u64() > Some(0))
+    })?;
+    hosts.host_a().limit_rate(20_000_000)?;
+    write_pattern(&mut vm1, &mut vm2, 101..=WRITES)?;
+    eprintln!("before promotion: {}", primary_status(&hosts)?);
+    let creds = path_str(&hosts.creds_a)?.to_string();
+    let url = hosts.url_b();
+    let out = support::two_hosts::ferry_in(
+        Some(hosts.host_a()),
+        &[
+            "replicate",
+            "promote",
+            "--control",
+            &url,
+            "--tls-creds",
+            &creds,
+            "--group",
+            "g",
+            "--json",
+        ],
+    )?;
+    ensure!(out.status.success(), "promote: {}", out.stderr);
+    let promoted: Value = serde_json::from_str(out.stdout.trim())?;
+    let mut replicas = Vec::new();
+    for (name, size) in [("vm1", 32usize << 20), ("vm2", 16 << 20)] {
+        let opts = BlkioOpts {
+            buf_bytes: size,
+            ..BlkioOpts::default()
+        };
+        let mut replica = BlkioClient::connect(&hosts.path(&format!("dr/{name}.sock")), &opts)?;
+        let served = replica.read_all(0, size, 1 << 20)?;
+        ensure!(
+            served[2 << 20..].iter().all(|&b| b == 0),
+            "{name}: data where the guest never wrote"
+        );
+        replicas.push(served[..2 << 20].to_vec());
+    }
+    let replicas = [replicas[0].clone(), replicas[1].clone()];
+    let n = prefix_of_pattern(&replicas, WRITES);
+    let Some(n) = n else {
+        bail!("the promoted replicas are no prefix of the guest's writes (promoted at {promoted})");
+    };
+    eprintln!("promoted at {promoted}: the replicas equal the primary after write {n} of {WRITES}");
+    Ok(())
 }
