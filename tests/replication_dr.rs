@@ -8,7 +8,8 @@
 //! A with a libblkio client writing a sequence-stamped pattern on two volumes: replicas
 //! equal to the primary after promotion, also when B is killed between the writes and
 //! restarted, and a group promoted while records are still on a slow link is a prefix of the
-//! guest's writes across both volumes.
+//! guest's writes across both volumes. Last, a QEMU guest writes on the primary and a second
+//! one, booted on the promoted replica, reads the same bytes.
 
 #[path = "support/mod.rs"]
 mod support;
@@ -650,4 +651,66 @@ fn a_group_promoted_mid_stream_is_a_prefix_of_the_write_order() -> Result<()> {
     };
     eprintln!("promoted at {promoted}: the replicas equal the primary after write {n} of {WRITES}");
     Ok(())
+}
+
+/// A QEMU (TCG) guest on A writes a pattern on vm1 while it replicates; after promotion a
+/// second guest boots on B's replica and reads the same bytes.
+#[test]
+fn a_guest_boots_on_a_promoted_replica_and_reads_the_primary_guests_data() -> Result<()> {
+    use support::guest::{Guest, GuestOpts};
+    if !support::require::require(
+        "qemu-system-x86_64",
+        support::require::command_available("qemu-system-x86_64"),
+    ) {
+        return Ok(());
+    }
+    let options = HostOptions {
+        second_volume: true,
+        ..HostOptions::default()
+    };
+    let Some(hosts) = TwoHosts::start(options)? else {
+        return Ok(());
+    };
+    start_replication(&hosts)?;
+    let md5 = "md5() { md5sum | cut -d' ' -f1; }\n";
+    let write = format!(
+        "set -e\n{md5}seq 1 9999999 | head -c 4194304 > /tmp/p\n\
+         dd if=/tmp/p of=/dev/vda bs=65536 seek=16 oflag=direct 2>/dev/null\n\
+         sync\n\
+         echo \"RESULT written=$(md5 < /tmp/p)\"\n"
+    );
+    let out = Guest::run_script(&hosts.path("a.sock"), &write, &GuestOpts::default())?;
+    out.ensure_success()?;
+    let written = out.result("written")?;
+    wait_applied(&hosts)?;
+    let creds = path_str(&hosts.creds_a)?.to_string();
+    let url = hosts.url_b();
+    let promote = support::two_hosts::ferry_in(
+        Some(hosts.host_a()),
+        &[
+            "replicate",
+            "promote",
+            "--control",
+            &url,
+            "--tls-creds",
+            &creds,
+            "--group",
+            "g",
+        ],
+    )?;
+    ensure!(promote.status.success(), "promote: {}", promote.stderr);
+    let read = format!(
+        "set -e\n{md5}\
+         echo \"RESULT read=$(dd if=/dev/vda bs=65536 skip=16 count=64 iflag=direct 2>/dev/null | md5)\"\n"
+    );
+    let out = Guest::run_script(&hosts.path("dr/vm1.sock"), &read, &GuestOpts::default())?;
+    out.ensure_success()?;
+    ensure!(
+        out.result("read")? == written,
+        "the guest on the promoted replica read other data\n{}",
+        out.tail()
+    );
+    let primary = std::fs::read(hosts.path("a.img"))?;
+    let replica = std::fs::read(hosts.path("dr/vm1.img"))?;
+    support::compare_bytes("vm1 replica image", &replica, &primary)
 }
