@@ -26,7 +26,7 @@ use ferry_engine::replication::frame::{Ack, Frame, Record, RecordOp, HEADER_BYTE
 use ferry_engine::tls::TlsCredentials;
 use serde_json::{json, Value};
 use support::blkio_client::{BlkioClient, BlkioOpts, Op};
-use support::two_hosts::{path_str, HostOptions, TwoHosts, CONTROL_PORT};
+use support::two_hosts::{path_str, HostOptions, TwoHosts, CONTROL_PORT, VOLUME_BYTES};
 
 const REPLICA_BYTES: u64 = 1 << 20;
 const BLOCK_BYTES: usize = 4096;
@@ -245,6 +245,16 @@ fn replicas_follow_the_stream_refuse_bad_input_survive_a_crash_and_promote() -> 
     let Some(mut hosts) = TwoHosts::start(HostOptions::default())? else {
         return Ok(());
     };
+    // A new group does not take over a file with data (here A's image).
+    let taken = json!({ "group": "h", "dir": hosts.path("h.dr"), "volumes": [{
+        "name": "h1", "size": VOLUME_BYTES, "path": hosts.path("a.img"), "socket": hosts.path("h1.sock"),
+    }]});
+    let refused = hosts.query_b(None, "replicate-receive", &taken)?;
+    ensure!(
+        !refused.status.success() && refused.stderr.contains("is not an empty file"),
+        "{}",
+        refused.stderr
+    );
     let received = receive(&hosts)?;
     assert_eq!(received["state"], "replicating");
     // The replicas' devices wait behind closed gates while they are replicas.

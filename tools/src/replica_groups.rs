@@ -101,6 +101,31 @@ fn volume_request(v: &Value) -> Result<VolumeRequest, ControlError> {
     })
 }
 
+/// A new group gets new images: an existing file with data at a replica's path (another
+/// volume's image, say) is refused, as `incoming-prepare` does. A group whose log exists is
+/// reopened on its own images.
+fn refuse_images_with_data(volumes: &[VolumeRequest]) -> Result<(), ControlError> {
+    for v in volumes {
+        if let Ok(meta) = std::fs::symlink_metadata(&v.path) {
+            if !meta.is_file() || meta.len() > 0 {
+                return Err(ControlError::new(
+                    "Conflict",
+                    format!(
+                        "{} exists and is not an empty file: a new replication group gets new images",
+                        v.path.display()
+                    ),
+                ));
+            }
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&v.path)
+                .and_then(|f| f.set_len(v.size_bytes))
+                .map_err(|e| ControlError::new("Conflict", format!("{}: {e}", v.path.display())))?;
+        }
+    }
+    Ok(())
+}
+
 fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -155,7 +180,8 @@ impl Daemon {
     }
 
     /// `replicate-receive`: opens group `group` in `dir` (its DR log and checkpoint; the log
-    /// re-applied past the checkpoint), its replica images (created sparse at their size),
+    /// re-applied past the checkpoint), its replica images (created sparse at their size; for
+    /// a group without a log yet, a file with data at a replica's path is refused),
     /// and serves each replica on its socket behind a closed gate (open once promoted). A
     /// group already received here answers its status.
     pub fn replicate_receive(&self, _: &Caller, args: &Value) -> Result<Value, ControlError> {
@@ -190,6 +216,12 @@ impl Daemon {
                 size_bytes: v.size_bytes,
             })
             .collect();
+        let resumed = dir
+            .join(ferry_engine::replication::receiver::LOG_FILE)
+            .exists();
+        if !resumed {
+            refuse_images_with_data(&volumes)?;
+        }
         let receiver = Receiver::open(&dir, &specs)
             .map_err(|e| ControlError::new("ReplicationError", format!("group {group}: {e}")))?;
         let promoted = receiver.status().promoted;
