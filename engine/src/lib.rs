@@ -16,6 +16,7 @@ pub mod observer;
 pub mod peer;
 pub mod poll_window;
 pub mod reactor;
+pub mod replication;
 pub mod tls;
 pub mod units;
 pub mod volume;

@@ -78,6 +78,20 @@ pub struct TwoHosts {
     pub pki: Pki,
     pub creds_a: PathBuf,
     pub dir: tempfile::TempDir,
+    /// How B was started, to start it again.
+    args_b: Vec<String>,
+}
+
+/// Starts daemon B in `host` with `args`, ready once its control and NBD ports listen.
+fn start_b(host: &Host, args: &[String]) -> Result<Daemon> {
+    let mut command = host.command(super::ferry_bin());
+    command.args(args).env("RUST_LOG", "info");
+    let mut daemon_b = Daemon::spawn("ferry-b", command)?;
+    let pid = daemon_b.pid();
+    daemon_b.wait_ready(&format!("TCP port {CONTROL_PORT}"), START_TIMEOUT, || {
+        tcp_listening_in(pid, CONTROL_PORT) && tcp_listening_in(pid, NBD_PORT)
+    })?;
+    Ok(daemon_b)
 }
 
 impl TwoHosts {
@@ -129,29 +143,24 @@ impl TwoHosts {
         daemon_a.wait_ready("its control socket", START_TIMEOUT, || {
             unix_listening_in(pid, &control_a)
         })?;
-        let mut command = b.command(super::ferry_bin());
-        command
-            .arg("serve")
-            .arg("--control")
-            .arg(dir.path().join("b.ctl"))
-            .arg("--control-listen")
-            .arg(format!("{address_b}:{CONTROL_PORT}"))
-            .arg("--nbd-listen")
-            .arg(format!("{address_b}:{NBD_PORT}"))
-            .arg("--tls-creds")
-            .arg(&creds_b)
-            .arg("--tls-authz")
-            .arg(options.authz)
-            .arg("--incoming-lease")
-            .arg(options.lease_s.to_string())
-            .arg("--incoming-start-wait")
-            .arg(options.start_wait_s.to_string())
-            .env("RUST_LOG", "info");
-        let mut daemon_b = Daemon::spawn("ferry-b", command)?;
-        let pid = daemon_b.pid();
-        daemon_b.wait_ready(&format!("TCP port {CONTROL_PORT}"), START_TIMEOUT, || {
-            tcp_listening_in(pid, CONTROL_PORT) && tcp_listening_in(pid, NBD_PORT)
-        })?;
+        let args_b: Vec<String> = vec![
+            "serve".into(),
+            "--control".into(),
+            path_str(&dir.path().join("b.ctl"))?.into(),
+            "--control-listen".into(),
+            format!("{address_b}:{CONTROL_PORT}"),
+            "--nbd-listen".into(),
+            format!("{address_b}:{NBD_PORT}"),
+            "--tls-creds".into(),
+            path_str(&creds_b)?.into(),
+            "--tls-authz".into(),
+            options.authz.into(),
+            "--incoming-lease".into(),
+            options.lease_s.to_string(),
+            "--incoming-start-wait".into(),
+            options.start_wait_s.to_string(),
+        ];
+        let daemon_b = start_b(b, &args_b)?;
         Ok(Some(Self {
             daemon_a,
             daemon_b,
@@ -159,7 +168,15 @@ impl TwoHosts {
             pki,
             creds_a,
             dir,
+            args_b,
         }))
+    }
+
+    /// Kills B (SIGKILL: a crash) and starts it again with the same arguments.
+    pub fn crash_and_restart_b(&mut self) -> Result<()> {
+        self.daemon_b.kill();
+        self.daemon_b = start_b(self.network.host(1), &self.args_b)?;
+        Ok(())
     }
 
     pub fn host_a(&self) -> &Host {

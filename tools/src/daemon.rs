@@ -1,7 +1,7 @@
 //! The running daemon's shared state: the served volumes, added and removed while it runs
 //! (the incoming volumes of a move from another host) behind one lock that keeps their
 //! names, sockets and images distinct, each exported over NBD when its spec says so; the
-//! migration jobs; the journal; the NBD server.
+//! migration jobs; the journal; the NBD server; the replication groups received here.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -14,6 +14,8 @@ use ferry_vhost::DeviceGate;
 
 use crate::handoff::HandOff;
 use crate::incoming::{IncomingOptions, IncomingTable};
+use crate::replica_groups::ReplicaGroups;
+use crate::replication_primary::PrimaryGroup;
 
 use crate::served_volume::{precheck_socket, OpenedVolume, ServedVolume};
 use crate::volume_claims::Claims;
@@ -66,6 +68,10 @@ pub struct Daemon {
     pub incoming_options: IncomingOptions,
     /// Moves of volumes to other hosts started here (each with its migration jobs).
     pub handoffs: Mutex<Vec<Arc<HandOff>>>,
+    /// Replication groups received here from their primaries (`replicate-*`).
+    pub(crate) replica_groups: Mutex<ReplicaGroups>,
+    /// Replication groups whose volumes are served here (`replicate-start`).
+    pub(crate) primary_groups: Mutex<Vec<Arc<PrimaryGroup>>>,
 }
 
 /// How an added volume's device and NBD export admit their clients.
@@ -94,6 +100,8 @@ impl Daemon {
             nbd: None,
             incoming: Mutex::default(),
             handoffs: Mutex::default(),
+            replica_groups: Mutex::default(),
+            primary_groups: Mutex::default(),
             incoming_options: IncomingOptions::default(),
         }
     }

@@ -11,6 +11,9 @@ mod logging;
 mod metrics;
 mod migrate_cli;
 mod nbd_serve;
+mod replica_groups;
+mod replicate_cli;
+mod replication_primary;
 mod serve;
 mod served_volume;
 mod systemd_notify;
@@ -43,6 +46,9 @@ enum Command {
     /// The write journal: control of a running daemon, and offline tools on media.
     #[command(subcommand)]
     Journal(journal_cli::JournalCommand),
+    /// Replication groups received by a running daemon (the DR site): status, promotion.
+    #[command(subcommand)]
+    Replicate(replicate_cli::ReplicateCommand),
     /// Load generator: a real vhost-user-blk client measuring any backend.
     Bench(bench::BenchArgs),
 }
@@ -56,6 +62,7 @@ fn main() {
         Some(Command::Query(args)) => control_client::run_query(args),
         Some(Command::Migrate(cmd)) => migrate_cli::run(cmd),
         Some(Command::Journal(cmd)) => journal_cli::run(cmd),
+        Some(Command::Replicate(cmd)) => replicate_cli::run(cmd),
         Some(Command::Bench(args)) => bench::run(args),
     };
     if let Err(e) = result {

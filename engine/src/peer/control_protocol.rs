@@ -182,6 +182,12 @@ impl LineReader {
         }
     }
 
+    /// Bytes read past the last line returned (a connection that changes protocol after a
+    /// request refuses a peer that did not wait for the reply).
+    pub fn buffered_bytes(&self) -> usize {
+        self.buffer.len()
+    }
+
     /// The next line, without its newline; `Ok(None)` at the end of the stream between
     /// lines.
     pub fn read_line<S: TimedRead>(

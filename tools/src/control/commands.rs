@@ -117,6 +117,36 @@ const COMMANDS: &[(&str, Handler, &str)] = &[
         "remove an incoming volume not activated yet, with its image",
     ),
     (
+        "replicate-start",
+        Handler::Value(Daemon::replicate_start),
+        "replicate volumes to another ferry (to: ferry://HOST:PORT) as a group",
+    ),
+    (
+        "replicate-stop",
+        Handler::Value(Daemon::replicate_stop),
+        "stop replicating a group from here",
+    ),
+    (
+        "replicate-receive",
+        Handler::Caller(Daemon::replicate_receive),
+        "receive a replication group here: its DR log in dir, replicas served behind closed gates",
+    ),
+    (
+        "replicate-status",
+        Handler::Value(Daemon::replicate_status),
+        "replication groups received here: sequences applied and durable, lag, last error",
+    ),
+    (
+        "replicate-promote",
+        Handler::Value(Daemon::replicate_promote),
+        "roll a group's replicas to a point (at: latest, seq:N, mark:LABEL) and serve them",
+    ),
+    (
+        "replicate-stream",
+        Handler::Value(replicate_stream_misplaced),
+        "turn this connection into the primary's replication stream of a group",
+    ),
+    (
         "query-incoming",
         Handler::Value(query_incoming),
         "incoming volumes and those abandoned lately",
@@ -140,6 +170,15 @@ pub fn dispatch(
             format!("unknown command {command:?} (see query-commands)"),
         )),
     }
+}
+
+/// `replicate-stream` changes the connection's protocol, so the connection handles it
+/// (`connection.rs`); reaching the table means it came some other way.
+fn replicate_stream_misplaced(_: &Daemon, _: &Value) -> Result<Value, ControlError> {
+    Err(ControlError::new(
+        "NotSupported",
+        "replicate-stream must be the last request of a connection",
+    ))
 }
 
 fn query_version(_: &Daemon, _: &Value) -> Result<Value, ControlError> {

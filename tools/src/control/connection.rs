@@ -1,6 +1,7 @@
 //! One control connection's requests, over any stream (the unix socket, or TLS over TCP):
 //! read a line within its bounds, run it, write the reply, until the client leaves, says
-//! nothing for too long, stops reading its replies, or breaks the framing.
+//! nothing for too long, stops reading its replies, breaks the framing, or turns the
+//! connection into a replication stream (`replicate-stream`).
 
 use std::io::Write;
 
@@ -8,7 +9,9 @@ use ferry_engine::peer::control_protocol::{
     class, error_reply, LineDeadlines, LineError, LineReader, TimedRead, REQUEST_BYTES_MAX,
 };
 
-use super::{handle_line, Caller};
+use serde_json::Value;
+
+use super::{handle_line, Caller, ControlError};
 use crate::daemon::Daemon;
 
 /// Serves requests on `stream` until it ends. `deadlines` bound the wait for each request
@@ -47,11 +50,34 @@ pub fn serve_connection<S: TimedRead + Write>(
         if line.trim().is_empty() {
             continue;
         }
+        if let Some(arguments) = stream_request(&line) {
+            let result = if reader.buffered_bytes() > 0 {
+                Err(ControlError::bad_argument(
+                    "replicate-stream: frames sent before the reply",
+                ))
+            } else {
+                daemon.replicate_stream(caller, &arguments, stream)
+            };
+            if let Err(e) = result {
+                let _ = reply(stream, &error_reply(e.class, &e.desc, None));
+            }
+            return;
+        }
         let answer = handle_line(daemon, caller, &line);
         if reply(stream, &answer).is_err() {
             return;
         }
     }
+}
+
+/// The arguments of a `replicate-stream` request, which hands the connection over to the
+/// replication receiver.
+fn stream_request(line: &str) -> Option<Value> {
+    let request: Value = serde_json::from_str(line).ok()?;
+    if request.get("command").and_then(Value::as_str) != Some("replicate-stream") {
+        return None;
+    }
+    Some(request.get("arguments").cloned().unwrap_or(Value::Null))
 }
 
 /// Writes one reply line and pushes it out (a TLS stream holds written bytes until then).

@@ -1,0 +1,3 @@
+mod frame_golden;
+mod primary;
+mod receiver;

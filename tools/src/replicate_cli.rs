@@ -1,0 +1,169 @@
+//! `ferry replicate ...`: the DR side of replication groups on a running daemon, through its
+//! control socket or its TCP control listener: start and stop on the primary, status on
+//! either side, promotion on the DR side.
+
+use serde_json::{json, Value};
+
+use crate::control_client::ControlArgs;
+
+/// The `ferry replicate` subcommands.
+#[derive(clap::Subcommand, Debug)]
+pub enum ReplicateCommand {
+    /// Replicate running volumes of this daemon to another ferry, as one group.
+    Start {
+        #[command(flatten)]
+        control: ControlArgs,
+        #[arg(long = "volume", required = true)]
+        volumes: Vec<String>,
+        /// The DR daemon: ferry://HOST:PORT (its TCP control listener).
+        #[arg(long)]
+        to: String,
+        #[arg(long, default_value = "default")]
+        group: String,
+        /// Where the DR daemon keeps the replicas ({name}.img) and the group's log
+        /// ({group}.dr).
+        #[arg(long, default_value = "/var/lib/ferry")]
+        path_prefix: String,
+        /// Where the DR daemon puts the replicas' vhost-user sockets ({name}.sock).
+        #[arg(long, default_value = "/run/ferry")]
+        socket_prefix: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop replicating a group from this daemon.
+    Stop {
+        #[command(flatten)]
+        control: ControlArgs,
+        #[arg(long)]
+        group: String,
+    },
+    /// Show the replication groups of the daemon (replicated from it, or received by it).
+    Status {
+        #[command(flatten)]
+        control: ControlArgs,
+        #[arg(long)]
+        group: Option<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fail over: roll a group's replicas to a point of the DR log and serve them.
+    Promote {
+        #[command(flatten)]
+        control: ControlArgs,
+        #[arg(long)]
+        group: String,
+        /// latest, seq:N or mark:LABEL.
+        #[arg(long, default_value = "latest")]
+        at: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn run(command: ReplicateCommand) -> anyhow::Result<()> {
+    match command {
+        ReplicateCommand::Start {
+            control,
+            volumes,
+            to,
+            group,
+            path_prefix,
+            socket_prefix,
+            json,
+        } => {
+            let args = json!({
+                "group": group, "volumes": volumes, "to": to,
+                "path-prefix": path_prefix, "socket-prefix": socket_prefix,
+            });
+            let reply = control.client()?.request("replicate-start", args)?;
+            if json {
+                println!("{reply}");
+            } else {
+                println!("group {group}: replicating {} to {to}", volumes.join(", "));
+            }
+            Ok(())
+        }
+        ReplicateCommand::Stop { control, group } => {
+            control
+                .client()?
+                .request("replicate-stop", json!({ "group": group }))?;
+            println!("group {group}: replication stopped");
+            Ok(())
+        }
+        ReplicateCommand::Status {
+            control,
+            group,
+            json,
+        } => {
+            let args = group.map_or_else(|| json!({}), |g| json!({ "group": g }));
+            let reply = control.client()?.request("replicate-status", args)?;
+            let groups = match reply {
+                Value::Array(groups) => groups,
+                one => vec![one],
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&groups)?);
+                return Ok(());
+            }
+            for g in &groups {
+                print_group(g);
+            }
+            Ok(())
+        }
+        ReplicateCommand::Promote {
+            control,
+            group,
+            at,
+            json,
+        } => {
+            let reply = control
+                .client()?
+                .request("replicate-promote", json!({ "group": group, "at": at }))?;
+            if json {
+                println!("{reply}");
+            } else {
+                println!(
+                    "group {group} promoted: its replicas equal the primary after record {}",
+                    reply["seq"]
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn print_group(g: &Value) {
+    let name = g["group"].as_str().unwrap_or("?");
+    let state = g["state"].as_str().unwrap_or("?");
+    if g["role"] == "primary" {
+        println!(
+            "group {name} (primary, to {}): {state}, numbered {}, shipped {}, acknowledged {}, applied {}; lag {} records, {} bytes, {:.1} s",
+            g["to"].as_str().unwrap_or("?"),
+            g["numbered-seq"],
+            g["shipped-seq"],
+            g["acknowledged-seq"],
+            g["applied-seq"],
+            g["lag-records"],
+            g["lag-bytes"],
+            g["lag-seconds"].as_f64().unwrap_or(0.0),
+        );
+        if let Some(reason) = g["degraded-reason"].as_str() {
+            println!(
+                "  degraded: {reason} ({} bytes marked changed)",
+                g["dirty-bytes"]
+            );
+        }
+    } else {
+        println!(
+            "group {name} (DR): {state}, durable {}, applied {}, lag {} records, {:.1} s since the last record",
+            g["durable-seq"],
+            g["applied-seq"],
+            g["lag-records"],
+            g["seconds-since-last-record"].as_f64().unwrap_or(0.0),
+        );
+    }
+    if let Some(error) = g["last-error"].as_str() {
+        println!("  last error: {error}");
+    }
+}

@@ -1,0 +1,439 @@
+//! The primary's side of replication groups in the daemon (`docs/replication.md`):
+//! `replicate-start` has the DR daemon receive the group (`replicate-receive` over the peer
+//! link), attaches the engine's observer to each volume (with the volume's I/O paused, so no
+//! write in flight escapes both the observer and the copy), copies the volumes' data (holes
+//! skipped) as records numbered in the same order as the guests' writes, and ships the
+//! records over a control connection turned into the replication stream, resuming after the
+//! DR site's durable sequence when the connection breaks.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use ferry_engine::peer::link::{LinkOptions, PeerLink};
+use ferry_engine::peer::transport::ClientStream;
+use ferry_engine::peer::{ControlAddress, FerryUrl};
+use ferry_engine::replication::frame::{Frame, HEADER_BYTES};
+use ferry_engine::replication::primary::{GroupSequencer, PrimaryObserver};
+use ferry_engine::{Volume, WriteObserver};
+use serde_json::{json, Value};
+
+use crate::control::ControlError;
+use crate::daemon::Daemon;
+
+/// Bytes of records held for the DR site (numbered, not acknowledged) before the group
+/// degrades to a dirty bitmap.
+pub const QUEUE_BYTES_MAX: usize = 256 << 20;
+/// Bytes of records written to the DR site between reading its acknowledgments.
+const SEND_BATCH_BYTES_MAX: usize = 4 << 20;
+/// The initial copy reads this much at a time.
+const COPY_CHUNK_BYTES: u64 = 1 << 20;
+/// How long attaching the observers waits for a volume's requests in flight to end.
+const ATTACH_PAUSE_TIMEOUT: Duration = Duration::from_secs(30);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Between two attempts to reach the DR site.
+const RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
+/// The longest reply line of `replicate-stream`.
+const REPLY_BYTES_MAX: usize = 4096;
+
+/// One group replicated from here.
+pub struct PrimaryGroup {
+    pub name: String,
+    pub to: String,
+    sequencer: Arc<GroupSequencer>,
+    observers: Vec<(Arc<Volume>, Arc<dyn WriteObserver>)>,
+}
+
+impl PrimaryGroup {
+    pub fn describe(&self) -> Value {
+        let status = self.sequencer.status();
+        let mut v = serde_json::to_value(&status).unwrap_or_else(|_| json!({}));
+        v["group"] = json!(self.name);
+        v["role"] = json!("primary");
+        v["to"] = json!(self.to);
+        v["volumes"] = json!(self
+            .observers
+            .iter()
+            .map(|(volume, _)| volume.name())
+            .collect::<Vec<_>>());
+        v
+    }
+
+    /// Detaches the observers and stops shipping.
+    pub fn stop(&self) {
+        self.sequencer.stop();
+        for (volume, observer) in &self.observers {
+            volume.remove_observer(observer);
+        }
+    }
+}
+
+fn text<'a>(args: &'a Value, key: &str) -> Result<&'a str, ControlError> {
+    args.get(key)
+        .and_then(Value::as_str)
+        .ok_or_else(|| ControlError::bad_argument(format!("{key} is missing")))
+}
+
+fn error(desc: impl Into<String>) -> ControlError {
+    ControlError::new("ReplicationError", desc)
+}
+
+impl Daemon {
+    pub(crate) fn primary_groups(&self) -> MutexGuard<'_, Vec<Arc<PrimaryGroup>>> {
+        self.primary_groups
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `replicate-start` `{"group", "volumes", "to", "path-prefix", "socket-prefix"}`.
+    pub fn replicate_start(&self, args: &Value) -> Result<Value, ControlError> {
+        let group = text(args, "group")?.to_string();
+        let to = text(args, "to")?.to_string();
+        let url = FerryUrl::parse(&to).map_err(ControlError::bad_argument)?;
+        let prefix = PathBuf::from(
+            args.get("path-prefix")
+                .and_then(Value::as_str)
+                .unwrap_or("/var/lib/ferry"),
+        );
+        let sockets = PathBuf::from(
+            args.get("socket-prefix")
+                .and_then(Value::as_str)
+                .unwrap_or("/run/ferry"),
+        );
+        let names: Vec<String> = args
+            .get("volumes")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if names.is_empty() {
+            return Err(ControlError::bad_argument(
+                "volumes: at least one volume name",
+            ));
+        }
+        if self.primary_groups().iter().any(|g| g.name == group) {
+            return Err(ControlError::new(
+                "Conflict",
+                format!("group {group} is replicated already"),
+            ));
+        }
+        let mut volumes = Vec::new();
+        for name in &names {
+            let served = self
+                .volume(name)
+                .ok_or_else(|| ControlError::new("NotFound", format!("no volume named {name}")))?;
+            let in_group = self
+                .primary_groups()
+                .iter()
+                .any(|g| g.observers.iter().any(|(v, _)| v.name() == name));
+            if in_group {
+                return Err(ControlError::new(
+                    "Conflict",
+                    format!("{name} is in a replication group already"),
+                ));
+            }
+            let backing = served.volume.backing();
+            if !backing.path.is_file() {
+                return Err(error(format!(
+                    "{name}: only volumes on files are replicated"
+                )));
+            }
+            volumes.push(served.volume.clone());
+        }
+        let link = PeerLink::new(
+            &format!("peer {}", url.address),
+            url.address.clone(),
+            self.tls.as_deref(),
+            LinkOptions::default(),
+        )
+        .map_err(|e| error(e.to_string()))?;
+        let receive = json!({
+            "group": group,
+            "dir": prefix.join(format!("{group}.dr")),
+            "volumes": volumes.iter().map(|v| json!({
+                "name": v.name(),
+                "size": v.size_bytes(),
+                "path": prefix.join(format!("{}.img", v.name())),
+                "socket": sockets.join(format!("{}.sock", v.name())),
+            })).collect::<Vec<_>>(),
+        });
+        let received = link
+            .call("replicate-receive", &receive)
+            .map_err(|e| error(e.to_string()))?;
+        let durable = received["durable-seq"].as_u64().unwrap_or(0);
+        if durable != 0 || received["state"] != "replicating" {
+            return Err(error(format!(
+                "the DR site holds group {group} already (state {}, record {durable}): a primary resumes no earlier group yet",
+                received["state"]
+            )));
+        }
+        let sizes: Vec<u64> = volumes.iter().map(|v| v.size_bytes()).collect();
+        let sequencer = GroupSequencer::new(&sizes, 1, QUEUE_BYTES_MAX);
+        let mut observers: Vec<(Arc<Volume>, Arc<dyn WriteObserver>)> = Vec::new();
+        for (index, volume) in volumes.iter().enumerate() {
+            let observer: Arc<dyn WriteObserver> =
+                PrimaryObserver::new(sequencer.clone(), index as u32);
+            let Some(pause) = volume.pause(ATTACH_PAUSE_TIMEOUT) else {
+                for (v, o) in &observers {
+                    v.remove_observer(o);
+                }
+                return Err(error(format!(
+                    "{}: requests in flight did not end",
+                    volume.name()
+                )));
+            };
+            volume.add_observer(observer.clone());
+            drop(pause);
+            observers.push((volume.clone(), observer));
+        }
+        let entry = Arc::new(PrimaryGroup {
+            name: group.clone(),
+            to,
+            sequencer: sequencer.clone(),
+            observers,
+        });
+        self.primary_groups().push(entry.clone());
+        let tls = self.tls.clone();
+        let address = url.address;
+        let copy_sequencer = sequencer.clone();
+        let copy_volumes = volumes.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("repl-copy-{group}"))
+            .spawn(move || initial_copy(&copy_sequencer, &copy_volumes))
+            .and_then(|_| {
+                let group = group.clone();
+                std::thread::Builder::new()
+                    .name(format!("repl-ship-{group}"))
+                    .spawn(move || ship(&sequencer, &address, tls.as_deref(), &group, &receive))
+            });
+        if let Err(e) = spawned {
+            entry.stop();
+            return Err(error(format!("cannot start the replication threads: {e}")));
+        }
+        Ok(entry.describe())
+    }
+
+    /// `replicate-stop` `{"group"}`: detaches the observers and stops shipping.
+    pub fn replicate_stop(&self, args: &Value) -> Result<Value, ControlError> {
+        let name = text(args, "group")?;
+        let mut groups = self.primary_groups();
+        let index = groups
+            .iter()
+            .position(|g| g.name == name)
+            .ok_or_else(|| ControlError::new("NotFound", format!("no replication group {name}")))?;
+        let group = groups.remove(index);
+        drop(groups);
+        group.stop();
+        Ok(group.describe())
+    }
+}
+
+/// Copies every volume's data (holes skipped) as records.
+fn initial_copy(sequencer: &GroupSequencer, volumes: &[Arc<Volume>]) {
+    let total: u64 = volumes.iter().map(|v| v.size_bytes()).sum();
+    sequencer.set_copy_progress(true, total);
+    for (index, volume) in volumes.iter().enumerate() {
+        let path = volume.backing().path.clone();
+        if let Err(e) = copy_volume(sequencer, index as u32, &path, volume.size_bytes()) {
+            sequencer.degrade(format!("initial copy of {}: {e}", volume.name()));
+            break;
+        }
+    }
+    sequencer.set_copy_progress(false, total);
+}
+
+fn copy_volume(
+    sequencer: &GroupSequencer,
+    index: u32,
+    path: &Path,
+    size: u64,
+) -> std::io::Result<()> {
+    let file = File::open(path)?;
+    let mut at = 0u64;
+    while at < size {
+        let Some((data, hole)) = data_extent(&file, at, size)? else {
+            return Ok(());
+        };
+        let mut offset = data;
+        while offset < hole {
+            let len = (hole - offset).min(COPY_CHUNK_BYTES) as usize;
+            let read = || {
+                let mut buf = vec![0u8; len];
+                file.read_exact_at(&mut buf, offset)?;
+                Ok(buf)
+            };
+            if !sequencer.push_copy(index, offset, read)? {
+                return Ok(());
+            }
+            offset += len as u64;
+        }
+        at = hole;
+    }
+    Ok(())
+}
+
+/// The next extent holding data at or after `from`: (its start, the hole after it).
+fn data_extent(file: &File, from: u64, size: u64) -> std::io::Result<Option<(u64, u64)>> {
+    let seek = |whence| {
+        // SAFETY: lseek reads its integer arguments; the descriptor belongs to `file`,
+        // alive for the call.
+        let at = unsafe { libc::lseek(file.as_raw_fd(), from as libc::off_t, whence) };
+        if at < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(at as u64)
+        }
+    };
+    let data = match seek(libc::SEEK_DATA) {
+        Ok(at) => at,
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if data >= size {
+        return Ok(None);
+    }
+    let hole = {
+        // SAFETY: as above.
+        let at = unsafe { libc::lseek(file.as_raw_fd(), data as libc::off_t, libc::SEEK_HOLE) };
+        if at < 0 {
+            size
+        } else {
+            (at as u64).min(size)
+        }
+    };
+    Ok(Some((data, hole)))
+}
+
+/// Ships the group's records until it stops, reconnecting after a failure.
+fn ship(
+    sequencer: &GroupSequencer,
+    address: &ControlAddress,
+    tls: Option<&ferry_engine::tls::TlsCredentials>,
+    group: &str,
+    receive: &Value,
+) {
+    let config = match tls.map(|t| t.client_config()).transpose() {
+        Ok(config) => config,
+        Err(e) => {
+            sequencer.set_error(Some(format!("TLS: {e}")));
+            return;
+        }
+    };
+    while !sequencer.is_stopped() {
+        match ship_once(sequencer, address, config.as_ref(), group, receive) {
+            Ok(()) => return,
+            Err(e) => {
+                log::warn!("replication group {group}: {e}");
+                sequencer.set_error(Some(e));
+                std::thread::sleep(RECONNECT_INTERVAL);
+            }
+        }
+    }
+}
+
+fn ship_once(
+    sequencer: &GroupSequencer,
+    address: &ControlAddress,
+    config: Option<&Arc<rustls::ClientConfig>>,
+    group: &str,
+    receive: &Value,
+) -> Result<(), String> {
+    let mut conn = ClientStream::connect(address, config, CONNECT_TIMEOUT, CONNECT_TIMEOUT)
+        .map_err(|e| e.to_string())?;
+    let io = |e: std::io::Error| format!("the stream to {address}: {e}");
+    // A DR daemon restarted since learns the group again from this (its log re-applied).
+    request_on(&mut conn, "replicate-receive", receive)?;
+    request_on(&mut conn, "replicate-stream", &json!({ "group": group }))?;
+    let first = read_ack(&mut conn)?;
+    if !sequencer.resume_after(first.durable_seq) {
+        let reason = format!(
+            "the DR site holds record {}, which this primary cannot resume from",
+            first.durable_seq
+        );
+        sequencer.degrade(reason.clone());
+        sequencer.stop();
+        return Err(reason);
+    }
+    sequencer.set_error(None);
+    let mut out = Vec::new();
+    while !sequencer.is_stopped() {
+        let records = sequencer.take_unshipped(SEND_BATCH_BYTES_MAX, Duration::from_millis(200));
+        let Some(last) = records.last().map(|r| r.seq) else {
+            continue;
+        };
+        out.clear();
+        for record in &records {
+            record.encode_into(&mut out);
+        }
+        conn.write_all(&out).map_err(io)?;
+        conn.flush().map_err(io)?;
+        // The DR site acknowledges each batch twice: logged, then applied. The next batch
+        // goes once this one is applied (stop and wait: a pipelined sender reading
+        // acknowledgments on a thread of its own is still to come).
+        loop {
+            let ack = read_ack(&mut conn)?;
+            sequencer.acknowledged(&ack);
+            if ack.applied_seq >= last {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Sends one control request on the stream and reads its reply line.
+fn request_on(conn: &mut ClientStream, command: &str, arguments: &Value) -> Result<Value, String> {
+    let io = |e: std::io::Error| format!("{command}: {e}");
+    let request = json!({ "command": command, "arguments": arguments });
+    conn.write_all(format!("{request}\n").as_bytes())
+        .map_err(io)?;
+    conn.flush().map_err(io)?;
+    let reply = read_line(conn).map_err(io)?;
+    let reply: Value =
+        serde_json::from_slice(&reply).map_err(|e| format!("{command} reply: {e}"))?;
+    match reply.get("return") {
+        Some(value) => Ok(value.clone()),
+        None => Err(format!(
+            "the DR site refused {command}: {}",
+            reply["error"]["desc"]
+        )),
+    }
+}
+
+fn read_line(conn: &mut ClientStream) -> std::io::Result<Vec<u8>> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        if conn.read(&mut byte)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        if byte[0] == b'\n' {
+            return Ok(line);
+        }
+        if line.len() >= REPLY_BYTES_MAX {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "reply line too long",
+            ));
+        }
+        line.push(byte[0]);
+    }
+}
+
+fn read_ack(conn: &mut ClientStream) -> Result<ferry_engine::replication::Ack, String> {
+    let mut buf = [0u8; HEADER_BYTES];
+    conn.read_exact(&mut buf)
+        .map_err(|e| format!("reading an acknowledgment: {e}"))?;
+    match Frame::decode(&buf) {
+        Ok((Frame::Ack(ack), _)) => Ok(ack),
+        Ok(_) => Err("the DR site sent a record instead of an acknowledgment".into()),
+        Err(e) => Err(format!("the DR site's acknowledgment: {e}")),
+    }
+}
