@@ -8,8 +8,10 @@
 //! A with a libblkio client writing a sequence-stamped pattern on two volumes: replicas
 //! equal to the primary after promotion, also when B is killed between the writes and
 //! restarted, and a group promoted while records are still on a slow link is a prefix of the
-//! guest's writes across both volumes. Last, a QEMU guest writes on the primary and a second
-//! one, booted on the promoted replica, reads the same bytes.
+//! guest's writes across both volumes. A QEMU guest writes on the primary and a second one,
+//! booted on the promoted replica, reads the same bytes. Sync mode: every write the client saw
+//! completed is on the DR site (the primary killed right after, then promoted), and the DR
+//! daemon killed while the client writes degrades the group to async without an error.
 
 #[path = "support/mod.rs"]
 mod support;
