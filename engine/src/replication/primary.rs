@@ -1,5 +1,5 @@
-//! The primary's side of a replication group: the observer on each volume's completion path
-//! and the group's sequencer, which numbers records in completion order across the group's
+//! The primary's side of a replication group: the group's sequencer, fed by the observer on
+//! each volume's completion path ([`PrimaryObserver`]), which numbers records in completion order across the group's
 //! volumes and holds them in a bounded queue until the DR site acknowledges them.
 //!
 //! A write is numbered when the volume's own I/O of it has finished (`source_done`), before
@@ -15,19 +15,17 @@
 //! nothing for the sync timeout, the group degrades to async: held writes complete and later
 //! ones no longer wait (and past the queue's bound it degrades to its bitmap as above).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::frame::{Ack, Record, RecordOp, PAYLOAD_MAX_BYTES};
-use crate::observer::{ObserverTicket, WriteEvent, WriteKind, WriteObserver};
+use crate::observer::ObserverTicket;
+
+pub use super::primary_observer::PrimaryObserver;
 
 /// The granularity of the dirty bitmap of a degraded group.
 pub const DIRTY_CHUNK_BYTES: u64 = 64 << 10;
-/// Writes whose data waits between submission and completion, per volume, at most: past it
-/// the group degrades (a guest with more in flight than this is not replicated record by
-/// record).
-const PENDING_WRITES_MAX: usize = 4096;
 
 /// What the primary reports.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
@@ -574,130 +572,5 @@ fn split(op: RecordOp) -> Vec<RecordOp> {
             })
             .collect(),
         op => vec![op],
-    }
-}
-
-/// A request submitted and not completed: a write's data, a sync request's guest completion.
-struct Pending {
-    data: Option<Vec<u8>>,
-    ticket: Option<ObserverTicket>,
-}
-
-/// Requests submitted and not completed, by (queue, offset, length, is a write), oldest
-/// first.
-type PendingWrites = HashMap<(u16, u64, u64, bool), VecDeque<Pending>>;
-
-/// The observer on one volume of a group.
-pub struct PrimaryObserver {
-    group: Arc<GroupSequencer>,
-    volume_index: u32,
-    pending: Mutex<PendingWrites>,
-}
-
-impl PrimaryObserver {
-    pub fn new(group: Arc<GroupSequencer>, volume_index: u32) -> Arc<Self> {
-        Arc::new(Self {
-            group,
-            volume_index,
-            pending: Mutex::default(),
-        })
-    }
-
-    fn pending(&self) -> MutexGuard<'_, PendingWrites> {
-        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-impl WriteObserver for PrimaryObserver {
-    fn observe(&self, event: &WriteEvent<'_>, ticket: ObserverTicket) -> Option<ObserverTicket> {
-        // A flush passes: in a sync group every write completed before it is durable at
-        // the DR site already.
-        if event.kind == WriteKind::Flush {
-            self.group.push(self.volume_index, RecordOp::Flush);
-            return Some(ticket);
-        }
-        let is_write = event.kind == WriteKind::Write;
-        let hold = self.group.may_hold();
-        let data = is_write.then(|| {
-            let mut data = Vec::new();
-            event.copy_data_into(&mut data);
-            data
-        });
-        if !is_write && !hold {
-            return Some(ticket);
-        }
-        let mut pending = self.pending();
-        if pending.len() >= PENDING_WRITES_MAX {
-            drop(pending);
-            self.group
-                .degrade(format!("more than {PENDING_WRITES_MAX} writes in flight"));
-            return Some(ticket);
-        }
-        let (held, back) = if hold {
-            (Some(ticket), None)
-        } else {
-            (None, Some(ticket))
-        };
-        let key = (
-            event.queue_index,
-            event.offset_bytes,
-            event.len_bytes,
-            is_write,
-        );
-        pending
-            .entry(key)
-            .or_default()
-            .push_back(Pending { data, ticket: held });
-        back
-    }
-
-    fn source_done(&self, event: &WriteEvent<'_>) {
-        if event.kind == WriteKind::Flush {
-            return;
-        }
-        let is_write = event.kind == WriteKind::Write;
-        let key = (
-            event.queue_index,
-            event.offset_bytes,
-            event.len_bytes,
-            is_write,
-        );
-        let mut pending = self.pending();
-        let entry = pending.get_mut(&key).and_then(VecDeque::pop_front);
-        if pending.get(&key).is_some_and(VecDeque::is_empty) {
-            pending.remove(&key);
-        }
-        drop(pending);
-        let (data, ticket) = entry.map_or((None, None), |p| (p.data, p.ticket));
-        let op = match event.kind {
-            WriteKind::Write => {
-                match data {
-                    Some(data) => RecordOp::Write {
-                        offset_bytes: event.offset_bytes,
-                        data,
-                    },
-                    None => {
-                        // Seen before this observer was added, or dropped while degraded.
-                        self.group
-                            .degrade("a write completed whose data was not kept".into());
-                        RecordOp::Discard {
-                            offset_bytes: event.offset_bytes,
-                            len_bytes: event.len_bytes,
-                        }
-                    }
-                }
-            }
-            WriteKind::Discard => RecordOp::Discard {
-                offset_bytes: event.offset_bytes,
-                len_bytes: event.len_bytes,
-            },
-            WriteKind::WriteZeroes { unmap } => RecordOp::WriteZeroes {
-                offset_bytes: event.offset_bytes,
-                len_bytes: event.len_bytes,
-                unmap,
-            },
-            WriteKind::Flush => return,
-        };
-        self.group.push_held(self.volume_index, op, ticket);
     }
 }
