@@ -8,8 +8,10 @@
 //! A with a libblkio client writing a sequence-stamped pattern on two volumes: replicas
 //! equal to the primary after promotion, also when B is killed between the writes and
 //! restarted, and a group promoted while records are still on a slow link is a prefix of the
-//! guest's writes across both volumes. Last, a QEMU guest writes on the primary and a second
-//! one, booted on the promoted replica, reads the same bytes.
+//! guest's writes across both volumes. A QEMU guest writes on the primary and a second one,
+//! booted on the promoted replica, reads the same bytes. Sync mode: every write the client saw
+//! completed is on the DR site (the primary killed right after, then promoted), and the DR
+//! daemon killed while the client writes degrades the group to async without an error.
 
 #[path = "support/mod.rs"]
 mod support;
@@ -429,6 +431,11 @@ fn primary_with_data() -> Result<Option<(TwoHosts, BlkioClient, BlkioClient)>> {
 
 /// `ferry replicate start` of vm1 and vm2 on A to B as group `g`.
 fn start_replication(hosts: &TwoHosts) -> Result<()> {
+    start_replication_with(hosts, &[])
+}
+
+/// `ferry replicate start` of vm1 and vm2 on A to B as group `g`, with `extra` arguments.
+fn start_replication_with(hosts: &TwoHosts, extra: &[&str]) -> Result<()> {
     std::fs::create_dir(hosts.path("dr")).context("dr directory")?;
     let dr = path_str(&hosts.path("dr"))?.to_string();
     let control_a = path_str(&hosts.path("a.ctl"))?.to_string();
@@ -452,7 +459,11 @@ fn start_replication(hosts: &TwoHosts) -> Result<()> {
             &dr,
             "--socket-prefix",
             &dr,
-        ],
+        ]
+        .iter()
+        .chain(extra)
+        .copied()
+        .collect::<Vec<_>>(),
     )?;
     ensure!(start.status.success(), "replicate start: {}", start.stderr);
     Ok(())
@@ -723,4 +734,58 @@ fn a_guest_boots_on_a_promoted_replica_and_reads_the_primary_guests_data() -> Re
     let primary = std::fs::read(hosts.path("a.img"))?;
     let replica = std::fs::read(hosts.path("dr/vm1.img"))?;
     support::compare_bytes("vm1 replica image", &replica, &primary)
+}
+
+/// A sync group (`--mode sync`) whose initial copy the DR site acknowledged.
+fn start_sync(hosts: &TwoHosts, timeout_s: &str) -> Result<()> {
+    start_replication_with(hosts, &["--mode", "sync", "--sync-timeout", timeout_s])?;
+    support::wait::wait_until("the sync group in sync", TIMEOUT, || {
+        let s = primary_status(hosts)?;
+        ensure!(s["mode"] == "sync", "not a sync group: {s}");
+        ensure!(s["sync-state"] != "degraded", "degraded: {s}");
+        Ok(s["sync-state"] == "in-sync")
+    })
+}
+
+/// A sync group: every write the libblkio client saw completed is durable at the DR site.
+/// The primary daemon is killed (SIGKILL) the moment the client's last write completes, so
+/// nothing more is shipped; promoted, the replicas equal the primary's images.
+#[test]
+fn every_write_a_sync_group_completed_is_on_the_dr_site_after_promotion() -> Result<()> {
+    let Some((mut hosts, mut vm1, mut vm2)) = primary_with_data()? else {
+        return Ok(());
+    };
+    // A timeout no run reaches: the group must stay in sync throughout.
+    start_sync(&hosts, "600")?;
+    write_pattern(&mut vm1, &mut vm2, 1..=400)?;
+    let s = primary_status(&hosts)?;
+    ensure!(s["sync-state"] == "in-sync", "{s}");
+    ensure!(s["sync-degraded-reason"].is_null(), "{s}");
+    drop((vm1, vm2));
+    hosts.daemon_a.kill();
+    promote_and_compare(&hosts)
+}
+
+/// A sync group whose DR daemon is killed (SIGKILL) while the client writes: the write
+/// held at the kill and every later one complete without error once the sync timeout
+/// passes, status says the group degraded to async and why; with B back, the group catches
+/// up asynchronously and, promoted, equals the primary.
+#[test]
+fn a_sync_group_degrades_to_async_when_the_dr_site_dies() -> Result<()> {
+    let Some((mut hosts, mut vm1, mut vm2)) = primary_with_data()? else {
+        return Ok(());
+    };
+    start_sync(&hosts, "2")?;
+    write_pattern(&mut vm1, &mut vm2, 1..=100)?;
+    hosts.kill_b();
+    write_pattern(&mut vm1, &mut vm2, 101..=300)?;
+    let s = primary_status(&hosts)?;
+    ensure!(s["sync-state"] == "degraded", "not degraded: {s}");
+    let reason = s["sync-degraded-reason"].as_str().unwrap_or_default();
+    ensure!(reason.contains("did not acknowledge"), "reason: {s}");
+    ensure!(s["sync-held-writes"] == 0, "writes still held: {s}");
+    hosts.restart_b()?;
+    write_pattern(&mut vm1, &mut vm2, 301..=400)?;
+    wait_applied(&hosts)?;
+    promote_and_compare(&hosts)
 }

@@ -179,6 +179,17 @@ impl TwoHosts {
         Ok(())
     }
 
+    /// Kills B (SIGKILL: a crash) and leaves it down until [`restart_b`](Self::restart_b).
+    pub fn kill_b(&mut self) {
+        self.daemon_b.kill();
+    }
+
+    /// Starts B again with the arguments it was first started with.
+    pub fn restart_b(&mut self) -> Result<()> {
+        self.daemon_b = start_b(self.network.host(1), &self.args_b)?;
+        Ok(())
+    }
+
     pub fn host_a(&self) -> &Host {
         self.network.host(0)
     }

@@ -27,6 +27,14 @@ pub enum ReplicateCommand {
         /// Where the DR daemon puts the replicas' vhost-user sockets ({name}.sock).
         #[arg(long, default_value = "/run/ferry")]
         socket_prefix: String,
+        /// async: guest writes complete at once and reach the DR site later; sync: a guest
+        /// write completes once the DR site holds it durably (until the DR site stops
+        /// answering for --sync-timeout, then the group degrades to async).
+        #[arg(long, default_value = "async", value_parser = ["async", "sync"])]
+        mode: String,
+        /// Seconds a sync write waits for the DR site before the group degrades to async.
+        #[arg(long, default_value_t = 5.0)]
+        sync_timeout: f64,
         #[arg(long)]
         json: bool,
     },
@@ -70,17 +78,26 @@ pub fn run(command: ReplicateCommand) -> anyhow::Result<()> {
             group,
             path_prefix,
             socket_prefix,
+            mode,
+            sync_timeout,
             json,
         } => {
+            if !(sync_timeout.is_finite() && sync_timeout > 0.0 && sync_timeout <= 3600.0) {
+                anyhow::bail!("--sync-timeout: seconds, more than 0 and at most 3600");
+            }
             let args = json!({
                 "group": group, "volumes": volumes, "to": to,
                 "path-prefix": path_prefix, "socket-prefix": socket_prefix,
+                "mode": mode, "sync-timeout-ms": (sync_timeout * 1000.0).ceil() as u64,
             });
             let reply = control.client()?.request("replicate-start", args)?;
             if json {
                 println!("{reply}");
             } else {
-                println!("group {group}: replicating {} to {to}", volumes.join(", "));
+                println!(
+                    "group {group}: replicating {} to {to} ({mode})",
+                    volumes.join(", ")
+                );
             }
             Ok(())
         }
@@ -153,6 +170,15 @@ fn print_group(g: &Value) {
                 "  degraded: {reason} ({} bytes marked changed)",
                 g["dirty-bytes"]
             );
+        }
+        if let Some(sync) = g["sync-state"].as_str() {
+            println!(
+                "  sync: {sync}, {} writes waiting for the DR site",
+                g["sync-held-writes"]
+            );
+            if let Some(reason) = g["sync-degraded-reason"].as_str() {
+                println!("  sync degraded to async: {reason}");
+            }
         }
     } else {
         println!(

@@ -37,6 +37,10 @@ const ATTACH_PAUSE_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Between two attempts to reach the DR site.
 const RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a write of a sync group waits for the DR site, unless `replicate-start` says.
+pub const SYNC_TIMEOUT_DEFAULT: Duration = Duration::from_secs(5);
+/// The longest sync timeout `replicate-start` accepts.
+const SYNC_TIMEOUT_MAX: Duration = Duration::from_secs(3600);
 /// The longest reply line of `replicate-stream`.
 const REPLY_BYTES_MAX: usize = 4096;
 
@@ -89,9 +93,32 @@ impl Daemon {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// `replicate-start` `{"group", "volumes", "to", "path-prefix", "socket-prefix"}`.
+    /// `replicate-start` `{"group", "volumes", "to", "path-prefix", "socket-prefix",
+    /// "mode", "sync-timeout-ms"}`.
     pub fn replicate_start(&self, args: &Value) -> Result<Value, ControlError> {
         let group = text(args, "group")?.to_string();
+        let sync = match args.get("mode").and_then(Value::as_str).unwrap_or("async") {
+            "async" => false,
+            "sync" => true,
+            other => {
+                return Err(ControlError::bad_argument(format!(
+                    "mode: async or sync, not {other}"
+                )))
+            }
+        };
+        let sync_timeout = match args.get("sync-timeout-ms") {
+            None | Some(Value::Null) => SYNC_TIMEOUT_DEFAULT,
+            Some(v) => v
+                .as_u64()
+                .map(Duration::from_millis)
+                .filter(|t| !t.is_zero() && *t <= SYNC_TIMEOUT_MAX)
+                .ok_or_else(|| {
+                    ControlError::bad_argument(format!(
+                        "sync-timeout-ms: milliseconds from 1 to {}",
+                        SYNC_TIMEOUT_MAX.as_millis()
+                    ))
+                })?,
+        };
         let to = text(args, "to")?.to_string();
         let url = FerryUrl::parse(&to).map_err(ControlError::bad_argument)?;
         let prefix = PathBuf::from(
@@ -176,6 +203,9 @@ impl Daemon {
         }
         let sizes: Vec<u64> = volumes.iter().map(|v| v.size_bytes()).collect();
         let sequencer = GroupSequencer::new(&sizes, 1, QUEUE_BYTES_MAX);
+        if sync {
+            sequencer.set_sync();
+        }
         let mut observers: Vec<(Arc<Volume>, Arc<dyn WriteObserver>)> = Vec::new();
         for (index, volume) in volumes.iter().enumerate() {
             let observer: Arc<dyn WriteObserver> =
@@ -207,6 +237,16 @@ impl Daemon {
         let spawned = std::thread::Builder::new()
             .name(format!("repl-copy-{group}"))
             .spawn(move || initial_copy(&copy_sequencer, &copy_volumes))
+            .and_then(|_| {
+                let watched = sequencer.clone();
+                if !sync {
+                    return Ok(());
+                }
+                std::thread::Builder::new()
+                    .name(format!("repl-sync-{group}"))
+                    .spawn(move || watched.watch_sync(sync_timeout))
+                    .map(drop)
+            })
             .and_then(|_| {
                 let group = group.clone();
                 std::thread::Builder::new()

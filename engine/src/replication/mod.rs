@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod dr_log;
 pub mod frame;
 pub mod primary;
+pub mod primary_observer;
 pub mod receiver;
 pub mod replica;
 pub mod stream;

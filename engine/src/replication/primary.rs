@@ -1,5 +1,5 @@
-//! The primary's side of a replication group: the observer on each volume's completion path
-//! and the group's sequencer, which numbers records in completion order across the group's
+//! The primary's side of a replication group: the group's sequencer, fed by the observer on
+//! each volume's completion path ([`PrimaryObserver`]), which numbers records in completion order across the group's
 //! volumes and holds them in a bounded queue until the DR site acknowledges them.
 //!
 //! A write is numbered when the volume's own I/O of it has finished (`source_done`), before
@@ -9,20 +9,23 @@
 //! already. Nothing here blocks or fails a guest request: past `queue_bytes_max` the group
 //! stops numbering records and degrades to a dirty bitmap of what changed (status says so),
 //! and the DR site keeps the prefix it has.
+//!
+//! A group in sync mode holds each guest write's completion (its [`ObserverTicket`]) until
+//! the DR site's durable sequence covers the write's last record. If the DR site acknowledges
+//! nothing for the sync timeout, the group degrades to async: held writes complete and later
+//! ones no longer wait (and past the queue's bound it degrades to its bitmap as above).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::frame::{Ack, Record, RecordOp, PAYLOAD_MAX_BYTES};
-use crate::observer::{Observed, ObserverTicket, WriteEvent, WriteKind, WriteObserver};
+use crate::observer::ObserverTicket;
+
+pub use super::primary_observer::PrimaryObserver;
 
 /// The granularity of the dirty bitmap of a degraded group.
 pub const DIRTY_CHUNK_BYTES: u64 = 64 << 10;
-/// Writes whose data waits between submission and completion, per volume, at most: past it
-/// the group degrades (a guest with more in flight than this is not replicated record by
-/// record).
-const PENDING_WRITES_MAX: usize = 4096;
 
 /// What the primary reports.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
@@ -43,6 +46,15 @@ pub struct PrimaryStatus {
     /// Since the oldest record not acknowledged was completed.
     pub lag_seconds: f64,
     pub degraded_reason: Option<String>,
+    /// async or sync.
+    pub mode: &'static str,
+    /// Of a sync group: catching-up (its initial copy not acknowledged yet, writes do not
+    /// wait), in-sync (writes complete once the DR site holds them durably) or degraded
+    /// (writes no longer wait; `sync_degraded_reason` says why).
+    pub sync_state: Option<&'static str>,
+    pub sync_degraded_reason: Option<String>,
+    /// Guest writes whose completion waits for the DR site.
+    pub sync_held_writes: u64,
     /// Bytes marked in the dirty bitmaps of a degraded group.
     pub dirty_bytes: u64,
     pub initial_copy_bytes_done: u64,
@@ -54,6 +66,8 @@ struct Held {
     record: Record,
     completed: Instant,
     bytes: usize,
+    /// The guest's completion of a sync write, on the write's last record.
+    ticket: Option<ObserverTicket>,
 }
 
 struct State {
@@ -72,6 +86,12 @@ struct State {
     copying: bool,
     stopped: bool,
     last_error: Option<String>,
+    sync: bool,
+    sync_degraded_reason: Option<String>,
+    /// The last record of the initial copy, once it is numbered whole.
+    copy_end_seq: Option<u64>,
+    /// The sequence and numbering time of each record holding a ticket, oldest first.
+    sync_waiting: VecDeque<(u64, Instant)>,
 }
 
 /// A group's numbering and its queue of records for the DR site.
@@ -117,6 +137,10 @@ impl GroupSequencer {
                 copying: false,
                 stopped: false,
                 last_error: None,
+                sync: false,
+                sync_degraded_reason: None,
+                copy_end_seq: None,
+                sync_waiting: VecDeque::new(),
             }),
             changed: Condvar::new(),
             queue_bytes_max,
@@ -127,11 +151,31 @@ impl GroupSequencer {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Makes the group sync: guest writes wait for the DR site (see the module's doc).
+    pub fn set_sync(&self) {
+        self.lock().sync = true;
+    }
+
+    /// Whether a guest write observed now may be held: a sync group not degraded.
+    pub fn may_hold(&self) -> bool {
+        let state = self.lock();
+        state.sync && state.sync_degraded_reason.is_none() && state.degraded_reason.is_none()
+    }
+
     /// Numbers a completed request of volume `volume_index` (a write's data split into
     /// records of at most [`PAYLOAD_MAX_BYTES`]); never waits.
     pub fn push(&self, volume_index: u32, op: RecordOp) {
+        self.push_held(volume_index, op, None);
+    }
+
+    /// As [`push`](Self::push), for a request whose guest completion `ticket` is held: it
+    /// completes once the DR site holds the request durably, or now when the group does not
+    /// hold writes (async, catching up, degraded, stopped).
+    pub fn push_held(&self, volume_index: u32, op: RecordOp, ticket: Option<ObserverTicket>) {
         let mut state = self.lock();
         if state.stopped {
+            drop(state);
+            complete(ticket.into_iter().collect());
             return;
         }
         if state.degraded_reason.is_none() {
@@ -147,12 +191,31 @@ impl GroupSequencer {
         }
         if state.degraded_reason.is_some() {
             mark_dirty(&mut state, volume_index, &op);
+            let mut tickets: Vec<_> = ticket.into_iter().collect();
+            take_all_tickets(&mut state, &mut tickets);
+            drop(state);
+            complete(tickets);
             return;
         }
-        for op in split(op) {
-            number(&mut state, volume_index, op);
+        let holds = state.sync
+            && state.sync_degraded_reason.is_none()
+            && state
+                .copy_end_seq
+                .is_some_and(|end| state.acknowledged_seq >= end);
+        let (ticket, now) = if holds {
+            (ticket, None)
+        } else {
+            (None, ticket)
+        };
+        let ops = split(op);
+        let last = ops.len().saturating_sub(1);
+        let mut ticket = ticket;
+        for (i, op) in ops.into_iter().enumerate() {
+            let held = if i == last { ticket.take() } else { None };
+            number(&mut state, volume_index, op, held);
         }
         drop(state);
+        complete(now.into_iter().collect());
         self.changed.notify_all();
     }
 
@@ -162,6 +225,64 @@ impl GroupSequencer {
         if state.degraded_reason.is_none() {
             log::warn!("replication degraded: {reason}");
             state.degraded_reason = Some(reason);
+        }
+        let mut tickets = Vec::new();
+        take_all_tickets(&mut state, &mut tickets);
+        drop(state);
+        complete(tickets);
+        self.changed.notify_all();
+    }
+
+    /// Degrades a sync group to async: held writes complete now, later ones do not wait.
+    pub fn degrade_sync(&self, reason: String) {
+        let mut state = self.lock();
+        if state.sync && state.sync_degraded_reason.is_none() {
+            log::warn!("sync replication degraded to async: {reason}");
+            state.sync_degraded_reason = Some(reason);
+        }
+        let mut tickets = Vec::new();
+        take_all_tickets(&mut state, &mut tickets);
+        drop(state);
+        complete(tickets);
+        self.changed.notify_all();
+    }
+
+    /// Watches a sync group until it stops or degrades: when a held write has waited
+    /// `timeout` for the DR site, the group degrades to async. Runs on a thread of its own.
+    pub fn watch_sync(&self, timeout: Duration) {
+        let mut state = self.lock();
+        loop {
+            if state.stopped
+                || state.sync_degraded_reason.is_some()
+                || state.degraded_reason.is_some()
+            {
+                return;
+            }
+            let wait = match state.sync_waiting.front() {
+                Some(&(seq, since)) => {
+                    let waited = since.elapsed();
+                    if waited >= timeout {
+                        let cause = state
+                            .last_error
+                            .as_deref()
+                            .map_or(String::new(), |e| format!(" (last error: {e})"));
+                        let reason = format!(
+                            "the DR site did not acknowledge record {seq} within {:.1} s{cause}",
+                            timeout.as_secs_f64()
+                        );
+                        drop(state);
+                        self.degrade_sync(reason);
+                        return;
+                    }
+                    timeout - waited
+                }
+                None => timeout,
+            };
+            state = self
+                .changed
+                .wait_timeout(state, wait)
+                .map(|(s, _)| s)
+                .unwrap_or_else(|e| e.into_inner().0);
         }
     }
 
@@ -196,6 +317,7 @@ impl GroupSequencer {
                 &mut state,
                 volume_index,
                 RecordOp::Write { offset_bytes, data },
+                None,
             );
         }
         drop(state);
@@ -207,6 +329,9 @@ impl GroupSequencer {
         let mut state = self.lock();
         state.copying = copying;
         state.copy_total = total_bytes;
+        if !copying {
+            state.copy_end_seq = Some(state.next_seq - 1);
+        }
     }
 
     /// Records numbered and not shipped yet, up to `bytes_max` (at least one), waiting up to
@@ -250,8 +375,11 @@ impl GroupSequencer {
         if durable_seq < state.acknowledged_seq || durable_seq >= state.next_seq {
             return durable_seq == state.next_seq - 1 && state.held.is_empty();
         }
-        release(&mut state, durable_seq);
+        let tickets = release(&mut state, durable_seq);
         state.shipped_seq = durable_seq;
+        drop(state);
+        complete(tickets);
+        self.changed.notify_all();
         true
     }
 
@@ -259,9 +387,10 @@ impl GroupSequencer {
     pub fn acknowledged(&self, ack: &Ack) {
         let mut state = self.lock();
         let through = ack.durable_seq.min(state.shipped_seq);
-        release(&mut state, through);
+        let tickets = release(&mut state, through);
         state.applied_seq = state.applied_seq.max(ack.applied_seq);
         drop(state);
+        complete(tickets);
         self.changed.notify_all();
     }
 
@@ -273,9 +402,14 @@ impl GroupSequencer {
         self.lock().last_error = error;
     }
 
-    /// Stops numbering; the shipper ends.
+    /// Stops numbering; the shipper ends and held writes complete.
     pub fn stop(&self) {
-        self.lock().stopped = true;
+        let mut state = self.lock();
+        state.stopped = true;
+        let mut tickets = Vec::new();
+        take_all_tickets(&mut state, &mut tickets);
+        drop(state);
+        complete(tickets);
         self.changed.notify_all();
     }
 
@@ -313,6 +447,24 @@ impl GroupSequencer {
                 .front()
                 .map_or(0.0, |h| h.completed.elapsed().as_secs_f64()),
             degraded_reason: state.degraded_reason.clone(),
+            mode: if state.sync { "sync" } else { "async" },
+            sync_state: state.sync.then(|| {
+                if state.sync_degraded_reason.is_some() || state.degraded_reason.is_some() {
+                    "degraded"
+                } else if state
+                    .copy_end_seq
+                    .is_some_and(|end| state.acknowledged_seq >= end)
+                {
+                    "in-sync"
+                } else {
+                    "catching-up"
+                }
+            }),
+            sync_degraded_reason: state
+                .sync_degraded_reason
+                .clone()
+                .or_else(|| state.degraded_reason.clone().filter(|_| state.sync)),
+            sync_held_writes: state.sync_waiting.len() as u64,
             dirty_bytes: dirty_chunks * DIRTY_CHUNK_BYTES,
             initial_copy_bytes_done: state.copy_done,
             initial_copy_bytes_total: state.copy_total,
@@ -321,7 +473,7 @@ impl GroupSequencer {
     }
 }
 
-fn number(state: &mut State, volume_index: u32, op: RecordOp) {
+fn number(state: &mut State, volume_index: u32, op: RecordOp, ticket: Option<ObserverTicket>) {
     let bytes = record_bytes(&op);
     let record = Record {
         seq: state.next_seq,
@@ -329,22 +481,54 @@ fn number(state: &mut State, volume_index: u32, op: RecordOp) {
         timestamp_ns: now_ns(),
         op,
     };
+    let completed = Instant::now();
+    if ticket.is_some() {
+        state.sync_waiting.push_back((record.seq, completed));
+    }
     state.next_seq += 1;
     state.held_bytes += bytes;
     state.held.push_back(Held {
         record,
-        completed: Instant::now(),
+        completed,
         bytes,
+        ticket,
     });
 }
 
-fn release(state: &mut State, through: u64) {
+/// Drops the records up to `through` (acknowledged); returns the guest completions they held.
+fn release(state: &mut State, through: u64) -> Vec<ObserverTicket> {
+    let mut tickets = Vec::new();
     while state.held.front().is_some_and(|h| h.record.seq <= through) {
         if let Some(h) = state.held.pop_front() {
             state.held_bytes -= h.bytes;
+            tickets.extend(h.ticket);
         }
     }
+    while state
+        .sync_waiting
+        .front()
+        .is_some_and(|&(seq, _)| seq <= through)
+    {
+        state.sync_waiting.pop_front();
+    }
     state.acknowledged_seq = state.acknowledged_seq.max(through);
+    tickets
+}
+
+/// Takes every held guest completion (the group stops holding them).
+fn take_all_tickets(state: &mut State, out: &mut Vec<ObserverTicket>) {
+    if state.sync_waiting.is_empty() {
+        return;
+    }
+    out.extend(state.held.iter_mut().filter_map(|h| h.ticket.take()));
+    state.sync_waiting.clear();
+}
+
+/// Completes guest writes successfully: they are on the primary's volume.
+fn complete(mut tickets: Vec<ObserverTicket>) {
+    if !tickets.is_empty() {
+        ObserverTicket::complete_all(&mut tickets, true);
+    }
 }
 
 fn mark_dirty(state: &mut State, volume_index: u32, op: &RecordOp) {
@@ -388,92 +572,5 @@ fn split(op: RecordOp) -> Vec<RecordOp> {
             })
             .collect(),
         op => vec![op],
-    }
-}
-
-/// Data of writes submitted and not completed, by (queue, offset, length), oldest first.
-type PendingWrites = HashMap<(u16, u64, u64), VecDeque<Vec<u8>>>;
-
-/// The observer on one volume of a group.
-pub struct PrimaryObserver {
-    group: Arc<GroupSequencer>,
-    volume_index: u32,
-    pending: Mutex<PendingWrites>,
-}
-
-impl PrimaryObserver {
-    pub fn new(group: Arc<GroupSequencer>, volume_index: u32) -> Arc<Self> {
-        Arc::new(Self {
-            group,
-            volume_index,
-            pending: Mutex::default(),
-        })
-    }
-
-    fn pending(&self) -> MutexGuard<'_, PendingWrites> {
-        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-impl WriteObserver for PrimaryObserver {
-    fn observe(&self, event: &WriteEvent<'_>, ticket: ObserverTicket) -> Observed {
-        match event.kind {
-            WriteKind::Flush => self.group.push(self.volume_index, RecordOp::Flush),
-            WriteKind::Write => {
-                let mut data = Vec::new();
-                event.copy_data_into(&mut data);
-                let mut pending = self.pending();
-                if pending.len() >= PENDING_WRITES_MAX {
-                    drop(pending);
-                    self.group
-                        .degrade(format!("more than {PENDING_WRITES_MAX} writes in flight"));
-                } else {
-                    let key = (event.queue_index, event.offset_bytes, event.len_bytes);
-                    pending.entry(key).or_default().push_back(data);
-                }
-            }
-            WriteKind::Discard | WriteKind::WriteZeroes { .. } => {}
-        }
-        Observed::Done(ticket)
-    }
-
-    fn source_done(&self, event: &WriteEvent<'_>) {
-        let op = match event.kind {
-            WriteKind::Write => {
-                let key = (event.queue_index, event.offset_bytes, event.len_bytes);
-                let mut pending = self.pending();
-                let data = pending.get_mut(&key).and_then(VecDeque::pop_front);
-                if pending.get(&key).is_some_and(VecDeque::is_empty) {
-                    pending.remove(&key);
-                }
-                drop(pending);
-                match data {
-                    Some(data) => RecordOp::Write {
-                        offset_bytes: event.offset_bytes,
-                        data,
-                    },
-                    None => {
-                        // Seen before this observer was added, or dropped while degraded.
-                        self.group
-                            .degrade("a write completed whose data was not kept".into());
-                        RecordOp::Discard {
-                            offset_bytes: event.offset_bytes,
-                            len_bytes: event.len_bytes,
-                        }
-                    }
-                }
-            }
-            WriteKind::Discard => RecordOp::Discard {
-                offset_bytes: event.offset_bytes,
-                len_bytes: event.len_bytes,
-            },
-            WriteKind::WriteZeroes { unmap } => RecordOp::WriteZeroes {
-                offset_bytes: event.offset_bytes,
-                len_bytes: event.len_bytes,
-                unmap,
-            },
-            WriteKind::Flush => return,
-        };
-        self.group.push(self.volume_index, op);
     }
 }

@@ -158,6 +158,12 @@ fn serve_tls_client(socket: TcpStream, daemon: &Daemon, tls: &TcpControl) {
     let Ok(address) = socket.peer_addr() else {
         return;
     };
+    // Small writes go at once: Nagle's algorithm would hold a second small write (a
+    // replication stream's applied acknowledgment after its durable one) until the peer's
+    // delayed ACK, some 40 ms, and a sync group's writes would wait that long.
+    if let Err(e) = socket.set_nodelay(true) {
+        log::debug!("control: TCP_NODELAY on {address}: {e}");
+    }
     let raw = socket.try_clone();
     let (mut stream, identity) = match accept_tls(socket, tls.config.clone(), TCP_HANDSHAKE_TIMEOUT)
     {
