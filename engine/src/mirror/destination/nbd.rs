@@ -1,7 +1,17 @@
-//! An NBD export as a migration destination: the blocking [`NbdClient`] behind the
+//! An NBD export as a migration destination: blocking [`NbdClient`]s behind the
 //! [`Destination`] interface (over TLS with the job's credentials), its errors naming the
 //! export as the operator's target.
+//!
+//! The job's requests are spread over [`CONNECTIONS`] connections in turn when the server
+//! allows several (`NBD_FLAG_CAN_MULTI_CONN`, as ferry's NBD server does): over TLS one
+//! connection is one stream that one thread encrypts here and one decrypts on the server,
+//! which bounds the copy rate well below the link's (`docs/BENCHMARKS.md`, *Migration
+//! between hosts*). Nothing relies on the order of requests in flight (a chunk written
+//! during its copy is copied again, mirrored writes come from several threads), and a
+//! flush goes on every connection, so it covers every write completed before it whether
+//! or not the server has `NBD_FLAG_CAN_MULTI_CONN`.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,10 +19,16 @@ use super::{Destination, DestinationError};
 use crate::nbd::{BlockSizes, ClientError, ClientOptions, ExportUri, NbdClient};
 use crate::tls::TlsCredentials;
 
+/// The connections a job opens to an NBD target that allows several.
+pub const CONNECTIONS: usize = 4;
+
 /// An NBD export opened for a mirror.
 pub struct NbdDestination {
     name: String,
-    client: NbdClient,
+    /// [`CONNECTIONS`] clients, or one; never empty.
+    clients: Vec<NbdClient>,
+    /// The client of the next request, modulo their number.
+    next: AtomicUsize,
 }
 
 impl NbdDestination {
@@ -33,8 +49,30 @@ impl NbdDestination {
             request_block_bytes,
             tls,
         };
-        let client = NbdClient::connect(uri, &options).map_err(|e| destination_error(&name, e))?;
-        Ok(Self { name, client })
+        let first = NbdClient::connect(uri, &options).map_err(|e| destination_error(&name, e))?;
+        // A server that does not allow several connections (qemu-nbd's default
+        // `--shared=1`) may not even answer a second one: it gets one.
+        let count = if first.can_multi_conn() {
+            CONNECTIONS
+        } else {
+            1
+        };
+        let mut clients = vec![first];
+        for _ in 1..count {
+            clients
+                .push(NbdClient::connect(uri, &options).map_err(|e| destination_error(&name, e))?);
+        }
+        Ok(Self {
+            name,
+            clients,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// The client for the next request (in turn).
+    fn client(&self) -> &NbdClient {
+        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.clients.len();
+        &self.clients[index]
     }
 
     fn err(&self, e: ClientError) -> DestinationError {
@@ -69,11 +107,11 @@ impl Destination for NbdDestination {
     }
 
     fn size_bytes(&self) -> u64 {
-        self.client.size_bytes()
+        self.clients[0].size_bytes()
     }
 
     fn write_at(&self, offset_bytes: u64, data: &[u8]) -> Result<(), DestinationError> {
-        self.client
+        self.client()
             .write_at(offset_bytes, data)
             .map_err(|e| self.err(e))
     }
@@ -84,19 +122,22 @@ impl Destination for NbdDestination {
         len_bytes: u64,
         unmap: bool,
     ) -> Result<(), DestinationError> {
-        self.client
+        self.client()
             .write_zeroes(offset_bytes, len_bytes, unmap)
             .map_err(|e| self.err(e))
     }
 
     fn read_at(&self, offset_bytes: u64, buf: &mut [u8]) -> Result<(), DestinationError> {
-        self.client
+        self.client()
             .read_at(offset_bytes, buf)
             .map_err(|e| self.err(e))
     }
 
     fn flush(&self) -> Result<(), DestinationError> {
-        self.client.flush().map_err(|e| self.err(e))
+        for client in &self.clients {
+            client.flush().map_err(|e| self.err(e))?;
+        }
+        Ok(())
     }
 
     fn is_remote(&self) -> bool {
@@ -104,11 +145,13 @@ impl Destination for NbdDestination {
     }
 
     fn close(&self) {
-        self.client.close("the target was closed");
+        for client in &self.clients {
+            client.close("the target was closed");
+        }
     }
 
     fn block_sizes(&self) -> Option<BlockSizes> {
-        Some(self.client.block_sizes())
+        Some(self.clients[0].block_sizes())
     }
 }
 
