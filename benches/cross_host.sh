@@ -18,6 +18,7 @@
 #
 # Usage: benches/cross_host.sh ROUNDS [SIZE_MIB]
 #   e.g. benches/cross_host.sh 7 1024    (as root; FERRY=target/release/ferry by default)
+# NBDCOPY_ARGS adds options to nbdcopy (e.g. --connections=1: one TLS stream, like the move).
 # The switchover pause is measured by tests/cross_host_guest.rs, run with --nocapture:
 #   GUEST_ROUNDS=5 benches/cross_host.sh 0
 # runs it GUEST_ROUNDS times and prints QEMU's downtime beside the hand-off's hand-off-ms.
@@ -134,7 +135,8 @@ run_nbdcopy() {  # prints MiB/s
     local name=$1 t0 t1
     query_b incoming-prepare "{\"name\":\"$name\",\"size\":$((SIZE_MIB << 20)),\"path\":\"$SHM/$name.img\",\"socket\":\"$WORK/$name.sock\"}"
     t0=$(now)
-    in_a nbdcopy "$IMG" "nbds://$ADDR_B:$NBD_PORT/$name?tls-certificates=$WORK/pki/a"
+    # shellcheck disable=SC2086 # NBDCOPY_ARGS is a list of options
+    in_a nbdcopy ${NBDCOPY_ARGS:-} "$IMG" "nbds://$ADDR_B:$NBD_PORT/$name?tls-certificates=$WORK/pki/a"
     t1=$(now)
     query_b incoming-abandon "{\"name\":\"$name\"}"
     python3 -c "print(round($SIZE_MIB / ($t1 - $t0), 1))"
