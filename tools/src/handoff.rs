@@ -391,6 +391,13 @@ impl HandOff {
     }
 
     fn fail_jobs(&self, reason: &str) {
+        // The reason first: a job's status shows it as soon as the job reads cancelled.
+        {
+            let mut outcome = self.lock_outcome();
+            if outcome.error.is_none() {
+                outcome.error = Some(reason.to_string());
+            }
+        }
         for m in self.lock_moving().iter() {
             if !m.job.state().is_terminal() {
                 log::warn!("job {}: {reason}", m.job.id());
