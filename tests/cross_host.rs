@@ -8,7 +8,8 @@
 //! refusals are one line. Then the whole move driven by the source: `ferry migrate start
 //! --target ferry://…` while a libblkio client writes on the source, the client
 //! disconnecting (the device stop), the destination serving every byte; two volumes
-//! moving together; a cancelled move and its clean retry; a destination refusing the
+//! moving together; the source volume's own NBD export fenced at the hand-off; a
+//! cancelled move and its clean retry; a destination refusing the
 //! source's certificate; a background copy converging over a link limited with `tc tbf`
 //! under steady writes.
 
@@ -26,6 +27,17 @@ use support::wait::{wait_until, HANG_TIMEOUT};
 
 fn require_tools() -> bool {
     support::require::require("qemu-io", support::require::command_available("qemu-io"))
+}
+
+/// Fails unless `qemu-io` (its write) failed.
+fn ensure_refused(what: &str, out: &std::process::Output) -> Result<()> {
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() || text.contains("failed") || text.contains("error"),
+        "{what} went through: {text}"
+    );
+    Ok(())
 }
 
 fn read_op(offset_bytes: u64, len_bytes: usize) -> Op {
@@ -76,13 +88,10 @@ fn an_incoming_volume_serves_its_device_only_once_activated_and_fences_its_sourc
     support::compare_bytes("incoming vm1", &client.buf()[..MIB], &vec![0x5a; MIB])?;
     assert_eq!(hosts.incoming_state("vm1")?.as_deref(), Some("active"));
     // The source's export is fenced: its writes no longer land.
-    let out = hosts.qemu_io_b("vm1", "write -P 0x33 0 4k")?;
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    ensure!(
-        !out.status.success() || text.contains("failed") || text.contains("error"),
-        "a write after activation went through: {text}"
-    );
+    ensure_refused(
+        "a write after activation",
+        &hosts.qemu_io_b("vm1", "write -P 0x33 0 4k")?,
+    )?;
     let data = client.read_all(0, 4096, 4096)?;
     support::compare_bytes("after the fence", &data, &[0x5a; 4096])?;
     // Abandoning an active volume is refused: it serves the VM now.
@@ -274,6 +283,41 @@ fn a_volume_moves_to_another_host_when_its_frontend_stops() -> Result<()> {
     support::compare_image(&b_image, 0, &expected)?;
     support::compare_image(&hosts.path("a.img"), 0, &expected)?;
     let _ = &hosts.daemon_a;
+    Ok(())
+}
+
+#[test]
+fn the_source_volumes_own_nbd_export_is_fenced_at_the_hand_off() -> Result<()> {
+    let options = HostOptions {
+        source_nbd: true,
+        ..HostOptions::default()
+    };
+    let Some(hosts) = TwoHosts::start(options)? else {
+        return Ok(());
+    };
+    let mut client = BlkioClient::connect(&hosts.path("a.sock"), &BlkioOpts::default())?;
+    client.write_all(0, &support::pattern(41, MIB), 64 << 10)?;
+    let job = hosts.migrate_to_b(&[])?;
+    hosts.wait_ready(job)?;
+    // A write through A's export during the move is mirrored to B like the device's.
+    let out = hosts.qemu_io(0, "vm1", "write -P 0x44 2M 1M")?;
+    ensure!(
+        out.status.success(),
+        "qemu-io write on A: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(client);
+    hosts.wait_handed_off(job)?;
+    // From the hand-off on, A's export takes no write: the volume is B's.
+    ensure_refused(
+        "a write on the source's export after the hand-off",
+        &hosts.qemu_io(0, "vm1", "write -P 0x55 2M 4k")?,
+    )?;
+    let mut expected = support::pattern(41, MIB);
+    expected.resize(2 * MIB, 0);
+    expected.extend_from_slice(&[0x44; MIB]);
+    support::compare_image(&hosts.path("b-vm1.img"), 0, &expected)?;
+    support::compare_image(&hosts.path("a.img"), 0, &expected)?;
     Ok(())
 }
 

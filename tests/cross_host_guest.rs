@@ -7,7 +7,7 @@
 //! writing on B. Every slot the guest wrote is checked in the guest and in B's image.
 //!
 //! And the moves that fail (the destination killed or its link down mid-copy, its disk
-//! full, the VM's migration cancelled): the guest goes on on its source with no error and
+//! full, the VM's migration cancelled, its switchover long before the copy is ready): the guest goes on on its source with no error and
 //! every slot right, the job ends with a reason, and B keeps nothing.
 
 #[path = "support/mod.rs"]
@@ -257,6 +257,10 @@ enum Failure {
     DestinationFull,
     /// The VM's migration is cancelled (QMP `migrate_cancel`) once the disk is in sync.
     VmMigrationCancelled,
+    /// The VM's switchover comes while the copy is far from `ready` (rate-limited): the
+    /// hand-off waits at most the destination's start-wait, then fails, and the VM is
+    /// resumed on A with QMP `cont`.
+    SwitchoverBeforeReady,
 }
 
 /// Waits until the job has copied something and is still copying.
@@ -291,6 +295,21 @@ fn cancel_vm_migration(hosts: &TwoHosts, qmp: &mut Qmp) -> Result<RunningGuest> 
     Ok(dest)
 }
 
+/// Starts a destination QEMU and migrates the VM to it while the disk's copy is far from
+/// ready; returns once QEMU's migration completed (the source VM paused in `postmigrate`).
+fn switch_over_before_ready(hosts: &TwoHosts, qmp: &mut Qmp) -> Result<RunningGuest> {
+    let address_b = hosts.network.host(1).address;
+    let incoming = format!("tcp:{address_b}:{MIGRATION_PORT}");
+    let qmp_b = hosts.path("qmp-b.sock");
+    let opts = guest_opts(&hosts.network.host(1).namespace, &qmp_b, Some(&incoming));
+    let dest = Guest::spawn(&hosts.path("b-vm1.sock"), &script(), &opts)?;
+    drop(Qmp::connect(&qmp_b, Duration::from_secs(30))?);
+    qmp.execute("migrate-set-parameters", json!({"downtime-limit": 2000}))?;
+    qmp.migrate(&incoming)?;
+    qmp.wait_migration(MIGRATE_TIMEOUT)?;
+    Ok(dest)
+}
+
 /// A move that fails at `failure`: the job ends failed or cancelled with a reason, the
 /// guest goes on on A with no error and every slot right, and what B still runs holds no
 /// incoming volume and no image.
@@ -298,7 +317,11 @@ fn a_failed_move_leaves_the_vm_on_its_source(failure: Failure) -> Result<()> {
     let options = HostOptions {
         // The link-down case relies on B's own lease: A cannot reach it to abandon.
         lease_s: if failure == Failure::LinkDown { 3 } else { 600 },
-        start_wait_s: 60,
+        start_wait_s: if failure == Failure::SwitchoverBeforeReady {
+            2
+        } else {
+            60
+        },
         ..HostOptions::default()
     };
     let Some(mut hosts) = TwoHosts::start(options)? else {
@@ -321,6 +344,8 @@ fn a_failed_move_leaves_the_vm_on_its_source(failure: Failure) -> Result<()> {
     };
     let slow: &[&str] = match failure {
         Failure::DestinationKilled | Failure::LinkDown => &["--max-speed", "256K"],
+        // 8 MiB at 64 KiB/s: minutes, far past the 2 s start-wait.
+        Failure::SwitchoverBeforeReady => &["--max-speed", "64K"],
         _ => &[],
     };
     let job = hosts.migrate_to_b_at(&image, slow)?;
@@ -338,6 +363,10 @@ fn a_failed_move_leaves_the_vm_on_its_source(failure: Failure) -> Result<()> {
         Failure::VmMigrationCancelled => {
             hosts.wait_ready(job)?;
             dest = Some(cancel_vm_migration(&hosts, &mut qmp)?);
+        }
+        Failure::SwitchoverBeforeReady => {
+            wait_mid_copy(&hosts, job)?;
+            dest = Some(switch_over_before_ready(&hosts, &mut qmp)?);
         }
     }
     let failed = wait_until("the move to fail", MIGRATE_TIMEOUT, || {
@@ -365,6 +394,12 @@ fn a_failed_move_leaves_the_vm_on_its_source(failure: Failure) -> Result<()> {
         ensure!(!left, "B left its image {}", image.display());
     }
     drop(dest);
+    if failure == Failure::SwitchoverBeforeReady {
+        let handed_off = &hosts.job_status(job)?["cross-host"]["handed-off"];
+        ensure!(*handed_off == json!(false), "handed off: {handed_off}");
+        // QEMU's migration completed, the disk's did not: the VM resumes on A.
+        qmp.execute("cont", json!({}))?;
+    }
     // The guest goes on on A: more iterations, then every slot checked.
     let now = last_iteration(&source.console());
     source.wait_for(&format!("ITERATION {}\n", now + 2), MIGRATE_TIMEOUT)?;
@@ -389,6 +424,12 @@ fn the_link_down_mid_copy_leaves_the_vm_on_its_source() -> Result<()> {
 #[test]
 fn the_destination_out_of_space_leaves_the_vm_on_its_source() -> Result<()> {
     a_failed_move_leaves_the_vm_on_its_source(Failure::DestinationFull)
+}
+
+#[test]
+fn a_switchover_before_the_copy_is_ready_fails_after_the_start_wait_and_the_vm_resumes_on_its_source(
+) -> Result<()> {
+    a_failed_move_leaves_the_vm_on_its_source(Failure::SwitchoverBeforeReady)
 }
 
 #[test]

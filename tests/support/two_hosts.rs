@@ -2,6 +2,7 @@
 //! pair, a test CA, daemon A (10.77.0.1) serving volume `vm1` with a unix control socket
 //! and its own credentials (certificate `ferry-a`), and daemon B (10.77.0.2) serving no
 //! volume, with the TCP control listener and an NBD listener, allowing `ferry-a` only.
+//! Optionally A also exports `vm1` read-write on its own NBD listener.
 
 use anyhow::{Context as _, Result};
 use ferry_test_support::netns::{Host, Network};
@@ -50,6 +51,8 @@ pub fn ferry_in(host: Option<&Host>, args: &[&str]) -> Result<CliOutput> {
 pub struct HostOptions {
     /// A also serves `vm2` (16 MiB, socket `a2.sock`).
     pub second_volume: bool,
+    /// A exports `vm1` read-write on an NBD listener of its own (port [`NBD_PORT`]).
+    pub source_nbd: bool,
     pub lease_s: u64,
     pub start_wait_s: u64,
     /// B's `--tls-authz`.
@@ -63,6 +66,7 @@ impl Default for HostOptions {
             start_wait_s: 600,
             authz: "ferry-a",
             second_volume: false,
+            source_nbd: false,
         }
     }
 }
@@ -123,15 +127,27 @@ impl TwoHosts {
         )?;
         let dir = super::scratch_dir()?;
         let control_a = dir.path().join("a.ctl");
+        let (source_export, source_listen) = if options.source_nbd {
+            (
+                ",nbd=rw",
+                vec![
+                    "--nbd-listen".to_string(),
+                    format!("{address_a}:{NBD_PORT}"),
+                ],
+            )
+        } else {
+            ("", Vec::new())
+        };
         let mut command = a.command(super::ferry_bin());
         command
             .arg("serve")
             .arg("--volume")
             .arg(format!(
-                "name=vm1,path={},socket={},size={VOLUME_BYTES}",
+                "name=vm1,path={},socket={},size={VOLUME_BYTES}{source_export}",
                 dir.path().join("a.img").display(),
                 dir.path().join("a.sock").display()
             ))
+            .args(source_listen)
             .args(second_volume(&options, dir.path()))
             .arg("--control")
             .arg(&control_a)
@@ -142,6 +158,7 @@ impl TwoHosts {
         let pid = daemon_a.pid();
         daemon_a.wait_ready("its control socket", START_TIMEOUT, || {
             unix_listening_in(pid, &control_a)
+                && (!options.source_nbd || tcp_listening_in(pid, NBD_PORT))
         })?;
         let args_b: Vec<String> = vec![
             "serve".into(),
@@ -249,7 +266,13 @@ impl TwoHosts {
 
     /// `qemu-io -c COMMAND` on B's export `name` from host A, over TLS with A's certificate.
     pub fn qemu_io_b(&self, name: &str, command: &str) -> Result<std::process::Output> {
-        let address_b = self.network.host(1).address;
+        self.qemu_io(1, name, command)
+    }
+
+    /// `qemu-io -c COMMAND` on export `name` of host `index` (0 for A, 1 for B) from host
+    /// A, over TLS with A's certificate.
+    pub fn qemu_io(&self, index: usize, name: &str, command: &str) -> Result<std::process::Output> {
+        let address = self.network.host(index).address;
         self.host_a()
             .command("qemu-io")
             .arg("--object")
@@ -259,7 +282,7 @@ impl TwoHosts {
             ))
             .arg("--image-opts")
             .arg(format!(
-                "driver=nbd,server.type=inet,server.host={address_b},server.port={NBD_PORT},export={name},tls-creds=tls0"
+                "driver=nbd,server.type=inet,server.host={address},server.port={NBD_PORT},export={name},tls-creds=tls0"
             ))
             .arg("-c")
             .arg(command)

@@ -4,8 +4,10 @@
 //! its NBD export until in sync, and when the source QEMU stops the devices at the
 //! switchover of its VM migration, the volumes are handed over: their gates closed (armed
 //! at the start, closed by the device stop itself), what is left copied and flushed, and
-//! the incoming volumes activated. Any failure before the activation reopens the gates
-//! (the VM goes on on the source), cancels the jobs and abandons the incoming volumes.
+//! the incoming volumes activated. A volume the source also exports over NBD read-write has
+//! that export fenced at the hand-off, before what is left is copied, so no NBD client
+//! writes the source after the destination takes over. Any failure before the activation reopens the gates
+//! and lifts those fences (the VM goes on on the source), cancels the jobs and abandons the incoming volumes.
 //!
 //! The destination is only ever activated after every job has handed off, so it never
 //! serves a disk the source could still write or one that is not complete.
@@ -17,7 +19,7 @@ use std::time::{Duration, Instant};
 use ferry_engine::mirror::{
     DestinationSpec, MigrationError, MigrationJob, MigrationOptions, MigrationState,
 };
-use ferry_engine::nbd::ExportUri;
+use ferry_engine::nbd::{ExportUri, NbdServer};
 use ferry_engine::peer::link::{LinkOptions, PeerError, PeerLink};
 use ferry_engine::peer::{ControlAddress, FerryUrl};
 use ferry_vhost::{DeviceGate, StopCause};
@@ -25,6 +27,7 @@ use serde_json::{json, Value};
 
 use crate::control::ControlError;
 use crate::daemon::Daemon;
+use crate::volume_spec::NbdExportMode;
 
 /// Default image and socket on the destination, `{name}` standing for the volume's name.
 pub const REMOTE_PATH_DEFAULT: &str = "/var/lib/ferry/{name}.img";
@@ -44,6 +47,9 @@ struct Moving {
     remote: String,
     job: Arc<MigrationJob>,
     gate: Arc<DeviceGate>,
+    /// The source volume is exported read-write on this daemon's NBD server (fenced at
+    /// the hand-off).
+    exported_rw: bool,
     /// The destination's last answer to `incoming-status`.
     remote_status: Value,
 }
@@ -72,6 +78,8 @@ struct Outcome {
 pub struct HandOff {
     peer: String,
     link: PeerLink,
+    /// This daemon's NBD server, which may export the moving volumes.
+    nbd: Option<Arc<NbdServer>>,
     /// The destination's lease (the shortest it named), in milliseconds.
     lease_ms: AtomicU64,
     /// How long the destination's devices wait for an activation, in milliseconds.
@@ -133,6 +141,7 @@ impl HandOff {
         let handoff = Arc::new(Self {
             peer,
             link,
+            nbd: daemon.nbd.clone(),
             lease_ms: AtomicU64::new(u64::MAX),
             start_wait_ms: AtomicU64::new(u64::MAX),
             moving: Mutex::new(Vec::new()),
@@ -235,6 +244,7 @@ impl HandOff {
                 remote,
                 job,
                 gate: served.gate.clone(),
+                exported_rw: served.nbd == Some(NbdExportMode::ReadWrite),
                 remote_status: Value::Null,
             });
         }
@@ -287,6 +297,7 @@ impl HandOff {
             m.gate.open();
             let _ = m.job.cancel();
         }
+        self.unfence_exports();
         for name in prepared {
             if let Err(e) = self.link.call("incoming-abandon", &json!({ "name": name })) {
                 log::warn!("{e} (its lease will remove it)");
@@ -380,6 +391,13 @@ impl HandOff {
     }
 
     fn fail_jobs(&self, reason: &str) {
+        // The reason first: a job's status shows it as soon as the job reads cancelled.
+        {
+            let mut outcome = self.lock_outcome();
+            if outcome.error.is_none() {
+                outcome.error = Some(reason.to_string());
+            }
+        }
         for m in self.lock_moving().iter() {
             if !m.job.state().is_terminal() {
                 log::warn!("job {}: {reason}", m.job.id());
@@ -436,7 +454,7 @@ impl HandOff {
             ms if vm_migrating && ms != u64::MAX => READY_WAIT_MAX.min(Duration::from_millis(ms)),
             _ => READY_WAIT_MAX,
         };
-        if let Err(reason) = self.settle(ready_wait) {
+        if let Err(reason) = self.fence_exports().and_then(|()| self.settle(ready_wait)) {
             self.fail_jobs(&reason);
             self.unwind(remotes, &reason);
             return;
@@ -479,6 +497,37 @@ impl HandOff {
             outcome.hand_off_ms = Some(took.as_millis() as u64);
         }
         log::info!("volumes handed off to {} in {took:?}", self.peer);
+    }
+
+    /// Fences the source's read-write NBD exports of the moving volumes: their clients are
+    /// disconnected once their writes in flight have landed (in the jobs' dirty bitmaps,
+    /// so the settle copies them), and new ones are refused.
+    fn fence_exports(&self) -> Result<(), String> {
+        let Some(server) = &self.nbd else {
+            return Ok(());
+        };
+        let exported: Vec<String> = self
+            .lock_moving()
+            .iter()
+            .filter(|m| m.exported_rw)
+            .map(|m| m.local.clone())
+            .collect();
+        for name in exported {
+            server
+                .fence_export(&name, crate::incoming::FENCE_TIMEOUT)
+                .map_err(|e| format!("fencing the source's NBD export {name}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Lifts the fences of [`Self::fence_exports`]: the source's volumes serve again.
+    fn unfence_exports(&self) {
+        let Some(server) = &self.nbd else { return };
+        for m in self.lock_moving().iter().filter(|m| m.exported_rw) {
+            if let Err(e) = server.unfence_export(&m.local) {
+                log::warn!("volume {}: {e}", m.local);
+            }
+        }
     }
 
     /// Hands every job off (copies the rest, flushes), each once it is ready: a device

@@ -45,8 +45,9 @@ impl Default for IncomingOptions {
 pub const LEASE_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 /// Ended incoming volumes remembered for `incoming-status` (their names and why).
 const ENDED_REMEMBERED_MAX: usize = 64;
-/// How long activation waits for the source's NBD connections to end after the fence.
-const FENCE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a fence waits for an export's NBD connections to end (the source's export on
+/// the destination at activation, the volume's own on the source at its hand-off).
+pub(crate) const FENCE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The longest volume name an incoming volume may have.
 const NAME_BYTES_MAX: usize = 64;
 

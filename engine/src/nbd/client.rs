@@ -24,8 +24,8 @@ use super::connection::Connection;
 use super::handshake::handshake;
 use super::protocol::{
     command_name, RequestHeader, SimpleReply, NBD_CMD_FLAG_NO_HOLE, NBD_CMD_FLUSH, NBD_CMD_READ,
-    NBD_CMD_TRIM, NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES, NBD_FLAG_READ_ONLY, NBD_FLAG_SEND_FLUSH,
-    NBD_FLAG_SEND_TRIM, NBD_FLAG_SEND_WRITE_ZEROES, SIMPLE_REPLY_BYTES,
+    NBD_CMD_TRIM, NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES, NBD_FLAG_CAN_MULTI_CONN, NBD_FLAG_READ_ONLY,
+    NBD_FLAG_SEND_FLUSH, NBD_FLAG_SEND_TRIM, NBD_FLAG_SEND_WRITE_ZEROES, SIMPLE_REPLY_BYTES,
 };
 use super::sizes::{BlockSizes, REQUEST_ALIGN_BYTES};
 use super::tls_stream::ClientTls;
@@ -213,6 +213,11 @@ impl NbdClient {
             reader: Mutex::new(Some(reader)),
             request_timeout: timeout,
         })
+    }
+
+    /// The server allows several connections to the export (`NBD_FLAG_CAN_MULTI_CONN`).
+    pub fn can_multi_conn(&self) -> bool {
+        self.transmission_flags & NBD_FLAG_CAN_MULTI_CONN != 0
     }
 
     pub fn size_bytes(&self) -> u64 {

@@ -1,7 +1,18 @@
-//! An NBD export as a migration destination: the blocking [`NbdClient`] behind the
+//! An NBD export as a migration destination: blocking [`NbdClient`]s behind the
 //! [`Destination`] interface (over TLS with the job's credentials), its errors naming the
-//! export as the operator's target.
+//! export as the operator's target. Mirrored guest writes are pipelined: a batch leaves on
+//! one connection in one send, and each write is released by its own reply.
+//!
+//! The job's requests are spread over [`CONNECTIONS`] connections in turn when the server
+//! allows several (`NBD_FLAG_CAN_MULTI_CONN`, as ferry's NBD server does): over TLS one
+//! connection is one stream that one thread encrypts here and one decrypts on the server,
+//! which bounds the copy rate well below the link's (`docs/BENCHMARKS.md`, *Migration
+//! between hosts*). Nothing relies on the order of requests in flight (a chunk written
+//! during its copy is copied again, mirrored writes come from several threads), and a
+//! flush on one connection covers the writes completed on all of them (what
+//! `NBD_FLAG_CAN_MULTI_CONN` promises).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,10 +20,16 @@ use super::{Destination, DestinationError, OwnedWrite};
 use crate::nbd::{BlockSizes, ClientError, ClientOptions, ExportUri, NbdClient, PipelinedWrite};
 use crate::tls::TlsCredentials;
 
+/// The connections a job opens to an NBD target that allows several.
+pub const CONNECTIONS: usize = 4;
+
 /// An NBD export opened for a mirror.
 pub struct NbdDestination {
     name: Arc<str>,
-    client: NbdClient,
+    /// [`CONNECTIONS`] clients, or one; never empty.
+    clients: Vec<NbdClient>,
+    /// The client of the next request, modulo their number.
+    next: AtomicUsize,
 }
 
 impl NbdDestination {
@@ -33,11 +50,30 @@ impl NbdDestination {
             request_block_bytes,
             tls,
         };
-        let client = NbdClient::connect(uri, &options).map_err(|e| destination_error(&name, e))?;
+        let first = NbdClient::connect(uri, &options).map_err(|e| destination_error(&name, e))?;
+        // A server that does not allow several connections (qemu-nbd's default
+        // `--shared=1`) may not even answer a second one: it gets one.
+        let count = if first.can_multi_conn() {
+            CONNECTIONS
+        } else {
+            1
+        };
+        let mut clients = vec![first];
+        for _ in 1..count {
+            clients
+                .push(NbdClient::connect(uri, &options).map_err(|e| destination_error(&name, e))?);
+        }
         Ok(Self {
             name: name.into(),
-            client,
+            clients,
+            next: AtomicUsize::new(0),
         })
+    }
+
+    /// The client for the next request (in turn).
+    fn client(&self) -> &NbdClient {
+        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.clients.len();
+        &self.clients[index]
     }
 
     fn err(&self, e: ClientError) -> DestinationError {
@@ -72,11 +108,11 @@ impl Destination for NbdDestination {
     }
 
     fn size_bytes(&self) -> u64 {
-        self.client.size_bytes()
+        self.clients[0].size_bytes()
     }
 
     fn write_at(&self, offset_bytes: u64, data: &[u8]) -> Result<(), DestinationError> {
-        self.client
+        self.client()
             .write_at(offset_bytes, data)
             .map_err(|e| self.err(e))
     }
@@ -87,19 +123,21 @@ impl Destination for NbdDestination {
         len_bytes: u64,
         unmap: bool,
     ) -> Result<(), DestinationError> {
-        self.client
+        self.client()
             .write_zeroes(offset_bytes, len_bytes, unmap)
             .map_err(|e| self.err(e))
     }
 
     fn read_at(&self, offset_bytes: u64, buf: &mut [u8]) -> Result<(), DestinationError> {
-        self.client
+        self.client()
             .read_at(offset_bytes, buf)
             .map_err(|e| self.err(e))
     }
 
     fn flush(&self) -> Result<(), DestinationError> {
-        self.client.flush().map_err(|e| self.err(e))
+        // Several clients only to a server with `NBD_FLAG_CAN_MULTI_CONN`, where a flush
+        // on one connection covers the writes completed on every one.
+        self.clients[0].flush().map_err(|e| self.err(e))
     }
 
     fn is_remote(&self) -> bool {
@@ -125,7 +163,8 @@ impl Destination for NbdDestination {
                 }
             })
             .collect();
-        self.client.send_writes(&mut pipelined);
+        // One batch, one connection: its writes leave in one send.
+        self.client().send_writes(&mut pipelined);
         drop(pipelined);
         // Sent: the data is in the connection's hands (a pipelined write's bytes are copied
         // into its batch before `send_writes` returns).
@@ -133,15 +172,19 @@ impl Destination for NbdDestination {
     }
 
     fn expire_overdue(&self) {
-        self.client.expire_overdue();
+        for client in &self.clients {
+            client.expire_overdue();
+        }
     }
 
     fn close(&self) {
-        self.client.close("the target was closed");
+        for client in &self.clients {
+            client.close("the target was closed");
+        }
     }
 
     fn block_sizes(&self) -> Option<BlockSizes> {
-        Some(self.client.block_sizes())
+        Some(self.clients[0].block_sizes())
     }
 }
 

@@ -181,6 +181,18 @@ impl Export {
         }
     }
 
+    /// Lifts a fence: the export takes new connections and writes again (a move between
+    /// hosts whose hand-off failed gives the volume back to its source). A removed export
+    /// stays removed.
+    pub fn unfence(&self) {
+        let mut connections = self.lock();
+        if connections.removed {
+            return;
+        }
+        connections.fenced = false;
+        self.fenced.store(false, Ordering::Release);
+    }
+
     /// Waits until no connection is attached, for at most `timeout`; false on timeout.
     pub fn wait_detached(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;

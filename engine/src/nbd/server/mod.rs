@@ -244,6 +244,17 @@ impl NbdServer {
         wait_detached(&export, timeout)
     }
 
+    /// Lifts an export's fence ([`Export::unfence`]).
+    pub fn unfence_export(&self, name: &str) -> Result<(), ServerError> {
+        let export = self
+            .shared
+            .exports
+            .get(name)
+            .ok_or_else(|| ServerError::NoExport(name.into()))?;
+        export.unfence();
+        Ok(())
+    }
+
     pub fn export_status(&self, name: &str) -> Option<ExportStatus> {
         self.shared.exports.get(name).map(|e| e.status())
     }
