@@ -381,7 +381,12 @@ impl MigrationJob {
             drop(guard);
         }
         self.plan()?;
-        for i in 0..s.options.copy_threads {
+        let copy_threads = if s.target.is_remote() {
+            s.options.copy_threads_remote
+        } else {
+            s.options.copy_threads
+        };
+        for i in 0..copy_threads {
             self.spawn(&format!("ferry-copy-{i}"), super::copier::run)?;
         }
         self.spawn("ferry-migrate", super::supervisor::run)?;
