@@ -381,12 +381,7 @@ impl MigrationJob {
             drop(guard);
         }
         self.plan()?;
-        let copy_threads = if s.target.is_remote() {
-            s.options.copy_threads_remote
-        } else {
-            s.options.copy_threads
-        };
-        for i in 0..copy_threads {
+        for i in 0..s.options.copy_threads {
             self.spawn(&format!("ferry-copy-{i}"), super::copier::run)?;
         }
         self.spawn("ferry-migrate", super::supervisor::run)?;

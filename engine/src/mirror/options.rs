@@ -27,14 +27,8 @@ pub struct MigrationOptions {
     pub granularity_bytes: u64,
     /// The largest single copy (a multiple of the granularity).
     pub copy_chunk_bytes: u64,
-    /// Copier threads for a local target, each with one chunk in flight: the bound on
-    /// copies in flight.
+    /// Copier threads, each with one chunk in flight: the bound on copies in flight.
     pub copy_threads: usize,
-    /// The same for a remote (NBD) target. Each copy waits a round trip for its reply, and
-    /// over TLS the job's connections encrypt in parallel only with enough copies in flight
-    /// to keep them all busy: 16 copies of a 1 MiB chunk (16 MiB in flight) keep 4
-    /// connections fed, as nbdcopy's many requests per connection do.
-    pub copy_threads_remote: usize,
     /// Threads that write mirrored guest writes to a local target (`active` mode).
     pub mirror_threads: usize,
     /// The same for a remote (NBD) target. Its writes are pipelined (a worker sends a batch
@@ -88,7 +82,6 @@ impl Default for MigrationOptions {
             granularity_bytes: GRANULARITY_BYTES_DEFAULT,
             copy_chunk_bytes: COPY_CHUNK_BYTES_DEFAULT,
             copy_threads: 4,
-            copy_threads_remote: 16,
             mirror_threads: 2,
             mirror_threads_remote: 2,
             auto_cutover: false,
@@ -131,11 +124,7 @@ impl MigrationOptions {
         if self.hand_off && self.auto_cutover {
             return Err("a job that hands off does not cut over by itself".into());
         }
-        if self.copy_threads == 0
-            || self.copy_threads_remote == 0
-            || self.mirror_threads == 0
-            || self.mirror_threads_remote == 0
-        {
+        if self.copy_threads == 0 || self.mirror_threads == 0 || self.mirror_threads_remote == 0 {
             return Err("copy_threads and mirror_threads must be at least 1".into());
         }
         Ok(())
