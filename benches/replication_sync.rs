@@ -1,4 +1,4 @@
-//! The latency a sync replication group adds to a guest write (issue 18): 4 KiB random
+//! The latency a sync replication group adds to a guest write: 4 KiB random
 //! writes at queue depth 1 (`ferry bench`) on host A's volume with no replication, then with
 //! the volume in a sync group to host B (two `ferry serve` daemons in network namespaces
 //! joined by veth, mutual TLS, B's DR log on the tmpfs at /dev/shm so the link is measured,
