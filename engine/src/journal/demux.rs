@@ -17,8 +17,8 @@ use super::format::{
     BLOCK_BYTES, MEDIUM_FLAG_DEMUXED,
 };
 use super::media::{medium_file_name, MediaSet, StopNote};
+use super::prologue::unsequenced;
 use super::running::JOURNAL_STREAM_ID;
-use super::writer::unsequenced;
 
 /// One journal written by demux.
 #[derive(Debug, Clone, serde::Serialize)]

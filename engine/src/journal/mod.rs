@@ -18,6 +18,7 @@ pub mod media;
 pub mod memory_log;
 pub mod merge;
 pub mod options;
+pub mod prologue;
 pub mod recovery;
 pub mod restore;
 pub mod running;

@@ -19,13 +19,13 @@ use super::entry::{now_ns, LogEntry};
 use super::error::JournalError;
 use super::format::{
     encode_record, encode_trailer_entry, padding_needed, padding_record, trailer_records_bytes,
-    MediumHeader, Op, RecordHeader, StopCause, StopInfo, StreamDef, BLOCK_BYTES,
-    FLAG_TRAILER_CONTINUES, FLAG_UNSEQUENCED, HEADER_BYTES, TRAILER_ENTRIES_PER_RECORD,
-    TRAILER_ENTRY_BYTES,
+    MediumHeader, Op, StopCause, StopInfo, BLOCK_BYTES, FLAG_TRAILER_CONTINUES, HEADER_BYTES,
+    TRAILER_ENTRIES_PER_RECORD, TRAILER_ENTRY_BYTES,
 };
 use super::mapped::{MappedTail, MediumMapping, Prefaulter, TailParts};
 use super::media::{list_media, medium_file_name};
 use super::options::{JournalOptions, MediumCache, OnFull};
+use super::prologue::{encode_prologue, unsequenced, Prologue};
 use super::spares::{list_spares, SpareFormatter};
 use crate::volume::open::is_memory_backed;
 
@@ -56,15 +56,6 @@ fn encode_trailer(out: &mut Vec<u8>, payload: &mut Vec<u8>, entries: &[LogEntry]
         }
         encode_record(out, header, payload);
     }
-}
-
-/// What the writer restates at the start of every medium.
-#[derive(Debug, Clone, Default)]
-pub struct Prologue {
-    pub streams: Vec<(u32, StreamDef)>,
-    pub log_id: u32,
-    pub label: String,
-    pub last_seq: u64,
 }
 
 /// Why a batch could not be written.
@@ -649,48 +640,6 @@ fn grow_to_capacity(file: &File, capacity_bytes: u64) -> std::io::Result<()> {
         file.set_len(capacity_bytes)?;
     }
     Ok(())
-}
-
-/// A header for a bookkeeping record.
-pub fn unsequenced(op: Op, last_seq: u64, stream_id: u32, log_id: u32) -> RecordHeader {
-    RecordHeader {
-        op,
-        flags: FLAG_UNSEQUENCED,
-        seq: last_seq,
-        stream_id,
-        log_id,
-        timestamp_ns: now_ns(),
-        offset_bytes: 0,
-        len_bytes: 0,
-        payload_len_bytes: 0,
-        payload_crc: 0,
-    }
-}
-
-/// Medium header, restated stream definitions and the current log's label.
-pub fn encode_prologue(header: &MediumHeader, prologue: &Prologue) -> Vec<u8> {
-    let mut out = Vec::new();
-    let last = prologue.last_seq;
-    encode_record(
-        &mut out,
-        unsequenced(Op::MediumHeader, last, 0, prologue.log_id),
-        &header.encode(),
-    );
-    for (id, def) in &prologue.streams {
-        encode_record(
-            &mut out,
-            unsequenced(Op::StreamDef, last, *id, prologue.log_id),
-            &def.encode(),
-        );
-    }
-    if prologue.log_id != 0 {
-        encode_record(
-            &mut out,
-            unsequenced(Op::LogInit, last, 0, prologue.log_id),
-            prologue.label.as_bytes(),
-        );
-    }
-    out
 }
 
 fn medium_err(path: &std::path::Path, step: &'static str, source: std::io::Error) -> JournalError {

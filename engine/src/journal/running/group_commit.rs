@@ -10,7 +10,8 @@ use super::{JournalState, Shared, PAUSE_RETRY};
 use crate::journal::catalog::{RunRecord, RunState, COUNT_UNKNOWN};
 use crate::journal::entry::LogEntry;
 use crate::journal::options::{JournalMode, OnFull};
-use crate::journal::writer::{AppendPath, MediumWriter, PendingRecord, Prologue, WriteFailure};
+use crate::journal::prologue::Prologue;
+use crate::journal::writer::{AppendPath, MediumWriter, PendingRecord, WriteFailure};
 use crate::observer::ObserverTicket;
 
 /// Async mode appends a long trail in pieces of at most this, so that writes held at

@@ -31,8 +31,9 @@ use std::time::Duration;
 
 use super::dir_lock::DirLock;
 use super::options::{Committer, JournalOptions};
+use super::prologue::Prologue;
 use super::recovery::RecoveredTail;
-use super::writer::{MediumWriter, Prologue};
+use super::writer::MediumWriter;
 use group_commit::Batch;
 use state::State;
 pub use status::{JournalState, JournalStatus, MarkResult, SealResult};

@@ -9,7 +9,8 @@ use super::state::WriterState;
 use super::{Appender, JournalState, Shared, ASYNC_GATHER_BYTES, PAUSE_RETRY};
 use crate::journal::format::{StopCause, StopInfo};
 use crate::journal::options::JournalMode;
-use crate::journal::writer::{MediumWriter, Prologue};
+use crate::journal::prologue::Prologue;
+use crate::journal::writer::MediumWriter;
 
 /// In async mode the writer gathers records for at most this long after the first one of a
 /// batch before appending them (unless `ASYNC_GATHER_BYTES` are pending first): one wake-up

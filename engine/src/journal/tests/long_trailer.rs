@@ -10,8 +10,9 @@ use super::super::format::{
     TRAILER_ENTRIES_PER_RECORD, TRAILER_ENTRY_BYTES,
 };
 use super::super::media::medium_file_name;
+use super::super::prologue::Prologue;
 use super::super::scan::{read_payload, scan_medium, FileSource};
-use super::super::writer::{MediumWriter, PendingRecord, Prologue};
+use super::super::writer::{MediumWriter, PendingRecord};
 use super::super::{JournalOptions, MediumCache};
 use super::support::TestResult;
 

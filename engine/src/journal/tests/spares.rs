@@ -6,10 +6,10 @@ use std::path::Path;
 
 use super::super::format::{encode_record, MediumHeader, Op, RecordHeader};
 use super::super::media::{list_media, MediaSet};
+use super::super::prologue::{encode_prologue, Prologue};
 use super::super::scan::scan_medium;
 use super::super::spares::{format_spares, list_spares};
 use super::super::verify::verify;
-use super::super::writer::{encode_prologue, Prologue};
 use super::super::{Journal, JournalOptions};
 use super::support::{journaled_v, pattern, verify_and_restore_v, write, Rng, TestResult};
 
