@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use support::daemon::{Daemon, START_TIMEOUT};
 use support::ferry_cli::CliOutput;
+use support::two_hosts::host_credentials;
 use support::wait::{tcp_listening_in, HANG_TIMEOUT};
 
 /// The TCP control port of the daemons in namespaces (each namespace has its own ports).
@@ -84,24 +85,8 @@ impl TwoHosts {
         };
         let pki = Pki::new("ferry test CA")?;
         let (a, b) = (network.host(0), network.host(1));
-        let address_a = a.address.to_string();
-        let address_b = b.address.to_string();
-        let creds_a = pki.credentials(
-            "a",
-            &Subject {
-                common_name: "ferry-a",
-                ip_addresses: &[&address_a],
-                ..Subject::default()
-            },
-        )?;
-        let creds_b = pki.credentials(
-            "b",
-            &Subject {
-                common_name: "ferry-b",
-                ip_addresses: &[&address_b],
-                ..Subject::default()
-            },
-        )?;
+        let (address_a, address_b) = (a.address.to_string(), b.address.to_string());
+        let (creds_a, creds_b) = host_credentials(&pki, &network)?;
         let dir = support::scratch_dir()?;
         let volume = format!(
             "name=vm1,path={},socket={},size=16M",

@@ -107,24 +107,8 @@ impl TwoHosts {
         };
         let pki = Pki::new("ferry test CA")?;
         let (a, b) = (network.host(0), network.host(1));
-        let address_a = a.address.to_string();
-        let address_b = b.address.to_string();
-        let creds_a = pki.credentials(
-            "a",
-            &Subject {
-                common_name: "ferry-a",
-                ip_addresses: &[&address_a],
-                ..Subject::default()
-            },
-        )?;
-        let creds_b = pki.credentials(
-            "b",
-            &Subject {
-                common_name: "ferry-b",
-                ip_addresses: &[&address_b],
-                ..Subject::default()
-            },
-        )?;
+        let (address_a, address_b) = (a.address.to_string(), b.address.to_string());
+        let (creds_a, creds_b) = host_credentials(&pki, &network)?;
         let dir = super::scratch_dir()?;
         let control_a = dir.path().join("a.ctl");
         let (source_export, source_listen) = if options.source_nbd {
@@ -400,4 +384,24 @@ fn is_over(status: &Value) -> bool {
         status["state"].as_str(),
         Some("completed" | "failed" | "cancelled")
     )
+}
+
+/// Credentials for host A (`ferry-a`) and host B (`ferry-b`) of `network`, each certificate
+/// naming its host's address: the names the daemons' `--tls-authz` lists allow.
+pub fn host_credentials(pki: &Pki, network: &Network) -> Result<(PathBuf, PathBuf)> {
+    let mut dirs = Vec::new();
+    for (index, (dir, name)) in [("a", "ferry-a"), ("b", "ferry-b")].into_iter().enumerate() {
+        let address = network.host(index).address.to_string();
+        dirs.push(pki.credentials(
+            dir,
+            &Subject {
+                common_name: name,
+                ip_addresses: &[&address],
+                ..Subject::default()
+            },
+        )?);
+    }
+    let creds_b = dirs.pop().context("no credentials for host B")?;
+    let creds_a = dirs.pop().context("no credentials for host A")?;
+    Ok((creds_a, creds_b))
 }
