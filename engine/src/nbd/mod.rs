@@ -26,6 +26,7 @@ pub(crate) mod handshake;
 pub mod protocol;
 pub mod server;
 pub mod sizes;
+pub mod tls_intake;
 pub(crate) mod tls_stream;
 
 pub use address::{ExportUri, NbdAddress, UriError, NBD_DEFAULT_PORT};

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context};
 use ferry_engine::nbd::protocol::*;
+use ferry_engine::nbd::tls_intake::TlsIntake;
 use ferry_engine::nbd::{ExportUri, NbdAddress};
 use ferry_engine::tls::{server_name, TlsCredentials};
 use rustls::{ClientConfig, ClientConnection};
@@ -102,18 +103,11 @@ impl Write for Socket {
     }
 }
 
-/// Encrypted bytes read from the socket at once (rustls itself asks for 4 KiB at a time).
-const TLS_RECV_BYTES: usize = 256 * 1024;
-
 /// A connection in the transmission phase.
 pub struct NbdStream {
     socket: Socket,
     tls: Option<Box<ClientConnection>>,
-    /// Encrypted bytes read from the socket; those from `tls_in_start` to `tls_in_end`
-    /// are not yet given to rustls.
-    tls_in: Vec<u8>,
-    tls_in_start: usize,
-    tls_in_end: usize,
+    tls_in: TlsIntake,
     pub size_bytes: u64,
     pub block_bytes_min: u32,
 }
@@ -135,9 +129,7 @@ pub fn connect(target: &Target, tls_creds: Option<&Path>) -> anyhow::Result<NbdS
     let mut stream = NbdStream {
         socket,
         tls: None,
-        tls_in: Vec::new(),
-        tls_in_start: 0,
-        tls_in_end: 0,
+        tls_in: TlsIntake::default(),
         size_bytes: 0,
         block_bytes_min: 1,
     };
@@ -260,27 +252,7 @@ impl NbdStream {
         let Some(tls) = &mut self.tls else {
             return self.socket.read(buf);
         };
-        loop {
-            match tls.reader().read(buf) {
-                Ok(n) => return Ok(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-            if self.tls_in_start == self.tls_in_end {
-                if self.tls_in.is_empty() {
-                    self.tls_in = vec![0; TLS_RECV_BYTES];
-                }
-                let n = self.socket.read(&mut self.tls_in)?;
-                (self.tls_in_start, self.tls_in_end) = (0, n);
-                if n == 0 {
-                    return Ok(0);
-                }
-            }
-            let mut pending = &self.tls_in[self.tls_in_start..self.tls_in_end];
-            self.tls_in_start += tls.read_tls(&mut pending)?;
-            tls.process_new_packets()
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        }
+        self.tls_in.recv(tls.as_mut(), &mut self.socket, buf)
     }
 
     /// Sends what the socket (or rustls) takes now; `WouldBlock` when nothing.

@@ -17,6 +17,7 @@ use nix::sys::socket::{sendmsg, MsgFlags};
 use rustls::{ServerConfig, ServerConnection};
 
 use crate::nbd::connection::Socket;
+use crate::nbd::tls_intake::TlsIntake;
 use crate::tls::PeerIdentity;
 
 /// Encrypted bytes rustls may hold for the socket before it accepts no more plaintext:
@@ -24,19 +25,11 @@ use crate::tls::PeerIdentity;
 /// every record it encrypts, so a larger bound only makes the heap grow and shrink (page
 /// faults on fresh memory) with every batch of large read replies.
 const TLS_PENDING_BYTES_MAX: usize = 256 << 10;
-/// Encrypted bytes read from the socket at once. rustls asks its reader for 4 KiB at a
-/// time; reading the socket in larger pieces and handing rustls those from memory takes one
-/// `recv` for many records.
-const TLS_RECV_BYTES: usize = 256 * 1024;
 
 pub(crate) struct Transport {
     socket: Socket,
     tls: Option<Box<ServerConnection>>,
-    /// Encrypted bytes read from the socket; those from `tls_in_start` to `tls_in_end`
-    /// are not yet given to rustls.
-    tls_in: Vec<u8>,
-    tls_in_start: usize,
-    tls_in_end: usize,
+    tls_in: TlsIntake,
 }
 
 impl Transport {
@@ -44,9 +37,7 @@ impl Transport {
         Self {
             socket,
             tls: None,
-            tls_in: Vec::new(),
-            tls_in_start: 0,
-            tls_in_end: 0,
+            tls_in: TlsIntake::default(),
         }
     }
 
@@ -121,27 +112,7 @@ impl Transport {
         let Some(tls) = &mut self.tls else {
             return self.socket.read(buf);
         };
-        loop {
-            match tls.reader().read(buf) {
-                Ok(n) => return Ok(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-            if self.tls_in_start == self.tls_in_end {
-                if self.tls_in.is_empty() {
-                    self.tls_in = vec![0; TLS_RECV_BYTES];
-                }
-                let n = self.socket.read(&mut self.tls_in)?;
-                (self.tls_in_start, self.tls_in_end) = (0, n);
-                if n == 0 {
-                    return Ok(0);
-                }
-            }
-            let mut pending = &self.tls_in[self.tls_in_start..self.tls_in_end];
-            self.tls_in_start += tls.read_tls(&mut pending)?;
-            tls.process_new_packets()
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        }
+        self.tls_in.recv(tls.as_mut(), &mut self.socket, buf)
     }
 
     /// Sends as much of `slices` as the socket (or, over TLS, rustls's buffer) takes now;
