@@ -42,24 +42,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-make_pki() {
-    local dir=$1 role cn usage
-    mkdir -p "$dir/ca" "$dir/server" "$dir/client"
-    (cd "$dir/ca" && openssl req -x509 -newkey rsa:2048 -nodes -keyout ca-key.pem -out ca-cert.pem \
-        -days 3 -subj "/CN=mirror bench CA" -addext basicConstraints=critical,CA:TRUE \
-        -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null)
-    for role in server client; do
-        cn=localhost; usage=serverAuth
-        [[ $role == client ]] && { cn=bench; usage=clientAuth; }
-        printf 'basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=%s\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n' \
-            "$usage" >"$dir/ca/$role.ext"
-        openssl req -newkey rsa:2048 -nodes -keyout "$dir/$role/$role-key.pem" -out "$dir/ca/$role.csr" \
-            -subj "/CN=$cn" 2>/dev/null
-        openssl x509 -req -in "$dir/ca/$role.csr" -CA "$dir/ca/ca-cert.pem" -CAkey "$dir/ca/ca-key.pem" \
-            -CAcreateserial -out "$dir/$role/$role-cert.pem" -days 3 -extfile "$dir/ca/$role.ext" 2>/dev/null
-        cp "$dir/ca/ca-cert.pem" "$dir/$role/"
-    done
-}
+source benches/bench_pki.sh  # (the script runs from the repository root)
 
 # wait_for_socket PATH LOG: until the daemon's control socket exists.
 wait_for_socket() {
@@ -77,7 +60,7 @@ with open(sys.argv[1], "wb") as f:
         f.write(os.urandom(1 << 20))
 EOF
 truncate -s 1G "$WORK/nbd-dst.img"
-make_pki "$WORK/pki"
+make_pki "$WORK/pki" "mirror bench CA"
 
 RUST_LOG=warn "$FERRY" serve --control "$WORK/src.ctl" \
     --volume "name=src,path=$WORK/src.img,socket=$WORK/src.sock" >"$WORK/src.log" 2>&1 &

@@ -20,24 +20,7 @@ OUT=$WORK/runs.txt
 PORT=${PORT:-10850}
 trap 'rm -rf "$IMG" "$WORK"' EXIT
 
-make_pki() {
-    local dir=$1 role cn usage
-    mkdir -p "$dir/ca" "$dir/server" "$dir/client"
-    (cd "$dir/ca" && openssl req -x509 -newkey rsa:2048 -nodes -keyout ca-key.pem -out ca-cert.pem \
-        -days 3 -subj "/CN=nbd bench CA" -addext basicConstraints=critical,CA:TRUE \
-        -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null)
-    for role in server client; do
-        cn=localhost; usage=serverAuth
-        [[ $role == client ]] && { cn=bench; usage=clientAuth; }
-        printf 'basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=%s\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n' \
-            "$usage" >"$dir/ca/$role.ext"
-        openssl req -newkey rsa:2048 -nodes -keyout "$dir/$role/$role-key.pem" -out "$dir/ca/$role.csr" \
-            -subj "/CN=$cn" 2>/dev/null
-        openssl x509 -req -in "$dir/ca/$role.csr" -CA "$dir/ca/ca-cert.pem" -CAkey "$dir/ca/ca-key.pem" \
-            -CAcreateserial -out "$dir/$role/$role-cert.pem" -days 3 -extfile "$dir/ca/$role.ext" 2>/dev/null
-        cp "$dir/ca/ca-cert.pem" "$dir/$role/"
-    done
-}
+source benches/bench_pki.sh  # (the script runs from the repository root)
 
 # Starts server $1 (ferry, qemu-nbd, qsd) with TLS or not ($2: plain|tls); sets $pid.
 start_server() {
@@ -71,7 +54,7 @@ start_server() {
     echo "$server did not listen:" >&2; cat "$WORK/server.log" >&2; return 1
 }
 
-make_pki "$WORK/pki"
+make_pki "$WORK/pki" "nbd bench CA"
 fio --name=fill --filename="$IMG" --size=1G --rw=write --bs=1M --ioengine=psync \
     --refill_buffers >/dev/null
 WORKLOADS=("randread 4K" "randwrite 4K" "read 128K" "write 128K")
