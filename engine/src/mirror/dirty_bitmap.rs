@@ -244,9 +244,11 @@ impl ChunkTable {
     }
 
     /// What a new job file records, and the start of its interval: the pending chunks
-    /// (dirty or being copied) and the chunks with a guest write in flight, which are also
-    /// all that stays armed (every other armed chunk's write has settled, so it is dirty,
-    /// being copied, or copied).
+    /// (dirty or being copied) and the armed chunks that have a guest write in flight,
+    /// which are all that stays armed (every other armed chunk's writes have ended, so it
+    /// is dirty, being copied, or on the target). A chunk in flight but not armed belongs
+    /// to a write still waiting to append its arm record: it stays unarmed, so that the
+    /// writes after it wait for that record too.
     pub fn snapshot_for_file(&mut self) -> (Vec<u64>, Vec<u64>) {
         let pending = self
             .dirty
@@ -255,10 +257,13 @@ impl ChunkTable {
             .zip(&self.copying.words)
             .map(|(d, c)| d | c)
             .collect();
-        self.armed = Bits::new(self.chunks);
+        let mut armed = Bits::new(self.chunks);
         for &c in self.unsettled.keys() {
-            self.armed.set(c);
+            if self.armed.get(c) {
+                armed.set(c);
+            }
         }
+        self.armed = armed;
         (pending, self.armed.words.clone())
     }
 

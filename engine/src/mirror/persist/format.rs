@@ -288,7 +288,10 @@ fn decode_arms(record: &JobRecord, log: &[u8]) -> Result<(Vec<ArmRecord>, usize)
         let bytes = &log[at..at + ARM_BYTES];
         match decode_arm(record, bytes) {
             Some(arm) => arms.push(arm),
-            None if index + 1 == count => return Ok((arms, log.len() - at)),
+            // Only the very last bytes can be a torn append.
+            None if index + 1 == count && log.len().is_multiple_of(ARM_BYTES) => {
+                return Ok((arms, ARM_BYTES))
+            }
             None => return Err(FormatError::Arm { index }),
         }
     }

@@ -137,6 +137,9 @@ fn a_torn_last_arm_is_ignored_and_a_damaged_middle_one_refused() -> Result<(), F
     damaged[17] ^= 1;
     bytes.extend_from_slice(&damaged);
     assert_eq!(decode(&bytes)?.torn_tail_bytes, ARM_BYTES);
+    let mut with_partial = bytes.clone();
+    with_partial.extend_from_slice(&arm(6)[..5]);
+    assert_eq!(decode(&with_partial), Err(FormatError::Arm { index: 0 }));
     bytes.extend_from_slice(&arm(6));
     assert_eq!(decode(&bytes), Err(FormatError::Arm { index: 0 }));
     // An arm of another version of the file, or past the volume, is damage too.
@@ -216,13 +219,21 @@ fn rewrites_and_arms_record_a_superset_of_what_was_written(
     let table = Mutex::new(ChunkTable::new(8 * G, G));
     if let Ok(mut t) = table.lock() {
         t.mark_dirty(0, 2 * G);
-        t.begin_write(5 * G, 1, false); // in flight: armed by the rewrite
+        t.begin_write(5 * G, 1, false); // in flight and armed: stays armed
+        t.set_armed(&(5..6));
+        t.begin_write(7 * G, 1, false); // in flight, its arm not appended yet
     }
     persist.write(&[&table], 0, false, || Ok(()))?;
     let file = super::read(&path)?;
     assert!(file.record.in_use);
     assert_eq!(file.record.sequence, 1);
     assert_eq!(file.uncopied(0), vec![0b10_0011]);
+    assert!(table.lock().is_ok_and(|t| !t.is_armed(&(7..8))));
+    persist.arm(0, 7..8, &table)?;
+    assert_eq!(super::read(&path)?.uncopied(0), vec![0b1010_0011]);
+    if let Ok(mut t) = table.lock() {
+        t.end_write(7 * G, 1);
+    }
     persist.arm(0, 3..5, &table)?;
     let before = std::fs::metadata(&path)?.len();
     persist.arm(0, 3..5, &table)?;
@@ -231,7 +242,7 @@ fn rewrites_and_arms_record_a_superset_of_what_was_written(
         before,
         "armed chunks are not armed again"
     );
-    assert_eq!(super::read(&path)?.uncopied(0), vec![0b11_1011]);
+    assert_eq!(super::read(&path)?.uncopied(0), vec![0b1011_1011]);
     if let Ok(mut t) = table.lock() {
         t.end_write(5 * G, 1);
     }
