@@ -1,7 +1,8 @@
 //! Migrations that survive a restart of the daemon (`docs/migration.md`, *Migrations that
 //! survive a restart*), end to end: `ferry serve` serves a volume, a libblkio client writes
-//! during the whole test, a speed-limited migration to a file is stopped at about half
-//! copied by SIGKILL (a crash) or SIGTERM (a clean shutdown), the daemon is started again
+//! during the whole test, a speed-limited migration to a file (`background`, and `active`
+//! for a crash) is stopped at about half copied by SIGKILL (a crash) or SIGTERM (a clean
+//! shutdown), the daemon is started again
 //! on the same images, reports the interrupted job, and `ferry migrate resume` finishes it.
 //! The resume must copy no more than what was left, plus what the clients dirtied, plus
 //! (after a crash) one interval's copies and writes; and the target must end equal to the
@@ -96,6 +97,7 @@ fn start_and_copy_half(
     fx: &Fixture,
     serve: &FerryServe,
     writer: &PatternWriter,
+    mode: &str,
 ) -> Result<(Value, u64)> {
     let target = fx.path("dst.img");
     let interval = PERSIST_INTERVAL_MS.to_string();
@@ -105,7 +107,7 @@ fn start_and_copy_half(
         "--target",
         target.to_str().context("path")?,
         "--mode",
-        "background",
+        mode,
         "--max-speed",
         SPEED,
         "--persist-interval-ms",
@@ -198,10 +200,21 @@ fn resume_and_check(fx: &Fixture, crashed: bool, bound: impl Fn(u64) -> u64) -> 
 /// (copies and writes since the last rewrite of the job file), and no more.
 #[test]
 fn resume_after_sigkill_copies_only_what_is_left() -> Result<()> {
+    sigkill_and_resume("background", 31)
+}
+
+/// The same in `active` mode, where a guest write reaches the target before it completes:
+/// a write in flight at the kill may be on the source only, and its chunk must be armed.
+#[test]
+fn resume_of_an_active_job_after_sigkill() -> Result<()> {
+    sigkill_and_resume("active", 34)
+}
+
+fn sigkill_and_resume(mode: &str, seed: u64) -> Result<()> {
     let fx = Fixture::new()?;
     let mut serve = fx.serve()?;
-    let writer = fx.writer(31)?;
-    let (status, batches_then) = start_and_copy_half(&fx, &serve, &writer)?;
+    let writer = fx.writer(seed)?;
+    let (status, batches_then) = start_and_copy_half(&fx, &serve, &writer, mode)?;
     let left_bytes = status["dirty_bytes"].as_u64().context("dirty_bytes")?;
     serve.daemon.kill();
     let first_batches = writer.batches() + 1;
@@ -223,7 +236,7 @@ fn resume_after_sigterm_copies_only_what_is_left() -> Result<()> {
     let fx = Fixture::new()?;
     let mut serve = fx.serve()?;
     let writer = fx.writer(32)?;
-    let (status, batches_then) = start_and_copy_half(&fx, &serve, &writer)?;
+    let (status, batches_then) = start_and_copy_half(&fx, &serve, &writer, "background")?;
     let left_bytes = status["dirty_bytes"].as_u64().context("dirty_bytes")?;
     serve.daemon.terminate(WAIT)?;
     let first_batches = writer.batches() + 1;
@@ -247,7 +260,7 @@ fn a_damaged_job_file_is_reported_and_never_resumed() -> Result<()> {
     let fx = Fixture::new()?;
     let mut serve = fx.serve()?;
     let writer = fx.writer(33)?;
-    start_and_copy_half(&fx, &serve, &writer)?;
+    start_and_copy_half(&fx, &serve, &writer, "background")?;
     serve.daemon.signal(Signal::SIGTERM)?;
     serve.daemon.wait_exit(WAIT)?;
     drop(writer);
