@@ -327,6 +327,8 @@ impl MigrationJob {
             .map(|v| (v.name().to_string(), v.size_bytes()))
             .collect();
         let layout = Layout::place(&sizes);
+        // Before the target is opened (maybe created): an interrupted job refuses the start.
+        let persist = super::persist::job_file::create(&volumes, &layout, &target, &options)?;
         let (target_obj, target_path) = open_target(&target, &layout, &volumes, &options)?;
         if volumes.len() > 1 {
             let layout_path = options
@@ -337,7 +339,6 @@ impl MigrationJob {
                 layout.write(&path)?;
             }
         }
-        let persist = super::persist::job_file::create(&volumes, &layout, &target, &options)?;
         let mirrors: Vec<VolumeMirror> = volumes
             .into_iter()
             .zip(layout.volumes.iter())

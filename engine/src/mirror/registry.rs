@@ -204,7 +204,8 @@ impl MigrationRegistry {
     }
 
     /// Resumes the interrupted job of `volume` (or the only one); see
-    /// [`MigrationJob::resume`]. On failure the job stays interrupted.
+    /// [`MigrationJob::resume`]. On failure the job stays interrupted, unless the resume
+    /// failed half-way (it is then given up).
     pub fn resume(
         &self,
         volume: Option<&str>,
@@ -219,7 +220,9 @@ impl MigrationRegistry {
                 Ok(job)
             }
             Err(e) => {
-                self.add_interrupted(interrupted);
+                if !interrupted.is_discarded() {
+                    self.add_interrupted(interrupted);
+                }
                 Err(e)
             }
         }

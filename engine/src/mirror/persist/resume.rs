@@ -41,8 +41,19 @@ impl MigrationJob {
                 "the job file's placements are not those this ferry computes".into(),
             ));
         }
+        // A file target must still be there: a new one would lack what was copied.
+        if let DestinationSpec::File(path) = &target {
+            if path.symlink_metadata().is_err() {
+                return Err(MigrationError::BadOptions(format!(
+                    "the target {} of the interrupted job is gone: discard the job and start over",
+                    path.display()
+                )));
+            }
+        }
         let (target_obj, target_path) =
             open_target(&target, &layout, &interrupted.volumes, &options)?;
+        // From here a failure cannot leave the job as it was (some volumes may have changed
+        // observers): it is given up, and the migration must start over.
         interrupted.stop_flusher();
         let mirrors: Vec<VolumeMirror> = interrupted
             .volumes
@@ -71,7 +82,12 @@ impl MigrationJob {
             shared,
             threads: Mutex::new(Vec::new()),
         });
-        job.launch(Some(interrupted))?;
+        if let Err(e) = job.launch(Some(interrupted)) {
+            if let Err(discard) = interrupted.discard() {
+                log::error!("{discard}");
+            }
+            return Err(e);
+        }
         log::info!(
             "migration job {} resumed the interrupted job {} ({}): {} bytes to copy",
             job.id(),

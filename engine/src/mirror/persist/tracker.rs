@@ -49,6 +49,7 @@ pub struct InterruptedJob {
     observers: Mutex<Vec<Arc<dyn WriteObserver>>>,
     stop: Arc<AtomicBool>,
     flusher: Mutex<Option<JoinHandle<()>>>,
+    discarded: AtomicBool,
 }
 
 /// Ids of interrupted jobs, apart from those of running jobs (which start at 1).
@@ -113,6 +114,7 @@ impl InterruptedJob {
             observers: Mutex::new(Vec::new()),
             stop: Arc::new(AtomicBool::new(false)),
             flusher: Mutex::new(None),
+            discarded: AtomicBool::new(false),
         });
         job.write(false)?;
         job.attach();
@@ -190,13 +192,20 @@ impl InterruptedJob {
         self.write(true)
     }
 
-    /// The operator gave the job up: stop tracking, remove the file.
+    /// The operator gave the job up (or a resume failed half-way): stop tracking, remove
+    /// the file.
     pub fn discard(&self) -> Result<(), PersistError> {
+        self.discarded.store(true, Ordering::Release);
         self.stop_flusher();
         for index in 0..self.volumes.len() {
             self.detach(index);
         }
         self.persist.remove()
+    }
+
+    /// True once given up: it cannot be resumed any more.
+    pub fn is_discarded(&self) -> bool {
+        self.discarded.load(Ordering::Acquire)
     }
 
     /// Bytes still to copy now.
