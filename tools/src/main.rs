@@ -10,6 +10,7 @@ mod journal_cli;
 mod logging;
 mod metrics;
 mod migrate_cli;
+mod migration_recovery;
 mod nbd_serve;
 mod replica_groups;
 mod replicate_cli;

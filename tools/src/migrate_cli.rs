@@ -53,8 +53,37 @@ pub enum MigrateCommand {
         /// writes race copies.
         #[arg(long, value_name = "MS")]
         copy_hold_ms: Option<u64>,
+        /// How often the job file beside the first volume's image is rewritten (default
+        /// 1000): after a crash, what was written since the last rewrite is copied again.
+        #[arg(long, value_name = "MS")]
+        persist_interval_ms: Option<u64>,
         #[arg(long)]
         json: bool,
+    },
+    /// Resume a migration that a restart of the daemon interrupted (see `status`): only
+    /// what was not copied yet is copied, and after a crash what was written since the job
+    /// file's last rewrite.
+    Resume {
+        #[command(flatten)]
+        control: ControlArgs,
+        /// A volume of the interrupted job (needed when there are several).
+        #[arg(long)]
+        volume: Option<String>,
+        /// How often the job file is rewritten from now on (default 1000).
+        #[arg(long, value_name = "MS")]
+        persist_interval_ms: Option<u64>,
+        /// Follow the job with a live progress bar (JSON lines with --json) until it ends.
+        #[arg(long)]
+        watch: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Give up a migration that a restart interrupted: its job file is removed.
+    Discard {
+        #[command(flatten)]
+        control: ControlArgs,
+        #[arg(long)]
+        volume: Option<String>,
     },
     /// Show migration jobs.
     Status {
@@ -131,6 +160,7 @@ pub fn run(cmd: MigrateCommand) -> anyhow::Result<()> {
             max_speed,
             auto_cutover,
             copy_hold_ms,
+            persist_interval_ms,
             json,
         } => {
             let mut args = json!({ "volumes": volumes, "target": target, "mode": mode, "auto-cutover": auto_cutover });
@@ -139,6 +169,9 @@ pub fn run(cmd: MigrateCommand) -> anyhow::Result<()> {
             }
             if let Some(ms) = copy_hold_ms {
                 args["copy-hold-ms"] = json!(ms);
+            }
+            if let Some(ms) = persist_interval_ms {
+                args["persist-interval-ms"] = json!(ms);
             }
             for (key, value) in [("path", path), ("socket", socket)] {
                 if let Some(value) = value {
@@ -154,6 +187,53 @@ pub fn run(cmd: MigrateCommand) -> anyhow::Result<()> {
                 println!("{reply}");
             } else {
                 println!("migration job {} started", reply["job"]);
+            }
+            Ok(())
+        }
+        MigrateCommand::Resume {
+            control,
+            volume,
+            persist_interval_ms,
+            watch,
+            json,
+        } => {
+            let mut args = json!({});
+            if let Some(volume) = volume {
+                args["volume"] = json!(volume);
+            }
+            if let Some(ms) = persist_interval_ms {
+                args["persist-interval-ms"] = json!(ms);
+            }
+            let client = control.client()?;
+            let reply = client.request("migrate-resume", args)?;
+            if json {
+                println!("{reply}");
+            } else {
+                println!(
+                    "migration job {} resumed{}: {} to copy",
+                    reply["job"],
+                    if reply["crashed"] == json!(true) {
+                        " after a crash"
+                    } else {
+                        ""
+                    },
+                    human(reply["total_bytes"].as_u64().unwrap_or(0))
+                );
+            }
+            if watch {
+                return watch_job(&client, reply["job"].as_u64(), json);
+            }
+            Ok(())
+        }
+        MigrateCommand::Discard { control, volume } => {
+            let mut args = json!({});
+            if let Some(volume) = volume {
+                args["volume"] = json!(volume);
+            }
+            let reply = control.client()?.request("migrate-discard", args)?;
+            match reply["job"].as_u64() {
+                Some(id) => println!("interrupted migration job {id} discarded"),
+                None => println!("broken job file removed"),
             }
             Ok(())
         }
@@ -316,6 +396,13 @@ fn describe(s: &Value) -> String {
     }
     if let Some(e) = s["error"].as_str() {
         line.push_str(&format!(", error: {e}"));
+    }
+    if s["state"] == json!("interrupted") {
+        line.push_str(if s["crashed"] == json!(true) {
+            " (by a crash; ferry migrate resume)"
+        } else {
+            " (by a shutdown; ferry migrate resume)"
+        });
     }
     line
 }

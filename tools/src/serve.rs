@@ -324,6 +324,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             .with_incoming_options(incoming),
     );
     crate::incoming::start_lease_keeper(&daemon).context("cannot start the lease thread")?;
+    // Before any volume serves a guest: a migration a restart interrupted tracks every
+    // write from the first.
+    let volumes: Vec<_> = opened.iter().map(|o| o.volume().clone()).collect();
+    crate::migration_recovery::recover(&daemon, &volumes);
     let mut served = Vec::new();
     for opened in opened {
         // Exported over NBD here (after the journal's observer: the first NBD write is
@@ -383,6 +387,12 @@ fn shut_down(daemon: &Daemon, control: Option<&Path>) {
             log::error!("volume {}: final flush failed: {e}", served.volume.name());
         }
         let _ = std::fs::remove_file(&served.socket);
+    }
+    // Guest I/O is held: each migration writes its job file for the last time, so that
+    // `ferry migrate resume` after the restart copies only what is left.
+    let kept = daemon.migrations.suspend_all();
+    if kept > 0 {
+        log::info!("{kept} migration job(s) left for ferry migrate resume after the restart");
     }
     if let Some(path) = control {
         let _ = std::fs::remove_file(path);

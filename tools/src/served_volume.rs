@@ -38,6 +38,10 @@ impl OpenedVolume {
         })
     }
 
+    pub fn volume(&self) -> &Arc<Volume> {
+        &self.volume
+    }
+
     pub fn spec(&self) -> &VolumeSpec {
         &self.spec
     }

@@ -51,6 +51,9 @@ pub struct ChunkTable {
     chunks: u64,
     dirty: Bits,
     copying: Bits,
+    /// Chunks recorded in the job file as about to be written (see `persist`): a guest
+    /// write to a chunk not armed waits until its arm record is appended.
+    armed: Bits,
     /// Chunks with guest writes observed but not yet finished on the source, and how many.
     unsettled: HashMap<u64, u32>,
     dirty_count: u64,
@@ -69,6 +72,7 @@ impl ChunkTable {
             chunks,
             dirty: Bits::new(chunks),
             copying: Bits::new(chunks),
+            armed: Bits::new(chunks),
             unsettled: HashMap::new(),
             dirty_count: 0,
             copying_count: 0,
@@ -209,6 +213,67 @@ impl ChunkTable {
     /// True when nothing is dirty or being copied.
     pub fn is_clean(&self) -> bool {
         self.dirty_count == 0 && self.copying_count == 0
+    }
+
+    /// A table whose dirty chunks are the set bits of `words` (a bitmap as the job file
+    /// holds it; bits past the last chunk are ignored). Returns it and the bytes marked.
+    pub fn from_words(len_bytes: u64, granularity_bytes: u64, words: &[u64]) -> (Self, u64) {
+        let mut table = Self::new(len_bytes, granularity_bytes);
+        let mut marked = 0;
+        for c in 0..table.chunks {
+            let set = words
+                .get((c / 64) as usize)
+                .is_some_and(|w| w & (1 << (c % 64)) != 0);
+            if set && table.dirty.set(c) {
+                table.dirty_count += 1;
+                marked += table.chunk_len(c);
+            }
+        }
+        (table, marked)
+    }
+
+    /// True when every chunk of `chunks` is armed.
+    pub fn is_armed(&self, chunks: &Range<u64>) -> bool {
+        chunks.clone().all(|c| self.armed.get(c))
+    }
+
+    pub fn set_armed(&mut self, chunks: &Range<u64>) {
+        for c in chunks.clone() {
+            self.armed.set(c);
+        }
+    }
+
+    /// What a new job file records, and the start of its interval: the pending chunks
+    /// (dirty or being copied) and the armed chunks that have a guest write in flight,
+    /// which are all that stays armed (every other armed chunk's writes have ended, so it
+    /// is dirty, being copied, or on the target). A chunk in flight but not armed belongs
+    /// to a write still waiting to append its arm record: it stays unarmed, so that the
+    /// writes after it wait for that record too.
+    pub fn snapshot_for_file(&mut self) -> (Vec<u64>, Vec<u64>) {
+        let pending = self
+            .dirty
+            .words
+            .iter()
+            .zip(&self.copying.words)
+            .map(|(d, c)| d | c)
+            .collect();
+        let mut armed = Bits::new(self.chunks);
+        for &c in self.unsettled.keys() {
+            if self.armed.get(c) {
+                armed.set(c);
+            }
+        }
+        self.armed = armed;
+        (pending, self.armed.words.clone())
+    }
+
+    /// Counts one more write in flight on `chunks` without marking them: in `active` mode a
+    /// guest write stays unsettled until its target write has ended too, so that a chunk
+    /// whose target lags its source is always armed in the job file.
+    pub fn hold(&mut self, offset_bytes: u64, len_bytes: u64) {
+        for c in self.chunks_of(offset_bytes, len_bytes) {
+            *self.unsettled.entry(c).or_insert(0) += 1;
+        }
     }
 
     /// True when some guest write is in flight on the source.

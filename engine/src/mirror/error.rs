@@ -4,6 +4,19 @@ use super::destination::DestinationError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
+    #[error("volume {volume:?} has an interrupted migration ({path}): resume or discard it first")]
+    InterruptedJobExists {
+        volume: String,
+        path: std::path::PathBuf,
+    },
+    #[error(transparent)]
+    Persist(#[from] super::persist::PersistError),
+    #[error(transparent)]
+    Recover(#[from] super::persist::tracker::RecoverError),
+    #[error("volume {volume:?}: the interrupted migration cannot be resumed: {reason}")]
+    BrokenJobFile { volume: String, reason: String },
+    #[error("no interrupted migration job{0}")]
+    NoInterruptedJob(String),
     #[error("no volume to migrate")]
     NoVolumes,
     #[error("unknown volume {0:?}")]

@@ -6,13 +6,14 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::destination::file::FileDestination;
-use super::destination::nbd::NbdDestination;
 use super::destination::{Destination, DestinationSpec};
 use super::dirty_bitmap::ChunkTable;
 use super::layout::{Layout, Placement};
 use super::observer::{MirrorObserver, MirrorQueue};
+use super::opening::{check_volume_list, open_target};
 use super::options::MigrationOptions;
+use super::persist::tracker::InterruptedJob;
+use super::persist::JobPersist;
 use super::status::{CutoverReport, MigrationState, MigrationStatus, VolumeMigrationStatus};
 use super::throttle::Throttle;
 use super::MigrationError;
@@ -27,15 +28,28 @@ pub(crate) struct VolumeMirror {
     pub placement: Placement,
     /// The source image the copier reads; released when the job ends.
     pub source: Mutex<Option<Arc<Backing>>>,
-    pub table: Mutex<ChunkTable>,
+    /// Shared with an interrupted job's tracking when the job resumes one.
+    pub table: Arc<Mutex<ChunkTable>>,
 }
 
 impl VolumeMirror {
-    /// `volume` placed at `placement` on the target, every chunk of it still to copy.
-    fn new(volume: Arc<Volume>, placement: Placement, granularity_bytes: u64) -> Self {
+    /// `volume` placed at `placement` on the target, with `table` (a new one, all clean,
+    /// when none is given).
+    pub(crate) fn new(
+        volume: Arc<Volume>,
+        placement: Placement,
+        granularity_bytes: u64,
+        table: Option<Arc<Mutex<ChunkTable>>>,
+    ) -> Self {
+        let table = table.unwrap_or_else(|| {
+            Arc::new(Mutex::new(ChunkTable::new(
+                placement.length_bytes,
+                granularity_bytes,
+            )))
+        });
         Self {
             source: Mutex::new(Some(volume.backing())),
-            table: Mutex::new(ChunkTable::new(placement.length_bytes, granularity_bytes)),
+            table,
             volume,
             placement,
         }
@@ -108,16 +122,22 @@ pub struct JobShared {
     pub(crate) counters: Counters,
     pub(crate) rates: Mutex<Rates>,
     pub(crate) started: Instant,
+    /// The job file that lets the job survive a restart (none when the first volume has
+    /// no local image).
+    pub(crate) persist: Option<Arc<JobPersist>>,
+    /// Set by a clean shutdown: the job ends but its file stays, for a resume.
+    pub(crate) keep_file: AtomicBool,
 }
 
 impl JobShared {
     /// The state of a job about to launch: copying, mirroring, nothing counted yet.
-    fn new(
+    pub(crate) fn new(
         options: MigrationOptions,
         target: Arc<dyn Destination>,
         target_path: PathBuf,
         layout: Layout,
         volumes: Vec<VolumeMirror>,
+        persist: Option<Arc<JobPersist>>,
     ) -> Self {
         let copy_hold_us = options.copy_hold.as_micros() as u64;
         Self {
@@ -147,6 +167,8 @@ impl JobShared {
                 ..Rates::default()
             }),
             started: Instant::now(),
+            persist,
+            keep_file: AtomicBool::new(false),
         }
     }
 
@@ -244,6 +266,9 @@ impl JobShared {
         self.stop.store(true, Ordering::SeqCst);
         self.queue.close();
         self.detach();
+        if !self.keep_file.load(Ordering::Acquire) {
+            super::persist::job_file::remove(self);
+        }
         for vm in &self.volumes {
             if let Ok(mut source) = vm.source.lock() {
                 source.take();
@@ -283,8 +308,8 @@ impl JobShared {
 
 /// A running (or ended) migration of one or more volumes to one target.
 pub struct MigrationJob {
-    shared: Arc<JobShared>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    pub(super) shared: Arc<JobShared>,
+    pub(super) threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl MigrationJob {
@@ -302,6 +327,8 @@ impl MigrationJob {
             .map(|v| (v.name().to_string(), v.size_bytes()))
             .collect();
         let layout = Layout::place(&sizes);
+        // Before the target is opened (maybe created): an interrupted job refuses the start.
+        let persist = super::persist::job_file::create(&volumes, &layout, &target, &options)?;
         let (target_obj, target_path) = open_target(&target, &layout, &volumes, &options)?;
         if volumes.len() > 1 {
             let layout_path = options
@@ -316,7 +343,7 @@ impl MigrationJob {
             .into_iter()
             .zip(layout.volumes.iter())
             .map(|(volume, placement)| {
-                VolumeMirror::new(volume, placement.clone(), options.granularity_bytes)
+                VolumeMirror::new(volume, placement.clone(), options.granularity_bytes, None)
             })
             .collect();
         // Without a file path the volumes switch to the target's URI at cutover.
@@ -327,12 +354,13 @@ impl MigrationJob {
             target_path,
             layout,
             mirrors,
+            persist,
         ));
         let job = Arc::new(Self {
             shared,
             threads: Mutex::new(Vec::new()),
         });
-        job.launch()?;
+        job.launch(None)?;
         log::info!(
             "migration job {} started: {} volume(s) to {}, {} bytes to copy",
             job.id(),
@@ -345,8 +373,10 @@ impl MigrationJob {
 
     /// Starts the mirror workers, attaches the observers, plans the copy, then starts the
     /// copier and the supervisor. The plan comes after the attach: a write that lands in a
-    /// hole before the plan is seen by the plan, one after it by the mirror.
-    fn launch(&self) -> Result<(), MigrationError> {
+    /// hole before the plan is seen by the plan, one after it by the mirror. A resumed job
+    /// (`resuming`) has its chunks to copy already: its mirror replaces the interrupted
+    /// job's tracking under the same pause, and there is no plan.
+    pub(super) fn launch(&self, resuming: Option<&InterruptedJob>) -> Result<(), MigrationError> {
         let s = &self.shared;
         let mirror_threads = if s.target.is_remote() {
             s.options.mirror_threads_remote
@@ -375,12 +405,30 @@ impl MigrationJob {
                 return Err(err);
             };
             vm.volume.add_observer(observer.clone());
+            if let Some(interrupted) = resuming {
+                interrupted.detach(index);
+            }
             if let Ok(mut observers) = s.observers.lock() {
                 observers.push((index, observer));
             }
             drop(guard);
         }
-        self.plan()?;
+        match resuming {
+            None => self.plan()?,
+            Some(_) => {
+                let pending = s.pending_bytes();
+                s.counters.total_bytes.fetch_add(pending, Ordering::Relaxed);
+            }
+        }
+        if s.persist.is_some() {
+            // The first version before any copy, so that the file exists from the start.
+            super::persist::job_file::write(s, false).map_err(|e| {
+                let reason = e.to_string();
+                s.end(MigrationState::Cancelled, Some(reason), None);
+                MigrationError::Persist(e)
+            })?;
+            self.spawn("ferry-migrate-file", super::persist::job_file::run)?;
+        }
         for i in 0..s.options.copy_threads {
             self.spawn(&format!("ferry-copy-{i}"), super::copier::run)?;
         }
@@ -581,6 +629,8 @@ impl MigrationJob {
             handed_off: report.as_ref().is_some_and(|r| r.handed_off),
             error,
             elapsed_ms: s.started.elapsed().as_millis() as u64,
+            job_file: s.persist.as_ref().map(|p| p.path().to_path_buf()),
+            crashed: false,
         }
     }
 }
@@ -596,93 +646,4 @@ impl Drop for MigrationJob {
             let _ = handle.join();
         }
     }
-}
-
-fn check_volume_list(volumes: &[Arc<Volume>]) -> Result<(), MigrationError> {
-    if volumes.is_empty() {
-        return Err(MigrationError::NoVolumes);
-    }
-    for (i, v) in volumes.iter().enumerate() {
-        if volumes[..i].iter().any(|w| w.name() == v.name()) {
-            return Err(MigrationError::DuplicateVolume(v.name().to_string()));
-        }
-    }
-    Ok(())
-}
-
-/// Opens the target and checks it against the sources: big enough, and none of them.
-fn open_target(
-    spec: &DestinationSpec,
-    layout: &Layout,
-    volumes: &[Arc<Volume>],
-    options: &MigrationOptions,
-) -> Result<(Arc<dyn Destination>, Option<PathBuf>), MigrationError> {
-    let needed_bytes = layout.total_bytes;
-    let (target, path): (Arc<dyn Destination>, Option<PathBuf>) = match spec {
-        DestinationSpec::File(path) => {
-            let file = FileDestination::open(path, needed_bytes)?;
-            check_not_source(&file, volumes)?;
-            (Arc::new(file), Some(path.clone()))
-        }
-        DestinationSpec::Nbd(uri) => {
-            let request_block_bytes = job_request_block_bytes(volumes, options);
-            let nbd = NbdDestination::connect(
-                uri,
-                options.nbd_request_timeout,
-                request_block_bytes,
-                options.nbd_tls.clone(),
-            )?;
-            (Arc::new(nbd), None)
-        }
-    };
-    if target.size_bytes() < needed_bytes {
-        return Err(MigrationError::DestinationTooSmall {
-            target: target.describe(),
-            size_bytes: target.size_bytes(),
-            needed_bytes,
-        });
-    }
-    Ok((target, path))
-}
-
-/// What every request a job sends its target is whole multiples of: the smallest logical
-/// block of its volumes (mirrored guest writes and discards), which also divides its copy
-/// granularity (a power of two of at least 4 KiB) and the layout's 1 MiB placements.
-fn job_request_block_bytes(volumes: &[Arc<Volume>], options: &MigrationOptions) -> u64 {
-    volumes
-        .iter()
-        .map(|v| v.config().request_block_bytes())
-        .min()
-        .unwrap_or(crate::SECTOR_SIZE)
-        .min(options.granularity_bytes)
-}
-
-fn check_not_source(
-    target: &FileDestination,
-    volumes: &[Arc<Volume>],
-) -> Result<(), MigrationError> {
-    use std::os::unix::fs::MetadataExt;
-    let (dev, ino, rdev) = target.identity();
-    for v in volumes {
-        let backing = v.backing();
-        let Some(image) = backing.file() else {
-            continue; // a volume on NBD is not a local file
-        };
-        let meta = image
-            .file
-            .metadata()
-            .map_err(|source| MigrationError::Source {
-                volume: v.name().to_string(),
-                source,
-            })?;
-        let same_file = meta.dev() == dev && meta.ino() == ino;
-        let same_device = image.is_block_device && target.is_block_device() && meta.rdev() == rdev;
-        if same_file || same_device {
-            return Err(MigrationError::DestinationIsSource {
-                target: target.describe(),
-                volume: v.name().to_string(),
-            });
-        }
-    }
-    Ok(())
 }

@@ -8,6 +8,8 @@
 //! [`Destination`] ([`destination`]: a file or an NBD export). When the target is in
 //! sync the job is `ready`, and [`MigrationJob::cutover`] ([`cutover`]) switches the volumes
 //! over under a short pause. Several volumes can be merged into one target ([`layout`]).
+//! A job keeps a file beside its first volume's image ([`persist`]) so that it survives a
+//! restart of the daemon, crash or not, and resumes where it was.
 //! The control socket holds a [`MigrationRegistry`]. `docs/migration.md` has the design.
 
 pub mod copier;
@@ -18,7 +20,9 @@ pub mod error;
 pub mod job;
 pub mod layout;
 pub mod observer;
+pub mod opening;
 pub mod options;
+pub mod persist;
 pub mod registry;
 pub mod status;
 pub mod supervisor;
@@ -32,5 +36,6 @@ pub use error::MigrationError;
 pub use job::MigrationJob;
 pub use layout::{Layout, Placement};
 pub use options::{MigrationOptions, MirrorMode};
+pub use persist::tracker::InterruptedJob;
 pub use registry::MigrationRegistry;
 pub use status::{CutoverReport, MigrationState, MigrationStatus, VolumeMigrationStatus};

@@ -41,9 +41,30 @@ pub(crate) enum MirrorOp {
     Flush,
 }
 
+/// The range of a volume a queued `active` guest write covers: held unsettled in the chunk
+/// table until its target write has ended (`ChunkTable::hold`), so that the job file keeps
+/// it armed while the target may lag the source.
+#[derive(Clone, Copy)]
+pub(crate) struct Settle {
+    volume_index: usize,
+    offset_bytes: u64,
+    len_bytes: u64,
+}
+
+impl Settle {
+    fn done(self, job: &JobShared) {
+        if let Ok(mut table) = job.volumes[self.volume_index].table.lock() {
+            table.end_write(self.offset_bytes, self.len_bytes);
+        }
+    }
+}
+
+/// A guest request waiting for a mirror worker.
+type Queued = (MirrorOp, ObserverTicket, Option<Settle>);
+
 #[derive(Default)]
 struct QueueInner {
-    ops: VecDeque<(MirrorOp, ObserverTicket)>,
+    ops: VecDeque<Queued>,
     closed: bool,
     /// Workers waiting for ops: a push wakes one only when some wait (a condvar notify is
     /// a system call even with nobody to wake).
@@ -74,30 +95,26 @@ pub(crate) struct MirrorQueue {
 }
 
 impl MirrorQueue {
-    /// Queues an op; hands the ticket back when the queue is closed.
-    fn push(&self, op: MirrorOp, ticket: ObserverTicket) -> Observed {
+    /// Queues an op; hands the ticket (and the range to settle) back when the queue is
+    /// closed.
+    fn push(&self, item: Queued) -> Result<(), (ObserverTicket, Option<Settle>)> {
         let Ok(mut inner) = self.inner.lock() else {
-            return Observed::Done(ticket);
+            return Err((item.1, item.2));
         };
         if inner.closed {
-            return Observed::Done(ticket);
+            return Err((item.1, item.2));
         }
-        inner.ops.push_back((op, ticket));
+        inner.ops.push_back(item);
         if inner.sleepers > 0 {
             self.ready.notify_one();
         }
-        Observed::Held
+        Ok(())
     }
 
     /// Moves up to [`OPS_PER_TAKE`] ops into `out` (empty), waiting for one at most `wait`.
     /// With `spread`, takes only a fair share when other workers wait and wakes one for the
     /// rest.
-    fn take(
-        &self,
-        out: &mut Vec<(MirrorOp, ObserverTicket)>,
-        spread: bool,
-        wait: Duration,
-    ) -> Take {
+    fn take(&self, out: &mut Vec<Queued>, spread: bool, wait: Duration) -> Take {
         let Ok(mut inner) = self.inner.lock() else {
             return Take::Closed;
         };
@@ -162,12 +179,29 @@ impl WriteObserver for MirrorObserver {
         }
         let vm = &job.volumes[self.volume_index];
         let active = job.options.mode == MirrorMode::Active;
+        let settle = (active && event.kind != WriteKind::Flush).then_some(Settle {
+            volume_index: self.volume_index,
+            offset_bytes: event.offset_bytes,
+            len_bytes: event.len_bytes,
+        });
         if event.kind != WriteKind::Flush {
-            let newly = match vm.table.lock() {
-                Ok(mut table) => table.begin_write(event.offset_bytes, event.len_bytes, !active),
-                Err(_) => 0,
+            let (newly, to_arm) = match vm.table.lock() {
+                Ok(mut table) => {
+                    let newly = table.begin_write(event.offset_bytes, event.len_bytes, !active);
+                    if active {
+                        table.hold(event.offset_bytes, event.len_bytes);
+                    }
+                    let chunks = table.chunks_of(event.offset_bytes, event.len_bytes);
+                    let armed = job.persist.is_none() || table.is_armed(&chunks);
+                    (newly, (!armed).then_some(chunks))
+                }
+                Err(_) => (0, None),
             };
             job.counters.add_dirtied(newly);
+            if let Some(chunks) = to_arm {
+                // Before the source write starts: see `persist`.
+                super::persist::job_file::arm(job, self.volume_index, chunks);
+            }
         }
         if !active {
             return Observed::Done(ticket);
@@ -177,6 +211,9 @@ impl WriteObserver for MirrorObserver {
             if let Some(file) = job.target.local_file() {
                 if !job.begin_target_write() {
                     // The job has ended: the source write is all the guest needs.
+                    if let Some(s) = settle {
+                        s.done(job);
+                    }
                     return Observed::Done(ticket);
                 }
                 let target = LegTarget {
@@ -209,7 +246,15 @@ impl WriteObserver for MirrorObserver {
             },
             WriteKind::Flush => MirrorOp::Flush,
         };
-        job.queue.push(op, ticket)
+        match job.queue.push((op, ticket, settle)) {
+            Ok(()) => Observed::Held,
+            Err((ticket, settle)) => {
+                if let Some(s) = settle {
+                    s.done(job);
+                }
+                Observed::Done(ticket)
+            }
+        }
     }
 
     /// The leg's target write is over (counted by `begin_target_write` in `observe`); a
@@ -222,6 +267,9 @@ impl WriteObserver for MirrorObserver {
                 "mirroring a guest write of volume {} at offset {} ({} bytes): {failure}",
                 event.volume, event.offset_bytes, event.len_bytes
             )),
+        }
+        if let Ok(mut table) = job.volumes[self.volume_index].table.lock() {
+            table.end_write(event.offset_bytes, event.len_bytes);
         }
         job.end_target_write();
     }
@@ -252,14 +300,17 @@ pub(crate) fn run_mirror_worker(job: Arc<JobShared>) {
             }
             Take::Taken => {}
         }
-        for (op, ticket) in ops.drain(..) {
+        for (op, ticket, settle) in ops.drain(..) {
             match op {
                 MirrorOp::Write { offset_bytes, data } if pipelined => {
-                    pipeline_one(&job, &mut batch, offset_bytes, data, ticket);
+                    pipeline_one(&job, &mut batch, offset_bytes, data, (ticket, settle));
                 }
                 op => {
                     job.target.send_writes(&mut batch);
                     mirror_one(&job, &op);
+                    if let Some(s) = settle {
+                        s.done(&job);
+                    }
                     // Released one by one: over a slow target (NBD) the first of the batch
                     // would otherwise wait for the writes of all the others.
                     ticket.complete(true);
@@ -280,9 +331,12 @@ fn pipeline_one(
     batch: &mut Vec<OwnedWrite>,
     offset_bytes: u64,
     data: Vec<u8>,
-    ticket: ObserverTicket,
+    (ticket, settle): (ObserverTicket, Option<Settle>),
 ) {
     if !job.begin_target_write() {
+        if let Some(s) = settle {
+            s.done(job);
+        }
         ticket.complete(true); // the job has ended: the source write is all the guest needs
         return;
     }
@@ -291,6 +345,9 @@ fn pipeline_one(
         match result {
             Ok(()) => job.counters.add_mirrored(len_bytes),
             Err(e) => job.fail(format!("mirroring a guest write: {e}")),
+        }
+        if let Some(s) = settle {
+            s.done(&job);
         }
         job.end_target_write();
         ticket.complete(true);

@@ -65,6 +65,12 @@ pub struct MigrationOptions {
     /// Holds every copy between reading the source and writing the target. Zero in
     /// normal use; tests set it to make guest writes race copies on purpose.
     pub copy_hold: Duration,
+    /// Keep a job file beside the first volume's image, so that the job survives a restart
+    /// (`persist`).
+    pub persist: bool,
+    /// How often the job file is rewritten: after a crash, the chunks written since the
+    /// last rewrite are copied again.
+    pub persist_interval: Duration,
 }
 
 /// The default tracking granularity.
@@ -94,6 +100,8 @@ impl Default for MigrationOptions {
             nbd_tls: None,
             layout_path: None,
             copy_hold: Duration::ZERO,
+            persist: true,
+            persist_interval: super::persist::INTERVAL_DEFAULT,
         }
     }
 }
@@ -120,6 +128,9 @@ impl MigrationOptions {
                 "copy chunk {} must be a multiple of the granularity {g}",
                 self.copy_chunk_bytes
             ));
+        }
+        if self.persist_interval.is_zero() {
+            return Err("the job file's interval must not be zero".into());
         }
         if self.hand_off && self.auto_cutover {
             return Err("a job that hands off does not cut over by itself".into());

@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use super::destination::DestinationSpec;
+use super::persist::tracker::InterruptedJob;
 use super::{MigrationError, MigrationJob, MigrationOptions, MigrationStatus};
 use crate::volume::Volume;
 
@@ -14,6 +15,19 @@ pub struct MigrationRegistry {
     /// Volumes of jobs being started (connecting to their target): reserved without holding
     /// `jobs`, so that status and other commands answer while a slow target is reached.
     starting: Mutex<BTreeSet<String>>,
+    /// Jobs found at start-up by their job files, waiting for a resume or a discard.
+    interrupted: Mutex<Vec<Arc<InterruptedJob>>>,
+    /// Job files found at start-up that could not be taken up: the volume that has one,
+    /// the file and why. A resume of the volume reports why; a discard removes the file.
+    broken: Mutex<Vec<BrokenJobFile>>,
+}
+
+/// A job file that could not be taken up at start-up.
+#[derive(Debug, Clone)]
+pub struct BrokenJobFile {
+    pub volume: String,
+    pub path: std::path::PathBuf,
+    pub reason: String,
 }
 
 impl MigrationRegistry {
@@ -43,6 +57,13 @@ impl MigrationRegistry {
                     return Err(MigrationError::AlreadyMigrating {
                         volume: name.clone(),
                         job_id: job.id(),
+                    });
+                }
+                let interrupted = self.interrupted_with(name);
+                if let Some(job) = interrupted {
+                    return Err(MigrationError::InterruptedJobExists {
+                        volume: name.clone(),
+                        path: job.persist.path().to_path_buf(),
                     });
                 }
                 if starting.contains(name) {
@@ -98,8 +119,150 @@ impl MigrationRegistry {
             .unwrap_or_default()
     }
 
+    /// Every job's status, the interrupted ones last.
     pub fn statuses(&self) -> Vec<MigrationStatus> {
-        self.jobs().iter().map(|j| j.status()).collect()
+        let mut statuses: Vec<MigrationStatus> = self.jobs().iter().map(|j| j.status()).collect();
+        statuses.extend(self.interrupted().iter().map(|j| j.status()));
+        statuses
+    }
+
+    /// Lists a job found at start-up.
+    pub fn add_interrupted(&self, job: Arc<InterruptedJob>) {
+        if let Ok(mut list) = self.interrupted.lock() {
+            list.push(job);
+        }
+    }
+
+    pub fn interrupted(&self) -> Vec<Arc<InterruptedJob>> {
+        self.interrupted
+            .lock()
+            .map(|l| l.clone())
+            .unwrap_or_default()
+    }
+
+    fn interrupted_with(&self, volume: &str) -> Option<Arc<InterruptedJob>> {
+        self.interrupted()
+            .into_iter()
+            .find(|j| j.volume_names().iter().any(|n| n == volume))
+    }
+
+    /// Lists a job file that could not be taken up at start-up.
+    pub fn add_broken(&self, broken: BrokenJobFile) {
+        if let Ok(mut list) = self.broken.lock() {
+            list.push(broken);
+        }
+    }
+
+    /// The broken job file of `volume` (or any), taken out of the list when `take`.
+    fn broken_of(&self, volume: Option<&str>, take: bool) -> Option<BrokenJobFile> {
+        let mut list = self.broken.lock().ok()?;
+        let index = list
+            .iter()
+            .position(|b| volume.is_none_or(|name| b.volume == name))?;
+        Some(if take {
+            list.remove(index)
+        } else {
+            list[index].clone()
+        })
+    }
+
+    /// Takes the interrupted job out of the list: the one with `volume`, or the only one.
+    /// Where there is none, a broken job file of the volume says why.
+    fn take_interrupted(
+        &self,
+        volume: Option<&str>,
+    ) -> Result<Arc<InterruptedJob>, MigrationError> {
+        let found = self.take_listed(volume);
+        if let Err(MigrationError::NoInterruptedJob(_)) = &found {
+            if let Some(broken) = self.broken_of(volume, false) {
+                return Err(MigrationError::BrokenJobFile {
+                    volume: broken.volume,
+                    reason: broken.reason,
+                });
+            }
+        }
+        found
+    }
+
+    fn take_listed(&self, volume: Option<&str>) -> Result<Arc<InterruptedJob>, MigrationError> {
+        let poisoned = || MigrationError::BadOptions("registry lock poisoned".into());
+        let mut list = self.interrupted.lock().map_err(|_| poisoned())?;
+        let index = match volume {
+            Some(name) => list
+                .iter()
+                .position(|j| j.volume_names().iter().any(|n| n == name))
+                .ok_or_else(|| MigrationError::NoInterruptedJob(format!(" of volume {name:?}")))?,
+            None if list.len() == 1 => 0,
+            None if list.is_empty() => return Err(MigrationError::NoInterruptedJob(String::new())),
+            None => {
+                return Err(MigrationError::BadOptions(
+                    "several interrupted jobs: name a volume".into(),
+                ))
+            }
+        };
+        Ok(list.remove(index))
+    }
+
+    /// Resumes the interrupted job of `volume` (or the only one); see
+    /// [`MigrationJob::resume`]. On failure the job stays interrupted, unless the resume
+    /// failed half-way (it is then given up).
+    pub fn resume(
+        &self,
+        volume: Option<&str>,
+        options: MigrationOptions,
+    ) -> Result<Arc<MigrationJob>, MigrationError> {
+        let interrupted = self.take_interrupted(volume)?;
+        match MigrationJob::resume(&interrupted, options) {
+            Ok(job) => {
+                if let Ok(mut jobs) = self.jobs.lock() {
+                    jobs.insert(job.id(), job.clone());
+                }
+                Ok(job)
+            }
+            Err(e) => {
+                if !interrupted.is_discarded() {
+                    self.add_interrupted(interrupted);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Gives up the interrupted job of `volume` (or the only one): its file is removed.
+    /// A broken job file of the volume is removed as well. Returns the job's id (none for
+    /// a broken file).
+    pub fn discard(&self, volume: Option<&str>) -> Result<Option<u64>, MigrationError> {
+        if let Some(broken) = self.broken_of(volume, true) {
+            return match std::fs::remove_file(&broken.path) {
+                Ok(()) => Ok(None),
+                Err(e) => {
+                    let path = broken.path.display().to_string();
+                    self.add_broken(broken);
+                    Err(MigrationError::BadOptions(format!(
+                        "cannot remove {path}: {e}"
+                    )))
+                }
+            };
+        }
+        let interrupted = self.take_interrupted(volume)?;
+        interrupted.discard()?;
+        Ok(Some(interrupted.id))
+    }
+
+    /// Clean shutdown, guest I/O held: every running job and every interrupted one writes
+    /// its job file for the last time and stops. Returns the jobs left for a resume.
+    pub fn suspend_all(&self) -> usize {
+        let mut kept = 0;
+        for job in self.jobs() {
+            kept += usize::from(job.suspend());
+        }
+        for job in self.interrupted() {
+            match job.suspend() {
+                Ok(()) => kept += 1,
+                Err(e) => log::error!("interrupted migration job {}: {e}", job.id),
+            }
+        }
+        kept
     }
 
     /// Drops ended jobs from the list; returns how many.

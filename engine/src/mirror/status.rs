@@ -5,7 +5,8 @@ use super::options::MirrorMode;
 use crate::nbd::BlockSizes;
 
 /// The life of a job: `copying` → `ready` → `cutting-over` → `completed`; or `failed` /
-/// `cancelled` from any state before `completed`.
+/// `cancelled` from any state before `completed`. A job found at start-up by its job file
+/// is `interrupted` until it is resumed (as a new job) or discarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum MigrationState {
@@ -15,6 +16,7 @@ pub enum MigrationState {
     Completed,
     Failed,
     Cancelled,
+    Interrupted,
 }
 
 impl MigrationState {
@@ -31,6 +33,7 @@ impl MigrationState {
             Self::Completed => "completed",
             Self::Failed => "failed",
             Self::Cancelled => "cancelled",
+            Self::Interrupted => "interrupted",
         }
     }
 }
@@ -85,6 +88,11 @@ pub struct MigrationStatus {
     /// Why the job failed.
     pub error: Option<String>,
     pub elapsed_ms: u64,
+    /// The job file that lets the job survive a restart.
+    pub job_file: Option<std::path::PathBuf>,
+    /// For an `interrupted` job: the daemon that ran it did not shut down cleanly, so the
+    /// chunks written since the file's last rewrite are copied again.
+    pub crashed: bool,
 }
 
 /// The result of a cutover.

@@ -1,5 +1,6 @@
-//! Tests of the mirror that look inside a running job (its chunk tables): the overlap rule
-//! between an `active` mirror's legs and the bulk copier.
+//! Tests of the mirror that look inside a running job (its chunk tables, its job file): the
+//! overlap rule between an `active` mirror's legs and the bulk copier, and the arm records
+//! a guest write appends to the job file.
 
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -107,5 +108,49 @@ fn an_active_write_racing_the_copy_of_its_chunk_reaches_the_target() -> TestResu
     expected[4096..8192].copy_from_slice(&data);
     assert_eq!(std::fs::read(&dst)?, expected);
     job.cancel()?;
+    Ok(())
+}
+
+/// The job file of a running job: a guest write to a chunk the file does not name appends
+/// an arm record before it completes (a second write to the chunk appends nothing), and
+/// the file goes when the job is cancelled.
+#[test]
+fn a_guest_write_is_armed_in_the_job_file_before_it_completes() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (src, dst) = (dir.path().join("src.img"), dir.path().join("dst.img"));
+    std::fs::File::create(&src)?.set_len(MIB as u64)?; // all holes: nothing to copy
+    let volume = Volume::open(VolumeConfig {
+        name: "vda".into(),
+        path: src.clone(),
+        ..Default::default()
+    })?;
+    let options = MigrationOptions {
+        mode: MirrorMode::Background,
+        granularity_bytes: GRANULARITY,
+        // No rewrite during the test: what the file gains is arm records.
+        persist_interval: Duration::from_secs(3600),
+        ..Default::default()
+    };
+    let job = MigrationJob::start(vec![volume.clone()], DestinationSpec::File(dst), options)?;
+    let path = super::persist::JobPersist::path_for(&src);
+    let file = super::persist::read(&path)?;
+    assert!(file.record.in_use && file.arms.is_empty());
+    assert_eq!(
+        file.uncopied(0),
+        vec![0],
+        "a sparse source has nothing to copy"
+    );
+    guest_write(&volume, 3 * GRANULARITY + 512, &[7u8; 8192])?;
+    let file = super::persist::read(&path)?;
+    assert_eq!(file.arms.len(), 1);
+    assert_eq!(file.uncopied(0), vec![1 << 3]);
+    guest_write(&volume, 3 * GRANULARITY, &[8u8; 4096])?;
+    assert_eq!(
+        super::persist::read(&path)?.arms.len(),
+        1,
+        "chunk 3 is armed already"
+    );
+    job.cancel()?;
+    assert!(!path.exists(), "the job file outlived the cancelled job");
     Ok(())
 }

@@ -97,6 +97,16 @@ const COMMANDS: &[(&str, Handler, &str)] = &[
         "change a job's copy speed limit (bytes/s, 0: none)",
     ),
     (
+        "migrate-resume",
+        Handler::Value(mig::migrate_resume),
+        "resume a migration a restart interrupted (volume: which)",
+    ),
+    (
+        "migrate-discard",
+        Handler::Value(mig::migrate_discard),
+        "give up a migration a restart interrupted, removing its job file",
+    ),
+    (
         "incoming-prepare",
         Handler::Caller(Daemon::incoming_prepare),
         "prepare a volume moving in from the caller's host: image, socket, NBD export for it",

@@ -16,7 +16,10 @@ use ferry_engine::peer::FerryUrl;
 
 fn error(e: MigrationError) -> ControlError {
     let class = match e {
-        MigrationError::UnknownVolume(_) | MigrationError::UnknownJob(_) => "NotFound",
+        MigrationError::UnknownVolume(_)
+        | MigrationError::UnknownJob(_)
+        | MigrationError::NoInterruptedJob(_) => "NotFound",
+        MigrationError::InterruptedJobExists { .. } => "InterruptedJobExists",
         MigrationError::AlreadyMigrating { .. } => "AlreadyMigrating",
         MigrationError::NotReady { .. } => "NotReady",
         MigrationError::NoVolumes
@@ -77,7 +80,19 @@ fn options(args: &Value) -> Result<MigrationOptions, ControlError> {
     if let Some(hold) = copy_hold(args)? {
         options.copy_hold = hold;
     }
+    persist_interval(args, &mut options)?;
     Ok(options)
+}
+
+/// `persist-interval-ms`: how often the job file is rewritten.
+fn persist_interval(args: &Value, options: &mut MigrationOptions) -> Result<(), ControlError> {
+    if let Some(ms) = args.get("persist-interval-ms") {
+        let ms = ms.as_u64().filter(|&ms| ms > 0).ok_or_else(|| {
+            ControlError::bad_argument("persist-interval-ms must be milliseconds, at least 1")
+        })?;
+        options.persist_interval = std::time::Duration::from_millis(ms);
+    }
+    Ok(())
 }
 
 /// `copy-hold-ms`: hold each copy between its read and its write (to test races).
@@ -248,4 +263,47 @@ pub fn migrate_set_speed(daemon: &Daemon, args: &Value) -> Result<Value, Control
         job.set_copy_hold(hold);
     }
     Ok(json!({ "job": job.id(), "speed": speed }))
+}
+
+/// The volume named by `volume`, if any.
+fn volume_arg(args: &Value) -> Result<Option<&str>, ControlError> {
+    match args.get("volume") {
+        None => Ok(None),
+        Some(Value::String(name)) => Ok(Some(name)),
+        Some(_) => Err(ControlError::bad_argument("volume must be a volume name")),
+    }
+}
+
+/// `migrate-resume`: takes up a job a restart interrupted (see `crate::migration_recovery`),
+/// with its recorded target, mode and speed; `persist-interval-ms` may change how often its
+/// file is rewritten. TLS credentials for an `nbds://` target are the daemon's.
+pub fn migrate_resume(daemon: &Daemon, args: &Value) -> Result<Value, ControlError> {
+    let volume = volume_arg(args)?;
+    let mut options = MigrationOptions::default();
+    persist_interval(args, &mut options)?;
+    options.nbd_tls = daemon.tls.clone();
+    let crashed = daemon
+        .migrations
+        .interrupted()
+        .iter()
+        .find(|j| volume.is_none_or(|name| j.volume_names().iter().any(|n| n == name)))
+        .map(|j| j.crashed);
+    let job = daemon.migrations.resume(volume, options).map_err(error)?;
+    let status = job.status();
+    Ok(json!({
+        "job": job.id(),
+        "total_bytes": status.total_bytes,
+        "crashed": crashed.unwrap_or(false),
+        "job_file": status.job_file,
+    }))
+}
+
+/// `migrate-discard`: gives up a job a restart interrupted (or a job file that could not
+/// be taken up): its file is removed, its volumes are no longer tracked.
+pub fn migrate_discard(daemon: &Daemon, args: &Value) -> Result<Value, ControlError> {
+    let id = daemon
+        .migrations
+        .discard(volume_arg(args)?)
+        .map_err(error)?;
+    Ok(json!({ "job": id }))
 }
