@@ -348,10 +348,13 @@ impl MigrationJob {
     /// hole before the plan is seen by the plan, one after it by the mirror.
     fn launch(&self) -> Result<(), MigrationError> {
         let s = &self.shared;
-        let mirror_threads = if s.target.is_remote() {
-            s.options.mirror_threads_remote
+        let (mirror_threads, copy_threads) = if s.target.is_remote() {
+            (
+                s.options.mirror_threads_remote,
+                s.options.copy_threads_remote,
+            )
         } else {
-            s.options.mirror_threads
+            (s.options.mirror_threads, s.options.copy_threads)
         };
         for i in 0..mirror_threads {
             self.spawn(
@@ -381,7 +384,7 @@ impl MigrationJob {
             drop(guard);
         }
         self.plan()?;
-        for i in 0..s.options.copy_threads {
+        for i in 0..copy_threads {
             self.spawn(&format!("ferry-copy-{i}"), super::copier::run)?;
         }
         self.spawn("ferry-migrate", super::supervisor::run)?;
