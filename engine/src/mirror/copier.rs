@@ -1,16 +1,20 @@
 //! The background copier: plans which chunks hold data, then copies dirty chunks to the target.
 //!
 //! `copy_threads` worker threads each copy one run of up to `copy_chunk_bytes` at a time
-//! (so at most `copy_threads` copies are in flight): take a run from a volume's
-//! [`ChunkTable`], read it from the source with `pread` (or its NBD export), write it to the target, then
-//! wait for the speed limit before taking the next run. Plain threads rather than
-//! io_uring: the target may be an NBD socket, the work is a few large sequential
-//! transfers, and a blocking worker keeps the per-chunk rules easy to follow.
+//! (so at most `copy_threads` copies are in flight): look at the next run of a volume's
+//! [`ChunkTable`], book its bytes on the speed limit and wait for their turn, then take a
+//! run of at most that size, read it from the source with `pread` (or its NBD export),
+//! write it to the target, and give back on the limit what the run did not use. Booking
+//! before copying keeps the limit from the first byte: a copier that paid after its copy
+//! sent its first chunk unpaid, so a limited job with many copiers copied that many chunks
+//! at once. Plain threads rather than io_uring: the target may be an NBD socket, the work
+//! is a few large sequential transfers, and a blocking worker keeps the per-chunk rules
+//! easy to follow.
 //!
 //! A guest write into a chunk while it is being copied re-dirties the chunk (see
 //! `dirty_bitmap`), so the time a run is held must stay short or a busy guest keeps the
-//! job from converging: the speed limit is paid between runs, never while holding one.
-//! `MigrationOptions::copy_hold` widens the window on purpose, for tests of the race.
+//! job from converging: the speed limit is paid before a run is taken, never while holding
+//! one. `MigrationOptions::copy_hold` widens the window on purpose, for tests of the race.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -104,12 +108,21 @@ fn zero_segments(data: &[u8], block: usize) -> Vec<(usize, usize, bool)> {
 
 /// A copier worker thread.
 pub(crate) fn run(job: Arc<JobShared>) {
-    let chunks_max = job.options.copy_chunk_bytes / job.options.granularity_bytes;
+    let g = job.options.granularity_bytes;
+    let chunks_max = job.options.copy_chunk_bytes / g;
     let mut buf = vec![0u8; job.options.copy_chunk_bytes as usize];
     let mut next_volume = 0;
     while !job.stopped() {
-        let Some((index, run)) = take_work(&job, &mut next_volume, chunks_max) else {
+        let Some(chunks) = peek_work(&job, next_volume, chunks_max) else {
             std::thread::sleep(IDLE_POLL);
+            continue;
+        };
+        let skip = || job.stopped() || job.unthrottled.load(Ordering::Acquire);
+        let booked = job.throttle.reserve(chunks * g, skip);
+        // Another copier may have taken the run looked at meanwhile: take one no larger
+        // than what was booked, or none.
+        let Some((index, run)) = take_work(&job, &mut next_volume, booked.bytes() / g) else {
+            job.throttle.refund(booked, 0);
             continue;
         };
         let result = copy_run(&job, index, &run, &mut buf);
@@ -117,21 +130,34 @@ pub(crate) fn run(job: Arc<JobShared>) {
             table.finish_run(run, result.is_ok());
         }
         match result {
-            Ok(copied_bytes) => {
-                let skip = || job.stopped() || job.unthrottled.load(Ordering::Acquire);
-                job.throttle.wait(copied_bytes, skip);
+            Ok(copied_bytes) => job.throttle.refund(booked, copied_bytes),
+            Err(reason) => {
+                job.throttle.refund(booked, 0);
+                job.fail(reason);
             }
-            Err(reason) => job.fail(reason),
         }
     }
 }
 
-/// Takes a run from the next volume that has one (round robin).
+/// The length in chunks of the run [`take_work`] would take now, if any.
+fn peek_work(job: &JobShared, next_volume: usize, chunks_max: u64) -> Option<u64> {
+    let n = job.volumes.len();
+    (0..n).find_map(|step| {
+        let table = job.volumes[(next_volume + step) % n].table.lock().ok()?;
+        table.peek_run(chunks_max).map(|run| run.end - run.start)
+    })
+}
+
+/// Takes a run of at most `chunks_max` chunks from the next volume that has one (round
+/// robin).
 fn take_work(
     job: &JobShared,
     next_volume: &mut usize,
     chunks_max: u64,
 ) -> Option<(usize, std::ops::Range<u64>)> {
+    if chunks_max == 0 {
+        return None;
+    }
     let n = job.volumes.len();
     for step in 0..n {
         let index = (*next_volume + step) % n;

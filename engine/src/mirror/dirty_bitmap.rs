@@ -143,8 +143,10 @@ impl ChunkTable {
         self.dirty.get(c) && !self.copying.get(c) && !self.unsettled.contains_key(&c)
     }
 
-    /// Takes up to `chunks_max` contiguous chunks to copy: marks them copying and clean.
-    pub fn take_run(&mut self, chunks_max: u64) -> Option<Range<u64>> {
+    /// The run that [`take_run`](Self::take_run) would take now, left in place: a copier
+    /// books the run's bytes on the speed limit before it takes the run, so that it never
+    /// holds chunks while it waits.
+    pub fn peek_run(&self, chunks_max: u64) -> Option<Range<u64>> {
         if self.dirty_count == 0 || self.chunks == 0 {
             return None;
         }
@@ -153,6 +155,12 @@ impl ChunkTable {
         while end < self.chunks && end - start < chunks_max && self.eligible(end) {
             end += 1;
         }
+        Some(start..end)
+    }
+
+    /// Takes up to `chunks_max` contiguous chunks to copy: marks them copying and clean.
+    pub fn take_run(&mut self, chunks_max: u64) -> Option<Range<u64>> {
+        let Range { start, end } = self.peek_run(chunks_max)?;
         for c in start..end {
             self.dirty.clear(c);
             self.copying.set(c);
@@ -310,6 +318,19 @@ mod tests {
         assert_eq!(t.take_run(16), Some(4..8));
         t.finish_run(4..8, true);
         assert!(t.is_clean());
+    }
+
+    #[test]
+    fn a_peek_names_the_next_run_and_takes_nothing() {
+        let mut t = ChunkTable::new(10 * G, G);
+        assert_eq!(t.peek_run(4), None);
+        t.mark_dirty(2 * G, 6 * G);
+        assert_eq!(t.peek_run(4), Some(2..6));
+        assert_eq!(t.peek_run(4), Some(2..6), "a peek changes nothing");
+        assert_eq!(t.dirty_bytes(), 6 * G);
+        assert_eq!(t.take_run(4), Some(2..6));
+        assert_eq!(t.peek_run(4), Some(6..8));
+        assert_eq!(t.take_run(1), Some(6..7));
     }
 
     #[test]

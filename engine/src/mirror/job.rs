@@ -378,10 +378,13 @@ impl MigrationJob {
     /// job's tracking under the same pause, and there is no plan.
     pub(super) fn launch(&self, resuming: Option<&InterruptedJob>) -> Result<(), MigrationError> {
         let s = &self.shared;
-        let mirror_threads = if s.target.is_remote() {
-            s.options.mirror_threads_remote
+        let (mirror_threads, copy_threads) = if s.target.is_remote() {
+            (
+                s.options.mirror_threads_remote,
+                s.options.copy_threads_remote,
+            )
         } else {
-            s.options.mirror_threads
+            (s.options.mirror_threads, s.options.copy_threads)
         };
         for i in 0..mirror_threads {
             self.spawn(
@@ -429,7 +432,7 @@ impl MigrationJob {
             })?;
             self.spawn("ferry-migrate-file", super::persist::job_file::run)?;
         }
-        for i in 0..s.options.copy_threads {
+        for i in 0..copy_threads {
             self.spawn(&format!("ferry-copy-{i}"), super::copier::run)?;
         }
         self.spawn("ferry-migrate", super::supervisor::run)?;

@@ -3,8 +3,7 @@
 //! the copy), and the copy still in progress.
 //!
 //! Mid-copy is made and checked, not hoped for: the copy is throttled to
-//! [`CRAWL_BYTES_PER_S`], one chunk a second (each copier copies a chunk before its first
-//! wait), so that the whole volume would take minutes whatever the scheduling; the case starts
+//! [`CRAWL_BYTES_PER_S`], one chunk a second, so that the whole volume would take minutes whatever the scheduling; the case starts
 //! once the first chunks are copied, so that it meets copied chunks (at the volume's start,
 //! where the copy begins and the cases write too) and dirty ones; after the case the job must
 //! still be copying with chunks dirty. Only then is the copy let go: the job becomes ready,
@@ -32,7 +31,7 @@ const CHUNK_BYTES: u64 = 64 << 10;
 /// take minutes, far longer than any case.
 const CRAWL_BYTES_PER_S: u64 = CHUNK_BYTES;
 const _: () = assert!(VOLUME_BYTES / CRAWL_BYTES_PER_S >= 120);
-/// Copier threads: each copies one chunk at once, then waits for the throttle.
+/// Copier threads: each books one chunk on the throttle, then copies it.
 const COPY_THREADS: usize = 2;
 
 /// A file volume in the build directory with a `mode` migration job to a file beside it,
