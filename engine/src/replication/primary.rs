@@ -10,6 +10,10 @@
 //! stops numbering records and degrades to a dirty bitmap of what changed (status says so),
 //! and the DR site keeps the prefix it has.
 //!
+//! Past `--max-lag` (bytes or time, [`LagPolicy`]) the group degrades too, or slows the guest's
+//! writes down (`lag`); a degraded group whose link works again resends the ranges its bitmap
+//! marks (`resync`) and streams again.
+//!
 //! A group in sync mode holds each guest write's completion (its [`ObserverTicket`]) until
 //! the DR site's durable sequence covers the write's last record. If the DR site acknowledges
 //! nothing for the sync timeout, the group degrades to async: held writes complete and later
@@ -23,6 +27,11 @@ use super::frame::{Ack, Record, RecordOp, PAYLOAD_MAX_BYTES};
 use crate::observer::ObserverTicket;
 
 pub use super::primary_observer::PrimaryObserver;
+pub use lag::{LagPolicy, OnLag};
+pub use resync::ResyncStep;
+
+mod lag;
+mod resync;
 
 /// The granularity of the dirty bitmap of a degraded group.
 pub const DIRTY_CHUNK_BYTES: u64 = 64 << 10;
@@ -31,7 +40,7 @@ pub const DIRTY_CHUNK_BYTES: u64 = 64 << 10;
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct PrimaryStatus {
-    /// initial-copy, replicating, degraded, stopped.
+    /// initial-copy, replicating, lagging, disconnected, degraded, resyncing, stopped.
     pub state: &'static str,
     /// The last record numbered.
     pub numbered_seq: u64,
@@ -57,6 +66,19 @@ pub struct PrimaryStatus {
     pub sync_held_writes: u64,
     /// Bytes marked in the dirty bitmaps of a degraded group.
     pub dirty_bytes: u64,
+    /// The bound on the lag (`--max-lag`) and what the group does past it.
+    pub max_lag_bytes: Option<u64>,
+    pub max_lag_seconds: Option<f64>,
+    pub on_lag: &'static str,
+    /// The spacing of the guest's write completions now (`on-lag` throttle).
+    pub throttle_delay_ms: f64,
+    /// Guest writes whose completion the throttle delayed, since the start.
+    pub throttled_writes: u64,
+    /// Bitmap resyncs begun, and bytes of data they read and sent (both since the start).
+    pub resyncs: u64,
+    pub resync_bytes: u64,
+    /// The bitmaps' marked bytes when each resync began, summed.
+    pub resync_changed_bytes: u64,
     pub initial_copy_bytes_done: u64,
     pub initial_copy_bytes_total: u64,
     pub last_error: Option<String>,
@@ -92,6 +114,18 @@ struct State {
     copy_end_seq: Option<u64>,
     /// The sequence and numbering time of each record holding a ticket, oldest first.
     sync_waiting: VecDeque<(u64, Instant)>,
+    policy: LagPolicy,
+    /// The shipper's last attempt failed; cleared when it connects.
+    link_lost: bool,
+    /// When the DR site last answered (connected or acknowledged).
+    last_answer: Instant,
+    /// The spacing of throttled completions now, and when the last one is due.
+    throttle_delay: Duration,
+    throttle_last_due: Instant,
+    /// Guest completions the throttle delays, with when each is due.
+    throttled: Vec<(Instant, ObserverTicket)>,
+    throttled_writes: u64,
+    resync: resync::Resync,
 }
 
 /// A group's numbering and its queue of records for the DR site.
@@ -99,6 +133,7 @@ pub struct GroupSequencer {
     state: Mutex<State>,
     changed: Condvar,
     queue_bytes_max: usize,
+    volume_sizes: Vec<u64>,
 }
 
 fn now_ns() -> u64 {
@@ -141,9 +176,18 @@ impl GroupSequencer {
                 sync_degraded_reason: None,
                 copy_end_seq: None,
                 sync_waiting: VecDeque::new(),
+                policy: LagPolicy::default(),
+                link_lost: false,
+                last_answer: Instant::now(),
+                throttle_delay: Duration::ZERO,
+                throttle_last_due: Instant::now(),
+                throttled: Vec::new(),
+                throttled_writes: 0,
+                resync: resync::Resync::default(),
             }),
             changed: Condvar::new(),
             queue_bytes_max,
+            volume_sizes: volume_sizes.to_vec(),
         })
     }
 
@@ -159,7 +203,9 @@ impl GroupSequencer {
     /// Whether a guest write observed now may be held: a sync group not degraded.
     pub fn may_hold(&self) -> bool {
         let state = self.lock();
-        state.sync && state.sync_degraded_reason.is_none() && state.degraded_reason.is_none()
+        state.degraded_reason.is_none()
+            && ((state.sync && state.sync_degraded_reason.is_none())
+                || !state.throttle_delay.is_zero())
     }
 
     /// Numbers a completed request of volume `volume_index` (a write's data split into
@@ -178,6 +224,7 @@ impl GroupSequencer {
             complete(ticket.into_iter().collect());
             return;
         }
+        let mut tickets = Vec::new();
         if state.degraded_reason.is_none() {
             let bytes = record_bytes(&op);
             if state.held_bytes + bytes > self.queue_bytes_max {
@@ -185,16 +232,17 @@ impl GroupSequencer {
                     "the queue for the DR site is full ({} bytes not acknowledged)",
                     state.held_bytes
                 );
-                log::warn!("replication degraded: {reason}; changes are tracked in a bitmap");
-                state.degraded_reason = Some(reason);
+                degrade_locked(&mut state, reason, &mut tickets);
+            } else {
+                lag::apply_policy(&mut state, bytes, &mut tickets);
             }
         }
         if state.degraded_reason.is_some() {
             mark_dirty(&mut state, volume_index, &op);
-            let mut tickets: Vec<_> = ticket.into_iter().collect();
-            take_all_tickets(&mut state, &mut tickets);
+            tickets.extend(ticket);
             drop(state);
             complete(tickets);
+            self.changed.notify_all();
             return;
         }
         let holds = state.sync
@@ -202,11 +250,16 @@ impl GroupSequencer {
             && state
                 .copy_end_seq
                 .is_some_and(|end| state.acknowledged_seq >= end);
-        let (ticket, now) = if holds {
+        let (ticket, mut now) = if holds {
             (ticket, None)
         } else {
             (None, ticket)
         };
+        if let Some(delayed) = now.take() {
+            if let Some(late) = lag::throttle(&mut state, delayed) {
+                tickets.push(late);
+            }
+        }
         let ops = split(op);
         let last = ops.len().saturating_sub(1);
         let mut ticket = ticket;
@@ -215,19 +268,15 @@ impl GroupSequencer {
             number(&mut state, volume_index, op, held);
         }
         drop(state);
-        complete(now.into_iter().collect());
+        complete(tickets);
         self.changed.notify_all();
     }
 
     /// Degrades the group (as a full queue does), for a reason of the caller's.
     pub fn degrade(&self, reason: String) {
         let mut state = self.lock();
-        if state.degraded_reason.is_none() {
-            log::warn!("replication degraded: {reason}");
-            state.degraded_reason = Some(reason);
-        }
         let mut tickets = Vec::new();
-        take_all_tickets(&mut state, &mut tickets);
+        degrade_locked(&mut state, reason, &mut tickets);
         drop(state);
         complete(tickets);
         self.changed.notify_all();
@@ -271,7 +320,10 @@ impl GroupSequencer {
                             timeout.as_secs_f64()
                         );
                         drop(state);
-                        self.degrade_sync(reason);
+                        // As an async group whose link is lost: the bitmap tracks what
+                        // changes from here, and a resync sends it once the DR site answers.
+                        self.degrade_sync(reason.clone());
+                        self.degrade(reason);
                         return;
                     }
                     timeout - waited
@@ -299,7 +351,7 @@ impl GroupSequencer {
         let mut state = self.lock();
         while !state.stopped
             && state.degraded_reason.is_none()
-            && state.held_bytes + PAYLOAD_MAX_BYTES as usize > self.queue_bytes_max
+            && !self.has_room(&state, COPY_RUN_BYTES_HINT)
         {
             state = self
                 .changed
@@ -368,6 +420,20 @@ impl GroupSequencer {
         out
     }
 
+    /// Whether records of `bytes` more fit the window of an initial copy or a resync: a
+    /// quarter of `--max-lag`'s bytes (so guest writes have room before the bound), at most
+    /// the queue's bound less a frame; always when nothing is held.
+    fn has_room(&self, state: &State, bytes: usize) -> bool {
+        let queue = self
+            .queue_bytes_max
+            .saturating_sub(PAYLOAD_MAX_BYTES as usize);
+        let window = state
+            .policy
+            .bytes_max
+            .map_or(queue, |max| queue.min((max / 4) as usize));
+        state.held_bytes == 0 || state.held_bytes + bytes <= window
+    }
+
     /// Rewinds to the DR site's durable sequence after a reconnection: records after it are
     /// sent again. False when the DR site is behind what is still held (a resync is needed).
     pub fn resume_after(&self, durable_seq: u64) -> bool {
@@ -387,8 +453,13 @@ impl GroupSequencer {
     pub fn acknowledged(&self, ack: &Ack) {
         let mut state = self.lock();
         let through = ack.durable_seq.min(state.shipped_seq);
-        let tickets = release(&mut state, through);
+        let mut tickets = release(&mut state, through);
         state.applied_seq = state.applied_seq.max(ack.applied_seq);
+        state.last_answer = Instant::now();
+        if state.degraded_reason.is_none() {
+            // The throttle eases as soon as the lag falls.
+            lag::apply_policy(&mut state, 0, &mut tickets);
+        }
         drop(state);
         complete(tickets);
         self.changed.notify_all();
@@ -423,17 +494,18 @@ impl GroupSequencer {
             "stopped"
         } else if state.degraded_reason.is_some() {
             "degraded"
+        } else if !lag::link_ok(&state) {
+            "disconnected"
+        } else if state.resync.running {
+            "resyncing"
         } else if state.copying {
             "initial-copy"
+        } else if !state.throttle_delay.is_zero() || lag::ratio(&state) > 0.5 {
+            "lagging"
         } else {
             "replicating"
         };
-        let dirty_chunks: u64 = state
-            .dirty
-            .iter()
-            .flatten()
-            .map(|w| w.count_ones() as u64)
-            .sum();
+        let dirty_chunks = resync::dirty_chunks(&state);
         PrimaryStatus {
             state: state_name,
             numbered_seq: state.next_seq - 1,
@@ -466,6 +538,17 @@ impl GroupSequencer {
                 .or_else(|| state.degraded_reason.clone().filter(|_| state.sync)),
             sync_held_writes: state.sync_waiting.len() as u64,
             dirty_bytes: dirty_chunks * DIRTY_CHUNK_BYTES,
+            max_lag_bytes: state.policy.bytes_max,
+            max_lag_seconds: state.policy.time_max.map(|t| t.as_secs_f64()),
+            on_lag: match state.policy.on_lag {
+                OnLag::Degrade => "degrade",
+                OnLag::Throttle => "throttle",
+            },
+            throttle_delay_ms: state.throttle_delay.as_secs_f64() * 1e3,
+            throttled_writes: state.throttled_writes,
+            resyncs: state.resync.count,
+            resync_bytes: state.resync.bytes_sent,
+            resync_changed_bytes: state.resync.changed_bytes,
             initial_copy_bytes_done: state.copy_done,
             initial_copy_bytes_total: state.copy_total,
             last_error: state.last_error.clone(),
@@ -515,8 +598,21 @@ fn release(state: &mut State, through: u64) -> Vec<ObserverTicket> {
     tickets
 }
 
+/// Degrades the group to its bitmap for `reason` (the first reason stays) and takes every
+/// held guest completion.
+fn degrade_locked(state: &mut State, reason: String, tickets: &mut Vec<ObserverTicket>) {
+    if state.degraded_reason.is_none() {
+        log::warn!("replication degraded: {reason}; changes are tracked in a bitmap");
+        state.degraded_reason = Some(reason);
+    }
+    state.resync.running = false;
+    state.throttle_delay = Duration::ZERO;
+    take_all_tickets(state, tickets);
+}
+
 /// Takes every held guest completion (the group stops holding them).
 fn take_all_tickets(state: &mut State, out: &mut Vec<ObserverTicket>) {
+    out.extend(state.throttled.drain(..).map(|(_, ticket)| ticket));
     if state.sync_waiting.is_empty() {
         return;
     }
@@ -530,6 +626,9 @@ fn complete(mut tickets: Vec<ObserverTicket>) {
         ObserverTicket::complete_all(&mut tickets, true);
     }
 }
+
+/// The initial copy reads at most this much at a time (the daemon's chunk).
+const COPY_RUN_BYTES_HINT: usize = 1 << 20;
 
 fn mark_dirty(state: &mut State, volume_index: u32, op: &RecordOp) {
     let (offset, len) = match op {
@@ -545,6 +644,11 @@ fn mark_dirty(state: &mut State, volume_index: u32, op: &RecordOp) {
         } => (*offset_bytes, *len_bytes),
         RecordOp::Flush | RecordOp::Mark { .. } => return,
     };
+    mark_range(state, volume_index, offset, len);
+}
+
+/// Marks the chunks under `offset..offset + len` of a volume changed.
+fn mark_range(state: &mut State, volume_index: u32, offset: u64, len: u64) {
     let Some(bits) = state.dirty.get_mut(volume_index as usize) else {
         return;
     };
