@@ -13,6 +13,7 @@ mod migrate_cli;
 mod nbd_serve;
 mod replica_groups;
 mod replicate_cli;
+mod replication_copy;
 mod replication_primary;
 mod serve;
 mod served_volume;
