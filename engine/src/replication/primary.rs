@@ -642,7 +642,9 @@ fn mark_dirty(state: &mut State, volume_index: u32, op: &RecordOp) {
             len_bytes,
             ..
         } => (*offset_bytes, *len_bytes),
-        RecordOp::Flush | RecordOp::Mark { .. } => return,
+        RecordOp::Flush | RecordOp::Mark { .. } | RecordOp::ResyncBegin | RecordOp::ResyncEnd => {
+            return
+        }
     };
     mark_range(state, volume_index, offset, len);
 }

@@ -42,8 +42,8 @@ pub struct LagPolicy {
     /// Bytes of records not acknowledged.
     pub bytes_max: Option<u64>,
     /// Age of the oldest record not acknowledged. Not applied while an initial copy or a
-    /// resync runs over a working link (their records are the lag then; their window is
-    /// bounded by bytes instead).
+    /// resync runs over a working link, nor until the DR site has acknowledged its last
+    /// record (their records are the lag then; their window is bounded by bytes instead).
     pub time_max: Option<Duration>,
     pub on_lag: OnLag,
 }
@@ -126,7 +126,13 @@ pub(super) fn ratio_with(state: &State, extra_bytes: usize) -> f64 {
     if let Some(max) = policy.bytes_max.filter(|&m| m > 0) {
         ratio = ratio.max((state.held_bytes + extra_bytes) as f64 / max as f64);
     }
-    let catching_up = state.copying || state.resync.running;
+    // The initial copy's and a resync's records are the lag until the DR site has the last
+    // of them.
+    let caught_up = |end: Option<u64>| end.is_none_or(|end| state.acknowledged_seq >= end);
+    let catching_up = state.copying
+        || state.resync.running
+        || !caught_up(state.copy_end_seq)
+        || !caught_up(state.resync.end_seq);
     let time_max = policy.time_max.filter(|_| !catching_up || !link_ok(state));
     if let (Some(max), Some(oldest)) = (time_max, state.held.front()) {
         ratio = ratio.max(oldest.completed.elapsed().as_secs_f64() / max.as_secs_f64());

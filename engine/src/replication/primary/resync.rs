@@ -7,7 +7,8 @@
 //! lag past its bound) with the unsent bits still set, and the next resync sends them.
 //!
 //! While a resync runs the replicas are no prefix of the write order: a range the bitmap
-//! marks reaches the DR site with its newest content, without the writes between.
+//! marks reaches the DR site with its newest content, without the writes between. Records
+//! of kinds `ResyncBegin` and `ResyncEnd` around the resync's records tell the DR site so.
 
 use std::time::Duration;
 
@@ -20,6 +21,8 @@ pub(super) struct Resync {
     pub running: bool,
     /// Where the running resync looks next: (volume, chunk).
     cursor: (usize, u64),
+    /// The `ResyncEnd` record of the last resync.
+    pub end_seq: Option<u64>,
     pub count: u64,
     pub bytes_sent: u64,
     pub changed_bytes: u64,
@@ -57,6 +60,9 @@ impl GroupSequencer {
                     state.degraded_reason.as_deref().unwrap_or_default()
                 );
                 state.degraded_reason = None;
+                // The DR site learns where the replicas stop being a prefix (a promotion
+                // refuses the points up to the end record).
+                number(&mut state, 0, RecordOp::ResyncBegin, None);
                 state.resync.running = true;
                 state.resync.cursor = (0, 0);
                 state.resync.count += 1;
@@ -98,6 +104,8 @@ impl GroupSequencer {
         }
         let Some((volume, first, chunks)) = next_run(&mut state, run_bytes_max) else {
             state.resync.running = false;
+            number(&mut state, 0, RecordOp::ResyncEnd, None);
+            state.resync.end_seq = Some(state.next_seq - 1);
             if state.sync {
                 // Held writes wait again once the DR site has everything up to here.
                 state.copy_end_seq = Some(state.next_seq - 1);

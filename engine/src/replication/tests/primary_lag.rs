@@ -195,14 +195,26 @@ fn a_resync_sends_marked_runs_with_current_data_and_streams_again() {
     assert_eq!(status.resyncs, 1);
     assert_eq!(status.resync_bytes, 3 * DIRTY_CHUNK_BYTES);
     assert_eq!(status.resync_changed_bytes, 3 * DIRTY_CHUNK_BYTES);
+    // The resync's records between its boundaries, which tell the DR site.
     let records = drain(&seq);
-    assert_eq!(
-        records.iter().map(|r| r.seq).collect::<Vec<_>>(),
-        vec![2, 3]
-    );
+    let ops: Vec<_> = records.iter().map(|r| (r.seq, r.op.clone())).collect();
+    assert_eq!(ops.len(), 4, "{ops:?}");
+    assert!(matches!(ops[0], (2, RecordOp::ResyncBegin)), "{ops:?}");
+    assert!(matches!(
+        ops[1],
+        (
+            3,
+            RecordOp::Write {
+                offset_bytes: 0,
+                ..
+            }
+        )
+    ));
+    assert!(matches!(ops[2], (4, RecordOp::Write { .. })));
+    assert!(matches!(ops[3], (5, RecordOp::ResyncEnd)), "{ops:?}");
     // Streaming again: a guest write is a record.
     seq.push(0, write(0, 4096));
-    assert_eq!(seq.status().numbered_seq, 4);
+    assert_eq!(seq.status().numbered_seq, 6);
 }
 
 #[test]
