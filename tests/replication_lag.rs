@@ -185,6 +185,15 @@ fn wait_streaming(hosts: &TwoHosts) -> Result<Value> {
     status(hosts)
 }
 
+/// `replicate-status` of group `g` on B (its unix socket, not over the link).
+fn dr_status(hosts: &TwoHosts) -> Result<Value> {
+    let v = hosts.local_b("replicate-status")?;
+    Ok(match v {
+        Value::Array(groups) => groups.into_iter().next().unwrap_or_default(),
+        one => one,
+    })
+}
+
 /// After a drain, the replica images equal the primary's, whole.
 fn replicas_equal_primary(hosts: &TwoHosts) -> Result<()> {
     for (image, replica) in [("a.img", "dr/vm1.img"), ("a2.img", "dr/vm2.img")] {
@@ -250,6 +259,11 @@ fn a_partitioned_group_degrades_then_resyncs_to_equal_the_primary() -> Result<()
     writer.write(200)?;
     let s = wait_streaming(&hosts)?;
     check_resync_bytes(&s, writer.touched_bytes())?;
+    let dr = dr_status(&hosts)?;
+    ensure!(
+        dr["state"] == "replicating" && dr["resync-since-seq"].is_null(),
+        "the DR site still sees a resync: {dr}"
+    );
     replicas_equal_primary(&hosts)
 }
 
@@ -282,12 +296,14 @@ fn under_slow_link(
     Ok((lag_s, lag_bytes, degraded, samples, slowest))
 }
 
-/// A link slower than the writes (8 Mbit/s) and `--max-lag 1s` (degrade): while the group
-/// streams its lag stays within the bound (plus one sampling step), or it degrades; the
-/// writer never sees an error. The link cleared, the group resyncs and equals the primary.
+/// A link slower than the writes (8 Mbit/s) and `--max-lag 1s --max-lag 4M` (degrade): while
+/// the group streams its lag stays within the bound (plus one sampling step), or it
+/// degrades; the writer never sees an error. The resync begins on the slow link (in batches
+/// of 1 MiB, a quarter of the bound), and meanwhile the DR site refuses a promotion without
+/// --force. The link cleared, the group streams again and equals the primary.
 #[test]
 fn async_on_a_slow_link_stays_within_max_lag_or_degrades() -> Result<()> {
-    let Some((hosts, mut writer)) = replicated(&["--max-lag", "1s"])? else {
+    let Some((hosts, mut writer)) = replicated(&["--max-lag", "1s", "--max-lag", "4M"])? else {
         return Ok(());
     };
     writer.touched.clear();
@@ -309,11 +325,32 @@ fn async_on_a_slow_link_stays_within_max_lag_or_degrades() -> Result<()> {
         degraded,
         "never degraded under a writer faster than the link: {last}"
     );
+    // Still on the slow link, the resync begins once the records held are acknowledged:
+    // the DR site knows it and refuses a promotion without --force meanwhile.
+    support::wait::wait_until("the DR site resyncing", TIMEOUT, || {
+        Ok(dr_status(&hosts)?["state"] == "resyncing")
+    })?;
+    let dr_control = path_str(&hosts.path("b.ctl"))?.to_string();
+    let promote = support::two_hosts::ferry_in(
+        None,
+        &[
+            "replicate",
+            "promote",
+            "--control",
+            &dr_control,
+            "--group",
+            "g",
+        ],
+    )?;
+    ensure!(
+        !promote.status.success() && promote.stderr.contains("inside the resync"),
+        "a promotion during the resync: {} {}",
+        promote.stdout,
+        promote.stderr
+    );
     hosts.host_a().clear_rate_limit()?;
     let s = wait_streaming(&hosts)?;
-    if degraded {
-        check_resync_bytes(&s, writer.touched_bytes())?;
-    }
+    check_resync_bytes(&s, writer.touched_bytes())?;
     replicas_equal_primary(&hosts)
 }
 

@@ -73,6 +73,10 @@ pub enum ReplicateCommand {
         /// latest, seq:N or mark:LABEL.
         #[arg(long, default_value = "latest")]
         at: String,
+        /// Promote even at a point inside a bitmap resync, where the replicas may mix older
+        /// and newer contents of different ranges.
+        #[arg(long)]
+        force: bool,
         #[arg(long)]
         json: bool,
     },
@@ -150,11 +154,13 @@ pub fn run(command: ReplicateCommand) -> anyhow::Result<()> {
             control,
             group,
             at,
+            force,
             json,
         } => {
-            let reply = control
-                .client()?
-                .request("replicate-promote", json!({ "group": group, "at": at }))?;
+            let reply = control.client()?.request(
+                "replicate-promote",
+                json!({ "group": group, "at": at, "force": force }),
+            )?;
             if json {
                 println!("{reply}");
             } else {
