@@ -1,5 +1,6 @@
 //! `ferry replicate ...`: the DR side of replication groups on a running daemon, through its
-//! control socket or its TCP control listener: start and stop on the primary, status on
+//! control socket or its TCP control listener: start, stop, pause, resume and set-speed on the
+//! primary, status on
 //! either side, promotion on the DR side.
 
 use serde_json::{json, Value};
@@ -53,6 +54,31 @@ pub enum ReplicateCommand {
         control: ControlArgs,
         #[arg(long)]
         group: String,
+    },
+    /// Pause a group replicated from this daemon: it tracks changes in its bitmap and ships
+    /// no new records until resumed.
+    Pause {
+        #[command(flatten)]
+        control: ControlArgs,
+        #[arg(long)]
+        group: String,
+    },
+    /// Resume a paused group: it resyncs from its bitmap, then streams again.
+    Resume {
+        #[command(flatten)]
+        control: ControlArgs,
+        #[arg(long)]
+        group: String,
+    },
+    /// Limit the speed of a group's initial copy and resyncs (bytes per second: 50M, or 0
+    /// for no limit).
+    SetSpeed {
+        #[command(flatten)]
+        control: ControlArgs,
+        #[arg(long)]
+        group: String,
+        #[arg(long)]
+        speed: String,
     },
     /// Show the replication groups of the daemon (replicated from it, or received by it).
     Status {
@@ -121,6 +147,34 @@ pub fn run(command: ReplicateCommand) -> anyhow::Result<()> {
                     volumes.join(", ")
                 );
             }
+            Ok(())
+        }
+        ReplicateCommand::Pause { control, group } => {
+            control
+                .client()?
+                .request("replicate-pause", json!({ "group": group }))?;
+            println!("group {group}: paused (changes tracked in its bitmap)");
+            Ok(())
+        }
+        ReplicateCommand::Resume { control, group } => {
+            control
+                .client()?
+                .request("replicate-resume", json!({ "group": group }))?;
+            println!("group {group}: resumed");
+            Ok(())
+        }
+        ReplicateCommand::SetSpeed {
+            control,
+            group,
+            speed,
+        } => {
+            let bytes_per_s = ferry_engine::units::parse_size(&speed)
+                .map_err(|e| anyhow::anyhow!("--speed: {e}"))?;
+            control.client()?.request(
+                "replicate-set-speed",
+                json!({ "group": group, "bytes-per-s": bytes_per_s }),
+            )?;
+            println!("group {group}: copy and resync speed {bytes_per_s} bytes/s (0: no limit)");
             Ok(())
         }
         ReplicateCommand::Stop { control, group } => {

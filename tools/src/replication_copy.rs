@@ -8,6 +8,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use ferry_engine::replication::primary::{GroupSequencer, ResyncStep};
 use ferry_engine::Volume;
@@ -25,6 +26,7 @@ pub fn copy_and_resync(sequencer: &GroupSequencer, volumes: &[Arc<Volume>]) {
         .iter()
         .map(|v| File::open(&v.backing().path))
         .collect();
+    let mut pace = Pace::default();
     while sequencer.wait_resync() {
         loop {
             let read = |index: u32, offset: u64, len: usize| {
@@ -38,13 +40,48 @@ pub fn copy_and_resync(sequencer: &GroupSequencer, volumes: &[Arc<Volume>]) {
                 Ok(buf)
             };
             match sequencer.resync_step(RESYNC_RUN_BYTES_MAX, read) {
-                Ok(ResyncStep::Sent { .. }) => {}
+                Ok(ResyncStep::Sent { bytes, .. }) => pace.after(sequencer, bytes),
                 Ok(ResyncStep::Done | ResyncStep::Interrupted) => break,
                 Err(e) => {
                     sequencer.degrade(format!("resync: reading a volume: {e}"));
                     break;
                 }
             }
+        }
+    }
+}
+
+/// Keeps the copy thread within the group's speed limit (`set-speed`), read at each step so
+/// a change applies at once.
+#[derive(Default)]
+struct Pace {
+    since: Option<Instant>,
+    bytes: u64,
+    speed: Option<u64>,
+}
+
+impl Pace {
+    /// Counts `bytes` read and sleeps until they are within the limit.
+    fn after(&mut self, sequencer: &GroupSequencer, bytes: u64) {
+        let speed = sequencer.copy_speed();
+        if speed != self.speed || self.since.is_none() {
+            *self = Pace {
+                since: Some(Instant::now()),
+                bytes: 0,
+                speed,
+            };
+        }
+        let (Some(speed), Some(since)) = (speed, self.since) else {
+            return;
+        };
+        self.bytes += bytes;
+        let due = Duration::from_secs_f64(self.bytes as f64 / speed as f64);
+        // Short sleeps, so a new limit (or a stop) is seen within 100 ms.
+        while since.elapsed() < due
+            && sequencer.copy_speed() == self.speed
+            && !sequencer.is_stopped()
+        {
+            std::thread::sleep((due - since.elapsed()).min(Duration::from_millis(100)));
         }
     }
 }
@@ -56,10 +93,19 @@ fn initial_copy(sequencer: &GroupSequencer, volumes: &[Arc<Volume>]) {
     let total: u64 = volumes.iter().map(|v| v.size_bytes()).sum();
     sequencer.set_copy_progress(true, total);
     let mut copying = true;
+    let mut pace = Pace::default();
     for (index, volume) in volumes.iter().enumerate() {
         let path = volume.backing().path.clone();
         let size = volume.size_bytes();
-        if let Err(e) = copy_volume(sequencer, index as u32, &path, size, &mut copying) {
+        let copied = copy_volume(
+            sequencer,
+            index as u32,
+            &path,
+            size,
+            &mut copying,
+            &mut pace,
+        );
+        if let Err(e) = copied {
             sequencer.degrade(format!("initial copy of {}: {e}", volume.name()));
             // What is left of it is sent whole by the resync (which may read it then).
             sequencer.mark_changed(index as u32, 0, size);
@@ -80,6 +126,7 @@ fn copy_volume(
     path: &Path,
     size: u64,
     copying: &mut bool,
+    pace: &mut Pace,
 ) -> std::io::Result<()> {
     let file = File::open(path)?;
     let mut at = 0u64;
@@ -100,6 +147,7 @@ fn copy_volume(
                 break;
             }
             offset += len as u64;
+            pace.after(sequencer, len as u64);
         }
         if offset < hole {
             sequencer.mark_changed(index, offset, hole - offset);

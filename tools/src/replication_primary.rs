@@ -270,6 +270,44 @@ impl Daemon {
         Ok(entry.describe())
     }
 
+    fn primary_group(&self, args: &Value) -> Result<Arc<PrimaryGroup>, ControlError> {
+        let name = text(args, "group")?;
+        self.primary_groups()
+            .iter()
+            .find(|g| g.name == name)
+            .cloned()
+            .ok_or_else(|| ControlError::new("NotFound", format!("no replication group {name}")))
+    }
+
+    /// `replicate-pause` `{"group"}`: the group degrades to its bitmap and does not resync
+    /// until resumed.
+    pub fn replicate_pause(&self, args: &Value) -> Result<Value, ControlError> {
+        let group = self.primary_group(args)?;
+        group.sequencer.pause();
+        Ok(group.describe())
+    }
+
+    /// `replicate-resume` `{"group"}`: a paused group resyncs and streams again.
+    pub fn replicate_resume(&self, args: &Value) -> Result<Value, ControlError> {
+        let group = self.primary_group(args)?;
+        group.sequencer.resume();
+        Ok(group.describe())
+    }
+
+    /// `replicate-set-speed` `{"group", "bytes-per-s"}`: the speed limit of the initial copy
+    /// and the resyncs (0: none).
+    pub fn replicate_set_speed(&self, args: &Value) -> Result<Value, ControlError> {
+        let group = self.primary_group(args)?;
+        let speed = args
+            .get("bytes-per-s")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| {
+                ControlError::bad_argument("bytes-per-s: bytes per second, 0 for no limit")
+            })?;
+        group.sequencer.set_copy_speed(Some(speed));
+        Ok(group.describe())
+    }
+
     /// `replicate-stop` `{"group"}`: detaches the observers and stops shipping.
     pub fn replicate_stop(&self, args: &Value) -> Result<Value, ControlError> {
         let name = text(args, "group")?;

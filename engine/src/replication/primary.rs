@@ -30,6 +30,7 @@ pub use super::primary_observer::PrimaryObserver;
 pub use lag::{LagPolicy, OnLag};
 pub use resync::ResyncStep;
 
+mod controls;
 mod lag;
 mod resync;
 
@@ -40,7 +41,8 @@ pub const DIRTY_CHUNK_BYTES: u64 = 64 << 10;
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct PrimaryStatus {
-    /// initial-copy, replicating, lagging, disconnected, degraded, resyncing, stopped.
+    /// initial-copy, replicating, lagging, disconnected, degraded, resyncing, paused,
+    /// stopped.
     pub state: &'static str,
     /// The last record numbered.
     pub numbered_seq: u64,
@@ -79,6 +81,8 @@ pub struct PrimaryStatus {
     pub resync_bytes: u64,
     /// The bitmaps' marked bytes when each resync began, summed.
     pub resync_changed_bytes: u64,
+    /// The speed limit of the initial copy and the resyncs (`set-speed`), if any.
+    pub copy_speed_bytes_per_s: Option<u64>,
     pub initial_copy_bytes_done: u64,
     pub initial_copy_bytes_total: u64,
     pub last_error: Option<String>,
@@ -126,6 +130,9 @@ struct State {
     throttled: Vec<(Instant, ObserverTicket)>,
     throttled_writes: u64,
     resync: resync::Resync,
+    /// Paused by the operator: degraded, and no resync until resumed.
+    paused: bool,
+    copy_speed_bytes_per_s: Option<u64>,
 }
 
 /// A group's numbering and its queue of records for the DR site.
@@ -184,6 +191,8 @@ impl GroupSequencer {
                 throttled: Vec::new(),
                 throttled_writes: 0,
                 resync: resync::Resync::default(),
+                paused: false,
+                copy_speed_bytes_per_s: None,
             }),
             changed: Condvar::new(),
             queue_bytes_max,
@@ -492,6 +501,8 @@ impl GroupSequencer {
         let state = self.lock();
         let state_name = if state.stopped {
             "stopped"
+        } else if state.paused {
+            "paused"
         } else if state.degraded_reason.is_some() {
             "degraded"
         } else if !lag::link_ok(&state) {
@@ -549,6 +560,7 @@ impl GroupSequencer {
             resyncs: state.resync.count,
             resync_bytes: state.resync.bytes_sent,
             resync_changed_bytes: state.resync.changed_bytes,
+            copy_speed_bytes_per_s: state.copy_speed_bytes_per_s,
             initial_copy_bytes_done: state.copy_done,
             initial_copy_bytes_total: state.copy_total,
             last_error: state.last_error.clone(),

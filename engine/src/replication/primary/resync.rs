@@ -50,6 +50,7 @@ impl GroupSequencer {
                 return false;
             }
             if state.degraded_reason.is_some()
+                && !state.paused
                 && !state.copying
                 && !state.link_lost
                 && state.held.is_empty()

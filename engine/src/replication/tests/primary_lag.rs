@@ -248,3 +248,36 @@ fn a_sync_group_is_in_sync_again_once_its_resync_is_acknowledged() {
     assert_eq!(seq.status().sync_state, Some("in-sync"));
     assert!(seq.may_hold());
 }
+
+#[test]
+fn a_paused_group_marks_changes_and_resyncs_only_once_resumed() {
+    let seq = streaming(LagPolicy::default());
+    seq.pause();
+    seq.push(0, write(0, 4096));
+    let status = seq.status();
+    assert_eq!(status.state, "paused");
+    assert_eq!(status.numbered_seq, 0);
+    assert_eq!(status.dirty_bytes, DIRTY_CHUNK_BYTES);
+    let waiter = {
+        let seq = seq.clone();
+        std::thread::spawn(move || seq.wait_resync())
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!waiter.is_finished(), "no resync while paused");
+    seq.resume();
+    assert!(waiter.join().unwrap_or(false));
+    assert_eq!(seq.status().state, "resyncing");
+}
+
+#[test]
+fn a_group_whose_link_is_lost_says_so_until_it_degrades() {
+    let seq = streaming(LagPolicy::default());
+    seq.link_down("connection refused".into());
+    seq.push(0, write(0, 4096));
+    let status = seq.status();
+    assert_eq!(status.state, "disconnected");
+    assert_eq!(status.last_error.as_deref(), Some("connection refused"));
+    assert_eq!(status.numbered_seq, 1, "records still queue");
+    seq.link_up();
+    assert_eq!(seq.status().state, "replicating");
+}
