@@ -416,3 +416,58 @@ fn a_sync_group_cut_off_degrades_to_its_bitmap_and_resyncs_into_sync() -> Result
     wait_streaming(&hosts)?;
     replicas_equal_primary(&hosts)
 }
+
+/// `ferry replicate` on A's control socket with `args` after the subcommand's `--control`.
+fn replicate_on_a(hosts: &TwoHosts, subcommand: &str, args: &[&str]) -> Result<()> {
+    let control_a = path_str(&hosts.path("a.ctl"))?.to_string();
+    let mut all = vec!["replicate", subcommand, "--control", &control_a];
+    all.extend_from_slice(args);
+    let out = support::two_hosts::ferry_in(Some(hosts.host_a()), &all)?;
+    ensure!(
+        out.status.success(),
+        "replicate {subcommand}: {}",
+        out.stderr
+    );
+    Ok(())
+}
+
+/// `ferry replicate pause`: the group tracks the writer's changes in its bitmap and does not
+/// resync; `set-speed` limits the resync; `resume`: it resyncs, streams again, and after a
+/// drain the replicas equal the primary.
+#[test]
+fn a_paused_group_resyncs_at_its_speed_limit_once_resumed() -> Result<()> {
+    let Some((hosts, mut writer)) = replicated(&[])? else {
+        return Ok(());
+    };
+    writer.touched.clear();
+    replicate_on_a(&hosts, "pause", &["--group", "g"])?;
+    writer.write(300)?;
+    std::thread::sleep(Duration::from_secs(1));
+    let s = status(&hosts)?;
+    ensure!(s["state"] == "paused", "{s}");
+    ensure!(s["resyncs"] == 0, "resynced while paused: {s}");
+    let marked = s["dirty-bytes"].as_u64().unwrap_or(0);
+    ensure!(marked > 0, "nothing marked: {s}");
+    replicate_on_a(&hosts, "set-speed", &["--group", "g", "--speed", "2M"])?;
+    let resumed = Instant::now();
+    replicate_on_a(&hosts, "resume", &["--group", "g"])?;
+    let s = wait_streaming(&hosts)?;
+    let took = resumed.elapsed().as_secs_f64();
+    eprintln!(
+        "{marked} bytes marked resynced in {took:.1} s at 2 MiB/s: {}",
+        s["copy-speed-bytes-per-s"]
+    );
+    ensure!(
+        s["copy-speed-bytes-per-s"] == 2 << 20,
+        "the limit is not reported: {s}"
+    );
+    // The limit held: the marked bytes take at least their time at 2 MiB/s (less the
+    // first step, which goes at once).
+    let floor = (marked.saturating_sub(1 << 20)) as f64 / f64::from(2 << 20);
+    ensure!(
+        took >= floor,
+        "{marked} bytes resynced in {took:.1} s, faster than 2 MiB/s"
+    );
+    check_resync_bytes(&s, writer.touched_bytes())?;
+    replicas_equal_primary(&hosts)
+}
