@@ -25,7 +25,7 @@ const BLOCK_BYTES: usize = 4096;
 /// The pattern writes in the first 2 MiB of each volume.
 const PATTERN_BLOCKS: u64 = 512;
 /// The primary's dirty bitmap granularity (`DIRTY_CHUNK_BYTES`).
-const CHUNK_BYTES: u64 = 64 << 10;
+const CHUNK_BYTES: u64 = 4 << 10;
 const TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A sequence-stamped 4 KiB block: write `seq` of the workload.
@@ -204,12 +204,12 @@ fn replicas_equal_primary(hosts: &TwoHosts) -> Result<()> {
     Ok(())
 }
 
-/// Resync bytes against the changed data rounded to chunks: at most 1.1x.
+/// Resync bytes against the changed data rounded to the bitmap's 4 KiB chunks: at most 1.1x.
 fn check_resync_bytes(s: &Value, touched_bytes: u64) -> Result<()> {
     let sent = s["resync-bytes"].as_u64().unwrap_or(0);
     let marked = s["resync-changed-bytes"].as_u64().unwrap_or(0);
     eprintln!(
-        "resync: {} resyncs, {sent} bytes sent, {marked} bytes marked, {touched_bytes} bytes written (chunks of 64 KiB) since the fault",
+        "resync: {} resyncs, {sent} bytes sent, {marked} bytes marked, {touched_bytes} bytes written (in 4 KiB chunks) since the fault",
         s["resyncs"]
     );
     ensure!(s["resyncs"].as_u64() >= Some(1), "no resync: {s}");

@@ -119,7 +119,15 @@ impl GroupSequencer {
         };
         let size = self.volume_sizes[volume];
         let offset = first * DIRTY_CHUNK_BYTES;
-        let len = (chunks * DIRTY_CHUNK_BYTES).min(size - offset);
+        let len = (chunks * DIRTY_CHUNK_BYTES).min(size.saturating_sub(offset));
+        if len == 0 {
+            // Bits past the volume's end (its last bitmap word) mark nothing to send.
+            clear_run(&mut state, volume, first, chunks);
+            return Ok(ResyncStep::Sent {
+                volume_index: volume as u32,
+                bytes: 0,
+            });
+        }
         let data = read(volume as u32, offset, len as usize)?;
         clear_run(&mut state, volume, first, chunks);
         state.resync.bytes_sent += data.len() as u64;

@@ -84,7 +84,10 @@ fn past_max_lag_bytes_a_degrading_group_marks_changes_instead() {
         "{status:?}"
     );
     assert_eq!(status.numbered_seq, 2, "the write past the bound is marked");
-    assert_eq!(status.dirty_bytes, DIRTY_CHUNK_BYTES);
+    assert_eq!(
+        status.dirty_bytes,
+        (40u64 << 10).div_ceil(DIRTY_CHUNK_BYTES) * DIRTY_CHUNK_BYTES
+    );
 }
 
 #[test]
@@ -280,4 +283,18 @@ fn a_group_whose_link_is_lost_says_so_until_it_degrades() {
     assert_eq!(status.numbered_seq, 1, "records still queue");
     seq.link_up();
     assert_eq!(seq.status().state, "replicating");
+}
+
+#[test]
+fn marks_ranges_across_words_and_whole_volumes() {
+    let seq = streaming(LagPolicy::default());
+    seq.degrade("test".into());
+    // Chunks 60..70 straddle the first two words of the bitmap.
+    seq.mark_changed(0, 60 * DIRTY_CHUNK_BYTES, 10 * DIRTY_CHUNK_BYTES);
+    assert_eq!(seq.status().dirty_bytes, 10 * DIRTY_CHUNK_BYTES);
+    seq.mark_changed(1, 0, 1 << 30);
+    assert_eq!(seq.status().dirty_bytes, (1 << 30) + 10 * DIRTY_CHUNK_BYTES);
+    // Past the end: nothing beyond the volume.
+    seq.mark_changed(0, (1 << 30) - DIRTY_CHUNK_BYTES, 1 << 40);
+    assert_eq!(seq.status().dirty_bytes, (1 << 30) + 11 * DIRTY_CHUNK_BYTES);
 }
