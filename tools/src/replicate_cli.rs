@@ -1,7 +1,6 @@
-//! `ferry replicate ...`: the DR side of replication groups on a running daemon, through its
-//! control socket or its TCP control listener: start, stop, pause, resume and set-speed on the
-//! primary, status on
-//! either side, promotion on the DR side.
+//! `ferry replicate ...`: replication groups on a running daemon, through its control socket
+//! or its TCP control listener: start, stop, pause, resume and set-speed on the primary,
+//! status on either side, promotion on the DR side.
 
 use serde_json::{json, Value};
 
@@ -261,7 +260,7 @@ fn print_group(g: &Value) {
     let state = g["state"].as_str().unwrap_or("?");
     if g["role"] == "primary" {
         println!(
-            "group {name} (primary, to {}): {state}, numbered {}, shipped {}, acknowledged {}, applied {}; lag {} records, {} bytes, {:.1} s",
+            "group {name} (primary, to {}): {state}, numbered {}, shipped {}, acknowledged {}, applied {}; lag {} records, {} bytes, {:.1} s; link {:.1} MiB/s",
             g["to"].as_str().unwrap_or("?"),
             g["numbered-seq"],
             g["shipped-seq"],
@@ -270,6 +269,7 @@ fn print_group(g: &Value) {
             g["lag-records"],
             g["lag-bytes"],
             g["lag-seconds"].as_f64().unwrap_or(0.0),
+            g["link-bytes-per-s"].as_f64().unwrap_or(0.0) / f64::from(1 << 20),
         );
         let bound: Vec<String> = [
             g["max-lag-seconds"].as_f64().map(|s| format!("{s} s")),
