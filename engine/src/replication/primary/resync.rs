@@ -64,6 +64,11 @@ impl GroupSequencer {
                 // The DR site learns where the replicas stop being a prefix (a promotion
                 // refuses the points up to the end record).
                 number(&mut state, 0, RecordOp::ResyncBegin, None);
+                // A sync group does not hold writes behind the resync's records: it is
+                // catching up until the DR site has the resync's end.
+                if state.sync {
+                    state.copy_end_seq = None;
+                }
                 state.resync.running = true;
                 state.resync.cursor = (0, 0);
                 state.resync.count += 1;

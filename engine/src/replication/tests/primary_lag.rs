@@ -244,6 +244,21 @@ fn a_sync_group_is_in_sync_again_once_its_resync_is_acknowledged() {
     seq.degrade("the DR site did not answer".into());
     seq.push(0, write(0, 4096));
     assert!(seq.wait_resync());
+    // Still degraded as a sync group while the resync runs (status says `resyncing`).
+    assert_eq!(seq.status().sync_state, Some("degraded"));
+    assert_eq!(seq.status().state, "resyncing");
+    assert!(
+        !seq.may_hold() || {
+            // A write observed now completes at once: it does not wait behind the resync.
+            let sink = sink();
+            seq.push_held(
+                0,
+                write(0, 4096),
+                Some(ObserverTicket::new(sink.clone(), 9)),
+            );
+            released(&sink) == vec![(9, true)]
+        }
+    );
     while let Ok(ResyncStep::Sent { .. }) = seq.resync_step(1 << 20, |_, _, len| Ok(vec![1; len])) {
     }
     assert_eq!(seq.status().sync_state, Some("catching-up"));
