@@ -23,8 +23,10 @@ pub const THROTTLE_WAIT_MAX: Duration = Duration::from_secs(1);
 /// Records shipped and no answer from the DR site for this long: the link counts as lost
 /// (a link set down keeps its TCP connection open, and nothing fails until it is back).
 pub const LINK_SILENCE_MAX: Duration = Duration::from_secs(10);
-/// How often the watcher looks at the lag and releases throttled writes.
-const WATCH_INTERVAL: Duration = Duration::from_millis(5);
+/// How often the watcher looks at the lag when no throttled write is due sooner.
+const WATCH_INTERVAL: Duration = Duration::from_millis(100);
+
+const _: () = assert!(THROTTLE_SPACING_MAX.as_millis() < THROTTLE_WAIT_MAX.as_millis());
 
 /// What a group does past its bound.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -101,9 +103,15 @@ impl GroupSequencer {
                 state = self.lock();
                 continue;
             }
+            // Until the next throttled write is due (a few ms), or the interval.
+            let next_due = state.throttled.iter().map(|(due, _)| *due).min();
+            let wait = next_due.map_or(WATCH_INTERVAL, |due| {
+                due.saturating_duration_since(now)
+                    .clamp(Duration::from_millis(1), WATCH_INTERVAL)
+            });
             state = self
                 .changed
-                .wait_timeout(state, WATCH_INTERVAL)
+                .wait_timeout(state, wait)
                 .map(|(s, _)| s)
                 .unwrap_or_else(|e| e.into_inner().0);
         }
