@@ -768,8 +768,8 @@ fn every_write_a_sync_group_completed_is_on_the_dr_site_after_promotion() -> Res
 
 /// A sync group whose DR daemon is killed (SIGKILL) while the client writes: the write
 /// held at the kill and every later one complete without error once the sync timeout
-/// passes, status says the group degraded to async and why; with B back, the group catches
-/// up asynchronously and, promoted, equals the primary.
+/// passes, status says the group degraded and why, its bitmap marking what changed since;
+/// with B back, the group resyncs from the bitmap and, promoted, equals the primary.
 #[test]
 fn a_sync_group_degrades_to_async_when_the_dr_site_dies() -> Result<()> {
     let Some((mut hosts, mut vm1, mut vm2)) = primary_with_data()? else {
@@ -784,7 +784,13 @@ fn a_sync_group_degrades_to_async_when_the_dr_site_dies() -> Result<()> {
     let reason = s["sync-degraded-reason"].as_str().unwrap_or_default();
     ensure!(reason.contains("did not acknowledge"), "reason: {s}");
     ensure!(s["sync-held-writes"] == 0, "writes still held: {s}");
+    ensure!(s["state"] == "degraded", "not degraded to the bitmap: {s}");
+    ensure!(s["dirty-bytes"].as_u64() > Some(0), "nothing marked: {s}");
     hosts.restart_b()?;
+    support::wait::wait_until("the group resynced", TIMEOUT, || {
+        let s = primary_status(&hosts)?;
+        Ok(s["state"] != "degraded" && s["resyncs"].as_u64() > Some(0))
+    })?;
     write_pattern(&mut vm1, &mut vm2, 301..=400)?;
     wait_applied(&hosts)?;
     promote_and_compare(&hosts)

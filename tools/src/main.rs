@@ -14,6 +14,7 @@ mod migration_recovery;
 mod nbd_serve;
 mod replica_groups;
 mod replicate_cli;
+mod replication_copy;
 mod replication_primary;
 mod serve;
 mod served_volume;

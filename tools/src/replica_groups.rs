@@ -147,7 +147,14 @@ impl ReplicaGroup {
         json!({
             "group": self.name,
             "role": "dr",
-            "state": if status.promoted { "promoted" } else { "replicating" },
+            "state": if status.promoted {
+                "promoted"
+            } else if status.resync_since.is_some() {
+                "resyncing"
+            } else {
+                "replicating"
+            },
+            "resync-since-seq": status.resync_since,
             "durable-seq": status.durable_seq,
             "applied-seq": status.applied_seq,
             "lag-records": status.durable_seq - status.applied_seq,
@@ -306,7 +313,8 @@ impl Daemon {
     }
 
     /// `replicate-promote`: stops applying, rolls the replicas to `at` (`latest`, `seq:N`,
-    /// `mark:LABEL`), syncs them, and opens their gates.
+    /// `mark:LABEL`), syncs them, and opens their gates. A point inside a resync is refused
+    /// unless `force`.
     pub fn replicate_promote(&self, args: &Value) -> Result<Value, ControlError> {
         let group = self.replica_group(text(args, "group")?)?;
         let point: PromotePoint = args
@@ -315,9 +323,12 @@ impl Daemon {
             .unwrap_or("latest")
             .parse()
             .map_err(ControlError::bad_argument)?;
-        let seq = lock(&group.receiver).promote(&point).map_err(|e| {
-            ControlError::new("ReplicationError", format!("group {}: {e}", group.name))
-        })?;
+        let force = args.get("force").and_then(Value::as_bool).unwrap_or(false);
+        let seq = lock(&group.receiver)
+            .promote_at(&point, force)
+            .map_err(|e| {
+                ControlError::new("ReplicationError", format!("group {}: {e}", group.name))
+            })?;
         for served in &group.volumes {
             served.gate.open();
         }

@@ -1,6 +1,6 @@
-//! `ferry replicate ...`: the DR side of replication groups on a running daemon, through its
-//! control socket or its TCP control listener: start and stop on the primary, status on
-//! either side, promotion on the DR side.
+//! `ferry replicate ...`: replication groups on a running daemon, through its control socket
+//! or its TCP control listener: start, stop, pause, resume and set-speed on the primary,
+//! status on either side, promotion on the DR side.
 
 use serde_json::{json, Value};
 
@@ -35,6 +35,15 @@ pub enum ReplicateCommand {
         /// Seconds a sync write waits for the DR site before the group degrades to async.
         #[arg(long, default_value_t = 5.0)]
         sync_timeout: f64,
+        /// The bound on an async group's lag: a time (`2s`, `500ms`) or a size of records
+        /// not acknowledged (`64M`, at least 4M); may be given twice, one of each.
+        #[arg(long)]
+        max_lag: Vec<String>,
+        /// Past --max-lag: degrade (stop shipping records, track changes in a bitmap, resync
+        /// once the DR site catches up) or throttle (delay the guests' write completions,
+        /// more the further past the bound).
+        #[arg(long, default_value = "degrade", value_parser = ["degrade", "throttle"])]
+        on_lag: String,
         #[arg(long)]
         json: bool,
     },
@@ -44,6 +53,31 @@ pub enum ReplicateCommand {
         control: ControlArgs,
         #[arg(long)]
         group: String,
+    },
+    /// Pause a group replicated from this daemon: it tracks changes in its bitmap and ships
+    /// no new records until resumed.
+    Pause {
+        #[command(flatten)]
+        control: ControlArgs,
+        #[arg(long)]
+        group: String,
+    },
+    /// Resume a paused group: it resyncs from its bitmap, then streams again.
+    Resume {
+        #[command(flatten)]
+        control: ControlArgs,
+        #[arg(long)]
+        group: String,
+    },
+    /// Limit the speed of a group's initial copy and resyncs (bytes per second: 50M, or 0
+    /// for no limit).
+    SetSpeed {
+        #[command(flatten)]
+        control: ControlArgs,
+        #[arg(long)]
+        group: String,
+        #[arg(long)]
+        speed: String,
     },
     /// Show the replication groups of the daemon (replicated from it, or received by it).
     Status {
@@ -64,6 +98,10 @@ pub enum ReplicateCommand {
         /// latest, seq:N or mark:LABEL.
         #[arg(long, default_value = "latest")]
         at: String,
+        /// Promote even at a point inside a bitmap resync, where the replicas may mix older
+        /// and newer contents of different ranges.
+        #[arg(long)]
+        force: bool,
         #[arg(long)]
         json: bool,
     },
@@ -80,16 +118,25 @@ pub fn run(command: ReplicateCommand) -> anyhow::Result<()> {
             socket_prefix,
             mode,
             sync_timeout,
+            max_lag,
+            on_lag,
             json,
         } => {
             if !(sync_timeout.is_finite() && sync_timeout > 0.0 && sync_timeout <= 3600.0) {
                 anyhow::bail!("--sync-timeout: seconds, more than 0 and at most 3600");
             }
-            let args = json!({
+            let mut args = json!({
                 "group": group, "volumes": volumes, "to": to,
                 "path-prefix": path_prefix, "socket-prefix": socket_prefix,
                 "mode": mode, "sync-timeout-ms": (sync_timeout * 1000.0).ceil() as u64,
+                "on-lag": on_lag,
             });
+            for text in &max_lag {
+                match parse_max_lag(text).map_err(|e| anyhow::anyhow!("--max-lag: {e}"))? {
+                    MaxLag::Millis(ms) => args["max-lag-ms"] = json!(ms),
+                    MaxLag::Bytes(bytes) => args["max-lag-bytes"] = json!(bytes),
+                }
+            }
             let reply = control.client()?.request("replicate-start", args)?;
             if json {
                 println!("{reply}");
@@ -99,6 +146,34 @@ pub fn run(command: ReplicateCommand) -> anyhow::Result<()> {
                     volumes.join(", ")
                 );
             }
+            Ok(())
+        }
+        ReplicateCommand::Pause { control, group } => {
+            control
+                .client()?
+                .request("replicate-pause", json!({ "group": group }))?;
+            println!("group {group}: paused (changes tracked in its bitmap)");
+            Ok(())
+        }
+        ReplicateCommand::Resume { control, group } => {
+            control
+                .client()?
+                .request("replicate-resume", json!({ "group": group }))?;
+            println!("group {group}: resumed");
+            Ok(())
+        }
+        ReplicateCommand::SetSpeed {
+            control,
+            group,
+            speed,
+        } => {
+            let bytes_per_s = ferry_engine::units::parse_size(&speed)
+                .map_err(|e| anyhow::anyhow!("--speed: {e}"))?;
+            control.client()?.request(
+                "replicate-set-speed",
+                json!({ "group": group, "bytes-per-s": bytes_per_s }),
+            )?;
+            println!("group {group}: copy and resync speed {bytes_per_s} bytes/s (0: no limit)");
             Ok(())
         }
         ReplicateCommand::Stop { control, group } => {
@@ -132,11 +207,13 @@ pub fn run(command: ReplicateCommand) -> anyhow::Result<()> {
             control,
             group,
             at,
+            force,
             json,
         } => {
-            let reply = control
-                .client()?
-                .request("replicate-promote", json!({ "group": group, "at": at }))?;
+            let reply = control.client()?.request(
+                "replicate-promote",
+                json!({ "group": group, "at": at, "force": force }),
+            )?;
             if json {
                 println!("{reply}");
             } else {
@@ -150,12 +227,40 @@ pub fn run(command: ReplicateCommand) -> anyhow::Result<()> {
     }
 }
 
+/// A `--max-lag`: a time or a size.
+#[derive(Debug, PartialEq, Eq)]
+enum MaxLag {
+    Millis(u64),
+    Bytes(u64),
+}
+
+/// `2s`, `0.5s`, `500ms` (a time) or `64M`, `1G`, `4194304` (a size).
+fn parse_max_lag(text: &str) -> Result<MaxLag, String> {
+    let t = text.trim();
+    let seconds = if let Some(ms) = t.strip_suffix("ms") {
+        ms.parse::<f64>().ok().map(|ms| ms / 1000.0)
+    } else if let Some(s) = t.strip_suffix('s') {
+        s.parse::<f64>().ok()
+    } else {
+        None
+    };
+    if let Some(seconds) = seconds {
+        if !(seconds.is_finite() && seconds > 0.0 && seconds <= 3600.0) {
+            return Err(format!("{text:?}: a time more than 0 and at most 3600 s"));
+        }
+        return Ok(MaxLag::Millis(((seconds * 1000.0).ceil() as u64).max(1)));
+    }
+    ferry_engine::units::parse_size(t)
+        .map(MaxLag::Bytes)
+        .map_err(|e| format!("{e} (a time like 2s or 500ms, or a size like 64M)"))
+}
+
 fn print_group(g: &Value) {
     let name = g["group"].as_str().unwrap_or("?");
     let state = g["state"].as_str().unwrap_or("?");
     if g["role"] == "primary" {
         println!(
-            "group {name} (primary, to {}): {state}, numbered {}, shipped {}, acknowledged {}, applied {}; lag {} records, {} bytes, {:.1} s",
+            "group {name} (primary, to {}): {state}, numbered {}, shipped {}, acknowledged {}, applied {}; lag {} records, {} bytes, {:.1} s; link {:.1} MiB/s",
             g["to"].as_str().unwrap_or("?"),
             g["numbered-seq"],
             g["shipped-seq"],
@@ -164,7 +269,30 @@ fn print_group(g: &Value) {
             g["lag-records"],
             g["lag-bytes"],
             g["lag-seconds"].as_f64().unwrap_or(0.0),
+            g["link-bytes-per-s"].as_f64().unwrap_or(0.0) / f64::from(1 << 20),
         );
+        let bound: Vec<String> = [
+            g["max-lag-seconds"].as_f64().map(|s| format!("{s} s")),
+            g["max-lag-bytes"].as_u64().map(|b| format!("{b} bytes")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if !bound.is_empty() {
+            println!(
+                "  max lag {} ({}); throttle delay {:.1} ms, {} writes throttled",
+                bound.join(", "),
+                g["on-lag"].as_str().unwrap_or("?"),
+                g["throttle-delay-ms"].as_f64().unwrap_or(0.0),
+                g["throttled-writes"],
+            );
+        }
+        if g["resyncs"].as_u64() > Some(0) {
+            println!(
+                "  {} resyncs sent {} bytes for {} bytes marked changed",
+                g["resyncs"], g["resync-bytes"], g["resync-changed-bytes"]
+            );
+        }
         if let Some(reason) = g["degraded-reason"].as_str() {
             println!(
                 "  degraded: {reason} ({} bytes marked changed)",
@@ -191,5 +319,22 @@ fn print_group(g: &Value) {
     }
     if let Some(error) = g["last-error"].as_str() {
         println!("  last error: {error}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{parse_max_lag, MaxLag};
+
+    #[test]
+    fn max_lag_is_a_time_or_a_size() {
+        assert_eq!(parse_max_lag("2s"), Ok(MaxLag::Millis(2000)));
+        assert_eq!(parse_max_lag("0.5s"), Ok(MaxLag::Millis(500)));
+        assert_eq!(parse_max_lag("250ms"), Ok(MaxLag::Millis(250)));
+        assert_eq!(parse_max_lag("64M"), Ok(MaxLag::Bytes(64 << 20)));
+        assert_eq!(parse_max_lag("4194304"), Ok(MaxLag::Bytes(4 << 20)));
+        assert!(parse_max_lag("0s").is_err());
+        assert!(parse_max_lag("-1s").is_err());
+        assert!(parse_max_lag("2 hours").is_err());
     }
 }

@@ -6,32 +6,29 @@
 //! records over a control connection turned into the replication stream, resuming after the
 //! DR site's durable sequence when the connection breaks.
 
-use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use ferry_engine::peer::control_protocol::TimedRead;
 use ferry_engine::peer::link::{LinkOptions, PeerLink};
 use ferry_engine::peer::transport::ClientStream;
 use ferry_engine::peer::{ControlAddress, FerryUrl};
 use ferry_engine::replication::frame::{Frame, HEADER_BYTES};
-use ferry_engine::replication::primary::{GroupSequencer, PrimaryObserver};
+use ferry_engine::replication::primary::{GroupSequencer, LagPolicy, OnLag, PrimaryObserver};
 use ferry_engine::{Volume, WriteObserver};
 use serde_json::{json, Value};
 
 use crate::control::ControlError;
 use crate::daemon::Daemon;
+use crate::replication_copy::copy_and_resync;
 
 /// Bytes of records held for the DR site (numbered, not acknowledged) before the group
 /// degrades to a dirty bitmap.
 pub const QUEUE_BYTES_MAX: usize = 256 << 20;
 /// Bytes of records written to the DR site between reading its acknowledgments.
 const SEND_BATCH_BYTES_MAX: usize = 4 << 20;
-/// The initial copy reads this much at a time.
-const COPY_CHUNK_BYTES: u64 = 1 << 20;
 /// How long attaching the observers waits for a volume's requests in flight to end.
 const ATTACH_PAUSE_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -41,6 +38,11 @@ const RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
 pub const SYNC_TIMEOUT_DEFAULT: Duration = Duration::from_secs(5);
 /// The longest sync timeout `replicate-start` accepts.
 const SYNC_TIMEOUT_MAX: Duration = Duration::from_secs(3600);
+/// How long the shipper waits for an acknowledgment before it drops the connection and
+/// connects again (a batch is at most `SEND_BATCH_BYTES_MAX`; the DR site syncs it twice).
+const ACK_TIMEOUT: Duration = Duration::from_secs(60);
+/// The smallest `--max-lag` in bytes: room for a batch of the initial copy and of guest writes.
+const MAX_LAG_BYTES_MIN: u64 = 4 << 20;
 /// The longest reply line of `replicate-stream`.
 const REPLY_BYTES_MAX: usize = 4096;
 
@@ -119,6 +121,7 @@ impl Daemon {
                     ))
                 })?,
         };
+        let policy = lag_policy(args)?;
         let to = text(args, "to")?.to_string();
         let url = FerryUrl::parse(&to).map_err(ControlError::bad_argument)?;
         let prefix = PathBuf::from(
@@ -206,6 +209,7 @@ impl Daemon {
         if sync {
             sequencer.set_sync();
         }
+        sequencer.set_lag_policy(policy);
         let mut observers: Vec<(Arc<Volume>, Arc<dyn WriteObserver>)> = Vec::new();
         for (index, volume) in volumes.iter().enumerate() {
             let observer: Arc<dyn WriteObserver> =
@@ -236,7 +240,13 @@ impl Daemon {
         let copy_volumes = volumes.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("repl-copy-{group}"))
-            .spawn(move || initial_copy(&copy_sequencer, &copy_volumes))
+            .spawn(move || copy_and_resync(&copy_sequencer, &copy_volumes))
+            .and_then(|_| {
+                let watched = sequencer.clone();
+                std::thread::Builder::new()
+                    .name(format!("repl-lag-{group}"))
+                    .spawn(move || watched.watch_lag())
+            })
             .and_then(|_| {
                 let watched = sequencer.clone();
                 if !sync {
@@ -244,7 +254,7 @@ impl Daemon {
                 }
                 std::thread::Builder::new()
                     .name(format!("repl-sync-{group}"))
-                    .spawn(move || watched.watch_sync(sync_timeout))
+                    .spawn(move || watch_sync(&watched, sync_timeout))
                     .map(drop)
             })
             .and_then(|_| {
@@ -258,6 +268,44 @@ impl Daemon {
             return Err(error(format!("cannot start the replication threads: {e}")));
         }
         Ok(entry.describe())
+    }
+
+    fn primary_group(&self, args: &Value) -> Result<Arc<PrimaryGroup>, ControlError> {
+        let name = text(args, "group")?;
+        self.primary_groups()
+            .iter()
+            .find(|g| g.name == name)
+            .cloned()
+            .ok_or_else(|| ControlError::new("NotFound", format!("no replication group {name}")))
+    }
+
+    /// `replicate-pause` `{"group"}`: the group degrades to its bitmap and does not resync
+    /// until resumed.
+    pub fn replicate_pause(&self, args: &Value) -> Result<Value, ControlError> {
+        let group = self.primary_group(args)?;
+        group.sequencer.pause();
+        Ok(group.describe())
+    }
+
+    /// `replicate-resume` `{"group"}`: a paused group resyncs and streams again.
+    pub fn replicate_resume(&self, args: &Value) -> Result<Value, ControlError> {
+        let group = self.primary_group(args)?;
+        group.sequencer.resume();
+        Ok(group.describe())
+    }
+
+    /// `replicate-set-speed` `{"group", "bytes-per-s"}`: the speed limit of the initial copy
+    /// and the resyncs (0: none).
+    pub fn replicate_set_speed(&self, args: &Value) -> Result<Value, ControlError> {
+        let group = self.primary_group(args)?;
+        let speed = args
+            .get("bytes-per-s")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| {
+                ControlError::bad_argument("bytes-per-s: bytes per second, 0 for no limit")
+            })?;
+        group.sequencer.set_copy_speed(Some(speed));
+        Ok(group.describe())
     }
 
     /// `replicate-stop` `{"group"}`: detaches the observers and stops shipping.
@@ -275,80 +323,57 @@ impl Daemon {
     }
 }
 
-/// Copies every volume's data (holes skipped) as records.
-fn initial_copy(sequencer: &GroupSequencer, volumes: &[Arc<Volume>]) {
-    let total: u64 = volumes.iter().map(|v| v.size_bytes()).sum();
-    sequencer.set_copy_progress(true, total);
-    for (index, volume) in volumes.iter().enumerate() {
-        let path = volume.backing().path.clone();
-        if let Err(e) = copy_volume(sequencer, index as u32, &path, volume.size_bytes()) {
-            sequencer.degrade(format!("initial copy of {}: {e}", volume.name()));
-            break;
-        }
+/// `max-lag-bytes`, `max-lag-ms` and `on-lag` (degrade, throttle) of `replicate-start`.
+fn lag_policy(args: &Value) -> Result<LagPolicy, ControlError> {
+    let number = |key: &str| match args.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .filter(|&n| n > 0)
+            .map(Some)
+            .ok_or_else(|| ControlError::bad_argument(format!("{key}: a positive integer"))),
+    };
+    let bytes_max = number("max-lag-bytes")?;
+    if bytes_max.is_some_and(|b| b < MAX_LAG_BYTES_MIN) {
+        return Err(ControlError::bad_argument(format!(
+            "max-lag-bytes: at least {MAX_LAG_BYTES_MIN}"
+        )));
     }
-    sequencer.set_copy_progress(false, total);
+    let on_lag = match args
+        .get("on-lag")
+        .and_then(Value::as_str)
+        .unwrap_or("degrade")
+    {
+        "degrade" => OnLag::Degrade,
+        "throttle" => OnLag::Throttle,
+        other => {
+            return Err(ControlError::bad_argument(format!(
+                "on-lag: degrade or throttle, not {other}"
+            )))
+        }
+    };
+    Ok(LagPolicy {
+        bytes_max,
+        time_max: number("max-lag-ms")?.map(Duration::from_millis),
+        on_lag,
+    })
 }
 
-fn copy_volume(
-    sequencer: &GroupSequencer,
-    index: u32,
-    path: &Path,
-    size: u64,
-) -> std::io::Result<()> {
-    let file = File::open(path)?;
-    let mut at = 0u64;
-    while at < size {
-        let Some((data, hole)) = data_extent(&file, at, size)? else {
-            return Ok(());
-        };
-        let mut offset = data;
-        while offset < hole {
-            let len = (hole - offset).min(COPY_CHUNK_BYTES) as usize;
-            let read = || {
-                let mut buf = vec![0u8; len];
-                file.read_exact_at(&mut buf, offset)?;
-                Ok(buf)
-            };
-            if !sequencer.push_copy(index, offset, read)? {
-                return Ok(());
+/// Watches a sync group's held writes (`GroupSequencer::watch_sync`) again each time a
+/// resync has made it sync again, until it stops.
+fn watch_sync(sequencer: &GroupSequencer, timeout: Duration) {
+    while !sequencer.is_stopped() {
+        sequencer.watch_sync(timeout);
+        loop {
+            let status = sequencer.status();
+            let degraded =
+                status.sync_degraded_reason.is_some() || status.degraded_reason.is_some();
+            if sequencer.is_stopped() || !degraded {
+                break;
             }
-            offset += len as u64;
+            std::thread::sleep(Duration::from_millis(200));
         }
-        at = hole;
     }
-    Ok(())
-}
-
-/// The next extent holding data at or after `from`: (its start, the hole after it).
-fn data_extent(file: &File, from: u64, size: u64) -> std::io::Result<Option<(u64, u64)>> {
-    let seek = |whence| {
-        // SAFETY: lseek reads its integer arguments; the descriptor belongs to `file`,
-        // alive for the call.
-        let at = unsafe { libc::lseek(file.as_raw_fd(), from as libc::off_t, whence) };
-        if at < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(at as u64)
-        }
-    };
-    let data = match seek(libc::SEEK_DATA) {
-        Ok(at) => at,
-        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    if data >= size {
-        return Ok(None);
-    }
-    let hole = {
-        // SAFETY: as above.
-        let at = unsafe { libc::lseek(file.as_raw_fd(), data as libc::off_t, libc::SEEK_HOLE) };
-        if at < 0 {
-            size
-        } else {
-            (at as u64).min(size)
-        }
-    };
-    Ok(Some((data, hole)))
 }
 
 /// Ships the group's records until it stops, reconnecting after a failure.
@@ -371,7 +396,7 @@ fn ship(
             Ok(()) => return,
             Err(e) => {
                 log::warn!("replication group {group}: {e}");
-                sequencer.set_error(Some(e));
+                sequencer.link_down(e);
                 std::thread::sleep(RECONNECT_INTERVAL);
             }
         }
@@ -388,6 +413,7 @@ fn ship_once(
     let mut conn = ClientStream::connect(address, config, CONNECT_TIMEOUT, CONNECT_TIMEOUT)
         .map_err(|e| e.to_string())?;
     let io = |e: std::io::Error| format!("the stream to {address}: {e}");
+    conn.set_read_timeout(Some(ACK_TIMEOUT)).map_err(io)?;
     // A DR daemon restarted since learns the group again from this (its log re-applied).
     request_on(&mut conn, "replicate-receive", receive)?;
     request_on(&mut conn, "replicate-stream", &json!({ "group": group }))?;
@@ -402,9 +428,18 @@ fn ship_once(
         return Err(reason);
     }
     sequencer.set_error(None);
+    sequencer.link_up();
+    // A batch waits whole for its acknowledgment: under a bound in bytes it is a quarter of
+    // the bound, so a batch on its way is not the lag by itself.
+    let batch_bytes_max = sequencer
+        .lag_policy()
+        .bytes_max
+        .map_or(SEND_BATCH_BYTES_MAX, |max| {
+            SEND_BATCH_BYTES_MAX.min((max / 4) as usize)
+        });
     let mut out = Vec::new();
     while !sequencer.is_stopped() {
-        let records = sequencer.take_unshipped(SEND_BATCH_BYTES_MAX, Duration::from_millis(200));
+        let records = sequencer.take_unshipped(batch_bytes_max, Duration::from_millis(200));
         let Some(last) = records.last().map(|r| r.seq) else {
             continue;
         };

@@ -30,6 +30,8 @@ const KIND_DISCARD: u8 = 2;
 const KIND_WRITE_ZEROES: u8 = 3;
 const KIND_FLUSH: u8 = 4;
 const KIND_MARK: u8 = 5;
+const KIND_RESYNC_BEGIN: u8 = 6;
+const KIND_RESYNC_END: u8 = 7;
 const KIND_ACK: u8 = 16;
 
 /// What one record of a group's write order did.
@@ -49,6 +51,11 @@ pub enum RecordOp {
     Flush,
     /// A named point in the stream that failover can be asked to stop at.
     Mark { label: String },
+    /// A bitmap resync begins after this record: up to its end, the records send ranges
+    /// with their newest content, so no point between them is a prefix of the write order.
+    ResyncBegin,
+    /// The resync that began last ended: from here on every point is a prefix again.
+    ResyncEnd,
 }
 
 /// One record of a replication group's write order.
@@ -151,7 +158,14 @@ impl Header {
         };
         if !matches!(
             header.kind,
-            KIND_WRITE | KIND_DISCARD | KIND_WRITE_ZEROES | KIND_FLUSH | KIND_MARK | KIND_ACK
+            KIND_WRITE
+                | KIND_DISCARD
+                | KIND_WRITE_ZEROES
+                | KIND_FLUSH
+                | KIND_MARK
+                | KIND_RESYNC_BEGIN
+                | KIND_RESYNC_END
+                | KIND_ACK
         ) {
             return Err(FrameError::UnknownKind { code: header.kind });
         }
@@ -227,6 +241,10 @@ impl Frame {
         if h.kind != KIND_ACK && h.seq == 0 {
             return Err(h.inconsistent("records are numbered from 1"));
         }
+        let boundary = matches!(h.kind, KIND_RESYNC_BEGIN | KIND_RESYNC_END);
+        if boundary && h.volume_index != 0 {
+            return Err(h.inconsistent("a resync boundary belongs to no volume"));
+        }
         let op = match h.kind {
             KIND_WRITE => {
                 if h.len_bytes != payload.len() as u64 || payload.is_empty() {
@@ -247,6 +265,8 @@ impl Frame {
                 unmap: h.flags & FLAG_UNMAP != 0,
             },
             KIND_FLUSH => RecordOp::Flush,
+            KIND_RESYNC_BEGIN => RecordOp::ResyncBegin,
+            KIND_RESYNC_END => RecordOp::ResyncEnd,
             KIND_MARK => {
                 if payload.len() > MARK_LABEL_MAX_BYTES as usize {
                     return Err(h.inconsistent("mark label longer than 256 bytes"));
@@ -319,6 +339,8 @@ impl Record {
             }
             RecordOp::Flush => (KIND_FLUSH, 0, 0, 0, &[]),
             RecordOp::Mark { label } => (KIND_MARK, 0, 0, 0, label.as_bytes()),
+            RecordOp::ResyncBegin => (KIND_RESYNC_BEGIN, 0, 0, 0, &[]),
+            RecordOp::ResyncEnd => (KIND_RESYNC_END, 0, 0, 0, &[]),
         };
         let fields = Header {
             kind,

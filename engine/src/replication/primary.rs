@@ -10,6 +10,10 @@
 //! stops numbering records and degrades to a dirty bitmap of what changed (status says so),
 //! and the DR site keeps the prefix it has.
 //!
+//! Past `--max-lag` (bytes or time, [`LagPolicy`]) the group degrades too, or slows the guest's
+//! writes down (`lag`); a degraded group whose link works again resends the ranges its bitmap
+//! marks (`resync`) and streams again.
+//!
 //! A group in sync mode holds each guest write's completion (its [`ObserverTicket`]) until
 //! the DR site's durable sequence covers the write's last record. If the DR site acknowledges
 //! nothing for the sync timeout, the group degrades to async: held writes complete and later
@@ -23,44 +27,20 @@ use super::frame::{Ack, Record, RecordOp, PAYLOAD_MAX_BYTES};
 use crate::observer::ObserverTicket;
 
 pub use super::primary_observer::PrimaryObserver;
+pub use lag::{LagPolicy, OnLag};
+pub use resync::ResyncStep;
+pub use status::PrimaryStatus;
 
-/// The granularity of the dirty bitmap of a degraded group.
-pub const DIRTY_CHUNK_BYTES: u64 = 64 << 10;
+mod controls;
+mod lag;
+mod resync;
+mod status;
 
-/// What the primary reports.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct PrimaryStatus {
-    /// initial-copy, replicating, degraded, stopped.
-    pub state: &'static str,
-    /// The last record numbered.
-    pub numbered_seq: u64,
-    /// The last record written to the DR site.
-    pub shipped_seq: u64,
-    /// The last record the DR site holds durably.
-    pub acknowledged_seq: u64,
-    /// The replicas equal this volume group after this record.
-    pub applied_seq: u64,
-    pub lag_records: u64,
-    pub lag_bytes: u64,
-    /// Since the oldest record not acknowledged was completed.
-    pub lag_seconds: f64,
-    pub degraded_reason: Option<String>,
-    /// async or sync.
-    pub mode: &'static str,
-    /// Of a sync group: catching-up (its initial copy not acknowledged yet, writes do not
-    /// wait), in-sync (writes complete once the DR site holds them durably) or degraded
-    /// (writes no longer wait; `sync_degraded_reason` says why).
-    pub sync_state: Option<&'static str>,
-    pub sync_degraded_reason: Option<String>,
-    /// Guest writes whose completion waits for the DR site.
-    pub sync_held_writes: u64,
-    /// Bytes marked in the dirty bitmaps of a degraded group.
-    pub dirty_bytes: u64,
-    pub initial_copy_bytes_done: u64,
-    pub initial_copy_bytes_total: u64,
-    pub last_error: Option<String>,
-}
+/// The granularity of the dirty bitmap of a degraded group: a guest's 4 KiB block, so a
+/// resync after scattered small writes sends what they changed and not the 64 KiB around
+/// each (as DRBD's bitmap does). The bitmap costs 32 KiB per GiB of volume; a resync
+/// coalesces consecutive chunks into runs of up to 1 MiB.
+pub const DIRTY_CHUNK_BYTES: u64 = 4 << 10;
 
 struct Held {
     record: Record,
@@ -92,6 +72,22 @@ struct State {
     copy_end_seq: Option<u64>,
     /// The sequence and numbering time of each record holding a ticket, oldest first.
     sync_waiting: VecDeque<(u64, Instant)>,
+    policy: LagPolicy,
+    /// The shipper's last attempt failed; cleared when it connects.
+    link_lost: bool,
+    /// When the DR site last answered (connected or acknowledged).
+    last_answer: Instant,
+    /// The spacing of throttled completions now, and when the last one is due.
+    throttle_delay: Duration,
+    throttle_last_due: Instant,
+    /// Guest completions the throttle delays, with when each is due.
+    throttled: Vec<(Instant, ObserverTicket)>,
+    throttled_writes: u64,
+    resync: resync::Resync,
+    /// Paused by the operator: degraded, and no resync until resumed.
+    paused: bool,
+    copy_speed_bytes_per_s: Option<u64>,
+    link_rate: status::LinkRate,
 }
 
 /// A group's numbering and its queue of records for the DR site.
@@ -99,6 +95,7 @@ pub struct GroupSequencer {
     state: Mutex<State>,
     changed: Condvar,
     queue_bytes_max: usize,
+    volume_sizes: Vec<u64>,
 }
 
 fn now_ns() -> u64 {
@@ -141,9 +138,21 @@ impl GroupSequencer {
                 sync_degraded_reason: None,
                 copy_end_seq: None,
                 sync_waiting: VecDeque::new(),
+                policy: LagPolicy::default(),
+                link_lost: false,
+                last_answer: Instant::now(),
+                throttle_delay: Duration::ZERO,
+                throttle_last_due: Instant::now(),
+                throttled: Vec::new(),
+                throttled_writes: 0,
+                resync: resync::Resync::default(),
+                paused: false,
+                copy_speed_bytes_per_s: None,
+                link_rate: status::LinkRate::default(),
             }),
             changed: Condvar::new(),
             queue_bytes_max,
+            volume_sizes: volume_sizes.to_vec(),
         })
     }
 
@@ -159,7 +168,9 @@ impl GroupSequencer {
     /// Whether a guest write observed now may be held: a sync group not degraded.
     pub fn may_hold(&self) -> bool {
         let state = self.lock();
-        state.sync && state.sync_degraded_reason.is_none() && state.degraded_reason.is_none()
+        state.degraded_reason.is_none()
+            && ((state.sync && state.sync_degraded_reason.is_none())
+                || !state.throttle_delay.is_zero())
     }
 
     /// Numbers a completed request of volume `volume_index` (a write's data split into
@@ -178,6 +189,7 @@ impl GroupSequencer {
             complete(ticket.into_iter().collect());
             return;
         }
+        let mut tickets = Vec::new();
         if state.degraded_reason.is_none() {
             let bytes = record_bytes(&op);
             if state.held_bytes + bytes > self.queue_bytes_max {
@@ -185,16 +197,17 @@ impl GroupSequencer {
                     "the queue for the DR site is full ({} bytes not acknowledged)",
                     state.held_bytes
                 );
-                log::warn!("replication degraded: {reason}; changes are tracked in a bitmap");
-                state.degraded_reason = Some(reason);
+                degrade_locked(&mut state, reason, &mut tickets);
+            } else {
+                lag::apply_policy(&mut state, bytes, &mut tickets);
             }
         }
         if state.degraded_reason.is_some() {
             mark_dirty(&mut state, volume_index, &op);
-            let mut tickets: Vec<_> = ticket.into_iter().collect();
-            take_all_tickets(&mut state, &mut tickets);
+            tickets.extend(ticket);
             drop(state);
             complete(tickets);
+            self.changed.notify_all();
             return;
         }
         let holds = state.sync
@@ -202,11 +215,16 @@ impl GroupSequencer {
             && state
                 .copy_end_seq
                 .is_some_and(|end| state.acknowledged_seq >= end);
-        let (ticket, now) = if holds {
+        let (ticket, mut now) = if holds {
             (ticket, None)
         } else {
             (None, ticket)
         };
+        if let Some(delayed) = now.take() {
+            if let Some(late) = lag::throttle(&mut state, delayed) {
+                tickets.push(late);
+            }
+        }
         let ops = split(op);
         let last = ops.len().saturating_sub(1);
         let mut ticket = ticket;
@@ -215,19 +233,15 @@ impl GroupSequencer {
             number(&mut state, volume_index, op, held);
         }
         drop(state);
-        complete(now.into_iter().collect());
+        complete(tickets);
         self.changed.notify_all();
     }
 
     /// Degrades the group (as a full queue does), for a reason of the caller's.
     pub fn degrade(&self, reason: String) {
         let mut state = self.lock();
-        if state.degraded_reason.is_none() {
-            log::warn!("replication degraded: {reason}");
-            state.degraded_reason = Some(reason);
-        }
         let mut tickets = Vec::new();
-        take_all_tickets(&mut state, &mut tickets);
+        degrade_locked(&mut state, reason, &mut tickets);
         drop(state);
         complete(tickets);
         self.changed.notify_all();
@@ -271,7 +285,10 @@ impl GroupSequencer {
                             timeout.as_secs_f64()
                         );
                         drop(state);
-                        self.degrade_sync(reason);
+                        // As an async group whose link is lost: the bitmap tracks what
+                        // changes from here, and a resync sends it once the DR site answers.
+                        self.degrade_sync(reason.clone());
+                        self.degrade(reason);
                         return;
                     }
                     timeout - waited
@@ -299,7 +316,7 @@ impl GroupSequencer {
         let mut state = self.lock();
         while !state.stopped
             && state.degraded_reason.is_none()
-            && state.held_bytes + PAYLOAD_MAX_BYTES as usize > self.queue_bytes_max
+            && !self.has_room(&state, COPY_RUN_BYTES_HINT)
         {
             state = self
                 .changed
@@ -368,6 +385,20 @@ impl GroupSequencer {
         out
     }
 
+    /// Whether records of `bytes` more fit the window of an initial copy or a resync: a
+    /// quarter of `--max-lag`'s bytes (so guest writes have room before the bound), at most
+    /// the queue's bound less a frame; always when nothing is held.
+    fn has_room(&self, state: &State, bytes: usize) -> bool {
+        let queue = self
+            .queue_bytes_max
+            .saturating_sub(PAYLOAD_MAX_BYTES as usize);
+        let window = state
+            .policy
+            .bytes_max
+            .map_or(queue, |max| queue.min((max / 4) as usize));
+        state.held_bytes == 0 || state.held_bytes + bytes <= window
+    }
+
     /// Rewinds to the DR site's durable sequence after a reconnection: records after it are
     /// sent again. False when the DR site is behind what is still held (a resync is needed).
     pub fn resume_after(&self, durable_seq: u64) -> bool {
@@ -387,8 +418,13 @@ impl GroupSequencer {
     pub fn acknowledged(&self, ack: &Ack) {
         let mut state = self.lock();
         let through = ack.durable_seq.min(state.shipped_seq);
-        let tickets = release(&mut state, through);
+        let mut tickets = release(&mut state, through);
         state.applied_seq = state.applied_seq.max(ack.applied_seq);
+        state.last_answer = Instant::now();
+        if state.degraded_reason.is_none() {
+            // The throttle eases as soon as the lag falls.
+            lag::apply_policy(&mut state, 0, &mut tickets);
+        }
         drop(state);
         complete(tickets);
         self.changed.notify_all();
@@ -415,61 +451,6 @@ impl GroupSequencer {
 
     pub fn is_stopped(&self) -> bool {
         self.lock().stopped
-    }
-
-    pub fn status(&self) -> PrimaryStatus {
-        let state = self.lock();
-        let state_name = if state.stopped {
-            "stopped"
-        } else if state.degraded_reason.is_some() {
-            "degraded"
-        } else if state.copying {
-            "initial-copy"
-        } else {
-            "replicating"
-        };
-        let dirty_chunks: u64 = state
-            .dirty
-            .iter()
-            .flatten()
-            .map(|w| w.count_ones() as u64)
-            .sum();
-        PrimaryStatus {
-            state: state_name,
-            numbered_seq: state.next_seq - 1,
-            shipped_seq: state.shipped_seq,
-            acknowledged_seq: state.acknowledged_seq,
-            applied_seq: state.applied_seq,
-            lag_records: state.held.len() as u64,
-            lag_bytes: state.held_bytes as u64,
-            lag_seconds: state
-                .held
-                .front()
-                .map_or(0.0, |h| h.completed.elapsed().as_secs_f64()),
-            degraded_reason: state.degraded_reason.clone(),
-            mode: if state.sync { "sync" } else { "async" },
-            sync_state: state.sync.then(|| {
-                if state.sync_degraded_reason.is_some() || state.degraded_reason.is_some() {
-                    "degraded"
-                } else if state
-                    .copy_end_seq
-                    .is_some_and(|end| state.acknowledged_seq >= end)
-                {
-                    "in-sync"
-                } else {
-                    "catching-up"
-                }
-            }),
-            sync_degraded_reason: state
-                .sync_degraded_reason
-                .clone()
-                .or_else(|| state.degraded_reason.clone().filter(|_| state.sync)),
-            sync_held_writes: state.sync_waiting.len() as u64,
-            dirty_bytes: dirty_chunks * DIRTY_CHUNK_BYTES,
-            initial_copy_bytes_done: state.copy_done,
-            initial_copy_bytes_total: state.copy_total,
-            last_error: state.last_error.clone(),
-        }
     }
 }
 
@@ -501,6 +482,7 @@ fn release(state: &mut State, through: u64) -> Vec<ObserverTicket> {
     while state.held.front().is_some_and(|h| h.record.seq <= through) {
         if let Some(h) = state.held.pop_front() {
             state.held_bytes -= h.bytes;
+            state.link_rate.acknowledged(h.bytes as u64);
             tickets.extend(h.ticket);
         }
     }
@@ -515,8 +497,21 @@ fn release(state: &mut State, through: u64) -> Vec<ObserverTicket> {
     tickets
 }
 
+/// Degrades the group to its bitmap for `reason` (the first reason stays) and takes every
+/// held guest completion.
+fn degrade_locked(state: &mut State, reason: String, tickets: &mut Vec<ObserverTicket>) {
+    if state.degraded_reason.is_none() {
+        log::warn!("replication degraded: {reason}; changes are tracked in a bitmap");
+        state.degraded_reason = Some(reason);
+    }
+    state.resync.running = false;
+    state.throttle_delay = Duration::ZERO;
+    take_all_tickets(state, tickets);
+}
+
 /// Takes every held guest completion (the group stops holding them).
 fn take_all_tickets(state: &mut State, out: &mut Vec<ObserverTicket>) {
+    out.extend(state.throttled.drain(..).map(|(_, ticket)| ticket));
     if state.sync_waiting.is_empty() {
         return;
     }
@@ -531,6 +526,9 @@ fn complete(mut tickets: Vec<ObserverTicket>) {
     }
 }
 
+/// The initial copy reads at most this much at a time (the daemon's chunk).
+const COPY_RUN_BYTES_HINT: usize = 1 << 20;
+
 fn mark_dirty(state: &mut State, volume_index: u32, op: &RecordOp) {
     let (offset, len) = match op {
         RecordOp::Write { offset_bytes, data } => (*offset_bytes, data.len() as u64),
@@ -543,8 +541,15 @@ fn mark_dirty(state: &mut State, volume_index: u32, op: &RecordOp) {
             len_bytes,
             ..
         } => (*offset_bytes, *len_bytes),
-        RecordOp::Flush | RecordOp::Mark { .. } => return,
+        RecordOp::Flush | RecordOp::Mark { .. } | RecordOp::ResyncBegin | RecordOp::ResyncEnd => {
+            return
+        }
     };
+    mark_range(state, volume_index, offset, len);
+}
+
+/// Marks the chunks under `offset..offset + len` of a volume changed.
+fn mark_range(state: &mut State, volume_index: u32, offset: u64, len: u64) {
     let Some(bits) = state.dirty.get_mut(volume_index as usize) else {
         return;
     };
@@ -552,11 +557,22 @@ fn mark_dirty(state: &mut State, volume_index: u32, op: &RecordOp) {
         return;
     }
     let first = offset / DIRTY_CHUNK_BYTES;
-    let last = (offset + len - 1) / DIRTY_CHUNK_BYTES;
-    for chunk in first..=last {
-        if let Some(word) = bits.get_mut((chunk / 64) as usize) {
-            *word |= 1 << (chunk % 64);
-        }
+    let last = (offset.saturating_add(len) - 1) / DIRTY_CHUNK_BYTES;
+    // Whole words at a time: a discard of a whole volume marks millions of chunks.
+    let mut chunk = first;
+    while chunk <= last {
+        let Some(word) = bits.get_mut((chunk / 64) as usize) else {
+            return;
+        };
+        let bit = chunk % 64;
+        let count = (64 - bit).min(last - chunk + 1);
+        let mask = if count == 64 {
+            u64::MAX
+        } else {
+            ((1u64 << count) - 1) << bit
+        };
+        *word |= mask;
+        chunk += count;
     }
 }
 

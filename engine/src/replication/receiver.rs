@@ -109,6 +109,9 @@ pub struct ReceiverStatus {
     pub last_record_timestamp_ns: u64,
     /// Why the last connection ended, if it was refused or failed.
     pub last_error: Option<String>,
+    /// The `ResyncBegin` record of a resync the DR log holds no end of yet: the replicas are
+    /// no prefix of the write order.
+    pub resync_since: Option<u64>,
 }
 
 /// One group's DR state: its log, checkpoint and replicas.
@@ -153,7 +156,8 @@ impl Receiver {
             let last = receiver.durable_seq();
             receiver.apply_through(last)?;
         }
-        receiver.publish(|_| {});
+        let open = receiver.resync_open_at(receiver.durable_seq())?;
+        receiver.publish(|s| s.resync_since = open);
         Ok(receiver)
     }
 
@@ -209,7 +213,15 @@ impl Receiver {
         let bytes = batch.frames.len() as u64;
         let count = batch.records.len() as u64;
         let last_ts = batch.records.last().map_or(0, |r| r.timestamp_ns);
+        let boundary = batch.records.iter().rev().find_map(|r| match r.op {
+            RecordOp::ResyncBegin => Some(Some(r.seq)),
+            RecordOp::ResyncEnd => Some(None),
+            _ => None,
+        });
         self.publish(|s| {
+            if let Some(open) = boundary {
+                s.resync_since = open;
+            }
             s.records_received += count;
             s.bytes_received += bytes;
             s.last_record_timestamp_ns = last_ts;
@@ -279,11 +291,26 @@ impl Receiver {
     /// they are ordinary volumes and the stream is refused. Returns the sequence number the
     /// replicas now equal the primary after.
     pub fn promote(&mut self, point: &PromotePoint) -> Result<u64, ReceiverError> {
+        self.promote_at(point, false)
+    }
+
+    /// As [`promote`](Self::promote); a point inside a bitmap resync (after a
+    /// `ResyncBegin` record and before its `ResyncEnd`), where the replicas are no prefix of
+    /// the write order, is refused unless `force`.
+    pub fn promote_at(&mut self, point: &PromotePoint, force: bool) -> Result<u64, ReceiverError> {
         let target = self.resolve(point)?;
         let refuse = |reason: String| ReceiverError::Point {
             point: point.to_string(),
             reason,
         };
+        if !force && target <= self.durable_seq() {
+            if let Some(begin) = self.resync_open_at(target)? {
+                return Err(refuse(format!(
+                    "record {target} is inside the resync that began at record {begin}: the replicas are no prefix of the write order there (promote at seq:{}, before it, if the replicas do not hold it yet, or force)",
+                    begin.saturating_sub(1)
+                )));
+            }
+        }
         if target < self.checkpoint.applied_seq {
             return Err(refuse(format!(
                 "the replicas already hold records through {} and the DR log keeps no undo",
@@ -301,6 +328,23 @@ impl Receiver {
         self.checkpoint.store(&self.dir.join(CHECKPOINT_FILE))?;
         self.publish(|_| {});
         Ok(target)
+    }
+
+    /// The sequence of the `ResyncBegin` record whose resync is not ended at record `at`.
+    fn resync_open_at(&self, at: u64) -> Result<Option<u64>, ReceiverError> {
+        let mut open = None;
+        let Some(from) = self.log.first_seq() else {
+            return Ok(None);
+        };
+        self.log.for_each_in(from, at, |r| {
+            match r.op {
+                RecordOp::ResyncBegin => open = Some(r.seq),
+                RecordOp::ResyncEnd => open = None,
+                _ => {}
+            }
+            Ok(())
+        })?;
+        Ok(open)
     }
 
     fn resolve(&self, point: &PromotePoint) -> Result<u64, ReceiverError> {

@@ -72,7 +72,10 @@ impl ReplicaImages {
                 len_bytes,
                 ..
             } => (*offset_bytes, *len_bytes),
-            RecordOp::Flush | RecordOp::Mark { .. } => return None,
+            RecordOp::Flush
+            | RecordOp::Mark { .. }
+            | RecordOp::ResyncBegin
+            | RecordOp::ResyncEnd => return None,
         };
         match offset.checked_add(len) {
             Some(end) if end <= spec.size_bytes => None,
@@ -97,7 +100,10 @@ impl ReplicaImages {
                 len_bytes,
                 unmap,
             } => image.write_zeroes(*offset_bytes, *len_bytes, *unmap),
-            RecordOp::Flush | RecordOp::Mark { .. } => Ok(()),
+            RecordOp::Flush
+            | RecordOp::Mark { .. }
+            | RecordOp::ResyncBegin
+            | RecordOp::ResyncEnd => Ok(()),
         }
     }
 

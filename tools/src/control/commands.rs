@@ -137,6 +137,21 @@ const COMMANDS: &[(&str, Handler, &str)] = &[
         "stop replicating a group from here",
     ),
     (
+        "replicate-pause",
+        Handler::Value(Daemon::replicate_pause),
+        "pause a group replicated from here: changes tracked in its bitmap until resumed",
+    ),
+    (
+        "replicate-resume",
+        Handler::Value(Daemon::replicate_resume),
+        "resume a paused group: it resyncs from its bitmap and streams again",
+    ),
+    (
+        "replicate-set-speed",
+        Handler::Value(Daemon::replicate_set_speed),
+        "limit a group's initial copy and resyncs to bytes-per-s (0: no limit)",
+    ),
+    (
         "replicate-receive",
         Handler::Caller(Daemon::replicate_receive),
         "receive a replication group here: its DR log in dir, replicas served behind closed gates",

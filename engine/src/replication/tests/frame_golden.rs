@@ -139,6 +139,39 @@ fn discard_write_zeroes_flush_mark() {
 }
 
 #[test]
+fn resync_boundaries() {
+    let rec = |seq, op| {
+        Frame::Record(Record {
+            seq,
+            volume_index: 0,
+            timestamp_ns: 2,
+            op,
+        })
+    };
+    roundtrip(
+        rec(8, RecordOp::ResyncBegin),
+        golden(6, 0, 8, 0, 2, 0, 0, &[]),
+    );
+    roundtrip(
+        rec(9, RecordOp::ResyncEnd),
+        golden(7, 0, 9, 0, 2, 0, 0, &[]),
+    );
+    // The begin record of docs/replication.md, byte by byte.
+    let doc: Vec<u8> = [
+        "46 52 50 4c 01 00 06 00 00 00 00 00 88 4b 9c aa",
+        "08 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00",
+        "02 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00",
+        "00 00 00 00 00 00 00 00",
+    ]
+    .iter()
+    .flat_map(|row| row.split(' '))
+    .map(|b| u8::from_str_radix(b, 16).unwrap_or(0))
+    .collect();
+    assert_eq!(doc, golden(6, 0, 8, 0, 2, 0, 0, &[]));
+    assert_eq!(rec(8, RecordOp::ResyncBegin).encode(), doc);
+}
+
+#[test]
 fn ack() {
     let f = Frame::Ack(Ack {
         durable_seq: 1000,
@@ -248,6 +281,18 @@ fn refuses_inconsistent_fields_with_a_good_checksum() {
         (
             golden(5, 0, 1, 0, 0, 0, 0, &[b'a'; 257]),
             "mark label longer than 256 bytes",
+        ),
+        (
+            golden(6, 0, 1, 2, 0, 0, 0, &[]),
+            "a resync boundary belongs to no volume",
+        ),
+        (
+            golden(7, 0, 1, 0, 0, 0, 0, &[1]),
+            "payload on a kind that carries none",
+        ),
+        (
+            golden(6, 0, 1, 0, 0, 4096, 0, &[]),
+            "offset and length must be zero for this kind",
         ),
         (
             golden(16, 0, 5, 0, 0, 6, 0, &[]),

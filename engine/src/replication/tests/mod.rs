@@ -1,3 +1,4 @@
 mod frame_golden;
 mod primary;
+mod primary_lag;
 mod receiver;

@@ -288,3 +288,50 @@ fn promotes_to_a_point_and_then_refuses_the_stream() -> Result<(), ReceiverError
     assert!("seq:x".parse::<PromotePoint>().is_err());
     Ok(())
 }
+
+fn boundary(seq: u64, op: RecordOp) -> Record {
+    Record {
+        seq,
+        volume_index: 0,
+        timestamp_ns: seq,
+        op,
+    }
+}
+
+#[test]
+fn refuses_to_promote_inside_a_resync_unless_forced() -> Result<(), ReceiverError> {
+    let dir = tempfile::tempdir().map_err(ReadFrameError::Io)?;
+    let rx = std::sync::Mutex::new(Receiver::open(dir.path(), &specs(dir.path()))?);
+    Receiver::serve(&rx, &mut peer(encode((1..=3).map(record))))?;
+    let begun = [boundary(4, RecordOp::ResyncBegin), record(5), record(6)];
+    Receiver::serve(&rx, &mut peer(encode(begun)))?;
+    assert_eq!(status(&rx).resync_since, Some(4));
+    let err = locked(&rx)
+        .promote(&PromotePoint::Latest)
+        .expect_err("inside the resync");
+    assert!(
+        err.to_string()
+            .contains("inside the resync that began at record 4"),
+        "{err}"
+    );
+    // Reopened (a DR daemon restarted), the log still says so.
+    drop(rx);
+    let rx = std::sync::Mutex::new(Receiver::open(dir.path(), &specs(dir.path()))?);
+    assert_eq!(status(&rx).resync_since, Some(4));
+    assert!(locked(&rx).promote(&PromotePoint::Seq(6)).is_err());
+    Receiver::serve(&rx, &mut peer(encode([boundary(7, RecordOp::ResyncEnd)])))?;
+    assert_eq!(status(&rx).resync_since, None);
+    assert_eq!(locked(&rx).promote(&PromotePoint::Latest)?, 7);
+    Ok(())
+}
+
+#[test]
+fn promotes_inside_a_resync_when_forced() -> Result<(), ReceiverError> {
+    let dir = tempfile::tempdir().map_err(ReadFrameError::Io)?;
+    let rx = std::sync::Mutex::new(Receiver::open(dir.path(), &specs(dir.path()))?);
+    let records = [record(1), boundary(2, RecordOp::ResyncBegin), record(3)];
+    Receiver::serve(&rx, &mut peer(encode(records)))?;
+    assert_eq!(locked(&rx).promote_at(&PromotePoint::Latest, true)?, 3);
+    assert!(status(&rx).promoted);
+    Ok(())
+}
