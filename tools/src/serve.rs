@@ -69,10 +69,30 @@ pub struct ServeArgs {
     /// many seconds is abandoned, its image deleted.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     pub incoming_lease: u64,
+    /// Confine every thread with a seccomp filter of the system calls its kind needs
+    /// (docs/security.md); `off` for debugging only.
+    #[arg(long, value_enum, value_name = "on|off", default_value_t = Switch::On)]
+    pub seccomp: Switch,
+    /// Limit the process with Landlock to the paths it was configured with (images,
+    /// journal, sockets, TLS credentials) once started; `off` for debugging only.
+    #[arg(long, value_enum, value_name = "on|off", default_value_t = Switch::On)]
+    pub landlock: Switch,
+    /// A directory the daemon may reach besides those it was configured with (for images
+    /// added or created later by control commands); repeatable.
+    #[arg(long = "allow-path", value_name = "DIR")]
+    pub allow_paths: Vec<PathBuf>,
     /// How long a device started before its volume is handed over waits for the hand-off
     /// before it is refused, in seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     pub incoming_start_wait: u64,
+}
+
+/// An on/off option.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Switch {
+    #[default]
+    On,
+    Off,
 }
 
 /// The TLS options, read and checked before anything is created.
@@ -134,6 +154,48 @@ fn start_tcp_control(address: &str, daemon: &Arc<Daemon>, authz: TlsAuthz) -> an
         .name("ferry-control-tcp".into())
         .spawn(move || crate::control::serve_tcp(listener, daemon, tls))
         .context("cannot start the control listener thread")?;
+    Ok(())
+}
+
+/// Limits the process to the paths it was configured with, before any thread starts (every
+/// thread inherits the restriction).
+fn restrict_paths(args: &ServeArgs, plan: &ServePlan) -> anyhow::Result<()> {
+    use ferry_engine::confine::landlock::{restrict_process, Enforcement};
+    let mut sockets: Vec<&Path> = plan.volumes.iter().map(|v| v.socket.as_path()).collect();
+    sockets.extend(plan.control.as_deref());
+    let mut tls_creds: Vec<&Path> = args.tls_creds.iter().map(PathBuf::as_path).collect();
+    tls_creds.extend(plan.volumes.iter().filter_map(|v| v.tls_creds.as_deref()));
+    let journal_dir = match &plan.journal {
+        Some(spec) => Some(
+            JournalOptions::parse(spec)
+                .map_err(|e| anyhow::anyhow!("--journal {spec}: {e}"))?
+                .dir,
+        ),
+        None => None,
+    };
+    let configured = crate::landlock_paths::Configured {
+        images: plan
+            .volumes
+            .iter()
+            .map(|v| v.engine.path.as_path())
+            .collect(),
+        sockets,
+        journal_dir: journal_dir.as_deref(),
+        tls_creds,
+        nbd_listen: &plan.nbd.listen,
+        allowed: &args.allow_paths,
+    };
+    let rules = crate::landlock_paths::rules(&configured);
+    match restrict_process(&rules)? {
+        Enforcement::Full => log::info!("landlock: paths limited to {:?}", rules.read_write),
+        Enforcement::Partial => log::warn!(
+            "landlock: paths limited to {:?}, partly: this kernel lacks some Landlock rights",
+            rules.read_write
+        ),
+        Enforcement::None => {
+            log::warn!("landlock: not supported by this kernel; paths are not limited")
+        }
+    }
     Ok(())
 }
 
@@ -280,6 +342,16 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     signals.add(Signal::SIGINT);
     signals.add(Signal::SIGTERM);
     signals.thread_block().context("cannot block signals")?;
+    if args.seccomp == Switch::On {
+        ferry_engine::confine::enable().context("cannot enable seccomp filters")?;
+    } else {
+        log::warn!("--seccomp=off: threads run without seccomp filters");
+    }
+    if args.landlock == Switch::On {
+        restrict_paths(&args, &plan)?;
+    } else {
+        log::warn!("--landlock=off: the daemon may open any path its user can");
+    }
 
     // Check every socket before creating any image, then bind after opening.
     for spec in &plan.volumes {
@@ -354,6 +426,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Every socket is bound: QEMU, NBD clients and control clients can connect.
     let serving = format!("STATUS=serving {} volume(s)", daemon.volumes().len());
     notify(notifier.as_ref(), &["READY=1", &serving]);
+    ferry_engine::confine::enter(&crate::seccomp::MAIN_SYSCALLS);
     let signal = signals.wait().context("waiting for signals failed")?;
     log::info!(signal = signal.as_str(); "{signal}: finishing requests in flight and shutting down");
     let stopping = format!("STATUS={signal}: finishing requests in flight");

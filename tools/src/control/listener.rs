@@ -91,6 +91,7 @@ fn spawn_connection(run: impl FnOnce() + Send + 'static) {
 
 /// Accepts control connections on the unix socket `listener` for as long as it is open.
 pub fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
+    ferry_engine::confine::enter(&crate::seccomp::CONTROL_SYSCALLS);
     let slots = Arc::new(Slots::default());
     for stream in listener.incoming() {
         let mut stream = match stream {
@@ -131,6 +132,7 @@ pub struct TcpControl {
 /// Accepts control connections on the TCP `listener`, TLS only. Beyond the connection
 /// bound a client is disconnected at once, before any handshake costs the daemon work.
 pub fn serve_tcp(listener: TcpListener, daemon: Arc<Daemon>, tls: Arc<TcpControl>) {
+    ferry_engine::confine::enter(&crate::seccomp::CONTROL_SYSCALLS);
     let slots = Arc::new(Slots::default());
     for socket in listener.incoming() {
         let socket = match socket {
