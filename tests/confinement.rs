@@ -214,3 +214,64 @@ fn the_probe_does_nothing_with_seccomp_off() -> Result<()> {
     served.daemon.terminate(EXIT_TIMEOUT)?;
     Ok(())
 }
+
+/// `ferry migrate start` of the served volume to `target`, as the CLI reports it.
+fn migrate_to(served: &Served, target: &std::path::Path) -> Result<support::ferry::Finished> {
+    let args: Vec<String> = [
+        "migrate",
+        "start",
+        "--control",
+        served.control.to_str().context("path is not UTF-8")?,
+        "--volume",
+        "vol",
+        "--target",
+        target.to_str().context("path is not UTF-8")?,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    support::ferry::run(&args, None, EXIT_TIMEOUT)
+}
+
+#[test]
+fn landlock_refuses_a_file_outside_the_configured_paths() -> Result<()> {
+    let elsewhere = support::scratch_dir()?;
+    let target = elsewhere.path().join("dst.img");
+    let mut served = Served::start(&[], &[])?;
+    let refused = migrate_to(&served, &target)?;
+    ensure!(
+        !refused.status.success() && refused.stderr.contains("Permission denied"),
+        "a migration target outside the daemon's paths was not refused: {refused:?}"
+    );
+    ensure!(!target.exists(), "the refused target was created");
+    ensure!(
+        served.daemon.log().contains("landlock: paths limited to"),
+        "{}",
+        served.daemon.log()
+    );
+    ensure!(served.daemon.is_running(), "{}", served.daemon.log());
+    served.daemon.terminate(EXIT_TIMEOUT)?;
+    Ok(())
+}
+
+#[test]
+fn allow_path_and_landlock_off_let_a_file_elsewhere_through() -> Result<()> {
+    for how in ["--allow-path", "--landlock=off"] {
+        let elsewhere = support::scratch_dir()?;
+        let target = elsewhere.path().join("dst.img");
+        let allowed = elsewhere.path().display().to_string();
+        let args: Vec<&str> = match how {
+            "--allow-path" => vec![how, &allowed],
+            _ => vec![how],
+        };
+        let mut served = Served::start(&args, &[])?;
+        let started = migrate_to(&served, &target)?;
+        ensure!(
+            started.status.success() && target.exists(),
+            "{how}: the migration to {} did not start: {started:?}",
+            target.display()
+        );
+        served.daemon.terminate(EXIT_TIMEOUT)?;
+    }
+    Ok(())
+}

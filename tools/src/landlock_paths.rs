@@ -65,6 +65,8 @@ pub fn rules(configured: &Configured) -> PathRules {
     rules
         .read_only
         .extend(SYSTEM_READ_ONLY.iter().map(PathBuf::from));
+    rules.read_write.sort();
+    rules.read_write.dedup();
     rules
 }
 

@@ -23,14 +23,16 @@ pub(crate) const VOLUME_SERVER_SYSCALLS: Allowlist = Allowlist {
 
 /// The protocol thread receives messages and descriptors (`recvmsg` with `SCM_RIGHTS`),
 /// maps guest memory and the dirty log (`mmap` on the descriptors it was given), answers
-/// (`sendmsg`), and stops rings (draining the workers' io_urings). The inflight area, when
-/// the frontend asks for one, is a memfd.
+/// (`sendmsg`), and stops rings (draining the workers' io_urings, which may commit the
+/// journal like a queue worker does). The inflight area, when the frontend asks for one, is
+/// a memfd.
 pub(crate) const PROTOCOL_SYSCALLS: Allowlist = Allowlist {
     kind: "vhost-protocol",
     groups: &[
         confine::RUNTIME,
         confine::NET_CLIENT,
         confine::FILE_IO,
+        confine::FILE_PATHS,
         confine::URING_USE,
     ],
     extra: &[libc::SYS_memfd_create],
@@ -38,14 +40,17 @@ pub(crate) const PROTOCOL_SYSCALLS: Allowlist = Allowlist {
 
 /// A queue worker reads rings in guest memory, submits to and reaps from its own io_uring,
 /// signals the guest through eventfds, and, for a volume backed by an NBD export (or one
-/// handed to an export by a migration), (re)connects and talks to it. It opens no file and
-/// accepts no connection.
+/// handed to an export by a migration), (re)connects and talks to it. When it commits the
+/// journal itself (`committer=queue`) it also moves the journal onto its next medium when
+/// one fills, opening and creating files there (Landlock keeps that to the configured
+/// directories). It accepts no connection and starts no thread.
 pub(crate) const QUEUE_WORKER_SYSCALLS: Allowlist = Allowlist {
     kind: "vhost-queue",
     groups: &[
         confine::RUNTIME,
         confine::NET_CLIENT,
         confine::FILE_IO,
+        confine::FILE_PATHS,
         confine::URING_USE,
     ],
     extra: &[],
