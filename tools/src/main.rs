@@ -5,6 +5,7 @@ mod control;
 mod control_client;
 mod daemon;
 mod handoff;
+mod identity;
 mod incoming;
 mod journal_cli;
 mod landlock_paths;

@@ -81,6 +81,20 @@ pub struct ServeArgs {
     /// added or created later by control commands); repeatable.
     #[arg(long = "allow-path", value_name = "DIR")]
     pub allow_paths: Vec<PathBuf>,
+    /// Run as this user (and group; default: the user's) once every socket is bound and
+    /// every image opened: root and its capabilities are dropped for good.
+    #[arg(long, value_name = "USER[:GROUP]")]
+    pub user: Option<String>,
+    /// Permissions of the socket files ferry creates (volumes, control), in octal.
+    #[arg(long, value_name = "MODE", default_value = "0600")]
+    pub socket_mode: String,
+    /// Group of the socket files ferry creates (e.g. QEMU's, with --socket-mode 0660).
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
+    /// Members of this group may use the control socket too (besides root and the
+    /// daemon's user); other users are refused whatever the socket's mode.
+    #[arg(long, value_name = "GROUP")]
+    pub control_group: Option<String>,
     /// How long a device started before its volume is handed over waits for the hand-off
     /// before it is refused, in seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
@@ -342,6 +356,21 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     signals.add(Signal::SIGINT);
     signals.add(Signal::SIGTERM);
     signals.thread_block().context("cannot block signals")?;
+    let identity = args
+        .user
+        .as_deref()
+        .map(crate::identity::Identity::parse)
+        .transpose()?;
+    crate::identity::set_socket_access(
+        &args.socket_mode,
+        args.socket_group.as_deref(),
+        identity.as_ref().map(|i| i.uid),
+    )?;
+    crate::identity::set_control_group(args.control_group.as_deref())?;
+    if let Some(identity) = &identity {
+        // Threads confined before the drop must be able to follow it.
+        ferry_engine::confine::plan_identity_drop(identity.uid.as_raw(), identity.gid.as_raw());
+    }
     if args.seccomp == Switch::On {
         ferry_engine::confine::enable().context("cannot enable seccomp filters")?;
     } else {
@@ -410,6 +439,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(path) = &plan.control {
         let listener = ferry_vhost::bind_socket(path)?;
+        crate::identity::apply_socket_access(path)?;
         let daemon = daemon.clone();
         std::thread::Builder::new()
             .name("ferry-control".into())
@@ -422,6 +452,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(address) = &args.metrics_listen {
         let bound = crate::metrics::http::start(address, crate::metrics::registry(&daemon))?;
         println!("ferry: metrics on http://{bound}/metrics");
+    }
+    if let Some(identity) = &identity {
+        identity.assume().with_context(|| {
+            format!(
+                "cannot run as --user {}",
+                args.user.as_deref().unwrap_or("")
+            )
+        })?;
+        log::info!("running as uid {} gid {}", identity.uid, identity.gid);
     }
     // Every socket is bound: QEMU, NBD clients and control clients can connect.
     let serving = format!("STATUS=serving {} volume(s)", daemon.volumes().len());

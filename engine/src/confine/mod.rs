@@ -54,6 +54,17 @@ impl Allowlist {
 /// Whether [`enter`] installs filters; set once by [`enable`].
 static ENABLED: AtomicBool = AtomicBool::new(false);
 
+/// The uid and gid `ferry serve --user` drops to, once every thread is started: glibc makes
+/// every thread call `setresuid`/`setresgid`/`setgroups` itself, so each filter allows
+/// exactly those calls with exactly these ids (a drop to that user, nothing else).
+static IDENTITY_DROP: OnceLock<(u32, u32)> = OnceLock::new();
+
+/// Lets the filters installed from now on allow the drop to `uid` and `gid` (see
+/// [`IDENTITY_DROP`]). Call before [`enable`].
+pub fn plan_identity_drop(uid: u32, gid: u32) {
+    let _ = IDENTITY_DROP.set((uid, gid));
+}
+
 /// The thread kind whose threads make a forbidden call right after confining themselves
 /// (`FERRY_SECCOMP_PROBE=KIND`), so that a test can see the filter stop and report it.
 static PROBE: OnceLock<Option<String>> = OnceLock::new();
@@ -126,11 +137,31 @@ pub fn enter_once(list: &Allowlist) {
 }
 
 fn install(list: &Allowlist) -> Result<(), ConfineError> {
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = list
+    let mut rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = list
         .syscalls()
         .into_iter()
         .map(|nr| (nr, Vec::new()))
         .collect();
+    if let Some(&(uid, gid)) = IDENTITY_DROP.get() {
+        let filter_error = |source| ConfineError::Filter {
+            kind: list.kind,
+            source,
+        };
+        rules.insert(
+            libc::SYS_setresuid,
+            vec![all_args_equal(3, uid).map_err(filter_error)?],
+        );
+        rules.insert(
+            libc::SYS_setresgid,
+            vec![all_args_equal(3, gid).map_err(filter_error)?],
+        );
+        // One supplementary group, the one given (the list itself is not visible to seccomp;
+        // after the drop setgroups needs a capability the process no longer has).
+        rules.insert(
+            libc::SYS_setgroups,
+            vec![all_args_equal(1, 1).map_err(filter_error)?],
+        );
+    }
     let arch = std::env::consts::ARCH
         .try_into()
         .map_err(|source| ConfineError::Filter {
@@ -156,6 +187,24 @@ fn install(list: &Allowlist) -> Result<(), ConfineError> {
         kind: list.kind,
         source,
     })
+}
+
+/// A rule matching a call whose first `count` arguments all equal `value` (32-bit ids).
+fn all_args_equal(
+    count: u8,
+    value: u32,
+) -> Result<seccompiler::SeccompRule, seccompiler::BackendError> {
+    let conditions = (0..count)
+        .map(|arg| {
+            seccompiler::SeccompCondition::new(
+                arg,
+                seccompiler::SeccompCmpArgLen::Dword,
+                seccompiler::SeccompCmpOp::Eq,
+                u64::from(value),
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    seccompiler::SeccompRule::new(conditions)
 }
 
 /// The test hook: a thread of the probed kind makes a call no list allows (`sysinfo`,
