@@ -33,7 +33,7 @@ pub(crate) const PROTOCOL_SYSCALLS: Allowlist = Allowlist {
         confine::NET_CLIENT,
         confine::FILE_IO,
         confine::FILE_PATHS,
-        confine::URING_USE,
+        confine::URING_SETUP,
     ],
     extra: &[libc::SYS_memfd_create],
 };
@@ -43,7 +43,8 @@ pub(crate) const PROTOCOL_SYSCALLS: Allowlist = Allowlist {
 /// handed to an export by a migration), (re)connects and talks to it. When it commits the
 /// journal itself (`committer=queue`) it also moves the journal onto its next medium when
 /// one fills, opening and creating files there (Landlock keeps that to the configured
-/// directories). It accepts no connection and starts no thread.
+/// directories), with an io_uring of the journal's that it sets up on its first commit. It
+/// accepts no connection and starts no thread.
 pub(crate) const QUEUE_WORKER_SYSCALLS: Allowlist = Allowlist {
     kind: "vhost-queue",
     groups: &[
@@ -51,7 +52,7 @@ pub(crate) const QUEUE_WORKER_SYSCALLS: Allowlist = Allowlist {
         confine::NET_CLIENT,
         confine::FILE_IO,
         confine::FILE_PATHS,
-        confine::URING_USE,
+        confine::URING_SETUP,
     ],
     extra: &[],
 };

@@ -20,13 +20,14 @@ use crate::confine::{self, Allowlist};
 use crate::observer::WriteObserver;
 use crate::volume::{Backing, Volume};
 
-/// A mirror worker sends the guest's writes to the target: a file it holds open or an NBD
-/// export it (re)connects to.
+/// A mirror worker sends the guest's writes to the target: a file it opens (Landlock
+/// limits which) or an NBD export it (re)connects to.
 const MIRROR_SYSCALLS: Allowlist = Allowlist {
     kind: "mirror-worker",
     groups: &[
         confine::RUNTIME,
         confine::FILE_IO,
+        confine::FILE_PATHS,
         confine::NET_CLIENT,
         confine::URING_SETUP,
     ],
@@ -39,6 +40,7 @@ const COPIER_SYSCALLS: Allowlist = Allowlist {
     groups: &[
         confine::RUNTIME,
         confine::FILE_IO,
+        confine::FILE_PATHS,
         confine::NET_CLIENT,
         confine::URING_SETUP,
     ],
