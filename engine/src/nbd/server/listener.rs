@@ -28,19 +28,23 @@ pub(super) const ACCEPT_SYSCALLS: Allowlist = Allowlist {
         confine::SPAWN,
         confine::NET,
         confine::FILE_IO,
+        confine::FILE_PATHS,
         confine::URING_SETUP,
     ],
     extra: &[],
 };
 
 /// A connection negotiates (TLS included) and serves requests on the export's volume
-/// through a queue of its own (an io_uring it sets up, or plain reads and writes).
+/// through a queue of its own: its own descriptor of the image (`openat`; Landlock limits
+/// which paths) and an io_uring it sets up; its writes may move the journal onto its next
+/// medium like a vhost queue's.
 const CONNECTION_SYSCALLS: Allowlist = Allowlist {
     kind: "nbd-connection",
     groups: &[
         confine::RUNTIME,
         confine::NET,
         confine::FILE_IO,
+        confine::FILE_PATHS,
         confine::URING_SETUP,
     ],
     extra: &[],
