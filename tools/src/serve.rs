@@ -201,7 +201,8 @@ fn restrict_paths(args: &ServeArgs, plan: &ServePlan) -> anyhow::Result<()> {
     };
     let rules = crate::landlock_paths::rules(&configured);
     match restrict_process(&rules)? {
-        Enforcement::Full => log::info!("landlock: paths limited to {:?}", rules.read_write),
+        // Debug, not info: a refused start prints its one error line alone.
+        Enforcement::Full => log::debug!("landlock: paths limited to {:?}", rules.read_write),
         Enforcement::Partial => log::warn!(
             "landlock: paths limited to {:?}, partly: this kernel lacks some Landlock rights",
             rules.read_write
