@@ -171,6 +171,41 @@ fn start_tcp_control(address: &str, daemon: &Arc<Daemon>, authz: TlsAuthz) -> an
     Ok(())
 }
 
+/// Sets up the confinement before any thread starts: the user to become later (and the
+/// filters' permission to follow that drop), the socket files' access, the control
+/// socket's group, the seccomp filters and the Landlock paths.
+fn confine(
+    args: &ServeArgs,
+    plan: &ServePlan,
+) -> anyhow::Result<Option<crate::identity::Identity>> {
+    let identity = args
+        .user
+        .as_deref()
+        .map(crate::identity::Identity::parse)
+        .transpose()?;
+    crate::identity::set_socket_access(
+        &args.socket_mode,
+        args.socket_group.as_deref(),
+        identity.as_ref().map(|i| i.uid),
+    )?;
+    crate::identity::set_control_group(args.control_group.as_deref())?;
+    if let Some(identity) = &identity {
+        // Threads confined before the drop must be able to follow it.
+        ferry_engine::confine::plan_identity_drop(identity.uid.as_raw(), identity.gid.as_raw());
+    }
+    if args.seccomp == Switch::On {
+        ferry_engine::confine::enable().context("cannot enable seccomp filters")?;
+    } else {
+        log::warn!("--seccomp=off: threads run without seccomp filters");
+    }
+    if args.landlock == Switch::On {
+        restrict_paths(args, plan)?;
+    } else {
+        log::warn!("--landlock=off: the daemon may open any path its user can");
+    }
+    Ok(identity)
+}
+
 /// Limits the process to the paths it was configured with, before any thread starts (every
 /// thread inherits the restriction).
 fn restrict_paths(args: &ServeArgs, plan: &ServePlan) -> anyhow::Result<()> {
@@ -357,31 +392,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     signals.add(Signal::SIGINT);
     signals.add(Signal::SIGTERM);
     signals.thread_block().context("cannot block signals")?;
-    let identity = args
-        .user
-        .as_deref()
-        .map(crate::identity::Identity::parse)
-        .transpose()?;
-    crate::identity::set_socket_access(
-        &args.socket_mode,
-        args.socket_group.as_deref(),
-        identity.as_ref().map(|i| i.uid),
-    )?;
-    crate::identity::set_control_group(args.control_group.as_deref())?;
-    if let Some(identity) = &identity {
-        // Threads confined before the drop must be able to follow it.
-        ferry_engine::confine::plan_identity_drop(identity.uid.as_raw(), identity.gid.as_raw());
-    }
-    if args.seccomp == Switch::On {
-        ferry_engine::confine::enable().context("cannot enable seccomp filters")?;
-    } else {
-        log::warn!("--seccomp=off: threads run without seccomp filters");
-    }
-    if args.landlock == Switch::On {
-        restrict_paths(&args, &plan)?;
-    } else {
-        log::warn!("--landlock=off: the daemon may open any path its user can");
-    }
+    let identity = confine(&args, &plan)?;
 
     // Check every socket before creating any image, then bind after opening.
     for spec in &plan.volumes {
