@@ -48,6 +48,16 @@ impl Fixture {
 
     /// As [`Fixture::new`], with `extra` appended to every volume's spec.
     fn with_settings(volumes: &[(&str, u64)], fill: Fill, extra: &str) -> Result<Self> {
+        Self::with_options(volumes, fill, extra, &[])
+    }
+
+    /// As [`Fixture::with_settings`], with more options of `ferry serve`.
+    fn with_options(
+        volumes: &[(&str, u64)],
+        fill: Fill,
+        extra: &str,
+        options: &[&str],
+    ) -> Result<Self> {
         let dir = support::scratch_dir()?;
         let mut specs = Vec::new();
         let mut initial = Vec::new();
@@ -60,7 +70,7 @@ impl Fixture {
                 dir.path().join(format!("{name}.sock")).display()
             ));
         }
-        let serve = FerryServe::start(&specs, &dir.path().join("ctl.sock"))?;
+        let serve = FerryServe::start_with(&specs, &dir.path().join("ctl.sock"), options)?;
         Ok(Self {
             dir,
             serve,
@@ -223,7 +233,15 @@ fn nbd_migration_with(
     mode: &str,
     tls_creds: Option<&Path>,
 ) -> Result<()> {
-    let fx = Fixture::new(&[("vda", 16 * MIB)], Fill::HalfHoles)?;
+    // Credentials given with the migration, not at start: Landlock must let ferry read them.
+    let pki_dir = tls_creds
+        .and_then(Path::parent)
+        .map(|d| d.display().to_string());
+    let options: Vec<&str> = match &pki_dir {
+        Some(dir) => vec!["--allow-path", dir],
+        None => Vec::new(),
+    };
+    let fx = Fixture::with_options(&[("vda", 16 * MIB)], Fill::HalfHoles, "", &options)?;
     let image = fx.path("nbd.img");
     garbage_image(&image, 16 * MIB)?;
     let server = server(&image)?;
@@ -338,7 +356,19 @@ fn tls_credentials_of_an_nbd_target() -> Result<()> {
     };
     let server = NbdServer::qemu_nbd_with(&target, "disk", &NbdAddr::free_tcp()?, opts)?;
     let uri = server.uri();
-    let fx = Fixture::new(&[("vda", 16 * MIB)], Fill::Dense)?;
+    // Credentials given with the migration, not at start: Landlock must let ferry read them.
+    let pki_dir = pki
+        .ca_cert()
+        .parent()
+        .context("CA without a directory")?
+        .display()
+        .to_string();
+    let fx = Fixture::with_options(
+        &[("vda", 16 * MIB)],
+        Fill::Dense,
+        "",
+        &["--allow-path", &pki_dir],
+    )?;
     let start = |extra: &[&str]| {
         let mut args = vec!["--volume", "vda", "--target", &uri];
         args.extend_from_slice(extra);

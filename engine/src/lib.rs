@@ -7,6 +7,7 @@
 //!
 //! See `engine/ARCHITECTURE.md` for the parts and what each must not know.
 
+pub mod confine;
 pub mod error;
 pub mod iovec;
 pub mod journal;

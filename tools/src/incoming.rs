@@ -474,6 +474,7 @@ pub fn start_lease_keeper(daemon: &Arc<Daemon>) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("ferry-leases".into())
         .spawn(move || {
+            ferry_engine::confine::enter(&crate::seccomp::LEASES_SYSCALLS);
             while let Some(daemon) = daemon.upgrade() {
                 daemon.expire_incoming_leases();
                 drop(daemon);

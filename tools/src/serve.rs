@@ -69,10 +69,44 @@ pub struct ServeArgs {
     /// many seconds is abandoned, its image deleted.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     pub incoming_lease: u64,
+    /// Confine every thread with a seccomp filter of the system calls its kind needs
+    /// (docs/security.md); `off` for debugging only.
+    #[arg(long, value_enum, value_name = "on|off", default_value_t = Switch::On)]
+    pub seccomp: Switch,
+    /// Limit the process with Landlock to the paths it was configured with (images,
+    /// journal, sockets, TLS credentials) once started; `off` for debugging only.
+    #[arg(long, value_enum, value_name = "on|off", default_value_t = Switch::On)]
+    pub landlock: Switch,
+    /// A directory the daemon may reach besides those it was configured with (for images
+    /// added or created later by control commands); repeatable.
+    #[arg(long = "allow-path", value_name = "DIR")]
+    pub allow_paths: Vec<PathBuf>,
+    /// Run as this user (and group; default: the user's) once every socket is bound and
+    /// every image opened: root and its capabilities are dropped for good.
+    #[arg(long, value_name = "USER[:GROUP]")]
+    pub user: Option<String>,
+    /// Permissions of the socket files ferry creates (volumes, control), in octal.
+    #[arg(long, value_name = "MODE", default_value = "0600")]
+    pub socket_mode: String,
+    /// Group of the socket files ferry creates (e.g. QEMU's, with --socket-mode 0660).
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
+    /// Members of this group may use the control socket too (besides root and the
+    /// daemon's user); other users are refused whatever the socket's mode.
+    #[arg(long, value_name = "GROUP")]
+    pub control_group: Option<String>,
     /// How long a device started before its volume is handed over waits for the hand-off
     /// before it is refused, in seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     pub incoming_start_wait: u64,
+}
+
+/// An on/off option.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Switch {
+    #[default]
+    On,
+    Off,
 }
 
 /// The TLS options, read and checked before anything is created.
@@ -134,6 +168,84 @@ fn start_tcp_control(address: &str, daemon: &Arc<Daemon>, authz: TlsAuthz) -> an
         .name("ferry-control-tcp".into())
         .spawn(move || crate::control::serve_tcp(listener, daemon, tls))
         .context("cannot start the control listener thread")?;
+    Ok(())
+}
+
+/// Sets up the confinement before any thread starts: the user to become later (and the
+/// filters' permission to follow that drop), the socket files' access, the control
+/// socket's group, the seccomp filters and the Landlock paths.
+fn confine(
+    args: &ServeArgs,
+    plan: &ServePlan,
+) -> anyhow::Result<Option<crate::identity::Identity>> {
+    let identity = args
+        .user
+        .as_deref()
+        .map(crate::identity::Identity::parse)
+        .transpose()?;
+    crate::identity::set_socket_access(
+        &args.socket_mode,
+        args.socket_group.as_deref(),
+        identity.as_ref().map(|i| i.uid),
+    )?;
+    crate::identity::set_control_group(args.control_group.as_deref())?;
+    if let Some(identity) = &identity {
+        // Threads confined before the drop must be able to follow it.
+        ferry_engine::confine::plan_identity_drop(identity.uid.as_raw(), identity.gid.as_raw());
+    }
+    if args.seccomp == Switch::On {
+        ferry_engine::confine::enable().context("cannot enable seccomp filters")?;
+    } else {
+        log::warn!("--seccomp=off: threads run without seccomp filters");
+    }
+    if args.landlock == Switch::On {
+        restrict_paths(args, plan)?;
+    } else {
+        log::warn!("--landlock=off: the daemon may open any path its user can");
+    }
+    Ok(identity)
+}
+
+/// Limits the process to the paths it was configured with, before any thread starts (every
+/// thread inherits the restriction).
+fn restrict_paths(args: &ServeArgs, plan: &ServePlan) -> anyhow::Result<()> {
+    use ferry_engine::confine::landlock::{restrict_process, Enforcement};
+    let mut sockets: Vec<&Path> = plan.volumes.iter().map(|v| v.socket.as_path()).collect();
+    sockets.extend(plan.control.as_deref());
+    let mut tls_creds: Vec<&Path> = args.tls_creds.iter().map(PathBuf::as_path).collect();
+    tls_creds.extend(plan.volumes.iter().filter_map(|v| v.tls_creds.as_deref()));
+    let journal_dir = match &plan.journal {
+        Some(spec) => Some(
+            JournalOptions::parse(spec)
+                .map_err(|e| anyhow::anyhow!("--journal {spec}: {e}"))?
+                .dir,
+        ),
+        None => None,
+    };
+    let configured = crate::landlock_paths::Configured {
+        images: plan
+            .volumes
+            .iter()
+            .map(|v| v.engine.path.as_path())
+            .collect(),
+        sockets,
+        journal_dir: journal_dir.as_deref(),
+        tls_creds,
+        nbd_listen: &plan.nbd.listen,
+        allowed: &args.allow_paths,
+    };
+    let rules = crate::landlock_paths::rules(&configured);
+    match restrict_process(&rules)? {
+        // Debug, not info: a refused start prints its one error line alone.
+        Enforcement::Full => log::debug!("landlock: paths limited to {:?}", rules.read_write),
+        Enforcement::Partial => log::warn!(
+            "landlock: paths limited to {:?}, partly: this kernel lacks some Landlock rights",
+            rules.read_write
+        ),
+        Enforcement::None => {
+            log::warn!("landlock: not supported by this kernel; paths are not limited")
+        }
+    }
     Ok(())
 }
 
@@ -280,6 +392,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     signals.add(Signal::SIGINT);
     signals.add(Signal::SIGTERM);
     signals.thread_block().context("cannot block signals")?;
+    let identity = confine(&args, &plan)?;
 
     // Check every socket before creating any image, then bind after opening.
     for spec in &plan.volumes {
@@ -342,6 +455,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(path) = &plan.control {
         let listener = ferry_vhost::bind_socket(path)?;
+        crate::identity::apply_socket_access(path)?;
         let daemon = daemon.clone();
         std::thread::Builder::new()
             .name("ferry-control".into())
@@ -355,9 +469,19 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let bound = crate::metrics::http::start(address, crate::metrics::registry(&daemon))?;
         println!("ferry: metrics on http://{bound}/metrics");
     }
+    if let Some(identity) = &identity {
+        identity.assume().with_context(|| {
+            format!(
+                "cannot run as --user {}",
+                args.user.as_deref().unwrap_or("")
+            )
+        })?;
+        log::info!("running as uid {} gid {}", identity.uid, identity.gid);
+    }
     // Every socket is bound: QEMU, NBD clients and control clients can connect.
     let serving = format!("STATUS=serving {} volume(s)", daemon.volumes().len());
     notify(notifier.as_ref(), &["READY=1", &serving]);
+    ferry_engine::confine::enter(&crate::seccomp::MAIN_SYSCALLS);
     let signal = signals.wait().context("waiting for signals failed")?;
     log::info!(signal = signal.as_str(); "{signal}: finishing requests in flight and shutting down");
     let stopping = format!("STATUS={signal}: finishing requests in flight");

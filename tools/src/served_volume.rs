@@ -80,6 +80,7 @@ impl ServedVolume {
             volume.add_observer(journal.observer_for(volume.name()));
         }
         let listener = ferry_vhost::bind_socket(&spec.socket)?;
+        crate::identity::apply_socket_access(&spec.socket)?;
         let stop = ServeStop::new(&listener).context("cannot start a volume thread")?;
         let connection = Arc::new(ConnectionState::default());
         let thread = {

@@ -269,6 +269,9 @@ impl VhostUserBackend for BlockDevice {
     }
 
     fn features(&self) -> u64 {
+        // GET_FEATURES is a frontend's first message, handled on the protocol thread that
+        // the backend library started for this frontend: its setup is done.
+        ferry_engine::confine::enter_once(&crate::seccomp::PROTOCOL_SYSCALLS);
         config::device_features(self.inner.volume.read_only())
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
             | VhostUserVirtioFeatures::LOG_ALL.bits()
@@ -371,6 +374,8 @@ impl VhostUserBackend for BlockDevice {
         vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
+        // The library's worker threads run no code of ours before their first event.
+        ferry_engine::confine::enter_once(&crate::seccomp::QUEUE_WORKER_SYSCALLS);
         if thread_id >= self.inner.workers.len() {
             return Ok(());
         }

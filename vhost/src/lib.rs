@@ -21,6 +21,7 @@ pub mod gate;
 pub mod guest_warnings;
 pub mod queue_worker;
 pub mod request;
+mod seccomp;
 pub mod server;
 
 pub use backend::{check_settings, BlockDevice, DeviceSettings};

@@ -149,6 +149,7 @@ pub fn serve_volume(volume: Arc<Volume>, settings: DeviceSettings, serving: Serv
         gate,
     } = serving;
     let mut listener = Listener::from(listener);
+    ferry_engine::confine::enter(&crate::seccomp::VOLUME_SERVER_SYSCALLS);
     while !stop.is_stopped() {
         let served = serve_one_connection(&volume, &settings, &mut listener, &state, &stop, &gate);
         if let Err(e) = served {

@@ -33,6 +33,14 @@ use super::format::{
     encode_record_in, padding_needed, padding_record, record_bytes, trailer_records_bytes,
     RecordHeader, BLOCK_BYTES, HEADER_BYTES,
 };
+use crate::confine::{self, Allowlist};
+
+/// The prefaulter only touches mappings it is handed (`madvise`) and waits for work.
+const PREFAULT_SYSCALLS: Allowlist = Allowlist {
+    kind: "journal-prefault",
+    groups: &[confine::RUNTIME],
+    extra: &[],
+};
 
 /// Bytes an observing thread faults in at a time when it catches up with the prefaulter (64
 /// pages of 4 KiB).
@@ -203,7 +211,10 @@ impl Prefaulter {
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name("ferry-jprefault".into())
-            .spawn(move || prefault_main(&thread_shared))?;
+            .spawn(move || {
+                confine::enter(&PREFAULT_SYSCALLS);
+                prefault_main(&thread_shared)
+            })?;
         Ok(Self {
             shared,
             thread: Some(thread),

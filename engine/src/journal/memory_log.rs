@@ -18,6 +18,14 @@ use std::sync::Arc;
 
 use super::entry::LogEntry;
 use super::format::Op;
+use crate::confine::{self, Allowlist};
+
+/// The chunk supplier maps memory and faults it in, nothing else.
+const CHUNK_SUPPLY_SYSCALLS: Allowlist = Allowlist {
+    kind: "journal-log-supply",
+    groups: &[confine::RUNTIME],
+    extra: &[],
+};
 
 /// Entries per chunk (224 KiB of entries).
 pub const CHUNK_ENTRIES: usize = 4096;
@@ -59,6 +67,7 @@ impl ChunkSupply {
         std::thread::Builder::new()
             .name("ferry-jlog".into())
             .spawn(move || {
+                confine::enter(&CHUNK_SUPPLY_SYSCALLS);
                 for _ in 0..chunks {
                     if ready_tx.send(faulted_in_chunk()).is_err() {
                         return; // the log is gone

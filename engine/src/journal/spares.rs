@@ -18,6 +18,15 @@ use super::direct::{apply_cache_mode, StagingBuffer};
 use super::error::JournalError;
 use super::format::BLOCK_BYTES;
 use super::options::MediumCache;
+use crate::confine::{self, Allowlist};
+
+/// The spare formatter lowers its own priority, then creates, writes, flushes and renames
+/// media files in the journal directory.
+const FORMATTER_SYSCALLS: Allowlist = Allowlist {
+    kind: "journal-formatter",
+    groups: &[confine::RUNTIME, confine::FILE_IO, confine::FILE_PATHS],
+    extra: &[libc::SYS_sched_setscheduler, libc::SYS_ioprio_set],
+};
 
 /// Bytes of zeros per `pwrite` while formatting.
 pub const FORMAT_CHUNK_BYTES: usize = 1 << 20;
@@ -160,7 +169,10 @@ impl SpareFormatter {
         let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name("ferry-journal-fmt".into())
-            .spawn(move || formatter_main(&s, &dir, capacity_bytes, spares_max))
+            .spawn(move || {
+                confine::enter(&FORMATTER_SYSCALLS);
+                formatter_main(&s, &dir, capacity_bytes, spares_max)
+            })
             .map_err(JournalError::Thread)?;
         Ok(Self {
             shared,

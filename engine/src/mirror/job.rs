@@ -17,8 +17,64 @@ use super::persist::JobPersist;
 use super::status::{CutoverReport, MigrationState, MigrationStatus, VolumeMigrationStatus};
 use super::throttle::Throttle;
 use super::MigrationError;
+use crate::confine::{self, Allowlist};
 use crate::observer::WriteObserver;
 use crate::volume::{Backing, Volume};
+
+/// A mirror worker sends the guest's writes to the target: a file it opens (Landlock
+/// limits which) or an NBD export it (re)connects to.
+const MIRROR_SYSCALLS: Allowlist = Allowlist {
+    kind: "mirror-worker",
+    groups: &[
+        confine::RUNTIME,
+        confine::FILE_IO,
+        confine::FILE_PATHS,
+        confine::NET_CLIENT,
+        confine::URING_SETUP,
+    ],
+    extra: &[],
+};
+
+/// A copier reads the source and writes the target, like a mirror worker.
+const COPIER_SYSCALLS: Allowlist = Allowlist {
+    kind: "mirror-copier",
+    groups: &[
+        confine::RUNTIME,
+        confine::FILE_IO,
+        confine::FILE_PATHS,
+        confine::NET_CLIENT,
+        confine::URING_SETUP,
+    ],
+    extra: &[],
+};
+
+/// The supervisor ends the job: the cut-over flushes both sides, may hand the volume to a
+/// new backing (opening it) and tells the target's daemon over the control protocol.
+const SUPERVISOR_SYSCALLS: Allowlist = Allowlist {
+    kind: "mirror-supervisor",
+    groups: &[
+        confine::RUNTIME,
+        confine::FILE_IO,
+        confine::FILE_PATHS,
+        confine::NET_CLIENT,
+        confine::URING_SETUP,
+    ],
+    extra: &[],
+};
+
+/// The job file's writer rewrites the file beside the image (create, fsync, rename, fsync
+/// of the directory) after flushing the target, which may be a file or an NBD export.
+pub(super) const JOB_FILE_SYSCALLS: Allowlist = Allowlist {
+    kind: "mirror-job-file",
+    groups: &[
+        confine::RUNTIME,
+        confine::FILE_IO,
+        confine::FILE_PATHS,
+        confine::NET_CLIENT,
+        confine::URING_SETUP,
+    ],
+    extra: &[],
+};
 
 static NEXT_JOB_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -389,6 +445,7 @@ impl MigrationJob {
         for i in 0..mirror_threads {
             self.spawn(
                 &format!("ferry-mirror-{i}"),
+                &MIRROR_SYSCALLS,
                 super::observer::run_mirror_worker,
             )?;
         }
@@ -430,12 +487,24 @@ impl MigrationJob {
                 s.end(MigrationState::Cancelled, Some(reason), None);
                 MigrationError::Persist(e)
             })?;
-            self.spawn("ferry-migrate-file", super::persist::job_file::run)?;
+            self.spawn(
+                "ferry-migrate-file",
+                &JOB_FILE_SYSCALLS,
+                super::persist::job_file::run,
+            )?;
         }
         for i in 0..copy_threads {
-            self.spawn(&format!("ferry-copy-{i}"), super::copier::run)?;
+            self.spawn(
+                &format!("ferry-copy-{i}"),
+                &COPIER_SYSCALLS,
+                super::copier::run,
+            )?;
         }
-        self.spawn("ferry-migrate", super::supervisor::run)?;
+        self.spawn(
+            "ferry-migrate",
+            &SUPERVISOR_SYSCALLS,
+            super::supervisor::run,
+        )?;
         Ok(())
     }
 
@@ -468,11 +537,19 @@ impl MigrationJob {
         Ok(())
     }
 
-    fn spawn(&self, name: &str, f: fn(Arc<JobShared>)) -> Result<(), MigrationError> {
+    fn spawn(
+        &self,
+        name: &str,
+        syscalls: &'static Allowlist,
+        f: fn(Arc<JobShared>),
+    ) -> Result<(), MigrationError> {
         let shared = self.shared.clone();
         let handle = std::thread::Builder::new()
             .name(name.to_string())
-            .spawn(move || f(shared));
+            .spawn(move || {
+                confine::enter(syscalls);
+                f(shared)
+            });
         match handle {
             Ok(h) => {
                 if let Ok(mut threads) = self.threads.lock() {

@@ -31,6 +31,12 @@ use super::sizes::{BlockSizes, REQUEST_ALIGN_BYTES};
 use super::tls_stream::ClientTls;
 use super::ExportUri;
 use crate::tls::TlsCredentials;
+/// The reply reader only reads replies from its connection (TLS included).
+const READER_SYSCALLS: crate::confine::Allowlist = crate::confine::Allowlist {
+    kind: "nbd-client-reader",
+    groups: &[crate::confine::RUNTIME, crate::confine::NET_CLIENT],
+    extra: &[],
+};
 
 /// How long a request waits for its reply before the connection is declared lost.
 pub const REQUEST_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
@@ -200,7 +206,10 @@ impl NbdClient {
         let reader_pending = pending.clone();
         let reader = std::thread::Builder::new()
             .name("ferry-nbd-reader".into())
-            .spawn(move || read_replies(reader_conn, &reader_pending))
+            .spawn(move || {
+                crate::confine::enter(&READER_SYSCALLS);
+                read_replies(reader_conn, &reader_pending)
+            })
             .map_err(connect_err)?;
         Ok(Self {
             size_bytes: info.size_bytes,

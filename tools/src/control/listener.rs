@@ -6,7 +6,7 @@
 
 use std::io::Read;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -91,6 +91,7 @@ fn spawn_connection(run: impl FnOnce() + Send + 'static) {
 
 /// Accepts control connections on the unix socket `listener` for as long as it is open.
 pub fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
+    ferry_engine::confine::enter(&crate::seccomp::CONTROL_SYSCALLS);
     let slots = Arc::new(Slots::default());
     for stream in listener.incoming() {
         let mut stream = match stream {
@@ -116,10 +117,31 @@ pub fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
                 log::warn!("control: {e}");
                 return;
             }
+            // SO_PEERCRED names the peer as it connected: a check no message can fake.
+            if let Err(reason) = crate::identity::control_peer_allowed(&stream) {
+                refuse(&mut stream, &reason);
+                return;
+            }
             serve_connection(&mut stream, &daemon, &Caller::Local, CONNECTION_DEADLINES);
         });
     }
 }
+
+/// Answers a peer the control socket does not serve: its first request is read (bounded in
+/// size and time, so that the client sees the refusal instead of a broken pipe), then
+/// answered with `AccessDenied`, and the connection closed.
+fn refuse(stream: &mut UnixStream, reason: &str) {
+    log::warn!("control: connection refused: {reason}");
+    let mut request = [0u8; 4096];
+    if stream.set_read_timeout(Some(REFUSAL_READ_TIMEOUT)).is_ok() {
+        let _ = stream.read(&mut request);
+    }
+    let refused = error_reply(class::ACCESS_DENIED, &format!("refused: {reason}"), None);
+    let _ = reply(stream, &refused);
+}
+
+/// How long a refused peer's first request is waited for.
+const REFUSAL_READ_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What the TCP listener checks its clients with.
 pub struct TcpControl {
@@ -131,6 +153,7 @@ pub struct TcpControl {
 /// Accepts control connections on the TCP `listener`, TLS only. Beyond the connection
 /// bound a client is disconnected at once, before any handshake costs the daemon work.
 pub fn serve_tcp(listener: TcpListener, daemon: Arc<Daemon>, tls: Arc<TcpControl>) {
+    ferry_engine::confine::enter(&crate::seccomp::CONTROL_SYSCALLS);
     let slots = Arc::new(Slots::default());
     for socket in listener.incoming() {
         let socket = match socket {

@@ -38,6 +38,7 @@ pub fn start(address: &str, registry: Registry) -> anyhow::Result<SocketAddr> {
 }
 
 fn serve(listener: TcpListener, registry: Arc<Registry>) {
+    ferry_engine::confine::enter(&crate::seccomp::METRICS_SYSCALLS);
     let active = Arc::new(AtomicUsize::new(0));
     for stream in listener.incoming() {
         let Ok(stream) = stream else {

@@ -11,6 +11,7 @@ use super::{
     Appender, Journal, JournalState, JournalStatus, MarkResult, SealResult, Shared,
     JOURNAL_STREAM_ID,
 };
+use crate::confine::{self, Allowlist};
 use crate::journal::dir_lock::DirLock;
 use crate::journal::error::JournalError;
 use crate::journal::format::{GapInfo, Op};
@@ -19,6 +20,21 @@ use crate::journal::options::{Committer, JournalMode, JournalOptions};
 use crate::journal::recovery::recover;
 use crate::journal::writer::{AppendPath, MediumWriter};
 use crate::observer::WriteObserver;
+
+/// The journal writer writes and flushes its media (with `pwritev`/`fdatasync` or through
+/// an io_uring it sets up), rotates onto a new medium (opening, creating and renaming files
+/// in the journal directory) and starts the spare formatter and prefaulter when it does.
+const WRITER_SYSCALLS: Allowlist = Allowlist {
+    kind: "journal-writer",
+    groups: &[
+        confine::RUNTIME,
+        confine::SPAWN,
+        confine::FILE_IO,
+        confine::FILE_PATHS,
+        confine::URING_SETUP,
+    ],
+    extra: &[libc::SYS_sched_setscheduler, libc::SYS_ioprio_set],
+};
 
 /// Resolves `committer=auto`: the writer thread, whose commits overlap the queues' work
 /// (`committer=queue` is for hosts with no CPU to spare for it; see docs/journal.md).
@@ -72,7 +88,10 @@ impl Journal {
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name("ferry-journal".into())
-            .spawn(move || writer_main(&thread_shared))
+            .spawn(move || {
+                confine::enter(&WRITER_SYSCALLS);
+                writer_main(&thread_shared)
+            })
             .map_err(JournalError::Thread)?;
         Ok(Arc::new(Journal {
             shared,

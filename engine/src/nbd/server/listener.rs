@@ -16,7 +16,39 @@ use std::time::{Duration, Instant};
 use super::negotiation::{negotiate, HandshakeEnd};
 use super::transport::Transport;
 use super::{transmission, Shared};
+use crate::confine::{self, Allowlist};
 use crate::nbd::connection::Socket;
+
+/// The accepting thread accepts, admits and starts a thread per connection (which inherits
+/// this filter under its own).
+pub(super) const ACCEPT_SYSCALLS: Allowlist = Allowlist {
+    kind: "nbd-accept",
+    groups: &[
+        confine::RUNTIME,
+        confine::SPAWN,
+        confine::NET,
+        confine::FILE_IO,
+        confine::FILE_PATHS,
+        confine::URING_SETUP,
+    ],
+    extra: &[],
+};
+
+/// A connection negotiates (TLS included) and serves requests on the export's volume
+/// through a queue of its own: its own descriptor of the image (`openat`; Landlock limits
+/// which paths) and an io_uring it sets up; its writes may move the journal onto its next
+/// medium like a vhost queue's.
+const CONNECTION_SYSCALLS: Allowlist = Allowlist {
+    kind: "nbd-connection",
+    groups: &[
+        confine::RUNTIME,
+        confine::NET,
+        confine::FILE_IO,
+        confine::FILE_PATHS,
+        confine::URING_SETUP,
+    ],
+    extra: &[],
+};
 
 /// An address to listen on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -189,7 +221,10 @@ pub(crate) fn accept_loop(shared: Arc<Shared>, listener: Listener, address: List
         let worker = shared.clone();
         let spawned = std::thread::Builder::new()
             .name("ferry-nbd".into())
-            .spawn(move || serve_connection(&worker, socket, admission));
+            .spawn(move || {
+                confine::enter(&CONNECTION_SYSCALLS);
+                serve_connection(&worker, socket, admission)
+            });
         if let Err(e) = spawned {
             log::warn!("nbd: cannot start a connection thread: {e}");
         }

@@ -199,7 +199,10 @@ impl NbdServer {
         let loop_address = bound.clone();
         std::thread::Builder::new()
             .name("ferry-nbd-accept".into())
-            .spawn(move || listener::accept_loop(shared, listener, loop_address))
+            .spawn(move || {
+                crate::confine::enter(&listener::ACCEPT_SYSCALLS);
+                listener::accept_loop(shared, listener, loop_address)
+            })
             .map_err(ServerError::Thread)?;
         self.shared
             .listeners
