@@ -133,10 +133,15 @@ fn median(values: &mut [f64]) -> f64 {
 fn main() -> Result<()> {
     let rounds = env_u64("REPL_SYNC_ROUNDS", 5);
     let secs = env_u64("REPL_SYNC_SECS", 3);
-    let Some(mut hosts) = TwoHosts::start(HostOptions::default())? else {
+    // B keeps the replicas and its DR log on tmpfs, outside its own directory.
+    let dr = support::images::memory_dir()?;
+    let options = HostOptions {
+        allow_paths_b: vec![dr.path().to_path_buf()],
+        ..HostOptions::default()
+    };
+    let Some(mut hosts) = TwoHosts::start(options)? else {
         bail!("network namespaces are needed (run as root with iproute2)");
     };
-    let dr = support::images::memory_dir()?;
     let url = hosts.url_b();
     let rtt = round_trip_us(&hosts)?;
     let (mut added_mean, mut added_p50, mut none_p50, mut sync_p50) =

@@ -57,6 +57,9 @@ pub struct HostOptions {
     pub start_wait_s: u64,
     /// B's `--tls-authz`.
     pub authz: &'static str,
+    /// Directories B may reach at run time besides its own (`--allow-path`), such as where
+    /// a benchmark keeps B's replicas on tmpfs.
+    pub allow_paths_b: Vec<PathBuf>,
 }
 
 impl Default for HostOptions {
@@ -67,6 +70,7 @@ impl Default for HostOptions {
             authz: "ferry-a",
             second_volume: false,
             source_nbd: false,
+            allow_paths_b: Vec::new(),
         }
     }
 }
@@ -144,7 +148,7 @@ impl TwoHosts {
             unix_listening_in(pid, &control_a)
                 && (!options.source_nbd || tcp_listening_in(pid, NBD_PORT))
         })?;
-        let args_b: Vec<String> = vec![
+        let mut args_b: Vec<String> = vec![
             "serve".into(),
             "--control".into(),
             path_str(&dir.path().join("b.ctl"))?.into(),
@@ -161,6 +165,9 @@ impl TwoHosts {
             "--incoming-start-wait".into(),
             options.start_wait_s.to_string(),
         ];
+        for dir in &options.allow_paths_b {
+            args_b.extend(["--allow-path".into(), path_str(dir)?.into()]);
+        }
         let daemon_b = start_b(b, &args_b)?;
         Ok(Some(Self {
             daemon_a,
