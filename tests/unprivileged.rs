@@ -277,18 +277,21 @@ fn socket_files_are_owner_only_by_default() -> Result<()> {
     support::create_image(&image, 1 << 20)?;
     let socket = dir.path().join("vol.sock");
     let control = dir.path().join("ctl.sock");
+    let nbd = dir.path().join("nbd.sock");
     let args = vec![
         "--volume".to_string(),
         format!(
-            "name=vol,path={},socket={}",
+            "name=vol,path={},socket={},nbd=rw",
             image.display(),
             socket.display()
         ),
         "--control".to_string(),
         control.display().to_string(),
+        "--nbd-listen".to_string(),
+        format!("unix:{}", nbd.display()),
     ];
-    let mut daemon = support::ferry::serve(&args, &[&socket, &control])?;
-    for path in [&socket, &control] {
+    let mut daemon = support::ferry::serve(&args, &[&socket, &control, &nbd])?;
+    for path in [&socket, &control, &nbd] {
         let mode = std::fs::metadata(path)?.mode() & 0o777;
         if mode != 0o600 {
             bail!("{}: mode {mode:o}, expected 600", path.display());

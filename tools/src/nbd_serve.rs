@@ -148,6 +148,10 @@ pub fn listen(server: &NbdServer, plan: &NbdPlan) -> anyhow::Result<()> {
         server
             .listen(address)
             .with_context(|| format!("--nbd-listen {address}"))?;
+        // A unix listener is a socket file like the volumes': the same mode and group.
+        if let ListenAddress::Unix { path } = address {
+            crate::identity::apply_socket_access(path)?;
+        }
     }
     Ok(())
 }
