@@ -1,0 +1,97 @@
+//! The faults the soak injects, each with the operator's documented response where one is
+//! needed, so that the next fault starts from a serving daemon.
+
+use crate::rig::{Counts, Rig};
+use crate::support::guest::RunningGuest;
+use anyhow::{Context as _, Result};
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, Debug)]
+pub enum Fault {
+    /// SIGKILL and restart of the daemon; the interrupted migration is resumed.
+    Kill,
+    /// Malformed and oversized requests, a flood of connections, a client that never
+    /// reads, a request cut in the middle.
+    ControlAbuse,
+}
+
+/// The faults in the order they come round.
+pub const ROTATION: &[Fault] = &[Fault::Kill, Fault::ControlAbuse];
+
+pub fn inject(
+    fault: Fault,
+    rig: &mut Rig,
+    _guest: &RunningGuest,
+    counts: &mut Counts,
+) -> Result<()> {
+    match fault {
+        Fault::Kill => rig.kill_and_restart(counts),
+        Fault::ControlAbuse => {
+            abuse_control(rig)?;
+            counts.control_abuses += 1;
+            Ok(())
+        }
+    }
+}
+
+/// Connections opened at once in the flood.
+const FLOOD_CONNECTIONS: usize = 300;
+/// A line far longer than any request.
+const HUGE_LINE_BYTES: usize = 8 << 20;
+/// Requests a client that never reads sends.
+const UNREAD_REQUESTS: usize = 20_000;
+
+/// Abuses the control socket in every way at once; what the daemon answers does not
+/// matter (an error or a closed connection), only that it goes on serving and answering.
+fn abuse_control(rig: &Rig) -> Result<()> {
+    let control = rig.control();
+    let connect = || UnixStream::connect(&control).context("connect to the control socket");
+    let timeout = Some(Duration::from_secs(5));
+    // Writes below may fail once the daemon closes the connection: that is an answer.
+    let mut malformed = connect()?;
+    malformed.set_read_timeout(timeout)?;
+    let _ = malformed.write_all(b"{\"command\": \"query-volumes\"\n{]]\n\xff\xfe\n");
+    let mut line = String::new();
+    let _ = BufReader::new(&malformed).read_line(&mut line);
+
+    let mut huge = connect()?;
+    huge.set_write_timeout(timeout)?;
+    let _ = huge.write_all(&vec![b'x'; HUGE_LINE_BYTES]);
+    let _ = huge.write_all(b"\n");
+
+    let mut never_reader = connect()?;
+    never_reader.set_write_timeout(timeout)?;
+    let request = b"{\"command\":\"query-volumes\"}\n".repeat(UNREAD_REQUESTS);
+    let _ = never_reader.write_all(&request);
+
+    let mut cut = connect()?;
+    let _ = cut.write_all(b"{\"command\":\"migrate-sta");
+    drop(cut);
+
+    let flood: Vec<UnixStream> = (0..FLOOD_CONNECTIONS)
+        .filter_map(|_| UnixStream::connect(&control).ok())
+        .collect();
+    // Past the 64 connections a listener serves at once a client gets `Busy` and is
+    // closed (docs/control.md, *Limits*): the flood ends, and the daemon answers again.
+    drop(flood);
+    drop((malformed, huge, never_reader));
+    wait_answering(rig)
+}
+
+/// How long the daemon may take to notice the abusive connections closed.
+const ANSWER_AGAIN_WAIT: Duration = Duration::from_secs(20);
+
+fn wait_answering(rig: &Rig) -> Result<()> {
+    let deadline = Instant::now() + ANSWER_AGAIN_WAIT;
+    loop {
+        match rig.journal_status() {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(e.context("the daemon does not answer after the abuse"))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
