@@ -3,7 +3,7 @@
 
 use crate::rig::{Counts, Rig};
 use crate::support::guest::RunningGuest;
-use anyhow::{Context as _, Result};
+use anyhow::{ensure, Context as _, Result};
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
@@ -15,10 +15,18 @@ pub enum Fault {
     /// Malformed and oversized requests, a flood of connections, a client that never
     /// reads, a request cut in the middle.
     ControlAbuse,
+    /// The journal's tmpfs filled up (ENOSPC): journaling stops, the guest goes on; the
+    /// operator archives the media and `journal init` restarts it with a recorded gap.
+    JournalFull,
 }
 
 /// The faults in the order they come round.
-pub const ROTATION: &[Fault] = &[Fault::Kill, Fault::ControlAbuse];
+pub const ROTATION: &[Fault] = &[
+    Fault::Kill,
+    Fault::ControlAbuse,
+    Fault::Kill,
+    Fault::JournalFull,
+];
 
 pub fn inject(
     fault: Fault,
@@ -33,7 +41,48 @@ pub fn inject(
             counts.control_abuses += 1;
             Ok(())
         }
+        Fault::JournalFull => {
+            fill_journal(rig)?;
+            counts.journal_fulls += 1;
+            Ok(())
+        }
     }
+}
+
+/// How long the journal may take to stop once its medium is full: the guest's next write
+/// meets it.
+const STOP_WAIT: Duration = Duration::from_secs(60);
+const FILL_CHUNK_BYTES: usize = 1 << 20;
+
+/// Fills the journal's tmpfs with a file until ENOSPC, waits for the journal to stop on
+/// it, frees the space and restarts it ([`Rig::restart_journal`]).
+fn fill_journal(rig: &mut Rig) -> Result<()> {
+    let filler_path = rig.tmpfs.path.join("filler");
+    let mut filler = std::fs::File::create(&filler_path).context("create the filler")?;
+    let chunk = vec![0x5a_u8; FILL_CHUNK_BYTES];
+    loop {
+        match filler.write_all(&chunk) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+            Err(e) => return Err(e).context("fill the journal's tmpfs"),
+        }
+    }
+    let deadline = Instant::now() + STOP_WAIT;
+    let stopped = loop {
+        let status = rig.journal_status()?;
+        if status["state"] == "stopped" {
+            break status;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the journal did not stop on a full medium: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!("soak: journal stopped: {}", stopped["reason"]);
+    drop(filler);
+    std::fs::remove_file(&filler_path).context("remove the filler")?;
+    rig.restart_journal()
 }
 
 /// Connections opened at once in the flood.
