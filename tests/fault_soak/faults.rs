@@ -18,6 +18,11 @@ pub enum Fault {
     /// The journal's tmpfs filled up (ENOSPC): journaling stops, the guest goes on; the
     /// operator archives the media and `journal init` restarts it with a recorded gap.
     JournalFull,
+    /// Every request to the migration target fails (nbdkit's error filter): the job fails,
+    /// held guest writes complete from the source; the test starts the migration again.
+    TargetError,
+    /// The target's server is killed and started again: the same.
+    TargetGone,
 }
 
 /// The faults in the order they come round.
@@ -26,6 +31,10 @@ pub const ROTATION: &[Fault] = &[
     Fault::ControlAbuse,
     Fault::Kill,
     Fault::JournalFull,
+    Fault::Kill,
+    Fault::TargetError,
+    Fault::Kill,
+    Fault::TargetGone,
 ];
 
 pub fn inject(
@@ -44,6 +53,24 @@ pub fn inject(
         Fault::JournalFull => {
             fill_journal(rig)?;
             counts.journal_fulls += 1;
+            Ok(())
+        }
+        Fault::TargetError => {
+            std::fs::write(rig.trigger(), b"").context("create the error trigger")?;
+            let failed = rig.wait_job_failed();
+            std::fs::remove_file(rig.trigger()).context("remove the error trigger")?;
+            eprintln!("soak: migration failed: {}", failed?["error"]);
+            counts.target_errors += 1;
+            Ok(())
+        }
+        Fault::TargetGone => {
+            if let Some(mut nbd) = rig.nbd.take() {
+                nbd.kill();
+            }
+            let failed = rig.wait_job_failed();
+            rig.start_target()?;
+            eprintln!("soak: migration failed: {}", failed?["error"]);
+            counts.targets_gone += 1;
             Ok(())
         }
     }

@@ -12,7 +12,7 @@ use serde_json::Value;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
 /// The guest's disk: small, TCG is slow.
@@ -29,6 +29,10 @@ const JOURNAL_MEDIUM_BYTES: u64 = 8 * MIB;
 /// progress through the faults (a failed job starts over).
 const MIGRATION_SPEED: &str = "128K";
 const PERSIST_INTERVAL_MS: &str = "500";
+/// Bound on a job failing after a target fault.
+const JOB_WAIT: Duration = Duration::from_secs(90);
+/// What the target's injected errors are, in turn (a new nbdkit takes the next).
+const TARGET_ERRORS: [&str; 2] = ["EIO", "ENOSPC"];
 const EXIT_WAIT: Duration = Duration::from_secs(30);
 
 /// What the soak did, printed at the end.
@@ -117,6 +121,8 @@ pub struct Rig {
     pub job: Option<u64>,
     /// Directories the full journal's media were moved to, oldest first.
     pub archives: Vec<PathBuf>,
+    /// nbdkit servers started so far: the next one injects `TARGET_ERRORS[starts % 2]`.
+    pub target_starts: usize,
 }
 
 impl Rig {
@@ -146,6 +152,7 @@ impl Rig {
             dir,
             job: None,
             archives: Vec::new(),
+            target_starts: 0,
         };
         rig.start_target()?;
         rig.start_ferry()?;
@@ -177,9 +184,15 @@ impl Rig {
         self.nbd_addr.uri("soak")
     }
 
-    /// nbdkit serving `dst.img`, with EIO on every request while the trigger file exists.
+    /// nbdkit serving `dst.img`, failing every request (EIO or ENOSPC, in turn from one
+    /// server to the next) while the trigger file exists.
     pub fn start_target(&mut self) -> Result<()> {
         let file = format!("file={}", self.path("dst.img").display());
+        let error = format!(
+            "error={}",
+            TARGET_ERRORS[self.target_starts % TARGET_ERRORS.len()]
+        );
+        self.target_starts += 1;
         let trigger = format!("error-file={}", self.trigger().display());
         self.nbd = Some(NbdServer::nbdkit(
             "soak",
@@ -188,7 +201,7 @@ impl Rig {
                 "--filter=error",
                 "file",
                 &file,
-                "error=EIO",
+                &error,
                 "error-rate=100%",
                 &trigger,
             ],
@@ -213,6 +226,13 @@ impl Rig {
             &["--journal", &journal],
         )?);
         Ok(())
+    }
+
+    /// The running daemon's log so far (for a failure's message).
+    pub fn log(&self) -> String {
+        self.serve
+            .as_ref()
+            .map_or_else(String::new, |s| s.daemon.log())
     }
 
     pub fn serve(&self) -> Result<&FerryServe> {
@@ -284,6 +304,25 @@ impl Rig {
         };
         let status = self.serve()?.job_status(id)?;
         Ok(status["state"].as_str().unwrap_or("").to_string())
+    }
+
+    /// Waits until the current job has failed (after a target fault).
+    pub fn wait_job_failed(&self) -> Result<Value> {
+        let id = self.job.context("no job")?;
+        let deadline = Instant::now() + JOB_WAIT;
+        loop {
+            let status = self
+                .serve()?
+                .job_status(id)
+                .with_context(|| format!("ferry's log:\n{}", self.log()))?;
+            match status["state"].as_str() {
+                Some("failed") => return Ok(status),
+                Some("copying" | "ready") => {}
+                _ => bail!("job {id} ended otherwise than failed: {status}"),
+            }
+            ensure!(Instant::now() < deadline, "job {id} did not fail: {status}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// SIGKILL, then the same `ferry serve` again, and the interrupted job resumed.
