@@ -18,6 +18,8 @@ pub enum Fault {
     /// The journal's tmpfs filled up (ENOSPC): journaling stops, the guest goes on; the
     /// operator archives the media and `journal init` restarts it with a recorded gap.
     JournalFull,
+    /// The same, but the daemon is SIGKILLed while journaling is stopped, and restarted.
+    JournalFullThenKill,
     /// Every request to the migration target fails (nbdkit's error filter): the job fails,
     /// held guest writes complete from the source; the test starts the migration again.
     TargetError,
@@ -35,6 +37,8 @@ pub const ROTATION: &[Fault] = &[
     Fault::TargetError,
     Fault::Kill,
     Fault::TargetGone,
+    Fault::Kill,
+    Fault::JournalFullThenKill,
 ];
 
 pub fn inject(
@@ -50,8 +54,8 @@ pub fn inject(
             counts.control_abuses += 1;
             Ok(())
         }
-        Fault::JournalFull => {
-            fill_journal(rig)?;
+        Fault::JournalFull | Fault::JournalFullThenKill => {
+            fill_journal(rig, matches!(fault, Fault::JournalFullThenKill), counts)?;
             counts.journal_fulls += 1;
             Ok(())
         }
@@ -83,7 +87,9 @@ const FILL_CHUNK_BYTES: usize = 1 << 20;
 
 /// Fills the journal's tmpfs with a file until ENOSPC, waits for the journal to stop on
 /// it, frees the space and restarts it ([`Rig::restart_journal`]).
-fn fill_journal(rig: &mut Rig) -> Result<()> {
+/// With `kill_while_stopped`, the daemon is killed instead while journaling is stopped:
+/// the next start records the gap and journals again (`docs/journal.md`, *Stops*).
+fn fill_journal(rig: &mut Rig, kill_while_stopped: bool, counts: &mut Counts) -> Result<()> {
     let filler_path = rig.tmpfs.path.join("filler");
     let mut filler = std::fs::File::create(&filler_path).context("create the filler")?;
     let chunk = vec![0x5a_u8; FILL_CHUNK_BYTES];
@@ -109,7 +115,12 @@ fn fill_journal(rig: &mut Rig) -> Result<()> {
     eprintln!("soak: journal stopped: {}", stopped["reason"]);
     drop(filler);
     std::fs::remove_file(&filler_path).context("remove the filler")?;
-    rig.restart_journal()
+    rig.journal_gaps = true;
+    if kill_while_stopped {
+        rig.kill_and_restart(counts)
+    } else {
+        rig.restart_journal()
+    }
 }
 
 /// Connections opened at once in the flood.

@@ -121,6 +121,8 @@ pub struct Rig {
     pub job: Option<u64>,
     /// Directories the full journal's media were moved to, oldest first.
     pub archives: Vec<PathBuf>,
+    /// Journaling stopped at least once: the journal has recorded gaps.
+    pub journal_gaps: bool,
     /// nbdkit servers started so far: the next one injects `TARGET_ERRORS[starts % 2]`.
     pub target_starts: usize,
 }
@@ -152,6 +154,7 @@ impl Rig {
             dir,
             job: None,
             archives: Vec::new(),
+            journal_gaps: false,
             target_starts: 0,
         };
         rig.start_target()?;
@@ -361,6 +364,7 @@ impl Rig {
         if journal["state"] == "stopped" {
             // The soak's own records filled the tmpfs (a long run).
             eprintln!("soak: the journal stopped by itself: {}", journal["reason"]);
+            self.journal_gaps = true;
             self.restart_journal()?;
             counts.journal_stops_unprovoked += 1;
         }
@@ -439,7 +443,7 @@ impl Rig {
             args.push(k.into());
             args.push(v);
         }
-        if !self.archives.is_empty() {
+        if self.journal_gaps {
             // The full medium's stops left recorded gaps; every slot was written after them.
             args.push("--allow-gaps".into());
         }
