@@ -326,11 +326,11 @@ impl JobShared {
         self.stop.store(true, Ordering::SeqCst);
         self.queue.close();
         self.detach();
-        // A job fails on whichever thread meets the failure (an NBD reply reader, a queue
-        // worker mirroring a write), and most of those may not unlink files under their
-        // seccomp filters: the file thread, which may, removes a failed job's file as it
-        // exits (woken by `stop`). Completion and cancellation come from the supervisor
-        // and control threads, which remove it here, before the end is reported.
+        // A job fails on whichever thread meets the failure, an NBD target's reply reader
+        // among them, whose seccomp filter has no file paths (no unlink): the file thread,
+        // which may, removes a failed job's file as it exits (woken by `stop`). Completion
+        // and cancellation come from the supervisor and control threads, which remove it
+        // here, before the end is reported.
         let deferred = state == MigrationState::Failed && self.file_thread.load(Ordering::Acquire);
         if !deferred && !self.keep_file.load(Ordering::Acquire) {
             super::persist::job_file::remove(self);
