@@ -241,7 +241,7 @@ fn nbd_migration_with(
         Some(dir) => vec!["--allow-path", dir],
         None => Vec::new(),
     };
-    let fx = Fixture::with_options(&[("vda", 16 * MIB)], Fill::HalfHoles, "", &options)?;
+    let mut fx = Fixture::with_options(&[("vda", 16 * MIB)], Fill::HalfHoles, "", &options)?;
     let image = fx.path("nbd.img");
     garbage_image(&image, 16 * MIB)?;
     let server = server(&image)?;
@@ -303,8 +303,81 @@ fn nbd_migration_with(
         source_at_cutover != client.model,
         "the client wrote nothing after cutover"
     );
+    // SIGTERM with the volume on the export: the main thread's final flush opens a
+    // connection of its own (with a reader thread), and the daemon must exit 0.
+    let exit = fx.serve.daemon.terminate(WRITER_WAIT)?;
+    ensure!(
+        exit.success(),
+        "ferry exited {exit} after a cutover to NBD:\n{}",
+        fx.serve.daemon.log()
+    );
     drop(server);
     eprintln!("{uri}: {} client writes, {report}", client.ok_writes);
+    Ok(())
+}
+
+/// An NBD target that fails every request (nbdkit's error filter) during an `active`
+/// migration: the job fails, the client's writes all succeed, the daemon goes on (the
+/// failure is met on the target connection's reply reader, whose seccomp filter allows no
+/// file paths) and the job's file is removed.
+#[test]
+fn a_failing_nbd_target_fails_the_job_not_the_daemon() -> Result<()> {
+    if !support::require("nbdkit", support::require::command_available("nbdkit")) {
+        return Ok(());
+    }
+    let mut fx = Fixture::new(&[("vda", 16 * MIB)], Fill::Dense)?;
+    let target = fx.path("nbd.img");
+    support::create_image(&target, 16 * MIB)?;
+    let trigger = fx.path("fail-now");
+    let file = format!("file={}", target.display());
+    let error_file = format!("error-file={}", trigger.display());
+    let server = NbdServer::nbdkit(
+        "disk",
+        &NbdAddr::free_tcp()?,
+        &[
+            "--filter=error",
+            "file",
+            &file,
+            "error=EIO",
+            "error-rate=100%",
+            &error_file,
+        ],
+    )?;
+    let writer = fx.writer(
+        0,
+        WriterConfig {
+            seed: 24,
+            ..WriterConfig::default()
+        },
+    )?;
+    let uri = server.uri();
+    let id = fx.serve.start_migration(&[
+        "--volume",
+        "vda",
+        "--target",
+        &uri,
+        "--mode",
+        "active",
+        "--max-speed",
+        "1M",
+    ])?;
+    std::fs::write(&trigger, b"")?;
+    let status = fx.serve.wait_state(id, |s| s != "copying")?;
+    ensure!(status["state"] == "failed", "{status}");
+    writer.wait_more(10, WRITER_WAIT)?;
+    let client = writer.stop()?;
+    client.ensure_no_error()?;
+    compare_image(&fx.image(0), 0, &client.model)?;
+    let job_file = fx.path("vda.img.ferry-migration");
+    support::wait::wait_until("the failed job's file removed", WRITER_WAIT, || {
+        Ok(!job_file.exists())
+    })?;
+    ensure!(
+        fx.serve.daemon.is_running(),
+        "ferry died:\n{}",
+        fx.serve.daemon.log()
+    );
+    eprintln!("failed as expected: {}", status["error"]);
     Ok(())
 }
 

@@ -5,11 +5,14 @@ use ferry_engine::confine::{self, Allowlist};
 
 /// The main thread, once everything is bound and started, waits for a signal, then shuts
 /// down: pauses and flushes the volumes, stops the NBD server (waking its accept loop),
-/// removes the sockets and closes the journal.
+/// removes the sockets and closes the journal. The final flush of a volume on an NBD
+/// export (served from one, or cut over to one by a migration) opens a side connection,
+/// whose reader is a thread of its own (it installs the NBD reader's filter): hence `SPAWN`.
 pub const MAIN_SYSCALLS: Allowlist = Allowlist {
     kind: "main",
     groups: &[
         confine::RUNTIME,
+        confine::SPAWN,
         confine::FILE_IO,
         confine::FILE_PATHS,
         confine::NET,

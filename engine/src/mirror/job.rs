@@ -183,6 +183,9 @@ pub struct JobShared {
     pub(crate) persist: Option<Arc<JobPersist>>,
     /// Set by a clean shutdown: the job ends but its file stays, for a resume.
     pub(crate) keep_file: AtomicBool,
+    /// Set once the `ferry-migrate-file` thread runs: from then on a failed job's file is
+    /// removed by that thread (see [`JobShared::end`]).
+    pub(crate) file_thread: AtomicBool,
 }
 
 impl JobShared {
@@ -225,6 +228,7 @@ impl JobShared {
             started: Instant::now(),
             persist,
             keep_file: AtomicBool::new(false),
+            file_thread: AtomicBool::new(false),
         }
     }
 
@@ -322,7 +326,13 @@ impl JobShared {
         self.stop.store(true, Ordering::SeqCst);
         self.queue.close();
         self.detach();
-        if !self.keep_file.load(Ordering::Acquire) {
+        // A job fails on whichever thread meets the failure, an NBD target's reply reader
+        // among them, whose seccomp filter has no file paths (no unlink): the file thread,
+        // which may, removes a failed job's file as it exits (woken by `stop`). Completion
+        // and cancellation come from the supervisor and control threads, which remove it
+        // here, before the end is reported.
+        let deferred = state == MigrationState::Failed && self.file_thread.load(Ordering::Acquire);
+        if !deferred && !self.keep_file.load(Ordering::Acquire) {
             super::persist::job_file::remove(self);
         }
         for vm in &self.volumes {
@@ -487,6 +497,7 @@ impl MigrationJob {
                 s.end(MigrationState::Cancelled, Some(reason), None);
                 MigrationError::Persist(e)
             })?;
+            s.file_thread.store(true, Ordering::Release);
             self.spawn(
                 "ferry-migrate-file",
                 &JOB_FILE_SYSCALLS,

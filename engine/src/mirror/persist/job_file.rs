@@ -91,6 +91,12 @@ pub(crate) fn run(job: Arc<JobShared>) {
             Err(_) => {}
         }
     }
+    // The job has ended: a failed job's file is this thread's to remove (see
+    // `JobShared::end`); after a completion or cancellation it is already gone, and after
+    // a clean shutdown it stays.
+    if !job.keep_file.load(Ordering::Acquire) {
+        remove(&job);
+    }
 }
 
 /// Arms `chunks` of volume `index` before a guest write to them starts on the source; a
