@@ -136,17 +136,41 @@ pub fn enter_once(list: &Allowlist) {
     }
 }
 
+/// The calls that start a thread: a kind without [`groups::SPAWN`] gets `EPERM` for them
+/// rather than the trap. glibc blocks every signal around `clone3`, so a trapped one kills
+/// the process before the SIGSYS handler can name it; `EPERM` instead fails the spawn, and
+/// the caller's error path says which thread it could not start.
+const THREAD_STARTS: [libc::c_long; 2] = [libc::SYS_clone, libc::SYS_clone3];
+
 fn install(list: &Allowlist) -> Result<(), ConfineError> {
-    let mut rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = list
-        .syscalls()
+    let filter_error = |source| ConfineError::Filter {
+        kind: list.kind,
+        source,
+    };
+    let arch: seccompiler::TargetArch = std::env::consts::ARCH.try_into().map_err(filter_error)?;
+    let allowed = list.syscalls();
+    if !THREAD_STARTS.iter().all(|nr| allowed.contains(nr)) {
+        // Installed first, while the thread may still call seccomp: filters stack, and the
+        // kernel takes the strictest answer, so EPERM here beats the main filter's allow.
+        let refusals = THREAD_STARTS.iter().map(|&nr| (nr, Vec::new())).collect();
+        apply(
+            list.kind,
+            seccompiler::SeccompFilter::new(
+                refusals,
+                // (seccompiler takes the action for other calls first, then for these)
+                seccompiler::SeccompAction::Allow,
+                seccompiler::SeccompAction::Errno(libc::EPERM as u32),
+                arch,
+            )
+            .map_err(filter_error)?,
+        )?;
+    }
+    let mut rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = allowed
         .into_iter()
+        .chain(THREAD_STARTS)
         .map(|nr| (nr, Vec::new()))
         .collect();
     if let Some(&(uid, gid)) = IDENTITY_DROP.get() {
-        let filter_error = |source| ConfineError::Filter {
-            kind: list.kind,
-            source,
-        };
         rules.insert(
             libc::SYS_setresuid,
             vec![all_args_equal(3, uid).map_err(filter_error)?],
@@ -162,31 +186,22 @@ fn install(list: &Allowlist) -> Result<(), ConfineError> {
             vec![all_args_equal(1, 1).map_err(filter_error)?],
         );
     }
-    let arch = std::env::consts::ARCH
-        .try_into()
-        .map_err(|source| ConfineError::Filter {
-            kind: list.kind,
-            source,
-        })?;
     let filter = seccompiler::SeccompFilter::new(
         rules,
         seccompiler::SeccompAction::Trap,
         seccompiler::SeccompAction::Allow,
         arch,
     )
-    .map_err(|source| ConfineError::Filter {
-        kind: list.kind,
-        source,
-    })?;
-    let program: seccompiler::BpfProgram =
-        filter.try_into().map_err(|source| ConfineError::Filter {
-            kind: list.kind,
-            source,
-        })?;
-    seccompiler::apply_filter(&program).map_err(|source| ConfineError::Install {
-        kind: list.kind,
-        source,
-    })
+    .map_err(filter_error)?;
+    apply(list.kind, filter)
+}
+
+/// Compiles `filter` and installs it on the calling thread.
+fn apply(kind: &'static str, filter: seccompiler::SeccompFilter) -> Result<(), ConfineError> {
+    let program: seccompiler::BpfProgram = filter
+        .try_into()
+        .map_err(|source| ConfineError::Filter { kind, source })?;
+    seccompiler::apply_filter(&program).map_err(|source| ConfineError::Install { kind, source })
 }
 
 /// A rule matching a call whose first `count` arguments all equal `value` (32-bit ids).

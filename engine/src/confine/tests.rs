@@ -62,3 +62,28 @@ fn names_follow_the_kernel_numbers() {
     assert_eq!(syscall_name(-1), None);
     assert_eq!(syscall_name(100_000), None);
 }
+
+/// A thread whose kind may not start threads gets EPERM from `clone3`, so the spawn fails
+/// with an error its caller reports (a trapped `clone3` would kill the process unreported:
+/// glibc blocks every signal around it).
+#[test]
+fn a_kind_without_spawn_fails_to_start_a_thread_with_eperm() {
+    const NO_SPAWN: Allowlist = Allowlist {
+        kind: "test-no-spawn",
+        groups: &[groups::RUNTIME],
+        extra: &[],
+    };
+    let outcome = std::thread::spawn(|| {
+        install(&NO_SPAWN).map_err(|e| e.to_string())?;
+        match std::thread::Builder::new().spawn(|| ()) {
+            Ok(_) => Err("a confined thread started another".to_string()),
+            Err(e) => Ok(e.raw_os_error()),
+        }
+    })
+    .join();
+    match outcome {
+        Ok(Ok(code)) => assert_eq!(code, Some(libc::EPERM)),
+        Ok(Err(reason)) => panic!("{reason}"),
+        Err(_) => panic!("the confined thread panicked"),
+    }
+}
