@@ -16,7 +16,9 @@ use ferry_engine::peer::link::{LinkOptions, PeerLink};
 use ferry_engine::peer::transport::ClientStream;
 use ferry_engine::peer::{ControlAddress, FerryUrl};
 use ferry_engine::replication::frame::{Frame, HEADER_BYTES};
-use ferry_engine::replication::primary::{GroupSequencer, LagPolicy, OnLag, PrimaryObserver};
+use ferry_engine::replication::primary::{
+    GroupSequencer, LagPolicy, OnLag, PrimaryObserver, PrimaryStatus,
+};
 use ferry_engine::{Volume, WriteObserver};
 use serde_json::{json, Value};
 
@@ -55,6 +57,11 @@ pub struct PrimaryGroup {
 }
 
 impl PrimaryGroup {
+    /// The group's status as the sequencer reports it.
+    pub fn status(&self) -> PrimaryStatus {
+        self.sequencer.status()
+    }
+
     pub fn describe(&self) -> Value {
         let status = self.sequencer.status();
         let mut v = serde_json::to_value(&status).unwrap_or_else(|_| json!({}));

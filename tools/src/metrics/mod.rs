@@ -17,6 +17,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::daemon::Daemon;
+use ferry_engine::replication::primary::PrimaryStatus;
 
 /// The registry with the daemon's collector; the collector holds the daemon weakly, so a
 /// scrape during shutdown finds nothing rather than keeping it alive.
@@ -73,7 +74,15 @@ impl Collector for DaemonCollector {
         };
         encode_volumes(&daemon, &mut encoder)?;
         encode_journal(&daemon, &mut encoder)?;
-        encode_migrations(&daemon, &mut encoder)
+        encode_migrations(&daemon, &mut encoder)?;
+        let groups: Vec<(String, PrimaryStatus)> = match daemon.primary_groups.lock() {
+            Ok(groups) => groups
+                .iter()
+                .map(|g| (g.name.clone(), g.status()))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        encode_replication(&groups, &mut encoder)
     }
 }
 
@@ -301,6 +310,94 @@ fn encode_migrations(daemon: &Daemon, encoder: &mut DescriptorEncoder) -> fmt::R
     )
 }
 
+/// Per replication group served here as primary: the lag behind the DR site's durable
+/// acknowledgment (records, bytes, seconds), the bytes marked in its dirty bitmaps, what
+/// its resyncs sent, the link's throughput and the state.
+fn encode_replication(
+    groups: &[(String, PrimaryStatus)],
+    encoder: &mut DescriptorEncoder,
+) -> fmt::Result {
+    let group = |name: &str| vec![("group", name.to_string())];
+    let each = |value: fn(&PrimaryStatus) -> u64| -> Vec<(Labels, ConstGauge<i64>)> {
+        groups
+            .iter()
+            .map(|(name, s)| gauge(group(name), as_gauge(value(s))))
+            .collect()
+    };
+    family(
+        encoder,
+        "replication_lag_records",
+        "Records completed on the primary and not yet durable at the DR site",
+        None,
+        each(|s| s.lag_records),
+    )?;
+    family(
+        encoder,
+        "replication_lag",
+        "Bytes of records not yet durable at the DR site",
+        Some(&Unit::Bytes),
+        each(|s| s.lag_bytes),
+    )?;
+    family(
+        encoder,
+        "replication_lag",
+        "Age of the oldest record not yet durable at the DR site",
+        Some(&Unit::Seconds),
+        groups
+            .iter()
+            .map(|(name, s)| (group(name), ConstGauge::new(s.lag_seconds)))
+            .collect(),
+    )?;
+    family(
+        encoder,
+        "replication_acknowledged_sequence",
+        "The last record the DR site holds durably",
+        None,
+        each(|s| s.acknowledged_seq),
+    )?;
+    family(
+        encoder,
+        "replication_dirty",
+        "Bytes marked in the dirty bitmaps (changes not shipped, to resync)",
+        Some(&Unit::Bytes),
+        each(|s| s.dirty_bytes),
+    )?;
+    family(
+        encoder,
+        "replication_resync",
+        "Bytes the bitmap resyncs read and sent",
+        Some(&Unit::Bytes),
+        groups
+            .iter()
+            .map(|(name, s)| counter(group(name), s.resync_bytes))
+            .collect(),
+    )?;
+    family(
+        encoder,
+        "replication_link_bytes_per_second",
+        "Bytes of records the DR site acknowledged per second, recently",
+        None,
+        groups
+            .iter()
+            .map(|(name, s)| (group(name), ConstGauge::new(s.link_bytes_per_s)))
+            .collect(),
+    )?;
+    family(
+        encoder,
+        "replication_state",
+        "1 for the group's state",
+        None,
+        groups
+            .iter()
+            .map(|(name, s)| {
+                let mut labels = group(name);
+                labels.push(("state", s.state.to_string()));
+                gauge(labels, 1)
+            })
+            .collect(),
+    )
+}
+
 /// The registry's text in the OpenMetrics format (what Prometheus asks for first).
 pub fn render(registry: &Registry) -> Result<String, fmt::Error> {
     let mut text = String::new();
@@ -354,5 +451,40 @@ mod tests {
              ferry_x_total{volume=\"a\"} 3\n# HELP ferry_g A level\n# TYPE ferry_g gauge\n\
              ferry_g 7\n"
         );
+    }
+
+    #[derive(Debug)]
+    struct Groups(Vec<(String, PrimaryStatus)>);
+
+    impl Collector for Groups {
+        fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+            encode_replication(&self.0, &mut encoder)
+        }
+    }
+
+    #[test]
+    fn replication_groups_report_their_lag_bitmap_and_state() {
+        let status = PrimaryStatus {
+            state: "degraded",
+            lag_records: 12,
+            lag_bytes: 49152,
+            lag_seconds: 1.5,
+            dirty_bytes: 8192,
+            resync_bytes: 4096,
+            ..PrimaryStatus::default()
+        };
+        let mut registry = Registry::with_prefix("ferry");
+        registry.register_collector(Box::new(Groups(vec![("web".into(), status)])));
+        let text = render(&registry).expect("render");
+        for sample in [
+            "ferry_replication_lag_records{group=\"web\"} 12",
+            "ferry_replication_lag_bytes{group=\"web\"} 49152",
+            "ferry_replication_lag_seconds{group=\"web\"} 1.5",
+            "ferry_replication_dirty_bytes{group=\"web\"} 8192",
+            "ferry_replication_resync_bytes_total{group=\"web\"} 4096",
+            "ferry_replication_state{group=\"web\",state=\"degraded\"} 1",
+        ] {
+            assert!(text.contains(sample), "{sample} missing from:\n{text}");
+        }
     }
 }
