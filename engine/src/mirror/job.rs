@@ -15,66 +15,12 @@ use super::options::MigrationOptions;
 use super::persist::tracker::InterruptedJob;
 use super::persist::JobPersist;
 use super::status::{CutoverReport, MigrationState, MigrationStatus, VolumeMigrationStatus};
+use super::syscalls;
 use super::throttle::Throttle;
 use super::MigrationError;
 use crate::confine::{self, Allowlist};
 use crate::observer::WriteObserver;
 use crate::volume::{Backing, Volume};
-
-/// A mirror worker sends the guest's writes to the target: a file it opens (Landlock
-/// limits which) or an NBD export it (re)connects to.
-const MIRROR_SYSCALLS: Allowlist = Allowlist {
-    kind: "mirror-worker",
-    groups: &[
-        confine::RUNTIME,
-        confine::FILE_IO,
-        confine::FILE_PATHS,
-        confine::NET_CLIENT,
-        confine::URING_SETUP,
-    ],
-    extra: &[],
-};
-
-/// A copier reads the source and writes the target, like a mirror worker.
-const COPIER_SYSCALLS: Allowlist = Allowlist {
-    kind: "mirror-copier",
-    groups: &[
-        confine::RUNTIME,
-        confine::FILE_IO,
-        confine::FILE_PATHS,
-        confine::NET_CLIENT,
-        confine::URING_SETUP,
-    ],
-    extra: &[],
-};
-
-/// The supervisor ends the job: the cut-over flushes both sides, may hand the volume to a
-/// new backing (opening it) and tells the target's daemon over the control protocol.
-const SUPERVISOR_SYSCALLS: Allowlist = Allowlist {
-    kind: "mirror-supervisor",
-    groups: &[
-        confine::RUNTIME,
-        confine::FILE_IO,
-        confine::FILE_PATHS,
-        confine::NET_CLIENT,
-        confine::URING_SETUP,
-    ],
-    extra: &[],
-};
-
-/// The job file's writer rewrites the file beside the image (create, fsync, rename, fsync
-/// of the directory) after flushing the target, which may be a file or an NBD export.
-pub(super) const JOB_FILE_SYSCALLS: Allowlist = Allowlist {
-    kind: "mirror-job-file",
-    groups: &[
-        confine::RUNTIME,
-        confine::FILE_IO,
-        confine::FILE_PATHS,
-        confine::NET_CLIENT,
-        confine::URING_SETUP,
-    ],
-    extra: &[],
-};
 
 static NEXT_JOB_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -455,7 +401,7 @@ impl MigrationJob {
         for i in 0..mirror_threads {
             self.spawn(
                 &format!("ferry-mirror-{i}"),
-                &MIRROR_SYSCALLS,
+                &syscalls::MIRROR_SYSCALLS,
                 super::observer::run_mirror_worker,
             )?;
         }
@@ -500,20 +446,20 @@ impl MigrationJob {
             s.file_thread.store(true, Ordering::Release);
             self.spawn(
                 "ferry-migrate-file",
-                &JOB_FILE_SYSCALLS,
+                &syscalls::JOB_FILE_SYSCALLS,
                 super::persist::job_file::run,
             )?;
         }
         for i in 0..copy_threads {
             self.spawn(
                 &format!("ferry-copy-{i}"),
-                &COPIER_SYSCALLS,
+                &syscalls::COPIER_SYSCALLS,
                 super::copier::run,
             )?;
         }
         self.spawn(
             "ferry-migrate",
-            &SUPERVISOR_SYSCALLS,
+            &syscalls::SUPERVISOR_SYSCALLS,
             super::supervisor::run,
         )?;
         Ok(())

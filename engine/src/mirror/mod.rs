@@ -26,6 +26,7 @@ pub mod persist;
 pub mod registry;
 pub mod status;
 pub mod supervisor;
+mod syscalls;
 pub mod throttle;
 
 #[cfg(test)]

@@ -150,7 +150,7 @@ impl InterruptedJob {
         let handle = std::thread::Builder::new()
             .name("ferry-migrate-file".into())
             .spawn(move || {
-                crate::confine::enter(&super::super::job::JOB_FILE_SYSCALLS);
+                crate::confine::enter(&super::super::syscalls::JOB_FILE_SYSCALLS);
                 while sleep_unless(&stop, interval) {
                     let Some(job) = job.upgrade() else { return };
                     if let Err(e) = job.write(false) {
