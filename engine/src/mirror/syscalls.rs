@@ -3,30 +3,28 @@
 
 use crate::confine::{self, Allowlist};
 
+/// What every thread of a job needs: the source and a target that is a file (opened,
+/// Landlock limiting which) or an NBD export (connected), and its own ring for file I/O.
+const TARGET_ACCESS: &[&[libc::c_long]] = &[
+    confine::RUNTIME,
+    confine::FILE_IO,
+    confine::FILE_PATHS,
+    confine::NET_CLIENT,
+    confine::URING_SETUP,
+];
+
 /// A mirror worker sends the guest's writes to the target: a file it opens (Landlock
 /// limits which) or an NBD export it (re)connects to.
 pub(crate) const MIRROR_SYSCALLS: Allowlist = Allowlist {
     kind: "mirror-worker",
-    groups: &[
-        confine::RUNTIME,
-        confine::FILE_IO,
-        confine::FILE_PATHS,
-        confine::NET_CLIENT,
-        confine::URING_SETUP,
-    ],
+    groups: TARGET_ACCESS,
     extra: &[],
 };
 
 /// A copier reads the source and writes the target, like a mirror worker.
 pub(crate) const COPIER_SYSCALLS: Allowlist = Allowlist {
     kind: "mirror-copier",
-    groups: &[
-        confine::RUNTIME,
-        confine::FILE_IO,
-        confine::FILE_PATHS,
-        confine::NET_CLIENT,
-        confine::URING_SETUP,
-    ],
+    groups: TARGET_ACCESS,
     extra: &[],
 };
 
@@ -34,13 +32,7 @@ pub(crate) const COPIER_SYSCALLS: Allowlist = Allowlist {
 /// new backing (opening it) and tells the target's daemon over the control protocol.
 pub(crate) const SUPERVISOR_SYSCALLS: Allowlist = Allowlist {
     kind: "mirror-supervisor",
-    groups: &[
-        confine::RUNTIME,
-        confine::FILE_IO,
-        confine::FILE_PATHS,
-        confine::NET_CLIENT,
-        confine::URING_SETUP,
-    ],
+    groups: TARGET_ACCESS,
     extra: &[],
 };
 
@@ -48,12 +40,6 @@ pub(crate) const SUPERVISOR_SYSCALLS: Allowlist = Allowlist {
 /// of the directory) after flushing the target, which may be a file or an NBD export.
 pub(crate) const JOB_FILE_SYSCALLS: Allowlist = Allowlist {
     kind: "mirror-job-file",
-    groups: &[
-        confine::RUNTIME,
-        confine::FILE_IO,
-        confine::FILE_PATHS,
-        confine::NET_CLIENT,
-        confine::URING_SETUP,
-    ],
+    groups: TARGET_ACCESS,
     extra: &[],
 };
